@@ -1,0 +1,44 @@
+// CPU reference of elastic::boundary_pool: mean over the union of the first n_first and the last
+// n_last tokens of each sequence (a token in both windows counts once), per KV head, in fp32.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "pooling/boundary_pool.h"
+
+namespace elastic {
+namespace {
+
+at::Tensor boundary_pool_cpu(const at::Tensor& keys, int64_t n_first, int64_t n_last,
+                             const c10::optional<at::Tensor>& cu_seqlens) {
+  const PoolShape s = check_boundary_pool_args(keys, n_first, n_last, cu_seqlens);
+  at::Tensor out = at::zeros({s.batch, s.heads, s.dim}, keys.options().dtype(at::kFloat));
+  at::Tensor cu = s.varlen ? cu_seqlens->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    at::Tensor seq;  // [S, H, D]
+    if (s.varlen) {
+      const int32_t* c = cu.data_ptr<int32_t>();
+      TORCH_CHECK(c[b] <= c[b + 1] && c[b + 1] <= keys.size(0), "elastic.boundary_pool: cu_seqlens must be ",
+                  "non-decreasing and within the ", keys.size(0), " tokens of keys");
+      seq = keys.narrow(0, c[b], c[b + 1] - c[b]);
+    } else {
+      seq = keys[b];
+    }
+    const int64_t S = seq.size(0);
+    if (S == 0) continue;  // an empty sequence pools to zeros
+    const int64_t head = std::min(n_first, S);
+    const int64_t tail_start = std::max(head, S - n_last);  // tokens already in the head window count once
+    at::Tensor sum = seq.narrow(0, 0, head).to(at::kFloat).sum(0);
+    if (tail_start < S) sum += seq.narrow(0, tail_start, S - tail_start).to(at::kFloat).sum(0);
+    const int64_t count = head + (S - tail_start);
+    out[b].copy_(sum / static_cast<double>(count));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elastic, CPU, m) { m.impl("boundary_pool", &boundary_pool_cpu); }
+
+}  // namespace elastic

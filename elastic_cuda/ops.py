@@ -1,0 +1,254 @@
+"""Thin Python front of the elastic:: operators: input validation, autograd and fake kernels.
+
+`attention` is the function users call; `torch.ops.elastic.attention` is the raw operator (it
+checks its arguments again in C++). Gradients flow to q, k and v in every head mode through
+`torch.library.register_autograd`; fake kernels let `torch.compile(fullgraph=True)` trace it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._ext import has_cuda_kernels
+
+FULL, STREAM, BLOCK = 0, 1, 2
+MODE_NAMES = {FULL: "full", STREAM: "stream", BLOCK: "block"}
+STRATEGIES = ("auto", "fused", "grouped")
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 128)
+
+__all__ = [
+    "FULL",
+    "STREAM",
+    "BLOCK",
+    "attention",
+    "boundary_pool",
+    "has_cuda_kernels",
+    "validate_attention_args",
+]
+
+
+def _fail(msg: str):
+    raise ValueError("elastic_cuda.attention: " + msg)
+
+
+def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, block_size, scale,
+                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, strategy="auto"):
+    """Raise ValueError naming the offending argument. Shape-only (no device sync), so it also runs
+    inside fake kernels under torch.compile. Mode values are checked by the kernels (CPU raises;
+    CUDA writes NaN for a head with an invalid mode, so no host sync is needed)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("head_mode", head_mode)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_k is None):
+        _fail("cu_seqlens_q and cu_seqlens_k must be given together")
+    rank = 3 if varlen else 4
+    lq, lkv = ("[total_q, Hq, D]", "[total_k, Hkv, D]") if varlen else ("[B, Sq, Hq, D]", "[B, Skv, Hkv, D]")
+    if q.dim() != rank:
+        _fail(f"q must have shape {lq}, got {tuple(q.shape)}")
+    if k.dim() != rank:
+        _fail(f"k must have shape {lkv}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        _fail(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        _fail(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        _fail(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    dev = q.device.type
+    if dev == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            _fail(f"q/k/v dtype on CUDA must be float16 or bfloat16, got {q.dtype}")
+        if q.shape[-1] not in _CUDA_HEAD_DIMS:
+            _fail(f"head_dim (q.shape[-1]) on CUDA must be one of {_CUDA_HEAD_DIMS}, got {q.shape[-1]}")
+        if not has_cuda_kernels():
+            _fail("q is on CUDA but this build of elastic_cuda has no CUDA kernels (rebuild with a CUDA toolkit)")
+    elif dev == "cpu":
+        if q.dtype not in _CPU_DTYPES:
+            _fail(f"q/k/v dtype on CPU must be float32, float64 or bfloat16, got {q.dtype}")
+    else:
+        _fail(f"q must be on CPU or CUDA, got device {q.device}")
+    if k.shape[-1] != q.shape[-1]:
+        _fail(f"k head_dim {k.shape[-1]} != q head_dim {q.shape[-1]}")
+    Hq, Hkv = q.shape[-2], k.shape[-2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        _fail(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for GQA")
+    if varlen:
+        for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if not isinstance(c, torch.Tensor) or c.dim() != 1 or c.dtype != torch.int32:
+                _fail(f"{name} must be an int32 tensor of shape [B+1]")
+            if c.device != q.device:
+                _fail(f"{name} must be on the device of q ({q.device}), got {c.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+            _fail("cu_seqlens_q and cu_seqlens_k must both have B+1 >= 2 entries")
+        if not max_seqlen_q or not max_seqlen_k or max_seqlen_q <= 0 or max_seqlen_k <= 0:
+            _fail("varlen needs max_seqlen_q > 0 and max_seqlen_k > 0")
+        B, Skv_max = cu_seqlens_q.numel() - 1, max_seqlen_k
+    else:
+        B, Sq, Skv = q.shape[0], q.shape[1], k.shape[1]
+        if k.shape[0] != B:
+            _fail(f"k batch {k.shape[0]} != q batch {B}")
+        if Sq > Skv:
+            _fail(f"q length ({Sq}) must not exceed k/v length ({Skv}); queries are the last Sq positions")
+        Skv_max = Skv
+    if tuple(head_mode.shape) != (B, Hkv):
+        _fail(f"head_mode must have shape [B, Hkv] = [{B}, {Hkv}], got {tuple(head_mode.shape)}")
+    if head_mode.dtype != torch.int32:
+        _fail(f"head_mode must be int32, got {head_mode.dtype}")
+    if head_mode.device != q.device:
+        _fail(f"head_mode must be on the device of q ({q.device}), got {head_mode.device}")
+    if not isinstance(sink, int) or sink < 0:
+        _fail(f"sink must be an int >= 0, got {sink!r}")
+    if not isinstance(window, int) or window < 0:
+        _fail(f"window must be an int >= 0, got {window!r}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        _fail(f"block_size must be an int > 0, got {block_size!r}")
+    if block_mask is not None:
+        nb = -(-Skv_max // block_size)
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            _fail("block_mask must be a bool tensor")
+        if block_mask.device != q.device:
+            _fail(f"block_mask must be on the device of q ({q.device}), got {block_mask.device}")
+        if block_mask.dim() != 4 or block_mask.shape[0] != B or block_mask.shape[1] not in (Hkv, Hq) \
+                or block_mask.shape[2] != nb or block_mask.shape[3] != nb:
+            _fail(f"block_mask must have shape [B, Hkv or Hq, NB, NB] = [{B}, {Hkv} or {Hq}, {nb}, {nb}] "
+                  f"(NB = ceil(Skv / block_size)), got {tuple(block_mask.shape)}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        _fail(f"scale must be a positive finite float, got {scale!r}")
+    if strategy not in STRATEGIES:
+        _fail(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_mask=None,
+              block_size: int = 128, scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, strategy: str = "auto",
+              return_lse: bool = False):
+    """Hybrid attention where each (batch element, KV head) runs in its own mode.
+
+    q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] (or packed [T, H, D] with cu_seqlens_q/k int32 [B+1]),
+    head_mode int32 [B, Hkv] with 0 FULL / 1 STREAM / 2 BLOCK. Returns out (like q), and lse
+    (float32 [B, Hq, Sq] or [Hq, Tq]) when return_lse=True.
+    """
+    validate_attention_args(q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask,
+                            block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                            strategy=strategy)
+    out, lse = torch.ops.elastic.attention(
+        q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask, block_size=block_size,
+        scale=None if scale is None else float(scale), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0, strategy=strategy)
+    return (out, lse) if return_lse else out
+
+
+def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=None):
+    """Mean of the first n_first and last n_last tokens per sequence and KV head (overlap counted once).
+
+    keys [B, S, Hkv, D] (or [T, Hkv, D] with cu_seqlens) -> float32 [B, Hkv, D]."""
+    if not isinstance(keys, torch.Tensor):
+        raise ValueError(f"elastic_cuda.boundary_pool: keys must be a torch.Tensor, got {type(keys).__name__}")
+    if keys.dim() != (3 if cu_seqlens is not None else 4):
+        raise ValueError("elastic_cuda.boundary_pool: keys must have shape [B, S, Hkv, D] "
+                         f"(or [T, Hkv, D] with cu_seqlens), got {tuple(keys.shape)}")
+    if n_first < 0 or n_last < 0 or n_first + n_last == 0:
+        raise ValueError(f"elastic_cuda.boundary_pool: n_first/n_last must be >= 0 and not both 0, got "
+                         f"{n_first}, {n_last}")
+    return torch.ops.elastic.boundary_pool(keys, n_first=n_first, n_last=n_last, cu_seqlens=cu_seqlens)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.register_fake("elastic::attention")
+def _attention_fake(q, k, v, head_mode, *, sink=128, window=2048, block_mask=None, block_size=128, scale=None,
+                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, strategy="auto"):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+@torch.library.register_fake("elastic::attention_backward")
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, head_mode, *, sink=128, window=2048,
+                             block_mask=None, block_size=128, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                             max_seqlen_q=0, max_seqlen_k=0):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("elastic::boundary_pool")
+def _boundary_pool_fake(keys, *, n_first=100, n_last=100, cu_seqlens=None):
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else keys.shape[0]
+    return keys.new_empty((B, keys.shape[-2], keys.shape[-1]), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- autograd
+_KW = ("sink", "window", "block_mask", "block_size", "scale", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+       "max_seqlen_k")
+
+
+def _attention_setup_context(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, head_mode = inputs
+    out, lse = output
+    ctx.kw = {name: keyword_only_inputs.get(name) for name in _KW if name in keyword_only_inputs}
+    ctx.save_for_backward(q, k, v, out, lse, head_mode)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, head_mode = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.elastic.attention_backward(grad_out.contiguous(), grad_lse, q, k, v, out, lse,
+                                                      head_mode, **ctx.kw)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd("elastic::attention", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+def _boundary_pool_setup_context(ctx, inputs, keyword_only_inputs, output):
+    (keys,) = inputs
+    ctx.kw = dict(keyword_only_inputs)
+    ctx.keys_meta = (keys.shape, keys.dtype)
+    ctx.save_for_backward(keyword_only_inputs.get("cu_seqlens"))
+
+
+def _boundary_pool_backward(ctx, grad_pooled):
+    # pooled = sum_{t in W} k_t / |W|, so dk_t = grad / |W| for t in W. Pooling a tensor of ones
+    # gives |W|-normalised weights per token without re-deriving the window rule here.
+    shape, dtype = ctx.keys_meta
+    (cu_seqlens,) = ctx.saved_tensors
+    n_first, n_last = ctx.kw.get("n_first", 100), ctx.kw.get("n_last", 100)
+    weights = _boundary_weights(shape, cu_seqlens, n_first, n_last, grad_pooled.device)  # [.., S or T] fp32
+    if cu_seqlens is None:
+        g = weights[:, :, None, None] * grad_pooled[:, None, :, :]
+    else:
+        seq_of_token = torch.bucketize(torch.arange(shape[0], device=grad_pooled.device), cu_seqlens[1:].long(),
+                                       right=True)
+        g = weights[:, None, None] * grad_pooled[seq_of_token]
+    return g.to(dtype)
+
+
+def _boundary_weights(shape, cu_seqlens, n_first, n_last, device):
+    """Per-token weight 1/|W| inside the boundary window W of its sequence, 0 elsewhere."""
+    if cu_seqlens is None:
+        S = shape[1]
+        t = torch.arange(S, device=device)
+        inside = (t < n_first) | (t >= S - n_last)
+        w = inside.float() / inside.sum().clamp_min(1).float()
+        return w.unsqueeze(0).expand(shape[0], S)
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    t = torch.arange(shape[0], device=device)
+    seq = torch.bucketize(t, ends, right=True)
+    pos = t - starts[seq]
+    length = (ends - starts)[seq]
+    inside = (pos < n_first) | (pos >= length - n_last)
+    count = torch.minimum(ends - starts, torch.full_like(ends, n_first + n_last))
+    return inside.float() / count[seq].clamp_min(1).float()
+
+
+torch.library.register_autograd("elastic::boundary_pool", _boundary_pool_backward,
+                                setup_context=_boundary_pool_setup_context)
