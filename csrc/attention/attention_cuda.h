@@ -1,0 +1,38 @@
+// Host-side entry points of the CUDA attention kernels. The API file (attention_cuda_api.cpp) checks
+// arguments, allocates outputs and picks the strategy; the functions below only launch work on the
+// current stream. No function here may synchronise with the host or read device tensors on the host.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include "attention/attention_checks.h"
+
+namespace elastic {
+
+struct AttentionArgs {
+  at::Tensor q, k, v;        // dense [B, S, H, D] or varlen [T, H, D]; last dim contiguous
+  at::Tensor head_mode;      // int32 [B, Hkv] on the device
+  c10::optional<at::Tensor> block_mask;    // bool [B, Hkv or Hq, NB, NB]
+  c10::optional<at::Tensor> cu_seqlens_q;  // int32 [B+1]
+  c10::optional<at::Tensor> cu_seqlens_k;  // int32 [B+1]
+  int64_t sink = 128, window = 2048, block_size = 128;
+  AttentionShape shape;      // from check_attention_args (scale resolved)
+};
+
+// Fused strategy: one launch over all (q-tile, head, batch) work items, each branching on its head's
+// mode read from head_mode on the device. When skip_full_heads is true, work items of FULL heads exit
+// at once and leave out/lse untouched (the grouped strategy fills them).
+void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads);
+
+// Grouped strategy (dense layout only): gather FULL heads into a packed buffer on the device (no host
+// sync), run them as one dense batched call, run the sparse heads with the fused kernel
+// (skip_full_heads), and scatter the dense results back into their heads' slots.
+void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse);
+
+// Backward of either strategy (they compute the same function): dq, dk, dv.
+// grad_lse may be undefined (lse unused downstream).
+void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& grad_out, const at::Tensor& grad_lse, at::Tensor& dq, at::Tensor& dk,
+                        at::Tensor& dv);
+
+}  // namespace elastic
