@@ -6,22 +6,23 @@
 TORCH_LIBRARY(elastic, m) {
   // Hybrid attention: every (batch element, KV head) runs in its own mode
   // (0 FULL causal, 1 STREAM sink+window, 2 BLOCK block-sparse). Semantics: csrc/attention/head_mode.h.
+  // Tensor arguments are positional (torch.library.register_autograd needs that).
   // Dense layout: q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D], lse [B, Hq, Sq] (fp32, natural log).
   // Varlen layout (cu_seqlens_q/k given, int32 [B+1]): q [Tq, Hq, D], k/v [Tk, Hkv, D], lse [Hq, Tq].
   // strategy: "auto" | "fused" | "grouped" (CUDA only; the CPU kernel ignores it).
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor head_mode, *, int sink=128, int window=2048, "
-      "Tensor? block_mask=None, int block_size=128, float? scale=None, Tensor? cu_seqlens_q=None, "
-      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, str strategy=\"auto\") "
-      "-> (Tensor out, Tensor lse)");
+      "attention(Tensor q, Tensor k, Tensor v, Tensor head_mode, Tensor? block_mask=None, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, *, int sink=128, int window=2048, "
+      "int block_size=128, float? scale=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+      "str strategy=\"auto\") -> (Tensor out, Tensor lse)");
   // Gradients of attention for q, k, v. grad_lse may be None (lse not used downstream).
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor head_mode, *, int sink=128, int window=2048, Tensor? block_mask=None, "
-      "int block_size=128, float? scale=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+      "Tensor lse, Tensor head_mode, Tensor? block_mask=None, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, *, int sink=128, int window=2048, int block_size=128, float? scale=None, "
       "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
-  // cu_seqlens) -> pooled [B, Hkv, D] in fp32.
-  m.def("boundary_pool(Tensor keys, *, int n_first=100, int n_last=100, Tensor? cu_seqlens=None) -> Tensor");
+  // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
+  m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
 }

@@ -137,16 +137,16 @@ def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_
                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                             strategy=strategy)
     out, lse = torch.ops.elastic.attention(
-        q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask, block_size=block_size,
-        scale=None if scale is None else float(scale), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q or 0, max_seqlen_k=max_seqlen_k or 0, strategy=strategy)
+        q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink=sink, window=window,
+        block_size=block_size, scale=None if scale is None else float(scale), max_seqlen_q=max_seqlen_q or 0,
+        max_seqlen_k=max_seqlen_k or 0, strategy=strategy)
     return (out, lse) if return_lse else out
 
 
 def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=None):
     """Mean of the first n_first and last n_last tokens per sequence and KV head (overlap counted once).
 
-    keys [B, S, Hkv, D] (or [T, Hkv, D] with cu_seqlens) -> float32 [B, Hkv, D]."""
+    keys [B, S, Hkv, D] (or [T, Hkv, D] with cu_seqlens) -> float32 [B, Hkv, D] (float64 for float64 keys)."""
     if not isinstance(keys, torch.Tensor):
         raise ValueError(f"elastic_cuda.boundary_pool: keys must be a torch.Tensor, got {type(keys).__name__}")
     if keys.dim() != (3 if cu_seqlens is not None else 4):
@@ -155,7 +155,7 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
     if n_first < 0 or n_last < 0 or n_first + n_last == 0:
         raise ValueError(f"elastic_cuda.boundary_pool: n_first/n_last must be >= 0 and not both 0, got "
                          f"{n_first}, {n_last}")
-    return torch.ops.elastic.boundary_pool(keys, n_first=n_first, n_last=n_last, cu_seqlens=cu_seqlens)
+    return torch.ops.elastic.boundary_pool(keys, cu_seqlens, n_first=n_first, n_last=n_last)
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -166,43 +166,44 @@ def _lse_shape(q, cu_seqlens_q):
 
 
 @torch.library.register_fake("elastic::attention")
-def _attention_fake(q, k, v, head_mode, *, sink=128, window=2048, block_mask=None, block_size=128, scale=None,
-                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, strategy="auto"):
+def _attention_fake(q, k, v, head_mode, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, *, sink=128,
+                    window=2048, block_size=128, scale=None, max_seqlen_q=0, max_seqlen_k=0, strategy="auto"):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.register_fake("elastic::attention_backward")
-def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, head_mode, *, sink=128, window=2048,
-                             block_mask=None, block_size=128, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, head_mode, block_mask=None, cu_seqlens_q=None,
+                             cu_seqlens_k=None, *, sink=128, window=2048, block_size=128, scale=None,
                              max_seqlen_q=0, max_seqlen_k=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("elastic::boundary_pool")
-def _boundary_pool_fake(keys, *, n_first=100, n_last=100, cu_seqlens=None):
+def _boundary_pool_fake(keys, cu_seqlens=None, *, n_first=100, n_last=100):
     B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else keys.shape[0]
-    return keys.new_empty((B, keys.shape[-2], keys.shape[-1]), dtype=torch.float32)
+    dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    return keys.new_empty((B, keys.shape[-2], keys.shape[-1]), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
-_KW = ("sink", "window", "block_mask", "block_size", "scale", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-       "max_seqlen_k")
+_KW = ("sink", "window", "block_size", "scale", "max_seqlen_q", "max_seqlen_k")
 
 
 def _attention_setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, head_mode = inputs
+    q, k, v, head_mode = inputs[:4]
+    block_mask, cu_q, cu_k = (list(inputs[4:]) + [None, None, None])[:3]
     out, lse = output
-    ctx.kw = {name: keyword_only_inputs.get(name) for name in _KW if name in keyword_only_inputs}
-    ctx.save_for_backward(q, k, v, out, lse, head_mode)
+    ctx.kw = {name: keyword_only_inputs[name] for name in _KW if name in keyword_only_inputs}
+    ctx.save_for_backward(q, k, v, out, lse, head_mode, block_mask, cu_q, cu_k)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, head_mode = ctx.saved_tensors
+    q, k, v, out, lse, head_mode, block_mask, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.elastic.attention_backward(grad_out.contiguous(), grad_lse, q, k, v, out, lse,
-                                                      head_mode, **ctx.kw)
-    return dq, dk, dv, None
+                                                      head_mode, block_mask, cu_q, cu_k, **ctx.kw)
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd("elastic::attention", _attention_backward,
@@ -210,10 +211,11 @@ torch.library.register_autograd("elastic::attention", _attention_backward,
 
 
 def _boundary_pool_setup_context(ctx, inputs, keyword_only_inputs, output):
-    (keys,) = inputs
+    keys = inputs[0]
+    cu_seqlens = inputs[1] if len(inputs) > 1 else None
     ctx.kw = dict(keyword_only_inputs)
     ctx.keys_meta = (keys.shape, keys.dtype)
-    ctx.save_for_backward(keyword_only_inputs.get("cu_seqlens"))
+    ctx.save_for_backward(cu_seqlens)
 
 
 def _boundary_pool_backward(ctx, grad_pooled):
@@ -229,7 +231,7 @@ def _boundary_pool_backward(ctx, grad_pooled):
         seq_of_token = torch.bucketize(torch.arange(shape[0], device=grad_pooled.device), cu_seqlens[1:].long(),
                                        right=True)
         g = weights[:, None, None] * grad_pooled[seq_of_token]
-    return g.to(dtype)
+    return g.to(dtype), None
 
 
 def _boundary_weights(shape, cu_seqlens, n_first, n_last, device):
