@@ -10,14 +10,17 @@ namespace elastic {
 template <typename T, int D>
 void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream) {
   using Tr = BwdTraits<T, D>;
-  if (p.batch == 0 || p.heads_q == 0 || max_seqlen_q == 0) return;
+  if (p.batch == 0 || p.heads_q == 0) return;
   TORCH_CHECK(p.batch <= 65535, "elastic.attention_backward: batch ", p.batch,
               " too large for the CUDA grid (at most 65535)");
 
-  const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
-  const dim3 grid_pre(static_cast<unsigned>((pairs + 3) / 4), p.batch);
-  attention_bwd_preprocess_kernel<T, D><<<grid_pre, 128, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (max_seqlen_q > 0) {
+    const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
+    const dim3 grid_pre(static_cast<unsigned>((pairs + 3) / 4), p.batch);
+    attention_bwd_preprocess_kernel<T, D><<<grid_pre, 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
 
   if (max_seqlen_k > 0) {
     auto kernel = attention_bwd_kernel<T, Tr>;
