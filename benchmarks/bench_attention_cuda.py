@@ -7,13 +7,15 @@ ELASTIC_ATTN_FWD_BLOCK_N=32 selects the 32-key tile of the head_dim-128 forward 
 """
 import json
 import os
+import sys
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
-import elastic_cuda
+import elastic_cuda  # noqa: E402
 
 Hq, Hkv, D = 32, 8, 128
 SINK, WIN = 128, 2048

@@ -3,10 +3,14 @@
 Shapes are small and deliberately ragged (lengths not multiples of any tile, GQA 3, Sq < Skv, varlen)
 so that every boundary path of the kernels is exercised once under the sanitizer. Not a pytest file.
 """
-import torch
+import os
+import sys
 
-import elastic_cuda
-from elastic_cuda import BLOCK, FULL, STREAM
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import elastic_cuda  # noqa: E402
+from elastic_cuda import BLOCK, FULL, STREAM  # noqa: E402
 
 
 def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv"):

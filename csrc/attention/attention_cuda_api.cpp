@@ -1,6 +1,9 @@
 // CUDA implementations of elastic::attention and elastic::attention_backward (schemas: csrc/ops.cpp).
 // Checks arguments (messages name the argument), allocates outputs, sets the device guard and picks the
 // strategy; the kernels run on the current stream and never synchronise with the host.
+// Compiled only into CUDA builds (setup.py and CMake define WITH_CUDA there); CPU-only builds glob every
+// .cpp, so the whole file is guarded.
+#ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -156,3 +159,5 @@ TORCH_LIBRARY_IMPL(elastic, CUDA, m) {
 }
 
 }  // namespace elastic
+
+#endif  // WITH_CUDA
