@@ -3,7 +3,6 @@
 Llama-3.1-8B shape (Hq 32, Hkv 8, D 128, bf16, batch 1), dense causal at S in $SEQS (default 8192,32768),
 and MSR mixes (fraction of KV heads routed to STREAM, sink 128 + window 2048). Medians of
 triton.testing.do_bench on random data. Prints one JSON line per measurement (and appends to $OUT/bench.jsonl).
-ELASTIC_ATTN_FWD_BLOCK_N=32 selects the 32-key tile of the head_dim-128 forward kernel.
 """
 import json
 import os

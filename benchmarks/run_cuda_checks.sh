@@ -26,7 +26,6 @@ done
 grep -E "^  [a-z]+ torch" "$OUT/tests.log" | sort -u -k1,3 | head -30
 grep -E "^E  |Fatal|Error" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -15
 timeout 80 python benchmarks/bench_attention_cuda.py > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
-ELASTIC_ATTN_FWD_BLOCK_N=32 ONLY_OURS=1 BENCH_BWD=0 BENCH_TAG=bn32 timeout 40 python benchmarks/bench_attention_cuda.py >> "$OUT/bench.log" 2>&1
 python - "$OUT/bench.log" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):

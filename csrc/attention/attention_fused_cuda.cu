@@ -6,7 +6,6 @@
 
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 
 #include "attention/attention_cuda.h"
 #include "attention/attention_launch.h"
@@ -83,16 +82,6 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Te
   }
 }
 
-// Key tile of the head_dim-128 forward kernel: 64 (default) or 32 via ELASTIC_ATTN_FWD_BLOCK_N=32
-// (benchmarks compare the two; 32 keeps the kernel free of register spills).
-int fwd_block_n() {
-  static const int block_n = [] {
-    const char* e = std::getenv("ELASTIC_ATTN_FWD_BLOCK_N");
-    return (e != nullptr && std::atoi(e) == 32) ? 32 : 64;
-  }();
-  return block_n;
-}
-
 }  // namespace
 
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
@@ -101,14 +90,13 @@ void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tenso
   p.skip_full_heads = skip_full_heads;
   const int num_q_tiles = clamp_int((a.shape.seqlen_q + kFwdBlockM - 1) / kFwdBlockM);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int block_n = fwd_block_n();
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   if (a.shape.head_dim == 64) {
-    if (bf16) launch_attention_fwd<__nv_bfloat16, 64>(p, num_q_tiles, block_n, stream);
-    else launch_attention_fwd<__half, 64>(p, num_q_tiles, block_n, stream);
+    if (bf16) launch_attention_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream);
+    else launch_attention_fwd<__half, 64>(p, num_q_tiles, stream);
   } else {
-    if (bf16) launch_attention_fwd<__nv_bfloat16, 128>(p, num_q_tiles, block_n, stream);
-    else launch_attention_fwd<__half, 128>(p, num_q_tiles, block_n, stream);
+    if (bf16) launch_attention_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream);
+    else launch_attention_fwd<__half, 128>(p, num_q_tiles, stream);
   }
 }
 

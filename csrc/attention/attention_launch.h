@@ -11,10 +11,8 @@
 
 namespace elastic {
 
-// block_n: key tile of the forward kernel (64, or 32 for head_dim 128, which lowers register pressure);
-// every key tile size divides block sizes that are multiples of 64 (the host checks block_size % 64).
 template <typename T, int D>
-void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, int block_n, cudaStream_t stream);
+void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream);
 
 // Query tile (rows) of the forward kernel, needed by the host to size the grid.
 constexpr int kFwdBlockM = 128;
