@@ -1,0 +1,143 @@
+// Host side of the fused CUDA attention: turns AttentionArgs + tensors into kernel parameters and picks
+// the (dtype, head_dim) instance. Arguments are already checked by attention_cuda_api.cpp; nothing here
+// reads device memory on the host or synchronises.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+#include <cmath>
+
+#include "attention/attention_cuda.h"
+#include "attention/attention_launch.h"
+
+namespace elastic {
+namespace {
+
+// Element strides (batch, row, head) of a dense [B, S, H, D] or varlen [T, H, D] tensor.
+void strides3(const at::Tensor& t, bool varlen, int64_t& sb, int64_t& sr, int64_t& sh) {
+  if (varlen) {
+    sb = 0;
+    sr = t.stride(0);
+    sh = t.stride(1);
+  } else {
+    sb = t.stride(0);
+    sr = t.stride(1);
+    sh = t.stride(2);
+  }
+}
+
+int clamp_int(int64_t x) { return static_cast<int>(std::min<int64_t>(x, INT_MAX)); }
+
+void fill_seq_params(AttentionSeqParams& s, const AttentionArgs& a) {
+  const AttentionShape& sh = a.shape;
+  if (sh.varlen) {
+    s.cu_seqlens_q = a.cu_seqlens_q->data_ptr<int32_t>();
+    s.cu_seqlens_k = a.cu_seqlens_k->data_ptr<int32_t>();
+  }
+  s.seqlen_q = clamp_int(sh.seqlen_q);
+  s.seqlen_k = clamp_int(sh.seqlen_k);
+  s.batch = clamp_int(sh.batch);
+  s.heads_q = clamp_int(sh.heads_q);
+  s.heads_kv = clamp_int(sh.heads_kv);
+  s.group = clamp_int(sh.group);
+  s.head_mode = a.head_mode.data_ptr<int32_t>();
+  s.head_mode_stride_b = a.head_mode.stride(0);
+  s.head_mode_stride_h = a.head_mode.stride(1);
+  if (a.block_mask.has_value()) {
+    const at::Tensor& bm = *a.block_mask;
+    s.block_mask = bm.data_ptr<bool>();
+    s.bm_stride_b = bm.stride(0);
+    s.bm_stride_h = bm.stride(1);
+    s.bm_stride_r = bm.stride(2);
+    s.bm_stride_c = bm.stride(3);
+    s.mask_heads = clamp_int(sh.mask_heads);
+    s.mask_blocks = clamp_int(sh.mask_blocks);
+  }
+  s.sink = clamp_int(a.sink);
+  s.window = clamp_int(a.window);
+  s.block_size = clamp_int(a.block_size);
+  s.scale = static_cast<float>(sh.scale);
+  s.scale_log2 = static_cast<float>(sh.scale * 1.4426950408889634);
+}
+
+void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Tensor& out, const at::Tensor& lse) {
+  fill_seq_params(p, a);
+  const bool varlen = a.shape.varlen;
+  p.q = a.q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  strides3(a.q, varlen, p.q_stride_b, p.q_stride_r, p.q_stride_h);
+  strides3(a.k, varlen, p.k_stride_b, p.k_stride_r, p.k_stride_h);
+  strides3(a.v, varlen, p.v_stride_b, p.v_stride_r, p.v_stride_h);
+  strides3(out, varlen, p.o_stride_b, p.o_stride_r, p.o_stride_h);
+  // lse is contiguous: dense [B, Hq, Sq], varlen [Hq, Tq].
+  if (varlen) {
+    p.lse_stride_b = 0;
+    p.lse_stride_h = lse.stride(0);
+  } else {
+    p.lse_stride_b = lse.stride(0);
+    p.lse_stride_h = lse.stride(1);
+  }
+}
+
+}  // namespace
+
+void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
+  AttentionFwdParams p;
+  fill_fwd_params(p, a, out, lse);
+  p.skip_full_heads = skip_full_heads;
+  const int num_q_tiles = clamp_int((a.shape.seqlen_q + kFwdBlockM - 1) / kFwdBlockM);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
+  if (a.shape.head_dim == 64) {
+    if (bf16) launch_attention_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream);
+    else launch_attention_fwd<__half, 64>(p, num_q_tiles, stream);
+  } else {
+    if (bf16) launch_attention_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream);
+    else launch_attention_fwd<__half, 128>(p, num_q_tiles, stream);
+  }
+}
+
+void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& grad_out, const at::Tensor& grad_lse, at::Tensor& dq, at::Tensor& dk,
+                        at::Tensor& dv) {
+  const bool varlen = a.shape.varlen;
+  AttentionBwdParams p;
+  fill_fwd_params(p, a, out, lse);
+  p.dout = grad_out.data_ptr();
+  strides3(grad_out, varlen, p.do_stride_b, p.do_stride_r, p.do_stride_h);
+  p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
+  at::Tensor delta = at::empty_like(lse);
+  p.delta = delta.data_ptr<float>();
+  at::Tensor dq_accum = at::zeros(dq.sizes(), dq.options().dtype(at::kFloat));
+  p.dq_accum = dq_accum.data_ptr<float>();
+  strides3(dq_accum, varlen, p.dqa_stride_b, p.dqa_stride_r, p.dqa_stride_h);
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  strides3(dk, varlen, p.dk_stride_b, p.dk_stride_r, p.dk_stride_h);
+  strides3(dv, varlen, p.dv_stride_b, p.dv_stride_r, p.dv_stride_h);
+  p.total_rows_q = varlen ? a.q.size(0) : a.q.size(0) * a.q.size(1);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int max_q = clamp_int(a.shape.seqlen_q), max_k = clamp_int(a.shape.seqlen_k);
+  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
+  if (a.shape.head_dim == 64) {
+    if (bf16) launch_attention_bwd<__nv_bfloat16, 64>(p, max_q, max_k, stream);
+    else launch_attention_bwd<__half, 64>(p, max_q, max_k, stream);
+  } else {
+    if (bf16) launch_attention_bwd<__nv_bfloat16, 128>(p, max_q, max_k, stream);
+    else launch_attention_bwd<__half, 128>(p, max_q, max_k, stream);
+  }
+  const float scale = static_cast<float>(a.shape.scale);
+  if (bf16) {
+    launch_attention_bwd_convert_dq<__nv_bfloat16>(p.dq_accum, static_cast<__nv_bfloat16*>(dq.data_ptr()),
+                                                    dq.numel(), scale, stream);
+  } else {
+    launch_attention_bwd_convert_dq<__half>(p.dq_accum, static_cast<__half*>(dq.data_ptr()), dq.numel(), scale,
+                                            stream);
+  }
+}
+
+}  // namespace elastic

@@ -1,0 +1,28 @@
+// Launch templates of the CUDA attention kernels, instantiated once per (dtype, head_dim) in
+// attention_{fwd,bwd}_hdim{64,128}.cu so that the translation units compile in parallel.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "attention/attention_params.h"
+
+namespace elastic {
+
+template <typename T, int D>
+void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream);
+
+// Query tile (rows) of the forward kernel, needed by the host to size the grid.
+constexpr int kFwdBlockM = 128;
+// Largest key tile of any kernel: BLOCK masks need block_size % kMaxBlockN == 0 on CUDA.
+constexpr int kMaxBlockN = 64;
+
+template <typename T>
+void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, float scale, cudaStream_t stream);
+
+template <typename T, int D>
+void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream);
+
+}  // namespace elastic

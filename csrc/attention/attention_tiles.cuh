@@ -1,0 +1,144 @@
+// Which (query tile, key tile) pairs a head mode can make visible, shared by the forward and backward
+// kernels. Tiles are skipped only when they provably hold no visible pair (head_mode.h); a visited tile
+// that is not fully visible is masked element-wise with key_visible().
+#pragma once
+#include "attention/attention_params.h"
+#include "attention/head_mode.h"
+
+namespace elastic {
+
+// Lengths and start rows of sequence b (dense: rows start at 0 of the batch slice).
+struct SeqInfo {
+  int q_start, k_start;  // first row of the sequence in the packed tensor (0 for dense)
+  int len_q, len_k;
+  int offset;            // len_k - len_q: absolute position of query row r is r + offset
+};
+
+__device__ __forceinline__ SeqInfo seq_info(const AttentionSeqParams& p, int b) {
+  SeqInfo s;
+  if (p.cu_seqlens_q != nullptr) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.k_start = p.cu_seqlens_k[b];
+    s.len_q = p.cu_seqlens_q[b + 1] - s.q_start;
+    s.len_k = p.cu_seqlens_k[b + 1] - s.k_start;
+  } else {
+    s.q_start = 0;
+    s.k_start = 0;
+    s.len_q = p.seqlen_q;
+    s.len_k = p.seqlen_k;
+  }
+  s.offset = s.len_k - s.len_q;
+  return s;
+}
+
+__device__ __forceinline__ bool mode_is_valid(int mode, const AttentionSeqParams& p) {
+  return mode == kFull || mode == kStream || (mode == kBlock && p.block_mask != nullptr);
+}
+
+// The rows of one block mask head (batch b, mask head mh): bit(rb, cb) = mask[b, mh, rb, cb].
+struct BlockBits {
+  const bool* base = nullptr;
+  int64_t stride_r = 0, stride_c = 0;
+  int block_size = 1, nb = 0;
+  __device__ __forceinline__ bool bit(int rb, int cb) const {
+    return base[rb * stride_r + cb * stride_c];
+  }
+  // Bit of absolute query position i and key block cb; positions outside [0, nb*bs) see nothing.
+  __device__ __forceinline__ bool bit_of_position(int i, int cb) const {
+    if (i < 0) return false;
+    const int rb = i / block_size;
+    return rb < nb && bit(rb, cb);
+  }
+  // Any bit set in column cb for the query positions [i_first, i_last] (clipped to valid rows)?
+  __device__ __forceinline__ bool any_in_rows(int i_first, int i_last, int cb) const {
+    const int rb0 = i_first < 0 ? 0 : i_first / block_size;
+    int rb1 = i_last / block_size;
+    if (rb1 >= nb) rb1 = nb - 1;
+    for (int rb = rb0; rb <= rb1; ++rb)
+      if (bit(rb, cb)) return true;
+    return false;
+  }
+  __device__ __forceinline__ bool all_in_rows(int i_first, int i_last, int cb) const {
+    if (i_first < 0) return false;
+    const int rb0 = i_first / block_size;
+    const int rb1 = i_last / block_size;
+    if (rb1 >= nb) return false;
+    for (int rb = rb0; rb <= rb1; ++rb)
+      if (!bit(rb, cb)) return false;
+    return true;
+  }
+};
+
+__device__ __forceinline__ BlockBits block_bits(const AttentionSeqParams& p, int b, int head_q, int head_kv) {
+  BlockBits bb;
+  if (p.block_mask == nullptr) return bb;
+  const int mh = p.mask_heads == p.heads_q ? head_q : head_kv;
+  bb.base = p.block_mask + b * p.bm_stride_b + mh * p.bm_stride_h;
+  bb.stride_r = p.bm_stride_r;
+  bb.stride_c = p.bm_stride_c;
+  bb.block_size = p.block_size;
+  bb.nb = p.mask_blocks;
+  return bb;
+}
+
+// Can the query positions [i_first, i_last] and keys [j_first, j_last] hold a visible pair?
+// (Exact for FULL and STREAM, a superset for BLOCK, whose bits are per block row.)
+__device__ __forceinline__ bool tile_may_be_visible(int mode, int i_first, int i_last, int j_first, int j_last,
+                                                    int sink, int window, const BlockBits& bb) {
+  if (i_last < j_first) return false;  // every key is in the future of every query
+  if (mode == kFull) return true;
+  if (mode == kStream) return j_first < sink || (window > 0 && i_first - j_last < window);
+  if (mode == kBlock) return bb.any_in_rows(i_first, i_last, j_first / bb.block_size);
+  return false;
+}
+
+// Is every pair of the tile visible (so the kernel may skip element-wise masking)? len_k bounds the keys.
+__device__ __forceinline__ bool tile_fully_visible(int mode, int i_first, int i_last, int j_first, int j_last,
+                                                   int len_k, int sink, int window, const BlockBits& bb) {
+  if (j_last >= len_k || j_last > i_first || i_first < 0) return false;
+  if (mode == kFull) return true;
+  if (mode == kStream) return j_last < sink || i_last - j_first < window;
+  if (mode == kBlock) return bb.all_in_rows(i_first, i_last, j_first / bb.block_size);
+  return false;
+}
+
+// Key tiles (of BN keys) visited by one query tile with positions [i_first, i_last], walked from the
+// last one down (the diagonal tiles, which need masking, come first, as in FlashAttention-2).
+template <int BN>
+struct KeyTileWalker {
+  int mode, n_end, win_lo_tile, sink_tiles, i_first, i_last;
+  BlockBits bb;
+
+  __device__ __forceinline__ void init(int mode_, int i_first_, int i_last_, int len_k, int sink, int window,
+                                       const BlockBits& bb_) {
+    mode = mode_;
+    i_first = i_first_;
+    i_last = i_last_;
+    bb = bb_;
+    int causal_keys = i_last + 1 < len_k ? i_last + 1 : len_k;  // keys [0, causal_keys) are not in the future
+    if (causal_keys < 0) causal_keys = 0;
+    n_end = (causal_keys + BN - 1) / BN;
+    if (window > 0) {
+      const int lo = i_first - window + 1;
+      win_lo_tile = lo <= 0 ? 0 : lo / BN;
+    } else {
+      win_lo_tile = n_end;  // no window keys
+    }
+    const int sink_keys = sink < causal_keys ? sink : causal_keys;
+    sink_tiles = (sink_keys + BN - 1) / BN;
+  }
+  // Largest visited tile index below n, or -1.
+  __device__ __forceinline__ int prev(int n) const {
+    int t = n - 1;
+    if (mode == kFull) return t;
+    if (mode == kStream) {
+      if (t >= win_lo_tile) return t;
+      return t < sink_tiles - 1 ? t : sink_tiles - 1;
+    }
+    while (t >= 0 && !bb.any_in_rows(i_first, i_last, (t * BN) / bb.block_size)) --t;
+    return t;
+  }
+  __device__ __forceinline__ int first() const { return prev(n_end); }
+};
+
+}  // namespace elastic

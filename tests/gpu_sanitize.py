@@ -1,0 +1,46 @@
+"""Tiny fwd+bwd run per head mode for `compute-sanitizer --tool memcheck python tests/gpu_sanitize.py`.
+
+Shapes are small and deliberately ragged (lengths not multiples of any tile, GQA 3, Sq < Skv, varlen)
+so that every boundary path of the kernels is exercised once under the sanitizer. Not a pytest file.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import elastic_cuda  # noqa: E402
+from elastic_cuda import BLOCK, FULL, STREAM  # noqa: E402
+
+
+def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv"):
+    torch.manual_seed(0)
+    B, Hkv = modes.shape
+    Hq = 3 * Hkv
+    bs = 64
+    nb = -(-Skv // bs)
+    bm = torch.rand(B, Hkv if mask_heads == "kv" else Hq, nb, nb, device="cuda") < 0.5
+    kw = dict(sink=5, window=70, block_mask=bm, block_size=bs, strategy="fused", return_lse=True)
+    if varlen:
+        cu_q = torch.tensor([0, Sq, 2 * Sq - 1], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, Skv, 2 * Skv - 3], dtype=torch.int32, device="cuda")
+        q = torch.randn(int(cu_q[-1]), Hq, D, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(int(cu_k[-1]), Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(int(cu_k[-1]), Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+        kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=Sq, max_seqlen_k=Skv)
+    else:
+        q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    out, lse = elastic_cuda.attention(q, k, v, modes.to(device="cuda", dtype=torch.int32), **kw)
+    (out.float().sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
+    torch.cuda.synchronize()
+    print("ok", modes.tolist(), Sq, Skv, D, dtype, "varlen" if varlen else "dense", flush=True)
+
+
+if __name__ == "__main__":
+    for mode in (FULL, STREAM, BLOCK):
+        one(torch.full((2, 2), mode), 77, 201, 128, torch.bfloat16)
+    one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q")
+    one(torch.tensor([[STREAM, BLOCK], [BLOCK, STREAM]]), 1, 300, 64, torch.bfloat16)
+    print("sanitize run done")
