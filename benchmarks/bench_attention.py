@@ -33,6 +33,8 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEV = "cuda"
@@ -447,6 +449,13 @@ def write_plots(out_dir):
         plt.close(fig)
 
 
+def flush(msrs):
+    """Write what has been measured so far (a stage timeout must not lose the whole sweep)."""
+    with open(os.path.join(OUT_DIR, "bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    write_markdown(os.path.join(OUT_DIR, "bench.md"), msrs)
+
+
 def main():
     global OUT_DIR
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,17 +501,17 @@ def main():
             sweep_case(case, msrs, skip)
             del case
             torch.cuda.empty_cache()
+            flush(msrs)
     if b4 and within_budget(f"batch 4 S={b4}"):
         sweep_case(Case(models[0] if models else "llama", 4, b4), msrs, skip)
         torch.cuda.empty_cache()
+        flush(msrs)
     if within_budget("boundary_pool"):
         pool_section(env_list("POOL_SEQS", "1024,4096,16384,65536,131072"))
     bwd = int(os.environ.get("BWD_S", "32768"))
     if bwd and within_budget(f"fwd+bwd S={bwd}"):
         fwd_bwd_section(bwd, skip)
-    with open(os.path.join(OUT_DIR, "bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    write_markdown(os.path.join(OUT_DIR, "bench.md"), msrs)
+    flush(msrs)
     write_plots(OUT_DIR)
     # short summary last (the device tool returns the tail of the output)
     base, table = speedups()
@@ -519,12 +528,15 @@ def main():
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` -> SystemExit -> results still written
     try:
-        sys.exit(main())
-    except Exception:
+        rc = main()
+    except (Exception, SystemExit):  # a crash or a SIGTERM: still leave whatever was measured
         traceback.print_exc()
-        # still leave whatever was measured
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, "bench.json"), "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
-        sys.exit(1)
+        rc = 1
+    sys.exit(rc)
