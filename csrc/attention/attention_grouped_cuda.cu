@@ -1,7 +1,7 @@
 // Grouped strategy of elastic::attention (dense layout): the FULL heads run through one library dense kernel,
 // the sparse heads through the fused kernel, with no host sync.
 //
-//   1. slot_index_kernel   one tiny block: prefix count of FULL over the B*Hkv (batch, kv head) pairs gives each
+//   1. slot_index_kernel   one block: prefix count (scan) of FULL over the B*Hkv (batch, kv head) pairs gives each
 //                          FULL pair a slot; it also writes cu_seqlens for the packed group: slot s has length
 //                          Sq (Skv for keys) if s < n_full, else 0. Trailing zero-length sequences keep every
 //                          shape static, so the host never needs n_full.
@@ -41,26 +41,48 @@ namespace {
 constexpr int kCopyThreads = 256;
 constexpr int kTokensPerBlock = 16;  // tokens each gather/scatter block moves (per (b, kv head) pair)
 
-// One block: serial prefix count by thread 0 (B*Hkv is tens to a few thousand entries: microseconds), then
-// cu_seqlens filled in parallel. slot_of[p] = slot of pair p (b * Hkv + h) or -1 when the pair is not FULL.
-__global__ void slot_index_kernel(const int32_t* __restrict__ head_mode, int64_t mode_stride_b,
-                                  int64_t mode_stride_h, int32_t n_heads_kv, int32_t n_pairs,
-                                  int32_t* __restrict__ slot_of, int32_t* __restrict__ cu_q,
-                                  int32_t* __restrict__ cu_k, int32_t* __restrict__ n_full_out, int32_t len_q,
-                                  int32_t len_k) {
-  __shared__ int32_t n_full;
-  if (threadIdx.x == 0) {
-    int32_t count = 0;
-    for (int32_t p = 0; p < n_pairs; ++p) {
-      const int32_t b = p / n_heads_kv, h = p % n_heads_kv;
-      const int32_t mode = head_mode[b * mode_stride_b + h * mode_stride_h];
-      slot_of[p] = mode == kFull ? count++ : -1;
+constexpr int kIndexThreads = 1024;  // slot_index_kernel: one block, 32 warps
+
+// One block computes the slots: each thread counts the FULL pairs of its contiguous chunk, a block-wide
+// exclusive scan (warp shuffles, then one warp over the 32 warp totals) gives each chunk its first slot, and a
+// second pass writes slot_of[p] = slot of pair p (b * Hkv + h), or -1 when the pair is not FULL. Then
+// cu_seqlens: entry i is min(i, n_full) * len.
+__global__ void __launch_bounds__(kIndexThreads)
+slot_index_kernel(const int32_t* __restrict__ head_mode, int64_t mode_stride_b, int64_t mode_stride_h,
+                  int32_t n_heads_kv, int32_t n_pairs, int32_t* __restrict__ slot_of, int32_t* __restrict__ cu_q,
+                  int32_t* __restrict__ cu_k, int32_t* __restrict__ n_full_out, int32_t len_q, int32_t len_k) {
+  __shared__ int32_t warp_total[kIndexThreads / 32];
+  const int32_t per = (n_pairs + kIndexThreads - 1) / kIndexThreads;
+  const int32_t lo = min(static_cast<int32_t>(threadIdx.x) * per, n_pairs);
+  const int32_t hi = min(lo + per, n_pairs);
+  auto is_full = [&](int32_t p) {
+    return head_mode[(p / n_heads_kv) * mode_stride_b + (p % n_heads_kv) * mode_stride_h] == kFull;
+  };
+  int32_t local = 0;
+  for (int32_t p = lo; p < hi; ++p) local += is_full(p) ? 1 : 0;
+
+  const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int32_t incl = local;  // inclusive scan inside the warp
+  for (int32_t o = 1; o < 32; o <<= 1) {
+    const int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_total[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {  // inclusive scan of the 32 warp totals
+    int32_t w = warp_total[lane];
+    for (int32_t o = 1; o < 32; o <<= 1) {
+      const int32_t y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
     }
-    n_full = count;
-    *n_full_out = count;
+    warp_total[lane] = w;
   }
   __syncthreads();
-  for (int32_t i = threadIdx.x; i <= n_pairs; i += blockDim.x) {
+  int32_t slot = incl - local + (warp > 0 ? warp_total[warp - 1] : 0);
+  const int32_t n_full = warp_total[kIndexThreads / 32 - 1];
+  for (int32_t p = lo; p < hi; ++p) slot_of[p] = is_full(p) ? slot++ : -1;
+  if (threadIdx.x == 0) *n_full_out = n_full;
+  for (int32_t i = threadIdx.x; i <= n_pairs; i += kIndexThreads) {
     const int32_t used = i < n_full ? i : n_full;
     cu_q[i] = used * len_q;
     cu_k[i] = used * len_k;
@@ -205,7 +227,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   at::Tensor cu_q = index.narrow(0, n_pairs, n_pairs + 1);
   at::Tensor cu_k = index.narrow(0, 2 * n_pairs + 1, n_pairs + 1);
   at::Tensor n_full = index.narrow(0, 3 * n_pairs + 2, 1);
-  slot_index_kernel<<<1, 256, 0, stream>>>(a.head_mode.data_ptr<int32_t>(), a.head_mode.stride(0),
+  slot_index_kernel<<<1, kIndexThreads, 0, stream>>>(a.head_mode.data_ptr<int32_t>(), a.head_mode.stride(0),
                                            a.head_mode.stride(1), static_cast<int32_t>(Hkv),
                                            static_cast<int32_t>(n_pairs), slot_of.data_ptr<int32_t>(),
                                            cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(),
