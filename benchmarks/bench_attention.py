@@ -2,6 +2,8 @@
 
 Methods (per shape, S, MSR):
   ours_fused / ours_grouped / ours_auto   elastic_cuda.attention with that strategy
+  ours_grouped_sync                       grouped with ELASTIC_GROUPED_CUDNN_SYNC=1 (cuDNN dense for the FULL
+                                          pairs, one host sync per call: the sync-free grouped uses FA2 varlen)
   cudnn_dense / flash2_dense              SDPA over all heads (the MSR-independent bars)
   flex_hybrid                             one compiled flex_attention call, per-head analytic BlockMask
   serial                                  gather FULL pairs -> cuDNN SDPA, gather STREAM pairs -> compiled Flex,
@@ -39,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEV = "cuda"
 SINK, WINDOW, BLK = 128, 2048, 128
+OUR_STRATEGIES = ("fused", "grouped", "grouped_sync", "auto")
 MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
           "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
 T0 = time.time()
@@ -182,11 +185,27 @@ class Case:
         return dict(model=self.model, B=self.B, S=self.S, **kw)
 
 
+SYNC_ENV = "ELASTIC_GROUPED_CUDNN_SYNC"
+
+
 def ours(case, head_mode, strategy):
+    """strategy 'grouped_sync' = grouped with the opt-in cuDNN dense path (one host sync per call to read the
+    number of FULL pairs); the C++ side reads the env variable at each call."""
     import elastic_cuda
 
-    return lambda: elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
-                                          strategy=strategy)
+    if strategy != "grouped_sync":
+        return lambda: elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
+                                              strategy=strategy)
+
+    def fn():
+        os.environ[SYNC_ENV] = "1"
+        try:
+            return elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
+                                          strategy="grouped")
+        finally:
+            os.environ.pop(SYNC_ENV, None)
+
+    return fn
 
 
 def flex_hybrid(case, head_mode):
@@ -257,7 +276,7 @@ def sweep_case(case, msrs, skip):
     for i, msr in enumerate(msrs):
         hm = routing(case.B, case.Hkv, msr, seed=1000 + i)
         actual = float((hm == 1).float().mean())  # SmolLM2 (3 kv heads) cannot hit every MSR exactly
-        for strat in ("fused", "grouped", "auto"):
+        for strat in OUR_STRATEGIES:
             ms = try_bench(f"ours_{strat}", case, lambda s=strat: ours(case, hm, s), skip, msr=msr,
                            msr_actual=actual)
             if ms is not None and msr == 0:
@@ -290,9 +309,9 @@ def numeric_check(model, S, B=1, msr=0.5):
     except Exception as e:
         rec(kind="check", model=model, S=S, B=B, error="flex: " + repr(e)[:300])
         return
-    for strat in ("fused", "grouped", "auto"):
+    for strat in OUR_STRATEGIES:
         try:
-            out = elastic_cuda.attention(case.q, case.k, case.v, hm, sink=SINK, window=WINDOW, strategy=strat)
+            out = ours(case, hm, strat)()
             rec(kind="check", model=model, S=S, B=B, msr=msr, method=f"ours_{strat}", vs="flex_hybrid",
                 rel_err=rel_err(out, ref), finite=bool(torch.isfinite(out).all()))
         except Exception as e:
@@ -363,7 +382,8 @@ def fwd_bwd_section(S, skip):
 
 
 # ----------------------------------------------------------------------------- report
-METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "flex_hybrid", "serial", "ideal", "flash2_dense"]
+METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_sync", "flex_hybrid", "serial", "ideal",
+                "flash2_dense"]
 
 
 def speedups():

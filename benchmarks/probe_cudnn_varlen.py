@@ -8,6 +8,20 @@ Answers, on the GPU machine's torch:
      cuDNN SDPA over all heads, and FA2 varlen for the fallback;
   4. whether FlexAttention compiles a token-exact streaming mask_mod with an analytic BlockMask.
 Prints one JSON line per finding and a summary. Env: OUT (dir for probe.jsonl), PROBE_S (default 32768).
+
+Findings on one H200 (torch 2.11.0+cu130, cuDNN 9.x, triton 3.6), 2026-11-28:
+  - schemas: torch 2.11 _cudnn_attention_forward has no seqused_k/block_table kwargs (2.14 has); the first 12
+    positional args + scale= are common to both. _flash_attention_forward: 2.14 adds block_table/num_splits
+    after alibi_slopes; positional args up to scale are common.
+  - cuDNN varlen: correct (out rel err 2.0e-3 vs fp32 math, lse 6e-8) with GQA inside a sequence (G q heads
+    over 1 kv head), trailing zero-length sequences, ragged S=1000, D 64 and 128; lse is [T, Hq, 1].
+    But ~60-67 ms per call at 32K whatever n_full is (50 ms with every sequence empty): the nested-tensor path
+    rebuilds its cuDNN graph on every call (it looks the MHA graph cache up but never inserts). Unusable.
+  - FA2 varlen (same packed buffers, GQA, trailing empties): correct, lse [Hq, T]; 6.59 / 12.73 / 24.92 ms for
+    2 / 4 / 8 of 8 kv heads FULL at 32K = 334-353 TFLOP/s. Dense SDPA at 32K: cuDNN 15.06 ms (584 TFLOP/s),
+    FA2 25.27 ms (348). torch index_select gather of the FULL heads: 0.22 / 0.44 / 0.70 ms.
+  - Flex with a token-exact streaming mask_mod and an analytic BlockMask compiles (5.4 s), rel err 2.0e-3 vs
+    fp32 math at S=1024; 32K MSR 0.5 runs in 11.45 ms (anchor block-granular Flex: 11.67 ms).
 """
 import json
 import math
