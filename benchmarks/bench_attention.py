@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEV = "cuda"
 SINK, WINDOW, BLK = 128, 2048, 128
+CHECK_TOL = 1e-2  # two bf16 kernels of the same function differ by ~2-5e-3 (relative Frobenius)
 OUR_STRATEGIES = ("fused", "grouped", "grouped_sync", "auto")
 MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
           "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
@@ -312,16 +313,18 @@ def numeric_check(model, S, B=1, msr=0.5):
     for strat in OUR_STRATEGIES:
         try:
             out = ours(case, hm, strat)()
+            err = rel_err(out, ref)
             rec(kind="check", model=model, S=S, B=B, msr=msr, method=f"ours_{strat}", vs="flex_hybrid",
-                rel_err=rel_err(out, ref), finite=bool(torch.isfinite(out).all()))
+                rel_err=err, finite=bool(torch.isfinite(out).all()), ok=bool(err < CHECK_TOL))
         except Exception as e:
             rec(kind="check", model=model, S=S, B=B, msr=msr, method=f"ours_{strat}", error=repr(e)[:300])
     hm0 = torch.zeros_like(hm)
     try:
         ref0 = sdpa(case.qt, case.kt, case.vt, SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
         out0 = elastic_cuda.attention(case.q, case.k, case.v, hm0, strategy="auto")
-        rec(kind="check", model=model, S=S, B=B, msr=0.0, method="ours_auto", vs="cudnn_dense",
-            rel_err=rel_err(out0, ref0))
+        err = rel_err(out0, ref0)
+        rec(kind="check", model=model, S=S, B=B, msr=0.0, method="ours_auto", vs="cudnn_dense", rel_err=err,
+            ok=bool(err < CHECK_TOL))
     except Exception as e:
         rec(kind="check", model=model, S=S, B=B, msr=0.0, method="ours_auto", error=repr(e)[:300])
 

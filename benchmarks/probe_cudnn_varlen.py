@@ -15,7 +15,7 @@ Findings on one H200 (torch 2.11.0+cu130, cuDNN 9.x, triton 3.6), 2026-11-28:
     after alibi_slopes; positional args up to scale are common.
   - cuDNN varlen: correct (out rel err 2.0e-3 vs fp32 math, lse 6e-8) with GQA inside a sequence (G q heads
     over 1 kv head), trailing zero-length sequences, ragged S=1000, D 64 and 128; lse is [T, Hq, 1].
-    But ~60-67 ms per call at 32K whatever n_full is (50 ms with every sequence empty): the nested-tensor path
+    But ~59-72 ms per call at 32K whatever n_full is (50 ms with every sequence empty): the nested-tensor path
     rebuilds its cuDNN graph on every call (it looks the MHA graph cache up but never inserts). Unusable.
   - FA2 varlen (same packed buffers, GQA, trailing empties): correct, lse [Hq, T]; 6.59 / 12.73 / 24.92 ms for
     2 / 4 / 8 of 8 kv heads FULL at 32K = 334-353 TFLOP/s. Dense SDPA at 32K: cuDNN 15.06 ms (584 TFLOP/s),

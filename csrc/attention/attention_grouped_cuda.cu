@@ -15,7 +15,7 @@
 // Why FlashAttention-2 and not cuDNN: cuDNN's varlen entry point (at::_cudnn_attention_forward with cum_seq)
 // computes the right function (checked on the H200 with trailing empty sequences, GQA and ragged lengths,
 // lse laid out [T, Hq, 1]) but torch 2.11's nested-tensor path looks its graph up in the MHA graph cache and
-// never inserts it, so every call rebuilds the cuDNN graph: ~50-65 ms of host time per call at 32K whatever
+// never inserts it, so every call rebuilds the cuDNN graph: ~50-70 ms of host time per call at 32K whatever
 // n_full is (even with all sequences empty), against 3.8-15 ms of GPU work. FA2 varlen runs the same packed
 // buffers at 334-353 TFLOP/s (benchmarks/probe_cudnn_varlen.py, 2026-11-28).
 //
