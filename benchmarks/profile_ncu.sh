@@ -68,6 +68,17 @@ for strat in ${STRATEGIES//,/ }; do
        --section ComputeWorkloadAnalysis -f -o "$rep" \
        $PY "$DRIVER" "$S" "$MSR" "$strat" > "$log" 2>&1 || { echo "ncu ($strat) failed: see $log" >> "$REPORT"; status=1; continue; }
   $NCU --import "$rep.ncu-rep" --csv --page details > "$rep.csv" 2>>"$log" || { echo "ncu import ($strat) failed" >> "$REPORT"; status=1; continue; }
+  if [[ $(wc -l < "$rep.csv") -lt 2 ]]; then
+    # The NVTX filter matched nothing (range syntax differs between ncu versions): filter by kernel name instead
+    # (this also catches the warm-up calls' launches, which do the same work).
+    echo "NVTX filter profiled no kernel; retrying with a kernel-name filter" >> "$REPORT"
+    $NCU --clock-control none --target-processes all --kernel-name regex:"flash|elastic|attention|attn|gather|scatter|slot" \
+         --launch-count 10 \
+         --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+         --section ComputeWorkloadAnalysis -f -o "$rep" \
+         $PY "$DRIVER" "$S" "$MSR" "$strat" >> "$log" 2>&1 || { echo "ncu retry ($strat) failed" >> "$REPORT"; status=1; continue; }
+    $NCU --import "$rep.ncu-rep" --csv --page details > "$rep.csv" 2>>"$log" || { status=1; continue; }
+  fi
   $PY - "$rep.csv" "$log" "$strat" >> "$REPORT" <<'EOF' || status=1
 # Summarise the ncu details CSV: one line per kernel launch.
 import csv, json, re, sys
