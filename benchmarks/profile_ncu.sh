@@ -116,7 +116,7 @@ for (kid, name), m in kernels.items():
         f = 0.0
     tf = f / sec / 1e12 if sec > 0 and f else float("nan")
     g = lambda k: m.get(k, ("", ""))[0]
-    short = re.sub(r"\(.*", "", name)[:60]
+    short = re.sub(r"\(.*", "", name.replace("(anonymous namespace)", "anon"))[:60]
     print(f"{short:60s} {sec*1e3:8.3f} {tf:8.1f} {g('Compute (SM) Throughput'):>6s} {g('Memory Throughput'):>6s} "
           f"{g('DRAM Throughput'):>6s} {g('Achieved Occupancy'):>6s} {g('Theoretical Occupancy'):>6s} {g('Registers Per Thread'):>5s}")
 allf = flops.get("flops_full", 0) + flops.get("flops_stream", 0)
