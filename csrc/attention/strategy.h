@@ -1,0 +1,31 @@
+// Cost model for strategy="auto": which CUDA strategy runs a dense-layout call.
+//
+// It sees only the shape (B, S, Hq, D), never the routing: reading head_mode (and so the MSR) on the host
+// would cost a device sync per call.
+//
+// Grouped = FULL heads packed and run by a library dense kernel (FlashAttention-2 varlen through
+// at::_flash_attention_forward, ~345 TFLOP/s on an H200) + the fused kernel for the sparse heads. It adds two
+// copy kernels (~0.2-0.7 ms at 32K for Llama-8B shapes) and a second launch, so it only pays when the FULL
+// heads' causal attention dominates, i.e. at long context, and only if the library kernel is faster than the
+// fused kernel's FULL path.
+//
+// Threshold: grouped for S >= 8192 until measured (benchmarks/bench_attention.py writes the crossover per
+// S; the lead updates kGroupedMinSeqlen from its JSON). Varlen always runs fused (grouped needs the dense
+// layout) and head_dim must be one FlashAttention-2 supports (multiple of 8, <= 256).
+#pragma once
+#include "attention/attention_checks.h"
+
+namespace elastic {
+
+constexpr int64_t kGroupedMinSeqlen = 8192;
+
+inline bool prefer_grouped_strategy(const AttentionShape& s) {
+  if (s.varlen) return false;
+  if (s.head_dim % 8 != 0 || s.head_dim > 256) return false;
+  // Chunked prefill (Sq < Skv) is supported by the grouped path, but the work scales with Sq * Skv:
+  // decide on the query length actually computed, weighted by the key length.
+  const double work = static_cast<double>(s.seqlen_q) * static_cast<double>(s.seqlen_k);
+  return work >= static_cast<double>(kGroupedMinSeqlen) * static_cast<double>(kGroupedMinSeqlen);
+}
+
+}  // namespace elastic
