@@ -2,8 +2,8 @@
 
 Methods (per shape, S, MSR):
   ours_fused / ours_grouped / ours_auto   elastic_cuda.attention with that strategy
-  ours_grouped_sync                       grouped with ELASTIC_GROUPED_CUDNN_SYNC=1 (cuDNN dense for the FULL
-                                          pairs, one host sync per call: the sync-free grouped uses FA2 varlen)
+  ours_grouped_cudnn                      strategy "grouped_cudnn" (cuDNN dense for the FULL pairs, one host
+                                          sync per call: the sync-free grouped uses FA2 varlen)
   cudnn_dense / flash2_dense              SDPA over all heads (the MSR-independent bars)
   flex_hybrid                             one compiled flex_attention call, per-head analytic BlockMask
   serial                                  gather FULL pairs -> cuDNN SDPA, gather STREAM pairs -> compiled Flex,
@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DEV = "cuda"
 SINK, WINDOW, BLK = 128, 2048, 128
 CHECK_TOL = 1e-2  # two bf16 kernels of the same function differ by ~2-5e-3 (relative Frobenius)
-OUR_STRATEGIES = ("fused", "grouped", "grouped_sync", "auto")
+OUR_STRATEGIES = ("fused", "grouped", "grouped_cudnn", "auto")
 MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
           "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
 T0 = time.time()
@@ -186,27 +186,11 @@ class Case:
         return dict(model=self.model, B=self.B, S=self.S, **kw)
 
 
-SYNC_ENV = "ELASTIC_GROUPED_CUDNN_SYNC"
-
-
 def ours(case, head_mode, strategy):
-    """strategy 'grouped_sync' = grouped with the opt-in cuDNN dense path (one host sync per call to read the
-    number of FULL pairs); the C++ side reads the env variable at each call."""
     import elastic_cuda
 
-    if strategy != "grouped_sync":
-        return lambda: elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
-                                              strategy=strategy)
-
-    def fn():
-        os.environ[SYNC_ENV] = "1"
-        try:
-            return elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
-                                          strategy="grouped")
-        finally:
-            os.environ.pop(SYNC_ENV, None)
-
-    return fn
+    return lambda: elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
+                                          strategy=strategy)
 
 
 def flex_hybrid(case, head_mode):
@@ -385,7 +369,7 @@ def fwd_bwd_section(S, skip):
 
 
 # ----------------------------------------------------------------------------- report
-METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_sync", "flex_hybrid", "serial", "ideal",
+METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_cudnn", "flex_hybrid", "serial", "ideal",
                 "flash2_dense"]
 
 

@@ -14,7 +14,7 @@ from ._ext import has_cuda_kernels
 
 FULL, STREAM, BLOCK = 0, 1, 2
 MODE_NAMES = {FULL: "full", STREAM: "stream", BLOCK: "block"}
-STRATEGIES = ("auto", "fused", "grouped")
+STRATEGIES = ("auto", "fused", "grouped", "grouped_cudnn")
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""CUDA kernels of elastic attention (fused strategy) against the float64 reference.
+"""CUDA kernels of elastic attention (fused and grouped strategies) against the float64 reference.
 
 Every case draws fresh random inputs, runs the CUDA op in fp16/bf16 and
 `elastic_cuda.reference.attention_reference` in float64 on the same (rounded) inputs, and prints the
@@ -64,7 +64,7 @@ def _check_forward(out, lse, ref_out, ref_lse, dtype, key):
 
 
 def run_case(*, B=1, Sq, Skv, Hq, Hkv, D, dtype, modes, sink, window, block_mask=None, block_size=128,
-             layout="dense", lens=None, grad=False, grad_lse=False, seed=0, key=""):
+             layout="dense", lens=None, grad=False, grad_lse=False, seed=0, key="", strategy="fused"):
     """One forward (and optionally backward) comparison. modes: int32 [B, Hkv] tensor.
     layout: 'dense', 'strided' (q/k/v views of packed qkv buffers) or 'varlen' (lens = [(sq, skv), ...])."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
@@ -100,7 +100,7 @@ def run_case(*, B=1, Sq, Skv, Hq, Hkv, D, dtype, modes, sink, window, block_mask
     elif grad:
         q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         leaf_grads = lambda: (q.grad, k.grad, v.grad)  # noqa: E731
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, strategy="fused", return_lse=True, **op_kw)
+    out, lse = elastic_cuda.attention(q, k, v, head_mode, strategy=strategy, return_lse=True, **op_kw)
     _check_forward(out.detach(), lse.detach(), ref_out.detach(), ref_lse.detach(), dtype, key)
     if not grad:
         return
@@ -142,7 +142,8 @@ GQA = ((1, 1), (3, 1), (4, 1), (8, 1), (6, 2), (12, 3), (8, 2))  # (Hq, Hkv): gr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("pattern", ["full", "stream", "block", "mix"])
-def test_forward_lengths_modes(dtype, D, pattern):
+@pytest.mark.parametrize("strategy", ["fused", "grouped", "grouped_cudnn"])
+def test_forward_lengths_modes(dtype, D, pattern, strategy):
     for idx, S in enumerate(LENGTHS):
         Hq, Hkv = GQA[idx % len(GQA)]
         B = 1 if S > 1000 else 2
@@ -152,7 +153,24 @@ def test_forward_lengths_modes(dtype, D, pattern):
         bm = _rand_block_mask(B, Hkv, nb, 0.5, gen) if pattern in ("block", "mix") else None
         sink, window = (4, 16) if S < 300 else (64, 256)
         run_case(B=B, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=_modes(B, Hkv, pattern), sink=sink,
-                 window=window, block_mask=bm, block_size=bs, seed=idx, key=f"{pattern} D{D}")
+                 window=window, block_mask=bm, block_size=bs, seed=idx, key=f"{pattern} D{D} {strategy}",
+                 strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "grouped_cudnn"])
+def test_grouped_batch_routing_and_chunked_prefill(strategy):
+    # Per-sample routing changes which (b, kv head) pairs are packed; Sq < Skv runs FA2 bottom-right.
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    modes = torch.tensor([[FULL, STREAM, FULL, BLOCK], [STREAM, STREAM, FULL, FULL], [FULL] * 4], dtype=torch.int32)
+    bm = _rand_block_mask(3, 4, -(-700 // 128), 0.5, gen)
+    run_case(B=3, Sq=700, Skv=700, Hq=12, Hkv=4, D=128, dtype=torch.bfloat16, modes=modes, sink=32, window=100,
+             block_mask=bm, key=f"grouped batch {strategy}", strategy=strategy)
+    run_case(B=3, Sq=300, Skv=700, Hq=12, Hkv=4, D=64, dtype=torch.bfloat16, modes=modes, sink=32, window=100,
+             block_mask=bm, key=f"grouped chunked {strategy}", strategy=strategy)
+    poison = torch.full((64 * 1024 * 1024,), float("nan"), device=DEV)
+    del poison
+    run_case(B=3, Sq=129, Skv=129, Hq=8, Hkv=4, D=64, dtype=torch.float16, modes=modes, sink=8, window=16,
+             block_mask=_rand_block_mask(3, 4, 2, 0.5, gen), key=f"grouped poisoned {strategy}", strategy=strategy)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -243,7 +261,9 @@ cases = [
     ("block_size", lambda: op(q, k, k, hm, bm, block_size=32)),
     ("head_dim", lambda: op(q[..., :32].contiguous(), k[..., :32].contiguous(), k[..., :32].contiguous(), hm)),
     ("float16 or bfloat16", lambda: op(q.float(), k.float(), k.float(), hm)),
-    ("grouped", lambda: op(q, k, k, hm, strategy="grouped")),
+    ("dense layout", lambda: op(q[0], k[0], k[0], hm, None, torch.tensor([0, 64], dtype=torch.int32, device="cuda"),
+                                torch.tensor([0, 64], dtype=torch.int32, device="cuda"), max_seqlen_q=64,
+                                max_seqlen_k=64, strategy="grouped")),
     ("strategy", lambda: op(q, k, k, hm, strategy="nope")),
     ("device", lambda: op(q, k.cpu(), k.cpu(), hm)),
 ]

@@ -24,10 +24,12 @@ struct AttentionArgs {
 // at once and leave out/lse untouched (the grouped strategy fills them).
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads);
 
-// Grouped strategy (dense layout only): gather FULL heads into a packed buffer on the device (no host
-// sync), run them as one dense batched call, run the sparse heads with the fused kernel
-// (skip_full_heads), and scatter the dense results back into their heads' slots.
-void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse);
+// Grouped strategy (dense layout only): gather FULL heads into a packed buffer on the device, run them as
+// one dense batched call, run the sparse heads with the fused kernel (skip_full_heads), and scatter the dense
+// results back into their heads' slots. dense_on_host_count=false: no host sync (FlashAttention-2 varlen over
+// the packed group, empty trailing slots). true ("grouped_cudnn"): one device->host read of the FULL-head
+// count, then cuDNN's dense kernel over exactly those heads.
+void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool dense_on_host_count);
 
 // Backward of either strategy (they compute the same function): dq, dk, dv.
 // grad_lse may be undefined (lse unused downstream).

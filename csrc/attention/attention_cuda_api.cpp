@@ -11,6 +11,7 @@
 
 #include "attention/attention_checks.h"
 #include "attention/attention_cuda.h"
+#include "attention/strategy.h"
 #include "attention/attention_launch.h"
 
 namespace elastic {
@@ -86,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                   c10::string_view strategy) {
   const std::string strat(strategy.data(), strategy.size());
-  TORCH_CHECK(strat == "auto" || strat == "fused" || strat == "grouped",
-              "elastic.attention: strategy must be 'auto', 'fused' or 'grouped', got '", strat, "'");
+  TORCH_CHECK(strat == "auto" || strat == "fused" || strat == "grouped" || strat == "grouped_cudnn",
+              "elastic.attention: strategy must be 'auto', 'fused', 'grouped' or 'grouped_cudnn', got '", strat, "'");
   c10::cuda::CUDAGuard guard(q.device());
   AttentionArgs a = make_args(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
                               scale, max_seqlen_q, max_seqlen_k);
@@ -95,12 +96,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   at::Tensor out = a.shape.varlen ? at::zeros(a.q.sizes(), a.q.options()) : at::empty(a.q.sizes(), a.q.options());
   at::Tensor lse = a.shape.varlen ? at::full(lse_shape(a), -INFINITY, a.q.options().dtype(at::kFloat))
                                   : at::empty(lse_shape(a), a.q.options().dtype(at::kFloat));
-  if (strat == "grouped") {
-    // grouped: wired by the lead when attention_grouped_cuda.cu lands
-    TORCH_CHECK(false, "elastic.attention: strategy='grouped' is not available in this build yet; use 'fused' or 'auto'");
+  const bool grouped = strat == "grouped" || strat == "grouped_cudnn" ||
+                       (strat == "auto" && prefer_grouped_strategy(a.shape));
+  if (grouped) {
+    TORCH_CHECK(!a.shape.varlen, "elastic.attention: strategy='", strat, "' needs the dense layout; use 'fused' ",
+                "(or 'auto') with cu_seqlens");
+    attention_fwd_grouped_cuda(a, out, lse, /*dense_on_host_count=*/strat == "grouped_cudnn");
+  } else {
+    attention_fwd_fused_cuda(a, out, lse, /*skip_full_heads=*/false);
   }
-  // "auto" runs the fused kernel until the grouped strategy is wired and measured.
-  attention_fwd_fused_cuda(a, out, lse, /*skip_full_heads=*/false);
   return {out, lse};
 }
 

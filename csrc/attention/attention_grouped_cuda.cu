@@ -19,17 +19,15 @@
 // n_full is (even with all sequences empty), against 3.8-15 ms of GPU work. FA2 varlen runs the same packed
 // buffers at 334-353 TFLOP/s (benchmarks/probe_cudnn_varlen.py, 2026-11-28).
 //
-// Opt-in ELASTIC_GROUPED_CUDNN_SYNC=1 (Sq == Skv only): read n_full to the host (one device sync per call) and
-// run the packed FULL slots through cuDNN's cached dense kernel (~600 TFLOP/s). Off by default: the op
-// promises no host sync, and CUDA graphs / torch.compile need that.
+// strategy="grouped_cudnn" (Sq == Skv; otherwise as "grouped"): read n_full to the host (one device sync per
+// call) and run the packed FULL slots through cuDNN's cached dense kernel (~600 TFLOP/s). Never chosen by
+// "auto": the op promises no host sync by default, and CUDA graphs need that.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "attention/attention_cuda.h"
 #include "attention/head_mode.h"
@@ -188,14 +186,9 @@ at::Tensor packable(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-bool cudnn_sync_requested() {
-  const char* e = std::getenv("ELASTIC_GROUPED_CUDNN_SYNC");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
-
 }  // namespace
 
-void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
+void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool dense_on_host_count) {
   const AttentionShape& s = a.shape;
   TORCH_CHECK(!s.varlen, "elastic.attention: strategy='grouped' needs the dense layout; varlen runs 'fused'");
   TORCH_CHECK(a.q.scalar_type() == at::kHalf || a.q.scalar_type() == at::kBFloat16,
@@ -264,7 +257,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   // 3. dense causal attention over the packed FULL group
   at::Tensor out_p, lse_p;
   int64_t op_slot, op_tok, op_head, lp_slot, lp_head, lp_tok;
-  const bool use_cudnn = cudnn_sync_requested() && Sq == Sk;
+  const bool use_cudnn = dense_on_host_count && Sq == Sk;
   if (use_cudnn) {
     // One sync: the dense cuDNN kernel needs the batch (n_full) on the host.
     const int64_t nf = n_full.item<int32_t>();
