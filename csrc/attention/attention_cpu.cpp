@@ -114,11 +114,17 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
   const int32_t* c = ck.data_ptr<int32_t>();
   TORCH_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
               a[0], " and ", c[0]);
-  for (int64_t b = 0; b < s.batch; ++b) {
+  for (int64_t b = 0; b < s.batch; ++b) {  // order first, so lengths below are meaningful
     TORCH_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
                 "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
     TORCH_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
                 "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
+  }
+  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
+              " tokens of q");
+  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
+              " tokens of k/v");
+  for (int64_t b = 0; b < s.batch; ++b) {
     seqs[b] = {a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b]};
     TORCH_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
                 " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
@@ -128,10 +134,6 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
     TORCH_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
                 " keys, more than max_seqlen_k = ", s.seqlen_k);
   }
-  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
-              " tokens of q");
-  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
-              " tokens of k/v");
   return seqs;
 }
 
