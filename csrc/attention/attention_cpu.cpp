@@ -114,11 +114,17 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
   const int32_t* c = ck.data_ptr<int32_t>();
   TORCH_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
               a[0], " and ", c[0]);
-  for (int64_t b = 0; b < s.batch; ++b) {
+  for (int64_t b = 0; b < s.batch; ++b) {  // order first, so lengths below are meaningful
     TORCH_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
                 "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
     TORCH_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
                 "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
+  }
+  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
+              " tokens of q");
+  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
+              " tokens of k/v");
+  for (int64_t b = 0; b < s.batch; ++b) {
     seqs[b] = {a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b]};
     TORCH_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
                 " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
@@ -128,10 +134,6 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
     TORCH_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
                 " keys, more than max_seqlen_k = ", s.seqlen_k);
   }
-  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
-              " tokens of q");
-  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
-              " tokens of k/v");
   return seqs;
 }
 
@@ -204,13 +206,40 @@ struct Task {
   int64_t b, hk, tile, cost;
 };
 
+// MKL (bundled with x86 builds of torch) opens an OpenMP region for every gemm called outside one,
+// even a tiny one; on a busy machine each region costs milliseconds. The serial path asks MKL for
+// one thread, on this thread only (weak: absent without MKL, then nothing is changed). The C entry
+// point is MKL_Set_Num_Threads_Local; the lower-case symbol is the Fortran one (takes int*).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 = back to the global setting
+  }
+};
+
+// Below this many score elements in all (about a millisecond of work) a call runs on the calling
+// thread: waking the pool costs more than it saves, badly so on a loaded machine (gradcheck).
+constexpr int64_t kMinParallelScores = int64_t(1) << 18;
+
 // Runs tasks on every ATen thread, most expensive first, each thread pulling the next task
 // (causal tiles differ in cost by up to S/tile, so static chunks would leave one thread idle).
 template <typename Worker>
 void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
   std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  int64_t total_cost = 0;
+  for (const Task& t : tasks) total_cost += t.cost;
+  if (total_cost < kMinParallelScores || at::get_num_threads() == 1 || tasks.size() == 1) {
+    SingleThreadedBlas one_thread;
+    auto state = worker.make_workspace();
+    for (const Task& t : tasks) worker.run(t, state);
+    return;
+  }
   std::atomic<size_t> next{0};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks.size());
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unused = begin; unused < end; ++unused) {
       auto state = worker.make_workspace();
@@ -219,7 +248,7 @@ void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
   });
 }
 
-// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = visited tile pairs.
+// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = score elements of the visited tiles.
 std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
   std::vector<Task> tasks;
   for (int64_t b = 0; b < p.shape.batch; ++b) {
@@ -234,7 +263,7 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
         for (int64_t kt = 0; kt < nk; ++kt) {
           const KeyTile ktile(s, kt);
           if (hv.classify(qtile.i0, qtile.i1, ktile.j0, ktile.j1) != TileVisibility::kSkip)
-            ++cost[over_key_tiles ? kt : qt];
+            cost[over_key_tiles ? kt : qt] += qtile.rows * p.shape.group * ktile.len;
         }
       }
       for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
