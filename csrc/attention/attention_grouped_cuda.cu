@@ -23,7 +23,7 @@
 // call) and run the packed FULL slots through cuDNN's cached dense kernel (~600 TFLOP/s). Never chosen by
 // "auto": the op promises no host sync by default, and CUDA graphs need that.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -206,7 +206,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
               s.batch * s.heads_kv);
   const c10::cuda::CUDAGuard guard(a.q.device());
   if (s.batch == 0 || s.seqlen_q == 0) return;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const at::Tensor q = packable(a.q), k = packable(a.k), v = packable(a.v);
   const int64_t B = s.batch, Hkv = s.heads_kv, G = s.group, D = s.head_dim;

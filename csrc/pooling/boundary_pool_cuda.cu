@@ -7,7 +7,7 @@
 // the CPU; a sequence whose bounds are decreasing or outside the keys pools to NaN (loud, never silently wrong).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -84,7 +84,7 @@ at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Te
   TORCH_CHECK(s.batch * s.heads <= std::numeric_limits<int32_t>::max(), "elastic.boundary_pool: B * Hkv too large");
   const dim3 grid(static_cast<unsigned>(s.batch * s.heads), static_cast<unsigned>((s.dim + kDimLanes - 1) / kDimLanes));
   const dim3 block(kDimLanes, kTokenLanes);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "elastic_boundary_pool_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     boundary_pool_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
