@@ -38,6 +38,9 @@ def _add_demo(subparsers):
     p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens to generate per run (default 48)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass key and its position (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; on a shared/oversubscribed machine 1 is "
+                        "often several times faster)")
     p.set_defaults(func=_run_demo)
 
 
@@ -48,6 +51,12 @@ def _run_demo(args):
         raise SystemExit("--max-new-tokens must be >= 1")
     if args.context_tokens < 100:
         raise SystemExit("--context-tokens must be >= 100")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     run_demo(args)
     return 0
 

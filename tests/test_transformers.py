@@ -317,3 +317,47 @@ def test_enable_validates_arguments():
         model(_ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
     disable(model)
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind):
+    from elastic_cuda.integrations.cache import ElasticCache
+
+    model = make_model(kind, dtype=torch.float64, seed=11)
+    ids = _ids(1, 25, seed=11)
+    table = mixed_table()
+    enable(model, policy="fixed", sink=SINK, window=WINDOW, fixed_table=table)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        cache = ElasticCache(model)
+        elastic = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(plain.sequences, elastic.sequences)
+    for step in range(10):
+        assert rel_err(elastic.logits[step], plain.logits[step]) < 1e-6
+    total = ids.shape[1] + 10 - 1  # tokens cached after the last step (its own token included)
+    for layer_idx, layer in enumerate(cache.layers):
+        assert layer.compacted and layer.get_seq_length() == total
+        assert layer.keys.shape == (1, 1, total, 16)                     # the FULL head keeps everything
+        assert layer.stream_keys.shape == (1, 1, SINK + WINDOW, 16)      # the STREAM head: sink + window only
+        assert layer.stream_heads == table[layer_idx].nonzero().flatten().tolist()
+    assert cache.memory_bytes() < 0.7 * cache.dense_memory_bytes()
+    # Compacted layers refuse what they cannot do.
+    with pytest.raises(NotImplementedError, match="beam"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+def test_elastic_cache_all_full_keeps_everything():
+    from elastic_cuda.integrations.cache import ElasticCache
+
+    model = make_model("llama", dtype=torch.float64, seed=12)
+    ids = _ids(1, 20, seed=12)
+    enable(model, policy="all_full")
+    with torch.no_grad():
+        cache = ElasticCache(model)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                             min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 24
+    assert all(not layer.compacted for layer in cache.layers)
+    assert cache.memory_bytes() == cache.dense_memory_bytes()
