@@ -312,6 +312,9 @@ def test_enable_validates_arguments():
         enable(model, policy="all_sparse", sparse_mode="dense")
     with pytest.raises(ValueError, match="does not match this model"):
         enable(model, RouterSet.for_model(make_model("llama", layers=3)), policy="router")
+    with pytest.raises(NotImplementedError, match="packed"):
+        enable(model, policy="all_full")
+        model(_ids(1, 8), position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
     with pytest.raises(NotImplementedError, match="4D|2D"):
         enable(model, policy="all_full")
         model(_ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
@@ -361,3 +364,18 @@ def test_elastic_cache_all_full_keeps_everything():
     assert out.shape[1] == 24
     assert all(not layer.compacted for layer in cache.layers)
     assert cache.memory_bytes() == cache.dense_memory_bytes()
+
+
+def test_cli_parser_and_default_fixed_policy():
+    from elastic_cuda.cli import build_parser
+    from elastic_cuda.integrations.demo import SHIPPED_ROUTERS, duo_style_fixed_table, resolve_policy
+
+    args = build_parser().parse_args(["demo", "--policy", "all_sparse", "--sink", "4", "--threads", "1"])
+    assert (args.command, args.policy, args.sink, args.window, args.threads) == ("demo", "all_sparse", 4, None, 1)
+    import os
+    shipped = os.path.isfile(os.path.join(SHIPPED_ROUTERS, "router_config.json"))
+    assert resolve_policy(None, None)[0] == ("router" if shipped else "fixed")
+    assert resolve_policy(None, "/some/dir") == ("router", "/some/dir")
+    table = duo_style_fixed_table(30, 3)
+    assert table.shape == (30, 3) and int(table.sum()) == 39  # 39 of 90 KV heads stream (MSR 0.433)
+    assert not table[:2].any() and not table[-2:].any()

@@ -45,6 +45,7 @@ class ElasticState:
         self._reset_sequence()
         self._mask_cache = None
         self._cache_ref = None                          # weakref to the ElasticCache in use, if any
+        self._checked_position_ids = None               # weakref to the last position_ids found unpacked
 
     def _reset_sequence(self):
         L = self.num_layers
@@ -95,6 +96,19 @@ class ElasticState:
         return ["".join(chars.get(m, "?") for m in row) for row in modes]
 
     # ------------------------------------------------------------------ internals used by the attention function
+    def check_not_packed(self, position_ids):
+        """Packed rows (position_ids restarting inside a row) would need per-segment attention: refuse them
+        rather than attend across segments. Checked once per position_ids tensor (one device sync)."""
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+            return
+        ref = self._checked_position_ids
+        if ref is not None and ref() is position_ids:
+            return
+        if bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()):
+            raise NotImplementedError("elastic attention: position_ids restart inside a row (packed sequences); "
+                                      "pass one sequence per row, with a 2D padding mask if lengths differ")
+        self._checked_position_ids = weakref.ref(position_ids)
+
     def register_cache(self, cache):
         """Called by ElasticCache(model): its layers get compacted after prefill."""
         self._cache_ref = weakref.ref(cache)
@@ -194,6 +208,8 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     padding = state.padding_layout(attention_mask, Sq, Skv)
     recomputing = _in_backward()
     if Sq == Skv:  # prefill of a new sequence (no cache, or an empty one)
+        if attention_mask is None:
+            state.check_not_packed(kwargs.get("position_ids"))
         head_mode, z = state.decide(layer_idx, B, query.device, padding, recomputing)
     else:          # decode / chunked continuation: reuse the prefill decision
         state.pre_rope_keys[layer_idx] = None
