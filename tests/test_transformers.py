@@ -322,14 +322,14 @@ def test_enable_validates_arguments():
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind):
+@pytest.mark.parametrize("kind,policy", [("llama", "fixed"), ("qwen3", "fixed"), ("llama", "all_sparse")])
+def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind, policy):
     from elastic_cuda.integrations.cache import ElasticCache
 
     model = make_model(kind, dtype=torch.float64, seed=11)
     ids = _ids(1, 25, seed=11)
-    table = mixed_table()
-    enable(model, policy="fixed", sink=SINK, window=WINDOW, fixed_table=table)
+    table = mixed_table() if policy == "fixed" else torch.ones(2, 2, dtype=torch.bool)
+    enable(model, policy=policy, sink=SINK, window=WINDOW, fixed_table=table)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
               output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -342,10 +342,11 @@ def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind):
     total = ids.shape[1] + 10 - 1  # tokens cached after the last step (its own token included)
     for layer_idx, layer in enumerate(cache.layers):
         assert layer.compacted and layer.get_seq_length() == total
-        assert layer.keys.shape == (1, 1, total, 16)                     # the FULL head keeps everything
-        assert layer.stream_keys.shape == (1, 1, SINK + WINDOW, 16)      # the STREAM head: sink + window only
+        n_stream = int(table[layer_idx].sum())
+        assert layer.keys.shape == (1, 2 - n_stream, total, 16)                 # FULL heads keep everything
+        assert layer.stream_keys.shape == (1, n_stream, SINK + WINDOW, 16)      # STREAM heads: sink + window only
         assert layer.stream_heads == table[layer_idx].nonzero().flatten().tolist()
-    assert cache.memory_bytes() < 0.7 * cache.dense_memory_bytes()
+    assert cache.memory_bytes() < (0.7 if policy == "fixed" else 0.4) * cache.dense_memory_bytes()
     # Compacted layers refuse what they cannot do.
     with pytest.raises(NotImplementedError, match="beam"):
         cache.layers[0].reorder_cache(torch.tensor([0]))

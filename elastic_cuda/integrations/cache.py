@@ -42,8 +42,8 @@ class ElasticKVLayer(DynamicLayer):
         if key_states.shape[-2] != 1:
             raise NotImplementedError("ElasticCache: after prefill a compacted layer takes one new token per step, "
                                       f"got {key_states.shape[-2]}")
-        full = torch.tensor(self.full_heads, device=key_states.device)
-        stream = torch.tensor(self.stream_heads, device=key_states.device)
+        full = torch.tensor(self.full_heads, device=key_states.device, dtype=torch.long)
+        stream = torch.tensor(self.stream_heads, device=key_states.device, dtype=torch.long)
         self.keys = torch.cat([self.keys, key_states.index_select(1, full)], dim=-2)
         self.values = torch.cat([self.values, value_states.index_select(1, full)], dim=-2)
         self.stream_keys = torch.cat([self.stream_keys, key_states.index_select(1, stream)], dim=-2)

@@ -263,7 +263,8 @@ def _attention_over_compacted_cache(q, k_full, v_full, layer, scale, strategy):
     for heads, k, v in parts:
         if not heads:
             continue
-        q_idx = torch.tensor([h * groups + g for h in heads for g in range(groups)], device=q.device)
+        q_idx = torch.tensor([h * groups + g for h in heads for g in range(groups)], device=q.device,
+                             dtype=torch.long)
         modes = torch.full((B, len(heads)), FULL, dtype=torch.int32, device=q.device)
         part = hybrid_attention(q.index_select(2, q_idx), k, v, modes, sink=0, window=0, scale=scale,
                                 strategy=strategy)
