@@ -1,0 +1,93 @@
+"""Calls of the elastic op in the layouts models use: padded batches and the training-time FA/SA mix.
+
+Padding (e.g. left padding in batched generate) is handled exactly by packing the valid tokens of
+every sample into the op's varlen layout: each sample's valid queries are the last valid keys of that
+sample, so the op's bottom-right causal rule and the STREAM sink/window apply to the real tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import FULL, attention
+
+__all__ = ["PaddingLayout", "hybrid_attention", "train_mix_attention"]
+
+
+@dataclass
+class PaddingLayout:
+    """Where the valid tokens of a padded batch are, for queries (last Sq columns) and keys."""
+    q_index: torch.Tensor      # int64 [Tq] flat indices into [B * Sq]
+    k_index: torch.Tensor      # int64 [Tk] flat indices into [B * Skv]
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [B + 1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    lengths_q: list            # valid queries per sample (python ints, for metrics)
+    lengths_k: list            # valid keys per sample
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> "PaddingLayout | None":
+        """mask: [B, Skv] (1/True = real token). None when nothing is padded (the dense path is used)."""
+        if mask.dim() != 2 or mask.shape[1] != seqlen_k:
+            raise ValueError(f"attention_mask must be a 2D padding mask [B, Skv={seqlen_k}], got {tuple(mask.shape)}")
+        valid_k = mask.to(torch.bool)
+        if bool(valid_k.all()):
+            return None
+        valid_q = valid_k[:, seqlen_k - seqlen_q:]
+        len_k = valid_k.sum(1)
+        len_q = valid_q.sum(1)
+        if bool((len_k == 0).any()):
+            raise ValueError("attention_mask: every sample needs at least one real (unmasked) token")
+        zero = torch.zeros(1, dtype=torch.int64, device=mask.device)
+        return cls(
+            q_index=valid_q.reshape(-1).nonzero().squeeze(1),
+            k_index=valid_k.reshape(-1).nonzero().squeeze(1),
+            cu_seqlens_q=torch.cat([zero, len_q.cumsum(0)]).to(torch.int32),
+            cu_seqlens_k=torch.cat([zero, len_k.cumsum(0)]).to(torch.int32),
+            max_seqlen_q=max(int(len_q.max()), 1),
+            max_seqlen_k=int(len_k.max()),
+            lengths_q=[int(x) for x in len_q.tolist()],
+            lengths_k=[int(x) for x in len_k.tolist()],
+        )
+
+    def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """[B, S, H, D] -> [Tk, H, D] (valid tokens only)."""
+        return keys.reshape(-1, *keys.shape[2:])[self.k_index]
+
+
+def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float | None = None,
+                     strategy: str = "auto", padding: PaddingLayout | None = None):
+    """elastic op on q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] -> out [B, Sq, Hq, D]; padded query rows get 0."""
+    if padding is None:
+        return attention(q, k, v, head_mode, sink=sink, window=window, scale=scale, strategy=strategy)
+    B, Sq, Hq, D = q.shape
+    q_packed = q.reshape(B * Sq, Hq, D)[padding.q_index]
+    k_packed = padding.pack_keys(k)
+    v_packed = padding.pack_keys(v)
+    out_packed = attention(q_packed, k_packed, v_packed, head_mode, sink=sink, window=window, scale=scale,
+                           cu_seqlens_q=padding.cu_seqlens_q, cu_seqlens_k=padding.cu_seqlens_k,
+                           max_seqlen_q=padding.max_seqlen_q, max_seqlen_k=padding.max_seqlen_k, strategy=strategy)
+    out = q.new_zeros(B * Sq, Hq, D).index_copy(0, padding.q_index, out_packed)
+    return out.view(B, Sq, Hq, D)
+
+
+def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int, scale: float | None = None,
+                        strategy: str = "auto", padding: PaddingLayout | None = None):
+    """Training-time combination O = z * O_FA + (1 - z) * O_SA per KV head (method-digest section 2).
+
+    z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run through the
+    elastic op with autograd, so the router gradient is <dO, O_FA - O_SA>."""
+    B, Hkv = z.shape
+    Hq = q.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"train_mix_attention: q heads ({Hq}) must be a multiple of z heads ({Hkv})")
+    full_mode = torch.full((B, Hkv), FULL, dtype=torch.int32, device=q.device)
+    sparse_modes = torch.full((B, Hkv), sparse_mode, dtype=torch.int32, device=q.device)
+    kw = dict(sink=sink, window=window, scale=scale, strategy=strategy, padding=padding)
+    out_full = hybrid_attention(q, k, v, full_mode, **kw)
+    out_sparse = hybrid_attention(q, k, v, sparse_modes, **kw)
+    # Query heads of a GQA group follow their KV head (contiguous groups, as HF repeat_kv).
+    z_q = z.to(out_full.dtype).repeat_interleave(Hq // Hkv, dim=1)[:, None, :, None]
+    return z_q * out_full + (1 - z_q) * out_sparse

@@ -1,0 +1,389 @@
+"""Hugging Face transformers backend: `attn_implementation="elastic"` for Llama-family (Llama, Mistral,
+SmolLM2) and Qwen2/Qwen3 models.
+
+enable(model, ...) registers an attention function with transformers' AttentionInterface, installs a
+forward hook that captures each layer's pre-RoPE keys (k_proj output, or k_norm output in Qwen3) for
+the router, and keeps an ElasticState at model.elastic_state. At prefill (Sq == Skv) the routing
+policy decides head_mode per (sample, KV head); decode steps of that sequence reuse the decision.
+Padding masks (2D, e.g. left padding in batched generate) are handled exactly through the op's
+varlen layout. Metrics (MSR, ESR from the real masks) come from state.metrics().
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..attention import PaddingLayout, causal_pairs, hybrid_attention, train_mix_attention, visible_pairs
+from ..ops import FULL
+from ..router import SPARSE_MODES, RouterSet, model_router_geometry
+
+ATTN_IMPLEMENTATION = "elastic"
+POLICIES = ("router", "fixed", "all_full", "all_sparse")
+DEFAULT_SINK, DEFAULT_WINDOW = 64, 512
+
+__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "ElasticState", "enable", "disable", "elastic_attention_forward",
+           "elastic_padding_mask", "register_attention"]
+
+
+class ElasticState:
+    """Routing configuration and per-sequence routing results of one model."""
+
+    def __init__(self, *, num_layers, num_kv_heads, policy, sparse_mode, sink, window, block_size, fixed_table,
+                 strategy, routers):
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        self.policy = policy
+        self.sparse_mode = sparse_mode                  # "stream" (or "block")
+        self.sparse_mode_id = SPARSE_MODES[sparse_mode]
+        self.sink, self.window, self.block_size = sink, window, block_size
+        self.fixed_table = fixed_table                  # bool [L, Hkv] (True = sparse) or None
+        self.strategy = strategy
+        self.routers = routers                          # RouterSet or None (also model.elastic_routers)
+        self.train_mix = False
+        self.tau = 1.0
+        self.pre_rope_keys = [None] * num_layers        # filled by the k_proj / k_norm hooks
+        self._reset_sequence()
+        self._mask_cache = None
+        self._cache_ref = None                          # weakref to the ElasticCache in use, if any
+        self._checked_position_ids = None               # weakref to the last position_ids found unpacked
+
+    def _reset_sequence(self):
+        L = self.num_layers
+        self._head_mode = [None] * L   # int32 [B, Hkv] per layer (prefill decision)
+        self._z = [None] * L           # float [B, Hkv] per layer (differentiable in training)
+        self._gumbel_u = [None] * L    # training noise, reused when activations are recomputed
+        self._mode_lists = [None] * L  # head_mode as python lists (one device sync per layer, at prefill)
+        self._pairs = [[0, 0] for _ in range(L)]  # (visible, causal) pairs summed over heads since prefill
+
+    # ------------------------------------------------------------------ results
+    def _stack(self, per_layer, name):
+        missing = [i for i, t in enumerate(per_layer) if t is None]
+        if missing:
+            raise RuntimeError(f"ElasticState.{name}: no routing decision yet for layers {missing[:8]} "
+                               "(run a forward pass with the elastic attention enabled first)")
+        return torch.stack(per_layer, dim=1)
+
+    @property
+    def last_z(self) -> torch.Tensor:
+        """[B, L, Hkv] z of the current sequence (1 = FULL); differentiable when routers train."""
+        return self._stack(self._z, "last_z")
+
+    @property
+    def last_head_mode(self) -> torch.Tensor:
+        """[B, L, Hkv] int32 head modes decided at prefill."""
+        return self._stack(self._head_mode, "last_head_mode")
+
+    def metrics(self) -> dict:
+        """MSR (fraction of KV heads routed sparse) per sample / per layer / overall, and ESR (fraction of
+        causal (query, key) pairs skipped by the real masks, over all heads and every query processed since
+        prefill, decode steps included) per layer and overall."""
+        sparse = (self.last_head_mode != FULL).to(torch.float64).cpu()
+        visible = torch.tensor([p[0] for p in self._pairs], dtype=torch.float64)
+        total = torch.tensor([p[1] for p in self._pairs], dtype=torch.float64)
+        esr_per_layer = torch.where(total > 0, 1 - visible / total.clamp_min(1), torch.zeros_like(total))
+        return {
+            "msr_per_sample": sparse.mean(dim=(1, 2)),
+            "msr_per_layer": sparse.mean(dim=(0, 2)),
+            "msr": float(sparse.mean()),
+            "esr_per_layer": esr_per_layer,
+            "esr": float(1 - visible.sum() / total.sum()) if float(total.sum()) > 0 else 0.0,
+        }
+
+    def routing_map(self, sample: int = 0) -> list[str]:
+        """One string per layer, one character per KV head: F (full) or S/B (stream/block)."""
+        chars = {FULL: "F", 1: "S", 2: "B"}
+        modes = self.last_head_mode[sample].cpu().tolist()
+        return ["".join(chars.get(m, "?") for m in row) for row in modes]
+
+    # ------------------------------------------------------------------ internals used by the attention function
+    def check_not_packed(self, position_ids):
+        """Packed rows (position_ids restarting inside a row) would need per-segment attention: refuse them
+        rather than attend across segments. Checked once per position_ids tensor (one device sync)."""
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+            return
+        ref = self._checked_position_ids
+        if ref is not None and ref() is position_ids:
+            return
+        if bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()):
+            raise NotImplementedError("elastic attention: position_ids restart inside a row (packed sequences); "
+                                      "pass one sequence per row, with a 2D padding mask if lengths differ")
+        self._checked_position_ids = weakref.ref(position_ids)
+
+    def register_cache(self, cache):
+        """Called by ElasticCache(model): its layers get compacted after prefill."""
+        self._cache_ref = weakref.ref(cache)
+
+    def elastic_cache_layer(self, layer_idx, key):
+        """The ElasticCache layer that produced `key` (identity check), else None."""
+        cache = self._cache_ref() if self._cache_ref is not None else None
+        if cache is None or layer_idx >= len(cache.layers):
+            return None
+        layer = cache.layers[layer_idx]
+        return layer if getattr(layer, "keys", None) is key else None
+
+    def padding_layout(self, attention_mask, seqlen_q, seqlen_k):
+        """PaddingLayout for a 2D mask (None when unpadded); cached per mask tensor for all layers of a forward."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = getattr(attention_mask, "shape", type(attention_mask).__name__)
+            raise NotImplementedError(
+                f"elastic attention takes a 2D padding mask [B, Skv] (or none); got {shape}. Custom 4D masks "
+                "and packed sequences are not supported.")
+        cache = self._mask_cache
+        if cache is not None and cache[0]() is attention_mask and cache[1] == (seqlen_q, seqlen_k):
+            return cache[2]
+        layout = PaddingLayout.from_mask(attention_mask[:, -seqlen_k:] if attention_mask.shape[1] > seqlen_k
+                                         else attention_mask, seqlen_q, seqlen_k)
+        self._mask_cache = (weakref.ref(attention_mask), (seqlen_q, seqlen_k), layout)
+        return layout
+
+    def decide(self, layer_idx, batch, device, padding, recomputing):
+        """Routing decision of one layer at prefill: stores and returns (head_mode [B, Hkv], z [B, Hkv])."""
+        Hkv = self.num_kv_heads
+        keys = self.pre_rope_keys[layer_idx]
+        self.pre_rope_keys[layer_idx] = None
+        if self.policy == "router":
+            if keys is None:
+                raise RuntimeError(f"elastic attention: no pre-RoPE keys captured for layer {layer_idx} (the k_proj "
+                                   "/ k_norm hook did not run; is this architecture supported?)")
+            router = self.routers[layer_idx]
+            cu = None
+            if padding is not None:
+                keys, cu = padding.pack_keys(keys), padding.cu_seqlens_k
+            reuse = self._gumbel_u[layer_idx] if recomputing else None
+            out = router(keys, tau=self.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse)
+            head_mode, z = out.head_mode, out.z
+            if not recomputing:
+                self._gumbel_u[layer_idx] = out.gumbel_u
+        else:
+            if self.policy == "fixed":
+                sparse = self.fixed_table[layer_idx].to(device).unsqueeze(0).expand(batch, Hkv)
+            else:
+                sparse = torch.full((batch, Hkv), self.policy == "all_sparse", dtype=torch.bool, device=device)
+            head_mode = torch.where(sparse, self.sparse_mode_id, FULL).to(torch.int32)
+            z = (~sparse).to(torch.float32)
+        if not recomputing:
+            self._head_mode[layer_idx], self._z[layer_idx] = head_mode, z
+            self._mode_lists[layer_idx] = head_mode.tolist()
+            self._pairs[layer_idx] = [0, 0]
+        return head_mode, z
+
+    def count_pairs(self, layer_idx, seqlen_q, seqlen_k, padding):
+        """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts."""
+        modes = self._mode_lists[layer_idx]
+        visible = total = 0
+        for b, row in enumerate(modes):
+            n_q = padding.lengths_q[b] if padding is not None else seqlen_q
+            n_k = padding.lengths_k[b] if padding is not None else seqlen_k
+            causal = causal_pairs(n_q, n_k)
+            total += causal * len(row)
+            for mode in row:
+                visible += causal if mode == FULL else visible_pairs(mode, n_q, n_k, self.sink, self.window)
+        self._pairs[layer_idx][0] += visible
+        self._pairs[layer_idx][1] += total
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation checkpointing recomputes the forward then)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def elastic_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Skv, D] (post-RoPE, with the
+    cache) -> (out [B, Sq, Hq, D], None)."""
+    state = getattr(module, "_elastic_state", None)
+    if state is None:
+        raise RuntimeError("attn_implementation 'elastic' is set but elastic_cuda.integrations.transformers.enable() "
+                           "was not called on this model")
+    if dropout:
+        raise NotImplementedError(f"elastic attention does not implement attention dropout (got {dropout})")
+    B, Hq, Sq, D = query.shape
+    Skv = key.shape[2]
+    sliding = kwargs.get("sliding_window")
+    if sliding is not None and Skv > sliding:
+        raise NotImplementedError(f"layer {module.layer_idx} uses the model's own sliding window ({sliding}) and the "
+                                  f"sequence ({Skv}) is longer; elastic attention does not combine with it")
+    layer_idx = module.layer_idx
+    padding = state.padding_layout(attention_mask, Sq, Skv)
+    recomputing = _in_backward()
+    if Sq == Skv:  # prefill of a new sequence (no cache, or an empty one)
+        if attention_mask is None:
+            state.check_not_packed(kwargs.get("position_ids"))
+        head_mode, z = state.decide(layer_idx, B, query.device, padding, recomputing)
+    else:          # decode / chunked continuation: reuse the prefill decision
+        state.pre_rope_keys[layer_idx] = None
+        head_mode, z = state._head_mode[layer_idx], state._z[layer_idx]
+        if head_mode is None or head_mode.shape[0] != B:
+            raise RuntimeError(f"elastic attention: layer {layer_idx} got {Sq} new queries over {Skv} cached keys "
+                               "but no prefill routing decision for this batch (run the prompt first)")
+    q = query.transpose(1, 2)
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
+    cache_layer = None if state.train_mix else state.elastic_cache_layer(layer_idx, key)
+    if cache_layer is not None and cache_layer.compacted:
+        out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
+    elif state.train_mix:
+        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, **kw)
+    else:
+        out = hybrid_attention(q, k, v, head_mode, **kw)
+    if not recomputing:
+        state.count_pairs(layer_idx, Sq, Skv, padding)
+        modes = state._mode_lists[layer_idx]
+        if cache_layer is not None and Sq == Skv and padding is None and all(row == modes[0] for row in modes):
+            cache_layer.compact(modes[0], state.sink, state.window)
+    return out, None
+
+
+def elastic_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                         attention_mask=None, **kwargs):
+    """transformers mask function for "elastic": the causal/stream rules live in the op, so the layers only need
+    the 2D padding mask [B, kv_length] (None when nothing is padded). Without this registration transformers
+    passes no mask at all to a custom attention implementation, and padding would be silently attended."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise NotImplementedError(f"elastic attention takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def _attention_over_compacted_cache(q, k_full, v_full, layer, scale, strategy):
+    """Decode over an ElasticCache layer: FULL heads attend over their whole history, STREAM heads (FULL mode)
+    over their kept sink + window keys, which are exactly the keys STREAM lets the current query see."""
+    B, Sq, Hq, D = q.shape
+    Hkv = len(layer.full_heads) + len(layer.stream_heads)
+    groups = Hq // Hkv
+    out = q.new_empty(B, Sq, Hq, D)
+    parts = ((layer.full_heads, k_full, v_full),
+             (layer.stream_heads, layer.stream_keys.transpose(1, 2), layer.stream_values.transpose(1, 2)))
+    for heads, k, v in parts:
+        if not heads:
+            continue
+        q_idx = torch.tensor([h * groups + g for h in heads for g in range(groups)], device=q.device,
+                             dtype=torch.long)
+        modes = torch.full((B, len(heads)), FULL, dtype=torch.int32, device=q.device)
+        part = hybrid_attention(q.index_select(2, q_idx), k, v, modes, sink=0, window=0, scale=scale,
+                                strategy=strategy)
+        out.index_copy_(2, q_idx, part)
+    return out
+
+
+def register_attention():
+    """Register "elastic" with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, elastic_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, elastic_padding_mask)
+
+
+def _attention_modules(model):
+    mods = [m for m in model.modules() if hasattr(m, "k_proj") and isinstance(getattr(m, "layer_idx", None), int)]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
+    def hook(_module, _inputs, output):
+        # k_proj gives [B, S, Hkv * D]; Qwen3's k_norm already works on [B, S, Hkv, D].
+        state.pre_rope_keys[layer_idx] = output.reshape(*output.shape[:2], num_kv_heads, head_dim)
+    return hook
+
+
+def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
+           sink: int | None = None, window: int | None = None, block_size: int = 128, fixed_table=None,
+           strategy: str = "auto") -> ElasticState:
+    """Switch `model` to elastic attention. sparse_mode/sink/window default to the routers' config when routers are
+    given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse.
+    The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
+    if policy not in POLICIES:
+        raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
+    if getattr(model, "elastic_state", None) is not None:
+        disable(model)
+    geo = model_router_geometry(model)
+    L, Hkv, D = geo["num_layers"], geo["num_kv_heads"], geo["head_dim"]
+    if routers is not None:
+        if not isinstance(routers, RouterSet):
+            raise ValueError(f"enable: routers must be a RouterSet, got {type(routers).__name__}")
+        routers.check_model(model)
+        rcfg = routers.config
+        sparse_mode = rcfg["sparse_mode"] if sparse_mode is None else sparse_mode
+        sink = rcfg["sink"] if sink is None else sink
+        window = rcfg["window"] if window is None else window
+    elif policy == "router":
+        raise ValueError("enable: policy 'router' needs routers (a RouterSet: RouterSet.load(dir, model) or "
+                         "RouterSet.for_model(model) for freshly initialised ones)")
+    sparse_mode = "stream" if sparse_mode is None else sparse_mode
+    sink = DEFAULT_SINK if sink is None else sink
+    window = DEFAULT_WINDOW if window is None else window
+    if sparse_mode not in SPARSE_MODES:
+        raise ValueError(f"enable: sparse_mode must be one of {sorted(SPARSE_MODES)}, got {sparse_mode!r}")
+    if sparse_mode == "block":
+        raise NotImplementedError("enable: sparse_mode 'block' needs a per-input block-mask estimate (XAttention), "
+                                  "which the transformers backend does not implement yet; use 'stream'")
+    for name, val in (("sink", sink), ("window", window), ("block_size", block_size)):
+        if not isinstance(val, int) or val < 0 or (name == "block_size" and val == 0):
+            raise ValueError(f"enable: {name} must be a non-negative int, got {val!r}")
+    table = None
+    if policy == "fixed":
+        if fixed_table is None:
+            raise ValueError("enable: policy 'fixed' needs fixed_table, an int/bool tensor [num_layers, num_kv_heads] "
+                             "(1 = sparse)")
+        table = torch.as_tensor(fixed_table)
+        if tuple(table.shape) != (L, Hkv):
+            raise ValueError(f"enable: fixed_table must have shape [num_layers, num_kv_heads] = [{L}, {Hkv}], "
+                             f"got {tuple(table.shape)}")
+        if table.dtype != torch.bool:
+            if bool(((table != 0) & (table != 1)).any()):
+                raise ValueError("enable: fixed_table entries must be 0 (full) or 1 (sparse)")
+            table = table != 0
+    modules = _attention_modules(model)
+    if [m.layer_idx for m in modules] != list(range(L)):
+        raise ValueError(f"enable: expected {L} attention modules with k_proj and layer_idx 0..{L - 1}, found "
+                         f"{[m.layer_idx for m in modules]}; this architecture is not supported")
+    register_attention()
+    state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse_mode=sparse_mode, sink=sink,
+                         window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers)
+    state._hooks = []
+    for m in modules:
+        target = m.k_norm if hasattr(m, "k_norm") else m.k_proj
+        state._hooks.append(target.register_forward_hook(_make_key_hook(state, m.layer_idx, Hkv, D)))
+        m._elastic_state = state
+    if routers is not None:
+        param = next(model.parameters(), None)
+        if param is not None:
+            routers.to(param.device)
+        # Follow the model's mode (eval: deterministic argmax; train: Gumbel sampling); later model.train() /
+        # model.eval() calls reach the routers as a submodule.
+        routers.train(model.training)
+        model.add_module("elastic_routers", routers)
+    state._previous_attn_implementation = model.config._attn_implementation
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    model.elastic_state = state
+    return state
+
+
+def disable(model):
+    """Undo enable(): remove hooks and routers, restore the previous attention implementation."""
+    state = getattr(model, "elastic_state", None)
+    if state is None:
+        return
+    for h in state._hooks:
+        h.remove()
+    for m in _attention_modules(model):
+        if getattr(m, "_elastic_state", None) is state:
+            del m._elastic_state
+    if "elastic_routers" in model._modules:
+        del model._modules["elastic_routers"]
+    previous = state._previous_attn_implementation or "sdpa"
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(previous)
+    else:  # pragma: no cover
+        model.config._attn_implementation = previous
+    model.elastic_state = None
