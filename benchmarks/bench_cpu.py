@@ -3,7 +3,8 @@
 Prints a markdown table (forward and forward+backward, fp32, S = 2K and 8K; all heads FULL, all
 STREAM with sink 64 / window 512, and a 50/50 mix) and writes benchmarks/results/cpu_timings.json.
 Wall time is the median of --repeats runs after one warm-up; cpu/wall (process CPU time over wall
-time) shows how many cores the op kept busy. The 50/50 mix needs an even number of (sample, KV head)
+time) shows how many cores the op kept busy, and CPU seconds (the work, summed over threads) is the
+figure to compare when other processes share the machine (the load average is recorded). The 50/50 mix needs an even number of (sample, KV head)
 pairs, so it runs 2 sequences routed [F S F] and [S F S] and reports time per sequence.
 
     python benchmarks/bench_cpu.py [--seqlens 2048 8192] [--repeats 3] [--threads 2]
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-import elastic_cuda
+try:
+    import elastic_cuda
+except ImportError:  # run from a source checkout without installing: use the package next to benchmarks/
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import elastic_cuda
 
 FULL, STREAM = elastic_cuda.FULL, elastic_cuda.STREAM
 HEADS_Q, HEADS_KV, HEAD_DIM, SINK, WINDOW = 9, 3, 64, 64, 512
@@ -63,8 +70,9 @@ def bench_case(seqlen, routing, repeats):
 
     fwd, fwd_util = time_call(forward, repeats)
     fb, fb_util = time_call(forward_backward, max(1, repeats - 1))
-    return dict(batch=B, forward_s=fwd / B, forward_cpu_per_wall=fwd_util, forward_backward_s=fb / B,
-                forward_backward_cpu_per_wall=fb_util)
+    return dict(batch=B, forward_s=fwd / B, forward_cpu_per_wall=fwd_util, forward_cpu_s=fwd * fwd_util / B,
+                forward_backward_s=fb / B, forward_backward_cpu_per_wall=fb_util,
+                forward_backward_cpu_s=fb * fb_util / B)
 
 
 def main():
@@ -75,6 +83,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu_timings.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
 
     rows = []
     for seqlen in args.seqlens:
@@ -91,12 +100,14 @@ def main():
     torch.set_num_threads(args.threads)
 
     print(f"\nelastic attention, CPU fp32, B=1 Hq={HEADS_Q} Hkv={HEADS_KV} D={HEAD_DIM}, sink {SINK} window {WINDOW}, "
-          f"{args.threads} threads (seconds per sequence; cpu/wall = cores kept busy)\n")
-    print("| S | routing | forward (s) | cpu/wall | forward+backward (s) | cpu/wall |")
-    print("|---|---|---|---|---|---|")
+          f"{args.threads} threads, load average {load_at_start[0]:.1f} at start (seconds per sequence; "
+          "cpu/wall = cores kept busy; CPU s = work summed over threads)\n")
+    print("| S | routing | forward wall (s) | forward CPU (s) | cpu/wall | fwd+bwd wall (s) | fwd+bwd CPU (s) | cpu/wall |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seqlen']} | {r['routing']} | {r['forward_s']:.3f} | {r['forward_cpu_per_wall']:.2f} | "
-              f"{r['forward_backward_s']:.3f} | {r['forward_backward_cpu_per_wall']:.2f} |")
+        print(f"| {r['seqlen']} | {r['routing']} | {r['forward_s']:.3f} | {r['forward_cpu_s']:.3f} | "
+              f"{r['forward_cpu_per_wall']:.2f} | {r['forward_backward_s']:.3f} | {r['forward_backward_cpu_s']:.3f} | "
+              f"{r['forward_backward_cpu_per_wall']:.2f} |")
     print(f"\nthread scaling, S={seqlen} all FULL forward: " +
           ", ".join(f"{t} thread(s) {s:.3f}s" for t, s in scaling.items()))
 
@@ -105,7 +116,7 @@ def main():
         threads=args.threads, repeats=args.repeats, rows=rows,
         thread_scaling_forward_full={str(t): s for t, s in scaling.items()}, seqlen_for_scaling=seqlen,
         machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                     load_average_at_end=os.getloadavg(), torch=torch.__version__,
+                     load_average_at_start=load_at_start, load_average_at_end=os.getloadavg(), torch=torch.__version__,
                      cpu_capability=torch.backends.cpu.get_cpu_capability()),
     )
     out = Path(args.out)

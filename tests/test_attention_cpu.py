@@ -169,6 +169,20 @@ def test_varlen_equals_dense(gen):
     assert torch.equal(lse_v.view(6, B, S).transpose(0, 1), lse)
 
 
+def test_varlen_rows_outside_every_sequence(gen):
+    """Packed tensors may be longer than cu_seqlens[-1] (padding): those rows give out 0, lse -inf."""
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen_qkv([3, 4], [4, 6], 4, 2, 8, gen)
+    pad_q, pad_k = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64), torch.randn(2, 2, 8, generator=gen,
+                                                                                         dtype=torch.float64)
+    head_mode = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32)
+    kw = dict(sink=1, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    out, lse = elastic_cuda.attention(torch.cat([q, pad_q]), torch.cat([k, pad_k]), torch.cat([v, pad_k]), head_mode,
+                                      return_lse=True, **kw)
+    ref_out, ref_lse = reference(q, k, v, head_mode, **kw)
+    assert rel_err(out[:7], ref_out) < 1e-12 and rel_err(lse[:, :7], ref_lse) < 1e-12
+    assert (out[7:] == 0).all() and (lse[:, 7:] == float("-inf")).all()
+
+
 # ----------------------------------------------------------------------------- dtypes, layouts, threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("S", [129, 2100])

@@ -4,8 +4,10 @@
 // (sequence, KV head), walks the tiles on the other side with an online softmax, skips tiles with no
 // visible pair and masks element-wise only tiles that are partially visible (attention_cpu_tiles.h),
 // so memory is O(tile) per thread and STREAM heads cost O(S * (sink + window)). The G query heads of
-// a KV head are stacked as rows of one GEMM operand, so K/V are never repeated for GQA. GEMMs and
-// the exp go through ATen (BLAS / vectorised kernels) on tile views; tasks run on at::parallel_for.
+// a KV head are stacked as rows of one GEMM operand, so K/V are never repeated for GQA. GEMMs go
+// through ATen (BLAS) on tile views, the row loops (max, exp, softmax gradient) are vectorised in
+// attention_cpu_rows.cpp, and tasks run on at::parallel_for (backward: one pass over key tiles for
+// dk/dv, one over query tiles for dq, so no two threads write the same rows).
 //
 // Internally every tensor is packed per KV head: q/out/dO as [Hkv, Tq, G, D] (a tile of r query
 // positions is then one contiguous [r*G, D] matrix, row = position * G + head in group), k/v as
@@ -66,7 +68,8 @@ struct Problem {
     hv.block_size = block_size;
     hv.group = shape.group;
     if (hv.mode == kBlock) {
-      const int64_t nb = shape.mask_blocks, per_query_head = shape.mask_heads == shape.heads_q;
+      const int64_t nb = shape.mask_blocks;
+      const bool per_query_head = shape.mask_heads == shape.heads_q;
       hv.num_blocks = nb;
       const int64_t first_head = per_query_head ? hk * shape.group : hk;
       hv.block_mask = block_mask.data_ptr<bool>() + (b * shape.mask_heads + first_head) * nb * nb;
