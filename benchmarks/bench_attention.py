@@ -189,7 +189,7 @@ class Case:
 def ours(case, head_mode, strategy):
     import elastic_cuda
 
-    return lambda: elastic_cuda.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
+    return lambda: elastic_cuda.ops.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
                                           strategy=strategy)
 
 
@@ -305,7 +305,7 @@ def numeric_check(model, S, B=1, msr=0.5):
     hm0 = torch.zeros_like(hm)
     try:
         ref0 = sdpa(case.qt, case.kt, case.vt, SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
-        out0 = elastic_cuda.attention(case.q, case.k, case.v, hm0, strategy="auto")
+        out0 = elastic_cuda.ops.attention(case.q, case.k, case.v, hm0, strategy="auto")
         err = rel_err(out0, ref0)
         rec(kind="check", model=model, S=S, B=B, msr=0.0, method="ours_auto", vs="cudnn_dense", rel_err=err,
             ok=bool(err < CHECK_TOL))
@@ -354,7 +354,7 @@ def fwd_bwd_section(S, skip):
         hm = routing(1, case.Hkv, msr, seed=11)
 
         def ours_fb(hm=hm):
-            elastic_cuda.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
+            elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
 
         one("ours_auto", ours_fb, msr=msr)
         try:

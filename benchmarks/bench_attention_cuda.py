@@ -64,7 +64,7 @@ def main():
             n_stream = int(round(msr * Hkv))
             modes = torch.zeros(1, Hkv, dtype=torch.int32, device="cuda")
             modes[0, Hkv - n_stream:] = 1
-            fn = lambda: elastic_cuda.attention(q, k, v, modes, sink=SINK, window=WIN, strategy="fused")  # noqa
+            fn = lambda: elastic_cuda.ops.attention(q, k, v, modes, sink=SINK, window=WIN, strategy="fused")  # noqa
             fn()
             ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
             useful = fl * (1 - msr) + stream_flops(S, Hq) * msr
@@ -73,7 +73,7 @@ def main():
         if with_bwd:
             qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
             modes = torch.zeros(1, Hkv, dtype=torch.int32, device="cuda")
-            out = elastic_cuda.attention(qg, kg, vg, modes, strategy="fused")
+            out = elastic_cuda.ops.attention(qg, kg, vg, modes, strategy="fused")
             g = torch.randn_like(out)
             fn = lambda: torch.autograd.grad(out, (qg, kg, vg), g, retain_graph=True)  # noqa
             fn()

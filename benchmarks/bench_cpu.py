@@ -61,11 +61,11 @@ def bench_case(seqlen, routing, repeats):
 
     def forward():
         with torch.no_grad():
-            elastic_cuda.attention(q, k, v, head_mode, sink=SINK, window=WINDOW)
+            elastic_cuda.ops.attention(q, k, v, head_mode, sink=SINK, window=WINDOW)
 
     def forward_backward():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = elastic_cuda.attention(qq, kk, vv, head_mode, sink=SINK, window=WINDOW)
+        out = elastic_cuda.ops.attention(qq, kk, vv, head_mode, sink=SINK, window=WINDOW)
         torch.autograd.grad(out, (qq, kk, vv), grad)
 
     fwd, fwd_util = time_call(forward, repeats)

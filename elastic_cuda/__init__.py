@@ -2,11 +2,14 @@
 
 A trained router picks, per input and per KV head, full causal attention or a cheap sparse
 attention (streaming sink+window or block-sparse); the kernels here run the mixed heads.
+The operator is `elastic_cuda.ops.attention` (`torch.ops.elastic.attention` underneath); the subpackage
+`elastic_cuda.attention` holds the strategies built on it (padding-aware calls, the training-time mix).
 `enable`/`disable` (the transformers backend) and the router classes are imported lazily, so
 `import elastic_cuda` for the ops alone does not import transformers.
 """
+from . import attention, ops  # noqa: F401  (ops.attention is the operator; attention/ holds the strategies)
 from ._ext import has_cuda_kernels
-from .ops import BLOCK, FULL, STREAM, attention, boundary_pool
+from .ops import BLOCK, FULL, STREAM, boundary_pool
 
 __version__ = "0.1.0"
 
@@ -18,7 +21,7 @@ _LAZY = {
     "RouterSet": ("router", "RouterSet"),
 }
 
-__all__ = ["FULL", "STREAM", "BLOCK", "attention", "boundary_pool", "has_cuda_kernels", "__version__", *_LAZY]
+__all__ = ["FULL", "STREAM", "BLOCK", "ops", "attention", "boundary_pool", "has_cuda_kernels", "__version__", *_LAZY]
 
 
 def __getattr__(name):

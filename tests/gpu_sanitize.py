@@ -32,7 +32,7 @@ def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv"):
         q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
         v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
-    out, lse = elastic_cuda.attention(q, k, v, modes.to(device="cuda", dtype=torch.int32), **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, modes.to(device="cuda", dtype=torch.int32), **kw)
     (out.float().sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
     torch.cuda.synchronize()
     print("ok", modes.tolist(), Sq, Skv, D, dtype, "varlen" if varlen else "dense", flush=True)

@@ -50,7 +50,7 @@ def case(name, B, Sq, Skv, Hq, Hkv, D, dtype, mode, grad=False, varlen=False, ma
     if grad:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     step(f"{name}: op")
-    out, lse = elastic_cuda.attention(q, k, v, hm, sink=4, window=40, strategy="fused", return_lse=True, **okw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, hm, sink=4, window=40, strategy="fused", return_lse=True, **okw)
     torch.cuda.synchronize()
     step(f"{name}: op done")
     ro, rl = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), hm, sink=4,

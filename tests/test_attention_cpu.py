@@ -26,7 +26,7 @@ def reference(q, k, v, head_mode, **kw):
 
 def check_forward(q, k, v, head_mode, label="", tol=None, **kw):
     """Op (in q's dtype) vs float64 reference on the same (rounded) inputs; returns (out, lse)."""
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, return_lse=True, **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, return_lse=True, **kw)
     ref_out, ref_lse = reference(q, k, v, head_mode, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -68,7 +68,7 @@ def test_single_mode_matches_reference(mode, D, gen):
     out, _ = check_forward(q, k, v, head_mode, f"mode={mode} D={D}", sink=16, window=40, block_mask=mask,
                            block_size=bs)
     if mode != FULL:  # the sparse modes really drop keys here, so a mode mix-up would fail
-        full = elastic_cuda.attention(q, k, v, torch.zeros_like(head_mode))
+        full = elastic_cuda.ops.attention(q, k, v, torch.zeros_like(head_mode))
         assert rel_err(out, full) > 1e-3
 
 
@@ -87,8 +87,8 @@ def test_decode_equals_last_row_of_prefill(gen):
     q, k, v = make_qkv(B, S, S, 6, Hkv, D, gen)
     head_mode = torch.tensor(ROUTING_B3_H2, dtype=torch.int32)
     kw = dict(sink=4, window=20, block_mask=block_mask_for(B, Hkv, S, 16, gen), block_size=16)
-    full = elastic_cuda.attention(q, k, v, head_mode, **kw)
-    last = elastic_cuda.attention(q[:, -1:], k, v, head_mode, **kw)
+    full = elastic_cuda.ops.attention(q, k, v, head_mode, **kw)
+    last = elastic_cuda.ops.attention(q[:, -1:], k, v, head_mode, **kw)
     assert rel_err(last, full[:, -1:]) < 1e-13
 
 
@@ -110,7 +110,7 @@ def test_block_mask_per_query_head(gen):
     mask = block_mask_for(B, Hkv * group, S, bs, gen)
     out, _ = check_forward(q, k, v, head_mode, "per-Hq mask", block_mask=mask, block_size=bs)
     shared = mask[:, ::group].repeat_interleave(group, dim=1)  # head 0 of each group for all
-    assert rel_err(out, elastic_cuda.attention(q, k, v, head_mode, block_mask=shared, block_size=bs)) > 1e-3
+    assert rel_err(out, elastic_cuda.ops.attention(q, k, v, head_mode, block_mask=shared, block_size=bs)) > 1e-3
 
 
 def test_block_mask_diagonal_only(gen):
@@ -160,9 +160,9 @@ def test_varlen_equals_dense(gen):
     q, k, v = make_qkv(B, S, S, 6, Hkv, 64, gen)
     head_mode = torch.tensor(ROUTING_B3_H2, dtype=torch.int32)
     kw = dict(sink=4, window=30, block_mask=block_mask_for(B, Hkv, S, 32, gen), block_size=32)
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, return_lse=True, **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, return_lse=True, **kw)
     cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32)
-    out_v, lse_v = elastic_cuda.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), head_mode,
+    out_v, lse_v = elastic_cuda.ops.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), head_mode,
                                           return_lse=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=S,
                                           max_seqlen_k=S, **kw)
     assert torch.equal(out_v.view_as(out), out)
@@ -176,7 +176,7 @@ def test_varlen_rows_outside_every_sequence(gen):
                                                                                          dtype=torch.float64)
     head_mode = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32)
     kw = dict(sink=1, window=2, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
-    out, lse = elastic_cuda.attention(torch.cat([q, pad_q]), torch.cat([k, pad_k]), torch.cat([v, pad_k]), head_mode,
+    out, lse = elastic_cuda.ops.attention(torch.cat([q, pad_q]), torch.cat([k, pad_k]), torch.cat([v, pad_k]), head_mode,
                                       return_lse=True, **kw)
     ref_out, ref_lse = reference(q, k, v, head_mode, **kw)
     assert rel_err(out[:7], ref_out) < 1e-12 and rel_err(lse[:, :7], ref_lse) < 1e-12
@@ -202,8 +202,8 @@ def test_noncontiguous_inputs(gen):
     qt, kt, vt = (torch.randn(B, H, S, D, generator=gen, dtype=torch.float64) for H in (Hq, Hkv, Hkv))
     q, k, v = qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2)  # [B, S, H, D] views
     head_mode = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32)
-    out = elastic_cuda.attention(q, k, v, head_mode, sink=2, window=9)
-    assert torch.equal(out, elastic_cuda.attention(q.contiguous(), k.contiguous(), v.contiguous(), head_mode,
+    out = elastic_cuda.ops.attention(q, k, v, head_mode, sink=2, window=9)
+    assert torch.equal(out, elastic_cuda.ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), head_mode,
                                                    sink=2, window=9))
     check_forward(q, k, v, head_mode, "non-contiguous", sink=2, window=9)
 
@@ -220,9 +220,9 @@ def test_threads_give_identical_results(gen):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = elastic_cuda.attention(q, k, v, head_mode, sink=4, window=64, return_lse=True)
+        one = elastic_cuda.ops.attention(q, k, v, head_mode, sink=4, window=64, return_lse=True)
         torch.set_num_threads(2)
-        two = elastic_cuda.attention(q, k, v, head_mode, sink=4, window=64, return_lse=True)
+        two = elastic_cuda.ops.attention(q, k, v, head_mode, sink=4, window=64, return_lse=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
@@ -254,7 +254,7 @@ def test_gradcheck_float64(kind, gen):
     q, k, v, head_mode, kw = _grad_case(kind, gen)
 
     def fn(q, k, v):
-        out, lse = elastic_cuda.attention(q, k, v, head_mode, return_lse=True, **kw)
+        out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, return_lse=True, **kw)
         return out, lse.masked_fill(torch.isinf(lse), 0.0)  # the gradient through lse is checked too
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -270,7 +270,7 @@ def test_backward_vs_reference_autograd(dtype, Sq, gen):
     grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
     grad_lse = torch.randn((B, Hkv * group, Sq), generator=gen, dtype=torch.float64)
 
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, return_lse=True, **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, return_lse=True, **kw)
     torch.autograd.backward((out, lse), (grad_out.to(dtype), grad_lse.to(lse.dtype)))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = attention_reference(q64, k64, v64, head_mode, **kw)
@@ -288,7 +288,7 @@ def test_backward_bfloat16(gen):
     q, k, v = make_qkv(B, S, S, 6, Hkv, 64, gen, dtype=torch.bfloat16, requires_grad=True)
     head_mode = torch.tensor([[FULL, STREAM], [BLOCK, FULL]], dtype=torch.int32)
     kw = dict(sink=4, window=32, block_mask=block_mask_for(B, Hkv, S, 32, gen), block_size=32)
-    elastic_cuda.attention(q, k, v, head_mode, **kw).float().square().sum().backward()
+    elastic_cuda.ops.attention(q, k, v, head_mode, **kw).float().square().sum().backward()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     attention_reference(q64, k64, v64, head_mode, **kw)[0].square().sum().backward()
     for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
@@ -300,7 +300,7 @@ def test_backward_bfloat16(gen):
 def test_rows_seeing_nothing_have_zero_gradients(gen):
     q, k, v = make_qkv(1, 40, 40, 4, 2, 8, gen, requires_grad=True)
     head_mode = torch.tensor([[STREAM, STREAM]], dtype=torch.int32)
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, sink=0, window=0, return_lse=True)
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, sink=0, window=0, return_lse=True)
     (out.sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
     for t in (q, k, v):
         assert torch.equal(t.grad, torch.zeros_like(t))
@@ -308,7 +308,7 @@ def test_rows_seeing_nothing_have_zero_gradients(gen):
     q.grad = k.grad = v.grad = None
     mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
     mask[:, :, 2] = False  # query block 2 (rows 16..23) sees nothing
-    out = elastic_cuda.attention(q, k, v, torch.full((1, 2), BLOCK, dtype=torch.int32), block_mask=mask,
+    out = elastic_cuda.ops.attention(q, k, v, torch.full((1, 2), BLOCK, dtype=torch.int32), block_mask=mask,
                                  block_size=8)
     out.sum().backward()
     assert (q.grad[:, 16:24] == 0).all() and (q.grad[:, :16] != 0).any() and torch.isfinite(k.grad).all()

@@ -100,7 +100,7 @@ def run_case(*, B=1, Sq, Skv, Hq, Hkv, D, dtype, modes, sink, window, block_mask
     elif grad:
         q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         leaf_grads = lambda: (q.grad, k.grad, v.grad)  # noqa: E731
-    out, lse = elastic_cuda.attention(q, k, v, head_mode, strategy=strategy, return_lse=True, **op_kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, strategy=strategy, return_lse=True, **op_kw)
     _check_forward(out.detach(), lse.detach(), ref_out.detach(), ref_lse.detach(), dtype, key)
     if not grad:
         return

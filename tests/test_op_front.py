@@ -26,7 +26,7 @@ class TinyElasticAttention(nn.Module):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.hq, self.d)
         k, v = self.kv_proj(x).view(B, S, 2, self.hkv, self.d).unbind(2)
-        out, lse = elastic_cuda.attention(q, k, v, head_mode, sink=2, window=5, block_mask=block_mask,
+        out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, sink=2, window=5, block_mask=block_mask,
                                           block_size=self.bs, return_lse=True)
         return self.o_proj(out.flatten(2)), lse
 
@@ -97,7 +97,7 @@ def _varlen_base():
 def call_wrapper(a):
     kw = {n: a[n] for n in ("sink", "window", "block_mask", "block_size", "scale", "cu_seqlens_q", "cu_seqlens_k",
                             "max_seqlen_q", "max_seqlen_k", "strategy")}
-    return elastic_cuda.attention(a["q"], a["k"], a["v"], a["head_mode"], **kw)
+    return elastic_cuda.ops.attention(a["q"], a["k"], a["v"], a["head_mode"], **kw)
 
 
 def call_raw(a):

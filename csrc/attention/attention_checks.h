@@ -123,6 +123,13 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
+// Strategies of the CUDA implementation (docs/decisions.md); the CPU kernel accepts and ignores them.
+inline void check_strategy(c10::string_view strategy) {
+  TORCH_CHECK(strategy == "auto" || strategy == "fused" || strategy == "grouped" || strategy == "grouped_cudnn",
+              "elastic.attention: strategy must be \"auto\", \"fused\", \"grouped\" or \"grouped_cudnn\", got \"",
+              std::string(strategy.data(), strategy.size()), "\"");
+}
+
 // Mode values can only be read on the host without a sync for CPU tensors; CUDA kernels instead
 // write NaN for a head whose mode is invalid (documented in README), so a bad value never passes silently.
 inline void check_head_mode_values_cpu(const at::Tensor& head_mode, bool has_block_mask) {

@@ -408,8 +408,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
                                          int64_t block_size, c10::optional<double> scale, int64_t max_seqlen_q,
                                          int64_t max_seqlen_k, c10::string_view strategy) {
   at::NoGradGuard no_grad;
-  TORCH_CHECK(strategy == "auto" || strategy == "fused" || strategy == "grouped",
-              "elastic.attention: strategy must be \"auto\", \"fused\" or \"grouped\", got \"", strategy, "\"");
+  check_strategy(strategy);
   const Problem p = make_problem(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
                                  scale, max_seqlen_q, max_seqlen_k);
   if (accumulate_type(q) == at::kDouble) return attention_forward_impl<double>(p, q, k, v);

@@ -87,8 +87,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                   c10::string_view strategy) {
   const std::string strat(strategy.data(), strategy.size());
-  TORCH_CHECK(strat == "auto" || strat == "fused" || strat == "grouped" || strat == "grouped_cudnn",
-              "elastic.attention: strategy must be 'auto', 'fused', 'grouped' or 'grouped_cudnn', got '", strat, "'");
+  check_strategy(strategy);
   c10::cuda::CUDAGuard guard(q.device());
   AttentionArgs a = make_args(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
                               scale, max_seqlen_q, max_seqlen_k);
