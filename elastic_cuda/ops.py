@@ -130,7 +130,7 @@ def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_
 
     q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] (or packed [T, H, D] with cu_seqlens_q/k int32 [B+1]),
     head_mode int32 [B, Hkv] with 0 FULL / 1 STREAM / 2 BLOCK. Returns out (like q), and lse
-    (float32 [B, Hq, Sq] or [Hq, Tq]) when return_lse=True.
+    (float32 [B, Hq, Sq] or [Hq, Tq]; float64 for float64 inputs) when return_lse=True.
     """
     validate_attention_args(q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask,
                             block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
@@ -168,7 +168,9 @@ def _lse_shape(q, cu_seqlens_q):
 @torch.library.register_fake("elastic::attention")
 def _attention_fake(q, k, v, head_mode, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, *, sink=128,
                     window=2048, block_size=128, scale=None, max_seqlen_q=0, max_seqlen_k=0, strategy="auto"):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    # lse is fp32, except fp64 for fp64 inputs (CPU only) so that gradcheck through lse is exact.
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=lse_dtype)
 
 
 @torch.library.register_fake("elastic::attention_backward")

@@ -1,0 +1,536 @@
+// CPU kernels of elastic::attention and elastic::attention_backward.
+//
+// Flash-attention style: each task owns one tile of queries (forward, dq) or of keys (dk/dv) of one
+// (sequence, KV head), walks the tiles on the other side with an online softmax, skips tiles with no
+// visible pair and masks element-wise only tiles that are partially visible (attention_cpu_tiles.h),
+// so memory is O(tile) per thread and STREAM heads cost O(S * (sink + window)). The G query heads of
+// a KV head are stacked as rows of one GEMM operand, so K/V are never repeated for GQA. GEMMs and
+// the exp go through ATen (BLAS / vectorised kernels) on tile views; tasks run on at::parallel_for.
+//
+// Internally every tensor is packed per KV head: q/out/dO as [Hkv, Tq, G, D] (a tile of r query
+// positions is then one contiguous [r*G, D] matrix, row = position * G + head in group), k/v as
+// [Hkv, Tk, D], lse as [Hkv, Tq*G]. Dense inputs are treated as varlen with equal lengths.
+// Accumulation is fp32 (fp64 for fp64 inputs, so gradcheck is exact); bf16 is computed in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "attention/attention_checks.h"
+#include "attention/attention_cpu_tiles.h"
+
+namespace elastic {
+namespace {
+
+using at::Tensor;
+using cpu::HeadVisibility;
+using cpu::TileVisibility;
+
+constexpr int64_t kKeyTile = 128;  // a multiple of the default block_size tiles BLOCK heads exactly
+
+// Query positions per tile: a power of two in [16, 128] with about 256 stacked rows (G * rows),
+// big enough for efficient GEMMs, small enough for the score tile to stay in L2.
+int64_t query_tile_positions(int64_t group) {
+  int64_t rows = 128;
+  while (rows > 16 && rows * group > 256) rows /= 2;
+  return rows;
+}
+
+struct Sequence {
+  int64_t q_begin = 0, q_len = 0;  // rows of the packed q
+  int64_t k_begin = 0, k_len = 0;  // rows of the packed k/v
+};
+
+// Everything the tile loops need; built once per call after the argument checks.
+struct Problem {
+  AttentionShape shape;
+  std::vector<Sequence> seqs;
+  int64_t total_q = 0, total_k = 0;
+  int64_t q_tile = 0;
+  Tensor head_mode;   // contiguous int32 [B, Hkv]
+  Tensor block_mask;  // contiguous bool [B, Hm, NB, NB] or undefined
+  int64_t sink = 0, window = 0, block_size = 1;
+
+  HeadVisibility visibility(int64_t b, int64_t hk) const {
+    HeadVisibility hv;
+    hv.mode = head_mode.data_ptr<int32_t>()[b * shape.heads_kv + hk];
+    hv.sink = sink;
+    hv.window = window;
+    hv.block_size = block_size;
+    hv.group = shape.group;
+    if (hv.mode == kBlock) {
+      const int64_t nb = shape.mask_blocks, per_query_head = shape.mask_heads == shape.heads_q;
+      hv.num_blocks = nb;
+      const int64_t first_head = per_query_head ? hk * shape.group : hk;
+      hv.block_mask = block_mask.data_ptr<bool>() + (b * shape.mask_heads + first_head) * nb * nb;
+      hv.mask_head_stride = per_query_head ? nb * nb : 0;
+    }
+    return hv;
+  }
+  int64_t num_q_tiles(const Sequence& s) const { return (s.q_len + q_tile - 1) / q_tile; }
+  static int64_t num_k_tiles(const Sequence& s) { return (s.k_len + kKeyTile - 1) / kKeyTile; }
+};
+
+// Query tile qt of a sequence: its row range and absolute positions [i0, i1].
+struct QueryTile {
+  int64_t r0, rows, i0, i1;
+  QueryTile(const Problem& p, const Sequence& s, int64_t qt) {
+    r0 = qt * p.q_tile;
+    rows = std::min(p.q_tile, s.q_len - r0);
+    i0 = query_position(r0, s.q_len, s.k_len);
+    i1 = i0 + rows - 1;
+  }
+};
+struct KeyTile {
+  int64_t j0, len, j1;
+  KeyTile(const Sequence& s, int64_t kt) : j0(kt * kKeyTile), len(std::min(kKeyTile, s.k_len - kt * kKeyTile)) {
+    j1 = j0 + len - 1;
+  }
+};
+
+// ----------------------------------------------------------------------------- argument checks
+void check_cpu_dtype(const Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+              "elastic.attention: q/k/v dtype on CPU must be float32, float64 or bfloat16, got ", t);
+}
+
+std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optional<Tensor>& cu_seqlens_q,
+                                     const c10::optional<Tensor>& cu_seqlens_k, int64_t total_q, int64_t total_k) {
+  std::vector<Sequence> seqs(s.batch);
+  if (!s.varlen) {
+    for (int64_t b = 0; b < s.batch; ++b) seqs[b] = {b * s.seqlen_q, s.seqlen_q, b * s.seqlen_k, s.seqlen_k};
+    return seqs;
+  }
+  const Tensor cq = cu_seqlens_q->contiguous(), ck = cu_seqlens_k->contiguous();
+  const int32_t* a = cq.data_ptr<int32_t>();
+  const int32_t* c = ck.data_ptr<int32_t>();
+  TORCH_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
+              a[0], " and ", c[0]);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    TORCH_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
+                "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
+    TORCH_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
+                "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
+    seqs[b] = {a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b]};
+    TORCH_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
+                " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
+                "positions of their sequence, so Sq must not exceed Skv");
+    TORCH_CHECK(seqs[b].q_len <= s.seqlen_q, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
+                " queries, more than max_seqlen_q = ", s.seqlen_q);
+    TORCH_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
+                " keys, more than max_seqlen_k = ", s.seqlen_k);
+  }
+  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
+              " tokens of q");
+  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
+              " tokens of k/v");
+  return seqs;
+}
+
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mode,
+                     const c10::optional<Tensor>& block_mask, const c10::optional<Tensor>& cu_seqlens_q,
+                     const c10::optional<Tensor>& cu_seqlens_k, int64_t sink, int64_t window, int64_t block_size,
+                     c10::optional<double> scale, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  Problem p;
+  p.shape = check_attention_args(q, k, v, head_mode, sink, window, block_mask, block_size, scale, cu_seqlens_q,
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  TORCH_CHECK(q.device().is_cpu(), "elastic.attention: the CPU kernel got q on ", q.device());
+  check_cpu_dtype(q);
+  check_head_mode_values_cpu(head_mode, block_mask.has_value());
+  p.total_q = p.shape.varlen ? q.size(0) : p.shape.batch * p.shape.seqlen_q;
+  p.total_k = p.shape.varlen ? k.size(0) : p.shape.batch * p.shape.seqlen_k;
+  p.seqs = make_sequences(p.shape, cu_seqlens_q, cu_seqlens_k, p.total_q, p.total_k);
+  p.q_tile = query_tile_positions(p.shape.group);
+  p.head_mode = head_mode.contiguous();
+  if (block_mask.has_value()) p.block_mask = block_mask->contiguous();
+  p.sink = sink;
+  p.window = window;
+  p.block_size = block_size;
+  return p;
+}
+
+// ----------------------------------------------------------------------------- packing
+at::ScalarType accumulate_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// [.., Hq, D] (dense or packed) -> [Hkv, T, G, D] contiguous in the accumulation dtype, times mul.
+Tensor pack_query_like(const Tensor& x, const Problem& p, at::ScalarType acc, double mul = 1.0) {
+  const auto& s = p.shape;
+  Tensor y = at::empty({s.heads_kv, p.total_q, s.group, s.head_dim}, x.options().dtype(acc));
+  y.permute({1, 0, 2, 3}).copy_(x.reshape({p.total_q, s.heads_kv, s.group, s.head_dim}));
+  if (mul != 1.0) y.mul_(mul);
+  return y;
+}
+
+// [.., Hkv, D] -> [Hkv, T, D] contiguous in the accumulation dtype.
+Tensor pack_kv(const Tensor& x, const Problem& p, at::ScalarType acc) {
+  const auto& s = p.shape;
+  Tensor y = at::empty({s.heads_kv, p.total_k, s.head_dim}, x.options().dtype(acc));
+  y.permute({1, 0, 2}).copy_(x.reshape({p.total_k, s.heads_kv, s.head_dim}));
+  return y;
+}
+
+// lse-like [B, Hq, Sq] (dense) or [Hq, Tq] (varlen) <-> packed [Hkv, Tq * G].
+Tensor lse_packed_view_source(const Tensor& lse, const Problem& p) {
+  const auto& s = p.shape;
+  if (s.varlen) return lse.reshape({s.heads_kv, s.group, p.total_q}).permute({0, 2, 1});
+  return lse.reshape({s.batch, s.heads_kv, s.group, s.seqlen_q}).permute({1, 0, 3, 2});
+}
+Tensor pack_lse_like(const Tensor& lse, const Problem& p, at::ScalarType acc) {
+  Tensor y = at::empty({p.shape.heads_kv, p.total_q * p.shape.group}, lse.options().dtype(acc));
+  const Tensor source = lse_packed_view_source(lse, p);  // [Hkv, Tq, G] or [Hkv, B, Sq, G]
+  y.view(source.sizes()).copy_(source);
+  return y;
+}
+void unpack_lse(const Tensor& packed, Tensor& lse, const Problem& p) {
+  const auto& s = p.shape;
+  if (s.varlen) {
+    lse.view({s.heads_kv, s.group, p.total_q}).copy_(packed.view({s.heads_kv, p.total_q, s.group}).permute({0, 2, 1}));
+  } else {
+    lse.view({s.batch, s.heads_kv, s.group, s.seqlen_q})
+        .copy_(packed.view({s.heads_kv, s.batch, s.seqlen_q, s.group}).permute({1, 0, 3, 2}));
+  }
+}
+
+// ----------------------------------------------------------------------------- scheduling
+struct Task {
+  int64_t b, hk, tile, cost;
+};
+
+// Runs tasks on every ATen thread, most expensive first, each thread pulling the next task
+// (causal tiles differ in cost by up to S/tile, so static chunks would leave one thread idle).
+template <typename Worker>
+void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
+  std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  std::atomic<size_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unused = begin; unused < end; ++unused) {
+      auto state = worker.make_workspace();
+      for (size_t t = next.fetch_add(1); t < tasks.size(); t = next.fetch_add(1)) worker.run(tasks[t], state);
+    }
+  });
+}
+
+// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = visited tile pairs.
+std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < p.shape.batch; ++b) {
+    const Sequence& s = p.seqs[b];
+    if (s.q_len == 0) continue;
+    const int64_t nq = p.num_q_tiles(s), nk = Problem::num_k_tiles(s);
+    for (int64_t hk = 0; hk < p.shape.heads_kv; ++hk) {
+      const HeadVisibility hv = p.visibility(b, hk);
+      std::vector<int64_t> cost(over_key_tiles ? nk : nq, 0);
+      for (int64_t qt = 0; qt < nq; ++qt) {
+        const QueryTile qtile(p, s, qt);
+        for (int64_t kt = 0; kt < nk; ++kt) {
+          const KeyTile ktile(s, kt);
+          if (hv.classify(qtile.i0, qtile.i1, ktile.j0, ktile.j1) != TileVisibility::kSkip)
+            ++cost[over_key_tiles ? kt : qt];
+        }
+      }
+      for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
+        if (cost[t] > 0) tasks.push_back({b, hk, t, cost[t]});  // tiles seeing nothing keep 0 / -inf
+    }
+  }
+  return tasks;
+}
+
+// ----------------------------------------------------------------------------- tile helpers
+// Writes -inf into the scores of invisible pairs of a partially visible tile.
+// scores: [rows * G, len], row = (query position - i0) * G + head in group.
+template <typename T>
+void mask_tile(const HeadVisibility& hv, T* scores, const QueryTile& qt, const KeyTile& kt) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < qt.rows; ++r) {
+    const int64_t i = qt.i0 + r;
+    for (int64_t g = 0; g < hv.group; ++g) {
+      T* row = scores + (r * hv.group + g) * kt.len;
+      for (int64_t j = 0; j < kt.len; ++j)
+        if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
+    }
+  }
+}
+
+struct TileBuffers {
+  Tensor scores, scores2, row_a, row_b, row_c;  // [rows * kKeyTile] x2, [rows] x3
+  TileBuffers(int64_t rows, at::TensorOptions opt)
+      : scores(at::empty({rows * kKeyTile}, opt)),
+        scores2(at::empty({rows * kKeyTile}, opt)),
+        row_a(at::empty({rows}, opt)),
+        row_b(at::empty({rows}, opt)),
+        row_c(at::empty({rows}, opt)) {}
+  static Tensor tile(const Tensor& buf, int64_t rows, int64_t cols) {
+    return buf.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
+// Scores of a tile, as probabilities exp(s - lse) (backward) with invisible pairs at 0.
+template <typename T>
+Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor& q_rows, const Tensor& k_rows,
+                     const Tensor& lse_rows, const QueryTile& qt, const KeyTile& kt, const Tensor& buf) {
+  Tensor s = TileBuffers::tile(buf, q_rows.size(0), kt.len);
+  at::mm_out(s, q_rows, k_rows.t());
+  if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), qt, kt);
+  return s.sub_(lse_rows.unsqueeze(1)).exp_();
+}
+
+// ----------------------------------------------------------------------------- forward
+template <typename T>
+struct ForwardWorker {
+  const Problem& p;
+  const Tensor &qh, &kh, &vh;  // [Hkv, Tq, G, D] (scaled), [Hkv, Tk, D] x2
+  Tensor &outh, &lseh;         // [Hkv, Tq, G, D] zeros, [Hkv, Tq*G] -inf
+
+  TileBuffers make_workspace() const { return TileBuffers(p.q_tile * p.shape.group, qh.options()); }
+
+  void run(const Task& task, TileBuffers& ws) const {
+    const Sequence& s = p.seqs[task.b];
+    const HeadVisibility hv = p.visibility(task.b, task.hk);
+    const QueryTile qt(p, s, task.tile);
+    const int64_t G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
+    const int64_t row0 = (s.q_begin + qt.r0) * G;
+    const Tensor q_rows = qh[task.hk].view({-1, D}).narrow(0, row0, R);
+    const Tensor k_seq = kh[task.hk].narrow(0, s.k_begin, s.k_len), v_seq = vh[task.hk].narrow(0, s.k_begin, s.k_len);
+    Tensor acc = outh[task.hk].view({-1, D}).narrow(0, row0, R);  // accumulates in place (zeros)
+    Tensor row_max = ws.row_a.narrow(0, 0, R), shift = ws.row_b.narrow(0, 0, R), alpha = ws.row_c.narrow(0, 0, R);
+    std::vector<T> m(R, -std::numeric_limits<T>::infinity()), l(R, T(0));
+    T* mx = row_max.data_ptr<T>();
+    T* sh = shift.data_ptr<T>();
+    T* al = alpha.data_ptr<T>();
+
+    for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
+      const KeyTile kt(s, kt_index);
+      const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
+      if (vis == TileVisibility::kSkip) continue;
+      Tensor sc = TileBuffers::tile(ws.scores, R, kt.len);
+      at::mm_out(sc, q_rows, k_seq.narrow(0, kt.j0, kt.len).t());
+      if (vis == TileVisibility::kPartial) mask_tile<T>(hv, sc.data_ptr<T>(), qt, kt);
+      at::amax_out(row_max, sc, {1});
+      for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
+        const T m_new = std::max(m[r], mx[r]);
+        al[r] = std::isinf(m[r]) ? T(0) : std::exp(m[r] - m_new);
+        sh[r] = std::isinf(m_new) ? T(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
+        m[r] = m_new;
+      }
+      sc.sub_(shift.unsqueeze(1)).exp_();
+      at::sum_out(row_max, sc, {1});  // row_max is free again: it now holds the row sums
+      for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
+      acc.mul_(alpha.unsqueeze(1)).addmm_(sc, v_seq.narrow(0, kt.j0, kt.len));
+    }
+    T* a = acc.data_ptr<T>();
+    T* lse = lseh[task.hk].data_ptr<T>() + row0;
+    for (int64_t r = 0; r < R; ++r) {
+      if (l[r] > T(0)) {
+        const T inv = T(1) / l[r];
+        for (int64_t d = 0; d < D; ++d) a[r * D + d] *= inv;
+        lse[r] = m[r] + std::log(l[r]);
+      } else {  // no visible key: out 0, lse -inf (the initial values)
+        for (int64_t d = 0; d < D; ++d) a[r * D + d] = T(0);
+        lse[r] = -std::numeric_limits<T>::infinity();
+      }
+    }
+  }
+};
+
+template <typename T>
+std::tuple<Tensor, Tensor> attention_forward_impl(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const auto acc = accumulate_type(q);
+  const auto& s = p.shape;
+  const Tensor qh = pack_query_like(q, p, acc, s.scale), kh = pack_kv(k, p, acc), vh = pack_kv(v, p, acc);
+  Tensor outh = at::zeros({s.heads_kv, p.total_q, s.group, s.head_dim}, qh.options());
+  Tensor lseh = at::full({s.heads_kv, p.total_q * s.group}, -std::numeric_limits<double>::infinity(), qh.options());
+  std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false);
+  run_tasks(tasks, ForwardWorker<T>{p, qh, kh, vh, outh, lseh});
+
+  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  out.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(outh.permute({1, 0, 2, 3}));
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor lse = s.varlen ? at::empty({s.heads_q, p.total_q}, q.options().dtype(lse_dtype))
+                        : at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype));
+  unpack_lse(lseh, lse, p);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mode,
+                                         const c10::optional<Tensor>& block_mask,
+                                         const c10::optional<Tensor>& cu_seqlens_q,
+                                         const c10::optional<Tensor>& cu_seqlens_k, int64_t sink, int64_t window,
+                                         int64_t block_size, c10::optional<double> scale, int64_t max_seqlen_q,
+                                         int64_t max_seqlen_k, c10::string_view strategy) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(strategy == "auto" || strategy == "fused" || strategy == "grouped",
+              "elastic.attention: strategy must be \"auto\", \"fused\" or \"grouped\", got \"", strategy, "\"");
+  const Problem p = make_problem(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
+                                 scale, max_seqlen_q, max_seqlen_k);
+  if (accumulate_type(q) == at::kDouble) return attention_forward_impl<double>(p, q, k, v);
+  return attention_forward_impl<float>(p, q, k, v);
+}
+
+// ----------------------------------------------------------------------------- backward
+// P = exp(s - lse), dS = P * (dO V^T - D) with D = rowsum(dO * O) - dlse;
+// dV = P^T dO, dK = dS^T (scale q), dQ = scale * dS K.
+struct BackwardInputs {
+  Tensor qh, kh, vh, doh;  // packed, q scaled
+  Tensor lse_rows;         // [Hkv, Tq*G], -inf replaced by +inf so exp(s - lse) = 0 on empty rows
+  Tensor delta_rows;       // [Hkv, Tq*G]
+};
+
+template <typename T>
+struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over every query (and head) seeing it
+  const Problem& p;
+  const BackwardInputs& in;
+  Tensor &dkh, &dvh;  // [Hkv, Tk, D] zeros
+
+  TileBuffers make_workspace() const { return TileBuffers(p.q_tile * p.shape.group, in.qh.options()); }
+
+  void run(const Task& task, TileBuffers& ws) const {
+    const Sequence& s = p.seqs[task.b];
+    const HeadVisibility hv = p.visibility(task.b, task.hk);
+    const KeyTile kt(s, task.tile);
+    const int64_t G = p.shape.group, D = p.shape.head_dim;
+    const Tensor k_rows = in.kh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
+    const Tensor v_rows = in.vh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
+    Tensor dk = dkh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
+    Tensor dv = dvh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
+    const Tensor q_all = in.qh[task.hk].view({-1, D}), do_all = in.doh[task.hk].view({-1, D});
+    for (int64_t qt_index = 0; qt_index < p.num_q_tiles(s); ++qt_index) {
+      const QueryTile qt(p, s, qt_index);
+      const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
+      if (vis == TileVisibility::kSkip) continue;
+      const int64_t row0 = (s.q_begin + qt.r0) * G, R = qt.rows * G;
+      const Tensor q_rows = q_all.narrow(0, row0, R), do_rows = do_all.narrow(0, row0, R);
+      const Tensor prob = probabilities<T>(hv, vis, q_rows, k_rows, in.lse_rows[task.hk].narrow(0, row0, R), qt, kt,
+                                           ws.scores);
+      dv.addmm_(prob.t(), do_rows);
+      Tensor ds = TileBuffers::tile(ws.scores2, R, kt.len);
+      at::mm_out(ds, do_rows, v_rows.t());
+      ds.sub_(in.delta_rows[task.hk].narrow(0, row0, R).unsqueeze(1)).mul_(prob);
+      dk.addmm_(ds.t(), q_rows);
+    }
+  }
+};
+
+template <typename T>
+struct QueryGradWorker {  // one task = one query tile: dq (unscaled; the caller multiplies by scale)
+  const Problem& p;
+  const BackwardInputs& in;
+  Tensor& dqh;  // [Hkv, Tq, G, D] zeros
+
+  TileBuffers make_workspace() const { return TileBuffers(p.q_tile * p.shape.group, in.qh.options()); }
+
+  void run(const Task& task, TileBuffers& ws) const {
+    const Sequence& s = p.seqs[task.b];
+    const HeadVisibility hv = p.visibility(task.b, task.hk);
+    const QueryTile qt(p, s, task.tile);
+    const int64_t G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
+    const int64_t row0 = (s.q_begin + qt.r0) * G;
+    const Tensor q_rows = in.qh[task.hk].view({-1, D}).narrow(0, row0, R);
+    const Tensor do_rows = in.doh[task.hk].view({-1, D}).narrow(0, row0, R);
+    const Tensor lse_rows = in.lse_rows[task.hk].narrow(0, row0, R);
+    const Tensor delta = in.delta_rows[task.hk].narrow(0, row0, R).unsqueeze(1);
+    const Tensor k_seq = in.kh[task.hk].narrow(0, s.k_begin, s.k_len);
+    const Tensor v_seq = in.vh[task.hk].narrow(0, s.k_begin, s.k_len);
+    Tensor dq = dqh[task.hk].view({-1, D}).narrow(0, row0, R);
+    for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
+      const KeyTile kt(s, kt_index);
+      const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
+      if (vis == TileVisibility::kSkip) continue;
+      const Tensor k_rows = k_seq.narrow(0, kt.j0, kt.len);
+      const Tensor prob = probabilities<T>(hv, vis, q_rows, k_rows, lse_rows, qt, kt, ws.scores);
+      Tensor ds = TileBuffers::tile(ws.scores2, R, kt.len);
+      at::mm_out(ds, do_rows, v_seq.narrow(0, kt.j0, kt.len).t());
+      ds.sub_(delta).mul_(prob);
+      dq.addmm_(ds, k_rows);
+    }
+  }
+};
+
+void check_backward_tensors(const Problem& p, const Tensor& grad_out, const c10::optional<Tensor>& grad_lse,
+                            const Tensor& q, const Tensor& out, const Tensor& lse) {
+  const auto& s = p.shape;
+  const std::vector<int64_t> lse_shape =
+      s.varlen ? std::vector<int64_t>{s.heads_q, p.total_q} : std::vector<int64_t>{s.batch, s.heads_q, s.seqlen_q};
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "elastic.attention_backward: grad_out must have the shape of q ",
+              q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "elastic.attention_backward: out must have the shape of q ", q.sizes(),
+              ", got ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "elastic.attention_backward: lse must have shape ",
+              at::IntArrayRef(lse_shape), s.varlen ? " [Hq, Tq]" : " [B, Hq, Sq]", ", got ", lse.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}}) {
+    TORCH_CHECK(t->device() == q.device(), "elastic.attention_backward: ", name, " must be on the device of q (",
+                q.device(), "), got ", t->device());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "elastic.attention_backward: ", name,
+                " must be a floating tensor, got ", t->scalar_type());
+  }
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "elastic.attention_backward: grad_lse must have the shape of lse ",
+                lse.sizes(), ", got ", grad_lse->sizes());
+    TORCH_CHECK(grad_lse->device() == q.device() && at::isFloatingType(grad_lse->scalar_type()),
+                "elastic.attention_backward: grad_lse must be a floating tensor on the device of q");
+  }
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> attention_backward_impl(const Problem& p, const Tensor& grad_out,
+                                                           const c10::optional<Tensor>& grad_lse, const Tensor& q,
+                                                           const Tensor& k, const Tensor& v, const Tensor& out,
+                                                           const Tensor& lse) {
+  const auto acc = accumulate_type(q);
+  const auto& s = p.shape;
+  BackwardInputs in;
+  in.qh = pack_query_like(q, p, acc, s.scale);
+  in.kh = pack_kv(k, p, acc);
+  in.vh = pack_kv(v, p, acc);
+  in.doh = pack_query_like(grad_out, p, acc);
+  const Tensor lse_packed = pack_lse_like(lse, p, acc);
+  in.lse_rows = at::where(lse_packed == -std::numeric_limits<double>::infinity(),
+                          at::full({}, std::numeric_limits<double>::infinity(), lse_packed.options()), lse_packed);
+  in.delta_rows = (in.doh * pack_query_like(out, p, acc)).sum(-1).view({s.heads_kv, -1});
+  if (grad_lse.has_value()) in.delta_rows.sub_(pack_lse_like(*grad_lse, p, acc));
+
+  Tensor dqh = at::zeros_like(in.qh), dkh = at::zeros_like(in.kh), dvh = at::zeros_like(in.vh);
+  std::vector<Task> key_tasks = make_tasks(p, /*over_key_tiles=*/true);
+  run_tasks(key_tasks, KeyValueGradWorker<T>{p, in, dkh, dvh});
+  std::vector<Task> query_tasks = make_tasks(p, /*over_key_tiles=*/false);
+  run_tasks(query_tasks, QueryGradWorker<T>{p, in, dqh});
+  dqh.mul_(s.scale);
+
+  Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  dq.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(dqh.permute({1, 0, 2, 3}));
+  Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  dk.view({p.total_k, s.heads_kv, s.head_dim}).copy_(dkh.permute({1, 0, 2}));
+  dv.view({p.total_k, s.heads_kv, s.head_dim}).copy_(dvh.permute({1, 0, 2}));
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
+    const Tensor& grad_out, const c10::optional<Tensor>& grad_lse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& out, const Tensor& lse, const Tensor& head_mode, const c10::optional<Tensor>& block_mask,
+    const c10::optional<Tensor>& cu_seqlens_q, const c10::optional<Tensor>& cu_seqlens_k, int64_t sink,
+    int64_t window, int64_t block_size, c10::optional<double> scale, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  at::NoGradGuard no_grad;
+  const Problem p = make_problem(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
+                                 scale, max_seqlen_q, max_seqlen_k);
+  check_backward_tensors(p, grad_out, grad_lse, q, out, lse);
+  if (accumulate_type(q) == at::kDouble)
+    return attention_backward_impl<double>(p, grad_out, grad_lse, q, k, v, out, lse);
+  return attention_backward_impl<float>(p, grad_out, grad_lse, q, k, v, out, lse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elastic, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace elastic
