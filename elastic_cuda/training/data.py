@@ -18,7 +18,7 @@ Tasks (the category label is used only by the training loss, never at inference)
     ``prose_continuation`` docs/licence prose; answer the next lines.
     ``docstring_summary``  code filler, then a function whose docstring lost its first line; answer that line.
     ``copy_local``         any filler; answer = the last line of the text, copied.
-Needles of sensitive tasks are placed at token positions in [sink + 16, L - local_window - 64) of the filler
+Needles of sensitive tasks are placed at filler token positions in [sink + 16, F - local_window - 32) (F = filler length)
 (``DataConfig.local_window``, default 512 = the streaming window), so with sink 64 / window 512 they lie outside
 what a streaming head sees from the question: the tasks are sensitive by construction, not by luck. At lengths
 too short for that zone (< ~700 tokens) the zone falls back to [10%, 50%) of the filler.
@@ -221,6 +221,22 @@ class TaskDataset:
         # per-line counts overestimate (BPE merges across newlines), so collect a generous margin
         return int(1.5 * target) + 256
 
+    def _split_pad(self, lines):
+        """Reserve the first 8 collected lines as the source of a partial leading line (token-exact lengths)."""
+        return "\n".join(line for line, _, _ in lines[:8]), lines[8:]
+
+    def _pad(self, source: str, tokens: int) -> str:
+        """The last `tokens` tokens of `source` (whole source if shorter), '' if tokens <= 0."""
+        if tokens <= 0:
+            return ""
+        ids = self._encode(source)
+        return self.tokenizer.decode(ids[-tokens:]) if tokens < len(ids) else source
+
+    def _with_pad(self, pad_source: str, lines_text: list[str], used: int, budget: int) -> tuple[str, int]:
+        pad = self._pad(pad_source, budget - used - self._newline)
+        body = ([pad] if pad else []) + lines_text
+        return "\n".join(body), len(self._encode(pad)) + self._newline if pad else 0
+
     @staticmethod
     def _prefix(lines, budget: int) -> int:
         """How many leading lines fit in `budget` tokens."""
@@ -254,6 +270,9 @@ class TaskDataset:
                 break
             budget += target - tol // 2 - n
         _, prompt_ids, answer_ids, answer, meta = best
+        if len(prompt_ids) + len(answer_ids) > target + tol:
+            raise ValueError(f"target_tokens={target} is too short for task {task!r}: its fixed text alone takes "
+                             f"{len(prompt_ids) + len(answer_ids)} tokens with this tokenizer")
         ids = prompt_ids + answer_ids
         if self.config.loss_on == "answer":
             mask = [0] * len(prompt_ids) + [1] * len(answer_ids)
@@ -266,17 +285,23 @@ class TaskDataset:
         kind = rng.choice(("prose", "code"))
         lines = self._collect(rng, kind, self._supply(target))
         fixed = len(self._encode(header + question + answer)) + sum(len(self._encode(s)) + 2 for s in needles)
-        lo, hi = self.config.sink + 16, target - self.config.local_window - 64 - fixed // 4
+        lo = self.config.sink + 16
         depths = sorted(rng.random() for _ in needles)
+
+        pad_source, lines = self._split_pad(lines)
 
         def make(budget):
             k = self._prefix(lines, max(budget - fixed, 1))
-            filler_tokens = sum(n for _, n, _ in lines[:k])
+            used = sum(n for _, n, _ in lines[:k])
+            pad = self._pad(pad_source, budget - fixed - used - self._newline)
+            pad_tokens = len(self._encode(pad)) + self._newline if pad else 0
+            filler_tokens = used + pad_tokens
+            hi = filler_tokens - self.config.local_window - 32  # the question after the filler only adds distance
             if hi - lo >= 32:
-                positions = [lo + d * (min(hi, filler_tokens) - lo) for d in depths]
+                positions = [lo + d * (hi - lo) for d in depths]
             else:
                 positions = [filler_tokens * (0.1 + 0.4 * d) for d in depths]
-            body, pos, j, placed = [], 0, 0, []
+            body, pos, j, placed = ([pad] if pad else []), pad_tokens, 0, []
             for line, n, _ in lines[:k]:
                 while j < len(needles) and pos >= positions[j]:
                     body.append(needles[j])
@@ -349,9 +374,11 @@ class TaskDataset:
     def _continuation(self, rng, target, task, kind, header):
         lines = self._collect(rng, kind, self._supply(target) + 4 * self.config.answer_tokens)
         question_free = len(self._encode(header))
+        pad_source, lines = self._split_pad(lines)
 
         def make(budget):
-            k = max(1, min(len(lines) - 16, self._prefix(lines, budget - question_free - self.config.answer_tokens)))
+            filler_budget = budget - question_free - self.config.answer_tokens
+            k = max(1, min(len(lines) - 16, self._prefix(lines, filler_budget)))
             while k < len(lines) - 1 and not lines[k][0].strip():  # the answer starts on a non-empty line
                 k += 1
             answer_lines, used = [], 0
@@ -364,7 +391,8 @@ class TaskDataset:
             ids = self._encode(answer)
             if len(ids) > 2 * self.config.answer_tokens:  # one very long line: cut it by tokens
                 answer = self.tokenizer.decode(ids[: self.config.answer_tokens])
-            context = "\n".join(line for line, _, _ in lines[:k])
+            context, _ = self._with_pad(pad_source, [line for line, _, _ in lines[:k]],
+                                        sum(n for _, n, _ in lines[:k]), filler_budget)
             return header + context + "\n", answer, {"filler": kind, "docs": sorted({d for _, _, d in lines[:k]})}
 
         return self._fit(task, target, make)
@@ -377,9 +405,10 @@ class TaskDataset:
         return self._continuation(rng, target, "prose_continuation", "prose",
                                   "Continue the following text. Reply with the next lines only.\n\n")
 
-    def _docstring_target(self, rng):
-        """(name, function source without its docstring's first line, that line) from a random code file."""
-        for _ in range(200):
+    def _docstring_target(self, rng, max_tokens: int):
+        """(where, name, function source without its docstring's first line, that line) from a random code file;
+        the function takes at most `max_tokens` tokens."""
+        for _ in range(300):
             name = rng.choice(self.corpus.code_docs)
             source = self.corpus.text(name)
             try:
@@ -395,35 +424,40 @@ class TaskDataset:
                 if not doc or len(doc.strip().splitlines()) < 3 or node.end_lineno - node.lineno > 40:
                     continue
                 summary = doc.strip().splitlines()[0].strip()
-                if not 20 <= len(summary) <= 150:
-                    continue
-                found.append((node, summary))
-            if not found:
-                continue
-            node, summary = rng.choice(found)
-            seg = src_lines[node.lineno - 1: node.end_lineno]
-            doc_node = node.body[0]
-            for i in range(doc_node.lineno - node.lineno, min(doc_node.end_lineno - node.lineno + 1, len(seg))):
-                if summary in seg[i]:
-                    stripped = seg[i].replace(summary, "", 1)
-                    if stripped.strip():
-                        seg[i] = stripped.rstrip()
-                    else:
-                        del seg[i]
-                    return f"{name}:{node.name}", node.name, textwrap.dedent("\n".join(seg)), summary
-        raise ValueError(f"no function with a multi-line docstring found in split {self.split!r}")
+                if 20 <= len(summary) <= 150:
+                    found.append((node, summary))
+            rng.shuffle(found)
+            for node, summary in found[:8]:
+                seg = src_lines[node.lineno - 1: node.end_lineno]
+                doc_node = node.body[0]
+                for i in range(doc_node.lineno - node.lineno, min(doc_node.end_lineno - node.lineno + 1, len(seg))):
+                    if summary in seg[i]:
+                        stripped = seg[i].replace(summary, "", 1)
+                        if stripped.strip():
+                            seg[i] = stripped.rstrip()
+                        else:
+                            del seg[i]
+                        func = textwrap.dedent("\n".join(seg))
+                        if len(self._encode(func)) <= max_tokens:
+                            return f"{name}:{node.name}", node.name, func, summary
+                        break
+        raise ValueError(f"no function with a multi-line docstring of <= {max_tokens} tokens found in split "
+                         f"{self.split!r}")
 
     def _task_docstring_summary(self, rng, target):
-        where, fname, func, summary = self._docstring_target(rng)
+        where, fname, func, summary = self._docstring_target(rng, max(96, target // 4))
         lines = self._collect(rng, "code", self._supply(target))
         header = "Read the following Python code.\n\n"
         question = (f"\n\nThe first line of the docstring of `{fname}` (the last definition above) was removed. "
                     "Write that one-line summary.")
         fixed = len(self._encode(header + func + question + summary)) + 2
 
+        pad_source, lines = self._split_pad(lines)
+
         def make(budget):
             k = self._prefix(lines, budget - fixed)
-            context = "\n".join(line for line, _, _ in lines[:k])
+            context, _ = self._with_pad(pad_source, [line for line, _, _ in lines[:k]],
+                                        sum(n for _, n, _ in lines[:k]), budget - fixed)
             return header + context + "\n\n" + func + question, summary, {
                 "function": where, "docs": sorted({d for _, _, d in lines[:k]})}
 
@@ -435,12 +469,16 @@ class TaskDataset:
         header = "Read the following text.\n\n"
         question = "\n\nCopy the last line of the text above exactly, without changing anything."
 
+        pad_source, lines = self._split_pad(lines)
+
         def make(budget):
-            k = max(1, self._prefix(lines, budget - len(self._encode(header + question)) - 24))
+            filler_budget = budget - len(self._encode(header + question)) - 24
+            k = max(1, self._prefix(lines, filler_budget))
             while k > 1 and len(lines[k - 1][0].strip()) < 20:  # end on a line worth copying
                 k -= 1
             answer = lines[k - 1][0].strip()
-            context = "\n".join(line for line, _, _ in lines[:k])
+            context, _ = self._with_pad(pad_source, [line for line, _, _ in lines[:k]],
+                                        sum(n for _, n, _ in lines[:k]), filler_budget)
             return header + context + question, answer, {"filler": kind,
                                                          "docs": sorted({d for _, _, d in lines[:k]})}
 
