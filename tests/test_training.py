@@ -18,8 +18,10 @@ from elastic_cuda.training.losses import (lagrangian_regulariser, logits_needed,
 from elastic_cuda.training.schedule import lr_factor, tau_at
 from elastic_cuda.training.trainer import RouterTrainer, TrainConfig, read_log
 
+# tasks whose fixed text fits in 384 byte tokens (kv_retrieval / variable_tracking / docstring need ~512)
+SHORT_TASKS = ("passkey", "fact_qa", "code_continuation", "copy_local")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(model="tiny-llama", lengths=(512, 640), sink=16, window=64, num_workers=0, progress=False,
+TINY = dict(model="tiny-llama", lengths=(384,), sink=16, window=64, num_workers=0, progress=False,
             save_every=0, device="cpu", dtype="float32")
 
 
@@ -97,7 +99,7 @@ def _eval_msr(trainer, samples):
 
 
 def test_smoke_training_cpu(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "run"), steps=3, batch_size=8, **TINY)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=8, **{**TINY, "lengths": (512,)})
     trainer = RouterTrainer(cfg)
     lam0 = trainer.lambdas.detach().clone()
     r0 = _routers_state(trainer)
@@ -107,7 +109,7 @@ def test_smoke_training_cpu(tmp_path):
     assert bool((trainer.lambdas.detach() > lam0).all()), "gradient ascent must raise every lambda"
     assert any(not torch.equal(r0[k], v) for k, v in trainer.routers.state_dict().items())
     recs = read_log(os.path.join(cfg.out, "train_log.jsonl"))
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2]
     assert set(recs[0]["msr"]) == set(TASKS) and set(recs[0]["lambda1"]) == set(TASKS)
     for name in ("training_curves.png", "data_manifest.json", "train_config.json", "routers/routers.safetensors"):
         assert os.path.isfile(os.path.join(cfg.out, name)), name
@@ -118,36 +120,42 @@ def test_smoke_training_cpu(tmp_path):
         assert torch.equal(v, trainer.routers.state_dict()[k].cpu())
 
 
-@pytest.mark.parametrize("tasks,t_sen,expect", [(ROBUST_TASKS[:2], 0.7, "up"), (SENSITIVE_TASKS[:2], 0.0, "down")])
+@pytest.mark.parametrize("tasks,t_sen,expect", [(("code_continuation", "copy_local"), 0.7, "up"),
+                                                (("passkey", "fact_qa"), 0.0, "down")])
 def test_regulariser_moves_msr_to_target(tmp_path, tasks, t_sen, expect):
     """With large lambdas and a fast router LR, routing MSR goes to the task target (1 robust, t_sen sensitive)."""
+    assert set(tasks) <= set(ROBUST_TASKS if expect == "up" else SENSITIVE_TASKS)
     cfg = TrainConfig(out=str(tmp_path / "run"), steps=8, batch_size=2, tasks=tasks, t_sen=t_sen,
-                      lambda_init_max=50.0, router_lr=3e-2, warmup_ratio=0.0, **TINY)
+                      lambda_init_max=50.0, router_lr=0.1, warmup_ratio=0.0, **TINY)
     trainer = RouterTrainer(cfg)
+    with torch.no_grad():  # start from the opposite routing, so the move is visible whatever the random init
+        for router in trainer.routers.routers:
+            router.router_mlp[-1].bias.copy_(torch.tensor([-0.2, 0.2] if expect == "up" else [0.2, -0.2]))
     probe = [trainer.dataset[1000 + i] for i in range(4)]
     before = _eval_msr(trainer, probe)
     trainer.run()
     after = _eval_msr(trainer, probe)
     trainer.close()
     if expect == "up":
-        assert after == 1.0 and after > before, (before, after)
+        assert before == 0.0 and after == 1.0, (before, after)
     else:
-        assert after == 0.0 and after < before, (before, after)
+        assert before == 1.0 and after == 0.0, (before, after)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    full = TrainConfig(out=str(tmp_path / "full"), steps=4, batch_size=4, **TINY)
+    kw = dict(steps=3, batch_size=2, tasks=("passkey", "copy_local"), **TINY)
+    full = TrainConfig(out=str(tmp_path / "full"), **kw)
     t_full = RouterTrainer(full)
     t_full.run()
     t_full.close()
-    part = TrainConfig(out=str(tmp_path / "part"), steps=4, batch_size=4, stop_after=2, **TINY)
+    part = TrainConfig(out=str(tmp_path / "part"), stop_after=1, **kw)
     t_part = RouterTrainer(part)
     t_part.run()
     t_part.close()
-    assert t_part.step == 2 and not os.path.isdir(os.path.join(part.out, "routers"))
-    resumed = TrainConfig(out=str(tmp_path / "part"), steps=4, batch_size=4, resume="auto", **TINY)
+    assert t_part.step == 1 and not os.path.isdir(os.path.join(part.out, "routers"))
+    resumed = TrainConfig(out=str(tmp_path / "part"), resume="auto", **kw)
     t_res = RouterTrainer(resumed)
-    assert t_res.step == 2
+    assert t_res.step == 1
     t_res.run()
     t_res.close()
     for k, v in t_full.routers.state_dict().items():
@@ -159,7 +167,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_worker_data_matches_in_process(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "w"), steps=2, batch_size=3, **{**TINY, "num_workers": 1})
+    cfg = TrainConfig(out=str(tmp_path / "w"), steps=2, batch_size=3, tasks=SHORT_TASKS, **{**TINY, "num_workers": 1})
     trainer = RouterTrainer(cfg)
     got = [s.input_ids for s in trainer._sample_iterator(2)]
     trainer.close()
@@ -168,7 +176,7 @@ def test_worker_data_matches_in_process(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 2 processes (gloo)
 def _worker(out):
-    cfg = TrainConfig(out=out, steps=2, batch_size=4, **TINY)
+    cfg = TrainConfig(out=out, steps=2, batch_size=4, tasks=SHORT_TASKS, **TINY)
     trainer = RouterTrainer(cfg)
     trainer.run()
     rank = trainer.env.rank
