@@ -1,8 +1,10 @@
 """`python -m elastic_cuda train-router` and `python -m elastic_cuda eval` (register(subparsers) adds both).
 
-Defaults are sized for SmolLM2-135M-Instruct on one H200 (bf16): 160 optimizer steps x 16 samples with lengths
-drawn from {1K, 2K, 4K, 8K} (mean 3.8K tokens) = 2,560 samples, ~9.7M tokens, each forward+backward running
-full AND streaming attention in all 30 layers; planned for ~4-5 minutes (measure: the log has step_time_s).
+Defaults are sized for SmolLM2-135M-Instruct on one H200 (bf16): 120 optimizer steps x 16 samples (2 per task)
+with lengths drawn from {1K, 2K, 4K, 8K} (mean ~3.8K tokens) = 1,920 samples, ~7.3M tokens, each forward+backward
+running full AND streaming attention in all 30 layers. Budget estimate: ~0.1-0.15 s per sample -> ~2 s per step,
+~4-5 minutes in all (the bar shows s/it after a few steps; the log has step_time_s; if a step takes T s, use
+--steps ~270/T to stay in budget, since the LR/tau schedules are laid out over --steps).
 Multi-GPU: `torchrun --nproc-per-node N -m elastic_cuda train-router ...` (the global batch is split over ranks).
 Streaming defaults sink 64 / window 512: at 2K-8K prompts a streaming head then sees < 30% of the context and
 loses the middle (where the sensitive tasks plant their facts), so the router has a real choice to learn; the
@@ -61,7 +63,7 @@ def register(subparsers) -> None:
     t = subparsers.add_parser("train-router", help="train attention routers (frozen backbone)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--out", default="runs/router", help="output dir (logs, checkpoints, routers/)")
-    t.add_argument("--steps", type=int, default=160, help="optimizer steps")
+    t.add_argument("--steps", type=int, default=120, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step, over all ranks")
     t.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192), help="prompt lengths in tokens")
     t.add_argument("--t-sen", type=float, default=0.7, help="target MSR of sparsity-sensitive tasks")

@@ -45,7 +45,7 @@ from .schedule import lr_factor, tau_at
 class TrainConfig:
     out: str = "runs/router"
     model: str = "smollm2"
-    steps: int = 160
+    steps: int = 120
     batch_size: int = 16
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     tasks: tuple[str, ...] = TASKS
