@@ -94,8 +94,9 @@ class AttentionRouter(nn.Module):
             gumbel = -torch.log(-torch.log(gumbel_u + _GUMBEL_EPS) + _GUMBEL_EPS)
             probs = torch.softmax((logits + gumbel) / tau, dim=-1)
             hard = torch.nn.functional.one_hot(probs.argmax(dim=-1), 2).to(probs.dtype)
-            # Straight-through: forward value is exactly `hard` (p - p.detach() is exactly 0), backward is dp.
-            z = (hard + probs - probs.detach())[..., 1]
+            # Straight-through: forward value is exactly `hard` (p - p.detach() is exactly 0; (hard + p) - p would
+            # round to 0.99999994), backward is dp.
+            z = (hard + (probs - probs.detach()))[..., 1]
         else:
             gumbel_u = None
             z = (logits[..., 1] > logits[..., 0]).to(logits.dtype)

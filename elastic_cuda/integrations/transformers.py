@@ -23,7 +23,7 @@ POLICIES = ("router", "fixed", "all_full", "all_sparse")
 DEFAULT_SINK, DEFAULT_WINDOW = 64, 512
 
 __all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "ElasticState", "enable", "disable", "elastic_attention_forward",
-           "register_attention"]
+           "elastic_padding_mask", "register_attention"]
 
 
 class ElasticState:
@@ -201,11 +201,28 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     return out, None
 
 
+def elastic_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                         attention_mask=None, **kwargs):
+    """transformers mask function for "elastic": the causal/stream rules live in the op, so the layers only need
+    the 2D padding mask [B, kv_length] (None when nothing is padded). Without this registration transformers
+    passes no mask at all to a custom attention implementation, and padding would be silently attended."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise NotImplementedError(f"elastic attention takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
 def register_attention():
-    """Register "elastic" with transformers' AttentionInterface (idempotent)."""
+    """Register "elastic" with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, elastic_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, elastic_padding_mask)
 
 
 def _attention_modules(model):
@@ -224,7 +241,8 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
            sink: int | None = None, window: int | None = None, block_size: int = 128, fixed_table=None,
            strategy: str = "auto") -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window default to the routers' config when routers are
-    given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse."""
+    given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse.
+    The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
     if getattr(model, "elastic_state", None) is not None:
@@ -282,6 +300,9 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
         param = next(model.parameters(), None)
         if param is not None:
             routers.to(param.device)
+        # Follow the model's mode (eval: deterministic argmax; train: Gumbel sampling); later model.train() /
+        # model.eval() calls reach the routers as a submodule.
+        routers.train(model.training)
         model.add_module("elastic_routers", routers)
     state._previous_attn_implementation = model.config._attn_implementation
     if hasattr(model, "set_attn_implementation"):

@@ -1,0 +1,174 @@
+"""AttentionRouter / RouterSet: STE, eval argmax, pooling, parameter count, checkpoints (CPU, seconds)."""
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from elastic_cuda.ops import FULL, STREAM
+from elastic_cuda.router import CONFIG_FILE, AttentionRouter, RouterSet
+
+
+def _keys(B=3, S=37, H=2, D=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, H, D, generator=g, dtype=dtype)
+
+
+def _fake_model(layers=2, q_heads=4, kv_heads=2, head_dim=16, model_type="llama", name="tiny/llama"):
+    """Just the config attributes a RouterSet reads (no transformers needed)."""
+    cfg = types.SimpleNamespace(num_hidden_layers=layers, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+                                head_dim=head_dim, hidden_size=q_heads * head_dim, model_type=model_type,
+                                _name_or_path=name)
+    return types.SimpleNamespace(config=cfg, name_or_path=name)
+
+
+def _reference_pool(keys, n_first, n_last):
+    """Mean over the union of the first n_first and last n_last token indices (overlap once), float64."""
+    S = keys.shape[1]
+    idx = sorted(set(range(min(n_first, S))) | set(range(max(S - n_last, 0), S)))
+    return keys.double()[:, idx].mean(dim=1)
+
+
+@pytest.mark.parametrize("S", [7, 150, 260])
+def test_pooling_matches_reference(S):
+    torch.manual_seed(S)
+    router = AttentionRouter(16, n_first=100, n_last=100).double()
+    keys = _keys(S=S, seed=S, dtype=torch.float64)
+    from elastic_cuda.ops import boundary_pool
+    pooled = boundary_pool(keys, n_first=100, n_last=100)
+    ref = _reference_pool(keys, 100, 100)
+    rel = ((pooled - ref).norm() / ref.norm()).item()
+    assert rel < 1e-12, rel
+    # The router's logits are exactly its MLPs applied to that pooled vector.
+    expect = router.router_mlp(router.task_mlp(ref))
+    got = router.eval().logits(keys)
+    assert torch.allclose(got, expect, rtol=1e-10, atol=1e-12)
+
+
+def test_init_gives_near_zero_logits_and_exact_parameter_count():
+    router = AttentionRouter(128)
+    # method-digest section 1: 131,712 (task MLP) + 131,970 (router MLP, 2-way) = 263,682 for D = 128.
+    assert sum(p.numel() for p in router.task_mlp.parameters()) == 131_712
+    assert sum(p.numel() for p in router.router_mlp.parameters()) == 131_970
+    assert sum(p.numel() for p in router.parameters()) == 263_682
+    for m in router.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert torch.count_nonzero(m.bias) == 0
+            assert abs(m.weight.std().item() - 0.02) < 0.004
+    logits = router.eval().logits(_keys(D=128))
+    assert logits.abs().max().item() < 0.05
+
+
+def test_training_ste_is_binary_and_gives_router_gradients():
+    torch.manual_seed(1)
+    router = AttentionRouter(16).train()
+    keys = _keys(B=4, H=3)
+    out = router(keys, tau=1.3)
+    assert out.z.shape == (4, 3) and out.logits.shape == (4, 3, 2)
+    assert set(out.z.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.head_mode, torch.where(out.z.detach() > 0.5, FULL, STREAM).to(torch.int32))
+    # The loss sees exactly 0/1, yet the router parameters get a non-zero gradient through p.
+    w = torch.randn(4, 3)
+    (out.z * w).sum().backward()
+    grads = [p.grad for p in router.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+    # Same uniform noise -> same hard sample (what activation recomputation relies on).
+    again = router(keys, tau=1.3, gumbel_u=out.gumbel_u)
+    assert torch.equal(again.z.detach(), out.z.detach())
+
+
+def test_training_samples_follow_logit_difference():
+    # P(FA) = sigmoid(l1 - l0) whatever tau (argmax of logits + Gumbel noise).
+    torch.manual_seed(2)
+    router = AttentionRouter(8).train()
+    with torch.no_grad():
+        last = router.router_mlp[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 1.0]))
+    keys = _keys(B=4000, S=3, H=1, D=8)
+    z = router(keys, tau=0.5).z.detach()
+    expect = torch.sigmoid(torch.tensor(1.0)).item()
+    assert abs(z.mean().item() - expect) < 0.03, (z.mean().item(), expect)
+
+
+def test_eval_is_deterministic_argmax():
+    torch.manual_seed(3)
+    router = AttentionRouter(16).eval()
+    with torch.no_grad():
+        router.router_mlp[-1].bias.copy_(torch.tensor([0.0, 0.003]))
+    keys = _keys(B=5, H=4)
+    a, b = router(keys), router(keys, tau=0.1)
+    assert torch.equal(a.z, b.z) and torch.equal(a.head_mode, b.head_mode)
+    expect = (a.logits[..., 1] > a.logits[..., 0])
+    assert torch.equal(a.z.bool(), expect)
+    assert torch.equal(a.head_mode, torch.where(expect, FULL, STREAM).to(torch.int32))
+    assert a.gumbel_u is None
+
+
+def test_varlen_pooling_matches_padded_per_sample():
+    torch.manual_seed(4)
+    router = AttentionRouter(16).eval()
+    lengths = [5, 230, 120]
+    seqs = [_keys(B=1, S=n, seed=n)[0] for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    packed = router.logits(torch.cat(seqs), cu_seqlens=cu)
+    single = torch.cat([router.logits(s[None]) for s in seqs])
+    assert torch.allclose(packed, single, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    router = AttentionRouter(16)
+    with pytest.raises(ValueError, match="head_dim"):
+        router(_keys(D=8))
+    with pytest.raises(ValueError, match="sparse_mode"):
+        router(_keys(), sparse_mode=0)
+    with pytest.raises(ValueError, match="tau"):
+        router.train()(_keys(), tau=0.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        AttentionRouter(0)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(5)
+    model = _fake_model()
+    routers = RouterSet.for_model(model, sink=32, window=256)
+    assert len(routers) == 2 and routers.config["num_kv_heads"] == 2 and routers.config["head_dim"] == 16
+    with torch.no_grad():
+        for p in routers.parameters():
+            p.add_(torch.randn_like(p))
+    routers.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["router_config.json", "routers.safetensors"]
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("model_name", "num_layers", "num_kv_heads", "head_dim", "sink", "window", "sparse_mode", "version"):
+        assert key in cfg
+    assert cfg["sink"] == 32 and cfg["window"] == 256 and cfg["model_name"] == "tiny/llama"
+    loaded = RouterSet.load(str(tmp_path), model=model)
+    for (ka, a), (kb, b) in zip(routers.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(a, b)
+    keys = _keys()
+    assert torch.equal(routers.eval()[1](keys).logits, loaded.eval()[1](keys).logits)
+
+
+@pytest.mark.parametrize("change", [dict(layers=3), dict(head_dim=32), dict(kv_heads=4, q_heads=8)])
+def test_loading_into_wrong_model_fails(tmp_path, change):
+    RouterSet.for_model(_fake_model()).save(str(tmp_path))
+    with pytest.raises(ValueError, match="does not match this model"):
+        RouterSet.load(str(tmp_path), model=_fake_model(**change))
+
+
+def test_loading_checks_files_and_version(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        RouterSet.load(str(tmp_path))
+    RouterSet.for_model(_fake_model()).save(str(tmp_path))
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    cfg["version"] = 99
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="version"):
+        RouterSet.load(str(tmp_path))
+    cfg["version"] = 1
+    cfg["num_layers"] = 3  # config and weights disagree
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match"):
+        RouterSet.load(str(tmp_path))

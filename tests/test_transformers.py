@@ -1,0 +1,319 @@
+"""transformers backend on tiny random Llama / Mistral / Qwen2 / Qwen3 models (no downloads, CPU, seconds).
+
+Tolerances: all_full vs the model's own eager attention in fp32: max relative error (max |diff| / max |ref|)
+< 1e-4. Sparse policies vs a pure-PyTorch masked reference (HF eager attention with the per-head additive
+mask of elastic_cuda.reference.additive_mask) in fp64: < 1e-9; comparisons with model.generate's scores
+(which transformers returns in fp32) of fp64 models: < 1e-6.
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from elastic_cuda.attention import causal_pairs, visible_pairs  # noqa: E402
+from elastic_cuda.integrations.transformers import disable, enable  # noqa: E402
+from elastic_cuda.ops import FULL, STREAM  # noqa: E402
+from elastic_cuda.reference import additive_mask, visible_mask  # noqa: E402
+from elastic_cuda.router import RouterSet  # noqa: E402
+
+KINDS = ("llama", "mistral", "qwen2", "qwen3")
+SINK, WINDOW = 3, 8
+REF_IMPL = "elastic_test_masked_reference"
+
+
+def make_model(kind, dtype=torch.float32, seed=0, layers=2):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = classes[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    cfg = cfg_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    # Random init gives near-uniform attention; larger q/k weights make the masks matter for the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _ids(B, S, seed=1):
+    return torch.randint(3, 128, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- masked reference model
+_REF_TABLE = {}
+
+
+def _masked_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (written out, softmax in the input dtype: HF's eager softmax runs in fp32) with the
+    elastic semantics as an additive per-head mask [B, Hq, Sq, Skv]."""
+    B, Hq, Sq, _ = query.shape
+    Skv = key.shape[2]
+    groups = Hq // key.shape[1]
+    head_mode = _REF_TABLE["modes"][:, module.layer_idx]  # [B, Hkv]
+    mask = additive_mask(head_mode, Sq, Skv, Hq, sink=_REF_TABLE["sink"], window=_REF_TABLE["window"],
+                         dtype=query.dtype)
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    probs = torch.softmax(query @ k.transpose(2, 3) * scaling + mask, dim=-1)
+    return (probs @ v).transpose(1, 2), None
+
+
+def reference_logits(model, ids, head_modes, sink=SINK, window=WINDOW):
+    """head_modes int [B, L, Hkv]."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REF_IMPL, _masked_reference_attention)
+    _REF_TABLE.update(modes=head_modes, sink=sink, window=window)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(REF_IMPL)
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def decisive(routers, seed=0):
+    """Eval-mode routers with O(1) logits (the N(0, 0.02) init gives ~1e-5 logits, i.e. near ties), so that some
+    heads go FULL and some STREAM and float rounding cannot flip a decision."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in routers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 2.0 / m.in_features ** 0.5)
+    return routers.eval()
+
+
+def mixed_table(L=2, Hkv=2):
+    t = torch.zeros(L, Hkv, dtype=torch.bool)
+    t[0, 1] = True
+    t[1, 0] = True
+    return t
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_full_matches_eager(kind):
+    model = make_model(kind)
+    ids = _ids(2, 48)
+    with torch.no_grad():
+        ref = model(ids).logits
+        state = enable(model, policy="all_full")
+        assert model.config._attn_implementation == "elastic"
+        out = model(ids).logits
+    assert rel_err(out, ref) < 1e-4
+    assert state.last_head_mode.shape == (2, 2, 2) and bool((state.last_head_mode == FULL).all())
+    m = state.metrics()
+    assert m["msr"] == 0.0 and m["esr"] == 0.0
+    disable(model)
+    assert model.config._attn_implementation == "eager"
+    assert not hasattr(model.model.layers[0].self_attn, "_elastic_state")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("policy", ["all_sparse", "fixed"])
+def test_sparse_policies_match_masked_reference(kind, policy):
+    model = make_model(kind, dtype=torch.float64)
+    ids = _ids(2, 40, seed=2)
+    table = mixed_table()
+    state = enable(model, policy=policy, sink=SINK, window=WINDOW, fixed_table=table if policy == "fixed" else None)
+    with torch.no_grad():
+        out = model(ids).logits
+    modes = state.last_head_mode
+    expect_sparse = torch.ones(2, 2, dtype=torch.bool) if policy == "all_sparse" else table
+    assert torch.equal(modes, torch.where(expect_sparse, STREAM, FULL).to(torch.int32).expand(2, 2, 2))
+    disable(model)
+    ref = reference_logits(model, ids, modes)
+    dense = model(ids).logits.detach()
+    assert rel_err(out, ref) < 1e-9
+    assert rel_err(out, dense) > 1e-3  # the masks really change the result (the test can fail)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_with_cache_equals_recompute(kind):
+    model = make_model(kind, dtype=torch.float64, seed=3)
+    ids = _ids(1, 20, seed=3)
+    enable(model, policy="fixed", sink=SINK, window=WINDOW, fixed_table=mixed_table())
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             min_new_tokens=8, output_logits=True, return_dict_in_generate=True)
+        for step in range(8):
+            seq = gen.sequences[:, : ids.shape[1] + step]
+            logits = model(seq, use_cache=False).logits[:, -1]
+            assert rel_err(gen.logits[step], logits) < 1e-6, step  # generate returns fp32 logits
+            # greedy pick (min_new_tokens bans eos = token 2 in generate)
+            assert int(gen.sequences[0, ids.shape[1] + step]) == int(logits[0].index_fill(0, torch.tensor([2]),
+                                                                                         float("-inf")).argmax())
+
+
+def test_router_decision_is_kept_for_decode():
+    model = make_model("llama", dtype=torch.float64, seed=4)
+    routers = decisive(RouterSet.for_model(model).double())
+    ids = _ids(1, 30, seed=4)
+    state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    prefill_modes = state.last_head_mode.clone()
+    # Recompute every step without a cache, forcing the prefill decision as a fixed table.
+    enable(model, policy="fixed", sink=SINK, window=WINDOW, fixed_table=prefill_modes[0] != FULL)
+    with torch.no_grad():
+        for step in range(6):
+            seq = gen.sequences[:, : ids.shape[1] + step]
+            assert rel_err(gen.logits[step], model(seq, use_cache=False).logits[:, -1]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_router_policy_gives_one_mode_per_sample_layer_head(kind):
+    model = make_model(kind, layers=3)
+    routers = decisive(RouterSet.for_model(model))
+    assert routers.config["model_type"] == kind
+    ids = _ids(3, 33, seed=5)
+    state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
+    assert model.elastic_routers is routers
+    assert any(p is routers.routers[0].task_mlp[0].weight for p in model.parameters())
+    with torch.no_grad():
+        model(ids)
+    modes, z = state.last_head_mode, state.last_z
+    assert modes.shape == (3, 3, 2) and modes.dtype == torch.int32 and z.shape == (3, 3, 2)
+    assert set(modes.unique().tolist()) <= {FULL, STREAM}
+    assert torch.equal(modes == FULL, z == 1)
+    m = state.metrics()
+    sparse = (modes != FULL).double()
+    assert torch.allclose(m["msr_per_sample"], sparse.mean((1, 2)))
+    assert torch.allclose(m["msr_per_layer"], sparse.mean((0, 2)))
+    assert abs(m["msr"] - sparse.mean().item()) < 1e-12
+    # ESR from the real masks: skipped causal pairs over all heads, per layer.
+    full = visible_mask(FULL, 33, 33, sink=SINK, window=WINDOW).sum().item()
+    stream = visible_mask(STREAM, 33, 33, sink=SINK, window=WINDOW).sum().item()
+    for layer in range(3):
+        n_sparse = int((modes[:, layer] != FULL).sum())
+        expect = n_sparse * (full - stream) / (3 * 2 * full)
+        assert abs(m["esr_per_layer"][layer].item() - expect) < 1e-12
+    assert len(state.routing_map(0)) == 3 and all(len(row) == 2 for row in state.routing_map(0))
+    # Each sample is routed on its own keys: same decision as running it alone.
+    with torch.no_grad():
+        model(ids[1:2])
+    assert torch.equal(state.last_head_mode[0], modes[1])
+
+
+@pytest.mark.parametrize("n_q,n_k,sink,window", [(33, 33, 3, 8), (1, 40, 3, 8), (5, 40, 0, 4), (7, 7, 10, 2),
+                                                 (12, 30, 4, 0), (30, 30, 50, 50)])
+def test_pair_counts_match_reference_masks(n_q, n_k, sink, window):
+    assert causal_pairs(n_q, n_k) == visible_mask(FULL, n_q, n_k, sink=sink, window=window).sum().item()
+    assert visible_pairs(STREAM, n_q, n_k, sink, window) == \
+        visible_mask(STREAM, n_q, n_k, sink=sink, window=window).sum().item()
+
+
+@pytest.mark.parametrize("policy", ["fixed", "router"])
+def test_left_padded_batch_matches_single_sequences(policy):
+    model = make_model("llama", dtype=torch.float64, seed=6)
+    routers = None
+    if policy == "router":
+        routers = decisive(RouterSet.for_model(model).double())
+    lengths = [30, 21]
+    seqs = [_ids(1, n, seed=10 + n) for n in lengths]
+    S = max(lengths)
+    ids = torch.zeros(2, S, dtype=torch.long)
+    mask = torch.zeros(2, S, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, S - s.shape[1]:] = s[0]
+        mask[b, S - s.shape[1]:] = 1
+    state = enable(model, routers, policy=policy, sink=SINK, window=WINDOW, fixed_table=mixed_table())
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+        batch_modes = state.last_head_mode.clone()
+        m = state.metrics()
+        assert 0.0 < m["esr"] < 1.0 and m["msr_per_sample"].shape == (2,)
+        for b, s in enumerate(seqs):
+            single = model.generate(s, attention_mask=torch.ones_like(s), max_new_tokens=5, min_new_tokens=5,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+            assert torch.equal(state.last_head_mode[0], batch_modes[b])
+            assert torch.equal(batch.sequences[b, S:], single.sequences[0, s.shape[1]:])
+            for step in range(5):
+                assert rel_err(batch.logits[step][b], single.logits[step][0]) < 1e-6
+
+
+def test_train_mix_gradients_reach_routers_only():
+    torch.manual_seed(7)
+    model = make_model("qwen3", seed=7)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routers = RouterSet.for_model(model)
+    state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
+    state.train_mix, state.tau = True, 1.2
+    routers.train()
+    ids = _ids(2, 40, seed=7)
+    out = model(ids, labels=ids)
+    z = state.last_z
+    assert z.requires_grad and set(z.detach().unique().tolist()) <= {0.0, 1.0}
+    out.loss.backward()
+    router_params = set(id(p) for p in routers.parameters())
+    grads = [p.grad for p in routers.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+    for p in model.parameters():
+        if id(p) not in router_params:
+            assert p.grad is None
+    # The mixed forward equals the hard selection it encodes (z exactly 0/1).
+    sampled = state.last_head_mode.clone()
+    enable(model, policy="fixed", sink=SINK, window=WINDOW, fixed_table=(sampled[0] != FULL))
+    with torch.no_grad():
+        hard = model(ids[:1]).logits
+    assert rel_err(out.logits[:1].detach(), hard) < 1e-4
+
+
+def test_train_mix_with_gradient_checkpointing_reuses_noise():
+    model = make_model("llama", seed=8)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = _ids(2, 36, seed=8)
+    grads = []
+    for checkpointing in (False, True):
+        routers = RouterSet.for_model(model)
+        torch.manual_seed(8)
+        routers.routers.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+        state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
+        state.train_mix = True
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(9)
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in routers.parameters()]))
+        model.gradient_checkpointing_disable()
+        disable(model)
+    model.eval()
+    assert rel_err(grads[1], grads[0]) < 1e-5
+
+
+def test_enable_validates_arguments():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="needs routers"):
+        enable(model, policy="router")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        enable(model, policy="sometimes")
+    with pytest.raises(ValueError, match="fixed_table"):
+        enable(model, policy="fixed")
+    with pytest.raises(ValueError, match=r"\[2, 2\]"):
+        enable(model, policy="fixed", fixed_table=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="sparse_mode"):
+        enable(model, policy="all_sparse", sparse_mode="dense")
+    with pytest.raises(ValueError, match="does not match this model"):
+        enable(model, RouterSet.for_model(make_model("llama", layers=3)), policy="router")
+    with pytest.raises(NotImplementedError, match="4D|2D"):
+        enable(model, policy="all_full")
+        model(_ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
+    disable(model)
+    assert model.config._attn_implementation == "eager"
