@@ -174,6 +174,32 @@ def test_worker_data_matches_in_process(tmp_path):
     assert got == [trainer.dataset[i].input_ids for i in range(6)]
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_evaluate_policies_tiny(tmp_path):
+    from elastic_cuda.router import RouterSet
+    from elastic_cuda.training.evaluate import EvalConfig, evaluate, static_table_from_frequency
+    from elastic_cuda.training.models import ByteTokenizer, tiny_llama
+
+    model = tiny_llama(0)
+    routers = RouterSet.for_model(model, sink=16, window=64)
+    cfg = EvalConfig(out=str(tmp_path / "eval"), model="tiny-llama", lengths=(384,), tasks=SHORT_TASKS,
+                     samples_per_task=1, calibration_per_task=1, max_new_tokens=2, device="cpu", progress=False,
+                     policies=("dense", "elastic", "static", "all_sparse"))
+    res = evaluate(cfg, model=model, tokenizer=ByteTokenizer(), routers=routers)
+    agg = res["aggregate"]
+    assert agg["dense"]["summary"]["msr"] == 0.0 and agg["all_sparse"]["summary"]["msr"] == 1.0
+    table = torch.tensor(res["static_table"])
+    assert abs(float(table.float().mean()) - agg["elastic"]["summary"]["msr"]) <= 0.5 / table.numel() + 1e-9
+    assert agg["static"]["summary"]["msr"] == float(table.float().mean())
+    assert {r["policy"] for r in res["records"]} == set(cfg.policies) and len(res["records"]) == 4 * len(SHORT_TASKS)
+    for name in ("eval_results.json", "eval_report.md", "eval_summary.png"):
+        assert os.path.isfile(os.path.join(cfg.out, name))
+    # dense and all_sparse differ on the robust loss only through attention: both finite
+    assert math.isfinite(agg["dense"]["summary"]["loss_robust"]) and math.isfinite(agg["all_sparse"]["summary"]["loss_robust"])
+    freq = torch.tensor([[0.9, 0.1], [0.5, 0.2]])
+    assert static_table_from_frequency(freq, 0.5).tolist() == [[False, True], [False, True]]
+
+
 # ---------------------------------------------------------------------------------------------- 2 processes (gloo)
 def _worker(out):
     cfg = TrainConfig(out=out, steps=2, batch_size=4, tasks=SHORT_TASKS, **TINY)

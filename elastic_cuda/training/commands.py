@@ -85,7 +85,7 @@ def register(subparsers) -> None:
     e.add_argument("--samples-per-task", type=int, default=8, help="per task and length")
     e.add_argument("--calibration-per-task", type=int, default=2,
                    help="train-split prompts per task and length used to rank heads for the static policy")
-    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (stops at end of turn)")
     e.add_argument("--policies", default="dense,elastic,static,all_sparse")
     e.add_argument("--sink", type=int, default=None, help="default: the routers' config")
     e.add_argument("--window", type=int, default=None, help="default: the routers' config")

@@ -44,7 +44,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = TASKS
     samples_per_task: int = 8
     calibration_per_task: int = 2
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32  # SmolLM2 answers in a sentence ("The pass key is 1234567."), digits one token each
     policies: tuple[str, ...] = POLICIES
     sink: int | None = None      # default: the routers' config, else 64
     window: int | None = None    # default: the routers' config, else 512
