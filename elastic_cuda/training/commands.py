@@ -41,7 +41,8 @@ def _train(args):
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, num_workers=args.num_workers,
-                      tau_schedule=args.tau_schedule, progress=not args.no_progress)
+                      tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
+                      progress=not args.no_progress)
     train(cfg)
     return 0
 
@@ -72,6 +73,8 @@ def register(subparsers) -> None:
     t.add_argument("--loss-on", default="answer", choices=("answer", "all"),
                    help="LM loss on answer tokens (default) or all tokens (the paper)")
     t.add_argument("--tau-schedule", default="code", choices=("code", "paper"))
+    t.add_argument("--router-lr", type=float, default=5e-4, help="peak router LR (AdamW 0.9/0.95, wd 0.1)")
+    t.add_argument("--lambda-lr", type=float, default=1e-3, help="peak LR of the lambdas (gradient ascent)")
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the latest under --out")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
