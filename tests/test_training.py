@@ -79,6 +79,26 @@ def test_schedules():
         tau_at(0, total, schedule="linear")
 
 
+@pytest.mark.parametrize("policy", ["all_full", "all_sparse"])
+def test_prompt_then_answer_matches_one_forward(policy):
+    """Prefill + cached continuation gives the logits of one forward (fixed routing); rel. error in fp32."""
+    from elastic_cuda.integrations.transformers import disable, enable
+    from elastic_cuda.training.models import tiny_llama
+    from elastic_cuda.training.trainer import prompt_then_answer_logits
+
+    model = tiny_llama(0)
+    enable(model, None, policy=policy, sink=4, window=16)
+    ids = torch.randint(4, 260, (100,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = prompt_then_answer_logits(model, ids, 80, 25)
+        ref = model(input_ids=ids[None], use_cache=False).logits[0, -25:]
+    disable(model)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="prompt_len"):
+        prompt_then_answer_logits(model, ids, 100, 1)
+
+
 # ---------------------------------------------------------------------------------------------- training on CPU
 def _routers_state(trainer):
     return {k: v.detach().clone() for k, v in trainer.routers.state_dict().items()}

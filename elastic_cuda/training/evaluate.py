@@ -30,7 +30,7 @@ import torch
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
 from .losses import masked_lm_loss
 from .models import load_model_and_tokenizer
-from .trainer import resolve_device_dtype
+from .trainer import prompt_then_answer_logits, resolve_device_dtype
 
 POLICIES = ("dense", "elastic", "static", "all_sparse")
 
@@ -88,12 +88,13 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids:
 
 @torch.no_grad()
 def answer_loss(model, sample: Sample, device) -> tuple[float, dict]:
-    """Mean CE of the answer tokens (teacher forcing) and the prefill metrics."""
+    """Mean CE of the answer tokens (teacher forcing over the prompt's KV cache, routing decided on the prompt
+    alone as at inference) and the prefill metrics (ESR includes the answer tokens' queries)."""
     ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     mask[sample.prompt_len:] = 1
-    out = model(input_ids=ids[None], use_cache=False, logits_to_keep=len(ids) - sample.prompt_len + 1)
-    loss = masked_lm_loss(out.logits[0], ids, mask)
+    logits = prompt_then_answer_logits(model, ids, sample.prompt_len, len(ids) - sample.prompt_len + 1)
+    loss = masked_lm_loss(logits, ids, mask)
     state = getattr(model, "elastic_state", None)
     return float(loss), (state.metrics() if state is not None else {})
 

@@ -6,6 +6,9 @@ straight-through z (``ElasticState.train_mix``). Loss = LM cross-entropy + the p
 lr 1e-3, wd 0.1, init U[0, 0.5)); 20% linear warmup then cosine to ~0 for both groups; grad-norm clip 5.0 over
 all trainable parameters; Gumbel temperature from ``schedule.tau_at``.
 
+Routing sees the prompt only: each sample runs as a prefill of its prompt (routers decide there) and then its
+answer as a cached continuation that reuses the decision (``prompt_then_answer_logits``), exactly as at inference.
+
 Batching: one optimizer step = ``batch_size`` samples (global, over all ranks); every sample is its own
 forward with B = 1 (no padding, so the routers' boundary pooling sees exactly the sample, and lengths 1K-8K mix
 freely); gradients accumulate. The LM loss is the mean over samples of each sample's mean token CE (short and
@@ -136,6 +139,23 @@ class DistEnv:
     def close(self):
         if self.owns_group:
             dist.destroy_process_group()
+
+
+def prompt_then_answer_logits(model, ids: torch.Tensor, prompt_len: int, keep: int) -> torch.Tensor:
+    """Logits [keep, V] for the last `keep` positions of ids [T], computed as inference sees the sequence:
+    a prefill of the prompt (where the routers decide, pooling the prompt's keys only, answer excluded) and then
+    the answer tokens as a continuation over the KV cache, which reuses the prefill routing (and, in training,
+    its straight-through z). One forward over prompt + answer would let the routers pool the answer's keys."""
+    T = ids.shape[0]
+    if not 0 < prompt_len < T or not 0 < keep <= T:
+        raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={prompt_len}, "
+                         f"keep={keep}, len={T}")
+    answer_len = T - prompt_len
+    keep_prompt = max(1, keep - answer_len)  # the last prompt position always predicts the first answer token
+    out = model(input_ids=ids[None, :prompt_len], use_cache=True, logits_to_keep=keep_prompt)
+    cont = model(input_ids=ids[None, prompt_len:], past_key_values=out.past_key_values, use_cache=True)
+    logits = torch.cat([out.logits[0], cont.logits[0]], dim=0)
+    return logits[-keep:] if keep < logits.shape[0] else logits
 
 
 def _first(batch):
@@ -311,10 +331,9 @@ class RouterTrainer:
                                    f"expected {tasks[j]}")
             ids = torch.tensor(sample.input_ids, dtype=torch.long, device=self.device)
             mask = torch.tensor(sample.loss_mask, dtype=torch.long, device=self.device)
-            keep = logits_needed(mask)
             with self._autocast():
-                out = self.model(input_ids=ids[None], logits_to_keep=keep, use_cache=False)
-            lm = masked_lm_loss(out.logits[0], ids, mask)
+                logits = prompt_then_answer_logits(self.model, ids, sample.prompt_len, logits_needed(mask))
+            lm = masked_lm_loss(logits, ids, mask)
             msr = msr_from_z(self.state.last_z)[0]
             ti = TASKS.index(sample.task)
             target = 1.0 if TASK_CATEGORY[sample.task] == "robust" else cfg.t_sen
