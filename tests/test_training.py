@@ -212,7 +212,7 @@ def test_evaluate_policies_tiny(tmp_path):
     assert abs(float(table.float().mean()) - agg["elastic"]["summary"]["msr"]) <= 0.5 / table.numel() + 1e-9
     assert agg["static"]["summary"]["msr"] == float(table.float().mean())
     assert {r["policy"] for r in res["records"]} == set(cfg.policies) and len(res["records"]) == 4 * len(SHORT_TASKS)
-    for name in ("eval_results.json", "eval_report.md", "eval_summary.png"):
+    for name in ("eval_results.json", "eval_report.md", "eval_summary.png", "eval_data_manifest.json"):
         assert os.path.isfile(os.path.join(cfg.out, name))
     # dense and all_sparse differ on the robust loss only through attention: both finite
     assert math.isfinite(agg["dense"]["summary"]["loss_robust"]) and math.isfinite(agg["all_sparse"]["summary"]["loss_robust"])

@@ -13,8 +13,8 @@ Metrics per task and length: sensitive tasks, accuracy of greedy generation (``m
 the expected key/value/city string occurs in the generated text, RULER's string match); robust tasks, mean LM
 cross-entropy of the answer tokens under teacher forcing; MSR (fraction of KV heads routed sparse at prefill)
 and ESR (fraction of causal (query, key) pairs skipped) for every sample.
-Writes ``eval_results.json`` (config, per-sample records, aggregates, target checks), ``eval_report.md`` and
-``eval_summary.png`` under the output directory. Targets checked (issue 5): sensitive accuracy >= dense - 3
+Writes ``eval_results.json`` (config, per-sample records, aggregates, target checks), ``eval_report.md``,
+``eval_summary.png`` and ``eval_data_manifest.json`` (the held-out documents) under the output directory. Targets checked (issue 5): sensitive accuracy >= dense - 3
 points with sensitive MSR >= 0.4; robust MSR >= 0.8 with robust loss <= dense x 1.03; robust MSR - sensitive
 MSR >= 0.25.
 """
@@ -268,9 +268,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
     sink = cfg.sink if cfg.sink is not None else rcfg.get("sink", 64)
     window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
-    samples = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg).eval_samples(
-        cfg.lengths, cfg.samples_per_task)
+    eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
+    samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
     os.makedirs(cfg.out, exist_ok=True)
+    eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
     stop_ids = _stop_ids(tokenizer)
     order = [p for p in ("elastic", "static", "dense", "all_sparse") if p in cfg.policies]  # static needs elastic
     n_calib = cfg.calibration_per_task * len(cfg.tasks) * len(cfg.lengths) if "static" in order else 0
