@@ -18,10 +18,12 @@ Tasks (the category label is used only by the training loss, never at inference)
     ``prose_continuation`` docs/licence prose; answer the next lines.
     ``docstring_summary``  code filler, then a function whose docstring lost its first line; answer that line.
     ``copy_local``         any filler; answer = the last line of the text, copied.
-Needles of sensitive tasks are placed at filler token positions in [sink + 16, F - local_window - 32) (F = filler length)
-(``DataConfig.local_window``, default 512 = the streaming window), so with sink 64 / window 512 they lie outside
-what a streaming head sees from the question: the tasks are sensitive by construction, not by luck. At lengths
-too short for that zone (< ~700 tokens) the zone falls back to [10%, 50%) of the filler.
+Needles of sensitive tasks are placed at filler token positions in [sink + 16, F - local_window - 32), F = filler
+length (``DataConfig.local_window``, default 512 = the streaming window), so with sink 64 / window 512 they lie
+outside what a streaming head sees from the question: the tasks are sensitive by construction, not by luck. When F
+is too short for that zone (prompts under ~700 tokens) the zone falls back to [10%, 50%) of the filler.
+The partial first line: the filler starts with the tail of a reserved stretch of text cut to the exact token
+count still missing, so lengths are token-exact up to tokenizer merges at the seams.
 
 Sample: chat prompt rendered with the tokenizer's own chat template (one user turn: instruction, context,
 question; ``add_generation_prompt=True``), then the assistant answer with the template's end-of-turn text.
@@ -34,7 +36,8 @@ and the far-context dependencies the router must protect are concentrated in the
 see it; the paper could afford it with 0.74B tokens of real SFT data whose documents do carry long-range
 dependencies. ``loss_on="all"`` reproduces the paper's choice.
 
-Length: ``target_tokens`` (1K-8K for real use; any value >= 128 works for tests) counts prompt + answer tokens.
+Length: ``target_tokens`` (1K-8K for real use; >= 128, and enough for the task's fixed text, else ValueError)
+counts prompt + answer tokens.
 Filler is added line by line, re-rendered and corrected until the length lies in
 [target - tol, target], tol = max(16, 3% of target); the final length is ``len(input_ids)``.
 
