@@ -10,9 +10,10 @@ Text sources (all read from the local Python install; details and determinism no
 Tasks (the category label is used only by the training loss, never at inference):
   sparsity-SENSITIVE (need tokens far from the end, which streaming attention drops):
     ``passkey``            a pass key planted once in filler; answer the number.
-    ``kv_retrieval``       3-6 "value for key <adj-noun> is <number>" records; answer one key's value.
+    ``kv_retrieval``       2-4 "value for key <adj-noun> is <number>" records; answer one key's value.
     ``variable_tracking``  a chain VAR A = 12345 ... VAR B = A ... VAR C = B (+ a distractor chain); value of C.
-    ``fact_qa``            "<person>'s <object> is kept in <city>." among two distractor facts; answer the city.
+    ``fact_qa``            "Important fact: <person>'s <object> is kept in the city of <city>." planted once;
+                           answer the city.
   sparsity-ROBUST (the answer depends on the last few hundred tokens only):
     ``code_continuation``  stdlib code; answer the next lines (~48 tokens).
     ``prose_continuation`` docs/licence prose; answer the next lines.
@@ -331,7 +332,7 @@ class TaskDataset:
                                  [needle], "\n\nWhat is the pass key? Answer with the number only.", key, {})
 
     def _task_kv_retrieval(self, rng, target):
-        n = rng.randint(3, 6)
+        n = rng.randint(2, 4)  # with 3-6 records SmolLM2-135M (dense) missed 2/2 in a 1K check; 2-4: 2/3 right
         keys = rng.sample([f"{a}-{b}" for a in _ADJECTIVES for b in _NOUNS], n)
         values = [str(v) for v in rng.sample(range(100_000, 1_000_000), n)]
         records = [f'The value for the key "{k}" is {v}.' for k, v in zip(keys, values)]
@@ -363,15 +364,15 @@ class TaskDataset:
                                  needles, question, value, {"hops": hops})
 
     def _task_fact_qa(self, rng, target):
-        people = rng.sample(_PEOPLE, 3)
-        objects = [rng.choice(_OBJECTS) for _ in people]
-        cities = rng.sample(_CITIES, 3)
-        facts = [f"{p}'s {o} is kept in {c}." for p, o, c in zip(people, objects, cities)]
-        order = rng.sample(range(3), 3)
-        question = f"\n\nIn which city is {people[0]}'s {objects[0]} kept? Answer with the city name only."
+        # One planted fact, no distractor: with two distractor facts SmolLM2-135M (dense) answered a distractor's
+        # city in 3/3 samples of a 1K check, which would make the task measure the model, not the routing.
+        person, obj, city = rng.choice(_PEOPLE), rng.choice(_OBJECTS), rng.choice(_CITIES)
+        fact = f"Important fact: {person}'s {obj} is kept in the city of {city}."
+        question = (f"\n\nAccording to the important fact in the text, in which city is {person}'s {obj} kept? "
+                    "Answer with the city name only.")
         return self._needle_task(rng, target, "fact_qa",
-                                 "Read the text below. It mentions where some objects are kept.\n\n",
-                                 [facts[i] for i in order], question, cities[0], {})
+                                 "Read the text below. It mentions where an object is kept.\n\n",
+                                 [fact], question, city, {})
 
     # -- sparsity-robust tasks --------------------------------------------------------------------------
     def _continuation(self, rng, target, task, kind, header):
