@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "enable": ("integrations.transformers", "enable"),
     "disable": ("integrations.transformers", "disable"),
+    "ElasticCache": ("integrations.cache", "ElasticCache"),
     "AttentionRouter": ("router", "AttentionRouter"),
     "RouterSet": ("router", "RouterSet"),
 }

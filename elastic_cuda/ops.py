@@ -165,9 +165,19 @@ def _lse_shape(q, cu_seqlens_q):
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
+def _check_one_device(op, q, **tensors):
+    """A call mixing 'meta' with real tensors dispatches here (Meta wins) instead of a real kernel,
+    which would silently return an empty tensor on q's device: refuse it, naming the argument."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"elastic_cuda.{op}: {name} must be on the device of q ({q.device}), got {t.device}")
+
+
 @torch.library.register_fake("elastic::attention")
 def _attention_fake(q, k, v, head_mode, block_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, *, sink=128,
                     window=2048, block_size=128, scale=None, max_seqlen_q=0, max_seqlen_k=0, strategy="auto"):
+    _check_one_device("attention", q, k=k, v=v, head_mode=head_mode, block_mask=block_mask,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     # lse is fp32, except fp64 for fp64 inputs (CPU only) so that gradcheck through lse is exact.
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=lse_dtype)
@@ -177,6 +187,9 @@ def _attention_fake(q, k, v, head_mode, block_mask=None, cu_seqlens_q=None, cu_s
 def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, head_mode, block_mask=None, cu_seqlens_q=None,
                              cu_seqlens_k=None, *, sink=128, window=2048, block_size=128, scale=None,
                              max_seqlen_q=0, max_seqlen_k=0):
+    _check_one_device("attention_backward", q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse,
+                      head_mode=head_mode, block_mask=block_mask, cu_seqlens_q=cu_seqlens_q,
+                      cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

@@ -312,8 +312,71 @@ def test_enable_validates_arguments():
         enable(model, policy="all_sparse", sparse_mode="dense")
     with pytest.raises(ValueError, match="does not match this model"):
         enable(model, RouterSet.for_model(make_model("llama", layers=3)), policy="router")
+    with pytest.raises(NotImplementedError, match="packed"):
+        enable(model, policy="all_full")
+        model(_ids(1, 8), position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
     with pytest.raises(NotImplementedError, match="4D|2D"):
         enable(model, policy="all_full")
         model(_ids(1, 8), attention_mask=torch.zeros(1, 1, 8, 8))
     disable(model)
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("kind,policy", [("llama", "fixed"), ("qwen3", "fixed"), ("llama", "all_sparse")])
+def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind, policy):
+    from elastic_cuda.integrations.cache import ElasticCache
+
+    model = make_model(kind, dtype=torch.float64, seed=11)
+    ids = _ids(1, 25, seed=11)
+    table = mixed_table() if policy == "fixed" else torch.ones(2, 2, dtype=torch.bool)
+    enable(model, policy=policy, sink=SINK, window=WINDOW, fixed_table=table)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        cache = ElasticCache(model)
+        elastic = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(plain.sequences, elastic.sequences)
+    for step in range(10):
+        assert rel_err(elastic.logits[step], plain.logits[step]) < 1e-6
+    total = ids.shape[1] + 10 - 1  # tokens cached after the last step (its own token included)
+    for layer_idx, layer in enumerate(cache.layers):
+        assert layer.compacted and layer.get_seq_length() == total
+        n_stream = int(table[layer_idx].sum())
+        assert layer.keys.shape == (1, 2 - n_stream, total, 16)                 # FULL heads keep everything
+        assert layer.stream_keys.shape == (1, n_stream, SINK + WINDOW, 16)      # STREAM heads: sink + window only
+        assert layer.stream_heads == table[layer_idx].nonzero().flatten().tolist()
+    assert cache.memory_bytes() < (0.7 if policy == "fixed" else 0.4) * cache.dense_memory_bytes()
+    # Compacted layers refuse what they cannot do.
+    with pytest.raises(NotImplementedError, match="beam"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+def test_elastic_cache_all_full_keeps_everything():
+    from elastic_cuda.integrations.cache import ElasticCache
+
+    model = make_model("llama", dtype=torch.float64, seed=12)
+    ids = _ids(1, 20, seed=12)
+    enable(model, policy="all_full")
+    with torch.no_grad():
+        cache = ElasticCache(model)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                             min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 24
+    assert all(not layer.compacted for layer in cache.layers)
+    assert cache.memory_bytes() == cache.dense_memory_bytes()
+
+
+def test_cli_parser_and_default_fixed_policy():
+    from elastic_cuda.cli import build_parser
+    from elastic_cuda.integrations.demo import SHIPPED_ROUTERS, duo_style_fixed_table, resolve_policy
+
+    args = build_parser().parse_args(["demo", "--policy", "all_sparse", "--sink", "4", "--threads", "1"])
+    assert (args.command, args.policy, args.sink, args.window, args.threads) == ("demo", "all_sparse", 4, None, 1)
+    import os
+    shipped = os.path.isfile(os.path.join(SHIPPED_ROUTERS, "router_config.json"))
+    assert resolve_policy(None, None)[0] == ("router" if shipped else "fixed")
+    assert resolve_policy(None, "/some/dir") == ("router", "/some/dir")
+    table = duo_style_fixed_table(30, 3)
+    assert table.shape == (30, 3) and int(table.sum()) == 39  # 39 of 90 KV heads stream (MSR 0.433)
+    assert not table[:2].any() and not table[-2:].any()

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention/attention_checks.h"
+#include "attention/attention_cpu_rows.h"
 #include "attention/attention_cpu_tiles.h"
 
 namespace elastic {
@@ -113,11 +114,17 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
   const int32_t* c = ck.data_ptr<int32_t>();
   TORCH_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
               a[0], " and ", c[0]);
-  for (int64_t b = 0; b < s.batch; ++b) {
+  for (int64_t b = 0; b < s.batch; ++b) {  // order first, so lengths below are meaningful
     TORCH_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
                 "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
     TORCH_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
                 "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
+  }
+  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
+              " tokens of q");
+  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
+              " tokens of k/v");
+  for (int64_t b = 0; b < s.batch; ++b) {
     seqs[b] = {a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b]};
     TORCH_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
                 " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
@@ -127,10 +134,6 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
     TORCH_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
                 " keys, more than max_seqlen_k = ", s.seqlen_k);
   }
-  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
-              " tokens of q");
-  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
-              " tokens of k/v");
   return seqs;
 }
 
@@ -203,13 +206,40 @@ struct Task {
   int64_t b, hk, tile, cost;
 };
 
+// MKL (bundled with x86 builds of torch) opens an OpenMP region for every gemm called outside one,
+// even a tiny one; on a busy machine each region costs milliseconds. The serial path asks MKL for
+// one thread, on this thread only (weak: absent without MKL, then nothing is changed). The C entry
+// point is MKL_Set_Num_Threads_Local; the lower-case symbol is the Fortran one (takes int*).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 = back to the global setting
+  }
+};
+
+// Below this many score elements in all (about a millisecond of work) a call runs on the calling
+// thread: waking the pool costs more than it saves, badly so on a loaded machine (gradcheck).
+constexpr int64_t kMinParallelScores = int64_t(1) << 18;
+
 // Runs tasks on every ATen thread, most expensive first, each thread pulling the next task
 // (causal tiles differ in cost by up to S/tile, so static chunks would leave one thread idle).
 template <typename Worker>
 void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
   std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  int64_t total_cost = 0;
+  for (const Task& t : tasks) total_cost += t.cost;
+  if (total_cost < kMinParallelScores || at::get_num_threads() == 1 || tasks.size() == 1) {
+    SingleThreadedBlas one_thread;
+    auto state = worker.make_workspace();
+    for (const Task& t : tasks) worker.run(t, state);
+    return;
+  }
   std::atomic<size_t> next{0};
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks.size());
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unused = begin; unused < end; ++unused) {
       auto state = worker.make_workspace();
@@ -218,7 +248,7 @@ void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
   });
 }
 
-// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = visited tile pairs.
+// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = score elements of the visited tiles.
 std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
   std::vector<Task> tasks;
   for (int64_t b = 0; b < p.shape.batch; ++b) {
@@ -233,7 +263,7 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
         for (int64_t kt = 0; kt < nk; ++kt) {
           const KeyTile ktile(s, kt);
           if (hv.classify(qtile.i0, qtile.i1, ktile.j0, ktile.j1) != TileVisibility::kSkip)
-            ++cost[over_key_tiles ? kt : qt];
+            cost[over_key_tiles ? kt : qt] += qtile.rows * p.shape.group * ktile.len;
         }
       }
       for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
@@ -246,27 +276,35 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
 // ----------------------------------------------------------------------------- tile helpers
 // Writes -inf into the scores of invisible pairs of a partially visible tile.
 // scores: [rows * G, len], row = (query position - i0) * G + head in group.
+// FULL / STREAM rows are intervals (keys after i; for STREAM also [sink, i - window]), filled directly;
+// BLOCK rows go through the token rule of head_mode.h element by element.
 template <typename T>
 void mask_tile(const HeadVisibility& hv, T* scores, const QueryTile& qt, const KeyTile& kt) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t j_end = kt.j0 + kt.len;
   for (int64_t r = 0; r < qt.rows; ++r) {
     const int64_t i = qt.i0 + r;
     for (int64_t g = 0; g < hv.group; ++g) {
       T* row = scores + (r * hv.group + g) * kt.len;
-      for (int64_t j = 0; j < kt.len; ++j)
-        if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
+      if (hv.mode == kBlock) {
+        for (int64_t j = 0; j < kt.len; ++j)
+          if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
+        continue;
+      }
+      const int64_t future = std::min(std::max<int64_t>(i + 1, kt.j0), j_end);  // keys j > i
+      std::fill(row + (future - kt.j0), row + kt.len, neg_inf);
+      if (hv.mode == kStream) {  // keys past the sink and before the window: sink <= j <= i - window
+        const int64_t lo = std::max(hv.sink, kt.j0), hi = std::min(i - hv.window + 1, future);
+        if (lo < hi) std::fill(row + (lo - kt.j0), row + (hi - kt.j0), neg_inf);
+      }
     }
   }
 }
 
 struct TileBuffers {
-  Tensor scores, scores2, row_a, row_b, row_c;  // [rows * kKeyTile] x2, [rows] x3
+  Tensor scores, scores2;  // [rows * kKeyTile] each
   TileBuffers(int64_t rows, at::TensorOptions opt)
-      : scores(at::empty({rows * kKeyTile}, opt)),
-        scores2(at::empty({rows * kKeyTile}, opt)),
-        row_a(at::empty({rows}, opt)),
-        row_b(at::empty({rows}, opt)),
-        row_c(at::empty({rows}, opt)) {}
+      : scores(at::empty({rows * kKeyTile}, opt)), scores2(at::empty({rows * kKeyTile}, opt)) {}
   static Tensor tile(const Tensor& buf, int64_t rows, int64_t cols) {
     return buf.narrow(0, 0, rows * cols).view({rows, cols});
   }
@@ -275,11 +313,12 @@ struct TileBuffers {
 // Scores of a tile, as probabilities exp(s - lse) (backward) with invisible pairs at 0.
 template <typename T>
 Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor& q_rows, const Tensor& k_rows,
-                     const Tensor& lse_rows, const QueryTile& qt, const KeyTile& kt, const Tensor& buf) {
+                     const T* lse_rows, const QueryTile& qt, const KeyTile& kt, const Tensor& buf) {
   Tensor s = TileBuffers::tile(buf, q_rows.size(0), kt.len);
   at::mm_out(s, q_rows, k_rows.t());
   if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), qt, kt);
-  return s.sub_(lse_rows.unsqueeze(1)).exp_();
+  cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, lse_rows, nullptr);
+  return s;
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -300,11 +339,10 @@ struct ForwardWorker {
     const Tensor q_rows = qh[task.hk].view({-1, D}).narrow(0, row0, R);
     const Tensor k_seq = kh[task.hk].narrow(0, s.k_begin, s.k_len), v_seq = vh[task.hk].narrow(0, s.k_begin, s.k_len);
     Tensor acc = outh[task.hk].view({-1, D}).narrow(0, row0, R);  // accumulates in place (zeros)
-    Tensor row_max = ws.row_a.narrow(0, 0, R), shift = ws.row_b.narrow(0, 0, R), alpha = ws.row_c.narrow(0, 0, R);
-    std::vector<T> m(R, -std::numeric_limits<T>::infinity()), l(R, T(0));
-    T* mx = row_max.data_ptr<T>();
-    T* sh = shift.data_ptr<T>();
-    T* al = alpha.data_ptr<T>();
+    // Running row max m and sum l; per tile: row maxima / sums (mx), rescale factor (al), shift (sh).
+    std::vector<T> m(R, -std::numeric_limits<T>::infinity()), l(R, T(0)), mx(R), al(R), sh(R);
+    T* a = acc.data_ptr<T>();
+    bool first_tile = true;
 
     for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
       const KeyTile kt(s, kt_index);
@@ -313,19 +351,20 @@ struct ForwardWorker {
       Tensor sc = TileBuffers::tile(ws.scores, R, kt.len);
       at::mm_out(sc, q_rows, k_seq.narrow(0, kt.j0, kt.len).t());
       if (vis == TileVisibility::kPartial) mask_tile<T>(hv, sc.data_ptr<T>(), qt, kt);
-      at::amax_out(row_max, sc, {1});
+      T* sp = sc.data_ptr<T>();
+      cpu::row_max(sp, R, kt.len, mx.data());
       for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
         const T m_new = std::max(m[r], mx[r]);
         al[r] = std::isinf(m[r]) ? T(0) : std::exp(m[r] - m_new);
         sh[r] = std::isinf(m_new) ? T(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
         m[r] = m_new;
       }
-      sc.sub_(shift.unsqueeze(1)).exp_();
-      at::sum_out(row_max, sc, {1});  // row_max is free again: it now holds the row sums
+      cpu::exp_shifted(sp, R, kt.len, sh.data(), mx.data());  // mx now holds the row sums
       for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
-      acc.mul_(alpha.unsqueeze(1)).addmm_(sc, v_seq.narrow(0, kt.j0, kt.len));
+      if (!first_tile) cpu::scale_rows(a, R, D, al.data());
+      first_tile = false;
+      acc.addmm_(sc, v_seq.narrow(0, kt.j0, kt.len));
     }
-    T* a = acc.data_ptr<T>();
     T* lse = lseh[task.hk].data_ptr<T>() + row0;
     for (int64_t r = 0; r < R; ++r) {
       if (l[r] > T(0)) {
@@ -401,18 +440,19 @@ struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over ever
     Tensor dk = dkh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
     Tensor dv = dvh[task.hk].narrow(0, s.k_begin + kt.j0, kt.len);
     const Tensor q_all = in.qh[task.hk].view({-1, D}), do_all = in.doh[task.hk].view({-1, D});
+    const T* lse_all = in.lse_rows[task.hk].data_ptr<T>();
+    const T* delta_all = in.delta_rows[task.hk].data_ptr<T>();
     for (int64_t qt_index = 0; qt_index < p.num_q_tiles(s); ++qt_index) {
       const QueryTile qt(p, s, qt_index);
       const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
       if (vis == TileVisibility::kSkip) continue;
       const int64_t row0 = (s.q_begin + qt.r0) * G, R = qt.rows * G;
       const Tensor q_rows = q_all.narrow(0, row0, R), do_rows = do_all.narrow(0, row0, R);
-      const Tensor prob = probabilities<T>(hv, vis, q_rows, k_rows, in.lse_rows[task.hk].narrow(0, row0, R), qt, kt,
-                                           ws.scores);
+      const Tensor prob = probabilities<T>(hv, vis, q_rows, k_rows, lse_all + row0, qt, kt, ws.scores);
       dv.addmm_(prob.t(), do_rows);
       Tensor ds = TileBuffers::tile(ws.scores2, R, kt.len);
       at::mm_out(ds, do_rows, v_rows.t());
-      ds.sub_(in.delta_rows[task.hk].narrow(0, row0, R).unsqueeze(1)).mul_(prob);
+      cpu::softmax_grad(ds.data_ptr<T>(), prob.data_ptr<T>(), R, kt.len, delta_all + row0);
       dk.addmm_(ds.t(), q_rows);
     }
   }
@@ -434,8 +474,8 @@ struct QueryGradWorker {  // one task = one query tile: dq (unscaled; the caller
     const int64_t row0 = (s.q_begin + qt.r0) * G;
     const Tensor q_rows = in.qh[task.hk].view({-1, D}).narrow(0, row0, R);
     const Tensor do_rows = in.doh[task.hk].view({-1, D}).narrow(0, row0, R);
-    const Tensor lse_rows = in.lse_rows[task.hk].narrow(0, row0, R);
-    const Tensor delta = in.delta_rows[task.hk].narrow(0, row0, R).unsqueeze(1);
+    const T* lse_rows = in.lse_rows[task.hk].data_ptr<T>() + row0;
+    const T* delta = in.delta_rows[task.hk].data_ptr<T>() + row0;
     const Tensor k_seq = in.kh[task.hk].narrow(0, s.k_begin, s.k_len);
     const Tensor v_seq = in.vh[task.hk].narrow(0, s.k_begin, s.k_len);
     Tensor dq = dqh[task.hk].view({-1, D}).narrow(0, row0, R);
@@ -447,7 +487,7 @@ struct QueryGradWorker {  // one task = one query tile: dq (unscaled; the caller
       const Tensor prob = probabilities<T>(hv, vis, q_rows, k_rows, lse_rows, qt, kt, ws.scores);
       Tensor ds = TileBuffers::tile(ws.scores2, R, kt.len);
       at::mm_out(ds, do_rows, v_seq.narrow(0, kt.j0, kt.len).t());
-      ds.sub_(delta).mul_(prob);
+      cpu::softmax_grad(ds.data_ptr<T>(), prob.data_ptr<T>(), R, kt.len, delta);
       dq.addmm_(ds, k_rows);
     }
   }

@@ -82,17 +82,19 @@ class RunResult:
     metrics: dict | None = None
     routing_map: list = field(default_factory=list)
     sink_window: tuple | None = None
+    kv_bytes: int = 0          # KV cache held at the end (ElasticCache for elastic runs)
+    kv_dense_bytes: int = 0    # what a plain dynamic cache holds for the same tokens
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id):
-    """Greedy decoding with the model's KV cache; returns (new token ids, prefill seconds, decode seconds)."""
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, cache=None):
+    """Greedy decoding with a KV cache (default: DynamicCache); returns (new token ids, prefill s, decode s)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     sync()
     t0 = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -112,9 +114,13 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
 
 def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs=None) -> RunResult:
     """One generation; enable_kwargs None = the model's own dense attention (HF sdpa)."""
+    from .cache import ElasticCache
+
     state = enable(model, **enable_kwargs) if enable_kwargs is not None else None
     try:
-        new, prefill_s, decode_s = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id)
+        cache = ElasticCache(model) if state is not None else None
+        new, prefill_s, decode_s = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id, cache)
+        kv = (cache.memory_bytes(), cache.dense_memory_bytes()) if cache is not None else (0, 0)
         metrics = state.metrics() if state is not None else None
         rmap = state.routing_map() if state is not None else []
         sink_window = (state.sink, state.window) if state is not None else None
@@ -122,7 +128,7 @@ def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs
         if state is not None:
             disable(model)
     answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return RunResult(name, answer, prefill_s, decode_s, len(new), metrics, rmap, sink_window)
+    return RunResult(name, answer, prefill_s, decode_s, len(new), metrics, rmap, sink_window, *kv)
 
 
 def format_routing_map(rmap: list, per_line: int = 10) -> str:
@@ -192,7 +198,8 @@ def run_demo(args, log=print):
                 f"{r.decode_s * 1e3:.0f} ms ({tok_s:.1f} tok/s){found}")
             if r.metrics is not None:
                 m = r.metrics
-                log(f"    MSR {m['msr']:.3f}  ESR {m['esr']:.3f}  (sink {r.sink_window[0]}, window {r.sink_window[1]})")
+                log(f"    MSR {m['msr']:.3f}  ESR {m['esr']:.3f}  (sink {r.sink_window[0]}, window {r.sink_window[1]}); "
+                    f"KV cache {r.kv_bytes / 2**20:.1f} MiB vs {r.kv_dense_bytes / 2**20:.1f} MiB dense")
             log("    answer: " + r.answer.replace("\n", " ")[:400])
         r = results[(pname, policy_label)]
         log(f"routing map of '{policy_label}' (rows: layers, one character per KV head; F full, S stream):")

@@ -44,6 +44,8 @@ class ElasticState:
         self.pre_rope_keys = [None] * num_layers        # filled by the k_proj / k_norm hooks
         self._reset_sequence()
         self._mask_cache = None
+        self._cache_ref = None                          # weakref to the ElasticCache in use, if any
+        self._checked_position_ids = None               # weakref to the last position_ids found unpacked
 
     def _reset_sequence(self):
         L = self.num_layers
@@ -94,6 +96,31 @@ class ElasticState:
         return ["".join(chars.get(m, "?") for m in row) for row in modes]
 
     # ------------------------------------------------------------------ internals used by the attention function
+    def check_not_packed(self, position_ids):
+        """Packed rows (position_ids restarting inside a row) would need per-segment attention: refuse them
+        rather than attend across segments. Checked once per position_ids tensor (one device sync)."""
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+            return
+        ref = self._checked_position_ids
+        if ref is not None and ref() is position_ids:
+            return
+        if bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()):
+            raise NotImplementedError("elastic attention: position_ids restart inside a row (packed sequences); "
+                                      "pass one sequence per row, with a 2D padding mask if lengths differ")
+        self._checked_position_ids = weakref.ref(position_ids)
+
+    def register_cache(self, cache):
+        """Called by ElasticCache(model): its layers get compacted after prefill."""
+        self._cache_ref = weakref.ref(cache)
+
+    def elastic_cache_layer(self, layer_idx, key):
+        """The ElasticCache layer that produced `key` (identity check), else None."""
+        cache = self._cache_ref() if self._cache_ref is not None else None
+        if cache is None or layer_idx >= len(cache.layers):
+            return None
+        layer = cache.layers[layer_idx]
+        return layer if getattr(layer, "keys", None) is key else None
+
     def padding_layout(self, attention_mask, seqlen_q, seqlen_k):
         """PaddingLayout for a 2D mask (None when unpadded); cached per mask tensor for all layers of a forward."""
         if attention_mask is None:
@@ -181,6 +208,8 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     padding = state.padding_layout(attention_mask, Sq, Skv)
     recomputing = _in_backward()
     if Sq == Skv:  # prefill of a new sequence (no cache, or an empty one)
+        if attention_mask is None:
+            state.check_not_packed(kwargs.get("position_ids"))
         head_mode, z = state.decide(layer_idx, B, query.device, padding, recomputing)
     else:          # decode / chunked continuation: reuse the prefill decision
         state.pre_rope_keys[layer_idx] = None
@@ -192,12 +221,18 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
-    if state.train_mix:
+    cache_layer = None if state.train_mix else state.elastic_cache_layer(layer_idx, key)
+    if cache_layer is not None and cache_layer.compacted:
+        out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
+    elif state.train_mix:
         out = train_mix_attention(q, k, v, z, state.sparse_mode_id, **kw)
     else:
         out = hybrid_attention(q, k, v, head_mode, **kw)
     if not recomputing:
         state.count_pairs(layer_idx, Sq, Skv, padding)
+        modes = state._mode_lists[layer_idx]
+        if cache_layer is not None and Sq == Skv and padding is None and all(row == modes[0] for row in modes):
+            cache_layer.compact(modes[0], state.sink, state.window)
     return out, None
 
 
@@ -214,6 +249,27 @@ def elastic_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _attention_over_compacted_cache(q, k_full, v_full, layer, scale, strategy):
+    """Decode over an ElasticCache layer: FULL heads attend over their whole history, STREAM heads (FULL mode)
+    over their kept sink + window keys, which are exactly the keys STREAM lets the current query see."""
+    B, Sq, Hq, D = q.shape
+    Hkv = len(layer.full_heads) + len(layer.stream_heads)
+    groups = Hq // Hkv
+    out = q.new_empty(B, Sq, Hq, D)
+    parts = ((layer.full_heads, k_full, v_full),
+             (layer.stream_heads, layer.stream_keys.transpose(1, 2), layer.stream_values.transpose(1, 2)))
+    for heads, k, v in parts:
+        if not heads:
+            continue
+        q_idx = torch.tensor([h * groups + g for h in heads for g in range(groups)], device=q.device,
+                             dtype=torch.long)
+        modes = torch.full((B, len(heads)), FULL, dtype=torch.int32, device=q.device)
+        part = hybrid_attention(q.index_select(2, q_idx), k, v, modes, sink=0, window=0, scale=scale,
+                                strategy=strategy)
+        out.index_copy_(2, q_idx, part)
+    return out
 
 
 def register_attention():

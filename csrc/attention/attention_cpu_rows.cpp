@@ -1,0 +1,173 @@
+// Vectorised row loops of the CPU attention kernels (see attention_cpu_rows.h).
+#include "attention/attention_cpu_rows.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+// One clone per ISA, picked at load time (GCC/Clang ifunc); the default clone keeps the build portable.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ELASTIC_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ELASTIC_CPU_CLONES
+#endif
+
+// GCC/Clang vector extensions: 8 float lanes, lowered to one AVX2 register in the avx2 clone and to
+// two SSE registers in the default one (auto-vectorisation of the exp loop is not reliable).
+#pragma GCC diagnostic ignored "-Wpsabi"  // v8f never crosses an ABI boundary: everything is inlined
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define ELASTIC_INLINE __attribute__((always_inline)) inline
+
+namespace elastic {
+namespace cpu {
+namespace {
+
+ELASTIC_INLINE v8f splat(float x) { return v8f{} + x; }
+
+// Lanes [0, n) of p, the rest `fill` (n <= 8).
+ELASTIC_INLINE v8f load(const float* p, int64_t n, float fill) {
+  v8f v = splat(fill);
+  std::memcpy(&v, p, sizeof(float) * n);
+  return v;
+}
+ELASTIC_INLINE void store(float* p, v8f v, int64_t n) { std::memcpy(p, &v, sizeof(float) * n); }
+ELASTIC_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+ELASTIC_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x <= 88, relative error ~2 ulp; exactly 0 for x < -87.3 (so exp(-inf) = 0).
+// Range reduction x = n ln2 + f with |f| <= ln2 / 2 (ln2 split in two parts so n ln2 is exact),
+// e^f by the degree-6 minimax polynomial of Cephes' expf, 2^n built in the exponent bits.
+ELASTIC_INLINE v8f exp8(v8f x) {
+  const v8f lowest = splat(-87.3f), highest = splat(88.0f);
+  const v8i keep = x >= lowest;
+  x = x < lowest ? lowest : x;
+  x = x > highest ? highest : x;
+  const v8f round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v8f t = x * 1.44269504088896341f + round_magic;
+  const v8f n = t - round_magic;
+  const v8i n_int = (v8i)t - (v8i)round_magic;
+  const v8f f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  v8f p = splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  const v8f e = (p * (f * f) + f + 1.0f) * (v8f)((n_int + 127) << 23);
+  return (v8f)((v8i)e & keep);
+}
+
+ELASTIC_INLINE float horizontal_sum(v8f v) {
+  float s = 0.0f;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+ELASTIC_INLINE float horizontal_max(v8f v) {
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+}  // namespace
+
+ELASTIC_CPU_CLONES void row_max(const float* s, int64_t rows, int64_t cols, float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = s + r * cols;
+    v8f m = splat(neg_inf);
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      const v8f v = load8(x + j);
+      m = v > m ? v : m;
+    }
+    if (j < cols) {
+      const v8f v = load(x + j, cols - j, neg_inf);
+      m = v > m ? v : m;
+    }
+    out[r] = horizontal_max(m);
+  }
+}
+
+ELASTIC_CPU_CLONES void exp_shifted(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * cols;
+    v8f sum = splat(0.0f);
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      const v8f e = exp8(load8(x + j) - shift[r]);
+      store8(x + j, e);
+      sum += e;
+    }
+    if (j < cols) {
+      const v8f e = exp8(load(x + j, cols - j, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
+      store(x + j, e, cols - j);
+      sum += e;
+    }
+    if (row_sum) row_sum[r] = horizontal_sum(sum);
+  }
+}
+
+void row_max(const double* s, int64_t rows, int64_t cols, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* x = s + r * cols;
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < cols; ++j) m = x[j] > m ? x[j] : m;
+    out[r] = m;
+  }
+}
+
+void exp_shifted(double* s, int64_t rows, int64_t cols, const double* shift, double* row_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double* x = s + r * cols;
+    const double sh = shift[r];
+    double sum = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const double e = std::exp(x[j] - sh);
+      x[j] = e;
+      sum += e;
+    }
+    if (row_sum) row_sum[r] = sum;
+  }
+}
+
+ELASTIC_CPU_CLONES void softmax_grad(float* dp, const float* p, int64_t rows, int64_t cols, const float* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = dp + r * cols;
+    const float* pr = p + r * cols;
+    const float d = delta[r];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) x[j] = pr[j] * (x[j] - d);
+  }
+}
+
+void softmax_grad(double* dp, const double* p, int64_t rows, int64_t cols, const double* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double* x = dp + r * cols;
+    const double* pr = p + r * cols;
+    for (int64_t j = 0; j < cols; ++j) x[j] = pr[j] * (x[j] - delta[r]);
+  }
+}
+
+ELASTIC_CPU_CLONES void scale_rows(float* x, int64_t rows, int64_t cols, const float* factor) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * cols;
+    const float f = factor[r];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) xr[j] *= f;
+  }
+}
+
+void scale_rows(double* x, int64_t rows, int64_t cols, const double* factor) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) x[r * cols + j] *= factor[r];
+}
+
+}  // namespace cpu
+}  // namespace elastic

@@ -1,0 +1,29 @@
+// Row-wise loops of the CPU attention kernels on a [rows, cols] tile (row-major, contiguous).
+// The float versions are vectorised (OpenMP simd + target_clones for AVX2/AVX-512, with a
+// polynomial exp), because ATen's per-op overhead and exp dominate at tile sizes; the double
+// versions use std::exp and serve gradcheck, where exactness matters more than speed.
+#pragma once
+#include <cstdint>
+
+namespace elastic {
+namespace cpu {
+
+// out[r] = max_j s[r, j] (-inf for a row of -inf).
+void row_max(const float* s, int64_t rows, int64_t cols, float* out);
+void row_max(const double* s, int64_t rows, int64_t cols, double* out);
+
+// s[r, j] = exp(s[r, j] - shift[r]) (exactly 0 where s is -inf); row_sum[r] = sum_j of the result
+// when row_sum is not null.
+void exp_shifted(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum);
+void exp_shifted(double* s, int64_t rows, int64_t cols, const double* shift, double* row_sum);
+
+// dp[r, j] = p[r, j] * (dp[r, j] - delta[r])   (softmax backward: dS from dP).
+void softmax_grad(float* dp, const float* p, int64_t rows, int64_t cols, const float* delta);
+void softmax_grad(double* dp, const double* p, int64_t rows, int64_t cols, const double* delta);
+
+// x[r, :] *= factor[r].
+void scale_rows(float* x, int64_t rows, int64_t cols, const float* factor);
+void scale_rows(double* x, int64_t rows, int64_t cols, const double* factor);
+
+}  // namespace cpu
+}  // namespace elastic

@@ -1,0 +1,86 @@
+"""Shared pytest helpers: error metric, seeded RNG per test, random attention inputs (dense and varlen).
+
+Import the plain helpers with `from conftest import rel_err, make_qkv, ...` (pytest puts tests/ on
+sys.path); use the `gen` fixture for a torch.Generator seeded from the test's id, so every test
+draws fresh inputs that are still reproducible (the seed is printed; rerun with -s to see it).
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+FULL, STREAM, BLOCK = 0, 1, 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64, b the reference.
+
+    Infinities must sit at the same places with the same sign (an lse of -inf for a row that sees
+    nothing); they are excluded from the norm. NaN anywhere in a gives inf, so it always fails."""
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    if a.shape != b.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("inf")
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
+        return float("inf")
+    finite = ~inf_b
+    if not finite.any():
+        return 0.0
+    diff = (a[finite] - b[finite]).abs().max().item()
+    scale = b[finite].abs().max().item()
+    return diff / max(scale, 1e-300)
+
+
+def seed_for(nodeid: str) -> int:
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """torch.Generator seeded from the test id (stable across runs, different between tests)."""
+    seed = seed_for(request.node.nodeid)
+    print(f"[seed {seed}]")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape, gen, dtype=torch.float64, requires_grad=False):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def make_qkv(B, Sq, Skv, Hq, Hkv, D, gen, dtype=torch.float64, requires_grad=False):
+    """Dense q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D]."""
+    return (randn((B, Sq, Hq, D), gen, dtype, requires_grad), randn((B, Skv, Hkv, D), gen, dtype, requires_grad),
+            randn((B, Skv, Hkv, D), gen, dtype, requires_grad))
+
+
+def make_varlen_qkv(seqlens_q, seqlens_k, Hq, Hkv, D, gen, dtype=torch.float64, requires_grad=False):
+    """Packed q [Tq, Hq, D], k/v [Tk, Hkv, D] and cu_seqlens_q/k int32 [B+1], max_seqlen_q/k."""
+    assert len(seqlens_q) == len(seqlens_k)
+    cu_q = torch.tensor([0] + list(seqlens_q), dtype=torch.int32).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + list(seqlens_k), dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = randn((int(cu_q[-1]), Hq, D), gen, dtype, requires_grad)
+    k = randn((int(cu_k[-1]), Hkv, D), gen, dtype, requires_grad)
+    v = randn((int(cu_k[-1]), Hkv, D), gen, dtype, requires_grad)
+    return q, k, v, cu_q, cu_k, max(max(seqlens_q), 1), max(max(seqlens_k), 1)
+
+
+def random_head_mode(B, Hkv, gen, modes=(FULL, STREAM, BLOCK)):
+    """int32 [B, Hkv] drawn from `modes`."""
+    idx = torch.randint(len(modes), (B, Hkv), generator=gen)
+    return torch.tensor(modes, dtype=torch.int32)[idx]
+
+
+def random_block_mask(B, H, seqlen_k, block_size, gen, density=0.4, diagonal=True):
+    """bool [B, H, NB, NB], NB = ceil(seqlen_k / block_size); diagonal blocks forced on (or off)."""
+    nb = -(-seqlen_k // block_size)
+    mask = torch.rand((B, H, nb, nb), generator=gen) < density
+    eye = torch.eye(nb, dtype=torch.bool).expand(B, H, nb, nb)
+    return mask | eye if diagonal else mask & ~eye

@@ -1,0 +1,246 @@
+"""The op front: torch.compile(fullgraph=True) through forward and backward, and argument checking
+of both the Python wrapper (elastic_cuda.attention, ValueError) and the raw operator
+(torch.ops.elastic.attention, RuntimeError from the C++ TORCH_CHECKs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import elastic_cuda
+from conftest import BLOCK, FULL, STREAM, make_qkv, make_varlen_qkv, random_block_mask, rel_err
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class TinyElasticAttention(nn.Module):
+    """Projections around elastic attention, returning out and lse (so both gradients flow)."""
+
+    def __init__(self, dim=32, heads_q=4, heads_kv=2, head_dim=8, block_size=4):
+        super().__init__()
+        self.hq, self.hkv, self.d, self.bs = heads_q, heads_kv, head_dim, block_size
+        self.q_proj = nn.Linear(dim, heads_q * head_dim, dtype=torch.float64)
+        self.kv_proj = nn.Linear(dim, 2 * heads_kv * head_dim, dtype=torch.float64)
+        self.o_proj = nn.Linear(heads_q * head_dim, dim, dtype=torch.float64)
+
+    def forward(self, x, head_mode, block_mask):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.hq, self.d)
+        k, v = self.kv_proj(x).view(B, S, 2, self.hkv, self.d).unbind(2)
+        out, lse = elastic_cuda.attention(q, k, v, head_mode, sink=2, window=5, block_mask=block_mask,
+                                          block_size=self.bs, return_lse=True)
+        return self.o_proj(out.flatten(2)), lse
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend, gen):
+    torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+    model = TinyElasticAttention()
+    B, S = 2, 11
+    x = torch.randn(B, S, 32, generator=gen, dtype=torch.float64)
+    head_mode = torch.tensor([[FULL, BLOCK], [STREAM, FULL]], dtype=torch.int32)
+    block_mask = random_block_mask(B, 2, S, 4, gen)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        out, lse = fn(xx, head_mode, block_mask)
+        (out.square().sum() + lse.sum()).backward()
+        return [out.detach(), lse.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    eager, comp = loss_and_grads(model), loss_and_grads(compiled)
+    for i, (a, b) in enumerate(zip(comp, eager)):
+        err = rel_err(a, b)
+        print(f"{backend} tensor {i}: rel err {err:.1e}")
+        assert err < 1e-12, i
+
+
+def test_fake_kernel_shapes_and_dtypes():
+    """The fake kernels give the shapes and dtypes of the real kernel (dense and varlen, fp32/fp64)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        q, k, v = make_qkv(2, 5, 7, 6, 2, 8, g, dtype=dtype)
+        cases.append(((q, k, v, torch.zeros(2, 2, dtype=torch.int32), None, None, None), {}))
+        q, k, v, cu_q, cu_k, mq, mk = make_varlen_qkv([2, 3], [4, 3], 6, 2, 8, g, dtype=dtype)
+        cases.append(((q, k, v, torch.zeros(2, 2, dtype=torch.int32), None, cu_q, cu_k),
+                      dict(max_seqlen_q=mq, max_seqlen_k=mk)))
+    for args, kw in cases:
+        real = torch.ops.elastic.attention(*args, **kw)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = torch.ops.elastic.attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                  for a in args), **kw)
+        for r, f in zip(real, fake):
+            assert r.shape == f.shape and r.dtype == f.dtype
+
+
+# ----------------------------------------------------------------------------- bad arguments
+def _dense_base():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = make_qkv(2, 8, 8, 4, 2, 8, g)
+    return dict(q=q, k=k, v=v, head_mode=torch.tensor([[FULL, BLOCK], [STREAM, BLOCK]], dtype=torch.int32),
+                block_mask=random_block_mask(2, 2, 8, 4, g), cu_seqlens_q=None, cu_seqlens_k=None, sink=2, window=4,
+                block_size=4, scale=None, max_seqlen_q=None, max_seqlen_k=None, strategy="auto")
+
+
+def _varlen_base():
+    g = torch.Generator().manual_seed(2)
+    q, k, v, cu_q, cu_k, mq, mk = make_varlen_qkv([3, 5], [4, 6], 4, 2, 8, g)
+    return dict(q=q, k=k, v=v, head_mode=torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32),
+                block_mask=None, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, sink=2, window=4, block_size=4, scale=None,
+                max_seqlen_q=mq, max_seqlen_k=mk, strategy="auto")
+
+
+def call_wrapper(a):
+    kw = {n: a[n] for n in ("sink", "window", "block_mask", "block_size", "scale", "cu_seqlens_q", "cu_seqlens_k",
+                            "max_seqlen_q", "max_seqlen_k", "strategy")}
+    return elastic_cuda.attention(a["q"], a["k"], a["v"], a["head_mode"], **kw)
+
+
+def call_raw(a):
+    return torch.ops.elastic.attention(a["q"], a["k"], a["v"], a["head_mode"], a["block_mask"], a["cu_seqlens_q"],
+                                       a["cu_seqlens_k"], sink=a["sink"], window=a["window"],
+                                       block_size=a["block_size"], scale=a["scale"],
+                                       max_seqlen_q=a["max_seqlen_q"] or 0, max_seqlen_k=a["max_seqlen_k"] or 0,
+                                       strategy=a["strategy"])
+
+
+def _set(**changes):
+    return lambda a: {**a, **changes}
+
+
+def _with(fn):
+    """Apply fn(a) -> dict of changes."""
+    return lambda a: {**a, **fn(a)}
+
+
+def _cu(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# (id, base, change, regex the message must match, exception of the Python wrapper).
+# Value checks that need the data (head_mode values, cu_seqlens contents) happen in C++ for both paths.
+BAD_ARGS = [
+    ("q rank", _dense_base, _with(lambda a: dict(q=a["q"][0])), r"q must have shape", ValueError),
+    ("k rank", _dense_base, _with(lambda a: dict(k=a["k"][0])), r"k must have shape", ValueError),
+    ("v shape", _dense_base, _with(lambda a: dict(v=a["v"][:, :-1])), r"\bv\b.*shape|shape of k", ValueError),
+    ("gqa divisibility", _dense_base, _with(lambda a: dict(q=torch.randn(2, 8, 5, 8, dtype=torch.float64))),
+     r"q heads \(5\) must be a multiple of k/v heads \(2\)", ValueError),
+    ("head_dim", _dense_base, _with(lambda a: dict(q=torch.randn(2, 8, 4, 16, dtype=torch.float64))),
+     r"head_dim", ValueError),
+    ("dtype mix", _dense_base, _with(lambda a: dict(k=a["k"].float())), r"q, k, v must share one dtype", ValueError),
+    ("dtype fp16", _dense_base, _with(lambda a: {n: a[n].half() for n in "qkv"}), r"dtype on CPU", ValueError),
+    ("dtype int", _dense_base, _with(lambda a: {n: a[n].long() for n in "qkv"}), r"dtype on CPU", ValueError),
+    ("device", _dense_base, _with(lambda a: dict(k=a["k"].to("meta"))), r"device", ValueError),
+    ("last dim strided", _dense_base,
+     _with(lambda a: dict(q=torch.randn(2, 8, 4, 16, dtype=torch.float64)[..., ::2])), r"contiguous in the last",
+     RuntimeError),
+    ("batch", _dense_base, _with(lambda a: dict(k=a["k"][:1], v=a["v"][:1])), r"k batch", ValueError),
+    ("sq > skv", _dense_base, _with(lambda a: dict(k=a["k"][:, :5], v=a["v"][:, :5], block_mask=None,
+                                                  head_mode=torch.zeros(2, 2, dtype=torch.int32))),
+     r"q length \(8\) must not exceed k/v length \(5\)", ValueError),
+    ("head_mode shape", _dense_base, _set(head_mode=torch.zeros(2, 3, dtype=torch.int32)),
+     r"head_mode must have shape", ValueError),
+    ("head_mode dtype", _dense_base, _set(head_mode=torch.zeros(2, 2, dtype=torch.int64)),
+     r"head_mode must be int32", ValueError),
+    ("head_mode device", _dense_base, _set(head_mode=torch.zeros(2, 2, dtype=torch.int32, device="meta")),
+     r"head_mode must be on the device", ValueError),
+    ("head_mode value 3", _dense_base, _set(head_mode=torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)),
+     r"head_mode values must be 0 \(FULL\), 1 \(STREAM\) or 2 \(BLOCK\), got 3", RuntimeError),
+    ("head_mode value -1", _dense_base, _set(head_mode=torch.tensor([[0, 1], [-1, 2]], dtype=torch.int32)),
+     r"head_mode values must be .* got -1", RuntimeError),
+    ("block head without mask", _dense_base, _set(block_mask=None),
+     r"BLOCK \(2\) head but block_mask is None", RuntimeError),
+    ("block_mask blocks", _dense_base, _set(block_mask=torch.ones(2, 2, 3, 3, dtype=torch.bool)),
+     r"block_mask must have shape", ValueError),
+    ("block_mask heads", _dense_base, _set(block_mask=torch.ones(2, 3, 2, 2, dtype=torch.bool)),
+     r"block_mask must have shape", ValueError),
+    ("block_mask dtype", _dense_base, _set(block_mask=torch.ones(2, 2, 2, 2, dtype=torch.uint8)),
+     r"block_mask must be (a )?bool", ValueError),
+    ("sink", _dense_base, _set(sink=-1), r"sink must be", ValueError),
+    ("window", _dense_base, _set(window=-3), r"window must be", ValueError),
+    ("block_size", _dense_base, _set(block_size=0), r"block_size must be", ValueError),
+    ("scale negative", _dense_base, _set(scale=-1.0), r"scale must be a positive finite", ValueError),
+    ("scale nan", _dense_base, _set(scale=float("nan")), r"scale must be a positive finite", ValueError),
+    ("strategy", _dense_base, _set(strategy="fastest"), r"strategy must be", ValueError),
+    ("cu_seqlens alone", _varlen_base, _set(cu_seqlens_k=None),
+     r"cu_seqlens_q and cu_seqlens_k must be given together", ValueError),
+    ("cu_seqlens dtype", _varlen_base, _with(lambda a: dict(cu_seqlens_q=a["cu_seqlens_q"].long())),
+     r"cu_seqlens_q must be", ValueError),
+    ("cu_seqlens lengths", _varlen_base, _set(cu_seqlens_k=_cu([0, 4, 6, 10])),
+     r"cu_seqlens_q and cu_seqlens_k must both have B\+1", ValueError),
+    ("varlen q rank", _varlen_base, _with(lambda a: dict(q=a["q"][None])), r"q must have shape \[total_q", ValueError),
+    ("max_seqlen missing", _varlen_base, _set(max_seqlen_q=None), r"max_seqlen_q > 0", ValueError),
+    ("cu_seqlens decreasing", _varlen_base, _set(cu_seqlens_q=_cu([0, 5, 3])),
+     r"cu_seqlens_q must be non-decreasing", RuntimeError),
+    ("cu_seqlens negative start", _varlen_base, _set(cu_seqlens_k=_cu([-1, 4, 10])),
+     r"cu_seqlens_q and cu_seqlens_k must start at >= 0", RuntimeError),
+    ("cu_seqlens past the end", _varlen_base, _set(cu_seqlens_k=_cu([0, 4, 11])),
+     r"cu_seqlens_k\[-1\] = 11 exceeds the 10 tokens", RuntimeError),
+    ("sequence sq > skv", _varlen_base, _set(cu_seqlens_q=_cu([0, 5, 8]), max_seqlen_q=5),
+     r"sequence 0 has 5 queries but 4 keys \(cu_seqlens_q / cu_seqlens_k\)", RuntimeError),
+    ("max_seqlen_k too small", _varlen_base, _set(max_seqlen_k=5), r"more than max_seqlen_k = 5", RuntimeError),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=[c[0] for c in BAD_ARGS])
+def test_bad_arguments_wrapper(case):
+    _, base, change, pattern, exc = case
+    with pytest.raises(exc, match=pattern):
+        call_wrapper(change(base()))
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=[c[0] for c in BAD_ARGS])
+def test_bad_arguments_raw_op(case):
+    _, base, change, pattern, _ = case
+    # The C++ checks raise RuntimeError; a 'meta' tensor among real ones reaches the fake kernel,
+    # which raises ValueError.
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        call_raw(change(base()))
+
+
+@pytest.mark.parametrize("base", [_dense_base, _varlen_base])
+def test_valid_bases_run(base):
+    """The bases the bad cases start from are valid, so each bad case fails for its own reason."""
+    a = base()
+    out_w, out_r = call_wrapper(a), call_raw(a)[0]
+    assert torch.equal(out_w, out_r) and torch.isfinite(out_w).all()
+
+
+def test_all_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, e.g. a model built on device='meta') go to the fake kernel."""
+    a = _dense_base()
+    meta = {n: (x.to("meta") if isinstance(x, torch.Tensor) else x) for n, x in a.items()}
+    out, lse = call_raw(meta)
+    assert out.device.type == "meta" and out.shape == a["q"].shape and lse.shape == (2, 4, 8)
+    with pytest.raises(ValueError, match=r"q must be on CPU or CUDA"):
+        call_wrapper(meta)
+
+
+def _backward_args():
+    a = _dense_base()
+    out, lse = call_raw(a)
+    return dict(grad_out=torch.ones_like(out), grad_lse=torch.ones_like(lse), out=out, lse=lse, **a)
+
+
+def call_backward(b):
+    return torch.ops.elastic.attention_backward(
+        b["grad_out"], b["grad_lse"], b["q"], b["k"], b["v"], b["out"], b["lse"], b["head_mode"], b["block_mask"],
+        None, None, sink=b["sink"], window=b["window"], block_size=b["block_size"])
+
+
+@pytest.mark.parametrize("name,change,pattern", [
+    ("grad_out", lambda b: dict(grad_out=b["grad_out"][:, :-1]), r"grad_out must have the shape of q"),
+    ("out", lambda b: dict(out=b["out"][:1]), r"out must have the shape of q"),
+    ("lse", lambda b: dict(lse=b["lse"][:, :, :-1]), r"lse must have shape"),
+    ("grad_lse", lambda b: dict(grad_lse=b["grad_lse"][0]), r"grad_lse must have the shape of lse"),
+    ("head_mode", lambda b: dict(head_mode=b["head_mode"] + 5), r"head_mode values must be"),
+])
+def test_bad_arguments_backward_raw_op(name, change, pattern):
+    b = _backward_args()
+    call_backward(b)  # valid as built
+    with pytest.raises(RuntimeError, match=pattern):
+        call_backward({**b, **change(b)})
