@@ -1,0 +1,323 @@
+"""Task-suite evaluation of routing policies on held-out prompts (split "eval": other source documents, other seed).
+
+Policies (all with the same sparse mode / sink / window):
+  * ``dense``       every KV head FULL (policy all_full).
+  * ``elastic``     the trained routers (deterministic argmax at prefill, kept while decoding).
+  * ``static``      a DuoAttention-style fixed [L, Hkv] table with the same average MSR as ``elastic`` on this
+                    suite: heads are ranked by how often the trained router keeps them FULL on calibration
+                    prompts from the TRAIN split (``calibration_per_task`` per task and length); the most often full
+                    round((1 - MSR_elastic) * L * Hkv) heads stay FULL for every input, the rest stream.
+                    It answers "does input-adaptive routing beat the best static split of the same budget?".
+  * ``all_sparse``  every KV head sparse (policy all_sparse).
+Metrics per task and length: sensitive tasks, accuracy of greedy generation (``max_new_tokens``; correct iff
+the expected key/value/city string occurs in the generated text, RULER's string match); robust tasks, mean LM
+cross-entropy of the answer tokens under teacher forcing; MSR (fraction of KV heads routed sparse at prefill)
+and ESR (fraction of causal (query, key) pairs skipped) for every sample.
+Writes ``eval_results.json`` (config, per-sample records, aggregates, target checks), ``eval_report.md``,
+``eval_summary.png`` and ``eval_data_manifest.json`` (the held-out documents) under the output directory. Targets checked (issue 5): sensitive accuracy >= dense - 3
+points with sensitive MSR >= 0.4; robust MSR >= 0.8 with robust loss <= dense x 1.03; robust MSR - sensitive
+MSR >= 0.25.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
+from .losses import masked_lm_loss
+from .models import load_model_and_tokenizer
+from .trainer import prompt_then_answer_logits, resolve_device_dtype
+
+POLICIES = ("dense", "elastic", "static", "all_sparse")
+
+
+@dataclass
+class EvalConfig:
+    out: str = "runs/router/eval"
+    model: str = "smollm2"
+    routers: str | None = None
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    tasks: tuple[str, ...] = TASKS
+    samples_per_task: int = 8
+    calibration_per_task: int = 2
+    max_new_tokens: int = 32  # SmolLM2 answers in a sentence ("The pass key is 1234567."), digits one token each
+    policies: tuple[str, ...] = POLICIES
+    sink: int | None = None      # default: the routers' config, else 64
+    window: int | None = None    # default: the routers' config, else 512
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        try:
+            i = tokenizer.convert_tokens_to_ids(tok)
+        except (KeyError, ValueError):
+            continue
+        if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
+            ids.add(i)
+    return ids
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], device) -> tuple[list, dict]:
+    """Greedy decoding with the model's KV cache; returns (new token ids, prefill metrics of the elastic state)."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    state = getattr(model, "elastic_state", None)
+    metrics = state.metrics() if state is not None else {}
+    generated = []
+    past = out.past_key_values
+    nxt = int(out.logits[0, -1].argmax())
+    for _ in range(max_new_tokens):
+        if nxt in stop_ids:
+            break
+        generated.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+    return generated, metrics
+
+
+@torch.no_grad()
+def answer_loss(model, sample: Sample, device) -> tuple[float, dict]:
+    """Mean CE of the answer tokens (teacher forcing over the prompt's KV cache, routing decided on the prompt
+    alone as at inference) and the prefill metrics (ESR includes the answer tokens' queries)."""
+    ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    mask[sample.prompt_len:] = 1
+    logits = prompt_then_answer_logits(model, ids, sample.prompt_len, len(ids) - sample.prompt_len + 1)
+    loss = masked_lm_loss(logits, ids, mask)
+    state = getattr(model, "elastic_state", None)
+    return float(loss), (state.metrics() if state is not None else {})
+
+
+def run_sample(model, tokenizer, sample: Sample, cfg: EvalConfig, device, stop_ids) -> dict:
+    rec = {"task": sample.task, "category": sample.category, "length": sample.target_tokens,
+           "tokens": sample.num_tokens}
+    if sample.category == "sensitive":
+        gen, metrics = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids, device)
+        text = tokenizer.decode(gen, skip_special_tokens=True)
+        rec.update(correct=float(sample.answer.strip() in text), generated=text, answer=sample.answer)
+    else:
+        loss, metrics = answer_loss(model, sample, device)
+        rec.update(loss=loss)
+    if metrics:
+        rec.update(msr=float(metrics["msr"]), esr=float(metrics["esr"]))
+    return rec
+
+
+def aggregate(records: list[dict]) -> dict:
+    """{policy: {"by_task_length": {task: {length: {...}}}, "summary": {...}}}."""
+    result = {}
+    by_policy = defaultdict(list)
+    for r in records:
+        by_policy[r["policy"]].append(r)
+    for policy, recs in by_policy.items():
+        cells = defaultdict(list)
+        for r in recs:
+            cells[(r["task"], r["length"])].append(r)
+        table = defaultdict(dict)
+        for (task, length), rs in sorted(cells.items()):
+            key = "correct" if TASK_CATEGORY[task] == "sensitive" else "loss"
+            cell = {"n": len(rs), ("accuracy" if key == "correct" else "loss"): sum(r[key] for r in rs) / len(rs)}
+            for m in ("msr", "esr"):
+                if all(m in r for r in rs):
+                    cell[m] = sum(r[m] for r in rs) / len(rs)
+            table[task][str(length)] = cell
+        summary = {}
+        for cat, key in (("sensitive", "correct"), ("robust", "loss")):
+            rs = [r for r in recs if r["category"] == cat]
+            if rs:
+                summary["accuracy_sensitive" if cat == "sensitive" else "loss_robust"] = \
+                    sum(r[key] for r in rs) / len(rs)
+                if all("msr" in r for r in rs):
+                    summary[f"msr_{cat}"] = sum(r["msr"] for r in rs) / len(rs)
+                    summary[f"esr_{cat}"] = sum(r["esr"] for r in rs) / len(rs)
+        if all("msr" in r for r in recs):
+            summary["msr"] = sum(r["msr"] for r in recs) / len(recs)
+        result[policy] = {"by_task_length": table, "summary": summary}
+    return result
+
+
+def check_targets(agg: dict) -> dict:
+    """Issue-5 targets for the elastic policy against dense (None when a needed number is missing)."""
+    el, de = agg.get("elastic", {}).get("summary", {}), agg.get("dense", {}).get("summary", {})
+
+    def check(fn):
+        try:
+            return bool(fn())
+        except KeyError:
+            return None
+
+    return {
+        "sensitive_accuracy_ge_dense_minus_3pts": check(lambda: el["accuracy_sensitive"] >= de["accuracy_sensitive"] - 0.03),
+        "sensitive_msr_ge_0.4": check(lambda: el["msr_sensitive"] >= 0.4),
+        "robust_msr_ge_0.8": check(lambda: el["msr_robust"] >= 0.8),
+        "robust_loss_le_dense_x1.03": check(lambda: el["loss_robust"] <= de["loss_robust"] * 1.03),
+        "msr_gap_ge_0.25": check(lambda: el["msr_robust"] - el["msr_sensitive"] >= 0.25),
+    }
+
+
+def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Tensor:
+    """bool [L, Hkv] (True = sparse): the round(msr * L * Hkv) heads least often kept FULL become sparse."""
+    L, H = full_freq.shape
+    n_sparse = int(round(msr * L * H))
+    order = sorted(range(L * H), key=lambda i: (float(full_freq.view(-1)[i]), i))
+    table = torch.zeros(L * H, dtype=torch.bool)
+    table[order[:n_sparse]] = True
+    return table.view(L, H)
+
+
+def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig):
+    lines = [f"# Router evaluation ({cfg.model}, lengths {list(cfg.lengths)}, {cfg.samples_per_task} samples "
+             f"per task and length)", "", "## Summary", "",
+             "| policy | sensitive acc | robust loss | MSR sensitive | MSR robust | ESR sensitive | ESR robust |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+    for policy in cfg.policies:
+        s = agg.get(policy, {}).get("summary", {})
+        lines.append(f"| {policy} | {fmt(s, 'accuracy_sensitive')} | {fmt(s, 'loss_robust')} | "
+                     f"{fmt(s, 'msr_sensitive')} | {fmt(s, 'msr_robust')} | {fmt(s, 'esr_sensitive')} | "
+                     f"{fmt(s, 'esr_robust')} |")
+    lines += ["", "## Targets (elastic vs dense)", ""]
+    lines += [f"- {k}: {'PASS' if v else ('FAIL' if v is not None else 'n/a')}" for k, v in targets.items()]
+    lines += ["", "## Per task and length (accuracy or answer loss / MSR)", ""]
+    header = "| task | length | " + " | ".join(cfg.policies) + " |"
+    lines += [header, "|" + "---|" * (2 + len(cfg.policies))]
+    for task in cfg.tasks:
+        for length in cfg.lengths:
+            cells = []
+            for policy in cfg.policies:
+                c = agg.get(policy, {}).get("by_task_length", {}).get(task, {}).get(str(length))
+                if not c:
+                    cells.append("-")
+                    continue
+                val = c.get("accuracy", c.get("loss"))
+                cells.append(f"{val:.3f} / {c['msr']:.2f}" if "msr" in c else f"{val:.3f}")
+            lines.append(f"| {task} | {length} | " + " | ".join(cells) + " |")
+    with open(path_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot_summary(path_png: str, agg: dict, cfg: EvalConfig):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    width = 0.8 / max(1, len(cfg.policies))
+    for ax, tasks, metric, title in ((axes[0], SENSITIVE_TASKS, "accuracy", "sensitive accuracy"),
+                                     (axes[1], ROBUST_TASKS, "loss", "robust answer loss")):
+        for pi, policy in enumerate(cfg.policies):
+            vals = []
+            for length in cfg.lengths:
+                cells = [agg.get(policy, {}).get("by_task_length", {}).get(t, {}).get(str(length)) for t in tasks]
+                cells = [c[metric] for c in cells if c and metric in c]
+                vals.append(sum(cells) / len(cells) if cells else float("nan"))
+            ax.bar([i + pi * width for i in range(len(cfg.lengths))], vals, width, label=policy)
+        ax.set_xticks([i + width * (len(cfg.policies) - 1) / 2 for i in range(len(cfg.lengths))])
+        ax.set_xticklabels([str(n) for n in cfg.lengths])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for pi, policy in enumerate(cfg.policies):
+        s = agg.get(policy, {}).get("summary", {})
+        ax.bar([0 + pi * width, 1 + pi * width], [s.get("msr_sensitive", 0), s.get("msr_robust", 0)], width,
+               label=policy)
+    ax.set_xticks([width * (len(cfg.policies) - 1) / 2, 1 + width * (len(cfg.policies) - 1) / 2])
+    ax.set_xticklabels(["sensitive", "robust"])
+    ax.set_title("MSR")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..integrations.transformers import disable, enable
+    from ..router import RouterSet
+
+    bad = [p for p in cfg.policies if p not in POLICIES]
+    if bad or not cfg.policies:
+        raise ValueError(f"policies must be a non-empty subset of {POLICIES}, got {cfg.policies!r}")
+    needs_routers = any(p in ("elastic", "static") for p in cfg.policies)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device, dtype, cfg.seed)
+    model = model.to(device).eval()
+    if routers is None and needs_routers:
+        if not cfg.routers:
+            raise ValueError("routers: the elastic and static policies need trained routers (--routers DIR)")
+        routers = RouterSet.load(cfg.routers, model=model)
+    if routers is not None:
+        routers = routers.to(device).eval()
+    rcfg = routers.config if routers is not None else {}
+    sink = cfg.sink if cfg.sink is not None else rcfg.get("sink", 64)
+    window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
+    data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
+    eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
+    samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
+    os.makedirs(cfg.out, exist_ok=True)
+    eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
+    stop_ids = _stop_ids(tokenizer)
+    order = [p for p in ("elastic", "static", "dense", "all_sparse") if p in cfg.policies]  # static needs elastic
+    n_calib = cfg.calibration_per_task * len(cfg.tasks) * len(cfg.lengths) if "static" in order else 0
+    bar = tqdm(total=len(samples) * len(order) + n_calib, desc="eval", disable=not cfg.progress, dynamic_ncols=True)
+    records, static_table, elastic_msr = [], None, None
+    for policy in order:
+        if policy == "elastic" or (policy == "static" and "elastic" not in order and elastic_msr is None):
+            enable(model, routers, policy="router", sink=sink, window=window)
+            if policy == "static":  # no elastic pass requested: measure its MSR anyway for the budget
+                elastic_msr = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for s in samples)
+                elastic_msr /= len(samples)
+        if policy == "static":
+            enable(model, routers, policy="router", sink=sink, window=window)
+            calib = TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
+                cfg.lengths, cfg.calibration_per_task)
+            full = torch.zeros(model.elastic_state.num_layers, model.elastic_state.num_kv_heads, dtype=torch.float64)
+            with torch.no_grad():
+                for s in calib:
+                    model(input_ids=torch.tensor([s.prompt_ids], device=device), use_cache=False, logits_to_keep=1)
+                    full += (model.elastic_state.last_head_mode[0] == 0).to(torch.float64).cpu()
+                    bar.update(1)
+            static_table = static_table_from_frequency(full / len(calib), elastic_msr)
+            enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window)
+        elif policy == "dense":
+            enable(model, None, policy="all_full", sink=sink, window=window)
+        elif policy == "all_sparse":
+            enable(model, None, policy="all_sparse", sink=sink, window=window)
+        policy_recs = []
+        for s in samples:
+            rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)
+            rec["policy"] = policy
+            policy_recs.append(rec)
+            bar.update(1)
+        if policy == "elastic":
+            elastic_msr = sum(r["msr"] for r in policy_recs) / len(policy_recs)
+        records += policy_recs
+    bar.close()
+    disable(model)
+    agg = aggregate(records)
+    targets = check_targets(agg)
+    result = {"config": asdict(cfg), "sink": sink, "window": window, "device": str(device), "dtype": str(dtype),
+              "aggregate": agg, "targets": targets, "records": records,
+              "static_table": static_table.int().tolist() if static_table is not None else None}
+    with open(os.path.join(cfg.out, "eval_results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    report = write_report(os.path.join(cfg.out, "eval_report.md"), agg, targets, cfg)
+    plot_summary(os.path.join(cfg.out, "eval_summary.png"), agg, cfg)
+    print(report)
+    return result

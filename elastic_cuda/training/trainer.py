@@ -1,0 +1,487 @@
+"""Router training (method-digest section 5): frozen backbone, trainable routers and per-task Lagrange multipliers.
+
+Every layer runs both full and sparse attention and mixes them per KV head with the router's hard
+straight-through z (``ElasticState.train_mix``). Loss = LM cross-entropy + the per-task regulariser of
+``losses.py``; routers descend (AdamW (0.9, 0.95), lr 5e-4, wd 0.1), lambdas ascend (AdamW maximize=True,
+lr 1e-3, wd 0.1, init U[0, 0.5)); 20% linear warmup then cosine to ~0 for both groups; grad-norm clip 5.0 over
+all trainable parameters; Gumbel temperature from ``schedule.tau_at``.
+
+Routing sees the prompt only: each sample runs as a prefill of its prompt (routers decide there) and then its
+answer as a cached continuation that reuses the decision (``prompt_then_answer_logits``), exactly as at inference.
+
+Batching: one optimizer step = ``batch_size`` samples (global, over all ranks); every sample is its own
+forward with B = 1 (no padding, so the routers' boundary pooling sees exactly the sample, and lengths 1K-8K mix
+freely); gradients accumulate. The LM loss is the mean over samples of each sample's mean token CE (short and
+long samples weigh the same); the regulariser is the per-task mean then the mean over tasks of the global batch,
+realised as fixed per-sample weights (``losses.task_weights``), so the summed gradient is exact.
+
+Distributed (torchrun): RANK / WORLD_SIZE / LOCAL_RANK from the environment, NCCL on CUDA, gloo on CPU. Rank r
+takes samples r, r + W, ... of each global batch; router and lambda gradients are all-reduced (sum) before
+clipping, so every rank applies the same update to bit-identical parameters (initialised from one seed and
+broadcast from rank 0). Gumbel noise is seeded per rank.
+
+Checkpoints (``<out>/checkpoints/step_XXXXXX/``): state.pt (routers, lambdas, optimizer, scheduler, step,
+config) + rng_rank<r>.pt (Python and torch RNG of each rank); ``--resume auto`` picks the latest. Data are a
+pure function of the sample index, so a resumed run reproduces the uninterrupted one exactly.
+Outputs: train_log.jsonl (one line per step), training_curves.png, data_manifest.json, train_config.json,
+routers/ (RouterSet.save).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
+from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
+from .models import load_model_and_tokenizer
+from .schedule import lr_factor, tau_at
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/router"
+    model: str = "smollm2"
+    steps: int = 120
+    batch_size: int = 16
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    tasks: tuple[str, ...] = TASKS
+    t_sen: float = 0.7
+    sink: int = 64
+    window: int = 512
+    sparse_mode: str = "stream"
+    loss_on: str = "answer"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    router_lr: float = 5e-4
+    router_weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    lambda_lr: float = 1e-3
+    lambda_weight_decay: float = 0.1
+    lambda_init_max: float = 0.5
+    warmup_ratio: float = 0.2
+    min_lr_ratio: float = 1e-7
+    grad_clip: float = 5.0
+    tau_max: float = 1.5
+    tau_min: float = 1.0
+    tau_decay_ratio: float = 0.6
+    tau_schedule: str = "code"
+    save_every: int = 50
+    num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
+    resume: str | None = None
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time slices
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self):
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be > 0, got {self.steps}, {self.batch_size}")
+        if not 0.0 <= self.t_sen <= 1.0:
+            raise ValueError(f"t_sen must be in [0, 1], got {self.t_sen}")
+        if self.sink < 0 or self.window <= 0:
+            raise ValueError(f"sink must be >= 0 and window > 0, got {self.sink}, {self.window}")
+
+
+def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)} or 'auto', got {dtype!r}")
+    return dev, dtypes[dtype]
+
+
+class DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK from the environment (torchrun); a process group when WORLD_SIZE > 1."""
+
+    def __init__(self, device_type: str):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def prompt_then_answer_logits(model, ids: torch.Tensor, prompt_len: int, keep: int) -> torch.Tensor:
+    """Logits [keep, V] for the last `keep` positions of ids [T], computed as inference sees the sequence:
+    a prefill of the prompt (where the routers decide, pooling the prompt's keys only, answer excluded) and then
+    the answer tokens as a continuation over the KV cache, which reuses the prefill routing (and, in training,
+    its straight-through z). One forward over prompt + answer would let the routers pool the answer's keys."""
+    T = ids.shape[0]
+    if not 0 < prompt_len < T or not 0 < keep <= T:
+        raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={prompt_len}, "
+                         f"keep={keep}, len={T}")
+    answer_len = T - prompt_len
+    keep_prompt = max(1, keep - answer_len)  # the last prompt position always predicts the first answer token
+    out = model(input_ids=ids[None, :prompt_len], use_cache=True, logits_to_keep=keep_prompt)
+    cont = model(input_ids=ids[None, prompt_len:], past_key_values=out.past_key_values, use_cache=True)
+    logits = torch.cat([out.logits[0], cont.logits[0]], dim=0)
+    return logits[-keep:] if keep < logits.shape[0] else logits
+
+
+def _first(batch):
+    return batch
+
+
+class _RankIndices(torch.utils.data.Sampler):
+    """Dataset indices this rank builds, in training order, from optimizer step `start` to `end`."""
+
+    def __init__(self, start: int, end: int, batch_size: int, rank: int, world: int):
+        self.start, self.end, self.batch_size, self.rank, self.world = start, end, batch_size, rank, world
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            for j in range(self.rank, self.batch_size, self.world):
+                yield step * self.batch_size + j
+
+    def __len__(self):
+        return (self.end - self.start) * len(range(self.rank, self.batch_size, self.world))
+
+
+def _checkpoint_dirs(out: str) -> list[str]:
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "state.pt")))
+
+
+class RouterTrainer:
+    """Builds everything from a TrainConfig; `run()` trains and returns the final step's log record."""
+
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None):
+        from ..integrations.transformers import enable
+        from ..router import RouterSet
+
+        config.validate()
+        self.cfg = config
+        probe_device, _ = resolve_device_dtype(config.device, config.dtype)
+        self.env = DistEnv(probe_device.type)
+        self.device, self.dtype = resolve_device_dtype(config.device, config.dtype, self.env.local_rank)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config.model, self.device, self.dtype, config.seed)
+        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
+        self.model.requires_grad_(False)
+        torch.manual_seed(config.seed)  # identical router init on every rank (and broadcast below, to be sure)
+        self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
+                                           sparse_mode=config.sparse_mode).to(self.device, torch.float32)
+        self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
+                            sink=config.sink, window=config.window)
+        self.state.train_mix = True
+        self.routers.train()  # Gumbel sampling; the backbone stays in eval mode (no dropout)
+        gen = torch.Generator().manual_seed(config.seed + 12345)
+        n_tasks = len(TASKS)
+        self.lambdas = torch.nn.Parameter(
+            (torch.rand(2, n_tasks, generator=gen) * config.lambda_init_max).to(self.device))  # rows: lambda1, lambda2
+        self.router_params = [p for p in self.routers.parameters()]
+        for p in self.router_params:
+            p.requires_grad_(True)
+            self.env.broadcast_(p.data)
+        self.env.broadcast_(self.lambdas.data)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.router_params, "lr": config.router_lr, "weight_decay": config.router_weight_decay,
+             "betas": config.betas, "maximize": False, "name": "routers"},
+            {"params": [self.lambdas], "lr": config.lambda_lr, "weight_decay": config.lambda_weight_decay,
+             "betas": config.betas, "maximize": True, "name": "lambdas"},
+        ])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup_ratio, config.min_lr_ratio))
+        data_cfg = DataConfig(lengths=tuple(config.lengths), tasks=tuple(config.tasks), loss_on=config.loss_on,
+                              local_window=config.window, sink=config.sink)
+        self.dataset = TaskDataset(self.tokenizer, split="train", seed=config.seed, config=data_cfg)
+        self.step = 0
+        self._seed_rank_rng()
+        if config.resume:
+            self.load_checkpoint(config.resume)
+
+    # ------------------------------------------------------------------ RNG and checkpoints
+    def _seed_rank_rng(self):
+        seed = self.cfg.seed * 1000 + 7919 * (self.env.rank + 1)
+        random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def _rng_state(self) -> dict:
+        state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict):
+        random.setstate(state["python"])
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def save_checkpoint(self) -> str:
+        path = os.path.join(self.cfg.out, "checkpoints", f"step_{self.step:06d}")
+        if self.env.main:
+            os.makedirs(path, exist_ok=True)
+        self.env.barrier()
+        torch.save(self._rng_state(), os.path.join(path, f"rng_rank{self.env.rank}.pt"))
+        if self.env.main:
+            torch.save({"step": self.step, "routers": self.routers.state_dict(), "lambdas": self.lambdas.detach(),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "world_size": self.env.world, "config": asdict(self.cfg)},
+                       os.path.join(path, "state.pt.tmp"))
+            os.replace(os.path.join(path, "state.pt.tmp"), os.path.join(path, "state.pt"))
+        self.env.barrier()
+        return path
+
+    def load_checkpoint(self, where: str):
+        if where == "auto":
+            found = _checkpoint_dirs(self.cfg.out)
+            if not found:
+                if self.env.main:
+                    print(f"[train-router] --resume auto: no checkpoint under {self.cfg.out}, starting fresh")
+                return
+            where = found[-1]
+        if not os.path.isfile(os.path.join(where, "state.pt")):
+            raise ValueError(f"resume: {where} is not a checkpoint directory (no state.pt)")
+        ckpt = torch.load(os.path.join(where, "state.pt"), map_location=self.device, weights_only=False)
+        self.routers.load_state_dict(ckpt["routers"])
+        with torch.no_grad():
+            self.lambdas.copy_(ckpt["lambdas"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        rng_file = os.path.join(where, f"rng_rank{self.env.rank}.pt")
+        if os.path.isfile(rng_file) and ckpt.get("world_size") == self.env.world:
+            self._set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # a different world size: continue deterministically, but not bit-identically
+            random.seed(self.cfg.seed * 1000 + self.step)
+            torch.manual_seed(self.cfg.seed * 1000 + 7919 * (self.env.rank + 1) + self.step)
+        if self.env.main:
+            print(f"[train-router] resumed from {where} at step {self.step}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _sample_iterator(self, end: int):
+        sampler = _RankIndices(self.step, end, self.cfg.batch_size, self.env.rank, self.env.world)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + Rust threads can deadlock
+        if self.cfg.num_workers <= 0:
+            return (self.dataset[i] for i in sampler)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=sampler, collate_fn=_first,
+                                             num_workers=self.cfg.num_workers, prefetch_factor=8)
+        return iter(loader)
+
+    def train_step(self, samples=None) -> dict:
+        """One optimizer step; `samples` yields this rank's samples in order (built on the fly if None)."""
+        cfg, env = self.cfg, self.env
+        if samples is None:
+            samples = self._sample_iterator(self.step + 1)
+        step = self.step
+        tau = tau_at(step, cfg.steps, cfg.tau_max, cfg.tau_min, cfg.tau_decay_ratio, cfg.tau_schedule)
+        self.state.tau = tau
+        indices = [step * cfg.batch_size + i for i in range(cfg.batch_size)]
+        tasks = [self.dataset.task_of(i) for i in indices]
+        weights = task_weights(tasks)
+        n_tasks = len(TASKS)
+        # sums over this rank's samples: [lm, reg, tokens, count per task, msr per task, lm per task]
+        stats = torch.zeros(3 + 3 * n_tasks, dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        for j in range(env.rank, cfg.batch_size, env.world):
+            sample = next(samples)
+            if sample.task != tasks[j]:
+                raise RuntimeError(f"data order broken: sample for index {indices[j]} is {sample.task}, "
+                                   f"expected {tasks[j]}")
+            ids = torch.tensor(sample.input_ids, dtype=torch.long, device=self.device)
+            mask = torch.tensor(sample.loss_mask, dtype=torch.long, device=self.device)
+            with self._autocast():
+                logits = prompt_then_answer_logits(self.model, ids, sample.prompt_len, logits_needed(mask))
+            lm = masked_lm_loss(logits, ids, mask)
+            msr = msr_from_z(self.state.last_z)[0]
+            ti = TASKS.index(sample.task)
+            target = 1.0 if TASK_CATEGORY[sample.task] == "robust" else cfg.t_sen
+            reg = sample_regulariser(msr, target, self.lambdas[0, ti], self.lambdas[1, ti])
+            (lm / cfg.batch_size + weights[j] * reg).backward()
+            stats[0] += lm.item() / cfg.batch_size
+            stats[1] += weights[j] * reg.item()
+            stats[2] += len(sample.input_ids)
+            stats[3 + ti] += 1
+            stats[3 + n_tasks + ti] += msr.item()
+            stats[3 + 2 * n_tasks + ti] += lm.item()
+        params = self.router_params + [self.lambdas]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in params])
+        env.all_reduce_(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).to(p.dtype)
+            offset += n
+        stats = env.all_reduce_(stats.to(self.device)).cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        counts = stats[3: 3 + n_tasks]
+        record = {"step": self.step, "loss": float(stats[0] + stats[1]), "lm_loss": float(stats[0]),
+                  "reg": float(stats[1]), "tokens": int(stats[2]), "tau": tau, "lr": lrs[0], "lambda_lr": lrs[1],
+                  "grad_norm": float(grad_norm), "msr": {}, "lm_loss_task": {}, "lambda1": {}, "lambda2": {}}
+        for ti, task in enumerate(TASKS):
+            record["lambda1"][task] = float(self.lambdas.detach()[0, ti])
+            record["lambda2"][task] = float(self.lambdas.detach()[1, ti])
+            if counts[ti] > 0:
+                record["msr"][task] = float(stats[3 + n_tasks + ti] / counts[ti])
+                record["lm_loss_task"][task] = float(stats[3 + 2 * n_tasks + ti] / counts[ti])
+        for cat in ("sensitive", "robust"):
+            sel = [ti for ti, t in enumerate(TASKS) if TASK_CATEGORY[t] == cat and counts[ti] > 0]
+            if sel:
+                record[f"msr_{cat}"] = float(sum(stats[3 + n_tasks + ti] for ti in sel) / sum(counts[ti] for ti in sel))
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, env = self.cfg, self.env
+        os.makedirs(cfg.out, exist_ok=True)
+        if env.main:
+            with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
+                json.dump({**asdict(cfg), "world_size": env.world, "device": str(self.device),
+                           "torch_dtype": str(self.dtype)}, f, indent=1)
+            self.dataset.write_manifest(os.path.join(cfg.out, "data_manifest.json"))
+        log_path = os.path.join(cfg.out, "train_log.jsonl")
+        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train-router", disable=not (env.main and cfg.progress),
+                   dynamic_ncols=True)
+        record, t0 = {}, time.time()
+        samples = self._sample_iterator(end)
+        while self.step < end:
+            start = time.time()
+            record = self.train_step(samples)
+            record["step_time_s"] = time.time() - start
+            if env.main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", msr_sen=f"{record.get('msr_sensitive', math.nan):.2f}",
+                                msr_rob=f"{record.get('msr_robust', math.nan):.2f}", tau=f"{record['tau']:.2f}")
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        if self.step > 0 and (not _checkpoint_dirs(cfg.out) or
+                              not _checkpoint_dirs(cfg.out)[-1].endswith(f"step_{self.step:06d}")):
+            self.save_checkpoint()
+        if env.main:
+            if self.step >= cfg.steps:
+                self.routers.save(os.path.join(cfg.out, "routers"))
+            plot_training_log(log_path, os.path.join(cfg.out, "training_curves.png"))
+            print(f"[train-router] {self.step}/{cfg.steps} steps in {time.time() - t0:.1f}s -> {cfg.out}")
+        env.barrier()
+        return record
+
+    def close(self):
+        self.env.close()
+
+
+def read_log(path: str) -> list[dict]:
+    """Records of train_log.jsonl, the last one of each step (a resumed run may repeat steps)."""
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_training_log(log_path: str, png_path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.isfile(log_path):
+        return
+    recs = read_log(log_path)
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes[0, 0]
+    for key in ("loss", "lm_loss", "reg"):
+        ax.plot(steps, [r[key] for r in recs], label=key)
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[0, 1]
+    for task in TASKS:
+        pts = [(r["step"], r["msr"][task]) for r in recs if task in r["msr"]]
+        if pts:
+            ax.plot(*zip(*pts), ls="-" if TASK_CATEGORY[task] == "sensitive" else "--", label=task)
+    ax.set_title("MSR per task (solid: sensitive, dashed: robust)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    for ax, key in ((axes[0, 2], "lambda1"), (axes[1, 0], "lambda2")):
+        for task in TASKS:
+            ax.plot(steps, [r[key][task] for r in recs], ls="-" if TASK_CATEGORY[task] == "sensitive" else "--",
+                    label=task)
+        ax.set_title(key)
+        ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    ax.plot(steps, [r["tau"] for r in recs], label="tau")
+    ax.set_title("Gumbel temperature")
+    ax2 = axes[1, 2]
+    ax2.plot(steps, [r["lr"] for r in recs], label="router lr")
+    ax2.plot(steps, [r["lambda_lr"] for r in recs], label="lambda lr")
+    ax2.set_title("learning rates")
+    ax2.legend()
+    for a in axes.flat:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig, model=None, tokenizer=None) -> dict:
+    trainer = RouterTrainer(config, model=model, tokenizer=tokenizer)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
