@@ -1,7 +1,7 @@
 """Command line: `python -m elastic_cuda <command>` (console script `elastic-cuda`).
 
 Commands: `demo` (SmolLM2-135M-Instruct, dense vs elastic attention). Training/evaluation commands are
-added through `_register_subcommands`.
+added through `_register_subcommands`: `demo`, `train-router`, `eval`.
 """
 from __future__ import annotations
 
@@ -63,8 +63,11 @@ def _run_demo(args):
 
 
 def _register_subcommands(subparsers):
-    """Hook for further commands (training: `train-router`, `eval`); the lead wires them in here."""
+    """`demo` (this module), `train-router` and `eval` (elastic_cuda.training.commands)."""
+    from .training.commands import register as register_training
+
     _add_demo(subparsers)
+    register_training(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
