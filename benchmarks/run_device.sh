@@ -88,7 +88,7 @@ print("\n".join(rows) if rows else "no ptxas -v lines found (build failed or cac
 EOF
 
 # 2. GPU tests
-stage pytest 150 200 "$LOGS/pytest.log" $PY -m pytest -m gpu -x -q -p no:cacheprovider
+stage pytest 170 200 "$LOGS/pytest.log" $PY -m pytest -m gpu -q -rf -p no:cacheprovider
 
 # 3. compute-sanitizer memcheck
 if [[ -f tests/gpu_sanitize.py ]]; then
