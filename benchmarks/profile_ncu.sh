@@ -44,10 +44,10 @@ stream_pairs = float((torch.clamp(i + 1, max=window) + torch.clamp(torch.clamp(i
 flops_full = 4.0 * D * full_pairs * G * (Hkv - n_sa)     # QK^T and PV: 2 * 2 * D per visible pair
 flops_stream = 4.0 * D * stream_pairs * G * n_sa
 for _ in range(2):
-    elastic_cuda.attention(q, k, v, hm, sink=sink, window=window, strategy=strategy)
+    elastic_cuda.ops.attention(q, k, v, hm, sink=sink, window=window, strategy=strategy)
 torch.cuda.synchronize()
 torch.cuda.nvtx.range_push("profile")
-elastic_cuda.attention(q, k, v, hm, sink=sink, window=window, strategy=strategy)
+elastic_cuda.ops.attention(q, k, v, hm, sink=sink, window=window, strategy=strategy)
 torch.cuda.synchronize()
 torch.cuda.nvtx.range_pop()
 print("FLOPS " + json.dumps(dict(strategy=strategy, S=S, msr=msr, flops_full=flops_full, flops_stream=flops_stream)))

@@ -116,6 +116,8 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
                 or block_mask.shape[2] != nb or block_mask.shape[3] != nb:
             _fail(f"block_mask must have shape [B, Hkv or Hq, NB, NB] = [{B}, {Hkv} or {Hq}, {nb}, {nb}] "
                   f"(NB = ceil(Skv / block_size)), got {tuple(block_mask.shape)}")
+    if block_mask is not None and dev == "cuda" and block_size % 64 != 0:
+        _fail(f"block_size must be a multiple of 64 on CUDA (the kernels' key tile), got {block_size}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         _fail(f"scale must be a positive finite float, got {scale!r}")
     if strategy not in STRATEGIES:

@@ -5,6 +5,7 @@
 # .whl/ (absent there):
 #   call 1, carry [.model1, .whl]:  bash scripts/device_session.sh kernels
 #       -> model half 1 to /root/m; build, GPU tests, sanitizer, benchmark, ncu (benchmarks/run_device.sh)
+#   (or call 1 = `prep`: model half 1 + build only)
 #   call 2, carry [.model2, .whl]:  bash scripts/device_session.sh model
 #       -> assemble the GGUF; train routers on SmolLM2; evaluate; run the demo with them
 # Results land under $OUT (at most 8 files come back).
@@ -19,6 +20,10 @@ fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
+prep)  # model half 1 + build only (when a later call must start from a cold machine)
+  cp .model1/smol.part.aa /root/m/ && MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  echo "prep rc=$?"; tail -2 "$OUT/build.log"
+  ;;
 kernels)
   cp .model1/smol.part.aa /root/m/ 2>/dev/null || echo "no .model1 carried"
   TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-510} bash benchmarks/run_device.sh
@@ -32,10 +37,10 @@ model)
   export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
   RUN=/tmp/run_smollm2
   t0=$(date +%s)
-  timeout ${TRAIN_S:-330} python3 -m elastic_cuda train-router --out $RUN --steps ${STEPS:-100} --no-progress \
+  timeout ${TRAIN_S:-330} python3 -m elastic_cuda train-router --out $RUN --steps ${STEPS:-100} --batch-size ${BATCH:-16} --no-progress \
     > "$OUT/train.log" 2>&1; echo "train rc=$? in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/train.log"
   t1=$(date +%s)
-  timeout ${EVAL_S:-150} python3 -m elastic_cuda eval --routers $RUN/routers --out $RUN/eval --samples-per-task 3 \
+  [[ ${EVAL_S:-150} -gt 0 ]] && timeout ${EVAL_S:-150} python3 -m elastic_cuda eval --routers $RUN/routers --out $RUN/eval --samples-per-task 3 \
     --max-new-tokens 16 --no-progress > "$OUT/eval.log" 2>&1; echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
   t2=$(date +%s)
   timeout ${DEMO_S:-80} python3 -m elastic_cuda demo --routers $RUN/routers --device cuda > "$OUT/demo.log" 2>&1

@@ -9,15 +9,17 @@
 // heads' causal attention dominates, i.e. at long context, and only if the library kernel is faster than the
 // fused kernel's FULL path.
 //
-// Threshold: grouped for S >= 8192 until measured (benchmarks/bench_attention.py writes the crossover per
-// S; the lead updates kGroupedMinSeqlen from its JSON). Varlen always runs fused (grouped needs the dense
+// Threshold, measured (benchmarks/results/bench.md, H200, bf16, Llama-3.1-8B shape): the FA2-varlen group
+// runs at the fused kernel's speed, so grouped only wins where its FULL heads dominate: at 64K it beat fused at
+// every MSR < 1 (e.g. 55.6 vs 59.8 ms at MSR 0.5), at 128K at MSR 0.25-0.75; at 8K-32K it was within +-5%
+// and slower at 8K (1.85 vs 1.72 ms at MSR 0). So grouped from S = 65536 on. Varlen always runs fused (grouped needs the dense
 // layout) and head_dim must be one FlashAttention-2 supports (multiple of 8, <= 256).
 #pragma once
 #include "attention/attention_checks.h"
 
 namespace elastic {
 
-constexpr int64_t kGroupedMinSeqlen = 8192;
+constexpr int64_t kGroupedMinSeqlen = 65536;
 
 inline bool prefer_grouped_strategy(const AttentionShape& s) {
   if (s.varlen) return false;
