@@ -395,8 +395,11 @@ class TaskDataset:
             ids = self._encode(answer)
             if len(ids) > 2 * self.config.answer_tokens:  # one very long line: cut it by tokens
                 answer = self.tokenizer.decode(ids[: self.config.answer_tokens])
+                ids = self._encode(answer)
+            # The pad absorbs the answer's actual length: otherwise a shorter answer leaves the sample short, and
+            # moving k to compensate changes the answer again (the fit could oscillate below target - tol).
             context, _ = self._with_pad(pad_source, [line for line, _, _ in lines[:k]],
-                                        sum(n for _, n, _ in lines[:k]), filler_budget)
+                                        sum(n for _, n, _ in lines[:k]), budget - question_free - len(ids))
             return header + context + "\n", answer, {"filler": kind, "docs": sorted({d for _, _, d in lines[:k]})}
 
         return self._fit(task, target, make)
