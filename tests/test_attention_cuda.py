@@ -292,6 +292,109 @@ def test_bad_args_raise_with_named_argument():
     assert len(lines) == 6 and all(ln.startswith("OK") for ln in lines), res.stdout
 
 
+# ----------------------------------------------------------------------------- Hopper (sm_90a) forward
+# FULL / STREAM heads without a block mask go to the wgmma kernel on compute capability 9.x;
+# ELASTIC_CUDA_SM90=0 forces the sm80 kernel. Every case runs on both paths against the reference.
+SM90_PATHS = pytest.mark.parametrize("sm90", ["1", "0"], ids=["sm90", "sm80"])
+
+
+def _fs_modes(B, Hkv, pattern):
+    if pattern in ("full", "stream"):
+        return _modes(B, Hkv, pattern)
+    base = torch.tensor([FULL, STREAM], dtype=torch.int32)  # mixed, different per sample
+    return torch.stack([base[(torch.arange(Hkv) + b) % 2] for b in range(B)])
+
+
+def _sm90_kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "attention_fwd" in e.name]
+
+
+@SM90_PATHS
+def test_sm90_dispatch(sm90, monkeypatch):
+    # On a Hopper device the default (and =1) path must run the wgmma kernel, =0 the sm80 kernel.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
+    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"))
+    if not names:
+        pytest.skip("profiler recorded no kernels")
+    assert any(("sm90" in n) == (sm90 == "1") for n in names), names
+    bm = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)  # a block mask always takes the sm80 kernel
+    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, strategy="fused"))
+    assert names and not any("sm90" in n for n in names), names
+
+
+@SM90_PATHS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("pattern", ["full", "stream", "mixfs"])
+def test_sm90_forward_lengths(sm90, dtype, D, pattern, monkeypatch):
+    # Lengths around the 128-row / 128-key tiles, GQA 1/3/4/8, windows shorter and longer than S.
+    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    lengths = (1, 7, 100, 127, 128, 129, 255, 300, 1000, 2100, 2500)
+    for idx, S in enumerate(lengths):
+        Hq, Hkv = GQA[idx % len(GQA)]
+        B = 1 if S > 1000 else 2
+        sink, window = ((4, 16), (64, 256), (128, 2048), (0, 130))[idx % 4]
+        run_case(B=B, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=_fs_modes(B, Hkv, pattern), sink=sink,
+                 window=window, seed=100 + idx, key=f"sm90={sm90} {pattern} D{D}")
+
+
+@SM90_PATHS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_forward_layouts(sm90, dtype, D, monkeypatch):
+    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    tag = f"sm90={sm90} D{D}"
+    # S < sink, S < window, window 0 (empty rows), window 1
+    for S, sink, window in ((7, 128, 2048), (100, 128, 50), (129, 0, 64), (300, 32, 0), (300, 0, 0), (129, 0, 1)):
+        run_case(Sq=S, Skv=S, Hq=6, Hkv=3, D=D, dtype=dtype, modes=torch.tensor([[STREAM, FULL, STREAM]]),
+                 sink=sink, window=window, key=f"{tag} short")
+    # Sq < Skv (decode, chunked prefill)
+    for Sq, Skv in ((1, 1000), (1, 2100), (37, 300), (128, 2100), (300, 1000), (129, 129 + 64)):
+        run_case(B=2, Sq=Sq, Skv=Skv, Hq=8, Hkv=2, D=D, dtype=dtype, modes=torch.tensor([[FULL, STREAM], [STREAM, FULL]]),
+                 sink=16, window=100, key=f"{tag} Sq<Skv")
+    # varlen batch with different routing per sample, including Sq < Skv samples
+    lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
+    modes = torch.tensor([[FULL, STREAM, FULL], [STREAM, FULL, STREAM], [STREAM, STREAM, FULL], [FULL, FULL, FULL],
+                          [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
+    run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=D, dtype=dtype, modes=modes, sink=8, window=200, layout="varlen",
+             lens=lens, key=f"{tag} varlen")
+    # strided views of a packed qkv buffer
+    run_case(B=2, Sq=300, Skv=1000, Hq=8, Hkv=4, D=D, dtype=dtype, modes=_fs_modes(2, 4, "mixfs"), sink=16,
+             window=128, layout="strided", key=f"{tag} strided")
+    # grouped strategy: FULL heads go to the dense kernel, the fused launch skips them (skip_full_heads)
+    run_case(B=2, Sq=700, Skv=900, Hq=8, Hkv=2, D=D, dtype=dtype, modes=torch.tensor([[FULL, STREAM], [STREAM, FULL]]),
+             sink=16, window=100, key=f"{tag} grouped dense", strategy="grouped")
+
+
+@SM90_PATHS
+def test_sm90_poisoned_outputs_and_invalid_modes(sm90, monkeypatch):
+    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    for layout in ("dense", "varlen"):
+        for D, dtype in ((128, torch.bfloat16), (64, torch.float16)):
+            poison = torch.full((64 * 1024 * 1024,), float("nan"), device=DEV)
+            del poison
+            # STREAM with sink 0 and window 0 sees nothing: out 0, lse -inf; varlen rows of every sample written
+            run_case(B=2, Sq=300, Skv=300, Hq=4, Hkv=2, D=D, dtype=dtype,
+                     modes=torch.tensor([[STREAM, FULL], [FULL, STREAM]]), sink=0, window=0, layout=layout,
+                     lens=[(300, 300), (77, 400)], key=f"sm90={sm90} poisoned {layout}")
+    q = torch.randn(1, 300, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 2, 128, device=DEV, dtype=torch.bfloat16)
+    for bad in (7, -1, BLOCK):  # BLOCK without a block mask is invalid too
+        hm = torch.tensor([[FULL, bad]], dtype=torch.int32, device=DEV)
+        out, lse = torch.ops.elastic.attention(q, k, k, hm, strategy="fused")
+        assert torch.isnan(out[:, :, 2:]).all() and torch.isfinite(out[:, :, :2]).all()
+        assert torch.isnan(lse[:, 2:]).all() and torch.isfinite(lse[:, :2]).all()
+
+
 # ----------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])

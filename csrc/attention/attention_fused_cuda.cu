@@ -6,6 +6,8 @@
 
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "attention/attention_cuda.h"
 #include "attention/attention_launch.h"
@@ -82,6 +84,22 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Te
   }
 }
 
+// The Hopper wgmma kernel serves FULL and STREAM heads; BLOCK heads need the block mask, which only the
+// sm80 kernel reads. ELASTIC_CUDA_SM90=0 (read per call) forces the sm80 kernel, e.g. to compare both.
+template <typename T, int D>
+bool use_sm90_forward(const AttentionFwdParams& p) {
+  if (p.block_mask != nullptr) return false;
+  const char* env = std::getenv("ELASTIC_CUDA_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return attention_fwd_sm90_available<T, D>();
+}
+
+template <typename T, int D>
+void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream) {
+  if (use_sm90_forward<T, D>(p)) launch_attention_fwd_sm90<T, D>(p, num_q_tiles, stream);
+  else launch_attention_fwd<T, D>(p, num_q_tiles, stream);
+}
+
 }  // namespace
 
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
@@ -92,11 +110,11 @@ void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tenso
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   if (a.shape.head_dim == 64) {
-    if (bf16) launch_attention_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream);
-    else launch_attention_fwd<__half, 64>(p, num_q_tiles, stream);
+    if (bf16) launch_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream);
+    else launch_fwd<__half, 64>(p, num_q_tiles, stream);
   } else {
-    if (bf16) launch_attention_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream);
-    else launch_attention_fwd<__half, 128>(p, num_q_tiles, stream);
+    if (bf16) launch_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream);
+    else launch_fwd<__half, 128>(p, num_q_tiles, stream);
   }
 }
 

@@ -14,7 +14,14 @@ namespace elastic {
 template <typename T, int D>
 void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream);
 
-// Query tile (rows) of the forward kernel, needed by the host to size the grid.
+// Hopper (sm_90a, wgmma) forward for FULL / STREAM heads without a block mask (sm90/). available() says
+// whether the current device is compute capability 9.x and the loaded binary holds the sm_90a body.
+template <typename T, int D>
+bool attention_fwd_sm90_available();
+template <typename T, int D>
+void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream);
+
+// Query tile (rows) of both forward kernels, needed by the host to size the grid.
 constexpr int kFwdBlockM = 128;
 // Largest key tile of any kernel: BLOCK masks need block_size % kMaxBlockN == 0 on CUDA.
 constexpr int kMaxBlockN = 64;

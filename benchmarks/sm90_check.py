@@ -1,0 +1,167 @@
+"""Hopper (sm_90a) forward kernel: correctness table, short timing and a sanitizer workload, for one device call.
+
+  python benchmarks/sm90_check.py errors    max rel err (max |diff| / max |ref|) and lse max abs err vs the
+                                            float64 reference, per dtype / head dim / mode, on both paths
+                                            (ELASTIC_CUDA_SM90=1 wgmma kernel, =0 the sm80 kernel)
+  python benchmarks/sm90_check.py time      Llama shape (32 q / 8 kv heads, D 128, bf16), S 8K (B 2) and 32K (B 1),
+                                            MSR 0 / 0.75 / 1: ours sm90 vs ours sm80 vs cuDNN SDPA vs Flex; TFLOP/s
+                                            counts the causal FLOPs of all heads (so at MSR > 0 it is an
+                                            "effective" rate); env NO_FLEX=1 skips Flex, TIME_BUDGET_S caps it
+  python benchmarks/sm90_check.py sanitize  small ragged cases on the sm90 path, for compute-sanitizer
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import elastic_cuda  # noqa: E402
+from elastic_cuda import FULL, STREAM  # noqa: E402
+from elastic_cuda.reference import attention_reference  # noqa: E402
+
+DEV = "cuda"
+
+
+def set_path(sm90: bool):
+    os.environ["ELASTIC_CUDA_SM90"] = "1" if sm90 else "0"
+
+
+def modes_for(pattern, B, Hkv):
+    if pattern == "full":
+        return torch.full((B, Hkv), FULL, dtype=torch.int32, device=DEV)
+    if pattern == "stream":
+        return torch.full((B, Hkv), STREAM, dtype=torch.int32, device=DEV)
+    return torch.tensor([[(h + b) % 2 for h in range(Hkv)] for b in range(B)], dtype=torch.int32, device=DEV)
+
+
+def one_error(dtype, D, pattern, sm90, shape, seed):
+    B, Sq, Skv, Hq, Hkv, sink, window, varlen = shape
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    kw = dict(sink=sink, window=window)
+    hm = modes_for(pattern, B, Hkv)
+    if varlen:
+        lens = [(max(1, Sq - 97 * b), Skv - 61 * b) for b in range(B)]
+        cu_q = torch.tensor([0] + [a for a, _ in lens], device=DEV).cumsum(0).to(torch.int32)
+        cu_k = torch.tensor([0] + [c for _, c in lens], device=DEV).cumsum(0).to(torch.int32)
+        q = torch.randn(int(cu_q[-1]), Hq, D, generator=g, device=DEV).to(dtype)
+        k = torch.randn(int(cu_k[-1]), Hkv, D, generator=g, device=DEV).to(dtype)
+        v = torch.randn(int(cu_k[-1]), Hkv, D, generator=g, device=DEV).to(dtype)
+        kw.update(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        op_kw = dict(kw, max_seqlen_q=max(a for a, _ in lens), max_seqlen_k=max(c for _, c in lens))
+    else:
+        q = torch.randn(B, Sq, Hq, D, generator=g, device=DEV).to(dtype)
+        k = torch.randn(B, Skv, Hkv, D, generator=g, device=DEV).to(dtype)
+        v = torch.randn(B, Skv, Hkv, D, generator=g, device=DEV).to(dtype)
+        op_kw = kw
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), hm, **kw)
+    set_path(sm90)
+    torch.full((64 * 1024 * 1024,), float("nan"), device=DEV)  # poison the allocator's free memory
+    out, lse = elastic_cuda.ops.attention(q, k, v, hm, strategy="fused", return_lse=True, **op_kw)
+    torch.cuda.synchronize()
+    if not torch.isfinite(out).all():
+        return float("inf"), float("inf")
+    err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    fin = torch.isfinite(ref_lse)
+    if not torch.equal(fin, torch.isfinite(lse)):
+        return err, float("inf")
+    lerr = (lse.double() - ref_lse)[fin].abs().max().item() if fin.any() else 0.0
+    return err, lerr
+
+
+def errors():
+    shapes = [  # B, Sq, Skv, Hq, Hkv, sink, window, varlen
+        (2, 1000, 1000, 8, 2, 64, 256, False),
+        (1, 2500, 2500, 4, 1, 128, 2048, False),
+        (2, 300, 1000, 12, 3, 16, 100, False),
+        (3, 700, 900, 9, 3, 8, 200, True),
+        (2, 129, 129, 8, 8, 0, 64, False),
+    ]
+    print(f"{'dtype':6s} {'D':>4s} {'mode':7s} {'path':5s} {'max rel err':>12s} {'lse abs err':>12s}")
+    worst = 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (64, 128):
+            for pattern in ("full", "stream", "mix"):
+                for sm90 in (True, False):
+                    e = le = 0.0
+                    for i, sh in enumerate(shapes):
+                        a, b = one_error(dtype, D, pattern, sm90, sh, seed=i)
+                        e, le = max(e, a), max(le, b)
+                    worst = max(worst, e)
+                    print(f"{str(dtype)[6:]:6s} {D:4d} {pattern:7s} {'sm90' if sm90 else 'sm80':5s} {e:12.3e} {le:12.3e}",
+                          flush=True)
+    print("worst", worst)
+
+
+def time_section():
+    from triton.testing import do_bench
+
+    import bench_attention as ba
+
+    budget = float(os.environ.get("TIME_BUDGET_S", "150"))
+    t0 = time.time()
+    rows = []
+    for S, B in ((8192, 2), (32768, 1)):
+        case = ba.Case("llama", B, S)
+        flops = case.flops
+        ms = do_bench(lambda: ba.sdpa(case.qt, case.kt, case.vt, ba.SDPBackend.CUDNN_ATTENTION), warmup=25, rep=200,
+                      return_mode="median")
+        rows.append((S, B, "-", "cudnn_dense", ms, flops / ms / 1e9))
+        for msr in (0.0, 0.75, 1.0):
+            hm = ba.routing(B, case.Hkv, msr, seed=11)
+            for name, sm90 in (("ours_sm90", True), ("ours_sm80", False)):
+                set_path(sm90)
+                fn = ba.ours(case, hm, "fused")
+                fn()
+                torch.cuda.synchronize()
+                ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                rows.append((S, B, msr, name, ms, flops / ms / 1e9))
+            if os.environ.get("NO_FLEX") != "1" and time.time() - t0 < budget:
+                try:
+                    fn = ba.flex_hybrid(case, hm)
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                    rows.append((S, B, msr, "flex_hybrid", ms, flops / ms / 1e9))
+                except Exception as e:  # noqa: BLE001
+                    print("flex failed:", repr(e)[:200])
+            for r in rows[-3:]:
+                print(*r, flush=True)
+        # our output vs cuDNN at MSR 0 (same function), in this run
+        set_path(True)
+        hm = ba.routing(B, case.Hkv, 0.0, seed=11)
+        ours = ba.ours(case, hm, "fused")()
+        ref = ba.sdpa(case.qt, case.kt, case.vt, ba.SDPBackend.CUDNN_ATTENTION).transpose(1, 2)
+        print(f"S={S}: ours_sm90 vs cudnn rel (Frobenius) err {ba.rel_err(ours, ref):.2e}", flush=True)
+        del case
+    print(f"\n{'S':>6s} {'B':>2s} {'MSR':>5s} {'method':12s} {'ms':>9s} {'TFLOP/s':>8s}")
+    for S, B, msr, name, ms, tf in rows:
+        print(f"{S:6d} {B:2d} {str(msr):>5s} {name:12s} {ms:9.3f} {tf:8.1f}")
+
+
+def sanitize():
+    set_path(True)
+    for D in (64, 128):
+        for dtype in (torch.bfloat16, torch.float16):
+            for Sq, Skv in ((129, 129), (37, 300), (300, 300)):
+                hm = torch.tensor([[FULL, STREAM], [STREAM, 7]], dtype=torch.int32, device=DEV)
+                q = torch.randn(2, Sq, 6, D, device=DEV, dtype=dtype)
+                k = torch.randn(2, Skv, 2, D, device=DEV, dtype=dtype)
+                elastic_cuda.ops.attention(q, k, k, hm, sink=5, window=70, strategy="fused")
+            cu_q = torch.tensor([0, 100, 229], dtype=torch.int32, device=DEV)
+            cu_k = torch.tensor([0, 150, 279], dtype=torch.int32, device=DEV)
+            q = torch.randn(229, 6, D, device=DEV, dtype=dtype)
+            k = torch.randn(279, 2, D, device=DEV, dtype=dtype)
+            hm = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32, device=DEV)
+            elastic_cuda.ops.attention(q, k, k, hm, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=129,
+                                       max_seqlen_k=150, sink=5, window=70, strategy="fused")
+            torch.cuda.synchronize()
+            print("ok", D, dtype, flush=True)
+
+
+if __name__ == "__main__":
+    {"errors": errors, "time": time_section, "sanitize": sanitize}[sys.argv[1]]()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call for the Hopper forward kernel (csrc/attention/sm90): build for sm_90a (ptxas report),
+# GPU tests of the forward on both paths, the correctness table, a short timing, and compute-sanitizer
+# memcheck on the sm90 path. Each stage gets a time cap; logs land under $OUT (default /tmp/sm90_out).
+# env: STAGES (default "build pytest errors time sanitize"), PYTEST_K (pytest -k expression), TOTAL_BUDGET_S
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-/tmp/sm90_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STAGES=${STAGES:-"build pytest errors time sanitize"}
+START=$(date +%s)
+TOTAL=${TOTAL_BUDGET_S:-280}
+left() { echo $(( START + TOTAL - $(date +%s) - $1 )); }
+
+run_stage() {  # name cap reserve cmd...
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  [[ " $STAGES " == *" $name "* ]] || return 0
+  local lim
+  lim=$(left "$reserve")
+  (( lim > cap )) && lim=$cap
+  if (( lim < 5 )); then echo "=== [$name] skipped: no time left"; return 0; fi
+  echo "=== [$name] limit ${lim}s"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$lim" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+}
+
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
+run_stage build 150 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a ELASTIC_CUDA_PTXAS_VERBOSE=1 \
+  python setup.py build_ext --inplace
+[[ -f "$OUT/build.log" ]] && { grep -E "error|sm90_kernel|spill|Used [0-9]+ registers" "$OUT/build.log" | grep -A2 "sm90" | head -20; tail -3 "$OUT/build.log"; }
+run_stage pytest 120 90 python -m pytest -q -rf -p no:cacheprovider tests/test_attention_cuda.py \
+  -k "${PYTEST_K:-sm90 or invalid or poisoned or short}"
+[[ -f "$OUT/pytest.log" ]] && grep -E "passed|failed|Error|assert" "$OUT/pytest.log" | tail -15
+run_stage errors 60 60 python benchmarks/sm90_check.py errors
+[[ -f "$OUT/errors.log" ]] && tail -30 "$OUT/errors.log"
+run_stage sanitize 40 45 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sm90_check.py sanitize
+[[ -f "$OUT/sanitize.log" ]] && tail -4 "$OUT/sanitize.log"
+run_stage time 150 5 python benchmarks/sm90_check.py time
+[[ -f "$OUT/time.log" ]] && grep -vE "^\s*$" "$OUT/time.log" | tail -25
+echo "total $(( $(date +%s) - START ))s"
