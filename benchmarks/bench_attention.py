@@ -1,7 +1,11 @@
 """Elastic attention vs the peers a user already has, in one process (forward, bf16, causal prefill).
 
 Methods (per shape, S, MSR):
-  ours_fused / ours_grouped / ours_auto   elastic_cuda.attention with that strategy
+  ours_fused / ours_grouped / ours_auto   elastic_cuda.attention with that strategy (fused / auto / the sparse
+                                          heads of grouped run the sm_90a wgmma kernel on Hopper when there is
+                                          no block mask)
+  ours_fused_sm80                         strategy "fused" with ELASTIC_CUDA_SM90=0: the mma.sync kernel, for
+                                          comparison on Hopper
   ours_grouped_cudnn                      strategy "grouped_cudnn" (cuDNN dense for the FULL pairs, one host
                                           sync per call: the sync-free grouped uses FA2 varlen)
   cudnn_dense / flash2_dense              SDPA over all heads (the MSR-independent bars)
@@ -42,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DEV = "cuda"
 SINK, WINDOW, BLK = 128, 2048, 128
 CHECK_TOL = 1e-2  # two bf16 kernels of the same function differ by ~2-5e-3 (relative Frobenius)
-OUR_STRATEGIES = ("fused", "grouped", "grouped_cudnn", "auto")
+OUR_STRATEGIES = ("fused", "grouped", "grouped_cudnn", "auto", "fused_sm80")
 MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
           "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
 T0 = time.time()
@@ -189,6 +193,19 @@ class Case:
 def ours(case, head_mode, strategy):
     import elastic_cuda
 
+    if strategy == "fused_sm80":  # the env switch is read per call by the fused launch
+        def run_sm80():
+            old = os.environ.get("ELASTIC_CUDA_SM90")
+            os.environ["ELASTIC_CUDA_SM90"] = "0"
+            try:
+                return elastic_cuda.ops.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
+                                                  strategy="fused")
+            finally:
+                if old is None:
+                    del os.environ["ELASTIC_CUDA_SM90"]
+                else:
+                    os.environ["ELASTIC_CUDA_SM90"] = old
+        return run_sm80
     return lambda: elastic_cuda.ops.attention(case.q, case.k, case.v, head_mode, sink=SINK, window=WINDOW,
                                           strategy=strategy)
 
@@ -369,8 +386,8 @@ def fwd_bwd_section(S, skip):
 
 
 # ----------------------------------------------------------------------------- report
-METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_cudnn", "flex_hybrid", "serial", "ideal",
-                "flash2_dense"]
+METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_cudnn", "ours_fused_sm80", "flex_hybrid",
+                "serial", "ideal", "flash2_dense"]
 
 
 def speedups():
@@ -407,6 +424,10 @@ def write_markdown(path, msrs):
                 t = ms_of.get((model, B, S, m, msr if m != "flash2_dense" else None))
                 cells.append("-" if t is None else f"{t:.2f} ({base[key] / t:.2f}x)")
             lines.append(f"| {msr} | " + " | ".join(cells) + " |")
+        rates = [f"{r['method']} {r['tflops']:.0f}" for r in RESULTS
+                 if r.get("kind") == "fwd" and "tflops" in r and (r["model"], r["B"], r["S"]) == key]
+        if rates:  # cudnn_dense / flash2_dense, and ours at MSR 0 (all heads FULL)
+            lines += ["", "Dense causal forward TFLOP/s (ours at MSR 0): " + ", ".join(rates)]
         lines.append("")
     other = [r for r in RESULTS if r.get("kind") in ("check", "boundary_pool", "fwd_bwd")]
     if other:

@@ -81,20 +81,31 @@ def errors():
         (3, 700, 900, 9, 3, 8, 200, True),
         (2, 129, 129, 8, 8, 0, 64, False),
     ]
-    print(f"{'dtype':6s} {'D':>4s} {'mode':7s} {'path':5s} {'max rel err':>12s} {'lse abs err':>12s}")
+    print(f"{'dtype':6s} {'D':>4s} {'mode':7s} {'path':6s} {'max rel err':>12s} {'lse abs err':>12s}")
     worst = 0.0
     for dtype in (torch.bfloat16, torch.float16):
         for D in (64, 128):
             for pattern in ("full", "stream", "mix"):
-                for sm90 in (True, False):
+                # sm90-1: one CTA per work item, no ping-pong (the other switches of the wgmma kernel)
+                for path, sm90, switches in (("sm90", True, "1"), ("sm90-1", True, "0"), ("sm80", False, "1")):
+                    os.environ["ELASTIC_SM90_PERSISTENT"] = os.environ["ELASTIC_SM90_PINGPONG"] = switches
                     e = le = 0.0
                     for i, sh in enumerate(shapes):
                         a, b = one_error(dtype, D, pattern, sm90, sh, seed=i)
                         e, le = max(e, a), max(le, b)
                     worst = max(worst, e)
-                    print(f"{str(dtype)[6:]:6s} {D:4d} {pattern:7s} {'sm90' if sm90 else 'sm80':5s} {e:12.3e} {le:12.3e}",
-                          flush=True)
+                    print(f"{str(dtype)[6:]:6s} {D:4d} {pattern:7s} {path:6s} {e:12.3e} {le:12.3e}", flush=True)
+    os.environ.pop("ELASTIC_SM90_PERSISTENT")
+    os.environ.pop("ELASTIC_SM90_PINGPONG")
     print("worst", worst)
+
+
+VARIANTS = (  # name, sm90 path, ELASTIC_SM90_PERSISTENT, ELASTIC_SM90_PINGPONG
+    ("ours_sm90", True, "1", "1"),
+    ("sm90_nopers", True, "0", "1"),
+    ("sm90_nopp", True, "1", "0"),
+    ("ours_sm80", False, "1", "1"),
+)
 
 
 def time_section():
@@ -113,13 +124,18 @@ def time_section():
         rows.append((S, B, "-", "cudnn_dense", ms, flops / ms / 1e9))
         for msr in (0.0, 0.75, 1.0):
             hm = ba.routing(B, case.Hkv, msr, seed=11)
-            for name, sm90 in (("ours_sm90", True), ("ours_sm80", False)):
+            n0 = len(rows)
+            for name, sm90, persistent, pingpong in VARIANTS:
                 set_path(sm90)
+                os.environ["ELASTIC_SM90_PERSISTENT"] = persistent
+                os.environ["ELASTIC_SM90_PINGPONG"] = pingpong
                 fn = ba.ours(case, hm, "fused")
                 fn()
                 torch.cuda.synchronize()
                 ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
                 rows.append((S, B, msr, name, ms, flops / ms / 1e9))
+            os.environ.pop("ELASTIC_SM90_PERSISTENT")
+            os.environ.pop("ELASTIC_SM90_PINGPONG")
             if os.environ.get("NO_FLEX") != "1" and time.time() - t0 < budget:
                 try:
                     fn = ba.flex_hybrid(case, hm)
@@ -129,7 +145,7 @@ def time_section():
                     rows.append((S, B, msr, "flex_hybrid", ms, flops / ms / 1e9))
                 except Exception as e:  # noqa: BLE001
                     print("flex failed:", repr(e)[:200])
-            for r in rows[-3:]:
+            for r in rows[n0:]:
                 print(*r, flush=True)
         # our output vs cuDNN at MSR 0 (same function), in this run
         set_path(True)

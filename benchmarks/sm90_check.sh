@@ -31,14 +31,14 @@ run_stage() {  # name cap reserve cmd...
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 run_stage build 150 120 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a ELASTIC_CUDA_PTXAS_VERBOSE=1 \
   python setup.py build_ext --inplace
-[[ -f "$OUT/build.log" ]] && { grep -E "error|sm90_kernel|spill|Used [0-9]+ registers" "$OUT/build.log" | grep -A2 "sm90" | head -20; tail -3 "$OUT/build.log"; }
-run_stage pytest 120 90 python -m pytest -q -rf -p no:cacheprovider tests/test_attention_cuda.py \
+[[ -f "$OUT/build.log" ]] && { grep -E " error|sm90_kernel.*sm_90a|spill|Used [0-9]+ registers" "$OUT/build.log" | grep -A2 "sm90_kernel.*sm_90a" | grep -E "spill|Used" | head -8; tail -1 "$OUT/build.log"; }
+run_stage pytest 150 90 python -m pytest -q -rf -p no:cacheprovider tests/test_attention_cuda.py \
   -k "${PYTEST_K:-sm90 or invalid or poisoned or short}"
 [[ -f "$OUT/pytest.log" ]] && grep -E "passed|failed|Error|assert" "$OUT/pytest.log" | tail -15
 run_stage errors 60 60 python benchmarks/sm90_check.py errors
-[[ -f "$OUT/errors.log" ]] && tail -30 "$OUT/errors.log"
+[[ -f "$OUT/errors.log" ]] && tail -40 "$OUT/errors.log"
 run_stage sanitize 40 45 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sm90_check.py sanitize
 [[ -f "$OUT/sanitize.log" ]] && tail -4 "$OUT/sanitize.log"
 run_stage time 150 5 python benchmarks/sm90_check.py time
-[[ -f "$OUT/time.log" ]] && grep -vE "^\s*$" "$OUT/time.log" | tail -25
+[[ -f "$OUT/time.log" ]] && grep -vE "^\s*$" "$OUT/time.log" | tail -36
 echo "total $(( $(date +%s) - START ))s"

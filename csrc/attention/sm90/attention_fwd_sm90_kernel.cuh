@@ -33,7 +33,7 @@ struct FwdSm90Traits {
   static constexpr int NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int COL_BLOCKS = D / 64;                      // 64-element (128-byte) column blocks
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
-  static constexpr int NUM_BARRIERS = 1 + 4 * STAGES;            // Q full; K full/empty, V full/empty per slot
+  static constexpr int NUM_BARRIERS = 2 + 4 * STAGES;            // Q full/empty; K, V full/empty per slot
   static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8;  // 1024: alignment
   // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers.
   static constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
@@ -92,10 +92,11 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t k_slot(int s) const { return k + s * Tr::KV_BYTES; }
   __device__ __forceinline__ uint32_t v_slot(int s) const { return v + s * Tr::KV_BYTES; }
   __device__ __forceinline__ uint32_t q_full() const { return bar; }
-  __device__ __forceinline__ uint32_t k_full(int s) const { return bar + 8 * (1 + s); }
-  __device__ __forceinline__ uint32_t v_full(int s) const { return bar + 8 * (1 + Tr::STAGES + s); }
-  __device__ __forceinline__ uint32_t k_empty(int s) const { return bar + 8 * (1 + 2 * Tr::STAGES + s); }
-  __device__ __forceinline__ uint32_t v_empty(int s) const { return bar + 8 * (1 + 3 * Tr::STAGES + s); }
+  __device__ __forceinline__ uint32_t q_empty() const { return bar + 8; }
+  __device__ __forceinline__ uint32_t k_full(int s) const { return bar + 8 * (2 + s); }
+  __device__ __forceinline__ uint32_t v_full(int s) const { return bar + 8 * (2 + Tr::STAGES + s); }
+  __device__ __forceinline__ uint32_t k_empty(int s) const { return bar + 8 * (2 + 2 * Tr::STAGES + s); }
+  __device__ __forceinline__ uint32_t v_empty(int s) const { return bar + 8 * (2 + 3 * Tr::STAGES + s); }
 };
 
 // Ring position of the K/V slots: slot index and the parity of its current use.
@@ -110,26 +111,82 @@ struct RingPos {
   }
 };
 
+// One work item: (query tile, query head, batch), decoded from a linear index so that a CTA can walk
+// several (persistent grid). Index order: head fastest, then batch, then query tiles from the last one
+// (longest work first).
+struct WorkItem {
+  enum Kind { kSkip, kFillNan, kFillEmpty, kCompute };
+  int kind, b, h, kvh, r0, r_end, mode, i_first, i_last;
+  SeqInfo seq;
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, int64_t idx, int num_q_tiles,
+                                                KeyTileWalker<BN>& walker) {
+  WorkItem w;
+  w.h = static_cast<int>(idx % p.heads_q);
+  w.b = static_cast<int>((idx / p.heads_q) % p.batch);
+  const int m_block = num_q_tiles - 1 - static_cast<int>(idx / (int64_t(p.heads_q) * p.batch));
+  w.kvh = w.h / p.group;
+  w.seq = seq_info(p, w.b);
+  w.r0 = m_block * BM;
+  w.kind = WorkItem::kSkip;
+  if (w.r0 >= w.seq.len_q) return w;
+  w.mode = p.head_mode[w.b * p.head_mode_stride_b + w.kvh * p.head_mode_stride_h];
+  if (w.mode == kFull && p.skip_full_heads) return w;
+  w.r_end = min(w.r0 + BM, w.seq.len_q);
+  // BLOCK without a mask counts as invalid here (the host sends BLOCK work to the sm80 kernel).
+  if (!(w.mode == kFull || w.mode == kStream)) {
+    w.kind = WorkItem::kFillNan;
+    return w;
+  }
+  w.i_first = w.r0 + w.seq.offset;
+  w.i_last = w.r_end - 1 + w.seq.offset;
+  walker.init(w.mode, w.i_first, w.i_last, w.seq.len_k, p.sink, p.window, BlockBits());
+  w.kind = walker.first() < 0 ? WorkItem::kFillEmpty : WorkItem::kCompute;  // no visible key in the tile
+  return w;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* kv_rows(const void* base, const AttentionFwdParams& p, const WorkItem& w,
+                                            int64_t stride_b, int64_t stride_r, int64_t stride_h) {
+  return static_cast<const T*>(base) + w.b * stride_b + int64_t(w.seq.k_start) * stride_r + w.kvh * stride_h;
+}
+
 template <typename T, typename Tr>
-__device__ __forceinline__ void fwd_producer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, T* sQ, T* sK,
-                                             T* sV, const T* q, const T* k, const T* v, int r0, int len_q,
-                                             int len_k, const KeyTileWalker<Tr::BN>& walker) {
+__device__ void fwd_producer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, T* sQ, T* sK, T* sV,
+                             int num_q_tiles, int64_t num_items) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
   const int tid = threadIdx.x % Tr::WG_THREADS;
-  load_tile_sw128<BM, D>(sQ, q + int64_t(r0) * p.q_stride_r, p.q_stride_r, len_q - r0, tid);
-  mbar_arrive_on_cp_async(sm.q_full());
   RingPos<Tr::STAGES> pos;
-  int use = 0;  // how many times the ring has wrapped: a slot is free once the consumers released it
-  for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
-    const int key0 = n * BN;
-    if (use > 0) mbar_wait(sm.k_empty(pos.slot), pos.phase ^ 1);
-    load_tile_sw128<BN, D>(sK + pos.slot * BN * D, k + int64_t(key0) * p.k_stride_r, p.k_stride_r, len_k - key0, tid);
-    mbar_arrive_on_cp_async(sm.k_full(pos.slot));
-    if (use > 0) mbar_wait(sm.v_empty(pos.slot), pos.phase ^ 1);
-    load_tile_sw128<BN, D>(sV + pos.slot * BN * D, v + int64_t(key0) * p.v_stride_r, p.v_stride_r, len_k - key0, tid);
-    mbar_arrive_on_cp_async(sm.v_full(pos.slot));
-    pos.advance();
-    if (pos.slot == 0) ++use;
+  int64_t tiles_loaded = 0;  // a slot is refilled only after the consumers released its previous tile
+  int q_loads = 0;
+  for (int64_t idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+    KeyTileWalker<BN> walker;
+    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
+    if (w.kind != WorkItem::kCompute) continue;
+    const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b + int64_t(w.seq.q_start + w.r0) * p.q_stride_r +
+                 w.h * p.q_stride_h;
+    const T* k = kv_rows<T>(p.k, p, w, p.k_stride_b, p.k_stride_r, p.k_stride_h);
+    const T* v = kv_rows<T>(p.v, p, w, p.v_stride_b, p.v_stride_r, p.v_stride_h);
+    if (q_loads > 0) mbar_wait(sm.q_empty(), (q_loads - 1) & 1);  // consumers' last Q K^T of the previous item
+    load_tile_sw128<BM, D>(sQ, q, p.q_stride_r, w.seq.len_q - w.r0, tid);
+    mbar_arrive_on_cp_async(sm.q_full());
+    ++q_loads;
+    for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
+      const int key0 = n * BN;
+      const bool reuse = tiles_loaded >= Tr::STAGES;
+      if (reuse) mbar_wait(sm.k_empty(pos.slot), pos.phase ^ 1);
+      load_tile_sw128<BN, D>(sK + pos.slot * BN * D, k + int64_t(key0) * p.k_stride_r, p.k_stride_r,
+                             w.seq.len_k - key0, tid);
+      mbar_arrive_on_cp_async(sm.k_full(pos.slot));
+      if (reuse) mbar_wait(sm.v_empty(pos.slot), pos.phase ^ 1);
+      load_tile_sw128<BN, D>(sV + pos.slot * BN * D, v + int64_t(key0) * p.v_stride_r, p.v_stride_r,
+                             w.seq.len_k - key0, tid);
+      mbar_arrive_on_cp_async(sm.v_full(pos.slot));
+      pos.advance();
+      ++tiles_loaded;
+    }
   }
   mma::cp_async_wait_all();  // leave no copy in flight behind an exited thread
 }
@@ -160,192 +217,219 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[Tr::D / 2], const uint32
   }
 }
 
+// Write `fill` to the out rows [r0, r_end) of one head and `lse_fill` to their lse, with the consumer threads.
+template <typename T, int D>
+__device__ void fill_rows(T* out, int64_t o_stride_r, float* lse, int r0, int r_end, float fill, float lse_fill,
+                          int tid, int nthreads) {
+  const T f = to_elem<T>(fill);
+  for (int idx = tid; idx < (r_end - r0) * D; idx += nthreads) out[(r0 + idx / D) * o_stride_r + idx % D] = f;
+  for (int r = r0 + tid; r < r_end; r += nthreads) lse[r] = lse_fill;
+}
+
+// Ping-pong of the two consumer warpgroups (named barriers 1 and 2): a warpgroup issues its MMAs only
+// after the other one issued its own, so one warpgroup's softmax runs while the other's MMAs use the
+// tensor cores.
+struct PingPong {
+  bool on;
+  int wg;
+  __device__ __forceinline__ void my_turn() const {
+    if (on) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  }
+  __device__ __forceinline__ void pass_turn() const {
+    if (on) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg) : "memory");
+  }
+};
+
 template <typename T, typename Tr>
-__device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, T* out, float* lse, int r0,
-                             int r_end, const SeqInfo& seq, int mode, int i_first, int i_last,
-                             const KeyTileWalker<Tr::BN>& walker) {
-  constexpr int BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
+__device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, int num_q_tiles,
+                             int64_t num_items, bool pingpong) {
+  constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
   using Op = mma::MmaOp<T>;
   const int wg = threadIdx.x / Tr::WG_THREADS - 1;  // consumer warpgroup: rows [64 wg, 64 wg + 64)
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int row_in_tile = 64 * wg + 16 * warp + g;  // and row_in_tile + 8
-  const int pos0 = r0 + row_in_tile + seq.offset;   // absolute query positions of the two rows
   const uint32_t q_rows = sm.q + wg * 64 * 128;
   const BlockBits no_bits;
+  const PingPong turns{pingpong, wg};
+  if (wg == 1) turns.pass_turn();  // warpgroup 0 issues first
 
-  float acc_o[NO], acc_s[NS];
-  uint32_t p_frag[BN / 16][4];
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < NO; ++i) acc_o[i] = 0.f;
-
-  // Masks S of key tile n element-wise when the tile is not fully visible, then folds it into the online
-  // softmax (base 2): returns the rescale factor of the previous rows' O and sum in alpha.
-  auto softmax_tile = [&](int n, float (&alpha)[2]) {
-    const int j0 = n * BN;
-    if (!tile_fully_visible(mode, i_first, i_last, j0, j0 + BN - 1, seq.len_k, p.sink, p.window, no_bits)) {
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int i = pos0 + 8 * (c / 2), j = j0 + nb * 8 + 2 * t4 + (c % 2);
-          if (j >= seq.len_k || !key_visible(mode, i, j, p.sink, p.window, false)) acc_s[nb * 4 + c] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float mx = row_max[hf];
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(acc_s[nb * 4 + 2 * hf], acc_s[nb * 4 + 2 * hf + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      alpha[hf] = exp2f(row_max[hf] * p.scale_log2 - m_scaled);
-      row_max[hf] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& s = acc_s[nb * 4 + 2 * hf + c];
-          s = exp2f(fmaf(s, p.scale_log2, -m_scaled));
-          sum += s;
-        }
-      row_sum[hf] = row_sum[hf] * alpha[hf] + sum;
-    }
-  };
-  auto pack_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      p_frag[kk][0] = Op::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-      p_frag[kk][1] = Op::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-      p_frag[kk][2] = Op::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-      p_frag[kk][3] = Op::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-    }
-  };
   // One elected lane per warp hands a slot back (the empty barriers count the 8 consumer warps).
   auto release = [&](uint32_t bar) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-
-  mbar_wait(sm.q_full(), 0);
   RingPos<Tr::STAGES> cur;
-  int n = walker.first();  // the caller checked that at least one tile is visited
-  mbar_wait(sm.k_full(cur.slot), cur.phase);
-  fence_proxy_async();
-  wgmma_fence();
-  issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(acc_s);
-  release(sm.k_empty(cur.slot));
-  {
-    float alpha[2];
-    softmax_tile(n, alpha);
-  }
-  pack_p();
+  int q_phase = 0;
 
-  RingPos<Tr::STAGES> prev = cur;
-  cur.advance();
-  for (n = walker.prev(n); n >= 0; n = walker.prev(n)) {
-    // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
+  for (int64_t idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+    KeyTileWalker<BN> walker;
+    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
+    if (w.kind == WorkItem::kSkip) continue;
+    T* out = static_cast<T*>(p.out) + w.b * p.o_stride_b + int64_t(w.seq.q_start) * p.o_stride_r +
+             w.h * p.o_stride_h;
+    float* lse = p.lse + w.b * p.lse_stride_b + w.h * p.lse_stride_h + w.seq.q_start;
+    if (w.kind != WorkItem::kCompute) {  // invalid mode: NaN; no visible key: 0 and -inf
+      const bool nan = w.kind == WorkItem::kFillNan;
+      fill_rows<T, D>(out, p.o_stride_r, lse, w.r0, w.r_end, nan ? NAN : 0.f, nan ? NAN : -INFINITY,
+                      threadIdx.x - Tr::WG_THREADS, Tr::CONSUMER_WGS * Tr::WG_THREADS);
+      continue;
+    }
+    const int mode = w.mode, len_k = w.seq.len_k;
+    const int pos0 = w.r0 + row_in_tile + w.seq.offset;  // absolute query positions of the two rows
+
+    float acc_o[NO], acc_s[NS];
+    uint32_t p_frag[BN / 16][4];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < NO; ++i) acc_o[i] = 0.f;
+
+    // Masks S of key tile n element-wise when the tile is not fully visible, then folds it into the online
+    // softmax (base 2); alpha: the rescale factor of the rows' previous O and sum.
+    auto softmax_tile = [&](int n, float (&alpha)[2]) {
+      const int j0 = n * BN;
+      if (!tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, no_bits)) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int i = pos0 + 8 * (c / 2), j = j0 + nb * 8 + 2 * t4 + (c % 2);
+            if (j >= len_k || !key_visible(mode, i, j, p.sink, p.window, false)) acc_s[nb * 4 + c] = -INFINITY;
+          }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = row_max[hf];
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(acc_s[nb * 4 + 2 * hf], acc_s[nb * 4 + 2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        alpha[hf] = exp2f(row_max[hf] * p.scale_log2 - m_scaled);
+        row_max[hf] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& s = acc_s[nb * 4 + 2 * hf + c];
+            s = exp2f(fmaf(s, p.scale_log2, -m_scaled));
+            sum += s;
+          }
+        row_sum[hf] = row_sum[hf] * alpha[hf] + sum;
+      }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        p_frag[kk][0] = Op::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+        p_frag[kk][1] = Op::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+        p_frag[kk][2] = Op::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+        p_frag[kk][3] = Op::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+      }
+    };
+
+    mbar_wait(sm.q_full(), q_phase);
+    q_phase ^= 1;
+    int n = walker.first();
+    int n_next = walker.prev(n);
+    turns.my_turn();
     mbar_wait(sm.k_full(cur.slot), cur.phase);
     fence_proxy_async();
-    fence_regs(acc_s);
-    fence_regs(acc_o);
-    fence_regs(p_frag);
     wgmma_fence();
     issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
     wgmma_commit();
+    turns.pass_turn();
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+    release(sm.k_empty(cur.slot));
+    if (n_next < 0) release(sm.q_empty());  // last Q K^T of this item: the producer may load the next Q
+    {
+      float alpha[2];
+      softmax_tile(n, alpha);
+    }
+    pack_p();
+
+    RingPos<Tr::STAGES> prev = cur;
+    cur.advance();
+    for (n = n_next; n >= 0; n = n_next) {
+      n_next = walker.prev(n);
+      // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
+      turns.my_turn();
+      mbar_wait(sm.k_full(cur.slot), cur.phase);
+      fence_proxy_async();
+      fence_regs(acc_s);
+      fence_regs(acc_o);
+      fence_regs(p_frag);
+      wgmma_fence();
+      issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
+      wgmma_commit();
+      mbar_wait(sm.v_full(prev.slot), prev.phase);
+      fence_proxy_async();
+      wgmma_fence();
+      issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
+      wgmma_commit();
+      turns.pass_turn();
+      wgmma_wait<1>();  // S(n) ready
+      fence_regs(acc_s);
+      release(sm.k_empty(cur.slot));
+      if (n_next < 0) release(sm.q_empty());
+      float alpha[2];
+      softmax_tile(n, alpha);
+      wgmma_wait<0>();  // P V done: O and the P fragments are free again
+      fence_regs(acc_o);
+      fence_regs(p_frag);
+      release(sm.v_empty(prev.slot));
+#pragma unroll
+      for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
+      pack_p();
+      prev = cur;
+      cur.advance();
+    }
+    turns.my_turn();
     mbar_wait(sm.v_full(prev.slot), prev.phase);
     fence_proxy_async();
+    fence_regs(acc_o);
+    fence_regs(p_frag);
     wgmma_fence();
     issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
     wgmma_commit();
-    wgmma_wait<1>();  // S(n) ready
-    fence_regs(acc_s);
-    release(sm.k_empty(cur.slot));
-    float alpha[2];
-    softmax_tile(n, alpha);
-    wgmma_wait<0>();  // P V done: O and the P fragments are free again
+    turns.pass_turn();
+    wgmma_wait<0>();
     fence_regs(acc_o);
-    fence_regs(p_frag);
     release(sm.v_empty(prev.slot));
-#pragma unroll
-    for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
-    pack_p();
-    prev = cur;
-    cur.advance();
-  }
-  mbar_wait(sm.v_full(prev.slot), prev.phase);
-  fence_proxy_async();
-  fence_regs(acc_o);
-  fence_regs(p_frag);
-  wgmma_fence();
-  issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(acc_o);
 
-  // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf.
+    // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf.
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float sum = row_sum[hf];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int r = r0 + row_in_tile + 8 * hf;
-    if (r >= r_end) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    T* orow = out + int64_t(r) * p.o_stride_r;
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = row_sum[hf];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = w.r0 + row_in_tile + 8 * hf;
+      if (r >= w.r_end) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      T* orow = out + int64_t(r) * p.o_stride_r;
 #pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      const uint32_t packed = Op::pack(acc_o[nb * 4 + 2 * hf] * inv, acc_o[nb * 4 + 2 * hf + 1] * inv);
-      *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t4) = packed;
+      for (int nb = 0; nb < D / 8; ++nb) {
+        const uint32_t packed = Op::pack(acc_o[nb * 4 + 2 * hf] * inv, acc_o[nb * 4 + 2 * hf + 1] * inv);
+        *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t4) = packed;
+      }
+      if (t4 == 0) lse[r] = sum > 0.f ? row_max[hf] * p.scale + logf(sum) : -INFINITY;
     }
-    if (t4 == 0) lse[r] = sum > 0.f ? row_max[hf] * p.scale + logf(sum) : -INFINITY;
   }
+  if (wg == 0) turns.my_turn();  // consume warpgroup 1's last hand-over: named barriers end balanced
 }
 
 #endif  // ELASTIC_SM90A_ENABLED
 
+// grid.x CTAs walk the work items idx = blockIdx.x, blockIdx.x + gridDim.x, ... (one each when grid.x is the
+// item count; a persistent grid of one CTA per SM overlaps an item's epilogue with the next item's loads).
 template <typename T, typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS, 1) attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p) {
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)
+    attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p, int num_q_tiles, int64_t num_items,
+                              bool pingpong) {
 #if defined(ELASTIC_SM90A_ENABLED)
-  constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN, NTHREADS = Tr::NTHREADS;
-  // Longest work items first: gridDim.z walks query tiles from the last (most keys) down.
-  const int m_block = gridDim.z - 1 - blockIdx.z;
-  const int h = blockIdx.x;
-  const int b = blockIdx.y;
-  const int kvh = h / p.group;
-  const SeqInfo seq = seq_info(p, b);
-  const int r0 = m_block * BM;
-  if (r0 >= seq.len_q) return;
-  const int mode = p.head_mode[b * p.head_mode_stride_b + kvh * p.head_mode_stride_h];
-  if (mode == kFull && p.skip_full_heads) return;
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + int64_t(seq.q_start) * p.q_stride_r + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + int64_t(seq.k_start) * p.k_stride_r + kvh * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + int64_t(seq.k_start) * p.v_stride_r + kvh * p.v_stride_h;
-  T* out = static_cast<T*>(p.out) + b * p.o_stride_b + int64_t(seq.q_start) * p.o_stride_r + h * p.o_stride_h;
-  float* lse = p.lse + b * p.lse_stride_b + h * p.lse_stride_h + seq.q_start;
-  const int r_end = min(r0 + BM, seq.len_q);
-
-  // BLOCK without a mask counts as invalid here (the host sends BLOCK work to the sm80 kernel).
-  if (!(mode == kFull || mode == kStream)) {
-    fwd_fill_rows<T, D, NTHREADS>(out, p.o_stride_r, lse, r0, r_end, NAN, NAN);
-    return;
-  }
-  const int i_first = r0 + seq.offset;
-  const int i_last = r_end - 1 + seq.offset;
-  KeyTileWalker<BN> walker;
-  walker.init(mode, i_first, i_last, seq.len_k, p.sink, p.window, BlockBits());
-  if (walker.first() < 0) {  // no visible key for any row of the tile
-    fwd_fill_rows<T, D, NTHREADS>(out, p.o_stride_r, lse, r0, r_end, 0.f, -INFINITY);
-    return;
-  }
-
+  constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle is a function of shared address bits [4, 10): tiles start 1024-byte aligned.
   const uint32_t raw = mma::smem_addr(smem_raw);
@@ -360,6 +444,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1) attention_fwd_sm90_kernel(con
   sm.bar = sm.v + Tr::STAGES * Tr::KV_BYTES;
   if (threadIdx.x == 0) {
     mbar_init(sm.q_full(), Tr::WG_THREADS);
+    mbar_init(sm.q_empty(), Tr::CONSUMER_WGS * 4);
     for (int s = 0; s < Tr::STAGES; ++s) {
       mbar_init(sm.k_full(s), Tr::WG_THREADS);
       mbar_init(sm.v_full(s), Tr::WG_THREADS);
@@ -371,10 +456,10 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1) attention_fwd_sm90_kernel(con
 
   if (threadIdx.x < Tr::WG_THREADS) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::PRODUCER_REGS));
-    fwd_producer<T, Tr>(p, sm, sQ, sK, sV, q, k, v, r0, seq.len_q, seq.len_k, walker);
+    fwd_producer<T, Tr>(p, sm, sQ, sK, sV, num_q_tiles, num_items);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
-    fwd_consumer<T, Tr>(p, sm, out, lse, r0, r_end, seq, mode, i_first, i_last, walker);
+    fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, pingpong);
   }
 #else
   // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks

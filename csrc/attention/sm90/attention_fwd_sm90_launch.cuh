@@ -3,7 +3,11 @@
 #pragma once
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
 
 #include "attention/attention_launch.h"
 #include "attention/sm90/attention_fwd_sm90_kernel.cuh"
@@ -42,6 +46,13 @@ bool attention_fwd_sm90_available() {
   return ok;
 }
 
+// Tuning switches, read per call (for A/B timing; both default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
+// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely.
+inline bool sm90_switch_on(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 template <typename T, int D>
 void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream) {
   using Tr = sm90::FwdSm90Config<T, D>;
@@ -49,10 +60,16 @@ void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max,
   if (num_q_tiles_max <= 0 || p.batch == 0 || p.heads_q == 0) return;
   auto kernel = sm90::attention_fwd_sm90_kernel<T, Tr>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
-  TORCH_CHECK(num_q_tiles_max <= 65535, "elastic.attention: query length too long for the CUDA grid");
-  TORCH_CHECK(p.batch <= 65535, "elastic.attention: batch too large for the CUDA grid (at most 65535)");
-  const dim3 grid(p.heads_q, p.batch, num_q_tiles_max);
-  kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p);
+  const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
+  int64_t grid = std::min<int64_t>(num_items, INT_MAX);  // CTAs stride over the items: any count is covered
+  if (sm90_switch_on("ELASTIC_SM90_PERSISTENT")) {
+    int dev = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
+  }
+  kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(
+      p, num_q_tiles_max, num_items, sm90_switch_on("ELASTIC_SM90_PINGPONG"));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
