@@ -26,6 +26,9 @@
 namespace elastic {
 namespace sm90 {
 
+// Kernel flags (host switches, see attention_fwd_sm90_launch.cuh).
+constexpr unsigned kFlagPingPong = 1, kFlagProxyFence = 2;
+
 template <typename T, int D_, int STAGES_>
 struct FwdSm90Traits {
   static constexpr int D = D_, BM = 128, BN = 128, STAGES = STAGES_;
@@ -69,19 +72,23 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 // Copy a [ROWS, D] tile (row r at gmem + r * row_stride) into the 128-byte-swizzled layout with the
 // producer warpgroup's 128 threads; rows >= valid_rows are zero-filled (no NaN garbage times a zero P).
+// A thread keeps its 16-byte chunk column in every pass and moves down by a multiple of 8 rows, so its
+// swizzled column is fixed and each copy costs a pointer increment (the producer shares issue slots with
+// the consumers).
 template <int ROWS, int D, typename T>
 __device__ __forceinline__ void load_tile_sw128(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int tid) {
-  constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  constexpr int TOTAL = ROWS * CHUNKS;
-  static_assert(TOTAL % 128 == 0, "tile chunks must divide over the producer warpgroup");
+  constexpr int CHUNKS = D / 8;                  // 16-byte chunks per row
+  constexpr int ROWS_PER_PASS = 128 / CHUNKS;    // rows the warpgroup covers per pass
+  static_assert(ROWS_PER_PASS % 8 == 0 && ROWS % ROWS_PER_PASS == 0, "passes keep the row's swizzle phase");
+  const int c = tid % CHUNKS, r = tid / CHUNKS;
+  const T* src = gmem + r * row_stride + c * 8;
+  T* dst = smem + (c / 8) * (ROWS * 64) + r * 64 + (((c % 8) ^ (r & 7)) << 3);
+  const int64_t step = ROWS_PER_PASS * row_stride;
 #pragma unroll
-  for (int it = 0; it < TOTAL / 128; ++it) {
-    const int idx = it * 128 + tid;
-    const int r = idx / CHUNKS, c = idx % CHUNKS;
-    const bool valid = r < valid_rows;
-    const T* src = valid ? gmem + r * row_stride + c * 8 : gmem;
-    T* dst = smem + (c / 8) * (ROWS * 64) + r * 64 + (((c % 8) ^ (r & 7)) << 3);
-    mma::cp_async16(dst, src, valid);
+  for (int it = 0; it < ROWS / ROWS_PER_PASS; ++it) {
+    const bool valid = r + it * ROWS_PER_PASS < valid_rows;
+    mma::cp_async16(dst + it * ROWS_PER_PASS * 64, valid ? src : gmem, valid);
+    src += step;
   }
 }
 
@@ -242,7 +249,7 @@ struct PingPong {
 
 template <typename T, typename Tr>
 __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, int num_q_tiles,
-                             int64_t num_items, bool pingpong) {
+                             int64_t num_items, unsigned flags) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
   using Op = mma::MmaOp<T>;
   const int wg = threadIdx.x / Tr::WG_THREADS - 1;  // consumer warpgroup: rows [64 wg, 64 wg + 64)
@@ -251,7 +258,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   const int row_in_tile = 64 * wg + 16 * warp + g;  // and row_in_tile + 8
   const uint32_t q_rows = sm.q + wg * 64 * 128;
   const BlockBits no_bits;
-  const PingPong turns{pingpong, wg};
+  const PingPong turns{(flags & kFlagPingPong) != 0, wg};
+  // The cp.async writes (generic proxy) of a slot are ordered before this thread's wgmma reads of it (async
+  // proxy), as the PTX memory model asks; CUTLASS's cp.async + GMMA mainloops go without (A/B switch).
+  const bool with_proxy_fence = (flags & kFlagProxyFence) != 0;
+  auto proxy_fence = [&]() {
+    if (with_proxy_fence) fence_proxy_async();
+  };
   if (wg == 1) turns.pass_turn();  // warpgroup 0 issues first
 
   // One elected lane per warp hands a slot back (the empty barriers count the 8 consumer warps).
@@ -289,13 +302,22 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     auto softmax_tile = [&](int n, float (&alpha)[2]) {
       const int j0 = n * BN;
       if (!tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, no_bits)) {
+        // key_visible() as per-row column bounds (branch-free, no overflow): key j0 + 2 t4 + jc is visible iff
+        // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key.
 #pragma unroll
-        for (int nb = 0; nb < BN / 8; ++nb)
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = pos0 + 8 * hf;
+          const int hi = min(i + 1, len_k) - j0 - 2 * t4;
+          const int sink_hi = min(p.sink, len_k) - j0 - 2 * t4;
+          const int win_lo = mode == kFull ? -BN : (p.window > i ? 0 : i - p.window + 1) - j0 - 2 * t4;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int i = pos0 + 8 * (c / 2), j = j0 + nb * 8 + 2 * t4 + (c % 2);
-            if (j >= len_k || !key_visible(mode, i, j, p.sink, p.window, false)) acc_s[nb * 4 + c] = -INFINITY;
-          }
+          for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int jc = nb * 8 + c;
+              if (!(jc < hi && (jc < sink_hi || jc >= win_lo))) acc_s[nb * 4 + 2 * hf + c] = -INFINITY;
+            }
+        }
       }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -335,7 +357,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     int n_next = walker.prev(n);
     turns.my_turn();
     mbar_wait(sm.k_full(cur.slot), cur.phase);
-    fence_proxy_async();
+    proxy_fence();
     wgmma_fence();
     issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
     wgmma_commit();
@@ -357,16 +379,14 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
       turns.my_turn();
       mbar_wait(sm.k_full(cur.slot), cur.phase);
-      fence_proxy_async();
+      mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
+      proxy_fence();
       fence_regs(acc_s);
       fence_regs(acc_o);
       fence_regs(p_frag);
       wgmma_fence();
       issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
       wgmma_commit();
-      mbar_wait(sm.v_full(prev.slot), prev.phase);
-      fence_proxy_async();
-      wgmma_fence();
       issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
       wgmma_commit();
       turns.pass_turn();
@@ -388,7 +408,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     }
     turns.my_turn();
     mbar_wait(sm.v_full(prev.slot), prev.phase);
-    fence_proxy_async();
+    proxy_fence();
     fence_regs(acc_o);
     fence_regs(p_frag);
     wgmma_fence();
@@ -427,7 +447,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p, int num_q_tiles, int64_t num_items,
-                              bool pingpong) {
+                              unsigned flags) {
 #if defined(ELASTIC_SM90A_ENABLED)
   constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN;
   extern __shared__ unsigned char smem_raw[];
@@ -459,7 +479,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     fwd_producer<T, Tr>(p, sm, sQ, sK, sV, num_q_tiles, num_items);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
-    fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, pingpong);
+    fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, flags);
   }
 #else
   // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks

@@ -46,8 +46,9 @@ bool attention_fwd_sm90_available() {
   return ok;
 }
 
-// Tuning switches, read per call (for A/B timing; both default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
-// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely.
+// Tuning switches, read per call (for A/B timing; all default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
+// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
+// ELASTIC_SM90_PROXY_FENCE=0 drops the generic-to-async proxy fence after each K/V wait.
 inline bool sm90_switch_on(const char* name) {
   const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -69,7 +70,9 @@ void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max,
     grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
   }
   kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(
-      p, num_q_tiles_max, num_items, sm90_switch_on("ELASTIC_SM90_PINGPONG"));
+      p, num_q_tiles_max, num_items,
+      (sm90_switch_on("ELASTIC_SM90_PINGPONG") ? sm90::kFlagPingPong : 0u) |
+          (sm90_switch_on("ELASTIC_SM90_PROXY_FENCE") ? sm90::kFlagProxyFence : 0u));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
