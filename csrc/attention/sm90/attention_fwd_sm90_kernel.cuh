@@ -1,16 +1,18 @@
 // Hopper (sm_90a) forward kernel of the fused strategy for FULL and STREAM heads: warpgroup MMA (wgmma)
 // with a warp-specialised K/V pipeline, after FlashAttention-3's schedule. Same semantics and parameters
-// as attention_fwd_kernel.cuh (one CTA per (query tile, query head, batch), head_mode read on the device,
+// as attention_fwd_kernel.cuh (work item = (query tile, query head, batch), head_mode read on the device,
 // GQA, varlen, Sq <= Skv, lse, skip_full_heads, empty rows 0 / -inf, invalid modes NaN); BLOCK heads stay
 // on that kernel (the host dispatches here only when there is no block mask, so BLOCK is an invalid mode).
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: it copies the Q tile once and then the K and V tiles of
-// the key tiles the head's mode can make visible (attention_tiles.cuh walk, last tile first) into a ring of
-// STAGES shared-memory slots with cp.async, signalling each slot on an mbarrier when its copies land.
-// Warpgroups 1 and 2 are consumers, each owning 64 of the 128 query rows: S = Q K^T and O += P V run as
-// wgmma, and the softmax of key tile n overlaps the P V product of tile n-1 (both MMAs are issued before
-// the softmax waits for S only). Consumers hand a slot back on an "empty" mbarrier once their MMAs have
-// read it. setmaxnreg moves registers from the producer (address arithmetic only) to the consumers.
+// CTA = 3 warpgroups walking work items (longest first; a persistent grid of one CTA per SM by default).
+// Warpgroup 0 is the producer: per item it copies the Q tile, then the K and V tiles of the key tiles the
+// head's mode can make visible (attention_tiles.cuh walk, last tile first) into a ring of STAGES shared-memory
+// slots with cp.async, each slot signalled on an mbarrier when its copies land. Warpgroups 1 and 2 are
+// consumers, each owning 64 of the 128 query rows: S = Q K^T and O += P V run as wgmma, and the softmax of
+// key tile n overlaps the P V product of tile n-1 (both MMAs are issued before the softmax waits for S only);
+// the two warpgroups take turns to issue (ping-pong). Consumers hand K / V slots and the Q buffer back on
+// "empty" mbarriers once their MMAs have read them, so the next item's loads overlap this item's tail.
+// setmaxnreg moves registers from the producer (address arithmetic only) to the consumers.
 //
 // Shared tiles are 128-byte rows (64 elements of 16 bits) in 1024-byte atoms of 8 rows, 16-byte chunks
 // XOR-swizzled by (row % 8): the wgmma "128B swizzle" layout. A head_dim-128 tile is two such column
@@ -34,14 +36,16 @@ struct FwdSm90Traits {
   static constexpr int D = D_, BM = 128, BN = 128, STAGES = STAGES_;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BM / 64;
   static constexpr int NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
-  static constexpr int COL_BLOCKS = D / 64;                      // 64-element (128-byte) column blocks
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   static constexpr int NUM_BARRIERS = 2 + 4 * STAGES;            // Q full/empty; K, V full/empty per slot
   static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8;  // 1024: alignment
-  // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers.
+  // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
+  // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
+  // otherwise setmaxnreg.inc waits forever.
   static constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
   static_assert(D % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzled rows)");
-  static_assert(WG_THREADS * PRODUCER_REGS + CONSUMER_WGS * WG_THREADS * CONSUMER_REGS <= 65536, "register file");
+  static_assert(WG_THREADS * PRODUCER_REGS + CONSUMER_WGS * WG_THREADS * CONSUMER_REGS <= 168 * NTHREADS,
+                "register pool");
 };
 
 #if defined(ELASTIC_SM90A_ENABLED)
