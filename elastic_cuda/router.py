@@ -6,6 +6,15 @@ Boundary pooling (mean of the first 100 and last 100 tokens, overlap counted onc
 flat in S; a Task MLP D->4D->D and a Router MLP D->4D->D->2 (SiLU, biases) are shared by all KV
 heads of the layer. Training: Gumbel-softmax hard one-hot with a straight-through gradient (exactly
 0/1 forward); eval: deterministic argmax (FA iff logit[1] > logit[0]).
+
+Two optional additions (ours, docs/decisions.md "Router input standardisation and head bias"), both off in the
+paper's architecture and on in the routers we train:
+  * input standardisation: pooled keys are dominated by a per-head constant (between-prompt spread is 10-20% of
+    their magnitude on SmolLM2), so the paper's MLP at N(0, 0.02) init barely sees what differs between prompts
+    and, at our batch sizes, did not separate task types in 300 steps. Fixed per-(KV head, dim) mean/std buffers,
+    measured on calibration prompts before training (start/finish_input_calibration), whiten the input.
+  * head bias: a learned [Hkv, 2] logit offset, so a head's identity (which standardisation removes from the
+    input) can still make it FULL or sparse for every input, as DuoAttention's retrieval heads are.
 """
 from __future__ import annotations
 
@@ -42,8 +51,12 @@ class RouterOutput:
 class AttentionRouter(nn.Module):
     """Router of one decoder layer, shared by its KV heads (the weights do not depend on Hkv)."""
 
-    def __init__(self, head_dim: int, hidden_mult: int = 4, n_first: int = 100, n_last: int = 100):
+    def __init__(self, head_dim: int, hidden_mult: int = 4, n_first: int = 100, n_last: int = 100,
+                 num_kv_heads: int | None = None, standardize_input: bool = False, head_bias: bool = False):
         super().__init__()
+        if (standardize_input or head_bias) and not (isinstance(num_kv_heads, int) and num_kv_heads > 0):
+            raise ValueError(f"AttentionRouter: standardize_input / head_bias need num_kv_heads > 0, "
+                             f"got {num_kv_heads!r}")
         if not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"AttentionRouter: head_dim must be a positive int, got {head_dim!r}")
         if not isinstance(hidden_mult, int) or hidden_mult <= 0:
@@ -56,6 +69,14 @@ class AttentionRouter(nn.Module):
         self.task_mlp = nn.Sequential(nn.Linear(head_dim, hidden), nn.SiLU(), nn.Linear(hidden, head_dim))
         self.router_mlp = nn.Sequential(nn.Linear(head_dim, hidden), nn.SiLU(), nn.Linear(hidden, head_dim), nn.SiLU(),
                                         nn.Linear(head_dim, 2))
+        self.num_kv_heads = num_kv_heads
+        self.standardize_input, self.use_head_bias = bool(standardize_input), bool(head_bias)
+        if self.standardize_input:
+            self.register_buffer("input_mean", torch.zeros(num_kv_heads, head_dim))
+            self.register_buffer("input_std", torch.ones(num_kv_heads, head_dim))
+        if self.use_head_bias:
+            self.head_bias = nn.Parameter(torch.zeros(num_kv_heads, 2))
+        self._calibration = None  # float64 [sum (Hkv, D), sum of squares (Hkv, D)] and a count, while calibrating
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -65,6 +86,43 @@ class AttentionRouter(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(m.bias)
+        if self.use_head_bias:
+            nn.init.zeros_(self.head_bias)
+
+    # ------------------------------------------------------------------ input standardisation
+    def start_input_calibration(self):
+        """Accumulate pooled-key statistics on every following logits() call (no routing change until finish)."""
+        if not self.standardize_input:
+            raise ValueError("AttentionRouter: start_input_calibration needs standardize_input=True")
+        shape = (self.num_kv_heads, self.head_dim)
+        dev = self.input_mean.device
+        self._calibration = [torch.zeros(shape, dtype=torch.float64, device=dev),
+                             torch.zeros(shape, dtype=torch.float64, device=dev), 0]
+
+    def calibration_sums(self) -> torch.Tensor:
+        """float64 [2 * Hkv * D + 1]: sums, sums of squares, count (so ranks can all-reduce them)."""
+        if self._calibration is None:
+            raise ValueError("AttentionRouter: no calibration in progress (call start_input_calibration)")
+        s, sq, n = self._calibration
+        return torch.cat([s.flatten(), sq.flatten(), torch.tensor([float(n)], dtype=torch.float64, device=s.device)])
+
+    def finish_input_calibration(self, sums: torch.Tensor | None = None, std_floor: float = 0.1) -> int:
+        """Set input_mean/std from the accumulated (or given, e.g. all-reduced) sums; returns the sample count.
+        std is floored at std_floor x the head's mean std so that a near-constant dimension is not blown up."""
+        sums = self.calibration_sums() if sums is None else sums.to(torch.float64)
+        hd = self.num_kv_heads * self.head_dim
+        n = float(sums[-1])
+        if n < 2:
+            raise ValueError(f"AttentionRouter: input calibration needs >= 2 samples, got {n:g}")
+        mean = (sums[:hd] / n).view(self.num_kv_heads, self.head_dim)
+        var = ((sums[hd:2 * hd] / n).view_as(mean) - mean * mean).clamp_min(0) * (n / (n - 1))
+        std = var.sqrt()
+        std = torch.maximum(std, std_floor * std.mean(dim=-1, keepdim=True)).clamp_min(1e-6)
+        with torch.no_grad():
+            self.input_mean.copy_(mean.to(self.input_mean.dtype))
+            self.input_std.copy_(std.to(self.input_std.dtype))
+        self._calibration = None
+        return int(n)
 
     def logits(self, keys: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Routing logits [B, Hkv, 2] from pre-RoPE keys [B, S, Hkv, D] (or packed [T, Hkv, D] + cu_seqlens)."""
@@ -73,7 +131,18 @@ class AttentionRouter(nn.Module):
             raise ValueError(f"AttentionRouter: keys must end in head_dim={self.head_dim}, got {got}")
         pooled = boundary_pool(keys, n_first=self.n_first, n_last=self.n_last, cu_seqlens=cu_seqlens)
         weight = self.task_mlp[0].weight
-        return self.router_mlp(self.task_mlp(pooled.to(device=weight.device, dtype=weight.dtype)))
+        pooled = pooled.to(device=weight.device, dtype=weight.dtype)
+        if self.num_kv_heads is not None and pooled.shape[1] != self.num_kv_heads:
+            raise ValueError(f"AttentionRouter: built for {self.num_kv_heads} KV heads, keys have {pooled.shape[1]}")
+        if self._calibration is not None:
+            p = pooled.detach().to(torch.float64)
+            self._calibration[0] += p.sum(0)
+            self._calibration[1] += (p * p).sum(0)
+            self._calibration[2] += p.shape[0]
+        if self.standardize_input:
+            pooled = (pooled - self.input_mean) / self.input_std
+        logits = self.router_mlp(self.task_mlp(pooled))
+        return logits + self.head_bias if self.use_head_bias else logits
 
     def forward(self, keys: torch.Tensor, tau: float = 1.0, cu_seqlens: torch.Tensor | None = None,
                 sparse_mode: int = STREAM, gumbel_u: torch.Tensor | None = None) -> RouterOutput:
@@ -104,7 +173,9 @@ class AttentionRouter(nn.Module):
         return RouterOutput(logits=logits, z=z, head_mode=head_mode.to(torch.int32), gumbel_u=gumbel_u)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}"
+        return (f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}, "
+                f"num_kv_heads={self.num_kv_heads}, standardize_input={self.standardize_input}, "
+                f"head_bias={self.use_head_bias}")
 
 
 def model_router_geometry(model) -> dict:
@@ -129,7 +200,9 @@ class RouterSet(nn.Module):
     """One AttentionRouter per decoder layer plus the config that ties them to a model."""
 
     _STRUCTURAL_KEYS = ("num_layers", "num_kv_heads", "head_dim")
-    DEFAULTS = {"sink": 64, "window": 512, "sparse_mode": "stream", "hidden_mult": 4, "n_first": 100, "n_last": 100}
+    # standardize_input / head_bias default to the paper's architecture (and to routers saved before they existed)
+    DEFAULTS = {"sink": 64, "window": 512, "sparse_mode": "stream", "hidden_mult": 4, "n_first": 100, "n_last": 100,
+                "standardize_input": False, "head_bias": False}
 
     def __init__(self, config: dict):
         super().__init__()
@@ -144,7 +217,9 @@ class RouterSet(nn.Module):
         cfg["version"] = ROUTER_FORMAT_VERSION
         self.config = cfg
         self.routers = nn.ModuleList(
-            AttentionRouter(cfg["head_dim"], cfg["hidden_mult"], cfg["n_first"], cfg["n_last"])
+            AttentionRouter(cfg["head_dim"], cfg["hidden_mult"], cfg["n_first"], cfg["n_last"],
+                            num_kv_heads=cfg["num_kv_heads"], standardize_input=cfg["standardize_input"],
+                            head_bias=cfg["head_bias"])
             for _ in range(cfg["num_layers"]))
 
     @property
@@ -153,6 +228,20 @@ class RouterSet(nn.Module):
 
     def __len__(self):
         return len(self.routers)
+
+    def start_input_calibration(self):
+        """Every layer's router accumulates pooled-key statistics from the following forwards (see AttentionRouter)."""
+        for r in self.routers:
+            r.start_input_calibration()
+
+    def calibration_sums(self) -> torch.Tensor:
+        """[L, 2 * Hkv * D + 1] float64 statistics so far (all-reduce them over ranks before finishing)."""
+        return torch.stack([r.calibration_sums() for r in self.routers])
+
+    def finish_input_calibration(self, sums: torch.Tensor | None = None) -> int:
+        """Set every router's input standardisation; returns the number of (sample, layer) observations of layer 0."""
+        counts = [r.finish_input_calibration(None if sums is None else sums[i]) for i, r in enumerate(self.routers)]
+        return counts[0]
 
     def __getitem__(self, layer_idx: int) -> AttentionRouter:
         return self.routers[layer_idx]

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The GPU-machine session in two device calls made back to back (the machine stays warm ~30 s between calls,
-# keeping /root/m and the in-place build). The real model (94 MB) is over one call's 64 MiB, so it travels as
-# two halves (`split -b 48M` of the GGUF) in git-ignored folders .model1/ and .model2/, with the gguf wheel in
-# .whl/ (absent there):
-#   call 1, carry [.model1, .whl]:  bash scripts/device_session.sh kernels
-#       -> model half 1 to /root/m; build, GPU tests, sanitizer, benchmark, ncu (benchmarks/run_device.sh)
-#   (or call 1 = `prep`: model half 1 + build only)
-#   call 2, carry [.model2, .whl]:  bash scripts/device_session.sh model
-#       -> assemble the GGUF; train routers on SmolLM2; evaluate; run the demo with them
-# Results land under $OUT (at most 8 files come back).
+# The GPU-machine session, as device calls made back to back (the machine stays warm ~30 s between calls, keeping
+# /root/m, the in-place build and any detached training). The real model (94 MB) is over one call's 64 MiB, so it
+# travels as two halves (`split -b 48M` of the GGUF) in git-ignored folders .model1/ and .model2/, with the gguf
+# wheel in .whl/ (absent there).
+#   prep     carry [.model1, .whl]: model half 1 -> /root/m; build the extension in place
+#   kernels  carry [.model1, .whl]: model half 1; build, GPU tests, sanitizer, benchmark, ncu (run_device.sh)
+#   train    carry [.model2, .whl]: assemble the GGUF; start the router training DETACHED (setsid; torchrun over
+#            NPROC GPUs, default all of them) so it outlives the call; with KERNELS_ON_LAST_GPU=1 and NPROC < GPUs,
+#            run benchmarks/run_device.sh (GPU tests, sanitizer, benchmark, ncu) on the last GPU meanwhile; then
+#            wait up to WAIT_S for the training
+#   wait     wait up to WAIT_S more for the detached training; print its progress
+#   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
+#   model    the single-GPU sequence (train, eval, demo in one call) of the previous sessions
+# Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, NPROC, WAIT_S,
+# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, DEMO_S, TRAIN_S (model only), KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/elastic_out}
@@ -18,6 +23,33 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RUN=/root/run_smollm2
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+(( NGPU < 1 )) && NGPU=1
+EXT=elastic_cuda/_C$(python3 -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))')
+
+need_warm() {  # the model half and the build of an earlier call must still be here
+  if [[ ! -f /root/m/smol.part.aa || ! -f $EXT ]]; then
+    echo "machine went cold (model half 1 or the build is gone): run the 'prep' call again first"; exit 3
+  fi
+}
+
+wait_training() {  # wait_training SECONDS: until the detached run ends or the time is up; print its progress
+  local until=$(( $(date +%s) + $1 ))
+  while [[ -f /root/train.pid ]] && kill -0 "$(cat /root/train.pid)" 2> /dev/null && (( $(date +%s) < until )); do
+    sleep 10
+  done
+  if [[ -f /root/train.pid ]] && kill -0 "$(cat /root/train.pid)" 2> /dev/null; then
+    echo "training still running: $(wc -l < $RUN/train_log.jsonl 2>/dev/null) steps logged"
+  else
+    echo "training finished: $(tail -1 /root/train.log)"
+  fi
+  tail -c 1500 $RUN/train_log.jsonl 2>/dev/null | tail -1 | python3 -c 'import json,sys
+r = json.loads(sys.stdin.read() or "{}"); print({k: r.get(k) for k in ("step", "loss", "lm_loss", "reg", "msr_sensitive", "msr_robust", "step_time_s")})' 2>/dev/null
+  cp /root/train.log $RUN/train_log.jsonl /root/ 2> /dev/null
+  (cd /root && tar czf "$OUT/train_logs.tar.gz" train.log train_log.jsonl 2> /dev/null)  # one file (8 come back)
+  grep -v '^$' /root/train.log | grep -iE "error|traceback" | head -5
+}
 
 case "${1:-}" in
 prep)  # model half 1 + build only (when a later call must start from a cold machine)
@@ -29,13 +61,50 @@ kernels)
   TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-510} bash benchmarks/run_device.sh
   timeout 60 python3 tests/gpu_exception_probe.py > "$OUT/exception_probe.txt" 2>&1; cat "$OUT/exception_probe.txt"
   ;;
-model)
-  if [[ ! -f /root/m/smol.part.aa || ! -f elastic_cuda/_C$(python3 -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))') ]]; then
-    echo "machine went cold (model half 1 or the build is gone): run the 'kernels' call again first"; exit 3
-  fi
+train)
+  need_warm
   cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
   export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
-  RUN=/tmp/run_smollm2
+  NP=${NPROC:-$NGPU}
+  rm -rf $RUN
+  echo "training on $NP GPU(s): --steps ${STEPS:-300} --batch-size ${BATCH:-16} --router-lr ${ROUTER_LR:-5e-4} --lambda-lr ${LAMBDA_LR:-1e-3}"
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( NP - 1 ))) setsid nohup python3 -m torch.distributed.run --standalone \
+    --nproc-per-node "$NP" -m elastic_cuda train-router --out $RUN --steps "${STEPS:-300}" --batch-size "${BATCH:-16}" \
+    --router-lr "${ROUTER_LR:-5e-4}" --lambda-lr "${LAMBDA_LR:-1e-3}" --num-workers 3 --no-progress \
+    > /root/train.log 2>&1 < /dev/null &
+  echo $! > /root/train.pid
+  if [[ "${KERNELS_ON_LAST_GPU:-0}" == 1 && $NP -lt $NGPU ]]; then
+    # the kernel tests + benchmark on the GPU the training leaves free (same build; CPUs shared with the data
+    # workers, noted with the results)
+    CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) SKIP_BUILD=1 TOTAL_BUDGET_S=${KERNEL_BUDGET_S:-470} OUT=$OUT \
+      bash benchmarks/run_device.sh > /root/kernels.log 2>&1
+    tail -60 /root/kernels.log
+  fi
+  wait_training "${WAIT_S:-500}"
+  ;;
+wait)
+  wait_training "${WAIT_S:-500}"
+  ;;
+eval)
+  need_warm
+  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
+  [[ -f $RUN/routers/router_config.json ]] || { echo "no trained routers in $RUN/routers"; exit 3; }
+  t1=$(date +%s)
+  timeout "${EVAL_S:-300}" python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" -m elastic_cuda eval \
+    --routers $RUN/routers --out $RUN/eval --samples-per-task "${EVAL_SAMPLES:-8}" --lengths "${EVAL_LENGTHS:-2048,4096,8192}" \
+    --no-progress > "$OUT/eval.log" 2>&1
+  echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
+  t2=$(date +%s)
+  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo --routers $RUN/routers --device cuda > "$OUT/demo.log" 2>&1
+  echo "demo rc=$? in $(( $(date +%s) - t2 ))s" | tee -a "$OUT/demo.log"
+  cp /root/train.log $RUN/ 2> /dev/null
+  (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)
+  tail -45 "$OUT/eval.log"; tail -30 "$OUT/demo.log"
+  ;;
+model)
+  need_warm
+  cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
+  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
   t0=$(date +%s)
   timeout ${TRAIN_S:-330} python3 -m elastic_cuda train-router --out $RUN --steps ${STEPS:-100} --batch-size ${BATCH:-16} --no-progress \
     > "$OUT/train.log" 2>&1; echo "train rc=$? in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/train.log"
@@ -54,6 +123,6 @@ model)
   tail -5 "$OUT/train.log"; tail -30 "$OUT/eval.log"; tail -40 "$OUT/demo.log"
   ;;
 *)
-  echo "usage: $0 kernels|model"; exit 2
+  echo "usage: $0 prep|kernels|train|wait|eval|model"; exit 2
   ;;
 esac

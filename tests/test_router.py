@@ -172,3 +172,73 @@ def test_loading_checks_files_and_version(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         RouterSet.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- standardisation
+def test_input_calibration_measures_pooled_mean_and_std():
+    router = AttentionRouter(16, num_kv_heads=2, standardize_input=True)
+    batches = [_keys(B=4, S=230, seed=s) * 3.0 + 5.0 for s in range(3)]
+    router.start_input_calibration()
+    for k in batches:
+        router.logits(k)
+    assert router.finish_input_calibration() == 12
+    pooled = torch.cat([_reference_pool(k, 100, 100) for k in batches])  # [12, H, D] float64
+    torch.testing.assert_close(router.input_mean.double(), pooled.mean(0), rtol=1e-5, atol=1e-5)
+    std = pooled.std(0)
+    floor = 0.1 * std.mean(-1, keepdim=True)
+    torch.testing.assert_close(router.input_std.double(), torch.maximum(std, floor), rtol=1e-4, atol=1e-6)
+
+
+def test_standardised_router_is_the_paper_router_on_standardised_input():
+    """logits(keys) == MLP((pool(keys) - mean) / std) + head_bias: checked against a paper router with the same
+    weights fed keys that pool to the standardised value (pooling is linear: shift and scale the keys)."""
+    torch.manual_seed(1)
+    std_router = AttentionRouter(16, num_kv_heads=2, standardize_input=True, head_bias=True)
+    paper = AttentionRouter(16)
+    with torch.no_grad():
+        for p in std_router.parameters():
+            p.normal_()
+        std_router.input_mean.copy_(torch.randn(2, 16))
+        std_router.input_std.copy_(torch.rand(2, 16) + 0.5)
+    paper.task_mlp.load_state_dict(std_router.task_mlp.state_dict())
+    paper.router_mlp.load_state_dict(std_router.router_mlp.state_dict())
+    keys = _keys(B=3, S=150)
+    expected = paper.logits((keys - std_router.input_mean) / std_router.input_std) + std_router.head_bias
+    torch.testing.assert_close(std_router.logits(keys), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="KV heads"):
+        std_router.logits(_keys(H=3))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        AttentionRouter(16, standardize_input=True)
+    with pytest.raises(ValueError, match="start_input_calibration"):
+        std_router.finish_input_calibration()
+
+
+def test_head_bias_routes_a_head_whatever_the_input():
+    router = AttentionRouter(16, num_kv_heads=2, head_bias=True).eval()
+    with torch.no_grad():
+        router.head_bias.copy_(torch.tensor([[0.0, 50.0], [50.0, 0.0]]))  # head 0 FULL, head 1 sparse
+    for seed in range(4):
+        out = router(_keys(seed=seed) * 10)
+        assert out.head_mode[:, 0].eq(FULL).all() and out.head_mode[:, 1].eq(STREAM).all()
+
+
+def test_standardised_routers_round_trip_and_old_configs_load(tmp_path):
+    model = _fake_model()
+    routers = RouterSet.for_model(model, standardize_input=True, head_bias=True)
+    with torch.no_grad():
+        for r in routers.routers:
+            r.input_mean.normal_()
+            r.head_bias.normal_()
+    routers.save(str(tmp_path / "new"))
+    loaded = RouterSet.load(str(tmp_path / "new"), model=model)
+    assert loaded.config["standardize_input"] and loaded.config["head_bias"]
+    for k, v in routers.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    # a config written before these options existed loads as the paper's router
+    old = RouterSet.for_model(model)
+    old.save(str(tmp_path / "old"))
+    cfg = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del cfg["standardize_input"], cfg["head_bias"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(cfg))
+    again = RouterSet.load(str(tmp_path / "old"), model=model)
+    assert not again[0].standardize_input and not again[0].use_head_bias

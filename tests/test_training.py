@@ -1,7 +1,7 @@
 """Router training: losses and schedules, CPU smoke training on a tiny random Llama, resume, 2-process gloo run.
 
-Run as a script (`python -m torch.distributed.run ... tests/test_training.py --worker OUT`) it is the worker of the
-distributed test.
+Run as a script (`python -m torch.distributed.run ... tests/test_training.py --worker OUT` or `--eval-worker OUT`)
+it is the worker of the distributed tests.
 """
 import json
 import math
@@ -22,7 +22,7 @@ from elastic_cuda.training.trainer import RouterTrainer, TrainConfig, read_log
 SHORT_TASKS = ("passkey", "fact_qa", "code_continuation", "copy_local")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model="tiny-llama", lengths=(384,), sink=16, window=64, num_workers=0, progress=False,
-            save_every=0, device="cpu", dtype="float32")
+            save_every=0, device="cpu", dtype="float32", calibration_samples=8)
 
 
 # ---------------------------------------------------------------------------------------------- losses, schedules
@@ -121,6 +121,10 @@ def _eval_msr(trainer, samples):
 def test_smoke_training_cpu(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=8, **{**TINY, "lengths": (512,)})
     trainer = RouterTrainer(cfg)
+    # the router inputs were standardised on calibration prompts before step 1 (not left at mean 0 / std 1)
+    assert all(r.standardize_input and r.use_head_bias for r in trainer.routers.routers)
+    assert all(r.input_mean.abs().sum() > 0 and not torch.equal(r.input_std, torch.ones_like(r.input_std))
+               for r in trainer.routers.routers)
     lam0 = trainer.lambdas.detach().clone()
     r0 = _routers_state(trainer)
     record = trainer.run()
@@ -140,13 +144,15 @@ def test_smoke_training_cpu(tmp_path):
         assert torch.equal(v, trainer.routers.state_dict()[k].cpu())
 
 
+@pytest.mark.parametrize("paper_router", [True, False], ids=["paper_router", "standardised_router"])
 @pytest.mark.parametrize("tasks,t_sen,expect", [(("code_continuation", "copy_local"), 0.7, "up"),
                                                 (("passkey", "fact_qa"), 0.0, "down")])
-def test_regulariser_moves_msr_to_target(tmp_path, tasks, t_sen, expect):
+def test_regulariser_moves_msr_to_target(tmp_path, tasks, t_sen, expect, paper_router):
     """With large lambdas and a fast router LR, routing MSR goes to the task target (1 robust, t_sen sensitive)."""
     assert set(tasks) <= set(ROBUST_TASKS if expect == "up" else SENSITIVE_TASKS)
-    cfg = TrainConfig(out=str(tmp_path / "run"), steps=8, batch_size=2, tasks=tasks, t_sen=t_sen,
-                      lambda_init_max=50.0, router_lr=0.1, warmup_ratio=0.0, **TINY)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=8 if paper_router else 16, batch_size=2, tasks=tasks,
+                      t_sen=t_sen, lambda_init_max=50.0, router_lr=0.1, warmup_ratio=0.0,
+                      standardize_input=not paper_router, head_bias=not paper_router, **TINY)
     trainer = RouterTrainer(cfg)
     with torch.no_grad():  # start from the opposite routing, so the move is visible whatever the random init
         for router in trainer.routers.routers:
@@ -156,10 +162,13 @@ def test_regulariser_moves_msr_to_target(tmp_path, tasks, t_sen, expect):
     trainer.run()
     after = _eval_msr(trainer, probe)
     trainer.close()
+    # the paper's router (near-constant logits) moves as a whole; the standardised one routes by input and
+    # generalises to these unseen probes from 32 training samples, so allow a few heads to lag
+    slack = 0.0 if paper_router else 0.25
     if expect == "up":
-        assert before == 0.0 and after == 1.0, (before, after)
+        assert before == 0.0 and after >= 1.0 - slack, (before, after)
     else:
-        assert before == 1.0 and after == 0.0, (before, after)
+        assert before == 1.0 and after <= slack, (before, after)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -195,17 +204,27 @@ def test_worker_data_matches_in_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def test_evaluate_policies_tiny(tmp_path):
+def _tiny_eval(out, samples_per_task=1):
     from elastic_cuda.router import RouterSet
-    from elastic_cuda.training.evaluate import EvalConfig, evaluate, static_table_from_frequency
+    from elastic_cuda.training.evaluate import EvalConfig, evaluate
     from elastic_cuda.training.models import ByteTokenizer, tiny_llama
 
     model = tiny_llama(0)
+    torch.manual_seed(3)
     routers = RouterSet.for_model(model, sink=16, window=64)
-    cfg = EvalConfig(out=str(tmp_path / "eval"), model="tiny-llama", lengths=(384,), tasks=SHORT_TASKS,
-                     samples_per_task=1, calibration_per_task=1, max_new_tokens=2, device="cpu", progress=False,
-                     policies=("dense", "elastic", "static", "all_sparse"))
-    res = evaluate(cfg, model=model, tokenizer=ByteTokenizer(), routers=routers)
+    with torch.no_grad():  # logits far from 0, so the routing is input dependent and not a coin flip of rounding
+        for r in routers.routers:
+            r.router_mlp[-1].weight.mul_(200.0)
+    cfg = EvalConfig(out=out, model="tiny-llama", lengths=(384,), tasks=SHORT_TASKS,
+                     samples_per_task=samples_per_task, calibration_per_task=1, max_new_tokens=2, device="cpu",
+                     progress=False, policies=("dense", "elastic", "static", "all_sparse"))
+    return cfg, evaluate(cfg, model=model, tokenizer=ByteTokenizer(), routers=routers)
+
+
+def test_evaluate_policies_tiny(tmp_path):
+    from elastic_cuda.training.evaluate import static_table_from_frequency
+
+    cfg, res = _tiny_eval(str(tmp_path / "eval"))
     agg = res["aggregate"]
     assert agg["dense"]["summary"]["msr"] == 0.0 and agg["all_sparse"]["summary"]["msr"] == 1.0
     table = torch.tensor(res["static_table"])
@@ -254,5 +273,28 @@ def test_two_process_gloo_ranks_stay_identical(tmp_path):
         assert json.load(f)["world_size"] == 2
 
 
+def test_two_process_eval_matches_one_process(tmp_path):
+    """torchrun-sharded eval: same records, aggregates and static table as one process; rank 0 writes the files."""
+    _, single = _tiny_eval(str(tmp_path / "one"), samples_per_task=2)
+    out = str(tmp_path / "two")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.abspath(__file__), "--eval-worker", out]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "eval_results.json")) as f:
+        two = json.load(f)
+    assert two["world_size"] == 2 and len(two["records"]) == len(single["records"]) == 4 * 2 * len(SHORT_TASKS)
+    for a, b in zip(single["records"], two["records"]):
+        assert a.keys() == b.keys(), (a, b)
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) if isinstance(a[k], float) else a[k] == b[k], k
+    assert two["static_table"] == single["static_table"]
+    assert two["targets"] == single["targets"]
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     _worker(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--eval-worker":
+    _tiny_eval(sys.argv[2], samples_per_task=2)

@@ -24,6 +24,10 @@ struct AttentionArgs {
 // at once and leave out/lse untouched (the grouped strategy fills them).
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads);
 
+// Will the fused strategy run the Hopper wgmma kernel for these arguments (sm_90a build on a 9.x device, no
+// block mask, ELASTIC_CUDA_SM90 != 0)? The cost model of strategy="auto" asks (strategy.h).
+bool fused_forward_uses_sm90(const AttentionArgs& a);
+
 // Grouped strategy (dense layout only): gather FULL heads into a packed buffer on the device, run them as
 // one dense batched call, run the sparse heads with the fused kernel (skip_full_heads), and scatter the dense
 // results back into their heads' slots. dense_on_host_count=false: no host sync (FlashAttention-2 varlen over

@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   at::Tensor lse = a.shape.varlen ? at::full(lse_shape(a), -INFINITY, a.q.options().dtype(at::kFloat))
                                   : at::empty(lse_shape(a), a.q.options().dtype(at::kFloat));
   const bool grouped = strat == "grouped" || strat == "grouped_cudnn" ||
-                       (strat == "auto" && prefer_grouped_strategy(a.shape));
+                       (strat == "auto" && prefer_grouped_strategy(a.shape, fused_forward_uses_sm90(a)));
   if (grouped) {
     TORCH_CHECK(!a.shape.varlen, "elastic.attention: strategy='", strat, "' needs the dense layout; use 'fused' ",
                 "(or 'auto') with cu_seqlens");

@@ -102,6 +102,14 @@ void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t strea
 
 }  // namespace
 
+bool fused_forward_uses_sm90(const AttentionArgs& a) {
+  AttentionFwdParams p;
+  p.block_mask = a.block_mask.has_value() ? a.block_mask->data_ptr<bool>() : nullptr;
+  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
+  if (a.shape.head_dim == 64) return bf16 ? use_sm90_forward<__nv_bfloat16, 64>(p) : use_sm90_forward<__half, 64>(p);
+  return bf16 ? use_sm90_forward<__nv_bfloat16, 128>(p) : use_sm90_forward<__half, 128>(p);
+}
+
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
   AttentionFwdParams p;
   fill_fwd_params(p, a, out, lse);

@@ -14,6 +14,9 @@
 // every MSR < 1 (e.g. 55.6 vs 59.8 ms at MSR 0.5), at 128K at MSR 0.25-0.75; at 8K-32K it was within +-5%
 // and slower at 8K (1.85 vs 1.72 ms at MSR 0). So grouped from S = 65536 on. Varlen always runs fused (grouped needs the dense
 // layout) and head_dim must be one FlashAttention-2 supports (multiple of 8, <= 256).
+//
+// With the Hopper wgmma kernel (sm90/, 478-510 TFLOP/s dense at 8K-32K, benchmarks/NOTES.md) the fused FULL path
+// is ~1.4x faster than the FA2-varlen group, so auto never picks grouped when the fused call runs on it.
 #pragma once
 #include "attention/attention_checks.h"
 
@@ -21,8 +24,8 @@ namespace elastic {
 
 constexpr int64_t kGroupedMinSeqlen = 65536;
 
-inline bool prefer_grouped_strategy(const AttentionShape& s) {
-  if (s.varlen) return false;
+inline bool prefer_grouped_strategy(const AttentionShape& s, bool fused_runs_sm90) {
+  if (s.varlen || fused_runs_sm90) return false;
   if (s.head_dim % 8 != 0 || s.head_dim > 256) return false;
   // Chunked prefill (Sq < Skv) is supported by the grouped path, but the work scales with Sq * Skv:
   // decide on the query length actually computed, weighted by the key length.

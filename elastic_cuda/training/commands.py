@@ -42,7 +42,8 @@ def _train(args):
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, num_workers=args.num_workers,
                       tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
-                      progress=not args.no_progress)
+                      standardize_input=not args.paper_router, head_bias=not args.paper_router,
+                      calibration_samples=args.calibration_samples, progress=not args.no_progress)
     train(cfg)
     return 0
 
@@ -75,6 +76,10 @@ def register(subparsers) -> None:
     t.add_argument("--tau-schedule", default="code", choices=("code", "paper"))
     t.add_argument("--router-lr", type=float, default=5e-4, help="peak router LR (AdamW 0.9/0.95, wd 0.1)")
     t.add_argument("--lambda-lr", type=float, default=1e-3, help="peak LR of the lambdas (gradient ascent)")
+    t.add_argument("--paper-router", action="store_true",
+                   help="the paper's router exactly: no input standardisation, no per-head logit bias")
+    t.add_argument("--calibration-samples", type=int, default=64,
+                   help="train prompts measured for the router input standardisation before step 1")
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the latest under --out")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")

@@ -244,17 +244,55 @@ def plot_summary(path_png: str, agg: dict, cfg: EvalConfig):
     plt.close(fig)
 
 
-def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
-    from tqdm.auto import tqdm
+def _shard(items: list, env) -> list[tuple[int, object]]:
+    """(global index, item) pairs this rank runs: indices rank, rank + W, ..."""
+    return [(i, x) for i, x in enumerate(items) if i % env.world == env.rank]
 
-    from ..integrations.transformers import disable, enable
-    from ..router import RouterSet
+
+def _global_mean(total: float, count: int, env, device) -> float:
+    t = env.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+    return float(t[0] / t[1])
+
+
+def _gather_records(records: list[dict], env) -> list[dict]:
+    """Every rank's records, on every rank, in the single-process order (policy order, then sample index)."""
+    if env.world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * env.world
+        dist.all_gather_object(parts, records)
+        records = [r for part in parts for r in part]
+    records = sorted(records, key=lambda r: (r["_order"], r["_index"]))
+    for r in records:
+        del r["_order"], r["_index"]
+    return records
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
+    """Run the suite; under torchrun every rank takes samples rank, rank + W, ... of each policy (the elastic MSR
+    that sizes the static split and the static calibration are reduced over ranks), and rank 0 writes the files.
+    The result does not depend on the number of ranks."""
+    from .trainer import DistEnv
 
     bad = [p for p in cfg.policies if p not in POLICIES]
     if bad or not cfg.policies:
         raise ValueError(f"policies must be a non-empty subset of {POLICIES}, got {cfg.policies!r}")
     needs_routers = any(p in ("elastic", "static") for p in cfg.policies)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    probe_device, _ = resolve_device_dtype(cfg.device, cfg.dtype)
+    env = DistEnv(probe_device.type)
+    try:
+        return _evaluate(cfg, model, tokenizer, routers, env, needs_routers)
+    finally:
+        env.close()
+
+
+def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..integrations.transformers import disable, enable
+    from ..router import RouterSet
+
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype, env.local_rank)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, device, dtype, cfg.seed)
     model = model.to(device).eval()
@@ -270,54 +308,64 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
-    os.makedirs(cfg.out, exist_ok=True)
-    eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
+    mine = _shard(samples, env)
+    if env.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
     stop_ids = _stop_ids(tokenizer)
     order = [p for p in ("elastic", "static", "dense", "all_sparse") if p in cfg.policies]  # static needs elastic
-    n_calib = cfg.calibration_per_task * len(cfg.tasks) * len(cfg.lengths) if "static" in order else 0
-    bar = tqdm(total=len(samples) * len(order) + n_calib, desc="eval", disable=not cfg.progress, dynamic_ncols=True)
+    calib = []
+    if "static" in order:
+        calib = _shard(TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
+            cfg.lengths, cfg.calibration_per_task), env)
+    bar = tqdm(total=len(mine) * len(order) + len(calib), desc=f"eval (rank {env.rank}/{env.world})",
+               disable=not (cfg.progress and env.main), dynamic_ncols=True)
     records, static_table, elastic_msr = [], None, None
-    for policy in order:
+    for pi, policy in enumerate(order):
         if policy == "elastic" or (policy == "static" and "elastic" not in order and elastic_msr is None):
             enable(model, routers, policy="router", sink=sink, window=window)
             if policy == "static":  # no elastic pass requested: measure its MSR anyway for the budget
-                elastic_msr = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for s in samples)
-                elastic_msr /= len(samples)
+                total = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for _, s in mine)
+                elastic_msr = _global_mean(total, len(mine), env, device)
         if policy == "static":
             enable(model, routers, policy="router", sink=sink, window=window)
-            calib = TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
-                cfg.lengths, cfg.calibration_per_task)
-            full = torch.zeros(model.elastic_state.num_layers, model.elastic_state.num_kv_heads, dtype=torch.float64)
+            L, H = model.elastic_state.num_layers, model.elastic_state.num_kv_heads
+            full = torch.zeros(L * H + 1, dtype=torch.float64, device=device)  # last slot: sample count
             with torch.no_grad():
-                for s in calib:
+                for _, s in calib:
                     model(input_ids=torch.tensor([s.prompt_ids], device=device), use_cache=False, logits_to_keep=1)
-                    full += (model.elastic_state.last_head_mode[0] == 0).to(torch.float64).cpu()
+                    full[:-1] += (model.elastic_state.last_head_mode[0] == 0).to(torch.float64).flatten()
+                    full[-1] += 1
                     bar.update(1)
-            static_table = static_table_from_frequency(full / len(calib), elastic_msr)
+            full = env.all_reduce_(full).cpu()
+            static_table = static_table_from_frequency((full[:-1] / full[-1]).view(L, H), elastic_msr)
             enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window)
         elif policy == "dense":
             enable(model, None, policy="all_full", sink=sink, window=window)
         elif policy == "all_sparse":
             enable(model, None, policy="all_sparse", sink=sink, window=window)
         policy_recs = []
-        for s in samples:
+        for i, s in mine:
             rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)
-            rec["policy"] = policy
+            rec.update(policy=policy, _order=pi, _index=i)
             policy_recs.append(rec)
             bar.update(1)
         if policy == "elastic":
-            elastic_msr = sum(r["msr"] for r in policy_recs) / len(policy_recs)
+            elastic_msr = _global_mean(sum(r["msr"] for r in policy_recs), len(policy_recs), env, device)
         records += policy_recs
     bar.close()
     disable(model)
+    records = _gather_records(records, env)
     agg = aggregate(records)
     targets = check_targets(agg)
     result = {"config": asdict(cfg), "sink": sink, "window": window, "device": str(device), "dtype": str(dtype),
-              "aggregate": agg, "targets": targets, "records": records,
+              "world_size": env.world, "aggregate": agg, "targets": targets, "records": records,
               "static_table": static_table.int().tolist() if static_table is not None else None}
-    with open(os.path.join(cfg.out, "eval_results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    report = write_report(os.path.join(cfg.out, "eval_report.md"), agg, targets, cfg)
-    plot_summary(os.path.join(cfg.out, "eval_summary.png"), agg, cfg)
-    print(report)
+    if env.main:
+        with open(os.path.join(cfg.out, "eval_results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        report = write_report(os.path.join(cfg.out, "eval_report.md"), agg, targets, cfg)
+        plot_summary(os.path.join(cfg.out, "eval_summary.png"), agg, cfg)
+        print(report)
+    env.barrier()
     return result

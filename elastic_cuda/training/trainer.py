@@ -60,6 +60,9 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    standardize_input: bool = True  # router input standardisation (router.py); False: the paper's router
+    head_bias: bool = True          # learned per-KV-head logit offset (router.py)
+    calibration_samples: int = 64   # train-split prompts measured for the input standardisation
     router_lr: float = 5e-4
     router_weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -83,6 +86,8 @@ class TrainConfig:
     def validate(self):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be > 0, got {self.steps}, {self.batch_size}")
+        if self.standardize_input and self.calibration_samples < 2:
+            raise ValueError(f"calibration_samples must be >= 2 with standardize_input, got {self.calibration_samples}")
         if not 0.0 <= self.t_sen <= 1.0:
             raise ValueError(f"t_sen must be in [0, 1], got {self.t_sen}")
         if self.sink < 0 or self.window <= 0:
@@ -205,7 +210,8 @@ class RouterTrainer:
         self.model.requires_grad_(False)
         torch.manual_seed(config.seed)  # identical router init on every rank (and broadcast below, to be sure)
         self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
-                                           sparse_mode=config.sparse_mode).to(self.device, torch.float32)
+                                           sparse_mode=config.sparse_mode, standardize_input=config.standardize_input,
+                                           head_bias=config.head_bias).to(self.device, torch.float32)
         self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
                             sink=config.sink, window=config.window)
         self.state.train_mix = True
@@ -234,6 +240,32 @@ class RouterTrainer:
         self._seed_rank_rng()
         if config.resume:
             self.load_checkpoint(config.resume)
+        if config.standardize_input and self.step == 0:
+            self.calibrate_router_inputs()
+
+    # ------------------------------------------------------------------ router input standardisation
+    def calibrate_router_inputs(self):
+        """Measure the routers' input mean/std on `calibration_samples` train-split prompts (their own seed, so
+        the training samples are untouched), sharded over ranks and all-reduced: every rank ends identical."""
+        cfg, env = self.cfg, self.env
+        data_cfg = self.dataset.config
+        calib = TaskDataset(self.tokenizer, split="train", seed=cfg.seed + 7, config=data_cfg)
+        self.routers.eval()
+        self.state.train_mix = False
+        self.routers.start_input_calibration()
+        with torch.no_grad():
+            for i in range(env.rank, cfg.calibration_samples, env.world):
+                ids = torch.tensor([calib[i].prompt_ids], dtype=torch.long, device=self.device)
+                with self._autocast():
+                    self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sums = env.all_reduce_(self.routers.calibration_sums())
+        n = self.routers.finish_input_calibration(sums)
+        for buf in self.routers.buffers():
+            env.broadcast_(buf.data)
+        self.routers.train()
+        self.state.train_mix = True
+        if env.main:
+            print(f"[train-router] router input standardisation measured on {n} prompts")
 
     # ------------------------------------------------------------------ RNG and checkpoints
     def _seed_rank_rng(self):
