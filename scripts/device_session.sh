@@ -13,7 +13,7 @@
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
 #   model    the single-GPU sequence (train, eval, demo in one call) of the previous sessions
 # Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, NPROC, WAIT_S,
-# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, DEMO_S, TRAIN_S (model only), KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
+# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, ROUTERS (eval), DEMO_S, TRAIN_S (model only), KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/elastic_out}
@@ -88,14 +88,16 @@ wait)
 eval)
   need_warm
   export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
-  [[ -f $RUN/routers/router_config.json ]] || { echo "no trained routers in $RUN/routers"; exit 3; }
+  ROUTERS=${ROUTERS:-$RUN/routers}  # e.g. ROUTERS=.run/routers: routers trained in an earlier session, carried
+  [[ -f $ROUTERS/router_config.json ]] || { echo "no trained routers in $ROUTERS"; exit 3; }
+  mkdir -p $RUN
   t1=$(date +%s)
   timeout "${EVAL_S:-300}" python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" -m elastic_cuda eval \
-    --routers $RUN/routers --out $RUN/eval --samples-per-task "${EVAL_SAMPLES:-8}" --lengths "${EVAL_LENGTHS:-2048,4096,8192}" \
+    --routers "$ROUTERS" --out $RUN/eval --samples-per-task "${EVAL_SAMPLES:-8}" --lengths "${EVAL_LENGTHS:-2048,4096,8192}" \
     --no-progress > "$OUT/eval.log" 2>&1
   echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
   t2=$(date +%s)
-  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo --routers $RUN/routers --device cuda > "$OUT/demo.log" 2>&1
+  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo --routers "$ROUTERS" --device cuda > "$OUT/demo.log" 2>&1
   echo "demo rc=$? in $(( $(date +%s) - t2 ))s" | tee -a "$OUT/demo.log"
   cp /root/train.log $RUN/ 2> /dev/null
   (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 
 import torch
@@ -62,12 +63,29 @@ def _save_dequantised(model, directory: str):
             model.config.quantization_config = qconfig
 
 
+def _cache_is_complete(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            has_type = bool(json.load(f).get("model_type"))
+    except (OSError, ValueError):
+        return False
+    return has_type and os.path.isfile(os.path.join(directory, "complete"))
+
+
+def _may_write_cache() -> bool:
+    # Under torchrun, transformers' save_pretrained leaves config.json out on ranks other than 0 (seen on the
+    # H200 with 4 ranks: a cache without model_type that every later load rejected): rank 0 writes it.
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 def _load_base(attn_implementation: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_gguf_path()
     cache_dir = _disk_cache_dir(path)
-    if cache_dir is not None and os.path.isfile(os.path.join(cache_dir, "complete")):
+    if cache_dir is not None and _cache_is_complete(cache_dir):
         tokenizer = AutoTokenizer.from_pretrained(cache_dir)
         model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32,
                                                      attn_implementation=attn_implementation)
@@ -76,7 +94,7 @@ def _load_base(attn_implementation: str):
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32,
                                                      attn_implementation=attn_implementation)
-        if cache_dir is not None:
+        if cache_dir is not None and _may_write_cache():
             try:
                 tmp = cache_dir + f".tmp{os.getpid()}"
                 _save_dequantised(model, tmp)
