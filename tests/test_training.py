@@ -237,6 +237,38 @@ def test_evaluate_policies_tiny(tmp_path):
     assert math.isfinite(agg["dense"]["summary"]["loss_robust"]) and math.isfinite(agg["all_sparse"]["summary"]["loss_robust"])
     freq = torch.tensor([[0.9, 0.1], [0.5, 0.2]])
     assert static_table_from_frequency(freq, 0.5).tolist() == [[False, True], [False, True]]
+    assert "elastic_beats_static_sensitive_accuracy_at_ge_msr" in res["targets"]
+    # the report can be rebuilt from the saved records alone, identically
+    from elastic_cuda.training.evaluate import rewrite_report
+
+    with open(os.path.join(cfg.out, "eval_report.md")) as f:
+        before = f.read()
+    assert rewrite_report(os.path.join(cfg.out, "eval_results.json")) + "\n" == before
+
+
+def test_accuracy_targets_use_only_cells_dense_can_do():
+    from elastic_cuda.training.evaluate import capable_cells, cell_accuracy, check_targets
+
+    def cells(**acc):  # task_length=accuracy, 4 samples each
+        table = {}
+        for key, a in acc.items():
+            task, length = key.rsplit("_", 1)
+            table.setdefault(task, {})[length] = {"n": 4, "accuracy": a, "msr": 0.5}
+        return table
+
+    summary = {"msr_sensitive": 0.5, "msr_robust": 0.9, "loss_robust": 2.0, "msr": 0.7}
+    agg = {"dense": {"by_task_length": cells(passkey_2048=1.0, fact_qa_2048=0.0), "summary": {"loss_robust": 2.0}},
+           "elastic": {"by_task_length": cells(passkey_2048=1.0, fact_qa_2048=1.0), "summary": summary},
+           "static": {"by_task_length": cells(passkey_2048=0.5, fact_qa_2048=1.0), "summary": {**summary, "msr": 0.7}}}
+    keep, drop = capable_cells(agg)
+    assert keep == [("passkey", "2048")] and drop == [("fact_qa", "2048", 0.0)]
+    assert cell_accuracy(agg, "static", keep) == 0.5
+    t = check_targets(agg)
+    assert t["sensitive_accuracy_ge_dense_minus_3pts"] and t["elastic_beats_static_sensitive_accuracy_at_ge_msr"]
+    assert t["msr_gap_ge_0.25"] and t["robust_msr_ge_0.8"] and t["robust_loss_le_dense_x1.03"]
+    agg["elastic"]["by_task_length"]["passkey"]["2048"]["accuracy"] = 0.5  # now 50 points under dense, tied with static
+    t = check_targets(agg)
+    assert not t["sensitive_accuracy_ge_dense_minus_3pts"] and not t["elastic_beats_static_sensitive_accuracy_at_ge_msr"]
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes (gloo)

@@ -49,7 +49,11 @@ def _train(args):
 
 
 def _eval(args):
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import EvalConfig, evaluate, rewrite_report
+
+    if args.report_from:
+        print(rewrite_report(args.report_from))
+        return 0
 
     cfg = EvalConfig(out=args.out, model=args.model, routers=args.routers, lengths=args.lengths,
                      samples_per_task=args.samples_per_task, max_new_tokens=args.max_new_tokens,
@@ -95,6 +99,8 @@ def register(subparsers) -> None:
                    help="train-split prompts per task and length used to rank heads for the static policy")
     e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (stops at end of turn)")
     e.add_argument("--policies", default="dense,elastic,static,all_sparse")
+    e.add_argument("--report-from", default=None, metavar="EVAL_RESULTS_JSON",
+                   help="no model run: re-aggregate this eval_results.json and rewrite its targets, report and plot")
     e.add_argument("--sink", type=int, default=None, help="default: the routers' config")
     e.add_argument("--window", type=int, default=None, help="default: the routers' config")
     _common(e)
