@@ -11,9 +11,9 @@
 #            wait up to WAIT_S for the training
 #   wait     wait up to WAIT_S more for the detached training; print its progress
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
-#   model    the single-GPU sequence (train, eval, demo in one call) of the previous sessions
+#            (one call can do `train` with WAIT_S long enough, then `eval`)
 # Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, NPROC, WAIT_S,
-# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, ROUTERS (eval), DEMO_S, TRAIN_S (model only), KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
+# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, ROUTERS (eval), DEMO_S, KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/elastic_out}
@@ -103,28 +103,7 @@ eval)
   (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)
   tail -45 "$OUT/eval.log"; tail -30 "$OUT/demo.log"
   ;;
-model)
-  need_warm
-  cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
-  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
-  t0=$(date +%s)
-  timeout ${TRAIN_S:-330} python3 -m elastic_cuda train-router --out $RUN --steps ${STEPS:-100} --batch-size ${BATCH:-16} --no-progress \
-    > "$OUT/train.log" 2>&1; echo "train rc=$? in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/train.log"
-  t1=$(date +%s)
-  if [[ ${EVAL_S:-150} -gt 0 ]]; then
-    timeout ${EVAL_S:-150} python3 -m elastic_cuda eval --routers $RUN/routers --out $RUN/eval --samples-per-task 3 \
-      --max-new-tokens 16 --no-progress > "$OUT/eval.log" 2>&1
-    echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
-  else
-    echo "eval skipped (EVAL_S=0)"
-  fi
-  t2=$(date +%s)
-  timeout ${DEMO_S:-80} python3 -m elastic_cuda demo --routers $RUN/routers --device cuda > "$OUT/demo.log" 2>&1
-  echo "demo rc=$? in $(( $(date +%s) - t2 ))s" | tee -a "$OUT/demo.log"
-  (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)
-  tail -5 "$OUT/train.log"; tail -30 "$OUT/eval.log"; tail -40 "$OUT/demo.log"
-  ;;
 *)
-  echo "usage: $0 prep|kernels|train|wait|eval|model"; exit 2
+  echo "usage: $0 prep|kernels|train|wait|eval"; exit 2
   ;;
 esac

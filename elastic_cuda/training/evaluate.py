@@ -398,13 +398,17 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
               "world_size": env.world, "aggregate": agg, "targets": targets, "records": records,
               "static_table": static_table.int().tolist() if static_table is not None else None}
     if env.main:
-        with open(os.path.join(cfg.out, "eval_results.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        report = write_report(os.path.join(cfg.out, "eval_report.md"), agg, targets, cfg)
-        plot_summary(os.path.join(cfg.out, "eval_summary.png"), agg, cfg)
-        print(report)
+        print(_write_outputs(cfg.out, result, cfg))
     env.barrier()
     return result
+
+
+def _write_outputs(out: str, result: dict, cfg: EvalConfig) -> str:
+    """eval_results.json, eval_report.md and eval_summary.png under `out`; returns the report text."""
+    with open(os.path.join(out, "eval_results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_summary(os.path.join(out, "eval_summary.png"), result["aggregate"], cfg)
+    return write_report(os.path.join(out, "eval_report.md"), result["aggregate"], result["targets"], cfg)
 
 
 def rewrite_report(results_path: str) -> str:
@@ -416,8 +420,4 @@ def rewrite_report(results_path: str) -> str:
     cfg = EvalConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in result["config"].items() if k in fields})
     agg = aggregate([dict(r) for r in result["records"]])
     result["aggregate"], result["targets"] = agg, check_targets(agg)
-    with open(results_path, "w") as f:
-        json.dump(result, f, indent=1)
-    out = os.path.dirname(os.path.abspath(results_path))
-    plot_summary(os.path.join(out, "eval_summary.png"), agg, cfg)
-    return write_report(os.path.join(out, "eval_report.md"), agg, result["targets"], cfg)
+    return _write_outputs(os.path.dirname(os.path.abspath(results_path)), result, cfg)
