@@ -282,15 +282,20 @@ def _worker(out):
     trainer.close()
 
 
-def test_two_process_gloo_ranks_stay_identical(tmp_path):
-    out = str(tmp_path / "ddp")
-    os.makedirs(out)
+def _run_two_gloo_ranks(worker_flag, out):
+    """This file as a worker under torchrun: 2 CPU processes (gloo), one thread each."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.abspath(__file__), "--worker", out]
+           os.path.abspath(__file__), worker_flag, out]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_process_gloo_ranks_stay_identical(tmp_path):
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    _run_two_gloo_ranks("--worker", out)
     s0 = torch.load(os.path.join(out, "final_rank0.pt"))
     s1 = torch.load(os.path.join(out, "final_rank1.pt"))
     assert s0["world"] == s1["world"] == 2
@@ -309,12 +314,7 @@ def test_two_process_eval_matches_one_process(tmp_path):
     """torchrun-sharded eval: same records, aggregates and static table as one process; rank 0 writes the files."""
     _, single = _tiny_eval(str(tmp_path / "one"), samples_per_task=2)
     out = str(tmp_path / "two")
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.abspath(__file__), "--eval-worker", out]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_two_gloo_ranks("--eval-worker", out)
     with open(os.path.join(out, "eval_results.json")) as f:
         two = json.load(f)
     assert two["world_size"] == 2 and len(two["records"]) == len(single["records"]) == 4 * 2 * len(SHORT_TASKS)
