@@ -1,13 +1,14 @@
 """Hopper (sm_90a) forward kernel: correctness table, short timing and a sanitizer workload, for one device call.
 
   python benchmarks/sm90_check.py errors    max rel err (max |diff| / max |ref|) and lse max abs err vs the
-                                            float64 reference, per dtype / head dim / mode, on both paths
-                                            (ELASTIC_CUDA_SM90=1 wgmma kernel, =0 the sm80 kernel)
+                                            float64 reference, per dtype / head dim / mode, for every VARIANT
+                                            (the wgmma kernel with TMA or cp.async producer and each switch
+                                            off, and the sm80 kernel), on the same fresh inputs
   python benchmarks/sm90_check.py time      Llama shape (32 q / 8 kv heads, D 128, bf16), S 8K (B 2) and 32K (B 1),
-                                            MSR 0 / 0.75 / 1: ours sm90 vs ours sm80 vs cuDNN SDPA vs Flex; TFLOP/s
+                                            MSR 0 / 0.75 / 1: the timed variants vs cuDNN SDPA vs Flex; TFLOP/s
                                             counts the causal FLOPs of all heads (so at MSR > 0 it is an
-                                            "effective" rate); the wgmma kernel's switches are timed as variants;
-                                            env NO_FLEX=1 skips Flex, ROUNDS (default 3) round-robin repeats
+                                            "effective" rate); env NO_FLEX=1 skips Flex, ROUNDS (default 3)
+                                            round-robin repeats, VARIANTS=a,b picks the timed variants
   python benchmarks/sm90_check.py sanitize  small ragged cases on the sm90 path, for compute-sanitizer
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ def modes_for(pattern, B, Hkv):
     return torch.tensor([[(h + b) % 2 for h in range(Hkv)] for b in range(B)], dtype=torch.int32, device=DEV)
 
 
-def one_error(dtype, D, pattern, sm90, shape, seed):
+def one_case(dtype, D, pattern, shape, seed):
+    """Inputs, op keywords and the float64 reference of one case."""
     B, Sq, Skv, Hq, Hkv, sink, window, varlen = shape
     g = torch.Generator(device=DEV).manual_seed(seed)
     kw = dict(sink=sink, window=window)
@@ -60,6 +62,11 @@ def one_error(dtype, D, pattern, sm90, shape, seed):
         v = torch.randn(B, Skv, Hkv, D, generator=g, device=DEV).to(dtype)
         op_kw = kw
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), hm, **kw)
+    return (q, k, v, hm, op_kw), ref, ref_lse
+
+
+def one_error(case, ref, ref_lse):
+    q, k, v, hm, op_kw = case
     torch.full((64 * 1024 * 1024,), float("nan"), device=DEV)  # poison the allocator's free memory
     out, lse = elastic_cuda.ops.attention(q, k, v, hm, strategy="fused", return_lse=True, **op_kw)
     torch.cuda.synchronize()
@@ -81,39 +88,49 @@ def errors():
         (3, 700, 900, 9, 3, 8, 200, True),
         (2, 129, 129, 8, 8, 0, 64, False),
     ]
-    print(f"{'dtype':6s} {'D':>4s} {'mode':7s} {'path':12s} {'max rel err':>12s} {'lse abs err':>12s}")
+    print(f"{'dtype':6s} {'D':>4s} {'mode':7s} {'path':14s} {'max rel err':>12s} {'lse abs err':>12s}")
     worst = 0.0
     for dtype in (torch.bfloat16, torch.float16):
         for D in (64, 128):
             for pattern in ("full", "stream", "mix"):
-                for v in VARIANTS:  # every switch of the wgmma kernel, and the sm80 kernel
+                cases = [one_case(dtype, D, pattern, sh, seed=i) for i, sh in enumerate(shapes)]
+                for v in VARIANTS:  # every switch of the wgmma kernel, and the sm80 kernel, on the same inputs
                     set_variant(v)
                     e = le = 0.0
-                    for i, sh in enumerate(shapes):
-                        a, b = one_error(dtype, D, pattern, v[1], sh, seed=i)
+                    for case in cases:
+                        a, b = one_error(*case)
                         e, le = max(e, a), max(le, b)
                     worst = max(worst, e)
-                    print(f"{str(dtype)[6:]:6s} {D:4d} {pattern:7s} {v[0]:12s} {e:12.3e} {le:12.3e}", flush=True)
+                    print(f"{str(dtype)[6:]:6s} {D:4d} {pattern:7s} {v[0]:14s} {e:12.3e} {le:12.3e}", flush=True)
     clear_switches()
     print("worst", worst)
 
 
-# name, sm90 path, ELASTIC_SM90_PERSISTENT / _PINGPONG / _PROXY_FENCE
-VARIANTS = (
-    ("ours_sm90", True, "1", "1", "1"),
-    ("sm90_nopp", True, "1", "0", "1"),
-    ("sm90_nopers", True, "0", "1", "1"),
-    ("sm90_nofence", True, "1", "1", "0"),
-    ("sm90_plain", True, "0", "0", "1"),
-    ("ours_sm80", False, "1", "1", "1"),
+# name, sm90 path, then the switches below ("" = unset: the default); timed = in the timing section
+SWITCHES = ("ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_PINGPONG", "ELASTIC_SM90_PROXY_FENCE", "ELASTIC_SM90_TMA",
+            "ELASTIC_SM90_DYNAMIC", "ELASTIC_SM90_LAZY_RESCALE", "ELASTIC_SM90_STAGES")
+VARIANTS = (  # name, sm90, PERSISTENT, PINGPONG, PROXY_FENCE, TMA, DYNAMIC, LAZY_RESCALE, STAGES, timed
+    ("ours_sm90", True, "", "", "", "", "", "", "", True),
+    ("sm90_cpasync", True, "", "", "", "0", "", "", "", True),
+    ("sm90_s2", True, "", "", "", "", "", "", "2", True),
+    ("sm90_static", True, "", "", "", "", "0", "", "", True),
+    ("sm90_eager", True, "", "", "", "", "", "0", "", True),
+    ("sm90_nopp", True, "", "0", "", "", "", "", "", True),
+    ("sm90_cp_s2_old", True, "", "", "", "0", "0", "0", "2", False),  # the previous kernel's configuration
+    ("ours_sm80", False, "", "", "", "", "", "", "", False),
 )
-SWITCHES = ("ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_PINGPONG", "ELASTIC_SM90_PROXY_FENCE")
+if os.environ.get("VARIANTS"):  # e.g. VARIANTS=ours_sm90,sm90_s2: time only these
+    _keep = os.environ["VARIANTS"].split(",")
+    VARIANTS = tuple(v[:-1] + (v[0] in _keep,) for v in VARIANTS)
 
 
 def set_variant(v):
     set_path(v[1])
-    for name, val in zip(SWITCHES, v[2:]):
-        os.environ[name] = val
+    for name, val in zip(SWITCHES, v[2:-1]):
+        if val:
+            os.environ[name] = val
+        else:
+            os.environ.pop(name, None)
 
 
 def clear_switches():
@@ -139,7 +156,7 @@ def time_section():
             fns = {}
             if msr == 0.0:
                 fns["cudnn_dense"] = lambda: ba.sdpa(case.qt, case.kt, case.vt, ba.SDPBackend.CUDNN_ATTENTION)
-            for v in VARIANTS:
+            for v in (v for v in VARIANTS if v[-1]):
                 def run(v=v, f=ba.ours(case, hm, "fused")):
                     set_variant(v)
                     return f()

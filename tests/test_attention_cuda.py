@@ -294,8 +294,16 @@ def test_bad_args_raise_with_named_argument():
 
 # ----------------------------------------------------------------------------- Hopper (sm_90a) forward
 # FULL / STREAM heads without a block mask go to the wgmma kernel on compute capability 9.x;
-# ELASTIC_CUDA_SM90=0 forces the sm80 kernel. Every case runs on both paths against the reference.
-SM90_PATHS = pytest.mark.parametrize("sm90", ["1", "0"], ids=["sm90", "sm80"])
+# ELASTIC_CUDA_SM90=0 forces the sm80 kernel. Every case runs on three paths against the reference: the wgmma
+# kernel with its TMA producer (default), the same kernel with the cp.async producer (ELASTIC_SM90_TMA=0, also
+# what runs when no tensor map can be built), and the sm80 kernel.
+SM90_PATHS = pytest.mark.parametrize("sm90", ["tma", "cp", "0"], ids=["sm90_tma", "sm90_cpasync", "sm80"])
+
+
+def _set_path(monkeypatch, sm90):
+    """sm90: 'tma' / 'cp' (wgmma kernel, TMA or cp.async producer) or '0' (sm80 kernel)."""
+    monkeypatch.setenv("ELASTIC_CUDA_SM90", "0" if sm90 == "0" else "1")
+    monkeypatch.setenv("ELASTIC_SM90_TMA", "0" if sm90 == "cp" else "1")
 
 
 def _fs_modes(B, Hkv, pattern):
@@ -318,14 +326,14 @@ def test_sm90_dispatch(sm90, monkeypatch):
     # On a Hopper device the default (and =1) path must run the wgmma kernel, =0 the sm80 kernel.
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a compute capability 9.x device")
-    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    _set_path(monkeypatch, sm90)
     q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
     hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
     names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"))
     if not names:
         pytest.skip("profiler recorded no kernels")
-    assert any(("sm90" in n) == (sm90 == "1") for n in names), names
+    assert any(("sm90" in n) == (sm90 != "0") for n in names), names
     bm = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)  # a block mask always takes the sm80 kernel
     names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, strategy="fused"))
     assert names and not any("sm90" in n for n in names), names
@@ -337,7 +345,7 @@ def test_sm90_dispatch(sm90, monkeypatch):
 @pytest.mark.parametrize("pattern", ["full", "stream", "mixfs"])
 def test_sm90_forward_lengths(sm90, dtype, D, pattern, monkeypatch):
     # Lengths around the 128-row / 128-key tiles, GQA 1/3/4/8, windows shorter and longer than S.
-    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    _set_path(monkeypatch, sm90)
     lengths = (1, 7, 100, 127, 128, 129, 255, 300, 1000, 2100, 2500)
     for idx, S in enumerate(lengths):
         Hq, Hkv = GQA[idx % len(GQA)]
@@ -351,7 +359,7 @@ def test_sm90_forward_lengths(sm90, dtype, D, pattern, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_forward_layouts(sm90, dtype, D, monkeypatch):
-    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    _set_path(monkeypatch, sm90)
     tag = f"sm90={sm90} D{D}"
     # S < sink, S < window, window 0 (empty rows), window 1
     for S, sink, window in ((7, 128, 2048), (100, 128, 50), (129, 0, 64), (300, 32, 0), (300, 0, 0), (129, 0, 1)):
@@ -377,7 +385,7 @@ def test_sm90_forward_layouts(sm90, dtype, D, monkeypatch):
 
 @SM90_PATHS
 def test_sm90_poisoned_outputs_and_invalid_modes(sm90, monkeypatch):
-    monkeypatch.setenv("ELASTIC_CUDA_SM90", sm90)
+    _set_path(monkeypatch, sm90)
     for layout in ("dense", "varlen"):
         for D, dtype in ((128, torch.bfloat16), (64, torch.float16)):
             poison = torch.full((64 * 1024 * 1024,), float("nan"), device=DEV)
@@ -393,6 +401,77 @@ def test_sm90_poisoned_outputs_and_invalid_modes(sm90, monkeypatch):
         out, lse = torch.ops.elastic.attention(q, k, k, hm, strategy="fused")
         assert torch.isnan(out[:, :, 2:]).all() and torch.isfinite(out[:, :, :2]).all()
         assert torch.isnan(lse[:, 2:]).all() and torch.isfinite(lse[:, :2]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sm90_tma_fallback_for_zero_strides(dtype, monkeypatch, capfd):
+    # k / v broadcast over the batch (stride 0): TMA takes no zero stride, so the wgmma kernel must build no
+    # tensor map, say so (ELASTIC_SM90_VERBOSE=1) and copy with cp.async; the result must not change.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    _set_path(monkeypatch, "tma")
+    monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "1")
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    for D in (64, 128):
+        q = torch.randn(2, 300, 8, D, generator=gen, device=DEV).to(dtype)
+        k = torch.randn(1, 300, 2, D, generator=gen, device=DEV).to(dtype).expand(2, -1, -1, -1)
+        v = torch.randn(1, 300, 2, D, generator=gen, device=DEV).to(dtype).expand(2, -1, -1, -1)
+        modes = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32, device=DEV)
+        ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, sink=16, window=100)
+        capfd.readouterr()
+        out, lse = elastic_cuda.ops.attention(q, k, v, modes, sink=16, window=100, strategy="fused", return_lse=True)
+        torch.cuda.synchronize()
+        assert "no tensor map for k" in capfd.readouterr().err
+        _check_forward(out, lse, ref, ref_lse, dtype, f"sm90=fallback zero-stride D{D}")
+    # ... while ordinary strided views (packed qkv) do get tensor maps
+    qkv = torch.randn(2, 300, 12, 128, generator=gen, device=DEV).to(dtype)
+    capfd.readouterr()
+    elastic_cuda.ops.attention(qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:], modes, strategy="fused")
+    torch.cuda.synchronize()
+    assert "no tensor map" not in capfd.readouterr().err
+
+
+@SM90_PATHS
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
+    # A varlen key tile past a sequence's end must read as zeros, not as the next rows of the packed tensor:
+    # here those are NaN padding (rows past cu_seqlens[-1]); TMA would load them, so the TMA producer copies
+    # such tiles with cp.async. Q rows of the padding are NaN too.
+    _set_path(monkeypatch, sm90)
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    cu_q = torch.tensor([0, 300, 377], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, 300, 700], dtype=torch.int32, device=DEV)
+    q = torch.full((377 + 50, 4, D), float("nan"), device=DEV, dtype=torch.bfloat16)
+    k = torch.full((700 + 100, 2, D), float("nan"), device=DEV, dtype=torch.bfloat16)
+    v = torch.full((700 + 100, 2, D), float("nan"), device=DEV, dtype=torch.bfloat16)
+    q[:377] = torch.randn(377, 4, D, generator=gen, device=DEV).bfloat16()
+    k[:700] = torch.randn(700, 2, D, generator=gen, device=DEV).bfloat16()
+    v[:700] = torch.randn(700, 2, D, generator=gen, device=DEV).bfloat16()
+    modes = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32, device=DEV)
+    kw = dict(sink=8, window=100, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref, ref_lse = attention_reference(q[:377].double(), k[:700].double(), v[:700].double(), modes, **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, max_seqlen_q=300,
+                                          max_seqlen_k=400, **kw)
+    _check_forward(out[:377], lse[:, :377], ref, ref_lse, torch.bfloat16, f"sm90={sm90} varlen tail D{D}")
+    assert (out[377:] == 0).all() and torch.isneginf(lse[:, 377:]).all()  # padding rows: empty
+
+
+@pytest.mark.parametrize("switch", ["ELASTIC_SM90_DYNAMIC", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_LAZY_RESCALE",
+                                    "ELASTIC_SM90_PERSISTENT"])
+def test_sm90_switches(switch, monkeypatch):
+    # The tuning switches (static item stride, 2 K/V stages at D 128, eager O rescale, one CTA per item) on the
+    # TMA path, for a few ragged / varlen / GQA cases.
+    _set_path(monkeypatch, "tma")
+    monkeypatch.setenv(switch, "2" if switch == "ELASTIC_SM90_STAGES" else "0")
+    for idx, (S, D) in enumerate(((129, 128), (1000, 128), (300, 64), (2100, 128))):
+        Hq, Hkv = GQA[(idx + 1) % len(GQA)]
+        run_case(B=2, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=torch.bfloat16, modes=_fs_modes(2, Hkv, "mixfs"),
+                 sink=16, window=256, seed=300 + idx, key=f"sm90={switch}=off D{D}")
+    lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
+    modes = torch.tensor([[FULL, STREAM, FULL], [STREAM, FULL, STREAM], [STREAM, STREAM, FULL], [FULL, FULL, FULL],
+                          [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
+    run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=128, dtype=torch.bfloat16, modes=modes, sink=8, window=200,
+             layout="varlen", lens=lens, key=f"sm90={switch}=off varlen")
 
 
 # ----------------------------------------------------------------------------- backward
@@ -441,7 +520,11 @@ def test_zz_print_max_errors():
     summary: dict[str, float] = {}
     for key, err in MAX_ERR.items():
         parts = key.split()
-        group = " ".join(parts[:2] + ([parts[-1]] if parts[0] == "bwd" else []))
+        # fwd/lse, dtype, [kernel path, head dim of the sm90 cases], [bwd: gradient]
+        extra = [x for x in parts[2:] if x.startswith("sm90=")][:1]
+        if extra:
+            extra += [x for x in parts[2:] if x in ("D64", "D128")][:1]
+        group = " ".join(parts[:2] + extra + ([parts[-1]] if parts[0] == "bwd" else []))
         summary[group] = max(summary.get(group, 0.0), err)
     print("\nmax relative errors (lse: max abs error):")
     for key in sorted(summary):

@@ -74,6 +74,8 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Te
   strides3(a.k, varlen, p.k_stride_b, p.k_stride_r, p.k_stride_h);
   strides3(a.v, varlen, p.v_stride_b, p.v_stride_r, p.v_stride_h);
   strides3(out, varlen, p.o_stride_b, p.o_stride_r, p.o_stride_h);
+  p.rows_q = varlen ? a.q.size(0) : a.q.size(1);
+  p.rows_k = varlen ? a.k.size(0) : a.k.size(1);
   // lse is contiguous: dense [B, Hq, Sq], varlen [Hq, Tq].
   if (varlen) {
     p.lse_stride_b = 0;
@@ -95,9 +97,16 @@ bool use_sm90_forward(const AttentionFwdParams& p) {
 }
 
 template <typename T, int D>
-void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream) {
-  if (use_sm90_forward<T, D>(p)) launch_attention_fwd_sm90<T, D>(p, num_q_tiles, stream);
-  else launch_attention_fwd<T, D>(p, num_q_tiles, stream);
+void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream, const at::Tensor& like) {
+  if (use_sm90_forward<T, D>(p)) {
+    // The Hopper kernel's CTAs take work items from this counter (allocated on the launch's stream, so
+    // concurrent calls never share one).
+    at::Tensor counter = at::zeros({1}, like.options().dtype(at::kLong));
+    launch_attention_fwd_sm90<T, D>(p, num_q_tiles, stream,
+                                    reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>()));
+  } else {
+    launch_attention_fwd<T, D>(p, num_q_tiles, stream);
+  }
 }
 
 }  // namespace
@@ -118,11 +127,11 @@ void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tenso
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   if (a.shape.head_dim == 64) {
-    if (bf16) launch_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream);
-    else launch_fwd<__half, 64>(p, num_q_tiles, stream);
+    if (bf16) launch_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream, a.q);
+    else launch_fwd<__half, 64>(p, num_q_tiles, stream, a.q);
   } else {
-    if (bf16) launch_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream);
-    else launch_fwd<__half, 128>(p, num_q_tiles, stream);
+    if (bf16) launch_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream, a.q);
+    else launch_fwd<__half, 128>(p, num_q_tiles, stream, a.q);
   }
 }
 

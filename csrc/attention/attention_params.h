@@ -35,6 +35,7 @@ struct AttentionFwdParams : AttentionSeqParams {
   int64_t v_stride_b = 0, v_stride_r = 0, v_stride_h = 0;
   int64_t o_stride_b = 0, o_stride_r = 0, o_stride_h = 0;
   int64_t lse_stride_b = 0, lse_stride_h = 0;  // lse[b, h, row]: dense [B, Hq, Sq]; varlen [Hq, Tq]
+  int64_t rows_q = 0, rows_k = 0;  // rows of q and of k/v per batch slice: dense Sq / Skv, varlen total tokens
   bool skip_full_heads = false;
 };
 

@@ -4,15 +4,16 @@
 // GQA, varlen, Sq <= Skv, lse, skip_full_heads, empty rows 0 / -inf, invalid modes NaN); BLOCK heads stay
 // on that kernel (the host dispatches here only when there is no block mask, so BLOCK is an invalid mode).
 //
-// CTA = 3 warpgroups walking work items (longest first; a persistent grid of one CTA per SM by default).
-// Warpgroup 0 is the producer: per item it copies the Q tile, then the K and V tiles of the key tiles the
-// head's mode can make visible (attention_tiles.cuh walk, last tile first) into a ring of STAGES shared-memory
-// slots with cp.async, each slot signalled on an mbarrier when its copies land. Warpgroups 1 and 2 are
-// consumers, each owning 64 of the 128 query rows: S = Q K^T and O += P V run as wgmma, and the softmax of
-// key tile n overlaps the P V product of tile n-1 (both MMAs are issued before the softmax waits for S only);
-// the two warpgroups take turns to issue (ping-pong). Consumers hand K / V slots and the Q buffer back on
-// "empty" mbarriers once their MMAs have read them, so the next item's loads overlap this item's tail.
-// setmaxnreg moves registers from the producer (address arithmetic only) to the consumers.
+// CTA = 3 warpgroups walking work items (longest first; a persistent grid of one CTA per SM by default, items
+// handed out dynamically). Warpgroup 0 is the producer (attention_fwd_sm90_pipeline.cuh): per item it loads
+// the Q tile, then the K and V tiles of the key tiles the head's mode can make visible (attention_tiles.cuh
+// walk, last tile first) into a ring of STAGES shared-memory slots, with TMA (one warp) or cp.async (the
+// warpgroup), each slot signalled on an mbarrier when its bytes land. Warpgroups 1 and 2 are consumers, each
+// owning 64 of the 128 query rows: S = Q K^T and O += P V run as wgmma, and the softmax of key tile n overlaps
+// the P V product of tile n-1 (both MMAs are issued before the softmax waits for S only); the two warpgroups
+// take turns to issue (ping-pong). Consumers hand K / V slots and the Q buffer back on "empty" mbarriers once
+// their MMAs have read them, so the next item's loads overlap this item's tail. setmaxnreg moves registers
+// from the producer (address arithmetic only) to the consumers.
 //
 // Shared tiles are 128-byte rows (64 elements of 16 bits) in 1024-byte atoms of 8 rows, 16-byte chunks
 // XOR-swizzled by (row % 8): the wgmma "128B swizzle" layout. A head_dim-128 tile is two such column
@@ -23,184 +24,13 @@
 #include "attention/attention_fwd_kernel.cuh"
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
+#include "attention/sm90/attention_fwd_sm90_pipeline.cuh"
 #include "attention/sm90/wgmma.cuh"
 
 namespace elastic {
 namespace sm90 {
 
-// Kernel flags (host switches, see attention_fwd_sm90_launch.cuh).
-constexpr unsigned kFlagPingPong = 1, kFlagProxyFence = 2;
-
-template <typename T, int D_, int STAGES_>
-struct FwdSm90Traits {
-  static constexpr int D = D_, BM = 128, BN = 128, STAGES = STAGES_;
-  static constexpr int WG_THREADS = 128, CONSUMER_WGS = BM / 64;
-  static constexpr int NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
-  static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
-  static constexpr int NUM_BARRIERS = 2 + 4 * STAGES;            // Q full/empty; K, V full/empty per slot
-  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8;  // 1024: alignment
-  // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
-  // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
-  // otherwise setmaxnreg.inc waits forever.
-  static constexpr int PRODUCER_REGS = 56, CONSUMER_REGS = 224;
-  static_assert(D % 64 == 0, "head_dim must be a multiple of 64 (128-byte swizzled rows)");
-  static_assert(WG_THREADS * PRODUCER_REGS + CONSUMER_WGS * WG_THREADS * CONSUMER_REGS <= 168 * NTHREADS,
-                "register pool");
-};
-
 #if defined(ELASTIC_SM90A_ENABLED)
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-// Arrives on the barrier when every cp.async this thread issued so far has landed (counted in the
-// barrier's expected arrivals: .noinc).
-__device__ __forceinline__ void mbar_arrive_on_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-// cp.async writes through the generic proxy and wgmma reads through the async proxy: order them.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Copy a [ROWS, D] tile (row r at gmem + r * row_stride) into the 128-byte-swizzled layout with the
-// producer warpgroup's 128 threads; rows >= valid_rows are zero-filled (no NaN garbage times a zero P).
-// A thread keeps its 16-byte chunk column in every pass and moves down by a multiple of 8 rows, so its
-// swizzled column is fixed and each copy costs a pointer increment (the producer shares issue slots with
-// the consumers).
-template <int ROWS, int D, typename T>
-__device__ __forceinline__ void load_tile_sw128(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int tid) {
-  constexpr int CHUNKS = D / 8;                  // 16-byte chunks per row
-  constexpr int ROWS_PER_PASS = 128 / CHUNKS;    // rows the warpgroup covers per pass
-  static_assert(ROWS_PER_PASS % 8 == 0 && ROWS % ROWS_PER_PASS == 0, "passes keep the row's swizzle phase");
-  const int c = tid % CHUNKS, r = tid / CHUNKS;
-  const T* src = gmem + r * row_stride + c * 8;
-  T* dst = smem + (c / 8) * (ROWS * 64) + r * 64 + (((c % 8) ^ (r & 7)) << 3);
-  const int64_t step = ROWS_PER_PASS * row_stride;
-#pragma unroll
-  for (int it = 0; it < ROWS / ROWS_PER_PASS; ++it) {
-    const bool valid = r + it * ROWS_PER_PASS < valid_rows;
-    mma::cp_async16(dst + it * ROWS_PER_PASS * 64, valid ? src : gmem, valid);
-    src += step;
-  }
-}
-
-// Shared-memory addresses of the tiles and barriers of one CTA.
-template <typename Tr>
-struct SmemLayout {
-  uint32_t q, k, v, bar;
-  __device__ __forceinline__ uint32_t k_slot(int s) const { return k + s * Tr::KV_BYTES; }
-  __device__ __forceinline__ uint32_t v_slot(int s) const { return v + s * Tr::KV_BYTES; }
-  __device__ __forceinline__ uint32_t q_full() const { return bar; }
-  __device__ __forceinline__ uint32_t q_empty() const { return bar + 8; }
-  __device__ __forceinline__ uint32_t k_full(int s) const { return bar + 8 * (2 + s); }
-  __device__ __forceinline__ uint32_t v_full(int s) const { return bar + 8 * (2 + Tr::STAGES + s); }
-  __device__ __forceinline__ uint32_t k_empty(int s) const { return bar + 8 * (2 + 2 * Tr::STAGES + s); }
-  __device__ __forceinline__ uint32_t v_empty(int s) const { return bar + 8 * (2 + 3 * Tr::STAGES + s); }
-};
-
-// Ring position of the K/V slots: slot index and the parity of its current use.
-template <int STAGES>
-struct RingPos {
-  int slot = 0, phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++slot == STAGES) {
-      slot = 0;
-      phase ^= 1;
-    }
-  }
-};
-
-// One work item: (query tile, query head, batch), decoded from a linear index so that a CTA can walk
-// several (persistent grid). Index order: head fastest, then batch, then query tiles from the last one
-// (longest work first).
-struct WorkItem {
-  enum Kind { kSkip, kFillNan, kFillEmpty, kCompute };
-  int kind, b, h, kvh, r0, r_end, mode, i_first, i_last;
-  SeqInfo seq;
-};
-
-template <int BM, int BN>
-__device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, int64_t idx, int num_q_tiles,
-                                                KeyTileWalker<BN>& walker) {
-  WorkItem w;
-  w.h = static_cast<int>(idx % p.heads_q);
-  w.b = static_cast<int>((idx / p.heads_q) % p.batch);
-  const int m_block = num_q_tiles - 1 - static_cast<int>(idx / (int64_t(p.heads_q) * p.batch));
-  w.kvh = w.h / p.group;
-  w.seq = seq_info(p, w.b);
-  w.r0 = m_block * BM;
-  w.kind = WorkItem::kSkip;
-  if (w.r0 >= w.seq.len_q) return w;
-  w.mode = p.head_mode[w.b * p.head_mode_stride_b + w.kvh * p.head_mode_stride_h];
-  if (w.mode == kFull && p.skip_full_heads) return w;
-  w.r_end = min(w.r0 + BM, w.seq.len_q);
-  // BLOCK without a mask counts as invalid here (the host sends BLOCK work to the sm80 kernel).
-  if (!(w.mode == kFull || w.mode == kStream)) {
-    w.kind = WorkItem::kFillNan;
-    return w;
-  }
-  w.i_first = w.r0 + w.seq.offset;
-  w.i_last = w.r_end - 1 + w.seq.offset;
-  walker.init(w.mode, w.i_first, w.i_last, w.seq.len_k, p.sink, p.window, BlockBits());
-  w.kind = walker.first() < 0 ? WorkItem::kFillEmpty : WorkItem::kCompute;  // no visible key in the tile
-  return w;
-}
-
-template <typename T>
-__device__ __forceinline__ const T* kv_rows(const void* base, const AttentionFwdParams& p, const WorkItem& w,
-                                            int64_t stride_b, int64_t stride_r, int64_t stride_h) {
-  return static_cast<const T*>(base) + w.b * stride_b + int64_t(w.seq.k_start) * stride_r + w.kvh * stride_h;
-}
-
-template <typename T, typename Tr>
-__device__ void fwd_producer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, T* sQ, T* sK, T* sV,
-                             int num_q_tiles, int64_t num_items) {
-  constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
-  const int tid = threadIdx.x % Tr::WG_THREADS;
-  RingPos<Tr::STAGES> pos;
-  int64_t tiles_loaded = 0;  // a slot is refilled only after the consumers released its previous tile
-  int q_loads = 0;
-  for (int64_t idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
-    KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
-    if (w.kind != WorkItem::kCompute) continue;
-    const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b + int64_t(w.seq.q_start + w.r0) * p.q_stride_r +
-                 w.h * p.q_stride_h;
-    const T* k = kv_rows<T>(p.k, p, w, p.k_stride_b, p.k_stride_r, p.k_stride_h);
-    const T* v = kv_rows<T>(p.v, p, w, p.v_stride_b, p.v_stride_r, p.v_stride_h);
-    if (q_loads > 0) mbar_wait(sm.q_empty(), (q_loads - 1) & 1);  // consumers' last Q K^T of the previous item
-    load_tile_sw128<BM, D>(sQ, q, p.q_stride_r, w.seq.len_q - w.r0, tid);
-    mbar_arrive_on_cp_async(sm.q_full());
-    ++q_loads;
-    for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
-      const int key0 = n * BN;
-      const bool reuse = tiles_loaded >= Tr::STAGES;
-      if (reuse) mbar_wait(sm.k_empty(pos.slot), pos.phase ^ 1);
-      load_tile_sw128<BN, D>(sK + pos.slot * BN * D, k + int64_t(key0) * p.k_stride_r, p.k_stride_r,
-                             w.seq.len_k - key0, tid);
-      mbar_arrive_on_cp_async(sm.k_full(pos.slot));
-      if (reuse) mbar_wait(sm.v_empty(pos.slot), pos.phase ^ 1);
-      load_tile_sw128<BN, D>(sV + pos.slot * BN * D, v + int64_t(key0) * p.v_stride_r, p.v_stride_r,
-                             w.seq.len_k - key0, tid);
-      mbar_arrive_on_cp_async(sm.v_full(pos.slot));
-      pos.advance();
-      ++tiles_loaded;
-    }
-  }
-  mma::cp_async_wait_all();  // leave no copy in flight behind an exited thread
-}
 
 // S = Q K^T for this warpgroup's 64 rows over one key tile: D / 16 wgmma k-steps.
 template <typename T, typename Tr>
@@ -264,8 +94,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   const BlockBits no_bits;
   const PingPong turns{(flags & kFlagPingPong) != 0, wg};
   // The cp.async writes (generic proxy) of a slot are ordered before this thread's wgmma reads of it (async
-  // proxy), as the PTX memory model asks; CUTLASS's cp.async + GMMA mainloops go without (A/B switch).
-  const bool with_proxy_fence = (flags & kFlagProxyFence) != 0;
+  // proxy), as the PTX memory model asks; CUTLASS's cp.async + GMMA mainloops go without (A/B switch). TMA
+  // writes through the async proxy, and the TMA producer fences its own cp.async fallback tiles.
+  const bool with_proxy_fence = (flags & kFlagProxyFence) != 0 && (flags & kFlagTma) == 0;
+  // O is rescaled only when some row of the warp raised its max (alpha != 1): skipping a product by exactly 1
+  // changes no bit, and deep in a long row the max rarely moves.
+  const bool lazy_rescale = (flags & kFlagLazyRescale) != 0;
+  const bool never = (flags & kFlagNever) != 0;
   auto proxy_fence = [&]() {
     if (with_proxy_fence) fence_proxy_async();
   };
@@ -279,7 +114,9 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   RingPos<Tr::STAGES> cur;
   int q_phase = 0;
 
-  for (int64_t idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+  for (int it = 0;; ++it) {
+    const int64_t idx = sm.fetch_item(it);
+    if (idx >= num_items) break;
     KeyTileWalker<BN> walker;
     const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
     if (w.kind == WorkItem::kSkip) continue;
@@ -400,12 +237,15 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       if (n_next < 0) release(sm.q_empty());
       float alpha[2];
       softmax_tile(n, alpha);
+      schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
       wgmma_wait<0>();  // P V done: O and the P fragments are free again
       fence_regs(acc_o);
       fence_regs(p_frag);
       release(sm.v_empty(prev.slot));
+      if (!lazy_rescale || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
+        for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
+      }
       pack_p();
       prev = cur;
       cur.advance();
@@ -446,12 +286,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 
 #endif  // ELASTIC_SM90A_ENABLED
 
-// grid.x CTAs walk the work items idx = blockIdx.x, blockIdx.x + gridDim.x, ... (one each when grid.x is the
-// item count; a persistent grid of one CTA per SM overlaps an item's epilogue with the next item's loads).
+// grid.x CTAs walk the work items (a fixed stride, or taking the next one from `counter` with kFlagDynamic;
+// one each when grid.x is the item count; a persistent grid of one CTA per SM overlaps an item's epilogue
+// with the next item's loads). `maps` is read only with kFlagTma.
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-    attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p, int num_q_tiles, int64_t num_items,
-                              unsigned flags) {
+    attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p, const __grid_constant__ TmaMaps maps,
+                              int num_q_tiles, int64_t num_items, unsigned flags, unsigned long long* counter) {
 #if defined(ELASTIC_SM90A_ENABLED)
   constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN;
   extern __shared__ unsigned char smem_raw[];
@@ -466,21 +307,31 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
   sm.k = base + Tr::Q_BYTES;
   sm.v = sm.k + Tr::STAGES * Tr::KV_BYTES;
   sm.bar = sm.v + Tr::STAGES * Tr::KV_BYTES;
+  sm.items = sm.bar + Tr::NUM_BARRIERS * 8;
+  const bool tma = (flags & kFlagTma) != 0;
   if (threadIdx.x == 0) {
-    mbar_init(sm.q_full(), Tr::WG_THREADS);
+    // Full barriers: one expect-tx arrival per tile (TMA), or one arrival per producer thread (cp.async).
+    const int fills = tma ? 1 : Tr::WG_THREADS;
+    mbar_init(sm.q_full(), fills);
     mbar_init(sm.q_empty(), Tr::CONSUMER_WGS * 4);
     for (int s = 0; s < Tr::STAGES; ++s) {
-      mbar_init(sm.k_full(s), Tr::WG_THREADS);
-      mbar_init(sm.v_full(s), Tr::WG_THREADS);
+      mbar_init(sm.k_full(s), fills);
+      mbar_init(sm.v_full(s), fills);
       mbar_init(sm.k_empty(s), Tr::CONSUMER_WGS * 4);
       mbar_init(sm.v_empty(s), Tr::CONSUMER_WGS * 4);
     }
+    // Item slots: read by the consumer warps and by producer warps 1-3 when they copy (cp.async).
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(sm.item_full(s), 1);
+      mbar_init(sm.item_empty(s), Tr::CONSUMER_WGS * 4 + (tma ? 0 : 3));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine too
   }
   __syncthreads();
 
   if (threadIdx.x < Tr::WG_THREADS) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::PRODUCER_REGS));
-    fwd_producer<T, Tr>(p, sm, sQ, sK, sV, num_q_tiles, num_items);
+    fwd_producer<T, Tr>(p, maps, sm, sQ, sK, sV, num_q_tiles, num_items, flags, counter);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
     fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, flags);

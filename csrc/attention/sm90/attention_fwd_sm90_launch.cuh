@@ -1,13 +1,16 @@
-// Launch template of the Hopper forward kernel (instantiated in attention_fwd_sm90_hdim*.cu), and the
-// check that the loaded binary of the current device really holds its sm_90a body.
+// Launch template of the Hopper forward kernel (instantiated in attention_fwd_sm90_hdim*.cu), the check that
+// the loaded binary of the current device really holds its sm_90a body, and the tensor maps of its TMA
+// producer.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "attention/attention_launch.h"
 #include "attention/sm90/attention_fwd_sm90_kernel.cuh"
@@ -15,9 +18,77 @@
 namespace elastic {
 namespace sm90 {
 
-// Two K/V slots at head_dim 128 (Q 32 KiB + 2 x 64 KiB), three at 64 (Q 16 KiB + 3 x 32 KiB).
+// K/V ring depth: head_dim 128 holds Q 32 KiB + 3 x (K + V) 64 KiB = 224 KiB (2 with ELASTIC_SM90_STAGES=2);
+// head_dim 64 holds Q 16 KiB + 3 x 32 KiB.
+template <typename T, int D, int STAGES = 3>
+using FwdSm90Config = FwdSm90Traits<T, D, STAGES>;
+
+// Tuning switches, read per call (for A/B timing; all default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
+// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
+// ELASTIC_SM90_PROXY_FENCE=0 drops the generic-to-async proxy fence after each K/V wait (cp.async producer
+// only), ELASTIC_SM90_TMA=0 forces the cp.async producer, ELASTIC_SM90_DYNAMIC=0 walks the items with a fixed
+// stride instead of a global counter, ELASTIC_SM90_LAZY_RESCALE=0 rescales O after every key tile.
+// ELASTIC_SM90_VERBOSE=1 says on stderr why a tensor map was not built.
+inline bool switch_on(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+inline bool switch_set(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
+// Tensor maps of q, k and v with 128-row boxes (dense [B, S, H, D]; varlen [1, tokens, H, D]); false when one
+// of them cannot be built (the kernel then copies with cp.async).
 template <typename T, int D>
-using FwdSm90Config = FwdSm90Traits<T, D, D == 64 ? 3 : 2>;
+bool build_tma_maps(const AttentionFwdParams& p, TmaMaps& maps) {
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t batch = varlen ? 1 : p.batch;
+  const char* why = sm90_host::encode_rows_map(&maps.q, p.q, bf16, D, p.rows_q, p.heads_q, batch, p.q_stride_r,
+                                               p.q_stride_h, p.q_stride_b, 128);
+  const char* which = "q";
+  if (why == nullptr) {
+    which = "k";
+    why = sm90_host::encode_rows_map(&maps.k, p.k, bf16, D, p.rows_k, p.heads_kv, batch, p.k_stride_r, p.k_stride_h,
+                                     p.k_stride_b, 128);
+  }
+  if (why == nullptr) {
+    which = "v";
+    why = sm90_host::encode_rows_map(&maps.v, p.v, bf16, D, p.rows_k, p.heads_kv, batch, p.v_stride_r, p.v_stride_h,
+                                     p.v_stride_b, 128);
+  }
+  if (why != nullptr && switch_set("ELASTIC_SM90_VERBOSE", "1"))
+    std::fprintf(stderr, "elastic sm90: no tensor map for %s (%s): cp.async producer\n", which, why);
+  return why == nullptr;
+}
+
+template <typename T, typename Tr>
+void launch_config(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
+                   unsigned long long* counter) {
+  static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
+  auto kernel = attention_fwd_sm90_kernel<T, Tr>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
+  const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
+  int64_t grid = std::min<int64_t>(num_items, INT_MAX);  // CTAs stride over the items: any count is covered
+  if (switch_on("ELASTIC_SM90_PERSISTENT")) {
+    int dev = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
+  }
+  TmaMaps maps;
+  std::memset(&maps, 0, sizeof(maps));
+  unsigned flags = 0;
+  if (switch_on("ELASTIC_SM90_PINGPONG")) flags |= kFlagPingPong;
+  if (switch_on("ELASTIC_SM90_PROXY_FENCE")) flags |= kFlagProxyFence;
+  if (switch_on("ELASTIC_SM90_TMA") && build_tma_maps<T, Tr::D>(p, maps)) flags |= kFlagTma;
+  if (switch_on("ELASTIC_SM90_DYNAMIC") && counter != nullptr) flags |= kFlagDynamic;
+  if (switch_on("ELASTIC_SM90_LAZY_RESCALE")) flags |= kFlagLazyRescale;
+  kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p, maps, num_q_tiles_max, num_items,
+                                                                                 flags, counter);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace sm90
 
@@ -46,34 +117,18 @@ bool attention_fwd_sm90_available() {
   return ok;
 }
 
-// Tuning switches, read per call (for A/B timing; all default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
-// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
-// ELASTIC_SM90_PROXY_FENCE=0 drops the generic-to-async proxy fence after each K/V wait.
-inline bool sm90_switch_on(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
+// counter: a zeroed device word for the dynamic item hand-out (nullptr: fixed stride).
 template <typename T, int D>
-void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream) {
-  using Tr = sm90::FwdSm90Config<T, D>;
-  static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
+void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
+                               unsigned long long* counter) {
   if (num_q_tiles_max <= 0 || p.batch == 0 || p.heads_q == 0) return;
-  auto kernel = sm90::attention_fwd_sm90_kernel<T, Tr>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
-  const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
-  int64_t grid = std::min<int64_t>(num_items, INT_MAX);  // CTAs stride over the items: any count is covered
-  if (sm90_switch_on("ELASTIC_SM90_PERSISTENT")) {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
+  if constexpr (D == 128) {  // the 2-stage instance is compiled in its own unit (attention_fwd_sm90_hdim128_s2.cu)
+    if (sm90::switch_set("ELASTIC_SM90_STAGES", "2")) {
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 2>>(p, num_q_tiles_max, stream, counter);
+      return;
+    }
   }
-  kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(
-      p, num_q_tiles_max, num_items,
-      (sm90_switch_on("ELASTIC_SM90_PINGPONG") ? sm90::kFlagPingPong : 0u) |
-          (sm90_switch_on("ELASTIC_SM90_PROXY_FENCE") ? sm90::kFlagProxyFence : 0u));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter);
 }
 
 }  // namespace elastic

@@ -55,6 +55,14 @@ __device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
 }
 
 #if defined(ELASTIC_SM90A_ENABLED)
+// Ends the basic block here with a branch the compiler cannot resolve (`never` is false at run time) and that
+// reads `a` and `b`. ptxas schedules within blocks: it hoists a wgmma wait (WARPGROUP.DEPBAR) to the top of
+// its block and sinks arithmetic toward its uses, which puts the softmax behind O += P V instead of beside it.
+// Behind this fence the wait stays below, and whatever feeds a and b (the row sums: every exp) stays above.
+__device__ __forceinline__ void schedule_fence(bool never, float a, float b) {
+  if (never & (a == b)) asm volatile("nanosleep.u32 0;\n" ::: "memory");
+}
+
 #define ELASTIC_WGMMA_ACC32 \
     "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
