@@ -12,7 +12,8 @@
 #   wait     wait up to WAIT_S more for the detached training; print its progress
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
 #            (one call can do `train` with WAIT_S long enough, then `eval`)
-# Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, NPROC, WAIT_S,
+# Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, T_SEN, TRAIN_ARGS,
+# PROCS_PER_GPU (train and eval), NUM_WORKERS, NPROC, WAIT_S,
 # EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, ROUTERS (eval), DEMO_S, KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -66,12 +67,14 @@ train)
   cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
   export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
   NP=${NPROC:-$NGPU}
+  PPG=${PROCS_PER_GPU:-1}  # ranks per GPU (a rank is bound by its Python launch overhead; gloo when > 1)
   rm -rf $RUN
-  echo "training on $NP GPU(s): --steps ${STEPS:-300} --batch-size ${BATCH:-16} --router-lr ${ROUTER_LR:-5e-4} --lambda-lr ${LAMBDA_LR:-1e-3}"
+  ARGS="--steps ${STEPS:-300} --batch-size ${BATCH:-16} --router-lr ${ROUTER_LR:-5e-4} --lambda-lr ${LAMBDA_LR:-1e-3} --t-sen ${T_SEN:-0.7}"
+  echo "training on $NP GPU(s) x $PPG rank(s): $ARGS ${TRAIN_ARGS:-}"
+  # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( NP - 1 ))) setsid nohup python3 -m torch.distributed.run --standalone \
-    --nproc-per-node "$NP" -m elastic_cuda train-router --out $RUN --steps "${STEPS:-300}" --batch-size "${BATCH:-16}" \
-    --router-lr "${ROUTER_LR:-5e-4}" --lambda-lr "${LAMBDA_LR:-1e-3}" --num-workers 3 --no-progress \
-    > /root/train.log 2>&1 < /dev/null &
+    --nproc-per-node $(( NP * PPG )) -m elastic_cuda train-router --out $RUN $ARGS ${TRAIN_ARGS:-} \
+    --num-workers "${NUM_WORKERS:-3}" --no-progress > /root/train.log 2>&1 < /dev/null &
   echo $! > /root/train.pid
   if [[ "${KERNELS_ON_LAST_GPU:-0}" == 1 && $NP -lt $NGPU ]]; then
     # the kernel tests + benchmark on the GPU the training leaves free (same build; CPUs shared with the data
@@ -92,7 +95,8 @@ eval)
   [[ -f $ROUTERS/router_config.json ]] || { echo "no trained routers in $ROUTERS"; exit 3; }
   mkdir -p $RUN
   t1=$(date +%s)
-  timeout "${EVAL_S:-300}" python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" -m elastic_cuda eval \
+  timeout "${EVAL_S:-300}" python3 -m torch.distributed.run --standalone --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-1} )) \
+    -m elastic_cuda eval \
     --routers "$ROUTERS" --out $RUN/eval --samples-per-task "${EVAL_SAMPLES:-8}" --lengths "${EVAL_LENGTHS:-2048,4096,8192}" \
     --no-progress > "$OUT/eval.log" 2>&1
   echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"

@@ -98,7 +98,9 @@ def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        device = f"cuda:{local_rank}"
+        # more local ranks than GPUs share them round-robin (the 135M backbone leaves a GPU mostly idle: a rank
+        # is bound by its Python launch overhead, so 2-3 ranks per GPU train 2-3x faster)
+        device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     dev = torch.device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
@@ -117,9 +119,13 @@ class DistEnv:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            backend = "gloo"
             if device_type == "cuda":
-                torch.cuda.set_device(self.local_rank)
+                ngpu = torch.cuda.device_count()
+                torch.cuda.set_device(self.local_rank % ngpu)
+                # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors too (ours are a few MB)
+                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+                backend = "nccl" if local_world <= ngpu else "gloo"
             dist.init_process_group(backend=backend)
             self.owns_group = True
 
