@@ -7,6 +7,8 @@
   python benchmarks/router_probe.py simulate --train /tmp/keys_train.pt --eval /tmp/keys_eval.pt \
       --runs paper:5e-4 layer:5e-4 head:5e-4 head+bias:5e-4
   python benchmarks/router_probe.py grad-scale --count 16
+  python benchmarks/router_probe.py grad-scale --count 96 --save /tmp/lm_grads.pt    # ~1-2 min per sample on CPU
+  python benchmarks/router_probe.py simulate --train /tmp/lm_grads.pt --eval /tmp/keys_eval.pt --t-sen 0.4
 
 cache:        boundary-pooled pre-RoPE keys [L, Hkv, D] of training prompts (one prefill each).
 separability: held-out accuracy of a logistic probe (sensitive vs robust task) per (layer, KV head).
@@ -14,7 +16,10 @@ simulate:     regulariser-only router training on cached keys (the method's STE,
               loss), then the deterministic MSR per task category on the eval keys. Input variants: paper (raw),
               layer (standardised per layer over heads), head (per KV head, what RouterSet uses), +bias (per-head
               logit bias).
-grad-scale:   per-sample gradients of the answer LM loss and of the regulariser w.r.t. the straight-through z.
+              With --train from `grad-scale --save`, the LM loss joins as the linear term sum(dLM/dz . z) per sample
+              (first order around the fresh routers' routing; --lm-scale 0 turns it off).
+grad-scale:   per-sample gradients of the answer LM loss and of the regulariser w.r.t. the straight-through z;
+              --save also stores each sample's pooled keys and dLM/dz for `simulate`.
 """
 from __future__ import annotations
 
@@ -107,7 +112,8 @@ def _logits(ps, x, head_bias):  # x [B, L, H, D] -> [B, L, H, 2]
     return h + head_bias if head_bias is not None else h
 
 
-def simulate_one(X, T, Xe, Te, variant, lr, steps, batch, t_sen, lambda_lr, seed):
+def simulate_one(X, T, Xe, Te, variant, lr, steps, batch, t_sen, lambda_lr, seed, G=None):
+    """G (optional, [N, L, H]): each training sample's dLM/dz, making the LM loss a linear term G . z."""
     N, L, H, D = X.shape
     if variant.startswith("layer"):
         mean, std = X.mean(dim=(0, 2))[:, None], X.std(dim=(0, 2))[:, None]
@@ -137,6 +143,8 @@ def simulate_one(X, T, Xe, Te, variant, lr, steps, batch, t_sen, lambda_lr, seed
         t = T[idx]
         target = torch.where(_robust(t), 1.0, t_sen)
         reg = (torch.tensor(task_weights(t.tolist())) * sample_regulariser(msr, target, lam[0, t], lam[1, t])).sum()
+        if G is not None:
+            reg = reg + (G[idx] * z).sum() / batch
         opt.zero_grad()
         reg.backward()
         torch.nn.utils.clip_grad_norm_(ps + [lam] + ([bias] if bias is not None else []), 5.0)
@@ -151,11 +159,13 @@ def simulate_one(X, T, Xe, Te, variant, lr, steps, batch, t_sen, lambda_lr, seed
 
 def simulate(args):
     tr, ev = torch.load(args.train), torch.load(args.eval or args.train)
+    G = tr["g_lm"] * args.lm_scale if "g_lm" in tr and args.lm_scale else None
     for spec in args.runs:
         variant, lr = spec.split(":")
         sen, rob = simulate_one(tr["feats"], tr["tasks"], ev["feats"], ev["tasks"], variant, float(lr), args.steps,
-                                args.batch, args.t_sen, args.lambda_lr, args.seed)
-        print(f"{variant:10s} lr {lr:7s} {args.steps} steps x {args.batch}: eval MSR sensitive {sen:.3f} "
+                                args.batch, args.t_sen, args.lambda_lr, args.seed, G)
+        print(f"{variant:10s} lr {lr:7s} {args.steps} steps x {args.batch} t_sen {args.t_sen} lambda lr "
+              f"{args.lambda_lr:g} lm x{args.lm_scale if G is not None else 0:g}: eval MSR sensitive {sen:.3f} "
               f"robust {rob:.3f} gap {rob - sen:+.3f}", flush=True)
 
 
@@ -167,9 +177,19 @@ def grad_scale(args):
                       progress=False, calibration_samples=16, save_every=0)
     trainer = RouterTrainer(cfg)
     trainer.state.tau = 1.0
+    mcfg = trainer.model.config
+    L, H = mcfg.num_hidden_layers, mcfg.num_key_value_heads
+    D = mcfg.hidden_size // mcfg.num_attention_heads
+    caught = [None] * L
+    for li, layer in enumerate(trainer.model.model.layers):
+        # keep the first call of each sample (the prompt prefill), not the answer continuation
+        layer.self_attn.k_proj.register_forward_hook(
+            lambda m, a, out, li=li: caught.__setitem__(li, out.detach()) if caught[li] is None else None)
     by_cat = {"sensitive": [], "robust": []}
+    saved = {"feats": [], "tasks": [], "g_lm": []}
     for i in range(args.count):
         s = trainer.dataset[i]
+        caught[:] = [None] * L
         ids, mask = torch.tensor(s.input_ids), torch.tensor(s.loss_mask)
         lm = masked_lm_loss(prompt_then_answer_logits(trainer.model, ids, s.prompt_len, logits_needed(mask)), ids, mask)
         zs = trainer.state._z
@@ -180,6 +200,11 @@ def grad_scale(args):
         g_lm = torch.stack(torch.autograd.grad(lm, zs, retain_graph=True), 1)[0]
         g_reg = torch.stack(torch.autograd.grad(reg, zs), 1)[0]
         by_cat[TASK_CATEGORY[s.task]].append(g_lm)
+        if args.save:  # the prompt's pooled keys (first k_proj call = the prompt prefill) and dLM/dz [L, H]
+            saved["feats"].append(torch.stack([boundary_pool(c.reshape(1, -1, H, D), n_first=100,
+                                                             n_last=100)[0] for c in caught]))
+            saved["tasks"].append(ti)
+            saved["g_lm"].append(g_lm.detach().reshape(L, H).float())
         print(f"{s.task:20s} {len(ids):5d} tokens: |dLM/dz| mean {g_lm.abs().mean():.2e} max {g_lm.abs().max():.2e}, "
               f"mean dLM/dz {g_lm.mean():+.2e}; |dReg/dz| {g_reg.abs().mean():.2e}", flush=True)
     for cat, gs in by_cat.items():
@@ -187,6 +212,9 @@ def grad_scale(args):
             g = torch.stack(gs)
             print(f"{cat}: mean dLM/dz {g.mean():+.2e}; per-head |mean| / std over samples "
                   f"{(g.mean(0).abs() / (g.std(0) + 1e-12)).mean():.2f}")
+    if args.save:
+        torch.save({k: torch.stack(v) if k != "tasks" else torch.tensor(v) for k, v in saved.items()}, args.save)
+        print(f"saved {len(saved['tasks'])} samples to {args.save}")
     trainer.close()
 
 
@@ -209,10 +237,13 @@ def main():
     m.add_argument("--t-sen", type=float, default=0.7)
     m.add_argument("--lambda-lr", type=float, default=1e-3)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--lm-scale", type=float, default=1.0,
+                   help="weight of the linearised LM term when --train holds g_lm (grad-scale --save); 0: off")
     g = sub.add_parser("grad-scale")
     g.add_argument("--count", type=int, default=16)
     g.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     g.add_argument("--workdir", default="/tmp/router_probe_grad")
+    g.add_argument("--save", default=None, help="save pooled keys, tasks and dLM/dz per sample (simulate --lm-grads)")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     {"cache": cache, "separability": separability, "simulate": simulate, "grad-scale": grad_scale}[args.cmd](args)
