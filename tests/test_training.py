@@ -144,6 +144,28 @@ def test_smoke_training_cpu(tmp_path):
         assert torch.equal(v, trainer.routers.state_dict()[k].cpu())
 
 
+def test_init_routers_fine_tunes_from_trained_routers(tmp_path):
+    from elastic_cuda.router import RouterSet
+
+    base = TrainConfig(out=str(tmp_path / "base"), steps=1, batch_size=2, tasks=SHORT_TASKS, **TINY)
+    base_trainer = RouterTrainer(base)
+    base_trainer.run()
+    base_trainer.close()
+    trained = os.path.join(base.out, "routers")
+    ft = TrainConfig(out=str(tmp_path / "ft"), steps=1, batch_size=2, tasks=SHORT_TASKS, init_routers=trained, **TINY)
+    trainer = RouterTrainer(ft)
+    loaded = RouterSet.load(trained).state_dict()
+    # starts exactly at the trained weights and their input standardisation (no re-calibration)
+    for k, v in trainer.routers.state_dict().items():
+        assert torch.equal(v.cpu(), loaded[k]), k
+    record = trainer.run()
+    trainer.close()
+    assert math.isfinite(record["loss"])
+    with pytest.raises(ValueError, match="window"):
+        RouterTrainer(TrainConfig(out=str(tmp_path / "bad"), steps=1, batch_size=2, tasks=SHORT_TASKS,
+                                  init_routers=trained, **{**TINY, "window": 32}))
+
+
 @pytest.mark.parametrize("paper_router", [True, False], ids=["paper_router", "standardised_router"])
 @pytest.mark.parametrize("tasks,t_sen,expect", [(("code_continuation", "copy_local"), 0.7, "up"),
                                                 (("passkey", "fact_qa"), 0.0, "down")])

@@ -40,7 +40,8 @@ def _train(args):
     cfg = TrainConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
-                      save_every=args.save_every, resume=args.resume, num_workers=args.num_workers,
+                      save_every=args.save_every, resume=args.resume, init_routers=args.init_routers,
+                      num_workers=args.num_workers,
                       tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
                       standardize_input=not args.paper_router, head_bias=not args.paper_router,
                       calibration_samples=args.calibration_samples, progress=not args.no_progress)
@@ -86,6 +87,9 @@ def register(subparsers) -> None:
                    help="train prompts measured for the router input standardisation before step 1")
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the latest under --out")
+    t.add_argument("--init-routers", default=None,
+                   help="fine-tune from a RouterSet dir (e.g. the shipped routers): its weights and input "
+                        "standardisation, fresh lambdas and optimizer; settings must match")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
     _common(t)
     t.set_defaults(func=_train)

@@ -79,6 +79,7 @@ class TrainConfig:
     save_every: int = 50
     num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
     resume: str | None = None
+    init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation; fresh lambdas)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time slices
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -196,6 +197,20 @@ def _checkpoint_dirs(out: str) -> list[str]:
                   if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "state.pt")))
 
 
+def _load_init_routers(config: TrainConfig, model):
+    """The RouterSet to fine-tune from; its routing settings must be the ones this run trains with."""
+    from ..router import RouterSet
+
+    routers = RouterSet.load(config.init_routers, model=model)
+    rc = routers.config
+    bad = [f"{k}: routers {rc.get(k)!r} vs run {getattr(config, k)!r}"
+           for k in ("sink", "window", "sparse_mode", "standardize_input", "head_bias") if rc.get(k) != getattr(config, k)]
+    if bad:
+        raise ValueError(f"init_routers: {config.init_routers} was trained with other settings ({'; '.join(bad)}); "
+                         "train with the same sink / window / sparse mode / router architecture")
+    return routers
+
+
 class RouterTrainer:
     """Builds everything from a TrainConfig; `run()` trains and returns the final step's log record."""
 
@@ -215,9 +230,13 @@ class RouterTrainer:
         self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
         self.model.requires_grad_(False)
         torch.manual_seed(config.seed)  # identical router init on every rank (and broadcast below, to be sure)
-        self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
-                                           sparse_mode=config.sparse_mode, standardize_input=config.standardize_input,
-                                           head_bias=config.head_bias).to(self.device, torch.float32)
+        if config.init_routers:
+            self.routers = _load_init_routers(config, self.model).to(self.device, torch.float32)
+        else:
+            self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
+                                               sparse_mode=config.sparse_mode,
+                                               standardize_input=config.standardize_input,
+                                               head_bias=config.head_bias).to(self.device, torch.float32)
         self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
                             sink=config.sink, window=config.window)
         self.state.train_mix = True
@@ -246,8 +265,8 @@ class RouterTrainer:
         self._seed_rank_rng()
         if config.resume:
             self.load_checkpoint(config.resume)
-        if config.standardize_input and self.step == 0:
-            self.calibrate_router_inputs()
+        if config.standardize_input and self.step == 0 and not config.init_routers:
+            self.calibrate_router_inputs()  # (init_routers brings its own: the weights were trained on it)
 
     # ------------------------------------------------------------------ router input standardisation
     def calibrate_router_inputs(self):
