@@ -4,6 +4,7 @@
 
 #include "attention/attention_bwd_kernel.cuh"
 #include "attention/attention_launch.h"
+#include "attention/check_msg.h"
 
 namespace elastic {
 
@@ -11,8 +12,8 @@ template <typename T, int D>
 void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream) {
   using Tr = BwdTraits<T, D>;
   if (p.batch == 0 || p.heads_q == 0) return;
-  TORCH_CHECK(p.batch <= 65535, "elastic.attention_backward: batch ", p.batch,
-              " too large for the CUDA grid (at most 65535)");
+  ELASTIC_CHECK(p.batch <= 65535, "elastic.attention_backward: batch ", p.batch,
+                " too large for the CUDA grid (at most 65535)");
 
   if (max_seqlen_q > 0) {
     const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
@@ -28,7 +29,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
     }
     const int num_k_tiles = (max_seqlen_k + Tr::BN - 1) / Tr::BN;
-    TORCH_CHECK(p.heads_kv <= 65535, "elastic.attention_backward: too many KV heads for the CUDA grid");
+    ELASTIC_CHECK(p.heads_kv <= 65535, "elastic.attention_backward: too many KV heads for the CUDA grid");
     const dim3 grid(num_k_tiles, p.heads_kv, p.batch);
     kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -101,8 +101,8 @@ struct KeyTile {
 // ----------------------------------------------------------------------------- argument checks
 void check_cpu_dtype(const Tensor& q) {
   const auto t = q.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
-              "elastic.attention: q/k/v dtype on CPU must be float32, float64 or bfloat16, got ", t);
+  ELASTIC_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+                "elastic.attention: q/k/v dtype on CPU must be float32, float64 or bfloat16, got ", t);
 }
 
 std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optional<Tensor>& cu_seqlens_q,
@@ -115,27 +115,27 @@ std::vector<Sequence> make_sequences(const AttentionShape& s, const c10::optiona
   const Tensor cq = cu_seqlens_q->contiguous(), ck = cu_seqlens_k->contiguous();
   const int32_t* a = cq.data_ptr<int32_t>();
   const int32_t* c = ck.data_ptr<int32_t>();
-  TORCH_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
-              a[0], " and ", c[0]);
+  ELASTIC_CHECK(a[0] >= 0 && c[0] >= 0, "elastic.attention: cu_seqlens_q and cu_seqlens_k must start at >= 0, got ",
+                a[0], " and ", c[0]);
   for (int64_t b = 0; b < s.batch; ++b) {  // order first, so lengths below are meaningful
-    TORCH_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
-                "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
-    TORCH_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
-                "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
+    ELASTIC_CHECK(a[b + 1] >= a[b], "elastic.attention: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b,
+                  "] = ", a[b], " > cu_seqlens_q[", b + 1, "] = ", a[b + 1]);
+    ELASTIC_CHECK(c[b + 1] >= c[b], "elastic.attention: cu_seqlens_k must be non-decreasing, got cu_seqlens_k[", b,
+                  "] = ", c[b], " > cu_seqlens_k[", b + 1, "] = ", c[b + 1]);
   }
-  TORCH_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
-              " tokens of q");
-  TORCH_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
-              " tokens of k/v");
+  ELASTIC_CHECK(a[s.batch] <= total_q, "elastic.attention: cu_seqlens_q[-1] = ", a[s.batch], " exceeds the ", total_q,
+                " tokens of q");
+  ELASTIC_CHECK(c[s.batch] <= total_k, "elastic.attention: cu_seqlens_k[-1] = ", c[s.batch], " exceeds the ", total_k,
+                " tokens of k/v");
   for (int64_t b = 0; b < s.batch; ++b) {
     seqs[b] = {a[b], a[b + 1] - a[b], c[b], c[b + 1] - c[b]};
-    TORCH_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
-                " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
-                "positions of their sequence, so Sq must not exceed Skv");
-    TORCH_CHECK(seqs[b].q_len <= s.seqlen_q, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
-                " queries, more than max_seqlen_q = ", s.seqlen_q);
-    TORCH_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
-                " keys, more than max_seqlen_k = ", s.seqlen_k);
+    ELASTIC_CHECK(seqs[b].q_len <= seqs[b].k_len, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
+                  " queries but ", seqs[b].k_len, " keys (cu_seqlens_q / cu_seqlens_k); queries are the last Sq ",
+                  "positions of their sequence, so Sq must not exceed Skv");
+    ELASTIC_CHECK(seqs[b].q_len <= s.seqlen_q, "elastic.attention: sequence ", b, " has ", seqs[b].q_len,
+                  " queries, more than max_seqlen_q = ", s.seqlen_q);
+    ELASTIC_CHECK(seqs[b].k_len <= s.seqlen_k, "elastic.attention: sequence ", b, " has ", seqs[b].k_len,
+                  " keys, more than max_seqlen_k = ", s.seqlen_k);
   }
   return seqs;
 }
@@ -147,7 +147,7 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   Problem p;
   p.shape = check_attention_args(q, k, v, head_mode, sink, window, block_mask, block_size, scale, cu_seqlens_q,
                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  TORCH_CHECK(q.device().is_cpu(), "elastic.attention: the CPU kernel got q on ", q.device());
+  ELASTIC_CHECK(q.device().is_cpu(), "elastic.attention: the CPU kernel got q on ", q.device());
   check_cpu_dtype(q);
   check_head_mode_values_cpu(head_mode, block_mask.has_value());
   p.total_q = p.shape.varlen ? q.size(0) : p.shape.batch * p.shape.seqlen_q;
@@ -500,23 +500,23 @@ void check_backward_tensors(const Problem& p, const Tensor& grad_out, const c10:
   const auto& s = p.shape;
   const std::vector<int64_t> lse_shape =
       s.varlen ? std::vector<int64_t>{s.heads_q, p.total_q} : std::vector<int64_t>{s.batch, s.heads_q, s.seqlen_q};
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "elastic.attention_backward: grad_out must have the shape of q ",
-              q.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == q.sizes(), "elastic.attention_backward: out must have the shape of q ", q.sizes(),
-              ", got ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "elastic.attention_backward: lse must have shape ",
-              at::IntArrayRef(lse_shape), s.varlen ? " [Hq, Tq]" : " [B, Hq, Sq]", ", got ", lse.sizes());
+  ELASTIC_CHECK(grad_out.sizes() == q.sizes(), "elastic.attention_backward: grad_out must have the shape of q ",
+                q.sizes(), ", got ", grad_out.sizes());
+  ELASTIC_CHECK(out.sizes() == q.sizes(), "elastic.attention_backward: out must have the shape of q ", q.sizes(),
+                ", got ", out.sizes());
+  ELASTIC_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "elastic.attention_backward: lse must have shape ",
+                at::IntArrayRef(lse_shape), s.varlen ? " [Hq, Tq]" : " [B, Hq, Sq]", ", got ", lse.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}, {"lse", &lse}}) {
-    TORCH_CHECK(t->device() == q.device(), "elastic.attention_backward: ", name, " must be on the device of q (",
-                q.device(), "), got ", t->device());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "elastic.attention_backward: ", name,
-                " must be a floating tensor, got ", t->scalar_type());
+    ELASTIC_CHECK(t->device() == q.device(), "elastic.attention_backward: ", name, " must be on the device of q (",
+                  q.device(), "), got ", t->device());
+    ELASTIC_CHECK(at::isFloatingType(t->scalar_type()), "elastic.attention_backward: ", name,
+                  " must be a floating tensor, got ", t->scalar_type());
   }
   if (grad_lse.has_value()) {
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "elastic.attention_backward: grad_lse must have the shape of lse ",
-                lse.sizes(), ", got ", grad_lse->sizes());
-    TORCH_CHECK(grad_lse->device() == q.device() && at::isFloatingType(grad_lse->scalar_type()),
-                "elastic.attention_backward: grad_lse must be a floating tensor on the device of q");
+    ELASTIC_CHECK(grad_lse->sizes() == lse.sizes(), "elastic.attention_backward: grad_lse must have the shape of lse ",
+                  lse.sizes(), ", got ", grad_lse->sizes());
+    ELASTIC_CHECK(grad_lse->device() == q.device() && at::isFloatingType(grad_lse->scalar_type()),
+                  "elastic.attention_backward: grad_lse must be a floating tensor on the device of q");
   }
 }
 

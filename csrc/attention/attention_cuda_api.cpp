@@ -29,9 +29,9 @@ bool aligned16(const at::Tensor& t) {
 at::Tensor rows_aligned(const at::Tensor& t) { return aligned16(t) ? t : t.contiguous(); }
 
 void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), "elastic.attention: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == device, "elastic.attention: ", name, " must be on the device of q (", device, "), got ",
-              t.device());
+  ELASTIC_CHECK(t.is_cuda(), "elastic.attention: ", name, " must be a CUDA tensor, got device ", t.device());
+  ELASTIC_CHECK(t.device() == device, "elastic.attention: ", name, " must be on the device of q (", device, "), got ",
+                t.device());
 }
 
 AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_mode,
@@ -50,16 +50,16 @@ AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (block_mask.has_value()) check_cuda_tensor(*block_mask, "block_mask", device);
   if (cu_seqlens_q.has_value()) check_cuda_tensor(*cu_seqlens_q, "cu_seqlens_q", device);
   if (cu_seqlens_k.has_value()) check_cuda_tensor(*cu_seqlens_k, "cu_seqlens_k", device);
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "elastic.attention: q/k/v dtype on CUDA must be float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(a.shape.head_dim == 64 || a.shape.head_dim == 128,
-              "elastic.attention: head_dim (q.shape[-1]) on CUDA must be 64 or 128, got ", a.shape.head_dim);
+  ELASTIC_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                "elastic.attention: q/k/v dtype on CUDA must be float16 or bfloat16, got ", q.scalar_type());
+  ELASTIC_CHECK(a.shape.head_dim == 64 || a.shape.head_dim == 128,
+                "elastic.attention: head_dim (q.shape[-1]) on CUDA must be 64 or 128, got ", a.shape.head_dim);
   // BLOCK heads skip whole key tiles, so a key tile must never straddle two mask blocks.
-  TORCH_CHECK(!block_mask.has_value() || block_size % kMaxBlockN == 0,
-              "elastic.attention: block_size must be a multiple of ", kMaxBlockN,
-              " on CUDA when block_mask is given, got ", block_size);
-  TORCH_CHECK(a.shape.seqlen_q < INT_MAX && a.shape.seqlen_k < INT_MAX,
-              "elastic.attention: sequence lengths must be below 2^31 on CUDA");
+  ELASTIC_CHECK(!block_mask.has_value() || block_size % kMaxBlockN == 0,
+                "elastic.attention: block_size must be a multiple of ", kMaxBlockN,
+                " on CUDA when block_mask is given, got ", block_size);
+  ELASTIC_CHECK(a.shape.seqlen_q < INT_MAX && a.shape.seqlen_k < INT_MAX,
+                "elastic.attention: sequence lengths must be below 2^31 on CUDA");
   a.q = rows_aligned(q);
   a.k = rows_aligned(k);
   a.v = rows_aligned(v);
@@ -98,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const bool grouped = strat == "grouped" || strat == "grouped_cudnn" ||
                        (strat == "auto" && prefer_grouped_strategy(a.shape, fused_forward_uses_sm90(a)));
   if (grouped) {
-    TORCH_CHECK(!a.shape.varlen, "elastic.attention: strategy='", strat, "' needs the dense layout; use 'fused' ",
-                "(or 'auto') with cu_seqlens");
+    ELASTIC_CHECK(!a.shape.varlen, "elastic.attention: strategy='", strat, "' needs the dense layout; use 'fused' ",
+                  "(or 'auto') with cu_seqlens");
     attention_fwd_grouped_cuda(a, out, lse, /*dense_on_host_count=*/strat == "grouped_cudnn");
   } else {
     attention_fwd_fused_cuda(a, out, lse, /*skip_full_heads=*/false);
@@ -120,23 +120,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   check_cuda_tensor(grad_out, "grad_out", device);
   check_cuda_tensor(out, "out", device);
   check_cuda_tensor(lse, "lse", device);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
-              "elastic.attention_backward: grad_out must have the shape and dtype of q ", dims_str(q), " ",
-              q.scalar_type(), ", got ", c10::str(grad_out.sizes()), " ", grad_out.scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "elastic.attention_backward: out must have the shape and dtype of q ", dims_str(q), ", got ",
-              c10::str(out.sizes()), " ", out.scalar_type());
-  TORCH_CHECK(grad_out.stride(-1) == 1 && out.stride(-1) == 1,
-              "elastic.attention_backward: grad_out and out must be contiguous in the last dimension");
+  ELASTIC_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+                "elastic.attention_backward: grad_out must have the shape and dtype of q ", dims_str(q), " ",
+                q.scalar_type(), ", got ", dims_text(grad_out.sizes()), " ", grad_out.scalar_type());
+  ELASTIC_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+                "elastic.attention_backward: out must have the shape and dtype of q ", dims_str(q), ", got ",
+                dims_text(out.sizes()), " ", out.scalar_type());
+  ELASTIC_CHECK(grad_out.stride(-1) == 1 && out.stride(-1) == 1,
+                "elastic.attention_backward: grad_out and out must be contiguous in the last dimension");
   const std::vector<int64_t> lshape = lse_shape(a);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lshape),
-              "elastic.attention_backward: lse must be float32 of shape ", c10::IntArrayRef(lshape), ", got ",
-              lse.scalar_type(), " ", c10::str(lse.sizes()));
+  ELASTIC_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lshape),
+                "elastic.attention_backward: lse must be float32 of shape ", c10::IntArrayRef(lshape), ", got ",
+                lse.scalar_type(), " ", dims_text(lse.sizes()));
   at::Tensor g_lse;
   if (grad_lse.has_value() && grad_lse->defined()) {
     check_cuda_tensor(*grad_lse, "grad_lse", device);
-    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "elastic.attention_backward: grad_lse must have the shape of lse ",
-                c10::str(lse.sizes()), ", got ", c10::str(grad_lse->sizes()));
+    ELASTIC_CHECK(grad_lse->sizes() == lse.sizes(), "elastic.attention_backward: grad_lse must have the shape of lse ",
+                  dims_text(lse.sizes()), ", got ", dims_text(grad_lse->sizes()));
     g_lse = grad_lse->to(at::kFloat).contiguous();
   }
   const at::Tensor lse_c = lse.contiguous();

@@ -4,6 +4,7 @@
 
 #include "attention/attention_fwd_kernel.cuh"
 #include "attention/attention_launch.h"
+#include "attention/check_msg.h"
 
 namespace elastic {
 
@@ -18,9 +19,9 @@ void launch_attention_fwd_config(const AttentionFwdParams& p, int num_q_tiles_ma
   if (Tr::SMEM_BYTES > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
   }
-  TORCH_CHECK(num_q_tiles_max <= 65535, "elastic.attention: query length too long for the CUDA grid (",
-              num_q_tiles_max, " tiles of ", Tr::BM, " rows; at most 65535)");
-  TORCH_CHECK(p.batch <= 65535, "elastic.attention: batch ", p.batch, " too large for the CUDA grid (at most 65535)");
+  ELASTIC_CHECK(num_q_tiles_max <= 65535, "elastic.attention: query length too long for the CUDA grid (",
+                num_q_tiles_max, " tiles of ", Tr::BM, " rows; at most 65535)");
+  ELASTIC_CHECK(p.batch <= 65535, "elastic.attention: batch ", p.batch, " too large for the CUDA grid (at most 65535)");
   const dim3 grid(p.heads_q, p.batch, num_q_tiles_max);
   kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "attention/attention_cuda.h"
+#include "attention/check_msg.h"
 #include "attention/head_mode.h"
 #include "attention/strategy.h"
 
@@ -190,20 +191,20 @@ at::Tensor packable(const at::Tensor& t) {
 
 void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool dense_on_host_count) {
   const AttentionShape& s = a.shape;
-  TORCH_CHECK(!s.varlen, "elastic.attention: strategy='grouped' needs the dense layout; varlen runs 'fused'");
-  TORCH_CHECK(a.q.scalar_type() == at::kHalf || a.q.scalar_type() == at::kBFloat16,
-              "elastic.attention: strategy='grouped' needs fp16 or bf16 q/k/v, got ", a.q.scalar_type());
-  TORCH_CHECK(s.head_dim % 8 == 0 && s.head_dim <= 256,
-              "elastic.attention: strategy='grouped' needs head_dim a multiple of 8 and <= 256, got ", s.head_dim);
-  TORCH_CHECK(out.stride(3) == 1 && (out.stride(2) * out.element_size()) % 16 == 0 &&
-                  (out.stride(1) * out.element_size()) % 16 == 0 && (out.stride(0) * out.element_size()) % 16 == 0 &&
-                  aligned16(out),
-              "elastic.attention (grouped): out must have 16-byte aligned rows");
-  TORCH_CHECK(s.seqlen_q <= INT32_MAX / std::max<int64_t>(1, s.batch * s.heads_kv) &&
-                  s.seqlen_k <= INT32_MAX / std::max<int64_t>(1, s.batch * s.heads_kv),
-              "elastic.attention (grouped): B * Hkv * S must fit in int32 (cu_seqlens)");
-  TORCH_CHECK(s.batch * s.heads_kv <= 65535, "elastic.attention (grouped): B * Hkv must be <= 65535, got ",
-              s.batch * s.heads_kv);
+  ELASTIC_CHECK(!s.varlen, "elastic.attention: strategy='grouped' needs the dense layout; varlen runs 'fused'");
+  ELASTIC_CHECK(a.q.scalar_type() == at::kHalf || a.q.scalar_type() == at::kBFloat16,
+                "elastic.attention: strategy='grouped' needs fp16 or bf16 q/k/v, got ", a.q.scalar_type());
+  ELASTIC_CHECK(s.head_dim % 8 == 0 && s.head_dim <= 256,
+                "elastic.attention: strategy='grouped' needs head_dim a multiple of 8 and <= 256, got ", s.head_dim);
+  ELASTIC_CHECK(out.stride(3) == 1 && (out.stride(2) * out.element_size()) % 16 == 0 &&
+                    (out.stride(1) * out.element_size()) % 16 == 0 && (out.stride(0) * out.element_size()) % 16 == 0 &&
+                    aligned16(out),
+                "elastic.attention (grouped): out must have 16-byte aligned rows");
+  ELASTIC_CHECK(s.seqlen_q <= INT32_MAX / std::max<int64_t>(1, s.batch * s.heads_kv) &&
+                    s.seqlen_k <= INT32_MAX / std::max<int64_t>(1, s.batch * s.heads_kv),
+                "elastic.attention (grouped): B * Hkv * S must fit in int32 (cu_seqlens)");
+  ELASTIC_CHECK(s.batch * s.heads_kv <= 65535, "elastic.attention (grouped): B * Hkv must be <= 65535, got ",
+                s.batch * s.heads_kv);
   const c10::cuda::CUDAGuard guard(a.q.device());
   if (s.batch == 0 || s.seqlen_q == 0) return;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -278,7 +279,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
       at::Tensor l = std::get<1>(res);
       if (l.dim() == 4) l = l.squeeze(-1);  // [nf, G, S]
       lse_p = l;
-      TORCH_CHECK(out_p.stride(3) == 1, "elastic.attention (grouped, cuDNN): unexpected output layout");
+      ELASTIC_CHECK(out_p.stride(3) == 1, "elastic.attention (grouped, cuDNN): unexpected output layout");
       op_slot = out_p.stride(0) * es; op_head = out_p.stride(1) * es; op_tok = out_p.stride(2) * es;
       lp_slot = lse_p.stride(0); lp_head = lse_p.stride(1); lp_tok = lse_p.stride(2);
     }
@@ -287,9 +288,9 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
                                             /*return_debug_mask=*/false, c10::optional<double>(s.scale));
     out_p = std::get<0>(res);  // [n_pairs*Sq, G, D]
     lse_p = std::get<1>(res);  // [G, n_pairs*Sq] (FA2 varlen layout)
-    TORCH_CHECK(out_p.dim() == 3 && out_p.stride(2) == 1 && lse_p.dim() == 2 && lse_p.size(0) == G,
-                "elastic.attention (grouped): unexpected FlashAttention-2 varlen output layout, out ",
-                out_p.sizes(), " lse ", lse_p.sizes());
+    ELASTIC_CHECK(out_p.dim() == 3 && out_p.stride(2) == 1 && lse_p.dim() == 2 && lse_p.size(0) == G,
+                  "elastic.attention (grouped): unexpected FlashAttention-2 varlen output layout, out ",
+                  out_p.sizes(), " lse ", lse_p.sizes());
     op_tok = out_p.stride(0) * es; op_head = out_p.stride(1) * es; op_slot = Sq * op_tok;
     lp_head = lse_p.stride(0); lp_tok = lse_p.stride(1); lp_slot = Sq * lp_tok;
   }
@@ -299,9 +300,9 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
 
   // 5. scatter the FULL heads back
   if (out_p.defined()) {
-    TORCH_CHECK((op_slot % 16) == 0 && (op_tok % 16) == 0 && (op_head % 16) == 0 &&
-                    reinterpret_cast<uintptr_t>(out_p.data_ptr()) % 16 == 0,
-                "elastic.attention (grouped): packed output rows are not 16-byte aligned");
+    ELASTIC_CHECK((op_slot % 16) == 0 && (op_tok % 16) == 0 && (op_head % 16) == 0 &&
+                      reinterpret_cast<uintptr_t>(out_p.data_ptr()) % 16 == 0,
+                  "elastic.attention (grouped): packed output rows are not 16-byte aligned");
     ScatterParams p;
     p.out_p = static_cast<const char*>(out_p.data_ptr());
     p.op_slot = op_slot; p.op_tok = op_tok; p.op_head = op_head;

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "attention/check_msg.h"
+
 namespace elastic {
 
 struct PoolShape {
@@ -14,16 +16,16 @@ inline PoolShape check_boundary_pool_args(const at::Tensor& keys, int64_t n_firs
                                           const c10::optional<at::Tensor>& cu_seqlens) {
   PoolShape s;
   s.varlen = cu_seqlens.has_value();
-  TORCH_CHECK(keys.dim() == (s.varlen ? 3 : 4), "elastic.boundary_pool: keys must have shape ",
-              s.varlen ? "[T, Hkv, D] (with cu_seqlens)" : "[B, S, Hkv, D]", ", got ", keys.sizes());
-  TORCH_CHECK(n_first >= 0 && n_last >= 0 && n_first + n_last > 0,
-              "elastic.boundary_pool: n_first and n_last must be >= 0 and not both 0, got ", n_first, ", ", n_last);
-  TORCH_CHECK(at::isFloatingType(keys.scalar_type()), "elastic.boundary_pool: keys must be floating point, got ",
-              keys.scalar_type());
+  ELASTIC_CHECK(keys.dim() == (s.varlen ? 3 : 4), "elastic.boundary_pool: keys must have shape ",
+                s.varlen ? "[T, Hkv, D] (with cu_seqlens)" : "[B, S, Hkv, D]", ", got ", keys.sizes());
+  ELASTIC_CHECK(n_first >= 0 && n_last >= 0 && n_first + n_last > 0,
+                "elastic.boundary_pool: n_first and n_last must be >= 0 and not both 0, got ", n_first, ", ", n_last);
+  ELASTIC_CHECK(at::isFloatingType(keys.scalar_type()), "elastic.boundary_pool: keys must be floating point, got ",
+                keys.scalar_type());
   if (s.varlen) {
-    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2 && cu_seqlens->scalar_type() == at::kInt,
-                "elastic.boundary_pool: cu_seqlens must be int32 [B+1]");
-    TORCH_CHECK(cu_seqlens->device() == keys.device(), "elastic.boundary_pool: cu_seqlens must be on the device of keys");
+    ELASTIC_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2 && cu_seqlens->scalar_type() == at::kInt,
+                  "elastic.boundary_pool: cu_seqlens must be int32 [B+1]");
+    ELASTIC_CHECK(cu_seqlens->device() == keys.device(), "elastic.boundary_pool: cu_seqlens must be on the device of keys");
     s.batch = cu_seqlens->numel() - 1;
   } else {
     s.batch = keys.size(0);

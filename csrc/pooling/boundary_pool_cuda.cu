@@ -71,7 +71,7 @@ __global__ void boundary_pool_kernel(const scalar_t* __restrict__ keys, int64_t 
 at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Tensor>& cu_seqlens, int64_t n_first,
                               int64_t n_last) {
   const PoolShape s = check_boundary_pool_args(keys, n_first, n_last, cu_seqlens);
-  TORCH_CHECK(keys.is_cuda(), "elastic.boundary_pool: keys must be a CUDA tensor here");
+  ELASTIC_CHECK(keys.is_cuda(), "elastic.boundary_pool: keys must be a CUDA tensor here");
   const c10::cuda::CUDAGuard guard(keys.device());
   const auto acc_type = keys.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({s.batch, s.heads, s.dim}, keys.options().dtype(acc_type));
@@ -81,7 +81,7 @@ at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Te
   const int64_t stride_s = s.varlen ? keys.stride(0) : keys.stride(1);
   const int64_t dense_len = s.varlen ? 0 : keys.size(1);
   const int64_t total_tokens = s.varlen ? keys.size(0) : 0;
-  TORCH_CHECK(s.batch * s.heads <= std::numeric_limits<int32_t>::max(), "elastic.boundary_pool: B * Hkv too large");
+  ELASTIC_CHECK(s.batch * s.heads <= std::numeric_limits<int32_t>::max(), "elastic.boundary_pool: B * Hkv too large");
   const dim3 grid(static_cast<unsigned>(s.batch * s.heads), static_cast<unsigned>((s.dim + kDimLanes - 1) / kDimLanes));
   const dim3 block(kDimLanes, kTokenLanes);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
