@@ -16,6 +16,9 @@ STRATEGIES=${NCU_STRATEGIES:-fused,grouped}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # the driver runs from /tmp
 NCU=${NCU:-ncu}
+# Warp-state and scheduler sections say where the consumer warps stall (tensor pipe vs barriers vs MUFU).
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+  --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section InstructionStats"
 REPORT="$OUT_DIR/ncu_report.txt"
 DRIVER=$(mktemp /tmp/ncu_driver_XXXX.py)
 trap 'rm -f "$DRIVER"' EXIT
@@ -64,8 +67,7 @@ for strat in ${STRATEGIES//,/ }; do
   rep="$OUT_DIR/ncu_$strat"
   log="$OUT_DIR/ncu_$strat.log"
   $NCU --clock-control none --nvtx --nvtx-include "profile/" --target-processes all \
-       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-       --section ComputeWorkloadAnalysis -f -o "$rep" \
+       $SECTIONS -f -o "$rep" \
        $PY "$DRIVER" "$S" "$MSR" "$strat" > "$log" 2>&1 || { echo "ncu ($strat) failed: see $log" >> "$REPORT"; status=1; continue; }
   $NCU --import "$rep.ncu-rep" --csv --page details > "$rep.csv" 2>>"$log" || { echo "ncu import ($strat) failed" >> "$REPORT"; status=1; continue; }
   if [[ $(wc -l < "$rep.csv") -lt 2 ]]; then
@@ -74,8 +76,7 @@ for strat in ${STRATEGIES//,/ }; do
     echo "NVTX filter profiled no kernel; retrying with a kernel-name filter" >> "$REPORT"
     $NCU --clock-control none --target-processes all --kernel-name regex:"flash|elastic|attention|attn|gather|scatter|slot" \
          --launch-count 10 \
-         --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-         --section ComputeWorkloadAnalysis -f -o "$rep" \
+         $SECTIONS -f -o "$rep" \
          $PY "$DRIVER" "$S" "$MSR" "$strat" >> "$log" 2>&1 || { echo "ncu retry ($strat) failed" >> "$REPORT"; status=1; continue; }
     $NCU --import "$rep.ncu-rep" --csv --page details > "$rep.csv" 2>>"$log" || { status=1; continue; }
   fi
@@ -124,7 +125,7 @@ print(f"sum of kernel durations {total*1e3:.3f} ms -> {allf/total/1e12 if total 
 EOF
   {
     echo; echo "---- raw ncu details ($strat) ----"
-    $NCU --import "$rep.ncu-rep" --page details 2>&1 | head -400
+    $NCU --import "$rep.ncu-rep" --page details 2>&1 | head -700
   } >> "$REPORT"
 done
 echo "ncu report: $REPORT"
