@@ -115,10 +115,10 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   int q_phase = 0;
 
   for (int it = 0;; ++it) {
-    const int64_t idx = sm.fetch_item(it);
-    if (idx >= num_items) break;
+    const ItemRef item = sm.fetch_item(it);
+    if (item.idx >= num_items) break;
     KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
+    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
     if (w.kind == WorkItem::kSkip) continue;
     T* out = static_cast<T*>(p.out) + w.b * p.o_stride_b + int64_t(w.seq.q_start) * p.o_stride_r +
              w.h * p.o_stride_h;

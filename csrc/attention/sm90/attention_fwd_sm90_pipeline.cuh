@@ -36,7 +36,7 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   // Q full/empty; K, V full/empty per slot; work-item ring full/empty x 2.
   static constexpr int NUM_BARRIERS = 2 + 4 * STAGES + 4;
-  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 8;  // 1024: alignment
+  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16;  // 1024: alignment
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
   // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
@@ -48,6 +48,13 @@ struct FwdSm90Traits {
 };
 
 #if defined(ELASTIC_SM90A_ENABLED)
+
+// A work item as handed out: its linear index and its KV head's mode (read from global memory once, by the
+// producer, which runs ahead: the consumers start an item without waiting on that load).
+struct ItemRef {
+  int64_t idx;
+  int mode;
+};
 
 // Shared-memory addresses of the tiles, barriers and work-item slots of one CTA.
 template <typename Tr>
@@ -64,22 +71,27 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t item_full(int s) const { return bar + 8 * (2 + 4 * Tr::STAGES + s); }
   __device__ __forceinline__ uint32_t item_empty(int s) const { return bar + 8 * (4 + 4 * Tr::STAGES + s); }
 
-  // Producer thread 0: the index of the it-th work item of this CTA into slot it % 2.
-  __device__ __forceinline__ void publish_item(int it, int64_t idx) const {
+  // Producer thread 0: the it-th work item of this CTA (index and head mode) into slot it % 2.
+  __device__ __forceinline__ void publish_item(int it, const ItemRef& item) const {
     const int s = it & 1;
     if (it >= 2) mbar_wait(item_empty(s), ((it >> 1) & 1) ^ 1);
-    asm volatile("st.shared.s64 [%0], %1;\n" ::"r"(items + 8 * s), "l"(idx) : "memory");
-    mbar_arrive(item_full(s));  // release: the store above is visible to whoever waits on the phase
+    asm volatile("st.shared.s64 [%0], %1;\nst.shared.s32 [%0+8], %2;\n" ::"r"(items + 16 * s), "l"(item.idx),
+                 "r"(item.mode)
+                 : "memory");
+    mbar_arrive(item_full(s));  // release: the stores above are visible to whoever waits on the phase
   }
   // Every other warp (all lanes): read it, then one lane per warp hands the slot back.
-  __device__ __forceinline__ int64_t fetch_item(int it) const {
+  __device__ __forceinline__ ItemRef fetch_item(int it) const {
     const int s = it & 1;
     mbar_wait(item_full(s), (it >> 1) & 1);
-    int64_t idx;
-    asm volatile("ld.shared.s64 %0, [%1];\n" : "=l"(idx) : "r"(items + 8 * s) : "memory");
+    ItemRef item;
+    asm volatile("ld.shared.s64 %0, [%2];\nld.shared.s32 %1, [%2+8];\n"
+                 : "=l"(item.idx), "=r"(item.mode)
+                 : "r"(items + 16 * s)
+                 : "memory");
     __syncwarp();
     if (threadIdx.x % 32 == 0) mbar_arrive(item_empty(s));
-    return idx;
+    return item;
   }
 };
 
@@ -104,8 +116,9 @@ struct WorkItem {
 };
 
 template <int BM, int BN>
-__device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, int64_t idx, int num_q_tiles,
+__device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, const ItemRef& item, int num_q_tiles,
                                                 KeyTileWalker<BN>& walker) {
+  const int64_t idx = item.idx;
   WorkItem w;
   w.h = static_cast<int>(idx % p.heads_q);
   w.b = static_cast<int>((idx / p.heads_q) % p.batch);
@@ -115,7 +128,7 @@ __device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, int
   w.r0 = m_block * BM;
   w.kind = WorkItem::kSkip;
   if (w.r0 >= w.seq.len_q) return w;
-  w.mode = p.head_mode[w.b * p.head_mode_stride_b + w.kvh * p.head_mode_stride_h];
+  w.mode = item.mode;
   if (w.mode == kFull && p.skip_full_heads) return w;
   w.r_end = min(w.r0 + BM, w.seq.len_q);
   // BLOCK without a mask counts as invalid here (the host sends BLOCK work to the sm80 kernel).
@@ -175,14 +188,21 @@ struct ItemSource {
   unsigned long long* counter;  // nullptr: fixed stride
   int warp, lane;
   template <typename Layout>
-  __device__ __forceinline__ int64_t next(const Layout& sm, int it) const {
+  __device__ __forceinline__ ItemRef next(const AttentionFwdParams& p, const Layout& sm, int it,
+                                          int64_t num_items) const {
     if (warp != 0) return sm.fetch_item(it);
-    int64_t idx = 0;
+    ItemRef item{0, 0};
     if (lane == 0) {
-      idx = counter != nullptr ? static_cast<int64_t>(atomicAdd(counter, 1ull)) : blockIdx.x + int64_t(it) * gridDim.x;
-      sm.publish_item(it, idx);
+      item.idx = counter != nullptr ? static_cast<int64_t>(atomicAdd(counter, 1ull)) : blockIdx.x + int64_t(it) * gridDim.x;
+      if (item.idx < num_items) {
+        const int h = static_cast<int>(item.idx % p.heads_q), b = static_cast<int>((item.idx / p.heads_q) % p.batch);
+        item.mode = p.head_mode[b * p.head_mode_stride_b + (h / p.group) * p.head_mode_stride_h];
+      }
+      sm.publish_item(it, item);
     }
-    return __shfl_sync(0xffffffffu, idx, 0);
+    item.idx = __shfl_sync(0xffffffffu, item.idx, 0);
+    item.mode = __shfl_sync(0xffffffffu, item.mode, 0);
+    return item;
   }
 };
 
@@ -218,10 +238,10 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
   FillPos<Tr::STAGES> pos;
   int q_loads = 0;
   for (int it = 0;; ++it) {
-    const int64_t idx = src.next(sm, it);
-    if (idx >= num_items) break;
+    const ItemRef item = src.next(p, sm, it, num_items);
+    if (item.idx >= num_items) break;
     KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
+    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
     if (w.kind != WorkItem::kCompute) continue;
     const int len_k = w.seq.len_k;
     const int bt = varlen ? 0 : w.b;  // dense maps are [B, S, H, D] (rows past S read as zeros), varlen [1, T, H, D]
@@ -268,10 +288,10 @@ __device__ void fwd_producer_cp_async(const AttentionFwdParams& p, const SmemLay
   FillPos<Tr::STAGES> pos;
   int q_loads = 0;
   for (int it = 0;; ++it) {
-    const int64_t idx = src.next(sm, it);
-    if (idx >= num_items) break;
+    const ItemRef item = src.next(p, sm, it, num_items);
+    if (item.idx >= num_items) break;
     KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, idx, num_q_tiles, walker);
+    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
     if (w.kind != WorkItem::kCompute) continue;
     const int len_k = w.seq.len_k;
     const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b + int64_t(w.seq.q_start + w.r0) * p.q_stride_r +
