@@ -4,7 +4,7 @@
                                             float64 reference, per dtype / head dim / mode, for every VARIANT
                                             (the wgmma kernel with TMA or cp.async producer and each switch
                                             off, and the sm80 kernel), on the same fresh inputs
-  python benchmarks/sm90_check.py time      Llama shape (32 q / 8 kv heads, D 128, bf16), S 8K (B 2) and 32K (B 1),
+  python benchmarks/sm90_check.py time      Llama shape (32 q / 8 kv heads, D 128, bf16), S 4K, 8K (B 2), 32K,
                                             MSR 0 / 0.75 / 1: the timed variants vs cuDNN SDPA vs Flex; TFLOP/s
                                             counts the causal FLOPs of all heads (so at MSR > 0 it is an
                                             "effective" rate); env NO_FLEX=1 skips Flex, ROUNDS (default 3)
@@ -155,7 +155,7 @@ def time_section():
 
     rounds = int(os.environ.get("ROUNDS", "3"))
     rows = []
-    for S, B in ((8192, 2), (32768, 1)):
+    for S, B in ((4096, 1), (8192, 2), (32768, 1)):
         case = ba.Case("llama", B, S)
         flops = case.flops
         rep = 100 if S <= 8192 else 200
