@@ -41,7 +41,7 @@ def _train(args):
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, init_routers=args.init_routers,
-                      num_workers=args.num_workers,
+                      num_workers=args.num_workers, micro_batch=args.micro_batch,
                       tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
                       standardize_input=not args.paper_router, head_bias=not args.paper_router,
                       calibration_samples=args.calibration_samples, progress=not args.no_progress)
@@ -90,6 +90,9 @@ def register(subparsers) -> None:
     t.add_argument("--init-routers", default=None,
                    help="fine-tune from a RouterSet dir (e.g. the shipped routers): its weights and input "
                         "standardisation, fresh lambdas and optimizer; settings must match")
+    t.add_argument("--micro-batch", type=int, default=1,
+                   help="samples per forward on a rank (prompts left-padded, answers right-padded; same result as 1 "
+                        "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
     _common(t)
     t.set_defaults(func=_train)

@@ -9,13 +9,15 @@ all trainable parameters; Gumbel temperature from ``schedule.tau_at``.
 Routing sees the prompt only: each sample runs as a prefill of its prompt (routers decide there) and then its
 answer as a cached continuation that reuses the decision (``prompt_then_answer_logits``), exactly as at inference.
 
-Batching: one optimizer step = ``batch_size`` samples (global, over all ranks); every sample is its own
-forward with B = 1 (no padding, so the routers' boundary pooling sees exactly the sample, and lengths 1K-8K mix
-freely); gradients accumulate. The LM loss is the mean over samples of each sample's mean token CE (short and
+Batching: one optimizer step = ``batch_size`` samples (global, over all ranks); a rank runs its samples
+``micro_batch`` at a time (default 1: B = 1, no padding; more: prompts left-padded and answers right-padded with
+positions counted over real tokens, so each sample's logits and routing are its own - the routers pool only its
+valid keys - and lengths 1K-8K mix freely); gradients accumulate. The LM loss is the mean over samples of each sample's mean token CE (short and
 long samples weigh the same); the regulariser is the per-task mean then the mean over tasks of the global batch,
 realised as fixed per-sample weights (``losses.task_weights``), so the summed gradient is exact.
 
-Distributed (torchrun): RANK / WORLD_SIZE / LOCAL_RANK from the environment, NCCL on CUDA, gloo on CPU. Rank r
+Distributed (torchrun): RANK / WORLD_SIZE / LOCAL_RANK from the environment, NCCL on CUDA (gloo when ranks share
+GPUs), gloo on CPU. Rank r
 takes samples r, r + W, ... of each global batch; router and lambda gradients are all-reduced (sum) before
 clipping, so every rank applies the same update to bit-identical parameters (initialised from one seed and
 broadcast from rank 0). Gumbel noise is seeded per rank.
@@ -78,6 +80,7 @@ class TrainConfig:
     tau_schedule: str = "code"
     save_every: int = 50
     num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
+    micro_batch: int = 1           # samples per forward on a rank (padded; fewer launches per sample)
     resume: str | None = None
     init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation; fresh lambdas)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time slices
@@ -87,6 +90,8 @@ class TrainConfig:
     def validate(self):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be > 0, got {self.steps}, {self.batch_size}")
+        if self.micro_batch <= 0:
+            raise ValueError(f"micro_batch must be > 0, got {self.micro_batch}")
         if self.standardize_input and self.calibration_samples < 2:
             raise ValueError(f"calibration_samples must be >= 2 with standardize_input, got {self.calibration_samples}")
         if not 0.0 <= self.t_sen <= 1.0:
@@ -168,6 +173,48 @@ def prompt_then_answer_logits(model, ids: torch.Tensor, prompt_len: int, keep: i
     cont = model(input_ids=ids[None, prompt_len:], past_key_values=out.past_key_values, use_cache=True)
     logits = torch.cat([out.logits[0], cont.logits[0]], dim=0)
     return logits[-keep:] if keep < logits.shape[0] else logits
+
+
+def prompt_then_answer_logits_batch(model, seqs: list, prompt_lens: list, keeps: list) -> list:
+    """prompt_then_answer_logits for several sequences in one prefill + one continuation: prompts left-padded
+    (2D mask, positions counted over real tokens, so every sample sees exactly its own unpadded computation and
+    the routers pool only its own keys), answers right-padded (a pad after the last answer token is seen by no
+    real position: causal). seqs: int64 [T_b] on one device. Returns the per-sample logits [keep_b, V]."""
+    B = len(seqs)
+    if not B == len(prompt_lens) == len(keeps):
+        raise ValueError(f"seqs, prompt_lens and keeps must have one entry per sample, got {B}, {len(prompt_lens)}, "
+                         f"{len(keeps)}")
+    lens = [int(x.shape[0]) for x in seqs]
+    for T, P, K in zip(lens, prompt_lens, keeps):
+        if not 0 < P < T or not 0 < K <= T:
+            raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={P}, "
+                             f"keep={K}, len={T}")
+    if B == 1:
+        return [prompt_then_answer_logits(model, seqs[0], prompt_lens[0], keeps[0])]
+    dev = seqs[0].device
+    P_max = max(prompt_lens)
+    answers = [T - P for T, P in zip(lens, prompt_lens)]
+    A_max = max(answers)
+    ids_p = torch.zeros(B, P_max, dtype=torch.long, device=dev)
+    mask_p = torch.zeros(B, P_max, dtype=torch.long, device=dev)
+    ids_a = torch.zeros(B, A_max, dtype=torch.long, device=dev)
+    for b, (x, P, A) in enumerate(zip(seqs, prompt_lens, answers)):
+        ids_p[b, P_max - P:] = x[:P]
+        mask_p[b, P_max - P:] = 1
+        ids_a[b, :A] = x[P:]
+    pos_p = (mask_p.cumsum(1) - 1).clamp_min(0)
+    pos_a = torch.tensor(prompt_lens, device=dev)[:, None] + torch.arange(A_max, device=dev)[None]
+    keep_prompt = max(max(1, K - A) for K, A in zip(keeps, answers))
+    out = model(input_ids=ids_p, attention_mask=mask_p, position_ids=pos_p, use_cache=True,
+                logits_to_keep=keep_prompt)
+    mask_all = torch.cat([mask_p, torch.ones(B, A_max, dtype=torch.long, device=dev)], dim=1)
+    cont = model(input_ids=ids_a, attention_mask=mask_all, position_ids=pos_a,
+                 past_key_values=out.past_key_values, use_cache=True)
+    result = []
+    for b, (K, A) in enumerate(zip(keeps, answers)):
+        logits = torch.cat([out.logits[b], cont.logits[b, :A]], dim=0)
+        result.append(logits[-K:])
+    return result
 
 
 def _first(batch):
@@ -381,27 +428,37 @@ class RouterTrainer:
         # sums over this rank's samples: [lm, reg, tokens, count per task, msr per task, lm per task]
         stats = torch.zeros(3 + 3 * n_tasks, dtype=torch.float64)
         self.optimizer.zero_grad(set_to_none=True)
-        for j in range(env.rank, cfg.batch_size, env.world):
-            sample = next(samples)
-            if sample.task != tasks[j]:
-                raise RuntimeError(f"data order broken: sample for index {indices[j]} is {sample.task}, "
-                                   f"expected {tasks[j]}")
-            ids = torch.tensor(sample.input_ids, dtype=torch.long, device=self.device)
-            mask = torch.tensor(sample.loss_mask, dtype=torch.long, device=self.device)
+        mine = list(range(env.rank, cfg.batch_size, env.world))
+        for c in range(0, len(mine), cfg.micro_batch):
+            chunk = mine[c: c + cfg.micro_batch]
+            batch = []
+            for j in chunk:
+                sample = next(samples)
+                if sample.task != tasks[j]:
+                    raise RuntimeError(f"data order broken: sample for index {indices[j]} is {sample.task}, "
+                                       f"expected {tasks[j]}")
+                ids = torch.tensor(sample.input_ids, dtype=torch.long, device=self.device)
+                mask = torch.tensor(sample.loss_mask, dtype=torch.long, device=self.device)
+                batch.append((j, sample, ids, mask))
             with self._autocast():
-                logits = prompt_then_answer_logits(self.model, ids, sample.prompt_len, logits_needed(mask))
-            lm = masked_lm_loss(logits, ids, mask)
-            msr = msr_from_z(self.state.last_z)[0]
-            ti = TASKS.index(sample.task)
-            target = 1.0 if TASK_CATEGORY[sample.task] == "robust" else cfg.t_sen
-            reg = sample_regulariser(msr, target, self.lambdas[0, ti], self.lambdas[1, ti])
-            (lm / cfg.batch_size + weights[j] * reg).backward()
-            stats[0] += lm.item() / cfg.batch_size
-            stats[1] += weights[j] * reg.item()
-            stats[2] += len(sample.input_ids)
-            stats[3 + ti] += 1
-            stats[3 + n_tasks + ti] += msr.item()
-            stats[3 + 2 * n_tasks + ti] += lm.item()
+                logits = prompt_then_answer_logits_batch(self.model, [b[2] for b in batch],
+                                                         [b[1].prompt_len for b in batch],
+                                                         [logits_needed(b[3]) for b in batch])
+            msrs = msr_from_z(self.state.last_z)
+            loss = 0.0
+            for (j, sample, ids, mask), lg, msr in zip(batch, logits, msrs):
+                lm = masked_lm_loss(lg, ids, mask)
+                ti = TASKS.index(sample.task)
+                target = 1.0 if TASK_CATEGORY[sample.task] == "robust" else cfg.t_sen
+                reg = sample_regulariser(msr, target, self.lambdas[0, ti], self.lambdas[1, ti])
+                loss = loss + lm / cfg.batch_size + weights[j] * reg
+                stats[0] += lm.item() / cfg.batch_size
+                stats[1] += weights[j] * reg.item()
+                stats[2] += len(sample.input_ids)
+                stats[3 + ti] += 1
+                stats[3 + n_tasks + ti] += msr.item()
+                stats[3 + 2 * n_tasks + ti] += lm.item()
+            loss.backward()
         params = self.router_params + [self.lambdas]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in params])
