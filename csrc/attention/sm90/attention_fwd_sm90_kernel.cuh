@@ -34,15 +34,15 @@ namespace sm90 {
 
 // S = Q K^T for this warpgroup's 64 rows over one key tile: D / 16 wgmma k-steps.
 template <typename T, typename Tr>
-__device__ __forceinline__ void issue_qk(float (&acc_s)[Tr::BN / 2], uint32_t q_rows, uint32_t k_tile) {
+__device__ __forceinline__ void issue_qk(float (&acc_s)[Tr::BN / 2], const SmemDesc& q_desc, uint32_t k_tile) {
+  const SmemDesc k_desc = smem_desc_b128_split(k_tile, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < Tr::D / 16; ++kk) {
     // Column block kk / 4 (ROWS 128-byte rows each), then the 32-byte k-step inside the swizzled row; the
     // hardware applies the XOR swizzle to the final address, so a start offset inside the atom is legal.
     const uint32_t step = (kk % 4) * 32u;
-    const uint64_t da = smem_desc_b128(q_rows + (kk / 4) * (Tr::BM * 128u) + step, 16, 1024);
-    const uint64_t db = smem_desc_b128(k_tile + (kk / 4) * (Tr::BN * 128u) + step, 16, 1024);
-    wgmma_ss_n128<T>(acc_s, da, db, kk > 0);
+    wgmma_ss_n128<T>(acc_s, q_desc.at((kk / 4) * (Tr::BM * 128u) + step),
+                     k_desc.at((kk / 4) * (Tr::BN * 128u) + step), kk > 0);
   }
 }
 
@@ -50,11 +50,11 @@ __device__ __forceinline__ void issue_qk(float (&acc_s)[Tr::BN / 2], uint32_t q_
 template <typename T, typename Tr>
 __device__ __forceinline__ void issue_pv(float (&acc_o)[Tr::D / 2], const uint32_t (&p_frag)[Tr::BN / 16][4],
                                          uint32_t v_tile) {
+  const SmemDesc v_desc = smem_desc_b128_split(v_tile, Tr::BN * 128u, 1024);
 #pragma unroll
   for (int kk = 0; kk < Tr::BN / 16; ++kk) {
-    const uint64_t db = smem_desc_b128(v_tile + kk * 16 * 128u, Tr::BN * 128u, 1024);
-    if constexpr (Tr::D == 128) wgmma_rs_n128_mn<T>(acc_o, p_frag[kk], db);
-    else wgmma_rs_n64_mn<T>(acc_o, p_frag[kk], db);
+    if constexpr (Tr::D == 128) wgmma_rs_n128_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
+    else wgmma_rs_n64_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
   }
 }
 
@@ -86,11 +86,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
                              int64_t num_items, unsigned flags) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
   using Op = mma::MmaOp<T>;
-  const int wg = threadIdx.x / Tr::WG_THREADS - 1;  // consumer warpgroup: rows [64 wg, 64 wg + 64)
+  // Consumer warpgroup: rows [64 wg, 64 wg + 64); read through a shuffle so the compiler sees a warp-uniform
+  // value and keeps the Q descriptor in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / Tr::WG_THREADS) - 1, 0);
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int row_in_tile = 64 * wg + 16 * warp + g;  // and row_in_tile + 8
-  const uint32_t q_rows = sm.q + wg * 64 * 128;
+  const SmemDesc q_desc = smem_desc_b128_split(sm.q + wg * 64 * 128, 16, 1024);
   const BlockBits no_bits;
   const PingPong turns{(flags & kFlagPingPong) != 0, wg};
   // The cp.async writes (generic proxy) of a slot are ordered before this thread's wgmma reads of it (async
@@ -200,7 +202,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     mbar_wait(sm.k_full(cur.slot), cur.phase);
     proxy_fence();
     wgmma_fence();
-    issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
+    issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
     wgmma_commit();
     turns.pass_turn();
     wgmma_wait<0>();
@@ -226,7 +228,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       fence_regs(acc_o);
       fence_regs(p_frag);
       wgmma_fence();
-      issue_qk<T, Tr>(acc_s, q_rows, sm.k_slot(cur.slot));
+      issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
       wgmma_commit();
       issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
       wgmma_commit();

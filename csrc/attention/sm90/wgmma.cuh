@@ -33,6 +33,20 @@ __device__ __forceinline__ uint64_t smem_desc_b128(uint32_t smem_addr, uint32_t 
   return desc;
 }
 
+// The same descriptor kept as two 32-bit halves, so that addressing a k-step inside the tile is one 32-bit add:
+// the start-address field (addr >> 4, bits 0-13) cannot carry into the next field for shared addresses below
+// 256 KiB, hence desc(addr + off) == desc(addr) + (off >> 4) for 16-byte multiples off.
+struct SmemDesc {
+  uint32_t lo, hi;
+  __device__ __forceinline__ uint64_t at(uint32_t byte_offset) const {
+    return (uint64_t(hi) << 32) | (lo + (byte_offset >> 4));
+  }
+};
+__device__ __forceinline__ SmemDesc smem_desc_b128_split(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+  const uint64_t d = smem_desc_b128(smem_addr, lbo, sbo);
+  return {static_cast<uint32_t>(d), static_cast<uint32_t>(d >> 32)};
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
