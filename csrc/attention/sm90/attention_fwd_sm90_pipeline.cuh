@@ -4,8 +4,9 @@
 //
 // Work items reach every warp through a 2-slot ring in shared memory: producer thread 0 picks the next item
 // index (a fixed stride over the grid, or a global atomic counter: items are numbered longest first, so
-// taking the next one whenever a CTA frees up balances the load like LPT scheduling), stores it and arrives
-// on the slot's "full" barrier; the other warps read it and hand the slot back on its "empty" barrier.
+// taking the next one whenever a CTA frees up balances the load like LPT scheduling), reads its head mode,
+// stores both and arrives on the slot's "full" barrier; the other warps read them and hand the slot back on
+// its "empty" barrier.
 //
 // Two producers, picked per launch (kFlagTma): one warp issuing TMA box loads (the tensor maps of
 // tma.cuh), or the whole warpgroup copying with cp.async (when no map can be built, or ELASTIC_SM90_TMA=0).
@@ -26,7 +27,7 @@ namespace sm90 {
 
 // Kernel flags (host switches, see attention_fwd_sm90_launch.cuh).
 constexpr unsigned kFlagPingPong = 1, kFlagProxyFence = 2, kFlagTma = 4, kFlagDynamic = 8, kFlagLazyRescale = 16;
-constexpr unsigned kFlagNever = 1u << 31;  // never set: a run-time false the compiler cannot fold (keep_alive)
+constexpr unsigned kFlagNever = 1u << 31;  // never set: a run-time false the compiler cannot fold (schedule_fence)
 
 template <typename T, int D_, int STAGES_>
 struct FwdSm90Traits {
@@ -36,7 +37,8 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   // Q full/empty; K, V full/empty per slot; work-item ring full/empty x 2.
   static constexpr int NUM_BARRIERS = 2 + 4 * STAGES + 4;
-  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16;  // 1024: alignment
+  // 1024: alignment slack; 2 x 16: the work-item slots
+  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16;
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
   // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
@@ -193,9 +195,11 @@ struct ItemSource {
     if (warp != 0) return sm.fetch_item(it);
     ItemRef item{0, 0};
     if (lane == 0) {
-      item.idx = counter != nullptr ? static_cast<int64_t>(atomicAdd(counter, 1ull)) : blockIdx.x + int64_t(it) * gridDim.x;
+      item.idx = counter != nullptr ? static_cast<int64_t>(atomicAdd(counter, 1ull))
+                                    : blockIdx.x + int64_t(it) * gridDim.x;
       if (item.idx < num_items) {
-        const int h = static_cast<int>(item.idx % p.heads_q), b = static_cast<int>((item.idx / p.heads_q) % p.batch);
+        const int h = static_cast<int>(item.idx % p.heads_q);
+        const int b = static_cast<int>((item.idx / p.heads_q) % p.batch);
         item.mode = p.head_mode[b * p.head_mode_stride_b + (h / p.group) * p.head_mode_stride_h];
       }
       sm.publish_item(it, item);
