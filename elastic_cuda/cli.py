@@ -30,6 +30,8 @@ def _add_demo(subparsers):
     p.add_argument("--routers", help="directory of a RouterSet (router_config.json + routers.safetensors)")
     p.add_argument("--policy", choices=("router", "fixed", "all_full", "all_sparse"), default=None,
                    help=_POLICY_HELP)
+    p.add_argument("--sparsity-shift", type=float, default=0.0,
+                   help="router budget knob at inference: > 0 routes more heads sparse, < 0 fewer (default 0)")
     p.add_argument("--sink", type=int, default=None,
                    help="STREAM sink tokens (default: the routers' setting, else 64 for SmolLM2)")
     p.add_argument("--window", type=int, default=None,

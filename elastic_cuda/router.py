@@ -48,6 +48,18 @@ class RouterOutput:
     gumbel_u: torch.Tensor | None = None
 
 
+def _sparsity_shift(shift, batch: int, device) -> torch.Tensor | float:
+    """A float, or the [B, 1] column of a per-request tensor [B] (broadcast over the KV heads)."""
+    if isinstance(shift, torch.Tensor):
+        if shift.dim() != 1 or shift.shape[0] != batch or not shift.is_floating_point():
+            raise ValueError(f"sparsity_shift must be a float or a float tensor [B={batch}] (one per request), got "
+                             f"{shift.dtype} {tuple(shift.shape)}")
+        return shift.to(device=device, dtype=torch.float32)[:, None]
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift != shift:
+        raise ValueError(f"sparsity_shift must be a float or a float tensor [B], got {shift!r}")
+    return float(shift)
+
+
 class AttentionRouter(nn.Module):
     """Router of one decoder layer, shared by its KV heads (the weights do not depend on Hkv)."""
 
@@ -145,13 +157,17 @@ class AttentionRouter(nn.Module):
         return logits + self.head_bias if self.use_head_bias else logits
 
     def forward(self, keys: torch.Tensor, tau: float = 1.0, cu_seqlens: torch.Tensor | None = None,
-                sparse_mode: int = STREAM, gumbel_u: torch.Tensor | None = None) -> RouterOutput:
+                sparse_mode: int = STREAM, gumbel_u: torch.Tensor | None = None,
+                sparsity_shift: float | torch.Tensor = 0.0) -> RouterOutput:
         """Route every (sample, KV head). sparse_mode: the head mode written where z == 0.
-        gumbel_u (training only): reuse this uniform noise instead of drawing new (activation recomputation)."""
+        gumbel_u (training only): reuse this uniform noise instead of drawing new (activation recomputation).
+        sparsity_shift (inference only): a head goes FULL iff logit_full - logit_sparse > shift; > 0 routes more
+        heads sparse, < 0 fewer, 0 is the trained decision. A float, or a tensor [B] (one budget per request)."""
         if sparse_mode not in (STREAM, BLOCK):
             raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
                              f"got {sparse_mode!r}")
         logits = self.logits(keys, cu_seqlens)
+        shift = _sparsity_shift(sparsity_shift, logits.shape[0], logits.device)
         if self.training:
             if not (isinstance(tau, (int, float)) and tau > 0):
                 raise ValueError(f"AttentionRouter: tau must be a positive number, got {tau!r}")
@@ -168,7 +184,7 @@ class AttentionRouter(nn.Module):
             z = (hard + (probs - probs.detach()))[..., 1]
         else:
             gumbel_u = None
-            z = (logits[..., 1] > logits[..., 0]).to(logits.dtype)
+            z = (logits[..., 1] - logits[..., 0] > shift).to(logits.dtype)
         head_mode = torch.where(z.detach() > 0.5, torch.full_like(z, FULL), torch.full_like(z, sparse_mode))
         return RouterOutput(logits=logits, z=z, head_mode=head_mode.to(torch.int32), gumbel_u=gumbel_u)
 

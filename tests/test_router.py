@@ -107,6 +107,33 @@ def test_eval_is_deterministic_argmax():
     assert a.gumbel_u is None
 
 
+def test_sparsity_shift_moves_the_threshold_per_request():
+    """FULL iff logit_full - logit_sparse > shift: 0 is the trained argmax, +inf-like all sparse, -inf-like all FULL,
+    a tensor [B] applies to its row only; training (Gumbel) ignores it."""
+    torch.manual_seed(5)
+    router = AttentionRouter(16).eval()
+    with torch.no_grad():
+        for m in router.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.5)
+    keys = _keys(B=4, H=8)
+    base = router(keys)
+    margin = (base.logits[..., 1] - base.logits[..., 0]).detach()
+    assert torch.equal(router(keys, sparsity_shift=0.0).z, base.z)
+    assert not bool(router(keys, sparsity_shift=float(margin.max()) + 1).z.any())
+    assert bool(router(keys, sparsity_shift=float(margin.min()) - 1).z.all())
+    mid = float(margin.median())
+    assert torch.equal(router(keys, sparsity_shift=mid).z.bool(), margin > mid)
+    per_row = torch.tensor([0.0, 1e4, -1e4, mid])
+    z = router(keys, sparsity_shift=per_row).z
+    assert torch.equal(z[0], base.z[0]) and not bool(z[1].any()) and bool(z[2].all())
+    assert torch.equal(z[3].bool(), margin[3] > mid)
+    assert float(z.mean()) != float(base.z.mean())  # the shift changed the budget
+    for bad in (torch.zeros(3), torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), "0.5", float("nan")):
+        with pytest.raises(ValueError, match="sparsity_shift"):
+            router(keys, sparsity_shift=bad)
+
+
 def test_varlen_pooling_matches_padded_per_sample():
     torch.manual_seed(4)
     router = AttentionRouter(16).eval()

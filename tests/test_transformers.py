@@ -208,6 +208,33 @@ def test_router_policy_gives_one_mode_per_sample_layer_head(kind):
     assert torch.equal(state.last_head_mode[0], modes[1])
 
 
+def test_sparsity_shift_trades_msr_per_request():
+    """The inference budget knob: MSR is monotone in the shift, a per-request tensor [B] shifts each sample's
+    routing as if it ran alone with that shift, and the state's value can change between requests."""
+    model = make_model("llama", layers=3)
+    routers = decisive(RouterSet.for_model(model))
+    ids = _ids(3, 33, seed=6)
+    state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
+    msr = []
+    with torch.no_grad():
+        for shift in (-50.0, -0.5, 0.0, 0.5, 50.0):
+            state.sparsity_shift = shift
+            model(ids)
+            msr.append(state.metrics()["msr"])
+        assert msr[0] == 0.0 and msr[-1] == 1.0 and msr == sorted(msr), msr
+        shifts = torch.tensor([0.5, -0.5, 0.0])
+        enable(model, routers, policy="router", sink=SINK, window=WINDOW, sparsity_shift=shifts)
+        model(ids)
+        batched = model.elastic_state.last_head_mode.clone()
+        for b in range(3):
+            model.elastic_state.sparsity_shift = float(shifts[b])
+            model(ids[b:b + 1])
+            assert torch.equal(model.elastic_state.last_head_mode[0], batched[b]), b
+    with pytest.raises(ValueError, match="sparsity_shift"):
+        enable(model, routers, policy="router", sparsity_shift="more")
+    disable(model)
+
+
 @pytest.mark.parametrize("n_q,n_k,sink,window", [(33, 33, 3, 8), (1, 40, 3, 8), (5, 40, 0, 4), (7, 7, 10, 2),
                                                  (12, 30, 4, 0), (30, 30, 50, 50)])
 def test_pair_counts_match_reference_masks(n_q, n_k, sink, window):

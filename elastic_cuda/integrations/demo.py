@@ -168,9 +168,12 @@ def run_demo(args, log=print):
     if policy == "router":
         # sink/window None: the routers' own settings (they were trained with them).
         elastic_kw["routers"] = RouterSet.load(routers_dir, model=model, map_location=device)
+        elastic_kw["sparsity_shift"] = getattr(args, "sparsity_shift", 0.0)
     elif policy == "fixed":
         elastic_kw["fixed_table"] = duo_style_fixed_table(L, Hkv)
     policy_label = f"elastic {policy}" + (f" ({routers_dir})" if policy == "router" else "")
+    if policy == "router" and elastic_kw["sparsity_shift"]:
+        policy_label += f" shift {elastic_kw['sparsity_shift']:+g}"
 
     pk_ids, key = passkey_prompt(tokenizer, args.context_tokens, rng)
     if args.prompt_file:

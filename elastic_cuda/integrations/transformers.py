@@ -41,6 +41,7 @@ class ElasticState:
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
         self.train_mix = False
         self.tau = 1.0
+        self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
         self.pre_rope_keys = [None] * num_layers        # filled by the k_proj / k_norm hooks
         self._reset_sequence()
         self._mask_cache = None
@@ -152,7 +153,8 @@ class ElasticState:
             if padding is not None:
                 keys, cu = padding.pack_keys(keys), padding.cu_seqlens_k
             reuse = self._gumbel_u[layer_idx] if recomputing else None
-            out = router(keys, tau=self.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse)
+            out = router(keys, tau=self.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
+                         sparsity_shift=0.0 if router.training else self.sparsity_shift)
             head_mode, z = out.head_mode, out.z
             if not recomputing:
                 self._gumbel_u[layer_idx] = out.gumbel_u
@@ -295,9 +297,11 @@ def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
 
 def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
            sink: int | None = None, window: int | None = None, block_size: int = 128, fixed_table=None,
-           strategy: str = "auto") -> ElasticState:
+           strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window default to the routers' config when routers are
     given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse.
+    sparsity_shift: the routers' inference budget knob (> 0 more heads sparse, < 0 fewer; a tensor [B] gives each
+    request its own); also settable later as state.sparsity_shift, between requests.
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -347,6 +351,13 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     register_attention()
     state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse_mode=sparse_mode, sink=sink,
                          window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers)
+    if isinstance(sparsity_shift, torch.Tensor):
+        if sparsity_shift.dim() != 1 or not sparsity_shift.is_floating_point():
+            raise ValueError(f"enable: sparsity_shift must be a float or a float tensor [B], got "
+                             f"{sparsity_shift.dtype} {tuple(sparsity_shift.shape)}")
+    elif isinstance(sparsity_shift, bool) or not isinstance(sparsity_shift, (int, float)):
+        raise ValueError(f"enable: sparsity_shift must be a float or a float tensor [B], got {sparsity_shift!r}")
+    state.sparsity_shift = sparsity_shift
     state._hooks = []
     for m in modules:
         target = m.k_norm if hasattr(m, "k_norm") else m.k_proj

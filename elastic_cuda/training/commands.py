@@ -60,7 +60,7 @@ def _eval(args):
                      samples_per_task=args.samples_per_task, max_new_tokens=args.max_new_tokens,
                      policies=tuple(args.policies.split(",")), sink=args.sink, window=args.window, seed=args.seed,
                      device=args.device, dtype=args.dtype, calibration_per_task=args.calibration_per_task,
-                     progress=not args.no_progress)
+                     sparsity_shift=args.sparsity_shift, progress=not args.no_progress)
     evaluate(cfg)
     return 0
 
@@ -104,6 +104,8 @@ def register(subparsers) -> None:
     e.add_argument("--samples-per-task", type=int, default=8, help="per task and length")
     e.add_argument("--calibration-per-task", type=int, default=2,
                    help="train-split prompts per task and length used to rank heads for the static policy")
+    e.add_argument("--sparsity-shift", type=float, default=0.0,
+                   help="elastic policy's inference budget knob (> 0 more heads sparse); static follows its MSR")
     e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (stops at end of turn)")
     e.add_argument("--policies", default="dense,elastic,static,all_sparse")
     e.add_argument("--report-from", default=None, metavar="EVAL_RESULTS_JSON",

@@ -52,6 +52,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
+    sparsity_shift: float = 0.0  # the elastic policy's inference budget knob (router.py); static follows its MSR
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -205,8 +206,9 @@ def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Te
 
 
 def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig):
+    shift = f", router sparsity shift {cfg.sparsity_shift:+g}" if cfg.sparsity_shift else ""
     lines = [f"# Router evaluation ({cfg.model}, lengths {list(cfg.lengths)}, {cfg.samples_per_task} samples "
-             f"per task and length)", "", "## Summary", "",
+             f"per task and length{shift})", "", "## Summary", "",
              "| policy | sensitive acc | robust loss | MSR sensitive | MSR robust | ESR sensitive | ESR robust |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
@@ -359,12 +361,12 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
     records, static_table, elastic_msr = [], None, None
     for pi, policy in enumerate(order):
         if policy == "elastic" or (policy == "static" and "elastic" not in order and elastic_msr is None):
-            enable(model, routers, policy="router", sink=sink, window=window)
+            enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             if policy == "static":  # no elastic pass requested: measure its MSR anyway for the budget
                 total = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for _, s in mine)
                 elastic_msr = _global_mean(total, len(mine), env, device)
         if policy == "static":
-            enable(model, routers, policy="router", sink=sink, window=window)
+            enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             L, H = model.elastic_state.num_layers, model.elastic_state.num_kv_heads
             full = torch.zeros(L * H + 1, dtype=torch.float64, device=device)  # last slot: sample count
             with torch.no_grad():
