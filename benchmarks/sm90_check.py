@@ -8,7 +8,8 @@
                                             MSR 0 / 0.75 / 1: the timed variants vs cuDNN SDPA vs Flex; TFLOP/s
                                             counts the causal FLOPs of all heads (so at MSR > 0 it is an
                                             "effective" rate); env NO_FLEX=1 skips Flex, ROUNDS (default 3)
-                                            round-robin repeats, VARIANTS=a,b picks the timed variants
+                                            round-robin repeats, VARIANTS=a,b picks the timed variants,
+                                            TIME_CASES=SxB,... and TIME_MSRS=a,b pick the shapes
   python benchmarks/sm90_check.py sanitize  small ragged cases on the sm90 path, for compute-sanitizer
 """
 from __future__ import annotations
@@ -155,14 +156,16 @@ def time_section():
 
     rounds = int(os.environ.get("ROUNDS", "3"))
     rows = []
-    for S, B in ((4096, 1), (8192, 2), (32768, 1)):
+    cases = [tuple(int(x) for x in c.split("x")) for c in os.environ.get("TIME_CASES", "4096x1,8192x2,32768x1").split(",")]
+    msrs = [float(x) for x in os.environ.get("TIME_MSRS", "0,0.75,1").split(",")]
+    for S, B in cases:
         case = ba.Case("llama", B, S)
         flops = case.flops
         rep = 100 if S <= 8192 else 200
-        for msr in (0.0, 0.75, 1.0):
+        for msr in msrs:
             hm = ba.routing(B, case.Hkv, msr, seed=11)
             fns = {}
-            if msr == 0.0:
+            if msr == msrs[0]:
                 fns["cudnn_dense"] = lambda: ba.sdpa(case.qt, case.kt, case.vt, ba.SDPBackend.CUDNN_ATTENTION)
             for v in (v for v in VARIANTS if v[-1]):
                 def run(v=v, f=ba.ours(case, hm, "fused")):
