@@ -12,9 +12,10 @@ answer as a cached continuation that reuses the decision (``prompt_then_answer_l
 Batching: one optimizer step = ``batch_size`` samples (global, over all ranks); a rank runs its samples
 ``micro_batch`` at a time (default 1: B = 1, no padding; more: prompts left-padded and answers right-padded with
 positions counted over real tokens, so each sample's logits and routing are its own - the routers pool only its
-valid keys - and lengths 1K-8K mix freely); gradients accumulate. The LM loss is the mean over samples of each sample's mean token CE (short and
-long samples weigh the same); the regulariser is the per-task mean then the mean over tasks of the global batch,
-realised as fixed per-sample weights (``losses.task_weights``), so the summed gradient is exact.
+valid keys - and lengths 1K-8K mix freely); gradients accumulate. The LM loss is the mean over samples of each
+sample's mean token CE (short and long samples weigh the same); the regulariser is the per-task mean then the mean
+over tasks of the global batch, realised as fixed per-sample weights (``losses.task_weights``), so the summed
+gradient is exact.
 
 Distributed (torchrun): RANK / WORLD_SIZE / LOCAL_RANK from the environment, NCCL on CUDA (gloo when ranks share
 GPUs), gloo on CPU. Rank r
@@ -250,8 +251,8 @@ def _load_init_routers(config: TrainConfig, model):
 
     routers = RouterSet.load(config.init_routers, model=model)
     rc = routers.config
-    bad = [f"{k}: routers {rc.get(k)!r} vs run {getattr(config, k)!r}"
-           for k in ("sink", "window", "sparse_mode", "standardize_input", "head_bias") if rc.get(k) != getattr(config, k)]
+    keys = ("sink", "window", "sparse_mode", "standardize_input", "head_bias")
+    bad = [f"{k}: routers {rc.get(k)!r} vs run {getattr(config, k)!r}" for k in keys if rc.get(k) != getattr(config, k)]
     if bad:
         raise ValueError(f"init_routers: {config.init_routers} was trained with other settings ({'; '.join(bad)}); "
                          "train with the same sink / window / sparse mode / router architecture")
