@@ -34,7 +34,7 @@ CONFIG_FILE = "router_config.json"
 SPARSE_MODES = {"stream": STREAM, "block": BLOCK}
 _GUMBEL_EPS = 1e-8
 
-__all__ = ["AttentionRouter", "RouterOutput", "RouterSet", "SPARSE_MODES", "model_router_geometry"]
+__all__ = ["AttentionRouter", "RouterOutput", "RouterSet", "SPARSE_MODES", "check_sparsity_shift", "model_router_geometry"]
 
 
 @dataclass
@@ -48,15 +48,22 @@ class RouterOutput:
     gumbel_u: torch.Tensor | None = None
 
 
+def check_sparsity_shift(shift, batch: int | None = None, where: str = ""):
+    """ValueError unless `shift` is a float (not NaN) or a 1-D float tensor [B] (of `batch` rows when given)."""
+    if isinstance(shift, torch.Tensor):
+        if shift.dim() != 1 or not shift.is_floating_point() or (batch is not None and shift.shape[0] != batch):
+            rows = "B" if batch is None else f"B={batch}"
+            raise ValueError(f"{where}sparsity_shift must be a float or a float tensor [{rows}] (one per request), "
+                             f"got {shift.dtype} {tuple(shift.shape)}")
+    elif isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift != shift:
+        raise ValueError(f"{where}sparsity_shift must be a float or a float tensor [B], got {shift!r}")
+
+
 def _sparsity_shift(shift, batch: int, device) -> torch.Tensor | float:
     """A float, or the [B, 1] column of a per-request tensor [B] (broadcast over the KV heads)."""
+    check_sparsity_shift(shift, batch)
     if isinstance(shift, torch.Tensor):
-        if shift.dim() != 1 or shift.shape[0] != batch or not shift.is_floating_point():
-            raise ValueError(f"sparsity_shift must be a float or a float tensor [B={batch}] (one per request), got "
-                             f"{shift.dtype} {tuple(shift.shape)}")
         return shift.to(device=device, dtype=torch.float32)[:, None]
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift != shift:
-        raise ValueError(f"sparsity_shift must be a float or a float tensor [B], got {shift!r}")
     return float(shift)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..attention import PaddingLayout, causal_pairs, hybrid_attention, train_mix_attention, visible_pairs
 from ..ops import FULL
-from ..router import SPARSE_MODES, RouterSet, model_router_geometry
+from ..router import SPARSE_MODES, RouterSet, check_sparsity_shift, model_router_geometry
 
 ATTN_IMPLEMENTATION = "elastic"
 POLICIES = ("router", "fixed", "all_full", "all_sparse")
@@ -351,12 +351,7 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     register_attention()
     state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse_mode=sparse_mode, sink=sink,
                          window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers)
-    if isinstance(sparsity_shift, torch.Tensor):
-        if sparsity_shift.dim() != 1 or not sparsity_shift.is_floating_point():
-            raise ValueError(f"enable: sparsity_shift must be a float or a float tensor [B], got "
-                             f"{sparsity_shift.dtype} {tuple(sparsity_shift.shape)}")
-    elif isinstance(sparsity_shift, bool) or not isinstance(sparsity_shift, (int, float)):
-        raise ValueError(f"enable: sparsity_shift must be a float or a float tensor [B], got {sparsity_shift!r}")
+    check_sparsity_shift(sparsity_shift, where="enable: ")
     state.sparsity_shift = sparsity_shift
     state._hooks = []
     for m in modules:

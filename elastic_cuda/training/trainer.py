@@ -159,15 +159,19 @@ class DistEnv:
             dist.destroy_process_group()
 
 
+def _check_prompt_keep(T: int, prompt_len: int, keep: int):
+    if not 0 < prompt_len < T or not 0 < keep <= T:
+        raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={prompt_len}, "
+                         f"keep={keep}, len={T}")
+
+
 def prompt_then_answer_logits(model, ids: torch.Tensor, prompt_len: int, keep: int) -> torch.Tensor:
     """Logits [keep, V] for the last `keep` positions of ids [T], computed as inference sees the sequence:
     a prefill of the prompt (where the routers decide, pooling the prompt's keys only, answer excluded) and then
     the answer tokens as a continuation over the KV cache, which reuses the prefill routing (and, in training,
     its straight-through z). One forward over prompt + answer would let the routers pool the answer's keys."""
     T = ids.shape[0]
-    if not 0 < prompt_len < T or not 0 < keep <= T:
-        raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={prompt_len}, "
-                         f"keep={keep}, len={T}")
+    _check_prompt_keep(T, prompt_len, keep)
     answer_len = T - prompt_len
     keep_prompt = max(1, keep - answer_len)  # the last prompt position always predicts the first answer token
     out = model(input_ids=ids[None, :prompt_len], use_cache=True, logits_to_keep=keep_prompt)
@@ -187,9 +191,7 @@ def prompt_then_answer_logits_batch(model, seqs: list, prompt_lens: list, keeps:
                          f"{len(keeps)}")
     lens = [int(x.shape[0]) for x in seqs]
     for T, P, K in zip(lens, prompt_lens, keeps):
-        if not 0 < P < T or not 0 < K <= T:
-            raise ValueError(f"need 0 < prompt_len < len(ids) and 0 < keep <= len(ids), got prompt_len={P}, "
-                             f"keep={K}, len={T}")
+        _check_prompt_keep(T, P, K)
     if B == 1:
         return [prompt_then_answer_logits(model, seqs[0], prompt_lens[0], keeps[0])]
     dev = seqs[0].device
