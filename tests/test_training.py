@@ -195,6 +195,16 @@ def test_init_routers_fine_tunes_from_trained_routers(tmp_path):
     # starts exactly at the trained weights and their input standardisation (no re-calibration)
     for k, v in trainer.routers.state_dict().items():
         assert torch.equal(v.cpu(), loaded[k]), k
+    # ... and at the first run's final lambdas (saved beside the routers), unless asked for fresh ones
+    saved = json.load(open(os.path.join(trained, "training_lambdas.json")))
+    assert saved["step"] == 1
+    final = torch.tensor([[saved[k][t] for t in TASKS] for k in ("lambda1", "lambda2")])
+    assert torch.allclose(final, base_trainer.lambdas.detach().cpu())
+    assert torch.equal(trainer.lambdas.detach().cpu(), final)
+    fresh = RouterTrainer(TrainConfig(out=str(tmp_path / "fresh"), steps=1, batch_size=2, tasks=SHORT_TASKS,
+                                      init_routers=trained, fresh_lambdas=True, **TINY))
+    assert not torch.allclose(fresh.lambdas.detach().cpu(), final)
+    fresh.close()
     record = trainer.run()
     trainer.close()
     assert math.isfinite(record["loss"])

@@ -41,6 +41,7 @@ def _train(args):
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, init_routers=args.init_routers,
+                      fresh_lambdas=args.fresh_lambdas,
                       num_workers=args.num_workers, micro_batch=args.micro_batch,
                       tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
                       standardize_input=not args.paper_router, head_bias=not args.paper_router,
@@ -88,8 +89,10 @@ def register(subparsers) -> None:
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the latest under --out")
     t.add_argument("--init-routers", default=None,
-                   help="fine-tune from a RouterSet dir (e.g. the shipped routers): its weights and input "
-                        "standardisation, fresh lambdas and optimizer; settings must match")
+                   help="fine-tune from a RouterSet dir (e.g. the shipped routers): its weights, input "
+                        "standardisation and final lambdas (if saved), fresh optimizer; settings must match")
+    t.add_argument("--fresh-lambdas", action="store_true",
+                   help="with --init-routers: start the lambdas fresh instead of from the saved ones")
     t.add_argument("--micro-batch", type=int, default=1,
                    help="samples per forward on a rank (prompts left-padded, answers right-padded; same result as 1 "
                         "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")

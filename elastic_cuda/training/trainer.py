@@ -27,7 +27,7 @@ Checkpoints (``<out>/checkpoints/step_XXXXXX/``): state.pt (routers, lambdas, op
 config) + rng_rank<r>.pt (Python and torch RNG of each rank); ``--resume auto`` picks the latest. Data are a
 pure function of the sample index, so a resumed run reproduces the uninterrupted one exactly.
 Outputs: train_log.jsonl (one line per step), training_curves.png, data_manifest.json, train_config.json,
-routers/ (RouterSet.save).
+routers/ (RouterSet.save, plus training_lambdas.json: the final lambdas, which ``init_routers`` continues from).
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ class TrainConfig:
     num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
     micro_batch: int = 1           # samples per forward on a rank (padded; fewer launches per sample)
     resume: str | None = None
-    init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation; fresh lambdas)
+    init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation)
+    fresh_lambdas: bool = False    # with init_routers: start the lambdas fresh even if the dir saved its final ones
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time slices
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -247,6 +248,33 @@ def _checkpoint_dirs(out: str) -> list[str]:
                   if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "state.pt")))
 
 
+LAMBDAS_FILE = "training_lambdas.json"  # beside the saved routers: the run's final lambdas, to continue it
+
+
+def _save_lambdas(directory: str, lambdas: torch.Tensor, step: int, t_sen: float):
+    lam = lambdas.detach().cpu()
+    with open(os.path.join(directory, LAMBDAS_FILE), "w") as f:
+        json.dump({"step": step, "t_sen": t_sen, "tasks": list(TASKS),
+                   "lambda1": {t: float(lam[0, i]) for i, t in enumerate(TASKS)},
+                   "lambda2": {t: float(lam[1, i]) for i, t in enumerate(TASKS)}}, f, indent=1)
+
+
+def _load_lambdas(directory: str) -> torch.Tensor | None:
+    """[2, len(TASKS)] lambdas saved by the run that trained the routers in `directory` (None if it saved none).
+
+    Fine-tuning with fresh lambdas restarts the Lagrangian near 0, and the LM term then pulls the routers off the
+    sparsity targets the first run reached (robust MSR 0.79 -> 0.71 in 150 steps, docs/decisions.md)."""
+    path = os.path.join(directory, LAMBDAS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    missing = [t for t in TASKS if t not in saved.get("lambda1", {}) or t not in saved.get("lambda2", {})]
+    if missing:
+        raise ValueError(f"init_routers: {path} has no lambdas for tasks {missing}; use fresh_lambdas")
+    return torch.tensor([[float(saved[k][t]) for t in TASKS] for k in ("lambda1", "lambda2")])
+
+
 def _load_init_routers(config: TrainConfig, model):
     """The RouterSet to fine-tune from; its routing settings must be the ones this run trains with."""
     from ..router import RouterSet
@@ -295,6 +323,10 @@ class RouterTrainer:
         n_tasks = len(TASKS)
         self.lambdas = torch.nn.Parameter(
             (torch.rand(2, n_tasks, generator=gen) * config.lambda_init_max).to(self.device))  # rows: lambda1, lambda2
+        saved = _load_lambdas(config.init_routers) if config.init_routers and not config.fresh_lambdas else None
+        if saved is not None:
+            with torch.no_grad():
+                self.lambdas.copy_(saved)
         self.router_params = [p for p in self.routers.parameters()]
         for p in self.router_params:
             p.requires_grad_(True)
@@ -529,6 +561,7 @@ class RouterTrainer:
         if env.main:
             if self.step >= cfg.steps:
                 self.routers.save(os.path.join(cfg.out, "routers"))
+                _save_lambdas(os.path.join(cfg.out, "routers"), self.lambdas, self.step, cfg.t_sen)
             plot_training_log(log_path, os.path.join(cfg.out, "training_curves.png"))
             print(f"[train-router] {self.step}/{cfg.steps} steps in {time.time() - t0:.1f}s -> {cfg.out}")
         env.barrier()

@@ -210,6 +210,29 @@ struct ItemSource {
   }
 };
 
+// The producers' item loop: the next item with keys to load (items with nothing to compute are skipped; the
+// consumers fill their rows), returned once the consumers have released Q of the previous item. False at the end.
+template <int BM, int BN>
+struct ProducerItems {
+  int it = 0, q_loads = 0;
+  KeyTileWalker<BN> walker;
+  WorkItem w;
+  template <typename Layout>
+  __device__ __forceinline__ bool next(const AttentionFwdParams& p, const Layout& sm, const ItemSource& src,
+                                       int num_q_tiles, int64_t num_items) {
+    for (;; ++it) {
+      const ItemRef item = src.next(p, sm, it, num_items);
+      if (item.idx >= num_items) return false;
+      w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
+      if (w.kind == WorkItem::kCompute) break;
+    }
+    ++it;
+    if (q_loads > 0) mbar_wait(sm.q_empty(), (q_loads - 1) & 1);  // consumers' last Q K^T of the previous item
+    ++q_loads;
+    return true;
+  }
+};
+
 // K/V ring position of the producer: a slot is refilled only after the consumers released its previous tile.
 template <int STAGES>
 struct FillPos : RingPos<STAGES> {
@@ -240,17 +263,12 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
   }
   const bool varlen = p.cu_seqlens_q != nullptr;
   FillPos<Tr::STAGES> pos;
-  int q_loads = 0;
-  for (int it = 0;; ++it) {
-    const ItemRef item = src.next(p, sm, it, num_items);
-    if (item.idx >= num_items) break;
-    KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
-    if (w.kind != WorkItem::kCompute) continue;
+  ProducerItems<BM, BN> items;
+  while (items.next(p, sm, src, num_q_tiles, num_items)) {
+    const WorkItem& w = items.w;
+    const KeyTileWalker<BN>& walker = items.walker;
     const int len_k = w.seq.len_k;
     const int bt = varlen ? 0 : w.b;  // dense maps are [B, S, H, D] (rows past S read as zeros), varlen [1, T, H, D]
-    if (q_loads > 0) mbar_wait(sm.q_empty(), (q_loads - 1) & 1);  // consumers' last Q K^T of the previous item
-    ++q_loads;
     if (lane == 0) tma_load_tile<BM, D>(sm.q, &maps.q, sm.q_full(), w.seq.q_start + w.r0, w.h, bt);
     // A varlen key tile past the sequence's end reads the next sequence, unless the sequence ends the tensor.
     const bool tail_by_tma = !varlen || int64_t(w.seq.k_start) + len_k == p.rows_k;
@@ -290,20 +308,15 @@ __device__ void fwd_producer_cp_async(const AttentionFwdParams& p, const SmemLay
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
   const int tid = threadIdx.x % Tr::WG_THREADS;
   FillPos<Tr::STAGES> pos;
-  int q_loads = 0;
-  for (int it = 0;; ++it) {
-    const ItemRef item = src.next(p, sm, it, num_items);
-    if (item.idx >= num_items) break;
-    KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
-    if (w.kind != WorkItem::kCompute) continue;
+  ProducerItems<BM, BN> items;
+  while (items.next(p, sm, src, num_q_tiles, num_items)) {
+    const WorkItem& w = items.w;
+    const KeyTileWalker<BN>& walker = items.walker;
     const int len_k = w.seq.len_k;
     const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b + int64_t(w.seq.q_start + w.r0) * p.q_stride_r +
                  w.h * p.q_stride_h;
     const T* k = kv_head_rows<T, Tr>(p.k, w, p.k_stride_b, p.k_stride_r, p.k_stride_h);
     const T* v = kv_head_rows<T, Tr>(p.v, w, p.v_stride_b, p.v_stride_r, p.v_stride_h);
-    if (q_loads > 0) mbar_wait(sm.q_empty(), (q_loads - 1) & 1);  // consumers' last Q K^T of the previous item
-    ++q_loads;
     load_tile_sw128<BM, D, Tr::WG_THREADS>(sQ, q, p.q_stride_r, w.seq.len_q - w.r0, tid);
     mbar_arrive_on_cp_async(sm.q_full());
     for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
