@@ -10,6 +10,8 @@
 #            run benchmarks/run_device.sh (GPU tests, sanitizer, benchmark, ncu) on the last GPU meanwhile; then
 #            wait up to WAIT_S for the training
 #   wait     wait up to WAIT_S more for the detached training; print its progress
+#   probe    carry [.model2, .whl]: assemble the GGUF; benchmarks/head_importance_probe.py over PROCS_PER_GPU ranks
+#            (PROBE_ARGS, PROBE_S)
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
 #            (one call can do `train` with WAIT_S long enough, then `eval`)
 # Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, T_SEN, TRAIN_ARGS,
@@ -88,6 +90,16 @@ train)
 wait)
   wait_training "${WAIT_S:-500}"
   ;;
+probe)  # carry [.model2, .whl] after prep: the static-split probe (benchmarks/head_importance_probe.py)
+  need_warm
+  cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
+  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
+  # shellcheck disable=SC2086
+  timeout "${PROBE_S:-400}" python3 -m torch.distributed.run --standalone \
+    --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-8} )) benchmarks/head_importance_probe.py --out "$OUT" \
+    ${PROBE_ARGS:-} > "$OUT/probe.log" 2>&1
+  echo "probe rc=$?"; tail -30 "$OUT/probe.log"
+  ;;
 eval)
   need_warm
   export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
@@ -108,6 +120,6 @@ eval)
   tail -45 "$OUT/eval.log"; tail -30 "$OUT/demo.log"
   ;;
 *)
-  echo "usage: $0 prep|kernels|train|wait|eval"; exit 2
+  echo "usage: $0 prep|kernels|train|wait|probe|eval"; exit 2
   ;;
 esac
