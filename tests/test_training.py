@@ -328,6 +328,7 @@ def test_evaluate_policies_tiny(tmp_path):
     freq = torch.tensor([[0.9, 0.1], [0.5, 0.2]])
     assert static_table_from_frequency(freq, 0.5).tolist() == [[False, True], [False, True]]
     assert "elastic_beats_static_sensitive_accuracy_at_ge_msr" in res["targets"]
+    assert set(res["uncertainty"]) == {"policies", "paired"}
     # the report can be rebuilt from the saved records alone, identically
     from elastic_cuda.training.evaluate import rewrite_report
 
@@ -359,6 +360,32 @@ def test_accuracy_targets_use_only_cells_dense_can_do():
     agg["elastic"]["by_task_length"]["passkey"]["2048"]["accuracy"] = 0.5  # now 50 points under dense, tied with static
     t = check_targets(agg)
     assert not t["sensitive_accuracy_ge_dense_minus_3pts"] and not t["elastic_beats_static_sensitive_accuracy_at_ge_msr"]
+
+
+def test_accuracy_uncertainty_pairs_the_same_prompts():
+    from elastic_cuda.training.evaluate import accuracy_uncertainty, paired_accuracy_difference, wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # textbook value: 0.8 with n = 10 -> [0.490, 0.943]
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+
+    def recs(policy, task, length, hits):
+        return [{"policy": policy, "task": task, "length": length, "category": "sensitive", "correct": float(h)}
+                for h in hits]
+
+    # passkey 2048: elastic gets prompts 0-2 right, static 1-3: one discordant prompt each way
+    records = (recs("dense", "passkey", 2048, [1, 1, 1, 1]) + recs("elastic", "passkey", 2048, [1, 1, 1, 0]) +
+               recs("static", "passkey", 2048, [0, 1, 1, 1]) + recs("elastic", "fact_qa", 2048, [1, 1]) +
+               recs("static", "fact_qa", 2048, [0, 0]) + recs("dense", "fact_qa", 2048, [0, 0]))
+    d = paired_accuracy_difference(records, "elastic", "static", [("passkey", 2048)])
+    assert d["n"] == 4 and d["diff"] == 0.0 and d["only_elastic"] == 1 and d["only_static"] == 1
+    assert d["ci95"][0] < 0 < d["ci95"][1]
+    agg = {"dense": {"by_task_length": {"passkey": {"2048": {"n": 4, "accuracy": 1.0}},
+                                        "fact_qa": {"2048": {"n": 2, "accuracy": 0.0}}}},
+           "elastic": {}, "static": {}}
+    u = accuracy_uncertainty(records, agg)  # fact_qa (dense 0) is not a capable cell: it must not count
+    assert u["policies"]["elastic"]["n"] == 4 and u["policies"]["elastic"]["accuracy"] == 0.75
+    assert u["paired"]["elastic-dense"]["diff"] == -0.25 and u["paired"]["elastic-dense"]["only_dense"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes (gloo)

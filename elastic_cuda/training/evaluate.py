@@ -195,6 +195,63 @@ def check_targets(agg: dict, min_dense_accuracy: float = MIN_DENSE_ACCURACY) -> 
     }
 
 
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (sound at small n and near 0 or 1)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_accuracy_difference(records: list[dict], a: str, b: str, cells: list) -> dict | None:
+    """Accuracy of policy a minus policy b on the same prompts of the given sensitive (task, length) cells.
+
+    Every policy runs the same prompts in the same order, so the k-th record of a cell pairs across policies.
+    Returns n, diff, a 95% interval (normal approximation of the paired differences) and the discordant counts
+    (prompts only a gets right, only b gets right): a difference of a few discordant prompts is noise."""
+    keep = {(t, str(n)) for t, n in cells}
+
+    def by_cell(policy):
+        out = defaultdict(list)
+        for r in records:
+            if r["policy"] == policy and (r["task"], str(r["length"])) in keep and "correct" in r:
+                out[(r["task"], str(r["length"]))].append(float(r["correct"]))
+        return out
+
+    ra, rb = by_cell(a), by_cell(b)
+    diffs = [x - y for key in sorted(keep) for x, y in zip(ra.get(key, []), rb.get(key, []))]
+    n = len(diffs)
+    if n == 0:
+        return None
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * (var / n) ** 0.5
+    return {"n": n, "diff": mean, "ci95": [mean - half, mean + half],
+            "only_" + a: sum(d > 0 for d in diffs), "only_" + b: sum(d < 0 for d in diffs)}
+
+
+def accuracy_uncertainty(records: list[dict], agg: dict) -> dict:
+    """Per-policy sensitive accuracy on the capable cells with its 95% Wilson interval, and the paired differences
+    elastic - dense and elastic - static (the two accuracy targets), from the per-sample records."""
+    cells, _ = capable_cells(agg)
+    keep = {(t, str(n)) for t, n in cells}
+    out = {"policies": {}, "paired": {}}
+    for policy in agg:
+        hits = [float(r["correct"]) for r in records
+                if r["policy"] == policy and (r["task"], str(r["length"])) in keep and "correct" in r]
+        if hits:
+            out["policies"][policy] = {"n": len(hits), "accuracy": sum(hits) / len(hits),
+                                       "ci95": list(wilson_interval(sum(hits), len(hits)))}
+    for other in ("dense", "static"):
+        if "elastic" in agg and other in agg:
+            d = paired_accuracy_difference(records, "elastic", other, cells)
+            if d is not None:
+                out["paired"][f"elastic-{other}"] = d
+    return out
+
+
 def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Tensor:
     """bool [L, Hkv] (True = sparse): the round(msr * L * Hkv) heads least often kept FULL become sparse."""
     L, H = full_freq.shape
@@ -205,7 +262,7 @@ def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Te
     return table.view(L, H)
 
 
-def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig):
+def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig, uncertainty: dict | None = None):
     shift = f", router sparsity shift {cfg.sparsity_shift:+g}" if cfg.sparsity_shift else ""
     lines = [f"# Router evaluation ({cfg.model}, lengths {list(cfg.lengths)}, {cfg.samples_per_task} samples "
              f"per task and length{shift})", "", "## Summary", "",
@@ -227,6 +284,16 @@ def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig):
         lines.append("Dropped (dense cannot do them): " + ", ".join(f"{t} {n} (dense {a:.3f})" for t, n, a in dropped))
     lines.append("")
     lines += [f"- {k}: {'PASS' if v else ('FAIL' if v is not None else 'n/a')}" for k, v in targets.items()]
+    if uncertainty and uncertainty.get("policies"):
+        lines += ["", "Sampling uncertainty (95%; accuracy: Wilson interval; differences: paired over the same "
+                  "prompts, with the prompts only one policy gets right):", ""]
+        for p, u in uncertainty["policies"].items():
+            lines.append(f"- {p}: {u['accuracy']:.3f} [{u['ci95'][0]:.3f}, {u['ci95'][1]:.3f}] (n={u['n']})")
+        for name, d in uncertainty["paired"].items():
+            a, b = name.split("-")
+            lines.append(f"- {a} - {b}: {100 * d['diff']:+.1f} pts [{100 * d['ci95'][0]:+.1f}, "
+                         f"{100 * d['ci95'][1]:+.1f}]; only {a} right: {d['only_' + a]}, only {b} right: "
+                         f"{d['only_' + b]} (n={d['n']})")
     lines += ["", "## Per task and length (accuracy or answer loss / MSR)", ""]
     header = "| task | length | " + " | ".join(cfg.policies) + " |"
     lines += [header, "|" + "---|" * (2 + len(cfg.policies))]
@@ -397,7 +464,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
     agg = aggregate(records)
     targets = check_targets(agg)
     result = {"config": asdict(cfg), "sink": sink, "window": window, "device": str(device), "dtype": str(dtype),
-              "world_size": env.world, "aggregate": agg, "targets": targets, "records": records,
+              "world_size": env.world, "aggregate": agg, "targets": targets,
+              "uncertainty": accuracy_uncertainty(records, agg), "records": records,
               "static_table": static_table.int().tolist() if static_table is not None else None}
     if env.main:
         print(_write_outputs(cfg.out, result, cfg))
@@ -410,7 +478,8 @@ def _write_outputs(out: str, result: dict, cfg: EvalConfig) -> str:
     with open(os.path.join(out, "eval_results.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot_summary(os.path.join(out, "eval_summary.png"), result["aggregate"], cfg)
-    return write_report(os.path.join(out, "eval_report.md"), result["aggregate"], result["targets"], cfg)
+    return write_report(os.path.join(out, "eval_report.md"), result["aggregate"], result["targets"], cfg,
+                        result.get("uncertainty"))
 
 
 def rewrite_report(results_path: str) -> str:
@@ -422,4 +491,5 @@ def rewrite_report(results_path: str) -> str:
     cfg = EvalConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in result["config"].items() if k in fields})
     agg = aggregate([dict(r) for r in result["records"]])
     result["aggregate"], result["targets"] = agg, check_targets(agg)
+    result["uncertainty"] = accuracy_uncertainty(result["records"], agg)
     return _write_outputs(os.path.dirname(os.path.abspath(results_path)), result, cfg)
