@@ -301,6 +301,49 @@ def test_train_mix_gradients_reach_routers_only():
     assert rel_err(out.logits[:1].detach(), hard) < 1e-4
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 2)], ids=["mha", "gqa3", "gqa4"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_train_mix_sdpa_full_branch_equals_op(hq, hkv, padded):
+    """O_FA through torch SDPA (the CUDA training default) gives the op's outputs and gradients (q, k, v and the
+    router's z), dense and padded (left-padded prompts, right-padded answers: valid tokens mid-row)."""
+    from elastic_cuda.attention import PaddingLayout, train_mix_attention
+
+    torch.manual_seed(hq + hkv + padded)
+    B, S, D = 3, 37, 16
+    q, k, v = (torch.randn(B, S, h, D, dtype=torch.float64) for h in (hq, hkv, hkv))
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)[:, :1].repeat(1, hkv)
+    z[1, 0] = 1.0 - z[1, 0]
+    padding = None
+    if padded:
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[0, :5] = False                      # left padding
+        mask[1, :3], mask[1, -4:] = False, False  # left and right padding
+        padding = PaddingLayout.from_mask(mask, S, S)
+    grads = []
+    for branch in ("op", "sdpa"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, z)]
+        out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=2, window=5, scale=0.3, padding=padding,
+                                  full_branch=branch)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), grads[0], grads[1]):
+        assert rel_err(b, a) < 1e-10, name
+    assert grads[0][4].abs().sum() > 0  # the router gradient <dO, O_FA - O_SA> is not trivially 0
+
+
+def test_train_mix_full_branch_arguments():
+    from elastic_cuda.attention import train_mix_attention
+
+    q, k, v = torch.randn(1, 6, 2, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 8)
+    z = torch.ones(1, 2)
+    with pytest.raises(ValueError, match="full_branch must be one of"):
+        train_mix_attention(q, k, v, z, STREAM, sink=1, window=2, full_branch="flash")
+    with pytest.raises(ValueError, match="needs queries = keys"):
+        train_mix_attention(q, k, v, z, STREAM, sink=1, window=2, full_branch="sdpa")
+    # auto on CPU (and for a continuation) is the op: no error
+    assert train_mix_attention(q, k, v, z, STREAM, sink=1, window=2).shape == q.shape
+
+
 def test_train_mix_with_gradient_checkpointing_reuses_noise():
     model = make_model("llama", seed=8)
     for p in model.parameters():

@@ -12,7 +12,7 @@ import torch
 
 from ..ops import FULL, attention
 
-__all__ = ["PaddingLayout", "hybrid_attention", "train_mix_attention"]
+__all__ = ["FULL_BRANCHES", "PaddingLayout", "dense_causal_sdpa", "hybrid_attention", "train_mix_attention"]
 
 
 @dataclass
@@ -73,12 +73,53 @@ def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float
     return out.view(B, Sq, Hq, D)
 
 
+FULL_BRANCHES = ("auto", "op", "sdpa")
+
+
+def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLayout | None = None):
+    """Causal attention of every head through torch SDPA, in the op's layout and semantics (q [B, S, Hq, D],
+    k/v [B, S, Hkv, D], queries = keys; padded batches per sample over their valid tokens, padded rows 0).
+
+    The training mix needs O_FA of every head with its backward; on CUDA SDPA runs it on cuDNN / FlashAttention,
+    whose backward is ~3x faster than the elastic op's, the same choice the op's grouped strategy makes for its
+    FULL group."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    B, S, Hq, D = q.shape
+    gqa = Hq != k.shape[2]
+    if padding is None:
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+                   enable_gqa=gqa)
+        return out.transpose(1, 2)
+    q_packed = q.reshape(B * S, Hq, D)[padding.q_index]
+    k_packed, v_packed = padding.pack_keys(k), padding.pack_keys(v)
+    outs = []
+    for b in range(B):
+        sl = slice(int(padding.cu_seqlens_q[b]), int(padding.cu_seqlens_q[b + 1]))
+        qb, kb, vb = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q_packed, k_packed, v_packed))
+        outs.append(sdpa(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
+    out = q.new_zeros(B * S, Hq, D).index_copy(0, padding.q_index, torch.cat(outs))
+    return out.view(B, S, Hq, D)
+
+
+def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:
+    if full_branch not in FULL_BRANCHES:
+        raise ValueError(f"train_mix_attention: full_branch must be one of {FULL_BRANCHES}, got {full_branch!r}")
+    same_len = q.shape[1] == k.shape[1] and (padding is None or padding.lengths_q == padding.lengths_k)
+    if full_branch == "sdpa" and not same_len:
+        raise ValueError("train_mix_attention: full_branch 'sdpa' needs queries = keys (a prefill), got "
+                         f"{q.shape[1]} queries over {k.shape[1]} keys")
+    return full_branch == "sdpa" or (full_branch == "auto" and same_len and q.is_cuda
+                                     and q.dtype in (torch.float16, torch.bfloat16))
+
+
 def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int, scale: float | None = None,
-                        strategy: str = "auto", padding: PaddingLayout | None = None):
+                        strategy: str = "auto", padding: PaddingLayout | None = None, full_branch: str = "auto"):
     """Training-time combination O = z * O_FA + (1 - z) * O_SA per KV head (method-digest section 2).
 
-    z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run through the
-    elastic op with autograd, so the router gradient is <dO, O_FA - O_SA>."""
+    z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run with autograd, so
+    the router gradient is <dO, O_FA - O_SA>. O_SA is the elastic op; O_FA (every head FULL) is the op too
+    (full_branch "op") or torch SDPA ("sdpa", dense_causal_sdpa); "auto" takes SDPA for a CUDA fp16/bf16 prefill."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:
@@ -86,7 +127,10 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
     full_mode = torch.full((B, Hkv), FULL, dtype=torch.int32, device=q.device)
     sparse_modes = torch.full((B, Hkv), sparse_mode, dtype=torch.int32, device=q.device)
     kw = dict(sink=sink, window=window, scale=scale, strategy=strategy, padding=padding)
-    out_full = hybrid_attention(q, k, v, full_mode, **kw)
+    if _use_sdpa(full_branch, q, k, padding):
+        out_full = dense_causal_sdpa(q, k, v, scale=scale, padding=padding)
+    else:
+        out_full = hybrid_attention(q, k, v, full_mode, **kw)
     out_sparse = hybrid_attention(q, k, v, sparse_modes, **kw)
     # Query heads of a GQA group follow their KV head (contiguous groups, as HF repeat_kv).
     z_q = z.to(out_full.dtype).repeat_interleave(Hq // Hkv, dim=1)[:, None, :, None]

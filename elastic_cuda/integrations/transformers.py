@@ -40,6 +40,7 @@ class ElasticState:
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
         self.train_mix = False
+        self.train_full_branch = "auto"  # how the training mix computes O_FA (attention.train_mix_attention)
         self.tau = 1.0
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
         self.pre_rope_keys = [None] * num_layers        # filled by the k_proj / k_norm hooks
@@ -227,7 +228,7 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
     elif state.train_mix:
-        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, **kw)
+        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.train_full_branch, **kw)
     else:
         out = hybrid_attention(q, k, v, head_mode, **kw)
     if not recomputing:

@@ -41,7 +41,7 @@ def _train(args):
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, init_routers=args.init_routers,
-                      fresh_lambdas=args.fresh_lambdas,
+                      fresh_lambdas=args.fresh_lambdas, full_branch=args.full_branch,
                       num_workers=args.num_workers, micro_batch=args.micro_batch,
                       tau_schedule=args.tau_schedule, router_lr=args.router_lr, lambda_lr=args.lambda_lr,
                       standardize_input=not args.paper_router, head_bias=not args.paper_router,
@@ -96,6 +96,9 @@ def register(subparsers) -> None:
     t.add_argument("--micro-batch", type=int, default=1,
                    help="samples per forward on a rank (prompts left-padded, answers right-padded; same result as 1 "
                         "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")
+    t.add_argument("--full-branch", default="auto", choices=("auto", "op", "sdpa"),
+                   help="how the training mix computes every head's FULL output: auto = torch SDPA (cuDNN / "
+                        "FlashAttention, faster backward) for CUDA fp16/bf16, the elastic op otherwise")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
     _common(t)
     t.set_defaults(func=_train)

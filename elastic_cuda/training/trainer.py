@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..attention import FULL_BRANCHES
 from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
 from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
 from .models import load_model_and_tokenizer
@@ -82,6 +83,7 @@ class TrainConfig:
     save_every: int = 50
     num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
     micro_batch: int = 1           # samples per forward on a rank (padded; fewer launches per sample)
+    full_branch: str = "auto"      # O_FA of the training mix: auto (SDPA on CUDA) | op | sdpa (train_mix_attention)
     resume: str | None = None
     init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation)
     fresh_lambdas: bool = False    # with init_routers: start the lambdas fresh even if the dir saved its final ones
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"steps and batch_size must be > 0, got {self.steps}, {self.batch_size}")
         if self.micro_batch <= 0:
             raise ValueError(f"micro_batch must be > 0, got {self.micro_batch}")
+        if self.full_branch not in FULL_BRANCHES:
+            raise ValueError(f"full_branch must be one of {FULL_BRANCHES}, got {self.full_branch!r}")
         if self.standardize_input and self.calibration_samples < 2:
             raise ValueError(f"calibration_samples must be >= 2 with standardize_input, got {self.calibration_samples}")
         if not 0.0 <= self.t_sen <= 1.0:
@@ -318,6 +322,7 @@ class RouterTrainer:
         self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
                             sink=config.sink, window=config.window)
         self.state.train_mix = True
+        self.state.train_full_branch = config.full_branch
         self.routers.train()  # Gumbel sampling; the backbone stays in eval mode (no dropout)
         gen = torch.Generator().manual_seed(config.seed + 12345)
         n_tasks = len(TASKS)
