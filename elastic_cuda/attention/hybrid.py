@@ -81,8 +81,8 @@ def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLa
     k/v [B, S, Hkv, D], queries = keys; padded batches per sample over their valid tokens, padded rows 0).
 
     The training mix needs O_FA of every head with its backward; on CUDA SDPA runs it on cuDNN / FlashAttention,
-    whose backward is ~3x faster than the elastic op's, the same choice the op's grouped strategy makes for its
-    FULL group."""
+    whose backward is faster than the elastic op's at long lengths (the op's grouped strategy makes the same
+    choice for its FULL group). A padded batch runs one SDPA call per sample."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     B, S, Hq, D = q.shape
@@ -109,7 +109,10 @@ def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:
     if full_branch == "sdpa" and not same_len:
         raise ValueError("train_mix_attention: full_branch 'sdpa' needs queries = keys (a prefill), got "
                          f"{q.shape[1]} queries over {k.shape[1]} keys")
-    return full_branch == "sdpa" or (full_branch == "auto" and same_len and q.is_cuda
+    # auto: SDPA only for an unpadded CUDA prefill. One training-mix layer at SmolLM2's shape on an H200
+    # (benchmarks/results/train_mix_h200.md): unpadded 1.05 / 0.97 / 1.02 / 1.58x at 1K / 2K / 4K / 8K; padded
+    # micro-batches 0.73-0.84x up to 4K (the per-sample calls cost more than they save), 1.13x at 8K.
+    return full_branch == "sdpa" or (full_branch == "auto" and same_len and padding is None and q.is_cuda
                                      and q.dtype in (torch.float16, torch.bfloat16))
 
 
@@ -119,7 +122,8 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
 
     z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run with autograd, so
     the router gradient is <dO, O_FA - O_SA>. O_SA is the elastic op; O_FA (every head FULL) is the op too
-    (full_branch "op") or torch SDPA ("sdpa", dense_causal_sdpa); "auto" takes SDPA for a CUDA fp16/bf16 prefill."""
+    (full_branch "op") or torch SDPA ("sdpa", dense_causal_sdpa); "auto" takes SDPA for an unpadded CUDA fp16/bf16
+    prefill (where it is as fast or faster) and the op otherwise."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:

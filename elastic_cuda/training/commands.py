@@ -98,7 +98,8 @@ def register(subparsers) -> None:
                         "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")
     t.add_argument("--full-branch", default="auto", choices=("auto", "op", "sdpa"),
                    help="how the training mix computes every head's FULL output: auto = torch SDPA (cuDNN / "
-                        "FlashAttention, faster backward) for CUDA fp16/bf16, the elastic op otherwise")
+                        "FlashAttention) for unpadded CUDA fp16/bf16 prefills (1.58x per layer at 8K on an H200), "
+                        "the elastic op otherwise")
     t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
     _common(t)
     t.set_defaults(func=_train)
