@@ -1,6 +1,7 @@
 """Router-training attention cost: forward + backward of the training mix O = z*O_FA + (1-z)*O_SA
-(attention.train_mix_attention) with O_FA from the elastic op (`op`) or torch SDPA (`sdpa`; `auto` takes it for unpadded CUDA batches),
-at SmolLM2-135M's attention shape (9 query / 3 KV heads, head_dim 64, bf16), and the agreement of the two.
+(attention.train_mix_attention) with O_FA from the elastic op (`op`) or torch SDPA (`sdpa`; `auto` takes it for
+unpadded CUDA batches), at SmolLM2-135M's attention shape (9 query / 3 KV heads, head_dim 64, bf16), and the
+agreement of the two.
 
   python benchmarks/bench_train_mix.py --out benchmarks/results/train_mix_h200.md      (GPU)
 
@@ -92,8 +93,9 @@ def main():
         f"# Training-mix attention, one layer, forward + backward ({name}, torch {torch.__version__}, bf16)", "",
         f"SmolLM2-135M shape: {HQ} query / {HKV} KV heads, head_dim {D}; STREAM sink {SINK}, window {WINDOW}; "
         "z random per (sample, KV head). `op`: O_FA from the elastic op; `sdpa`: from torch SDPA "
-        "(train_mix_attention full_branch='sdpa'; 'auto' takes it for unpadded CUDA batches). Errors: max |sdpa - op| / max |op| of the output "
-        "and the gradients of q, k, v and z (bf16 inputs, both exact attention).",
+        "(train_mix_attention full_branch='sdpa'; 'auto' takes it for unpadded CUDA batches). Errors: "
+        "max |sdpa - op| / max |op| of the output and the gradients of q, k, v and z (bf16 inputs, both exact "
+        "attention).",
         "Command: `python benchmarks/bench_train_mix.py --out <file>.md`", "",
         "| B | S | padded | op ms | sdpa ms | speedup | rel err out / dq / dk / dv / dz |",
         "|---|---|---|---|---|---|---|"] + rows) + "\n"

@@ -14,9 +14,9 @@ the expected key/value/city string occurs in the generated text, RULER's string 
 cross-entropy of the answer tokens under teacher forcing; MSR (fraction of KV heads routed sparse at prefill)
 and ESR (fraction of causal (query, key) pairs skipped) for every sample.
 Writes ``eval_results.json`` (config, per-sample records, aggregates, target checks), ``eval_report.md``,
-``eval_summary.png`` and ``eval_data_manifest.json`` (the held-out documents) under the output directory. Targets checked (issue 5): sensitive accuracy >= dense - 3
-points with sensitive MSR >= 0.4; robust MSR >= 0.8 with robust loss <= dense x 1.03; robust MSR - sensitive
-MSR >= 0.25.
+``eval_summary.png`` and ``eval_data_manifest.json`` (the held-out documents) under the output directory.
+Targets checked (issue 5): sensitive accuracy >= dense - 3 points with sensitive MSR >= 0.4; robust MSR >= 0.8
+with robust loss <= dense x 1.03; robust MSR - sensitive MSR >= 0.25.
 """
 from __future__ import annotations
 
@@ -275,8 +275,8 @@ def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig, uncert
                      f"{fmt(s, 'msr_sensitive')} | {fmt(s, 'msr_robust')} | {fmt(s, 'esr_sensitive')} | "
                      f"{fmt(s, 'esr_robust')} |")
     cells, dropped = capable_cells(agg)
-    lines += ["", f"## Targets (elastic vs dense and static; accuracy over the {len(cells)} sensitive task/length cells "
-              f"where dense accuracy >= {MIN_DENSE_ACCURACY})", ""]
+    lines += ["", f"## Targets (elastic vs dense and static; accuracy over the {len(cells)} sensitive task/length "
+              f"cells where dense accuracy >= {MIN_DENSE_ACCURACY})", ""]
     accs = {p: cell_accuracy(agg, p, cells) for p in cfg.policies}
     lines.append("Sensitive accuracy on those cells: " + ", ".join(
         f"{p} {a:.3f}" for p, a in accs.items() if a is not None))
@@ -488,7 +488,8 @@ def rewrite_report(results_path: str) -> str:
     with open(results_path) as f:
         result = json.load(f)
     fields = set(EvalConfig.__dataclass_fields__)
-    cfg = EvalConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in result["config"].items() if k in fields})
+    cfg = EvalConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                        for k, v in result["config"].items() if k in fields})
     agg = aggregate([dict(r) for r in result["records"]])
     result["aggregate"], result["targets"] = agg, check_targets(agg)
     result["uncertainty"] = accuracy_uncertainty(result["records"], agg)
