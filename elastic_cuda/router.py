@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention.xattn import XATTN_STRIDE, XATTN_THRESHOLD
 from .ops import BLOCK, FULL, STREAM, boundary_pool
 
 ROUTER_FORMAT_VERSION = 1
@@ -224,8 +225,11 @@ class RouterSet(nn.Module):
 
     _STRUCTURAL_KEYS = ("num_layers", "num_kv_heads", "head_dim")
     # standardize_input / head_bias default to the paper's architecture (and to routers saved before they existed)
+    # block_size / xattn_*: the BLOCK sparse mode's XAttention estimate (attention.xattn), used when sparse_mode
+    # is "block"
     DEFAULTS = {"sink": 64, "window": 512, "sparse_mode": "stream", "hidden_mult": 4, "n_first": 100, "n_last": 100,
-                "standardize_input": False, "head_bias": False}
+                "standardize_input": False, "head_bias": False, "block_size": 128, "xattn_stride": XATTN_STRIDE,
+                "xattn_threshold": XATTN_THRESHOLD}
 
     def __init__(self, config: dict):
         super().__init__()

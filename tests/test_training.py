@@ -213,6 +213,31 @@ def test_init_routers_fine_tunes_from_trained_routers(tmp_path):
                                   init_routers=trained, **{**TINY, "window": 32}))
 
 
+def test_block_sparse_mode_trains_and_saves_its_settings(tmp_path):
+    """sparse_mode 'block': the training mix's sparse branch runs XAttention block masks, routers get gradients,
+    and the saved RouterSet carries the block settings, which enable() and eval pick up."""
+    from elastic_cuda.integrations.transformers import enable
+    from elastic_cuda.router import RouterSet
+
+    cfg = TrainConfig(out=str(tmp_path / "block"), steps=2, batch_size=2, tasks=SHORT_TASKS, sparse_mode="block",
+                      block_size=32, xattn_stride=8, xattn_threshold=0.7, **TINY)
+    trainer = RouterTrainer(cfg)
+    before = [p.detach().clone() for p in trainer.routers.parameters()]
+    record = trainer.run()
+    assert math.isfinite(record["loss"])
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.routers.parameters()))
+    assert all(bp is not None for bp in trainer.state._block_pairs)  # every layer estimated its masks
+    trainer.close()
+    saved = RouterSet.load(os.path.join(cfg.out, "routers"))
+    assert {k: saved.config[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold")} == \
+        {"sparse_mode": "block", "block_size": 32, "xattn_stride": 8, "xattn_threshold": 0.7}
+    model = trainer.model
+    state = enable(model, saved, policy="router")
+    assert (state.sparse_mode, state.block_size, state.xattn_stride, state.xattn_threshold) == ("block", 32, 8, 0.7)
+    with pytest.raises(ValueError, match="multiple of the xattn stride"):
+        TrainConfig(out=str(tmp_path / "bad"), sparse_mode="block", block_size=20, xattn_stride=8, **TINY).validate()
+
+
 @pytest.mark.parametrize("paper_router", [True, False], ids=["paper_router", "standardised_router"])
 @pytest.mark.parametrize("tasks,t_sen,expect", [(("code_continuation", "copy_local"), 0.7, "up"),
                                                 (("passkey", "fact_qa"), 0.0, "down")])
@@ -264,13 +289,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_micro_batch_matches_one_sample_at_a_time(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["stream", "block"])
+def test_micro_batch_matches_one_sample_at_a_time(tmp_path, monkeypatch, mode):
     """micro_batch 3 (padded forwards) trains the same routers as 1 (with the Gumbel noise pinned: the draw order
-    differs), up to fp32 rounding."""
+    differs), up to fp32 rounding; in BLOCK mode each padded sample estimates its own block masks."""
     import elastic_cuda.router as router_module
 
     monkeypatch.setattr(router_module.torch, "rand_like", lambda x: torch.full_like(x, 0.37))
-    kw = dict(steps=2, batch_size=5, tasks=SHORT_TASKS, **TINY)
+    block = dict(sparse_mode="block", block_size=32, xattn_stride=8, xattn_threshold=0.7) if mode == "block" else {}
+    kw = dict(steps=2, batch_size=5, tasks=SHORT_TASKS, **TINY, **block)
     runs = {}
     for mb in (1, 3):
         trainer = RouterTrainer(TrainConfig(out=str(tmp_path / f"mb{mb}"), micro_batch=mb, **kw))

@@ -61,20 +61,22 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
     Skv = key.shape[2]
     groups = Hq // key.shape[1]
     head_mode = _REF_TABLE["modes"][:, module.layer_idx]  # [B, Hkv]
+    block_mask = _REF_TABLE.get("block_masks", {}).get(module.layer_idx)
     mask = additive_mask(head_mode, Sq, Skv, Hq, sink=_REF_TABLE["sink"], window=_REF_TABLE["window"],
-                         dtype=query.dtype)
+                         block_mask=block_mask, block_size=_REF_TABLE.get("block_size", 128), dtype=query.dtype)
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
     probs = torch.softmax(query @ k.transpose(2, 3) * scaling + mask, dim=-1)
     return (probs @ v).transpose(1, 2), None
 
 
-def reference_logits(model, ids, head_modes, sink=SINK, window=WINDOW):
-    """head_modes int [B, L, Hkv]."""
+def reference_logits(model, ids, head_modes, sink=SINK, window=WINDOW, block_masks=None, block_size=128):
+    """head_modes int [B, L, Hkv]; block_masks {layer: bool [B, Hq, NB, NB]} for BLOCK heads."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(REF_IMPL, _masked_reference_attention)
-    _REF_TABLE.update(modes=head_modes, sink=sink, window=window)
+    _REF_TABLE.update(modes=head_modes, sink=sink, window=window, block_masks=block_masks or {},
+                      block_size=block_size)
     previous = model.config._attn_implementation
     model.set_attn_implementation(REF_IMPL)
     try:
@@ -138,6 +140,98 @@ def test_sparse_policies_match_masked_reference(kind, policy):
     dense = model(ids).logits.detach()
     assert rel_err(out, ref) < 1e-9
     assert rel_err(out, dense) > 1e-3  # the masks really change the result (the test can fail)
+
+
+BLOCK_KW = dict(sparse_mode="block", block_size=8, xattn_stride=2)
+
+
+def _record_block_masks(state):
+    """Wrap state.block_mask to keep each layer's estimated masks."""
+    seen, estimate = {}, state.block_mask
+
+    def recording(layer_idx, *args):
+        seen[layer_idx] = estimate(layer_idx, *args)
+        return seen[layer_idx]
+
+    state.block_mask = recording
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("policy", ["all_sparse", "fixed"])
+def test_block_mode_matches_masked_reference(kind, policy):
+    """BLOCK heads run the XAttention masks estimated from each layer's own queries and keys (per query head)."""
+    from elastic_cuda.ops import BLOCK
+
+    model = make_model(kind, dtype=torch.float64, seed=12)
+    ids = _ids(2, 43, seed=12)
+    state = enable(model, policy=policy, fixed_table=mixed_table() if policy == "fixed" else None,
+                   xattn_threshold=0.6, **BLOCK_KW)
+    masks = _record_block_masks(state)
+    with torch.no_grad():
+        out = model(ids).logits
+    modes = state.last_head_mode
+    assert set(modes.unique().tolist()) == ({BLOCK} if policy == "all_sparse" else {FULL, BLOCK})
+    assert sorted(masks) == [0, 1] and masks[0].shape == (2, 4, 6, 6)
+    for m in masks.values():  # a real selection: more than sink + diagonal, less than every causal block
+        assert 2 * 6 - 1 < int(m[0, 0].sum()) < 21 or 2 * 6 - 1 < int(m[1, 2].sum()) < 21
+    m = state.metrics()
+    assert 0.0 < m["esr"] < 1.0
+    disable(model)
+    ref = reference_logits(model, ids, modes, block_masks=masks, block_size=8)
+    dense = model(ids).logits.detach()
+    assert rel_err(out, ref) < 1e-9
+    assert rel_err(out, dense) > 1e-4  # the masks really change the result (the test can fail)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "left_padded"])
+def test_block_mode_threshold_one_is_dense(padded):
+    """threshold 1 keeps every causal block: BLOCK heads equal full attention, padded batches included."""
+    model = make_model("llama", dtype=torch.float64, seed=13)
+    ids = _ids(2, 37, seed=13)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    with torch.no_grad():  # reference: each sample's real tokens alone, every head FULL (HF eager's softmax is
+        enable(model, policy="all_full")  # fp32, too coarse for an fp64 comparison)
+        dense = [model(ids[b:b + 1, mask[b].bool()]).logits[0] for b in range(2)]
+        state = enable(model, policy="all_sparse", xattn_threshold=1.0, **BLOCK_KW)
+        # positions over real tokens, as generate() gives them (HF's RoPE tables are fp32)
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    for b in range(2):
+        assert rel_err(out[b, mask[b].bool()], dense[b]) < 1e-9
+    assert state.metrics()["esr"] == 0.0 and state.metrics()["msr"] == 1.0
+
+
+def test_block_mode_generation_decodes_block_heads_densely():
+    """After a BLOCK prefill, decode steps attend densely for BLOCK heads, and ElasticCache keeps their history."""
+    from elastic_cuda.integrations.cache import ElasticCache
+
+    model = make_model("qwen3", dtype=torch.float64, seed=14)
+    ids = _ids(1, 30, seed=14)
+    enable(model, policy="fixed", fixed_table=mixed_table(), xattn_threshold=0.5, **BLOCK_KW)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        cache = ElasticCache(model)
+        elastic = model.generate(ids, past_key_values=cache, **kw)
+        state = model.elastic_state
+        masks = _record_block_masks(state)
+        prefill = model(torch.cat([ids, plain.sequences[:, 30:31]], dim=1)).logits[0, -1]
+    assert torch.equal(plain.sequences, elastic.sequences)
+    assert all(not layer.compacted for layer in cache.layers)
+    # the first decode step (dense BLOCK heads) differs from a fresh BLOCK prefill of the same tokens only
+    # through the masks; both are finite and close to each other
+    assert torch.isfinite(plain.logits[1]).all() and sorted(masks) == [0, 1] and torch.isfinite(prefill).all()
+
+
+def test_block_mode_arguments_are_checked():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="multiple of the xattn stride"):
+        enable(model, policy="all_sparse", sparse_mode="block", block_size=12, xattn_stride=8)
+    with pytest.raises(ValueError, match="threshold"):
+        enable(model, policy="all_sparse", sparse_mode="block", xattn_threshold=2.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -58,17 +58,21 @@ class PaddingLayout:
 
 
 def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float | None = None,
-                     strategy: str = "auto", padding: PaddingLayout | None = None):
-    """elastic op on q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] -> out [B, Sq, Hq, D]; padded query rows get 0."""
+                     strategy: str = "auto", padding: PaddingLayout | None = None, block_mask=None,
+                     block_size: int = 128):
+    """elastic op on q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] -> out [B, Sq, Hq, D]; padded query rows get 0.
+    block_mask: bool [B, Hkv or Hq, NB, NB] for BLOCK heads (NB over the longest valid sequence when padded)."""
     if padding is None:
-        return attention(q, k, v, head_mode, sink=sink, window=window, scale=scale, strategy=strategy)
+        return attention(q, k, v, head_mode, sink=sink, window=window, scale=scale, strategy=strategy,
+                         block_mask=block_mask, block_size=block_size)
     B, Sq, Hq, D = q.shape
     q_packed = q.reshape(B * Sq, Hq, D)[padding.q_index]
     k_packed = padding.pack_keys(k)
     v_packed = padding.pack_keys(v)
     out_packed = attention(q_packed, k_packed, v_packed, head_mode, sink=sink, window=window, scale=scale,
                            cu_seqlens_q=padding.cu_seqlens_q, cu_seqlens_k=padding.cu_seqlens_k,
-                           max_seqlen_q=padding.max_seqlen_q, max_seqlen_k=padding.max_seqlen_k, strategy=strategy)
+                           max_seqlen_q=padding.max_seqlen_q, max_seqlen_k=padding.max_seqlen_k, strategy=strategy,
+                           block_mask=block_mask, block_size=block_size)
     out = q.new_zeros(B * Sq, Hq, D).index_copy(0, padding.q_index, out_packed)
     return out.view(B, Sq, Hq, D)
 
@@ -117,13 +121,14 @@ def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:
 
 
 def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int, scale: float | None = None,
-                        strategy: str = "auto", padding: PaddingLayout | None = None, full_branch: str = "auto"):
+                        strategy: str = "auto", padding: PaddingLayout | None = None, full_branch: str = "auto",
+                        block_mask=None, block_size: int = 128):
     """Training-time combination O = z * O_FA + (1 - z) * O_SA per KV head (method-digest section 2).
 
     z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run with autograd, so
     the router gradient is <dO, O_FA - O_SA>. O_SA is the elastic op; O_FA (every head FULL) is the op too
     (full_branch "op") or torch SDPA ("sdpa", dense_causal_sdpa); "auto" takes SDPA for an unpadded CUDA fp16/bf16
-    prefill (where it is as fast or faster) and the op otherwise."""
+    prefill (where it is as fast or faster) and the op otherwise. block_mask/block_size: for a BLOCK sparse mode."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:
@@ -135,6 +140,7 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
         out_full = dense_causal_sdpa(q, k, v, scale=scale, padding=padding)
     else:
         out_full = hybrid_attention(q, k, v, full_mode, **kw)
+    kw.update(block_mask=block_mask, block_size=block_size)
     out_sparse = hybrid_attention(q, k, v, sparse_modes, **kw)
     # Query heads of a GQA group follow their KV head (contiguous groups, as HF repeat_kv).
     z_q = z.to(out_full.dtype).repeat_interleave(Hq // Hkv, dim=1)[:, None, :, None]

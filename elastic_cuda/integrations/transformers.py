@@ -7,6 +7,9 @@ the router, and keeps an ElasticState at model.elastic_state. At prefill (Sq == 
 policy decides head_mode per (sample, KV head); decode steps of that sequence reuse the decision.
 Padding masks (2D, e.g. left padding in batched generate) are handled exactly through the op's
 varlen layout. Metrics (MSR, ESR from the real masks) come from state.metrics().
+Sparse mode "block": at prefill every layer with BLOCK heads estimates XAttention block masks from its (post-RoPE)
+queries and keys (attention.xattn); decode steps run BLOCK heads densely (their masks cover the prefill only) and
+the ElasticCache keeps their whole history.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import weakref
 import torch
 
 from ..attention import PaddingLayout, causal_pairs, hybrid_attention, train_mix_attention, visible_pairs
-from ..ops import FULL
+from ..attention.xattn import XATTN_STRIDE, XATTN_THRESHOLD, block_visible_pairs, check_xattn_args, xattn_block_mask
+from ..ops import BLOCK, FULL
 from ..router import SPARSE_MODES, RouterSet, check_sparsity_shift, model_router_geometry
 
 ATTN_IMPLEMENTATION = "elastic"
@@ -30,12 +34,13 @@ class ElasticState:
     """Routing configuration and per-sequence routing results of one model."""
 
     def __init__(self, *, num_layers, num_kv_heads, policy, sparse_mode, sink, window, block_size, fixed_table,
-                 strategy, routers):
+                 strategy, routers, xattn_stride=XATTN_STRIDE, xattn_threshold=XATTN_THRESHOLD):
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.policy = policy
         self.sparse_mode = sparse_mode                  # "stream" (or "block")
         self.sparse_mode_id = SPARSE_MODES[sparse_mode]
         self.sink, self.window, self.block_size = sink, window, block_size
+        self.xattn_stride, self.xattn_threshold = xattn_stride, xattn_threshold  # BLOCK mask estimate
         self.fixed_table = fixed_table                  # bool [L, Hkv] (True = sparse) or None
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
@@ -56,6 +61,7 @@ class ElasticState:
         self._gumbel_u = [None] * L    # training noise, reused when activations are recomputed
         self._mode_lists = [None] * L  # head_mode as python lists (one device sync per layer, at prefill)
         self._pairs = [[0, 0] for _ in range(L)]  # (visible, causal) pairs summed over heads since prefill
+        self._block_pairs = [None] * L  # BLOCK heads' visible prefill pairs per (sample, KV head)
 
     # ------------------------------------------------------------------ results
     def _stack(self, per_layer, name):
@@ -170,19 +176,42 @@ class ElasticState:
             self._head_mode[layer_idx], self._z[layer_idx] = head_mode, z
             self._mode_lists[layer_idx] = head_mode.tolist()
             self._pairs[layer_idx] = [0, 0]
+            self._block_pairs[layer_idx] = None
         return head_mode, z
 
+    def block_mask(self, layer_idx, q, k, padding, scale):
+        """XAttention block masks bool [B, Hq, NB, NB] of this layer's prefill (q [B, S, Hq, D], k [B, S, Hkv, D]);
+        also keeps each sample's visible pairs per KV head (mean over its query heads) for ESR."""
+        B, S, Hq, D = q.shape
+        kw = dict(block_size=self.block_size, stride=self.xattn_stride, threshold=self.xattn_threshold, scale=scale)
+        if padding is None:
+            mask, lengths = xattn_block_mask(q, k, **kw), [S] * B
+        else:
+            mask = xattn_block_mask(q.reshape(B * S, Hq, D)[padding.q_index], padding.pack_keys(k),
+                                    cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
+            lengths = padding.lengths_q
+        vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
+        self._block_pairs[layer_idx] = vis.view(B, k.shape[2], -1).mean(-1).tolist()
+        return mask
+
     def count_pairs(self, layer_idx, seqlen_q, seqlen_k, padding):
-        """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts."""
+        """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
+        BLOCK heads count their mask at prefill and every causal pair in decode (they run densely there)."""
         modes = self._mode_lists[layer_idx]
+        block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
         visible = total = 0
         for b, row in enumerate(modes):
             n_q = padding.lengths_q[b] if padding is not None else seqlen_q
             n_k = padding.lengths_k[b] if padding is not None else seqlen_k
             causal = causal_pairs(n_q, n_k)
             total += causal * len(row)
-            for mode in row:
-                visible += causal if mode == FULL else visible_pairs(mode, n_q, n_k, self.sink, self.window)
+            for h, mode in enumerate(row):
+                if mode == FULL or (mode == BLOCK and block is None):
+                    visible += causal
+                elif mode == BLOCK:
+                    visible += block[b][h]
+                else:
+                    visible += visible_pairs(mode, n_q, n_k, self.sink, self.window)
         self._pairs[layer_idx][0] += visible
         self._pairs[layer_idx][1] += total
 
@@ -223,18 +252,27 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     q = query.transpose(1, 2)
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
+    block_sparse = state.sparse_mode_id == BLOCK
+    block_mask = None
+    if block_sparse and Sq == Skv:
+        if state.train_mix or any(BLOCK in row for row in state._mode_lists[layer_idx]):
+            block_mask = state.block_mask(layer_idx, q, k, padding, scaling)
+    elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
+        head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
     kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
     cache_layer = None if state.train_mix else state.elastic_cache_layer(layer_idx, key)
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
-    elif state.train_mix:
-        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.train_full_branch, **kw)
+    elif state.train_mix and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
+        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.train_full_branch,
+                                  block_mask=block_mask, block_size=state.block_size, **kw)
     else:
-        out = hybrid_attention(q, k, v, head_mode, **kw)
+        out = hybrid_attention(q, k, v, head_mode, block_mask=block_mask, block_size=state.block_size, **kw)
     if not recomputing:
         state.count_pairs(layer_idx, Sq, Skv, padding)
         modes = state._mode_lists[layer_idx]
-        if cache_layer is not None and Sq == Skv and padding is None and all(row == modes[0] for row in modes):
+        if (cache_layer is not None and Sq == Skv and padding is None and not block_sparse
+                and all(row == modes[0] for row in modes)):
             cache_layer.compact(modes[0], state.sink, state.window)
     return out, None
 
@@ -297,12 +335,15 @@ def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
 
 
 def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
-           sink: int | None = None, window: int | None = None, block_size: int = 128, fixed_table=None,
-           strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0) -> ElasticState:
+           sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
+           strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
+           xattn_threshold: float | None = None) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window default to the routers' config when routers are
     given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse.
     sparsity_shift: the routers' inference budget knob (> 0 more heads sparse, < 0 fewer; a tensor [B] gives each
     request its own); also settable later as state.sparsity_shift, between requests.
+    sparse_mode "block": BLOCK heads with XAttention masks estimated at prefill (block_size, xattn_stride,
+    xattn_threshold; attention.xattn; default to the routers' config, else 128 / 16 / 0.9).
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -318,17 +359,22 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
         sparse_mode = rcfg["sparse_mode"] if sparse_mode is None else sparse_mode
         sink = rcfg["sink"] if sink is None else sink
         window = rcfg["window"] if window is None else window
+        block_size = rcfg.get("block_size") if block_size is None else block_size
+        xattn_stride = rcfg.get("xattn_stride") if xattn_stride is None else xattn_stride
+        xattn_threshold = rcfg.get("xattn_threshold") if xattn_threshold is None else xattn_threshold
     elif policy == "router":
         raise ValueError("enable: policy 'router' needs routers (a RouterSet: RouterSet.load(dir, model) or "
                          "RouterSet.for_model(model) for freshly initialised ones)")
     sparse_mode = "stream" if sparse_mode is None else sparse_mode
     sink = DEFAULT_SINK if sink is None else sink
     window = DEFAULT_WINDOW if window is None else window
+    block_size = 128 if block_size is None else block_size
+    xattn_stride = XATTN_STRIDE if xattn_stride is None else xattn_stride
+    xattn_threshold = XATTN_THRESHOLD if xattn_threshold is None else xattn_threshold
     if sparse_mode not in SPARSE_MODES:
         raise ValueError(f"enable: sparse_mode must be one of {sorted(SPARSE_MODES)}, got {sparse_mode!r}")
     if sparse_mode == "block":
-        raise NotImplementedError("enable: sparse_mode 'block' needs a per-input block-mask estimate (XAttention), "
-                                  "which the transformers backend does not implement yet; use 'stream'")
+        check_xattn_args(block_size, xattn_stride, xattn_threshold, where="enable: ")
     for name, val in (("sink", sink), ("window", window), ("block_size", block_size)):
         if not isinstance(val, int) or val < 0 or (name == "block_size" and val == 0):
             raise ValueError(f"enable: {name} must be a non-negative int, got {val!r}")
@@ -351,7 +397,8 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
                          f"{[m.layer_idx for m in modules]}; this architecture is not supported")
     register_attention()
     state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse_mode=sparse_mode, sink=sink,
-                         window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers)
+                         window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers,
+                         xattn_stride=xattn_stride, xattn_threshold=xattn_threshold)
     check_sparsity_shift(sparsity_shift, where="enable: ")
     state.sparsity_shift = sparsity_shift
     state._hooks = []

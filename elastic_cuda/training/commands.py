@@ -39,6 +39,7 @@ def _train(args):
 
     cfg = TrainConfig(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lengths=args.lengths, t_sen=args.t_sen, sink=args.sink, window=args.window,
+                      sparse_mode=args.sparse_mode, block_size=args.block_size, xattn_threshold=args.xattn_threshold,
                       loss_on=args.loss_on, device=args.device, dtype=args.dtype, seed=args.seed,
                       save_every=args.save_every, resume=args.resume, init_routers=args.init_routers,
                       fresh_lambdas=args.fresh_lambdas, full_branch=args.full_branch,
@@ -77,6 +78,12 @@ def register(subparsers) -> None:
     t.add_argument("--t-sen", type=float, default=0.7, help="target MSR of sparsity-sensitive tasks")
     t.add_argument("--sink", type=int, default=64)
     t.add_argument("--window", type=int, default=512)
+    t.add_argument("--sparse-mode", default="stream", choices=("stream", "block"),
+                   help="what a sparse head runs: STREAM (sink + window) or BLOCK (XAttention block masks estimated "
+                        "at prefill)")
+    t.add_argument("--block-size", type=int, default=128, help="BLOCK mode: block size")
+    t.add_argument("--xattn-threshold", type=float, default=0.9,
+                   help="BLOCK mode: attention mass each query block keeps (the paper's training value)")
     t.add_argument("--loss-on", default="answer", choices=("answer", "all"),
                    help="LM loss on answer tokens (default) or all tokens (the paper)")
     t.add_argument("--tau-schedule", default="code", choices=("code", "paper"))

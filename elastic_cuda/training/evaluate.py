@@ -410,6 +410,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
     rcfg = routers.config if routers is not None else {}
     sink = cfg.sink if cfg.sink is not None else rcfg.get("sink", 64)
     window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
+    # the policies without routers run the routers' sparse mode (a BLOCK router's static / all_sparse are BLOCK)
+    mode_kw = {k: rcfg[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold") if k in rcfg}
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
@@ -444,11 +446,11 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
                     bar.update(1)
             full = env.all_reduce_(full).cpu()
             static_table = static_table_from_frequency((full[:-1] / full[-1]).view(L, H), elastic_msr)
-            enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window)
+            enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window, **mode_kw)
         elif policy == "dense":
-            enable(model, None, policy="all_full", sink=sink, window=window)
+            enable(model, None, policy="all_full", sink=sink, window=window, **mode_kw)
         elif policy == "all_sparse":
-            enable(model, None, policy="all_sparse", sink=sink, window=window)
+            enable(model, None, policy="all_sparse", sink=sink, window=window, **mode_kw)
         policy_recs = []
         for i, s in mine:
             rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)

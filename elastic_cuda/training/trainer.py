@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention import FULL_BRANCHES
+from ..attention.xattn import check_xattn_args
 from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
 from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
 from .models import load_model_and_tokenizer
@@ -59,7 +60,10 @@ class TrainConfig:
     t_sen: float = 0.7
     sink: int = 64
     window: int = 512
-    sparse_mode: str = "stream"
+    sparse_mode: str = "stream"      # or "block" (XAttention masks, attention.xattn)
+    block_size: int = 128            # BLOCK mode: block size, estimate stride and threshold (the paper's code:
+    xattn_stride: int = 16           # 128 / 16 / 0.9 in training)
+    xattn_threshold: float = 0.9
     loss_on: str = "answer"
     device: str = "auto"
     dtype: str = "auto"
@@ -104,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"t_sen must be in [0, 1], got {self.t_sen}")
         if self.sink < 0 or self.window <= 0:
             raise ValueError(f"sink must be >= 0 and window > 0, got {self.sink}, {self.window}")
+        if self.sparse_mode not in ("stream", "block"):
+            raise ValueError(f"sparse_mode must be 'stream' or 'block', got {self.sparse_mode!r}")
+        if self.sparse_mode == "block":
+            check_xattn_args(self.block_size, self.xattn_stride, self.xattn_threshold, where="TrainConfig: ")
 
 
 def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0):
@@ -286,6 +294,8 @@ def _load_init_routers(config: TrainConfig, model):
     routers = RouterSet.load(config.init_routers, model=model)
     rc = routers.config
     keys = ("sink", "window", "sparse_mode", "standardize_input", "head_bias")
+    if config.sparse_mode == "block":
+        keys += ("block_size", "xattn_stride", "xattn_threshold")
     bad = [f"{k}: routers {rc.get(k)!r} vs run {getattr(config, k)!r}" for k in keys if rc.get(k) != getattr(config, k)]
     if bad:
         raise ValueError(f"init_routers: {config.init_routers} was trained with other settings ({'; '.join(bad)}); "
@@ -316,10 +326,14 @@ class RouterTrainer:
             self.routers = _load_init_routers(config, self.model).to(self.device, torch.float32)
         else:
             self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
-                                               sparse_mode=config.sparse_mode,
+                                               sparse_mode=config.sparse_mode, block_size=config.block_size,
+                                               xattn_stride=config.xattn_stride,
+                                               xattn_threshold=config.xattn_threshold,
                                                standardize_input=config.standardize_input,
                                                head_bias=config.head_bias).to(self.device, torch.float32)
         self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
+                            block_size=config.block_size, xattn_stride=config.xattn_stride,
+                            xattn_threshold=config.xattn_threshold,
                             sink=config.sink, window=config.window)
         self.state.train_mix = True
         self.state.train_full_branch = config.full_branch

@@ -1,0 +1,123 @@
+"""XAttention-style block masks for BLOCK heads at prefill (method-digest section 4).
+
+Per sequence and query head, the attention mass of every (query block, key block) tile is estimated from strided
+antidiagonal scores: with stride s, query group m (tokens m*s .. m*s+s-1, taken in reverse) against key group n
+(taken in order) scores A[m, n] = sum_i q[m*s + s-1-i] . k[n*s + i], i.e. one antidiagonal of the s x s tile of
+QK^T. A row softmax over the causally visible key groups (scale 1 / (sqrt(D) s), as XAttention), summed into
+(block/s) x (block/s) tiles, gives the block mass. Each query-block row keeps its first block (the sink) and its
+diagonal block, then the other causal blocks in descending mass while the mass accumulated before a block is
+below `threshold` x the row's total (XAttention's `find_blocks_chunked`).
+
+Defaults follow the code the paper ran (block 128, stride 16; threshold 0.9 as in its training, 0.8 in its eval).
+The estimate is discrete and runs under no_grad; its output is the op's BLOCK mask layout, bool
+[B, Hq, NB, NB] with NB = ceil(Skv / block_size) and absolute block rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["XATTN_STRIDE", "XATTN_THRESHOLD", "block_mass", "block_visible_pairs", "check_xattn_args",
+           "select_blocks", "xattn_block_mask"]
+
+XATTN_STRIDE = 16
+XATTN_THRESHOLD = 0.9
+
+
+def check_xattn_args(block_size: int, stride: int, threshold: float, where: str = "xattn: "):
+    if not isinstance(stride, int) or stride <= 0:
+        raise ValueError(f"{where}xattn stride must be a positive int, got {stride!r}")
+    if not isinstance(block_size, int) or block_size <= 0 or block_size % stride != 0:
+        raise ValueError(f"{where}block_size must be a positive multiple of the xattn stride ({stride}), "
+                         f"got {block_size!r}")
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        raise ValueError(f"{where}xattn threshold must be in [0, 1], got {threshold!r}")
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
+               scale: float | None = None) -> torch.Tensor:
+    """Estimated attention mass per (query block, key block) of one sequence: q [n, Hq, D], k [n, Hkv, D]
+    (queries = keys, a prefill; GQA: Hq a multiple of Hkv) -> float32 [Hq, NB, NB], NB = ceil(n / block_size).
+    Each row of key groups is a softmax, so a block row sums to the number of valid query groups in it."""
+    n, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != n or Hq % Hkv != 0 or k.shape[2] != D:
+        raise ValueError(f"xattn: q [n, Hq, D] and k [n, Hkv, D] with Hq a multiple of Hkv, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    nb = -(-n // block_size)
+    n_pad, G = nb * block_size, nb * block_size // stride
+    qf = torch.zeros(n_pad, Hq, D, dtype=torch.float32, device=q.device)
+    kf = torch.zeros(n_pad, Hkv, D, dtype=torch.float32, device=q.device)
+    qf[:n], kf[:n] = q.float(), k.float()
+    kf = kf.repeat_interleave(Hq // Hkv, dim=1)
+    # [H, G, s*D]: query tokens reversed inside each group, key tokens in order -> dot = one antidiagonal
+    qg = qf.view(G, stride, Hq, D).flip(1).permute(2, 0, 1, 3).reshape(Hq, G, stride * D)
+    kg = kf.view(G, stride, Hq, D).permute(2, 0, 1, 3).reshape(Hq, G, stride * D)
+    sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) / stride
+    scores = torch.matmul(qg, kg.transpose(1, 2)) * sc
+    m = torch.arange(G, device=q.device)
+    visible = (m.view(1, -1) <= m.view(-1, 1)) & (m.view(1, -1) * stride < n)  # group-causal, real keys only
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = probs * (m * stride < n).view(1, -1, 1)  # padding query groups carry no mass
+    per = block_size // stride
+    return probs.view(Hq, nb, per, nb, per).sum(dim=(2, 4))
+
+
+def select_blocks(mass: torch.Tensor, threshold: float = XATTN_THRESHOLD) -> torch.Tensor:
+    """[..., NB, NB] block mass -> bool [..., NB, NB]: per row r, blocks 0 and r always, then the causal blocks
+    (c <= r) in descending mass while the mass accumulated before each is < threshold x the row total."""
+    nb = mass.shape[-1]
+    r = torch.arange(nb, device=mass.device)
+    causal = r.view(1, -1) <= r.view(-1, 1)
+    if threshold >= 1.0:  # every causal block (the rule's limit; rounding of the running sum would drop tiny ones)
+        return causal.expand(mass.shape).clone()
+    forced = (r.view(1, -1) == 0) | (r.view(1, -1) == r.view(-1, 1))
+    m = mass.double().masked_fill(~causal, 0.0)
+    total = m.sum(-1, keepdim=True)
+    key = m.masked_fill(~causal, -1.0).masked_fill(forced.expand_as(m), float("inf"))
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    sorted_mass = m.gather(-1, order)
+    before = sorted_mass.cumsum(-1) - sorted_mass
+    keep_sorted = before < threshold * total
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return (keep | forced) & causal
+
+
+@torch.no_grad()
+def xattn_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
+                     threshold: float = XATTN_THRESHOLD, scale: float | None = None, cu_seqlens=None,
+                     max_seqlen: int | None = None) -> torch.Tensor:
+    """Block masks of a prefill for the op's BLOCK heads.
+
+    q [B, S, Hq, D], k [B, S, Hkv, D] (or packed [T, H, D] with cu_seqlens [B + 1] and max_seqlen) ->
+    bool [B, Hq, NB, NB], NB = ceil(S or max_seqlen / block_size). Rows past a sequence's end are False."""
+    check_xattn_args(block_size, stride, threshold)
+    if cu_seqlens is None:
+        if q.dim() != 4 or k.dim() != 4 or q.shape[1] != k.shape[1]:
+            raise ValueError(f"xattn_block_mask: q [B, S, Hq, D] and k [B, S, Hkv, D] (queries = keys), got "
+                             f"{tuple(q.shape)} and {tuple(k.shape)}")
+        return torch.stack([select_blocks(block_mass(q[b], k[b], block_size=block_size, stride=stride,
+                                                     scale=scale), threshold) for b in range(q.shape[0])])
+    if q.dim() != 3 or k.dim() != 3 or max_seqlen is None:
+        raise ValueError("xattn_block_mask: packed q [T, Hq, D] / k [T, Hkv, D] need cu_seqlens and max_seqlen")
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    nb = -(-int(max_seqlen) // block_size)
+    out = torch.zeros(len(cu) - 1, q.shape[1], nb, nb, dtype=torch.bool, device=q.device)
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        if n == 0:
+            continue
+        sel = select_blocks(block_mass(q[cu[b]:cu[b + 1]], k[cu[b]:cu[b + 1]], block_size=block_size,
+                                       stride=stride, scale=scale), threshold)
+        out[b, :, : sel.shape[-1], : sel.shape[-1]] = sel
+    return out
+
+
+def block_visible_pairs(mask: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """Causal (query, key) pairs a BLOCK head sees in a prefill of n tokens: mask [..., NB, NB] -> float [...]."""
+    nb = -(-n // block_size)
+    sizes = torch.clamp(n - torch.arange(nb, device=mask.device) * block_size, max=block_size).double()
+    pairs = sizes.view(-1, 1) * sizes.view(1, -1)
+    pairs = torch.tril(pairs, diagonal=-1) + torch.diag(sizes * (sizes + 1) / 2)
+    return (mask[..., :nb, :nb].double() * pairs).sum(dim=(-1, -2))
