@@ -61,6 +61,7 @@ def _eval(args):
     cfg = EvalConfig(out=args.out, model=args.model, routers=args.routers, lengths=args.lengths,
                      samples_per_task=args.samples_per_task, max_new_tokens=args.max_new_tokens,
                      policies=tuple(args.policies.split(",")), sink=args.sink, window=args.window, seed=args.seed,
+                     sparse_mode=args.sparse_mode,
                      device=args.device, dtype=args.dtype, calibration_per_task=args.calibration_per_task,
                      sparsity_shift=args.sparsity_shift, progress=not args.no_progress)
     evaluate(cfg)
@@ -126,6 +127,8 @@ def register(subparsers) -> None:
                    help="no model run: re-aggregate this eval_results.json and rewrite its targets, report and plot")
     e.add_argument("--sink", type=int, default=None, help="default: the routers' config")
     e.add_argument("--window", type=int, default=None, help="default: the routers' config")
+    e.add_argument("--sparse-mode", default=None, choices=("stream", "block"),
+                   help="sparse mode of the router-free policies (e.g. all_sparse); default: the routers'")
     _common(e)
     e.set_defaults(func=_eval)
 

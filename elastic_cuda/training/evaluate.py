@@ -47,6 +47,7 @@ class EvalConfig:
     max_new_tokens: int = 32  # SmolLM2 answers in a sentence ("The pass key is 1234567."), digits one token each
     policies: tuple[str, ...] = POLICIES
     sink: int | None = None      # default: the routers' config, else 64
+    sparse_mode: str | None = None  # router-free policies: default the routers' sparse mode, else "stream"
     window: int | None = None    # default: the routers' config, else 512
     seed: int = 0
     device: str = "auto"
@@ -412,6 +413,12 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
     window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
     # the policies without routers run the routers' sparse mode (a BLOCK router's static / all_sparse are BLOCK)
     mode_kw = {k: rcfg[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold") if k in rcfg}
+    if cfg.sparse_mode is not None:
+        if "elastic" in cfg.policies or "static" in cfg.policies:
+            if cfg.sparse_mode != rcfg.get("sparse_mode", "stream"):
+                raise ValueError(f"sparse_mode {cfg.sparse_mode!r}: the routers were trained for "
+                                 f"{rcfg.get('sparse_mode')!r} (elastic and static follow them)")
+        mode_kw["sparse_mode"] = cfg.sparse_mode
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
