@@ -265,6 +265,7 @@ def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Te
 
 def write_report(path_md: str, agg: dict, targets: dict, cfg: EvalConfig, uncertainty: dict | None = None):
     shift = f", router sparsity shift {cfg.sparsity_shift:+g}" if cfg.sparsity_shift else ""
+    shift += f", sparse mode {cfg.sparse_mode}" if cfg.sparse_mode else ""
     lines = [f"# Router evaluation ({cfg.model}, lengths {list(cfg.lengths)}, {cfg.samples_per_task} samples "
              f"per task and length{shift})", "", "## Summary", "",
              "| policy | sensitive acc | robust loss | MSR sensitive | MSR robust | ESR sensitive | ESR robust |",
