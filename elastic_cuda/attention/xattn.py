@@ -36,32 +36,43 @@ def check_xattn_args(block_size: int, stride: int, threshold: float, where: str 
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, max_chunk_elems: int = 1 << 26) -> torch.Tensor:
     """Estimated attention mass per (query block, key block) of one sequence: q [n, Hq, D], k [n, Hkv, D]
     (queries = keys, a prefill; GQA: Hq a multiple of Hkv) -> float32 [Hq, NB, NB], NB = ceil(n / block_size).
-    Each row of key groups is a softmax, so a block row sums to the number of valid query groups in it."""
+    Each row of key groups is a softmax, so a block row sums to the number of valid query groups in it.
+
+    Rows are independent softmaxes, so query blocks go in chunks of at most `max_chunk_elems` fp32 scores (256 MB
+    by default; one [Hq, n/s, n/s] matrix would be 8.6 GB for 32 heads at 128K), each against its causal key
+    columns only; K is shared by its GQA group, not repeated."""
     n, Hq, D = q.shape
     Hkv = k.shape[1]
     if k.shape[0] != n or Hq % Hkv != 0 or k.shape[2] != D:
         raise ValueError(f"xattn: q [n, Hq, D] and k [n, Hkv, D] with Hq a multiple of Hkv, got {tuple(q.shape)} "
                          f"and {tuple(k.shape)}")
     nb = -(-n // block_size)
-    n_pad, G = nb * block_size, nb * block_size // stride
-    qf = torch.zeros(n_pad, Hq, D, dtype=torch.float32, device=q.device)
-    kf = torch.zeros(n_pad, Hkv, D, dtype=torch.float32, device=q.device)
-    qf[:n], kf[:n] = q.float(), k.float()
-    kf = kf.repeat_interleave(Hq // Hkv, dim=1)
-    # [H, G, s*D]: query tokens reversed inside each group, key tokens in order -> dot = one antidiagonal
-    qg = qf.view(G, stride, Hq, D).flip(1).permute(2, 0, 1, 3).reshape(Hq, G, stride * D)
-    kg = kf.view(G, stride, Hq, D).permute(2, 0, 1, 3).reshape(Hq, G, stride * D)
+    n_pad, per = nb * block_size, block_size // stride
+    G, group = n_pad // stride, Hq // Hkv
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pad = (0, 0, 0, 0, 0, n_pad - n)
+    # [Hkv, group, G, s*D]: query tokens reversed inside each stride group, key tokens in order -> one antidiagonal
+    qg = torch.nn.functional.pad(q, pad).view(G, stride, Hkv, group, D).flip(1).permute(2, 3, 0, 1, 4)
+    qg = qg.reshape(Hkv, group, G, stride * D)
+    kg = torch.nn.functional.pad(k, pad).to(dtype).view(G, stride, Hkv, D).permute(2, 0, 1, 3)
+    kg = kg.reshape(Hkv, 1, G, stride * D)
     sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) / stride
-    scores = torch.matmul(qg, kg.transpose(1, 2)) * sc
-    m = torch.arange(G, device=q.device)
-    visible = (m.view(1, -1) <= m.view(-1, 1)) & (m.view(1, -1) * stride < n)  # group-causal, real keys only
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = probs * (m * stride < n).view(1, -1, 1)  # padding query groups carry no mass
-    per = block_size // stride
-    return probs.view(Hq, nb, per, nb, per).sum(dim=(2, 4))
+    g = torch.arange(G, device=q.device)
+    real = g * stride < n                                   # stride groups holding at least one real token
+    out = torch.zeros(Hq, nb, nb, dtype=torch.float32, device=q.device)
+    rows = max(1, max_chunk_elems // max(1, Hq * per * G))  # query blocks per chunk
+    for r0 in range(0, nb, rows):
+        r1 = min(nb, r0 + rows)
+        g0, g1 = r0 * per, r1 * per                         # query groups of the chunk; keys up to g1 are causal
+        scores = torch.matmul(qg[:, :, g0:g1].to(dtype), kg[:, :, :g1].transpose(-1, -2)) * sc
+        visible = (g[:g1].view(1, -1) <= g[g0:g1].view(-1, 1)) & real[:g1].view(1, -1)
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        probs = probs * real[g0:g1].view(-1, 1)             # padding query groups carry no mass
+        out[:, r0:r1, :r1] = probs.reshape(Hq, r1 - r0, per, r1, per).sum(dim=(2, 4)).float()
+    return out
 
 
 def select_blocks(mass: torch.Tensor, threshold: float = XATTN_THRESHOLD) -> torch.Tensor:
