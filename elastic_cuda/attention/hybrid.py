@@ -56,6 +56,15 @@ class PaddingLayout:
         """[B, S, H, D] -> [Tk, H, D] (valid tokens only)."""
         return keys.reshape(-1, *keys.shape[2:])[self.k_index]
 
+    def pack_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """[B, Sq, H, D] -> [Tq, H, D] (valid query rows only)."""
+        return q.reshape(-1, *q.shape[2:])[self.q_index]
+
+    def unpack_queries(self, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[Tq, H, D] -> the shape of `like` [B, Sq, H, D], padded rows 0."""
+        out = packed.new_zeros(like.shape[0] * like.shape[1], *packed.shape[1:]).index_copy(0, self.q_index, packed)
+        return out.view(*like.shape[:2], *packed.shape[1:])
+
 
 def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float | None = None,
                      strategy: str = "auto", padding: PaddingLayout | None = None, block_mask=None,
@@ -65,16 +74,12 @@ def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float
     if padding is None:
         return attention(q, k, v, head_mode, sink=sink, window=window, scale=scale, strategy=strategy,
                          block_mask=block_mask, block_size=block_size)
-    B, Sq, Hq, D = q.shape
-    q_packed = q.reshape(B * Sq, Hq, D)[padding.q_index]
-    k_packed = padding.pack_keys(k)
-    v_packed = padding.pack_keys(v)
+    q_packed, k_packed, v_packed = padding.pack_queries(q), padding.pack_keys(k), padding.pack_keys(v)
     out_packed = attention(q_packed, k_packed, v_packed, head_mode, sink=sink, window=window, scale=scale,
                            cu_seqlens_q=padding.cu_seqlens_q, cu_seqlens_k=padding.cu_seqlens_k,
                            max_seqlen_q=padding.max_seqlen_q, max_seqlen_k=padding.max_seqlen_k, strategy=strategy,
                            block_mask=block_mask, block_size=block_size)
-    out = q.new_zeros(B * Sq, Hq, D).index_copy(0, padding.q_index, out_packed)
-    return out.view(B, Sq, Hq, D)
+    return padding.unpack_queries(out_packed, q)
 
 
 FULL_BRANCHES = ("auto", "op", "sdpa")
@@ -89,21 +94,18 @@ def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLa
     choice for its FULL group). A padded batch runs one SDPA call per sample."""
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    B, S, Hq, D = q.shape
-    gqa = Hq != k.shape[2]
+    gqa = q.shape[2] != k.shape[2]
     if padding is None:
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
                    enable_gqa=gqa)
         return out.transpose(1, 2)
-    q_packed = q.reshape(B * S, Hq, D)[padding.q_index]
-    k_packed, v_packed = padding.pack_keys(k), padding.pack_keys(v)
+    q_packed, k_packed, v_packed = padding.pack_queries(q), padding.pack_keys(k), padding.pack_keys(v)
     outs = []
-    for b in range(B):
+    for b in range(q.shape[0]):
         sl = slice(int(padding.cu_seqlens_q[b]), int(padding.cu_seqlens_q[b + 1]))
         qb, kb, vb = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q_packed, k_packed, v_packed))
         outs.append(sdpa(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
-    out = q.new_zeros(B * S, Hq, D).index_copy(0, padding.q_index, torch.cat(outs))
-    return out.view(B, S, Hq, D)
+    return padding.unpack_queries(torch.cat(outs), q)
 
 
 def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:

@@ -182,12 +182,12 @@ class ElasticState:
     def block_mask(self, layer_idx, q, k, padding, scale):
         """XAttention block masks bool [B, Hq, NB, NB] of this layer's prefill (q [B, S, Hq, D], k [B, S, Hkv, D]);
         also keeps each sample's visible pairs per KV head (mean over its query heads) for ESR."""
-        B, S, Hq, D = q.shape
+        B, S = q.shape[:2]
         kw = dict(block_size=self.block_size, stride=self.xattn_stride, threshold=self.xattn_threshold, scale=scale)
         if padding is None:
             mask, lengths = xattn_block_mask(q, k, **kw), [S] * B
         else:
-            mask = xattn_block_mask(q.reshape(B * S, Hq, D)[padding.q_index], padding.pack_keys(k),
+            mask = xattn_block_mask(padding.pack_queries(q), padding.pack_keys(k),
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
         vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
