@@ -30,7 +30,7 @@ from elastic_cuda.integrations.transformers import enable  # noqa: E402
 from elastic_cuda.router import RouterSet  # noqa: E402
 from elastic_cuda.training.data import TASKS, DataConfig, TaskDataset  # noqa: E402
 from elastic_cuda.training.evaluate import (EvalConfig, _gather_records, _shard, _stop_ids, answer_loss,  # noqa: E402
-                                            run_sample, static_table_from_frequency)
+                                            router_full_frequency, run_sample, static_table_from_frequency)
 from elastic_cuda.training.models import load_model_and_tokenizer  # noqa: E402
 from elastic_cuda.training.trainer import DistEnv, resolve_device_dtype  # noqa: E402
 
@@ -88,18 +88,12 @@ def main():
     freq_data = TaskDataset(tokenizer, split="train", seed=2, config=data_cfg)
     freq_calib = _shard(freq_data.eval_samples(lengths, 2), env)
     enable(model, routers, policy="router", sink=sink, window=window)
-    full = torch.zeros(L * H + 1, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for _, s in freq_calib:
-            model(input_ids=torch.tensor([s.prompt_ids], device=device), use_cache=False, logits_to_keep=1)
-            full[:-1] += (model.elastic_state.last_head_mode[0] == 0).to(torch.float64).flatten()
-            full[-1] += 1
-    full = env.all_reduce_(full).cpu()
+    frequency = router_full_frequency(model, freq_calib, device, env)
     tables = {}
     for m in msrs:
         # static_table_from_frequency keeps the highest scores FULL: importance is the score here
         tables[f"importance@{m:g}"] = static_table_from_frequency(rise.view(L, H), m)
-        tables[f"frequency@{m:g}"] = static_table_from_frequency((full[:-1] / full[-1]).view(L, H), m)
+        tables[f"frequency@{m:g}"] = static_table_from_frequency(frequency, m)
 
     # 3. greedy accuracy on the eval's held-out grid
     eval_data = TaskDataset(tokenizer, split="eval", seed=1, config=data_cfg)

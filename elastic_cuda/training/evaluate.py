@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..ops import FULL
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
 from .losses import masked_lm_loss
 from .models import load_model_and_tokenizer
@@ -253,6 +254,22 @@ def accuracy_uncertainty(records: list[dict], agg: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def router_full_frequency(model, sharded_samples, device, env, bar=None) -> torch.Tensor:
+    """float64 [L, Hkv]: how often the routers enabled on `model` keep each head FULL at prefill over the prompts
+    of (index, sample) pairs sharded over ranks (all-reduced: every rank gets the same table)."""
+    state = model.elastic_state
+    full = torch.zeros(state.num_layers * state.num_kv_heads + 1, dtype=torch.float64, device=device)  # + count
+    for _, s in sharded_samples:
+        model(input_ids=torch.tensor([s.prompt_ids], device=device), use_cache=False, logits_to_keep=1)
+        full[:-1] += (state.last_head_mode[0] == FULL).to(torch.float64).flatten()
+        full[-1] += 1
+        if bar is not None:
+            bar.update(1)
+    full = env.all_reduce_(full).cpu()
+    return (full[:-1] / full[-1]).view(state.num_layers, state.num_kv_heads)
+
+
 def static_table_from_frequency(full_freq: torch.Tensor, msr: float) -> torch.Tensor:
     """bool [L, Hkv] (True = sparse): the round(msr * L * Hkv) heads least often kept FULL become sparse."""
     L, H = full_freq.shape
@@ -444,16 +461,8 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
                 elastic_msr = _global_mean(total, len(mine), env, device)
         if policy == "static":
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
-            L, H = model.elastic_state.num_layers, model.elastic_state.num_kv_heads
-            full = torch.zeros(L * H + 1, dtype=torch.float64, device=device)  # last slot: sample count
-            with torch.no_grad():
-                for _, s in calib:
-                    model(input_ids=torch.tensor([s.prompt_ids], device=device), use_cache=False, logits_to_keep=1)
-                    full[:-1] += (model.elastic_state.last_head_mode[0] == 0).to(torch.float64).flatten()
-                    full[-1] += 1
-                    bar.update(1)
-            full = env.all_reduce_(full).cpu()
-            static_table = static_table_from_frequency((full[:-1] / full[-1]).view(L, H), elastic_msr)
+            static_table = static_table_from_frequency(router_full_frequency(model, calib, device, env, bar),
+                                                       elastic_msr)
             enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window, **mode_kw)
         elif policy == "dense":
             enable(model, None, policy="all_full", sink=sink, window=window, **mode_kw)
