@@ -207,23 +207,25 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _hits_by_cell(records: list[dict], policy: str, cells: list) -> dict:
+    """{(task, length str): [1.0 / 0.0 per prompt, in run order]} of `policy` on the given sensitive cells."""
+    keep = {(t, str(n)) for t, n in cells}
+    out = defaultdict(list)
+    for r in records:
+        key = (r["task"], str(r["length"]))
+        if r["policy"] == policy and key in keep and "correct" in r:
+            out[key].append(float(r["correct"]))
+    return out
+
+
 def paired_accuracy_difference(records: list[dict], a: str, b: str, cells: list) -> dict | None:
     """Accuracy of policy a minus policy b on the same prompts of the given sensitive (task, length) cells.
 
     Every policy runs the same prompts in the same order, so the k-th record of a cell pairs across policies.
     Returns n, diff, a 95% interval (normal approximation of the paired differences) and the discordant counts
     (prompts only a gets right, only b gets right): a difference of a few discordant prompts is noise."""
-    keep = {(t, str(n)) for t, n in cells}
-
-    def by_cell(policy):
-        out = defaultdict(list)
-        for r in records:
-            if r["policy"] == policy and (r["task"], str(r["length"])) in keep and "correct" in r:
-                out[(r["task"], str(r["length"]))].append(float(r["correct"]))
-        return out
-
-    ra, rb = by_cell(a), by_cell(b)
-    diffs = [x - y for key in sorted(keep) for x, y in zip(ra.get(key, []), rb.get(key, []))]
+    ra, rb = _hits_by_cell(records, a, cells), _hits_by_cell(records, b, cells)
+    diffs = [x - y for key in sorted(ra) for x, y in zip(ra[key], rb.get(key, []))]
     n = len(diffs)
     if n == 0:
         return None
@@ -238,11 +240,9 @@ def accuracy_uncertainty(records: list[dict], agg: dict) -> dict:
     """Per-policy sensitive accuracy on the capable cells with its 95% Wilson interval, and the paired differences
     elastic - dense and elastic - static (the two accuracy targets), from the per-sample records."""
     cells, _ = capable_cells(agg)
-    keep = {(t, str(n)) for t, n in cells}
     out = {"policies": {}, "paired": {}}
     for policy in agg:
-        hits = [float(r["correct"]) for r in records
-                if r["policy"] == policy and (r["task"], str(r["length"])) in keep and "correct" in r]
+        hits = [h for cell in _hits_by_cell(records, policy, cells).values() for h in cell]
         if hits:
             out["policies"][policy] = {"n": len(hits), "accuracy": sum(hits) / len(hits),
                                        "ci95": list(wilson_interval(sum(hits), len(hits)))}
