@@ -203,26 +203,49 @@ def test_block_mode_threshold_one_is_dense(padded):
     assert state.metrics()["esr"] == 0.0 and state.metrics()["msr"] == 1.0
 
 
-def test_block_mode_generation_decodes_block_heads_densely():
-    """After a BLOCK prefill, decode steps attend densely for BLOCK heads, and ElasticCache keeps their history."""
+def _generate_with_both_caches(model, ids, new_tokens):
+    """Greedy generation of `new_tokens` with transformers' own cache and with an ElasticCache:
+    (plain, elastic, the ElasticCache), each output with its sequences and per-step logits."""
     from elastic_cuda.integrations.cache import ElasticCache
 
-    model = make_model("qwen3", dtype=torch.float64, seed=14)
-    ids = _ids(1, 30, seed=14)
-    enable(model, policy="fixed", fixed_table=mixed_table(), xattn_threshold=0.5, **BLOCK_KW)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-              output_logits=True, return_dict_in_generate=True)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         plain = model.generate(ids, **kw)
         cache = ElasticCache(model)
         elastic = model.generate(ids, past_key_values=cache, **kw)
-        state = model.elastic_state
-        masks = _record_block_masks(state)
-        prefill = model(torch.cat([ids, plain.sequences[:, 30:31]], dim=1)).logits[0, -1]
+    return plain, elastic, cache
+
+
+def test_block_mode_generation_decodes_block_heads_densely(monkeypatch):
+    """After a BLOCK prefill, decode steps attend densely for BLOCK heads, and ElasticCache keeps their history."""
+    import elastic_cuda.integrations.transformers as backend
+    from elastic_cuda.ops import BLOCK
+
+    calls = []  # (prefill?, head modes, block mask given?) of every attention call
+    op = backend.hybrid_attention
+
+    def recording(q, k, v, head_mode, **kw):
+        calls.append((q.shape[1] == k.shape[1], set(head_mode.flatten().tolist()), kw["block_mask"] is not None))
+        return op(q, k, v, head_mode, **kw)
+
+    monkeypatch.setattr(backend, "hybrid_attention", recording)
+    model = make_model("qwen3", dtype=torch.float64, seed=14)
+    ids = _ids(1, 30, seed=14)
+    enable(model, policy="fixed", fixed_table=mixed_table(), xattn_threshold=0.5, **BLOCK_KW)
+    plain, elastic, cache = _generate_with_both_caches(model, ids, 6)
+    prefills = [c for c in calls if c[0]]
+    decodes = [c for c in calls if not c[0]]
+    assert len(prefills) == 2 * 2 and len(decodes) == 2 * 2 * 5  # 2 layers; 2 generations; 5 decode steps each
+    assert all(BLOCK in modes and has_mask for _, modes, has_mask in prefills)
+    assert all(BLOCK not in modes and not has_mask for _, modes, has_mask in decodes)
     assert torch.equal(plain.sequences, elastic.sequences)
+    for step in range(6):
+        assert rel_err(elastic.logits[step], plain.logits[step]) < 1e-12
     assert all(not layer.compacted for layer in cache.layers)
-    # the first decode step (dense BLOCK heads) differs from a fresh BLOCK prefill of the same tokens only
-    # through the masks; both are finite and close to each other
+    masks = _record_block_masks(model.elastic_state)
+    with torch.no_grad():
+        prefill = model(torch.cat([ids, plain.sequences[:, 30:31]], dim=1)).logits[0, -1]
     assert torch.isfinite(plain.logits[1]).all() and sorted(masks) == [0, 1] and torch.isfinite(prefill).all()
 
 
@@ -488,18 +511,11 @@ def test_enable_validates_arguments():
 
 @pytest.mark.parametrize("kind,policy", [("llama", "fixed"), ("qwen3", "fixed"), ("llama", "all_sparse")])
 def test_elastic_cache_frees_stream_heads_and_matches_dynamic_cache(kind, policy):
-    from elastic_cuda.integrations.cache import ElasticCache
-
     model = make_model(kind, dtype=torch.float64, seed=11)
     ids = _ids(1, 25, seed=11)
     table = mixed_table() if policy == "fixed" else torch.ones(2, 2, dtype=torch.bool)
     enable(model, policy=policy, sink=SINK, window=WINDOW, fixed_table=table)
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-              output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        plain = model.generate(ids, **kw)
-        cache = ElasticCache(model)
-        elastic = model.generate(ids, past_key_values=cache, **kw)
+    plain, elastic, cache = _generate_with_both_caches(model, ids, 10)
     assert torch.equal(plain.sequences, elastic.sequences)
     for step in range(10):
         assert rel_err(elastic.logits[step], plain.logits[step]) < 1e-6
