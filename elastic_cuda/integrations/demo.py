@@ -81,7 +81,7 @@ class RunResult:
     new_tokens: int
     metrics: dict | None = None
     routing_map: list = field(default_factory=list)
-    sink_window: tuple | None = None
+    sparse_settings: str = ""  # what a sparse head ran, e.g. "STREAM sink 64, window 512"
     kv_bytes: int = 0          # KV cache held at the end (ElasticCache for elastic runs)
     kv_dense_bytes: int = 0    # what a plain dynamic cache holds for the same tokens
 
@@ -112,23 +112,39 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     return new, t1 - t0, t2 - t1
 
 
-def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs=None) -> RunResult:
-    """One generation; enable_kwargs None = the model's own dense attention (HF sdpa)."""
+def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs=None,
+                warmup: bool = True) -> RunResult:
+    """One generation; enable_kwargs None = the model's own dense attention (HF sdpa). warmup: one untimed
+    prefill of the same prompt first, so the timings are not first-call costs."""
     from .cache import ElasticCache
 
     state = enable(model, **enable_kwargs) if enable_kwargs is not None else None
     try:
+        if warmup:  # the first call of a path pays one-off costs (kernel loads, library handles): time the second
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=True,
+                      past_key_values=ElasticCache(model) if state is not None else DynamicCache())
         cache = ElasticCache(model) if state is not None else None
         new, prefill_s, decode_s = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id, cache)
         kv = (cache.memory_bytes(), cache.dense_memory_bytes()) if cache is not None else (0, 0)
         metrics = state.metrics() if state is not None else None
         rmap = state.routing_map() if state is not None else []
-        sink_window = (state.sink, state.window) if state is not None else None
+        settings = sparse_settings(state) if state is not None else ""
     finally:
         if state is not None:
             disable(model)
     answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return RunResult(name, answer, prefill_s, decode_s, len(new), metrics, rmap, sink_window, *kv)
+    return RunResult(name, answer, prefill_s, decode_s, len(new), metrics, rmap, settings, *kv)
+
+
+def sparse_settings(state) -> str:
+    """What a sparse head of this ElasticState runs, for the log line."""
+    if state.sparse_mode == "block":
+        return (f"BLOCK block {state.block_size}, xattn stride {state.xattn_stride}, "
+                f"threshold {state.xattn_threshold:g}; decode dense")
+    return f"STREAM sink {state.sink}, window {state.window}"
 
 
 def format_routing_map(rmap: list, per_line: int = 10) -> str:
@@ -201,11 +217,12 @@ def run_demo(args, log=print):
                 f"{r.decode_s * 1e3:.0f} ms ({tok_s:.1f} tok/s){found}")
             if r.metrics is not None:
                 m = r.metrics
-                log(f"    MSR {m['msr']:.3f}  ESR {m['esr']:.3f}  (sink {r.sink_window[0]}, window {r.sink_window[1]}); "
+                log(f"    MSR {m['msr']:.3f}  ESR {m['esr']:.3f}  ({r.sparse_settings}); "
                     f"KV cache {r.kv_bytes / 2**20:.1f} MiB vs {r.kv_dense_bytes / 2**20:.1f} MiB dense")
             log("    answer: " + r.answer.replace("\n", " ")[:400])
         r = results[(pname, policy_label)]
-        log(f"routing map of '{policy_label}' (rows: layers, one character per KV head; F full, S stream):")
+        log(f"routing map of '{policy_label}' (rows: layers, one character per KV head; F full, S stream, "
+            "B block):")
         log(format_routing_map(r.routing_map))
     return results
 
