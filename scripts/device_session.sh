@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # The GPU-machine session, as device calls made back to back (the machine stays warm ~30 s between calls, keeping
-# /root/m, the in-place build and any detached training). The real model (94 MB) is over one call's 64 MiB, so it
-# travels as two halves (`split -b 48M` of the GGUF) in git-ignored folders .model1/ and .model2/, with the gguf
-# wheel in .whl/ (absent there).
-#   prep     carry [.model1, .whl]: model half 1 -> /root/m; build the extension in place
-#   kernels  carry [.model1, .whl]: model half 1; build, GPU tests, sanitizer, benchmark, ncu (run_device.sh)
-#   train    carry [.model2, .whl]: assemble the GGUF; start the router training DETACHED (setsid; torchrun over
+# /root/m, the in-place build and any detached training). The real model (94 MB) and the working tree (~21 MiB)
+# are over one call's 64 MiB, so the GGUF travels as three parts (`split -b 32M`: smol.part.aa/ab/ac) in the
+# git-ignored folders .model1/ .model2/ .model3/, one per call, with the gguf wheel in .whl/ (absent there). Every
+# call stores the part it carries in /root/m; the modes that load the model assemble it once all three are there.
+#   prep     carry [.model1, .whl]: build the extension in place
+#   stage    carry [.model2]: store the part (nothing else)
+#   kernels  build, GPU tests, sanitizer, benchmark, ncu (run_device.sh)
+#   train    carry [.model3, .whl]: assemble the GGUF; start the router training DETACHED (setsid; torchrun over
 #            NPROC GPUs, default all of them) so it outlives the call; with KERNELS_ON_LAST_GPU=1 and NPROC < GPUs,
 #            run benchmarks/run_device.sh (GPU tests, sanitizer, benchmark, ncu) on the last GPU meanwhile; then
 #            wait up to WAIT_S for the training
 #   wait     wait up to WAIT_S more for the detached training; print its progress
-#   probe    carry [.model2, .whl]: assemble the GGUF; benchmarks/head_importance_probe.py over PROCS_PER_GPU ranks
+#   probe    carry [.model3, .whl]: assemble the GGUF; benchmarks/head_importance_probe.py over PROCS_PER_GPU ranks
 #            (PROBE_ARGS, PROBE_S)
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
 #            (one call can do `train` with WAIT_S long enough, then `eval`)
+#   demo     the demo with the shipped routers (or ROUTERS) -> $OUT/demo.log
 # Results land under $OUT (at most 8 files come back). env: STEPS, BATCH, ROUTER_LR, LAMBDA_LR, T_SEN, TRAIN_ARGS,
 # PROCS_PER_GPU (train and eval), NUM_WORKERS, NPROC, WAIT_S,
-# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, ROUTERS (eval), DEMO_S, KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
+# EVAL_S, EVAL_SAMPLES, EVAL_LENGTHS, EVAL_ARGS, ROUTERS (eval), DEMO_S, KERNELS_ON_LAST_GPU, KERNEL_BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/elastic_out}
@@ -31,10 +34,21 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 (( NGPU < 1 )) && NGPU=1
 EXT=elastic_cuda/_C$(python3 -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
-need_warm() {  # the model half and the build of an earlier call must still be here
-  if [[ ! -f /root/m/smol.part.aa || ! -f $EXT ]]; then
-    echo "machine went cold (model half 1 or the build is gone): run the 'prep' call again first"; exit 3
+cp .model*/smol.part.* /root/m/ 2> /dev/null  # the model part this call carries, if any
+GGUF=/root/m/smollm2.gguf
+
+need_model() {  # the build and the three model parts of this and earlier calls; assemble the GGUF once
+  if [[ ! -f $EXT ]]; then
+    echo "machine went cold (the build is gone): run the 'prep' call again first"; exit 3
   fi
+  if [[ ! -f $GGUF ]]; then
+    local parts; parts=$(ls /root/m/smol.part.* 2> /dev/null | wc -l)
+    if (( parts != 3 )); then
+      echo "model parts in /root/m: $parts of 3 (carry .model1, .model2, .model3 in successive calls)"; exit 3
+    fi
+    cat /root/m/smol.part.aa /root/m/smol.part.ab /root/m/smol.part.ac > $GGUF
+  fi
+  export ELASTIC_SMOLLM2_GGUF=$GGUF
 }
 
 wait_training() {  # wait_training SECONDS: until the detached run ends or the time is up; print its progress
@@ -52,22 +66,23 @@ r = json.loads(sys.stdin.read() or "{}"); print({k: r.get(k) for k in ("step", "
   cp /root/train.log $RUN/train_log.jsonl /root/ 2> /dev/null
   (cd /root && tar czf "$OUT/train_logs.tar.gz" train.log train_log.jsonl 2> /dev/null)  # one file (8 come back)
   grep -v '^$' /root/train.log | grep -iE "error|traceback" | head -5
+  return 0  # (the grep above finds nothing on a clean run; that is not a failure of the call)
 }
 
 case "${1:-}" in
-prep)  # model half 1 + build only (when a later call must start from a cold machine)
-  cp .model1/smol.part.aa /root/m/ && MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+prep)  # build only (the carried model part is stored above)
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
   echo "prep rc=$?"; tail -2 "$OUT/build.log"
   ;;
+stage)
+  ls -la /root/m
+  ;;
 kernels)
-  cp .model1/smol.part.aa /root/m/ 2>/dev/null || echo "no .model1 carried"
   TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-510} bash benchmarks/run_device.sh
   timeout 60 python3 tests/gpu_exception_probe.py > "$OUT/exception_probe.txt" 2>&1; cat "$OUT/exception_probe.txt"
   ;;
 train)
-  need_warm
-  cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
-  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
+  need_model
   NP=${NPROC:-$NGPU}
   PPG=${PROCS_PER_GPU:-1}  # ranks per GPU (a rank is bound by its Python launch overhead; gloo when > 1)
   rm -rf $RUN
@@ -90,10 +105,8 @@ train)
 wait)
   wait_training "${WAIT_S:-500}"
   ;;
-probe)  # carry [.model2, .whl] after prep: the static-split probe (benchmarks/head_importance_probe.py)
-  need_warm
-  cat /root/m/smol.part.aa .model2/smol.part.ab > /root/m/smollm2.gguf
-  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
+probe)  # the static-split probe (benchmarks/head_importance_probe.py)
+  need_model
   # shellcheck disable=SC2086
   timeout "${PROBE_S:-400}" python3 -m torch.distributed.run --standalone \
     --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-8} )) benchmarks/head_importance_probe.py --out "$OUT" \
@@ -101,8 +114,7 @@ probe)  # carry [.model2, .whl] after prep: the static-split probe (benchmarks/h
   echo "probe rc=$?"; tail -30 "$OUT/probe.log"
   ;;
 eval)
-  need_warm
-  export ELASTIC_SMOLLM2_GGUF=/root/m/smollm2.gguf
+  need_model
   ROUTERS=${ROUTERS:-$RUN/routers}  # e.g. ROUTERS=.run/routers: routers trained in an earlier session, carried
   [[ -f $ROUTERS/router_config.json ]] || { echo "no trained routers in $ROUTERS"; exit 3; }
   mkdir -p $RUN
@@ -110,7 +122,7 @@ eval)
   timeout "${EVAL_S:-300}" python3 -m torch.distributed.run --standalone --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-1} )) \
     -m elastic_cuda eval \
     --routers "$ROUTERS" --out $RUN/eval --samples-per-task "${EVAL_SAMPLES:-8}" --lengths "${EVAL_LENGTHS:-2048,4096,8192}" \
-    --no-progress > "$OUT/eval.log" 2>&1
+    --no-progress ${EVAL_ARGS:-} > "$OUT/eval.log" 2>&1
   echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
   t2=$(date +%s)
   timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo --routers "$ROUTERS" --device cuda > "$OUT/demo.log" 2>&1
@@ -119,7 +131,13 @@ eval)
   (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)
   tail -45 "$OUT/eval.log"; tail -30 "$OUT/demo.log"
   ;;
+demo)
+  need_model
+  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo ${ROUTERS:+--routers "$ROUTERS"} --device cuda \
+    > "$OUT/demo.log" 2>&1
+  echo "demo rc=$?"; tail -40 "$OUT/demo.log"
+  ;;
 *)
-  echo "usage: $0 prep|kernels|train|wait|probe|eval"; exit 2
+  echo "usage: $0 prep|stage|kernels|train|wait|probe|eval|demo"; exit 2
   ;;
 esac
