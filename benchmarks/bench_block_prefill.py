@@ -1,0 +1,262 @@
+"""BLOCK (XAttention-style) heads at prefill: the mask estimate and the block-sparse attention, ours vs the peers a
+user has, in one process (forward, bf16, causal, B=1).
+
+Per (model shape, S):
+  xattn_estimate   elastic_cuda.attention.xattn_block_mask (strided antidiagonal scores, block mass, row
+                   selection at threshold 0.9): what the transformers backend runs per layer before BLOCK heads
+  cudnn_dense      SDPA cuDNN over every head (the bar)
+Per (model shape, S, density, MSR) with the same bool block mask [B, Hq, NB, NB] handed to everyone (sink block +
+diagonal always, each other causal block kept with probability `density`; MSR = fraction of KV heads BLOCK, the
+rest FULL, i.e. every causal block):
+  ours_<strategy>  elastic_cuda.ops.attention with that strategy (head_mode FULL/BLOCK, block_size 128)
+  flex_block       one compiled flex_attention call with the BlockMask made from the same mask (off-diagonal blocks
+                   'full', diagonal blocks 'partial' with a causal mask_mod)
+  serial           FULL heads -> cuDNN SDPA, BLOCK heads -> Flex, index_copy_ back (host-known routing)
+and a numeric check ours vs Flex (relative Frobenius error) per case. The mask is synthetic because random q/k give
+a near-uniform estimate (every block kept); on SmolLM2 the estimate keeps ~30% of causal pairs (ESR 0.70,
+benchmarks/results/router_training/).
+
+Env: SEQS (default 8192,32768), MODELS (default llama,smollm2), DENSITIES (default 0.1,0.3), MSRS (default 0.5,1),
+STRATEGIES (default auto,fused,grouped), BENCH_BUDGET_S (default 240). Writes block_prefill.json, block_prefill.md
+and block_prefill.png under --out; `--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
+from bench_attention import MODELS, Case, bench, env_list, flex_fn, rel_err, routing, sdpa  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
+
+BLK = 128
+RESULTS: list[dict] = []
+T0 = time.time()
+
+
+def rec(**kw):
+    kw["elapsed_s"] = round(time.time() - T0, 1)
+    RESULTS.append(kw)
+    print(json.dumps(kw, default=str), flush=True)
+
+
+def random_block_mask(B, Hq, S, density, seed):
+    """bool [B, Hq, NB, NB]: causal blocks; block 0 and the diagonal always, the others with prob. density."""
+    nb = -(-S // BLK)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    keep = torch.rand(B, Hq, nb, nb, generator=g, device="cuda") < density
+    r = torch.arange(nb, device="cuda")
+    causal = r.view(1, -1) <= r.view(-1, 1)
+    forced = (r.view(1, -1) == 0) | (r.view(1, -1) == r.view(-1, 1))
+    return (keep | forced) & causal
+
+
+def with_full_heads(mask, head_mode, G):
+    """The mask every method sees: FULL KV heads' query heads get every causal block."""
+    nb = mask.shape[-1]
+    r = torch.arange(nb, device=mask.device)
+    causal = (r.view(1, -1) <= r.view(-1, 1)).expand_as(mask)
+    full_q = (head_mode == 0).repeat_interleave(G, dim=1)[:, :, None, None]
+    return torch.where(full_q, causal, mask)
+
+
+def flex_block_mask(mask, S):
+    """torch BlockMask of a bool block mask [B, H, NB, NB]: off-diagonal kept blocks are 'full' (no mask_mod),
+    diagonal blocks 'partial' (causal mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = mask.shape[-1]
+    r = torch.arange(nb, device=mask.device)
+    diag = (r.view(1, -1) == r.view(-1, 1)).expand_as(mask)
+    full = mask & ~diag
+
+    def as_kv_blocks(sel):  # selected block indices first (ascending), then the rest
+        order = (~sel).to(torch.int8).argsort(dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1).to(torch.int32), order
+
+    pn, pi = as_kv_blocks(mask & diag)
+    fn, fi = as_kv_blocks(full)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=BLK, mask_mod=causal, seq_lengths=(S, S))
+
+
+def try_bench(name, case, make, **extra):
+    try:
+        fn = make()
+        fn()
+        torch.cuda.synchronize()
+        ms = bench(fn, case.S)
+        rec(method=name, **case.key(**extra), ms=ms)
+        return ms
+    except Exception as e:  # a peer that cannot run this case is reported, not fatal
+        rec(method=name, **case.key(**extra), error=repr(e)[:300])
+        return None
+
+
+def block_case(case, density, msr, strategies, seed):
+    import elastic_cuda
+
+    hm = routing(case.B, case.Hkv, msr, seed=seed)
+    hm = torch.where(hm == 1, 2, 0).to(torch.int32)  # routing() gives 0/1: sparse heads are BLOCK here
+    mask = with_full_heads(random_block_mask(case.B, case.Hq, case.S, density, seed), hm, case.G)
+    nb = mask.shape[-1]
+    causal_blocks = nb * (nb + 1) / 2
+    kept = float(mask.float().sum(dim=(-1, -2)).mean()) / causal_blocks
+    extra = dict(density=density, msr=msr, kept_block_fraction=round(kept, 4))
+
+    def ours(strategy):
+        return lambda: elastic_cuda.ops.attention(case.q, case.k, case.v, hm, block_mask=mask, block_size=BLK,
+                                                  strategy=strategy)
+
+    for s in strategies:
+        try_bench(f"ours_{s}", case, lambda s=s: ours(s), **extra)
+    flex, bm = flex_fn(), flex_block_mask(mask, case.S)
+    try_bench("flex_block", case, lambda: (lambda: flex(case.qt, case.kt, case.vt, block_mask=bm, enable_gqa=True)),
+              **extra)
+    try:
+        ref = flex(case.qt, case.kt, case.vt, block_mask=bm, enable_gqa=True).transpose(1, 2)
+        rec(method="check_ours_vs_flex", **case.key(**extra), rel_err=rel_err(ours("auto")(), ref))
+    except Exception as e:
+        rec(method="check_ours_vs_flex", **case.key(**extra), error=repr(e)[:300])
+    if 0 < msr < 1:
+        try_bench("serial", case, lambda: serial(case, hm, mask), **extra)
+
+
+def serial(case, hm, mask):
+    """FULL heads through cuDNN, BLOCK heads through Flex (their own BlockMask), scattered back; the routing is
+    host-known (built once here), as a user gluing the two would do."""
+    flex = flex_fn()
+    G = case.G
+    qh = (hm[0] == 2).repeat_interleave(G).nonzero().flatten()
+    qf = (hm[0] == 0).repeat_interleave(G).nonzero().flatten()
+    kh, kf = (hm[0] == 2).nonzero().flatten(), (hm[0] == 0).nonzero().flatten()
+    bm = flex_block_mask(mask[:, qh], case.S)
+    out = torch.empty_like(case.qt)
+
+    def run():
+        o_full = sdpa(case.qt[:, qf], case.kt[:, kf], case.vt[:, kf], SDPBackend.CUDNN_ATTENTION)
+        o_block = flex(case.qt[:, qh], case.kt[:, kh], case.vt[:, kh], block_mask=bm, enable_gqa=True)
+        out.index_copy_(1, qf, o_full)
+        out.index_copy_(1, qh, o_block)
+        return out
+    return run
+
+
+def write_markdown(path, torch_version, gpu):
+    lines = ["# BLOCK heads at prefill: XAttention mask estimate and block-sparse attention", "",
+             f"torch {torch_version}, {gpu}, bf16, B=1, block {BLK}; median ms "
+             "(speedup vs cuDNN dense at the same shape). density: probability an off-diagonal causal block is kept "
+             "in a BLOCK head; MSR: fraction of KV heads BLOCK (the rest FULL). `python benchmarks/"
+             "bench_block_prefill.py`.", ""]
+    dense = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "cudnn_dense" and "ms" in r}
+    est = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "xattn_estimate" and "ms" in r}
+    methods = sorted({r["method"] for r in RESULTS if "density" in r and r["method"] != "check_ours_vs_flex"},
+                     key=lambda m: (not m.startswith("ours"), m))
+    for key in sorted(dense):
+        model, S = key
+        lines += [f"## {MODELS[model]['name']} shape, S={S}: cuDNN dense {dense[key]:.3f} ms, xattn estimate "
+                  f"{est.get(key, float('nan')):.3f} ms", "",
+                  "| density | MSR | kept blocks | " + " | ".join(methods) + " | ours vs Flex rel. err |",
+                  "|---" * (len(methods) + 4) + "|"]
+        cases = sorted({(r["density"], r["msr"]) for r in RESULTS if (r.get("model"), r.get("S")) == key
+                        and "density" in r})
+        for d, m in cases:
+            row = {r["method"]: r for r in RESULTS if (r.get("model"), r.get("S"), r.get("density"), r.get("msr"))
+                   == (model, S, d, m)}
+            kept = next((r["kept_block_fraction"] for r in row.values()), float("nan"))
+            cells = [f"{row[x]['ms']:.3f} ({dense[key] / row[x]['ms']:.2f}x)" if "ms" in row.get(x, {}) else "-"
+                     for x in methods]
+            chk = row.get("check_ours_vs_flex", {}).get("rel_err")
+            chk = "-" if chk is None else f"{chk:.1e}"
+            lines.append(f"| {d} | {m} | {kept:.3f} | " + " | ".join(cells) + f" | {chk} |")
+        lines.append("")
+    errors = [r for r in RESULTS if "error" in r]
+    if errors:
+        lines += ["## Errors", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(path):
+    """One panel per (shape, S): ms per (density, MSR) case for each method, cuDNN dense and the estimate as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["model"], r["S"]) for r in RESULTS if r["method"] == "cudnn_dense" and "ms" in r})
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, (model, S) in zip(axes[0], keys):
+        rows = [r for r in RESULTS if (r.get("model"), r.get("S")) == (model, S) and "ms" in r]
+        cases = sorted({(r["density"], r["msr"]) for r in rows if "density" in r})
+        methods = sorted({r["method"] for r in rows if "density" in r}, key=lambda m: (not m.startswith("ours"), m))
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            ms = [next((r["ms"] for r in rows if r["method"] == m and (r["density"], r["msr"]) == c), float("nan"))
+                  for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], ms, width, label=m)
+        for name, style in (("cudnn_dense", "k--"), ("xattn_estimate", "r:")):
+            t = next((r["ms"] for r in rows if r["method"] == name), None)
+            if t is not None:
+                ax.axhline(t, color=style[0], linestyle=style[1:], label=name)
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"d{d:g}\nMSR {m:g}" for d, m in cases], fontsize=8)
+        ax.set_title(f"{MODELS[model]['name']} shape, S={S}", fontsize=9)
+        ax.set_ylabel("ms (median)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("BLOCK heads at prefill (bf16, B=1): d = off-diagonal block keep probability", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--from-json", default=None, help="rewrite block_prefill.md / .png from this saved JSON")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        RESULTS.extend(saved["results"])
+        write_markdown(os.path.join(args.out, "block_prefill.md"), saved["torch"], saved["gpu"])
+        write_plot(os.path.join(args.out, "block_prefill.png"))
+        return
+    from elastic_cuda.attention.xattn import xattn_block_mask
+
+    budget = float(os.environ.get("BENCH_BUDGET_S", 240))
+    strategies = env_list("STRATEGIES", "auto,fused,grouped", str)
+    seed = 0
+    for model in env_list("MODELS", "llama,smollm2", str):
+        for S in env_list("SEQS", "8192,32768"):
+            if time.time() - T0 > budget:
+                rec(method="skipped", model=model, S=S, reason="BENCH_BUDGET_S reached")
+                continue
+            c = Case(model, 1, S)
+            try_bench("cudnn_dense", c, lambda: (lambda: sdpa(c.qt, c.kt, c.vt, SDPBackend.CUDNN_ATTENTION)))
+            try_bench("xattn_estimate", c, lambda: (lambda: xattn_block_mask(c.q, c.k, block_size=BLK)))
+            for density in env_list("DENSITIES", "0.1,0.3", float):
+                for msr in env_list("MSRS", "0.5,1", float):
+                    seed += 1
+                    block_case(c, density, msr, strategies, seed)
+    with open(os.path.join(args.out, "block_prefill.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "results": RESULTS}, f, indent=1)
+    write_markdown(os.path.join(args.out, "block_prefill.md"), torch.__version__, torch.cuda.get_device_name())
+    write_plot(os.path.join(args.out, "block_prefill.png"))
+    print(open(os.path.join(args.out, "block_prefill.md")).read())
+
+
+if __name__ == "__main__":
+    main()
