@@ -34,8 +34,9 @@ from elastic_cuda.training.evaluate import (EvalConfig, _gather_records, _shard,
 from elastic_cuda.training.models import load_model_and_tokenizer  # noqa: E402
 from elastic_cuda.training.trainer import DistEnv, resolve_device_dtype  # noqa: E402
 
+# STREAM routers: this probe streams heads, so their routing frequencies are the ones to rank by
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elastic_cuda", "routers",
-                       "smollm2-135m-instruct")
+                       "smollm2-135m-instruct-stream")
 
 
 def capable_cells(lengths) -> list[tuple[str, int]]:

@@ -560,3 +560,56 @@ def test_cli_parser_and_default_fixed_policy():
     table = duo_style_fixed_table(30, 3)
     assert table.shape == (30, 3) and int(table.sum()) == 39  # 39 of 90 KV heads stream (MSR 0.433)
     assert not table[:2].any() and not table[-2:].any()
+
+
+def _shipped_router_dirs():
+    import glob
+    import os
+
+    import elastic_cuda
+    root = os.path.join(os.path.dirname(elastic_cuda.__file__), "routers")
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "router_config.json")))
+
+
+@pytest.mark.parametrize("routers_dir", _shipped_router_dirs(), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_shipped_routers_drive_a_smollm2_shaped_model_in_their_sparse_mode(routers_dir):
+    """Every RouterSet shipped in the package loads into a model of SmolLM2-135M's attention geometry (random
+    weights: 30 layers, 9 query / 3 KV heads of dim 64), routes each (layer, KV head) to FULL or to its own sparse
+    mode, and carries the lambdas a fine-tune continues from."""
+    import json
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from elastic_cuda.integrations.cache import ElasticCache
+    from elastic_cuda.ops import BLOCK
+    cfg = LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024,
+                      attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with pytest.warns(UserWarning, match="geometry matches"):  # the shipped name is SmolLM2's, not this model's
+        model.config._name_or_path = "random-smollm2-shape"
+        routers = RouterSet.load(routers_dir, model=model)
+        state = enable(model, routers)
+    mode = routers.config["sparse_mode"]
+    sparse_id = {"stream": STREAM, "block": BLOCK}[mode]
+    with open(os.path.join(routers_dir, "training_lambdas.json")) as f:
+        lam = json.load(f)
+    assert 0.0 < lam["t_sen"] < 1.0 and set(lam["lambda1"]) == set(lam["lambda2"]) == set(lam["tasks"])
+    try:
+        assert state.sparse_mode == mode
+        ids = _ids(2, 300, seed=5)
+        with torch.no_grad():
+            cache = ElasticCache(model)
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        modes = state.last_head_mode
+        assert modes.shape == (2, 30, 3)
+        assert set(modes.unique().tolist()) <= {FULL, sparse_id}
+        assert bool((modes == sparse_id).any())  # not a FULL-only routing (a trained router set)
+        assert torch.isfinite(logits).all() and torch.isfinite(step).all()
+        m = state.metrics()
+        assert 0.0 < m["msr"] <= 1.0 and 0.0 <= m["esr"] < 1.0
+    finally:
+        disable(model)
