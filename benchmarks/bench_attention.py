@@ -434,9 +434,14 @@ def write_markdown(path, msrs):
         lines += ["## Checks, boundary_pool, forward+backward", "", "```"]
         lines += [json.dumps({k: v for k, v in r.items() if k != "elapsed_s"}) for r in other]
         lines += ["```", ""]
+    write_with_errors(path, lines)
+
+
+def write_with_errors(path, lines):
+    """Write markdown `lines` to path, followed by every RESULTS record that carries an error."""
     errors = [r for r in RESULTS if "error" in r]
     if errors:
-        lines += ["## Errors (peers skipped)", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
+        lines = lines + ["## Errors (peers skipped)", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

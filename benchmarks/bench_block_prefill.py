@@ -32,18 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
-from bench_attention import MODELS, Case, bench, env_list, flex_fn, rel_err, routing, sdpa  # noqa: E402
+from bench_attention import (MODELS, RESULTS, T0, Case, env_list, flex_fn, rec, rel_err, routing,  # noqa: E402
+                             sdpa, try_bench, write_with_errors)
 from torch.nn.attention import SDPBackend  # noqa: E402
 
 BLK = 128
-RESULTS: list[dict] = []
-T0 = time.time()
-
-
-def rec(**kw):
-    kw["elapsed_s"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw, default=str), flush=True)
 
 
 def random_block_mask(B, Hq, S, density, seed):
@@ -89,19 +82,6 @@ def flex_block_mask(mask, S):
     return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=BLK, mask_mod=causal, seq_lengths=(S, S))
 
 
-def try_bench(name, case, make, **extra):
-    try:
-        fn = make()
-        fn()
-        torch.cuda.synchronize()
-        ms = bench(fn, case.S)
-        rec(method=name, **case.key(**extra), ms=ms)
-        return ms
-    except Exception as e:  # a peer that cannot run this case is reported, not fatal
-        rec(method=name, **case.key(**extra), error=repr(e)[:300])
-        return None
-
-
 def block_case(case, density, msr, strategies, seed):
     import elastic_cuda
 
@@ -118,17 +98,17 @@ def block_case(case, density, msr, strategies, seed):
                                                   strategy=strategy)
 
     for s in strategies:
-        try_bench(f"ours_{s}", case, lambda s=s: ours(s), **extra)
+        try_bench(f"ours_{s}", case, lambda s=s: ours(s), (), **extra)
     flex, bm = flex_fn(), flex_block_mask(mask, case.S)
     try_bench("flex_block", case, lambda: (lambda: flex(case.qt, case.kt, case.vt, block_mask=bm, enable_gqa=True)),
-              **extra)
+              (), **extra)
     try:
         ref = flex(case.qt, case.kt, case.vt, block_mask=bm, enable_gqa=True).transpose(1, 2)
         rec(method="check_ours_vs_flex", **case.key(**extra), rel_err=rel_err(ours("auto")(), ref))
     except Exception as e:
         rec(method="check_ours_vs_flex", **case.key(**extra), error=repr(e)[:300])
     if 0 < msr < 1:
-        try_bench("serial", case, lambda: serial(case, hm, mask), **extra)
+        try_bench("serial", case, lambda: serial(case, hm, mask), (), **extra)
 
 
 def serial(case, hm, mask):
@@ -179,11 +159,7 @@ def write_markdown(path, torch_version, gpu):
             chk = "-" if chk is None else f"{chk:.1e}"
             lines.append(f"| {d} | {m} | {kept:.3f} | " + " | ".join(cells) + f" | {chk} |")
         lines.append("")
-    errors = [r for r in RESULTS if "error" in r]
-    if errors:
-        lines += ["## Errors", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_with_errors(path, lines)
 
 
 def write_plot(path):
@@ -245,8 +221,8 @@ def main():
                 rec(method="skipped", model=model, S=S, reason="BENCH_BUDGET_S reached")
                 continue
             c = Case(model, 1, S)
-            try_bench("cudnn_dense", c, lambda: (lambda: sdpa(c.qt, c.kt, c.vt, SDPBackend.CUDNN_ATTENTION)))
-            try_bench("xattn_estimate", c, lambda: (lambda: xattn_block_mask(c.q, c.k, block_size=BLK)))
+            try_bench("cudnn_dense", c, lambda: (lambda: sdpa(c.qt, c.kt, c.vt, SDPBackend.CUDNN_ATTENTION)), ())
+            try_bench("xattn_estimate", c, lambda: (lambda: xattn_block_mask(c.q, c.k, block_size=BLK)), ())
             for density in env_list("DENSITIES", "0.1,0.3", float):
                 for msr in env_list("MSRS", "0.5,1", float):
                     seed += 1

@@ -566,8 +566,8 @@ def _shipped_router_dirs():
     import glob
     import os
 
-    import elastic_cuda
-    root = os.path.join(os.path.dirname(elastic_cuda.__file__), "routers")
+    from elastic_cuda.integrations.demo import SHIPPED_ROUTERS
+    root = os.path.dirname(SHIPPED_ROUTERS)  # elastic_cuda/routers/, beside the default set
     return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "router_config.json")))
 
 
