@@ -49,7 +49,7 @@ def _add_demo(subparsers):
 
 
 def _run_demo(args):
-    from .integrations.demo import run_demo
+    from .demo import run_demo
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")

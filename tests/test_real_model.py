@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from elastic_cuda.integrations import smollm2  # noqa: E402
-from elastic_cuda.integrations.demo import chat_prompt, passkey_prompt, summary_prompt  # noqa: E402
+from elastic_cuda.demo import chat_prompt, passkey_prompt, summary_prompt  # noqa: E402
 from elastic_cuda.integrations.transformers import disable, enable  # noqa: E402
 from elastic_cuda.ops import FULL, STREAM  # noqa: E402
 from elastic_cuda.router import RouterSet  # noqa: E402

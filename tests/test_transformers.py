@@ -549,7 +549,7 @@ def test_elastic_cache_all_full_keeps_everything():
 
 def test_cli_parser_and_default_fixed_policy():
     from elastic_cuda.cli import build_parser
-    from elastic_cuda.integrations.demo import SHIPPED_ROUTERS, duo_style_fixed_table, resolve_policy
+    from elastic_cuda.demo import SHIPPED_ROUTERS, duo_style_fixed_table, resolve_policy
 
     args = build_parser().parse_args(["demo", "--policy", "all_sparse", "--sink", "4", "--threads", "1"])
     assert (args.command, args.policy, args.sink, args.window, args.threads) == ("demo", "all_sparse", 4, None, 1)
@@ -566,7 +566,7 @@ def _shipped_router_dirs():
     import glob
     import os
 
-    from elastic_cuda.integrations.demo import SHIPPED_ROUTERS
+    from elastic_cuda.demo import SHIPPED_ROUTERS
     root = os.path.dirname(SHIPPED_ROUTERS)  # elastic_cuda/routers/, beside the default set
     return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "router_config.json")))
 

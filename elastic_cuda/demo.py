@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..router import RouterSet
-from .transformers import disable, enable
+from .router import RouterSet
+from .integrations.transformers import disable, enable
 
-SHIPPED_ROUTERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "routers",
+SHIPPED_ROUTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "routers",
                                "smollm2-135m-instruct")
 
 _FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -116,7 +116,7 @@ def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs
                 warmup: bool = True) -> RunResult:
     """One generation; enable_kwargs None = the model's own dense attention (HF sdpa). warmup: one untimed
     prefill of the same prompt first, so the timings are not first-call costs."""
-    from .cache import ElasticCache
+    from .integrations.cache import ElasticCache
 
     state = enable(model, **enable_kwargs) if enable_kwargs is not None else None
     try:
@@ -167,7 +167,7 @@ def resolve_policy(policy: str | None, routers_dir: str | None):
 def run_demo(args, log=print):
     from tqdm.auto import tqdm
 
-    from .smollm2 import load_smollm2
+    from .integrations.smollm2 import load_smollm2
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
