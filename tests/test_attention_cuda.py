@@ -293,7 +293,7 @@ def test_bad_args_raise_with_named_argument():
 
 
 # ----------------------------------------------------------------------------- Hopper (sm_90a) forward
-# FULL / STREAM heads without a block mask go to the wgmma kernel on compute capability 9.x;
+# Every head mode goes to the wgmma kernel on compute capability 9.x (BLOCK masks of 128-multiple blocks);
 # ELASTIC_CUDA_SM90=0 forces the sm80 kernel. Every case runs on three paths against the reference: the wgmma
 # kernel with its TMA producer (default), the same kernel with the cp.async producer (ELASTIC_SM90_TMA=0, also
 # what runs when no tensor map can be built), and the sm80 kernel.
@@ -334,8 +334,13 @@ def test_sm90_dispatch(sm90, monkeypatch):
     if not names:
         pytest.skip("profiler recorded no kernels")
     assert any(("sm90" in n) == (sm90 != "0") for n in names), names
-    bm = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)  # a block mask always takes the sm80 kernel
+    # A block mask of 128-wide blocks (one mask column per 128-key tile) takes the wgmma kernel too; 64-wide
+    # blocks straddle its key tiles and take the sm80 kernel.
+    bm = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)
     names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, strategy="fused"))
+    assert names and any(("sm90" in n) == (sm90 != "0") for n in names), names
+    bm = torch.ones(1, 2, 4, 4, dtype=torch.bool, device=DEV)
+    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, block_size=64, strategy="fused"))
     assert names and not any("sm90" in n for n in names), names
 
 
@@ -401,6 +406,56 @@ def test_sm90_poisoned_outputs_and_invalid_modes(sm90, monkeypatch):
         out, lse = torch.ops.elastic.attention(q, k, k, hm, strategy="fused")
         assert torch.isnan(out[:, :, 2:]).all() and torch.isfinite(out[:, :, :2]).all()
         assert torch.isnan(lse[:, 2:]).all() and torch.isfinite(lse[:, :2]).all()
+
+
+def _mixed_modes(B, Hkv, gen):
+    """Random FULL / STREAM / BLOCK per (sample, KV head), at least one BLOCK head per sample."""
+    modes = torch.randint(0, 3, (B, Hkv), generator=torch.Generator().manual_seed(int(gen.initial_seed())),
+                          dtype=torch.int32)
+    modes[:, 0] = BLOCK
+    return modes
+
+
+@SM90_PATHS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_block_heads(sm90, dtype, D, monkeypatch):
+    # BLOCK heads on the wgmma kernel: random masks (about a third of the blocks set, diagonal sometimes empty:
+    # rows with no visible key), lengths 1..3 and around the 128 tiles, block 128 and 256, GQA 1/3/4/8, masks per
+    # KV head and per query head, every mode mixed per sample, Sq < Skv (query tiles straddling mask rows), varlen
+    # and strided layouts; NaN-poisoned output memory, so every element must be written.
+    _set_path(monkeypatch, sm90)
+    tag = f"sm90={sm90} block D{D}"
+    lengths = (1, 2, 3, 100, 127, 128, 129, 255, 256, 257, 1000, 2100)
+    for idx, S in enumerate(lengths):
+        poison = torch.full((16 * 1024 * 1024,), float("nan"), device=DEV)
+        del poison
+        Hq, Hkv = GQA[idx % len(GQA)]
+        B = 1 if S > 1000 else 2
+        bs = 256 if idx % 3 == 2 else 128
+        gen = torch.Generator(device=DEV).manual_seed(400 + idx)
+        Hm = Hq if idx % 2 else Hkv
+        bm = _rand_block_mask(B, Hm, -(-S // bs), 0.35, gen)
+        if idx % 4 == 1:
+            bm[:, :, torch.arange(bm.shape[2]), torch.arange(bm.shape[2])] = False
+        modes = _modes(B, Hkv, "block") if idx % 2 else _mixed_modes(B, Hkv, gen)
+        run_case(B=B, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=modes, sink=16, window=100, block_mask=bm,
+                 block_size=bs, seed=400 + idx, key=f"{tag} S{S} bs{bs} Hm{Hm}")
+    gen = torch.Generator(device=DEV).manual_seed(450)
+    for Sq, Skv in ((1, 1000), (37, 300), (128, 2100), (300, 1000), (129, 129 + 64)):
+        bm = _rand_block_mask(2, 2, -(-Skv // 128), 0.4, gen)
+        run_case(B=2, Sq=Sq, Skv=Skv, Hq=8, Hkv=2, D=D, dtype=dtype,
+                 modes=torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), sink=16, window=100, block_mask=bm,
+                 key=f"{tag} Sq{Sq}<Skv{Skv}")
+    lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
+    modes = torch.tensor([[FULL, STREAM, BLOCK], [BLOCK, FULL, STREAM], [STREAM, BLOCK, FULL], [BLOCK, BLOCK, BLOCK],
+                          [BLOCK, STREAM, FULL], [FULL, BLOCK, BLOCK]], dtype=torch.int32)
+    run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=D, dtype=dtype, modes=modes, sink=8, window=200,
+             block_mask=_rand_block_mask(6, 12, -(-1300 // 128), 0.4, gen), layout="varlen", lens=lens,
+             key=f"{tag} varlen")
+    run_case(B=2, Sq=300, Skv=1000, Hq=8, Hkv=4, D=D, dtype=dtype, modes=_mixed_modes(2, 4, gen), sink=16,
+             window=128, block_mask=_rand_block_mask(2, 4, -(-1000 // 128), 0.4, gen), layout="strided",
+             key=f"{tag} strided")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 
 #include <cmath>
+#include <limits>
 
 #include "attention/check_msg.h"
 #include "attention/head_mode.h"
@@ -109,6 +110,10 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
                   "elastic.attention: block_mask must have shape [B, Hkv or Hq, NB, NB] with NB = ceil(Skv / block_size) = ",
                   s.mask_blocks, " (rows index absolute query blocks), got ", dims_str(bm));
     s.mask_heads = bm.size(1);
+    // The kernels index a mask head's NB x NB bits with 32-bit strides (BlockBits).
+    ELASTIC_CHECK(bm.stride(2) <= std::numeric_limits<int>::max() && bm.stride(3) <= std::numeric_limits<int>::max(),
+                  "elastic.attention: block_mask's row and column strides must fit in 32 bits, got ", bm.stride(2),
+                  " and ", bm.stride(3), " (pass block_mask.contiguous())");
   }
   if (scale.has_value()) {
     ELASTIC_CHECK(std::isfinite(*scale) && *scale > 0, "elastic.attention: scale must be a positive finite number, got ",

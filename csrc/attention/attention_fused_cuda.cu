@@ -86,11 +86,13 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Te
   }
 }
 
-// The Hopper wgmma kernel serves FULL and STREAM heads; BLOCK heads need the block mask, which only the
-// sm80 kernel reads. ELASTIC_CUDA_SM90=0 (read per call) forces the sm80 kernel, e.g. to compare both.
+// The Hopper wgmma kernel serves every mode. Its key tiles are 128 wide, so a block mask must have
+// block_size % 128 == 0 there (one mask column per key tile); masks of 64-wide blocks go to the sm80 kernel,
+// whose 64-wide key tiles take any block_size % 64 == 0. ELASTIC_CUDA_SM90=0 (read per call) forces the sm80
+// kernel, e.g. to compare both.
 template <typename T, int D>
 bool use_sm90_forward(const AttentionFwdParams& p) {
-  if (p.block_mask != nullptr) return false;
+  if (p.block_mask != nullptr && p.block_size % kSm90BlockN != 0) return false;
   const char* env = std::getenv("ELASTIC_CUDA_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   return attention_fwd_sm90_available<T, D>();
@@ -114,6 +116,7 @@ void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t strea
 bool fused_forward_uses_sm90(const AttentionArgs& a) {
   AttentionFwdParams p;
   p.block_mask = a.block_mask.has_value() ? a.block_mask->data_ptr<bool>() : nullptr;
+  p.block_size = static_cast<int>(a.block_size);
   const bool bf16 = a.q.scalar_type() == at::kBFloat16;
   if (a.shape.head_dim == 64) return bf16 ? use_sm90_forward<__nv_bfloat16, 64>(p) : use_sm90_forward<__half, 64>(p);
   return bf16 ? use_sm90_forward<__nv_bfloat16, 128>(p) : use_sm90_forward<__half, 128>(p);

@@ -14,8 +14,8 @@ namespace elastic {
 template <typename T, int D>
 void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream);
 
-// Hopper (sm_90a, wgmma) forward for FULL / STREAM heads without a block mask (sm90/). available() says
-// whether the current device is compute capability 9.x and the loaded binary holds the sm_90a body.
+// Hopper (sm_90a, wgmma) forward for every head mode (sm90/; BLOCK masks need block_size % kSm90BlockN == 0).
+// available() says whether the current device is compute capability 9.x and the loaded binary holds the sm_90a body.
 // counter: one zeroed 64-bit device word for the dynamic work-item hand-out, or nullptr (fixed stride).
 template <typename T, int D>
 bool attention_fwd_sm90_available();
@@ -25,8 +25,10 @@ void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max,
 
 // Query tile (rows) of both forward kernels, needed by the host to size the grid.
 constexpr int kFwdBlockM = 128;
-// Largest key tile of any kernel: BLOCK masks need block_size % kMaxBlockN == 0 on CUDA.
+// Key tile of the sm80 kernels: BLOCK masks need block_size % kMaxBlockN == 0 on CUDA.
 constexpr int kMaxBlockN = 64;
+// Key tile of the Hopper forward: it takes BLOCK masks with block_size % kSm90BlockN == 0 (others go to sm80).
+constexpr int kSm90BlockN = 128;
 
 template <typename T>
 void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, float scale, cudaStream_t stream);

@@ -38,7 +38,7 @@ __device__ __forceinline__ bool mode_is_valid(int mode, const AttentionSeqParams
 // The rows of one block mask head (batch b, mask head mh): bit(rb, cb) = mask[b, mh, rb, cb].
 struct BlockBits {
   const bool* base = nullptr;
-  int64_t stride_r = 0, stride_c = 0;
+  int stride_r = 0, stride_c = 0;  // inside one head (NB x NB bits): an int; fewer registers in the sm90 consumer
   int block_size = 1, nb = 0;
   __device__ __forceinline__ bool bit(int rb, int cb) const {
     return base[rb * stride_r + cb * stride_c];

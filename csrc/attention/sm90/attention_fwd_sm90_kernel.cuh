@@ -1,8 +1,9 @@
-// Hopper (sm_90a) forward kernel of the fused strategy for FULL and STREAM heads: warpgroup MMA (wgmma)
-// with a warp-specialised K/V pipeline, after FlashAttention-3's schedule. Same semantics and parameters
+// Hopper (sm_90a) forward kernel of the fused strategy for FULL, STREAM and BLOCK heads: warpgroup MMA
+// (wgmma) with a warp-specialised K/V pipeline, after FlashAttention-3's schedule. Same semantics and parameters
 // as attention_fwd_kernel.cuh (work item = (query tile, query head, batch), head_mode read on the device,
-// GQA, varlen, Sq <= Skv, lse, skip_full_heads, empty rows 0 / -inf, invalid modes NaN); BLOCK heads stay
-// on that kernel (the host dispatches here only when there is no block mask, so BLOCK is an invalid mode).
+// GQA, varlen, Sq <= Skv, lse, skip_full_heads, empty rows 0 / -inf, invalid modes NaN). BLOCK heads walk only
+// the key tiles whose mask bit is set for the query tile's row blocks (the host sends masks here only when
+// block_size % 128 == 0, so a key tile is one mask column); element masks only on tiles not fully visible.
 //
 // CTA = 3 warpgroups walking work items (longest first; a persistent grid of one CTA per SM by default, items
 // handed out dynamically). Warpgroup 0 is the producer (attention_fwd_sm90_pipeline.cuh): per item it loads
@@ -93,7 +94,6 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   const int g = lane / 4, t4 = lane % 4;
   const int row_in_tile = 64 * wg + 16 * warp + g;  // and row_in_tile + 8
   const SmemDesc q_desc = smem_desc_b128_split(sm.q + wg * 64 * 128, 16, 1024);
-  const BlockBits no_bits;
   const PingPong turns{(flags & kFlagPingPong) != 0, wg};
   // The cp.async writes (generic proxy) of a slot are ordered before this thread's wgmma reads of it (async
   // proxy), as the PTX memory model asks; CUTLASS's cp.async + GMMA mainloops go without (A/B switch). TMA
@@ -120,7 +120,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     const ItemRef item = sm.fetch_item(it);
     if (item.idx >= num_items) break;
     KeyTileWalker<BN> walker;
-    const WorkItem w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
+    const WorkItem w = decode_item<BM, BN, Tr::BLOCK_MASK>(p, item, num_q_tiles, walker);
     if (w.kind == WorkItem::kSkip) continue;
     T* out = static_cast<T*>(p.out) + w.b * p.o_stride_b + int64_t(w.seq.q_start) * p.o_stride_r +
              w.h * p.o_stride_h;
@@ -144,15 +144,21 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     // softmax (base 2); alpha: the rescale factor of the rows' previous O and sum.
     auto softmax_tile = [&](int n, float (&alpha)[2]) {
       const int j0 = n * BN;
-      if (!tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, no_bits)) {
+      const BlockBits bb = Tr::BLOCK_MASK ? walker.bb : BlockBits();  // no mask state without a mask
+      if (!tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb)) {
         // key_visible() as per-row column bounds (branch-free, no overflow): key j0 + 2 t4 + jc is visible iff
-        // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key.
+        // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key. BLOCK: the tile
+        // is one mask column, so a row sees its causal keys iff its bit is set (sink_hi = BN or 0, no window).
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int i = pos0 + 8 * hf;
           const int hi = min(i + 1, len_k) - j0 - 2 * t4;
-          const int sink_hi = min(p.sink, len_k) - j0 - 2 * t4;
-          const int win_lo = mode == kFull ? -BN : (p.window > i ? 0 : i - p.window + 1) - j0 - 2 * t4;
+          int sink_hi = min(p.sink, len_k) - j0 - 2 * t4;
+          int win_lo = mode == kFull ? -BN : (p.window > i ? 0 : i - p.window + 1) - j0 - 2 * t4;
+          if (Tr::BLOCK_MASK && mode == kBlock) {
+            sink_hi = bb.bit_of_position(i, j0 / bb.block_size) ? BN : 0;
+            win_lo = BN;
+          }
 #pragma unroll
           for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
@@ -218,7 +224,6 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     RingPos<Tr::STAGES> prev = cur;
     cur.advance();
     for (n = n_next; n >= 0; n = n_next) {
-      n_next = walker.prev(n);
       // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
       turns.my_turn();
       mbar_wait(sm.k_full(cur.slot), cur.phase);
@@ -233,6 +238,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
       wgmma_commit();
       turns.pass_turn();
+      n_next = walker.prev(n);  // BLOCK heads read mask bits here: their latency hides under the MMAs
       wgmma_wait<1>();  // S(n) ready
       fence_regs(acc_s);
       release(sm.k_empty(cur.slot));

@@ -20,8 +20,8 @@ namespace sm90 {
 
 // K/V ring depth: head_dim 128 holds Q 32 KiB + 3 x (K + V) 64 KiB = 224 KiB (2 with ELASTIC_SM90_STAGES=2);
 // head_dim 64 holds Q 16 KiB + 3 x 32 KiB.
-template <typename T, int D, int STAGES = 3>
-using FwdSm90Config = FwdSm90Traits<T, D, STAGES>;
+template <typename T, int D, int STAGES = 3, bool BLOCK_MASK = false>
+using FwdSm90Config = FwdSm90Traits<T, D, STAGES, BLOCK_MASK>;
 
 // Tuning switches, read per call (for A/B timing; all default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
 // per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
@@ -67,6 +67,7 @@ template <typename T, typename Tr>
 void launch_config(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
                    unsigned long long* counter) {
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
+  static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
   auto kernel = attention_fwd_sm90_kernel<T, Tr>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
   const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
@@ -128,7 +129,11 @@ void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max,
       return;
     }
   }
-  sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter);
+  if (p.block_mask != nullptr) {
+    sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true>>(p, num_q_tiles_max, stream, counter);
+  } else {
+    sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter);
+  }
 }
 
 }  // namespace elastic

@@ -29,9 +29,14 @@ namespace sm90 {
 constexpr unsigned kFlagPingPong = 1, kFlagProxyFence = 2, kFlagTma = 4, kFlagDynamic = 8, kFlagLazyRescale = 16;
 constexpr unsigned kFlagNever = 1u << 31;  // never set: a run-time false the compiler cannot fold (schedule_fence)
 
-template <typename T, int D_, int STAGES_>
+// BLOCK_MASK: the instance for launches with a block mask (BLOCK heads walk their mask bits). Launches without
+// one use the instance without, which carries no mask state: the walker's mask fields do not fit the producer's
+// 56 registers (ptxas -v: the BLOCK_MASK instance spills 64 / 88 bytes at D 64 / 128, all of it in the producer
+// warpgroup per the SASS, L1-resident; the consumers do not spill), and FULL/STREAM launches stay as they were.
+template <typename T, int D_, int STAGES_, bool BLOCK_MASK_ = false>
 struct FwdSm90Traits {
   static constexpr int D = D_, BM = 128, BN = 128, STAGES = STAGES_;
+  static constexpr bool BLOCK_MASK = BLOCK_MASK_;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BM / 64;
   static constexpr int NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
@@ -117,7 +122,7 @@ struct WorkItem {
   SeqInfo seq;
 };
 
-template <int BM, int BN>
+template <int BM, int BN, bool kBlockMask>
 __device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, const ItemRef& item, int num_q_tiles,
                                                 KeyTileWalker<BN>& walker) {
   const int64_t idx = item.idx;
@@ -133,14 +138,20 @@ __device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, con
   w.mode = item.mode;
   if (w.mode == kFull && p.skip_full_heads) return w;
   w.r_end = min(w.r0 + BM, w.seq.len_q);
-  // BLOCK without a mask counts as invalid here (the host sends BLOCK work to the sm80 kernel).
-  if (!(w.mode == kFull || w.mode == kStream)) {
+  if (!(w.mode == kFull || w.mode == kStream || (kBlockMask && w.mode == kBlock))) {  // out of range, or no mask
     w.kind = WorkItem::kFillNan;
     return w;
   }
   w.i_first = w.r0 + w.seq.offset;
   w.i_last = w.r_end - 1 + w.seq.offset;
-  walker.init(w.mode, w.i_first, w.i_last, w.seq.len_k, p.sink, p.window, BlockBits());
+  // BLOCK heads walk the key tiles whose mask bit is set for some row block of the query tile (the host sends
+  // masks here only when block_size % BN == 0, so a key tile is one mask column).
+  if constexpr (kBlockMask) {
+    walker.init(w.mode, w.i_first, w.i_last, w.seq.len_k, p.sink, p.window,
+                w.mode == kBlock ? block_bits(p, w.b, w.h, w.kvh) : BlockBits());
+  } else {
+    walker.init(w.mode, w.i_first, w.i_last, w.seq.len_k, p.sink, p.window, BlockBits());
+  }
   w.kind = walker.first() < 0 ? WorkItem::kFillEmpty : WorkItem::kCompute;  // no visible key in the tile
   return w;
 }
@@ -212,7 +223,7 @@ struct ItemSource {
 
 // The producers' item loop: the next item with keys to load (items with nothing to compute are skipped; the
 // consumers fill their rows), returned once the consumers have released Q of the previous item. False at the end.
-template <int BM, int BN>
+template <int BM, int BN, bool kBlockMask>
 struct ProducerItems {
   int it = 0, q_loads = 0;
   KeyTileWalker<BN> walker;
@@ -223,7 +234,7 @@ struct ProducerItems {
     for (;; ++it) {
       const ItemRef item = src.next(p, sm, it, num_items);
       if (item.idx >= num_items) return false;
-      w = decode_item<BM, BN>(p, item, num_q_tiles, walker);
+      w = decode_item<BM, BN, kBlockMask>(p, item, num_q_tiles, walker);
       if (w.kind == WorkItem::kCompute) break;
     }
     ++it;
@@ -263,7 +274,7 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
   }
   const bool varlen = p.cu_seqlens_q != nullptr;
   FillPos<Tr::STAGES> pos;
-  ProducerItems<BM, BN> items;
+  ProducerItems<BM, BN, Tr::BLOCK_MASK> items;
   while (items.next(p, sm, src, num_q_tiles, num_items)) {
     const WorkItem& w = items.w;
     const KeyTileWalker<BN>& walker = items.walker;
@@ -308,7 +319,7 @@ __device__ void fwd_producer_cp_async(const AttentionFwdParams& p, const SmemLay
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
   const int tid = threadIdx.x % Tr::WG_THREADS;
   FillPos<Tr::STAGES> pos;
-  ProducerItems<BM, BN> items;
+  ProducerItems<BM, BN, Tr::BLOCK_MASK> items;
   while (items.next(p, sm, src, num_q_tiles, num_items)) {
     const WorkItem& w = items.w;
     const KeyTileWalker<BN>& walker = items.walker;
