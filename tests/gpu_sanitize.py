@@ -13,11 +13,11 @@ import elastic_cuda  # noqa: E402
 from elastic_cuda import BLOCK, FULL, STREAM  # noqa: E402
 
 
-def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv"):
+def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64):
+    """bs 64: BLOCK heads on the sm80 kernel; bs 128: on the Hopper kernel (on a 9.x device)."""
     torch.manual_seed(0)
     B, Hkv = modes.shape
     Hq = 3 * Hkv
-    bs = 64
     nb = -(-Skv // bs)
     bm = torch.rand(B, Hkv if mask_heads == "kv" else Hq, nb, nb, device="cuda") < 0.5
     kw = dict(sink=5, window=70, block_mask=bm, block_size=bs, strategy="fused", return_lse=True)
@@ -43,4 +43,6 @@ if __name__ == "__main__":
         one(torch.full((2, 2), mode), 77, 201, 128, torch.bfloat16)
     one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q")
     one(torch.tensor([[STREAM, BLOCK], [BLOCK, STREAM]]), 1, 300, 64, torch.bfloat16)
+    one(torch.tensor([[FULL, BLOCK], [BLOCK, STREAM]]), 77, 201, 128, torch.bfloat16, bs=128)
+    one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q", bs=128)
     print("sanitize run done")
