@@ -442,8 +442,10 @@ def test_sm90_block_heads(sm90, dtype, D, monkeypatch):
         run_case(B=B, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=modes, sink=16, window=100, block_mask=bm,
                  block_size=bs, seed=400 + idx, key=f"{tag} S{S} bs{bs} Hm{Hm}")
     gen = torch.Generator(device=DEV).manual_seed(450)
-    for Sq, Skv in ((1, 1000), (37, 300), (128, 2100), (300, 1000), (129, 129 + 64)):
+    for idx, (Sq, Skv) in enumerate(((1, 1000), (37, 300), (128, 2100), (300, 1000), (129, 129 + 64))):
         bm = _rand_block_mask(2, 2, -(-Skv // 128), 0.4, gen)
+        if idx % 2:  # a non-contiguous view (column stride NB): the walker's scalar path
+            bm = bm.transpose(-1, -2).contiguous().transpose(-1, -2)
         run_case(B=2, Sq=Sq, Skv=Skv, Hq=8, Hkv=2, D=D, dtype=dtype,
                  modes=torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), sink=16, window=100, block_mask=bm,
                  key=f"{tag} Sq{Sq}<Skv{Skv}")

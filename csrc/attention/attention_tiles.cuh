@@ -67,6 +67,43 @@ struct BlockBits {
       if (!bit(rb, cb)) return false;
     return true;
   }
+  // The one mask row that holds every query position of [i_first, i_last], or -1 (rows straddle two mask rows,
+  // or fall outside [0, nb)). Prefill query tiles are aligned to the blocks, so this is the common case.
+  __device__ __forceinline__ int single_row(int i_first, int i_last) const {
+    if (i_first < 0) return -1;
+    const int rb = i_first / block_size;
+    return rb == i_last / block_size && rb < nb ? rb : -1;
+  }
+  // Largest column c <= cb with bit(rb, c) set, or -1. Contiguous rows (stride_c 1, torch's bool layout) are read 16
+  // bytes at a time from 16-byte aligned addresses, so a walk over a sparse row costs one dependent load per 16
+  // blocks instead of one per block (the bytes of such a load that lie before the row belong to the mask tensor's
+  // allocation, which is 16-byte aligned, and are ignored).
+  __device__ __forceinline__ int last_set_at_or_below(int rb, int cb) const {
+    const bool* row = base + int64_t(rb) * stride_r;
+    if (stride_c != 1) {
+      for (; cb >= 0; --cb)
+        if (row[int64_t(cb) * stride_c]) return cb;
+      return -1;
+    }
+    while (cb >= 0) {
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(row + cb);
+      const int top = static_cast<int>(addr & 15u);  // byte of column cb inside the aligned 16 bytes
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(addr - top));
+      const int first = cb - top;                    // column of byte 0 (negative: before the row)
+      // bit k of nz: byte k is non-zero (bool bytes are 0 or 1; any non-zero byte counts)
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      uint32_t nz = 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) nz |= ((w[q] >> (8 * k)) & 0xffu) != 0u ? 1u << (4 * q + k) : 0u;
+      nz &= (2u << top) - 1u;                         // columns <= cb
+      if (first < 0) nz &= ~((1u << (-first)) - 1u);  // columns >= 0
+      if (nz != 0u) return first + 31 - __clz(nz);
+      cb = first - 1;
+    }
+    return -1;
+  }
 };
 
 __device__ __forceinline__ BlockBits block_bits(const AttentionSeqParams& p, int b, int head_q, int head_kv) {
@@ -93,6 +130,8 @@ __device__ __forceinline__ bool tile_may_be_visible(int mode, int i_first, int i
 }
 
 // Is every pair of the tile visible (so the kernel may skip element-wise masking)? len_k bounds the keys.
+// (BLOCK reads the mask; a walker-visited tile whose rows are one mask row is decided without a read by
+// visited_tile_fully_visible below.)
 __device__ __forceinline__ bool tile_fully_visible(int mode, int i_first, int i_last, int j_first, int j_last,
                                                    int len_k, int sink, int window, const BlockBits& bb) {
   if (j_last >= len_k || j_last > i_first || i_first < 0) return false;
@@ -100,6 +139,16 @@ __device__ __forceinline__ bool tile_fully_visible(int mode, int i_first, int i_
   if (mode == kStream) return j_last < sink || i_last - j_first < window;
   if (mode == kBlock) return bb.all_in_rows(i_first, i_last, j_first / bb.block_size);
   return false;
+}
+
+// tile_fully_visible for a tile the KeyTileWalker visits: a visited BLOCK tile whose query rows lie in one mask row
+// has that row's bit set (the walker checked it), so only the causal / length bounds remain; no mask read, which
+// matters in the sm90 consumer, where this sits between the S wait and the softmax.
+__device__ __forceinline__ bool visited_tile_fully_visible(int mode, int i_first, int i_last, int j_first, int j_last,
+                                                           int len_k, int sink, int window, const BlockBits& bb) {
+  if (mode == kBlock && bb.single_row(i_first, i_last) >= 0)
+    return j_last < len_k && j_last <= i_first && i_first >= 0;
+  return tile_fully_visible(mode, i_first, i_last, j_first, j_last, len_k, sink, window, bb);
 }
 
 // Key tiles (of BN keys) visited by one query tile with positions [i_first, i_last], walked from the
@@ -134,6 +183,14 @@ struct KeyTileWalker {
     if (mode == kStream) {
       if (t >= win_lo_tile) return t;
       return t < sink_tiles - 1 ? t : sink_tiles - 1;
+    }
+    if (t < 0) return -1;
+    const int rb = bb.single_row(i_first, i_last);
+    if (rb >= 0) {  // one mask row: jump to the last tile of the nearest set column (vector loads)
+      const int c = bb.last_set_at_or_below(rb, (t * BN) / bb.block_size);
+      if (c < 0) return -1;
+      const int last_tile_of_c = ((c + 1) * bb.block_size) / BN - 1;  // block_size is a multiple of BN
+      return t < last_tile_of_c ? t : last_tile_of_c;
     }
     while (t >= 0 && !bb.any_in_rows(i_first, i_last, (t * BN) / bb.block_size)) --t;
     return t;

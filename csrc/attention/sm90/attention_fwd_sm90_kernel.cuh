@@ -145,7 +145,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     auto softmax_tile = [&](int n, float (&alpha)[2]) {
       const int j0 = n * BN;
       const BlockBits bb = Tr::BLOCK_MASK ? walker.bb : BlockBits();  // no mask state without a mask
-      if (!tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb)) {
+      if (!visited_tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb)) {
         // key_visible() as per-row column bounds (branch-free, no overflow): key j0 + 2 t4 + jc is visible iff
         // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key. BLOCK: the tile
         // is one mask column, so a row sees its causal keys iff its bit is set (sink_hi = BN or 0, no window).
