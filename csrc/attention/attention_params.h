@@ -37,6 +37,7 @@ struct AttentionFwdParams : AttentionSeqParams {
   int64_t lse_stride_b = 0, lse_stride_h = 0;  // lse[b, h, row]: dense [B, Hq, Sq]; varlen [Hq, Tq]
   int64_t rows_q = 0, rows_k = 0;  // rows of q and of k/v per batch slice: dense Sq / Skv, varlen total tokens
   bool skip_full_heads = false;
+  int sched_kv_chunk = 0;  // sm90 work order: KV heads whose items run together (their K/V fit in L2); 0: all
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

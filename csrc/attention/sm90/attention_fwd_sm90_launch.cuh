@@ -27,7 +27,8 @@ using FwdSm90Config = FwdSm90Traits<T, D, STAGES, BLOCK_MASK>;
 // per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
 // ELASTIC_SM90_PROXY_FENCE=0 drops the generic-to-async proxy fence after each K/V wait (cp.async producer
 // only), ELASTIC_SM90_TMA=0 forces the cp.async producer, ELASTIC_SM90_DYNAMIC=0 walks the items with a fixed
-// stride instead of a global counter, ELASTIC_SM90_LAZY_RESCALE=0 rescales O after every key tile.
+// stride instead of a global counter, ELASTIC_SM90_LAZY_RESCALE=0 rescales O after every key tile,
+// ELASTIC_SM90_L2_ORDER=0 hands out every head's items together instead of in L2-sized chunks of KV heads.
 // ELASTIC_SM90_VERBOSE=1 says on stderr why a tensor map was not built.
 inline bool switch_on(const char* name) {
   const char* env = std::getenv(name);
@@ -63,18 +64,30 @@ bool build_tma_maps(const AttentionFwdParams& p, TmaMaps& maps) {
   return why == nullptr;
 }
 
+// KV heads per work-order chunk (item_coord): as many as keep their K and V (all batches) within half the L2, the
+// other half left to the Q / O streams and the mask; at least one.
+inline int l2_kv_chunk(const AttentionFwdParams& p, int head_dim, int dev) {
+  int l2 = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  const int64_t kv_bytes = int64_t(p.batch) * std::max(p.seqlen_k, 1) * head_dim * 2 /* bytes */ * 2 /* K, V */;
+  return static_cast<int>(std::clamp<int64_t>(int64_t(l2) / 2 / kv_bytes, 1, std::max(p.heads_kv, 1)));
+}
+
 template <typename T, typename Tr>
-void launch_config(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
+void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStream_t stream,
                    unsigned long long* counter) {
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
   static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
   auto kernel = attention_fwd_sm90_kernel<T, Tr>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  AttentionFwdParams p = p_in;
+  p.sched_kv_chunk = switch_on("ELASTIC_SM90_L2_ORDER") ? l2_kv_chunk(p, Tr::D, dev) : 0;
   const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
   int64_t grid = std::min<int64_t>(num_items, INT_MAX);  // CTAs stride over the items: any count is covered
   if (switch_on("ELASTIC_SM90_PERSISTENT")) {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
   }
