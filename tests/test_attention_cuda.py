@@ -342,10 +342,26 @@ def test_bad_args_raise_with_named_argument():
 SM90_PATHS = pytest.mark.parametrize("sm90", ["tma", "cp", "0"], ids=["sm90_tma", "sm90_cpasync", "sm80"])
 
 
+def _set_switches(monkeypatch, **env) -> str:
+    """Set A/B switches (kernel_options.h) and make the extension read them again (it reads them once per
+    process); _reload_switches_after_test reads them again once monkeypatch has restored the environment."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return elastic_cuda.ops.reload_kernel_options()
+
+
+@pytest.fixture(autouse=True)
+def _reload_switches_after_test():
+    # Autouse fixtures are set up before the test's monkeypatch, so they are torn down after it: by then the
+    # environment is the caller's again.
+    yield
+    elastic_cuda.ops.reload_kernel_options()
+
+
 def _set_path(monkeypatch, sm90):
     """sm90: 'tma' / 'cp' (wgmma kernel, TMA or cp.async producer) or '0' (sm80 kernel)."""
-    monkeypatch.setenv("ELASTIC_CUDA_SM90", "0" if sm90 == "0" else "1")
-    monkeypatch.setenv("ELASTIC_SM90_TMA", "0" if sm90 == "cp" else "1")
+    _set_switches(monkeypatch, ELASTIC_CUDA_SM90="0" if sm90 == "0" else "1",
+                  ELASTIC_SM90_TMA="0" if sm90 == "cp" else "1")
 
 
 def _fs_modes(B, Hkv, pattern):
@@ -452,7 +468,7 @@ def test_sm90_tma_fallback_for_zero_strides(dtype, monkeypatch, capfd):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a compute capability 9.x device")
     _set_path(monkeypatch, "tma")
-    monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "1")
+    _set_switches(monkeypatch, ELASTIC_SM90_VERBOSE="1")
     gen = torch.Generator(device=DEV).manual_seed(21)
     for D in (64, 128):
         q = torch.randn(2, 300, 8, D, generator=gen, device=DEV).to(dtype)
@@ -504,7 +520,13 @@ def test_sm90_switches(switch, monkeypatch):
     # The tuning switches (static item stride, 2 K/V stages at D 128, eager O rescale, one CTA per item) on the
     # TMA path, for a few ragged / varlen / GQA cases.
     _set_path(monkeypatch, "tma")
-    monkeypatch.setenv(switch, "2" if switch == "ELASTIC_SM90_STAGES" else "0")
+    if switch == "ELASTIC_SM90_STAGES" and "experiments_built=0" in elastic_cuda.ops.reload_kernel_options():
+        # The 2-stage instance is an experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only): asking for it must say so.
+        monkeypatch.setenv(switch, "2")
+        with pytest.raises(RuntimeError, match="ELASTIC_BUILD_EXPERIMENTS=1"):
+            elastic_cuda.ops.reload_kernel_options()
+        pytest.skip("the 2-stage sm90 instance is not built (ELASTIC_BUILD_EXPERIMENTS=1 builds it)")
+    _set_switches(monkeypatch, **{switch: "2" if switch == "ELASTIC_SM90_STAGES" else "0"})
     for idx, (S, D) in enumerate(((129, 128), (1000, 128), (300, 64), (2100, 128))):
         Hq, Hkv = GQA[(idx + 1) % len(GQA)]
         run_case(B=2, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=torch.bfloat16, modes=_fs_modes(2, Hkv, "mixfs"),
