@@ -7,6 +7,9 @@ Environment knobs:
   CUDA_HOME              toolkit root (defaults to /usr/local/cuda when that exists)
   TORCH_CUDA_ARCH_LIST   target archs (default "8.0;9.0a": Ampere + Hopper with wgmma)
   ELASTIC_CUDA_CPU_ONLY  set to 1 to skip the CUDA sources even when a toolkit is present
+  ELASTIC_BUILD_EXPERIMENTS  set to 1 to also build the A/B-timing experiments (sources under an experiments/
+                         folder, e.g. the 2-stage sm90 instance behind ELASTIC_SM90_STAGES=2) and define
+                         ELASTIC_EXPERIMENTS; the product never needs them
   MAX_JOBS               parallel compile jobs (ninja)
 """
 import glob
@@ -51,16 +54,23 @@ def _cutlass_include():
     return inc if os.path.isdir(os.path.join(inc, "cute")) else None
 
 
+def _experiments():
+    return os.environ.get("ELASTIC_BUILD_EXPERIMENTS", "0") == "1"
+
+
 def _sources(with_cuda):
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) if with_cuda else []
-    return cpp + cu
+    keep = _experiments()
+    return [f for f in cpp + cu if keep or "experiments" not in f.split(os.sep)]
 
 
 def _extension():
     with_cuda, why = _want_cuda()
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx = ["-O3", "-fopenmp", "-DELASTIC_PYTHON_MODULE"]
+    experiments = ["-DELASTIC_EXPERIMENTS"] if _experiments() else []
+    cxx += experiments
     link = ["-fopenmp"]
     if with_cuda:
         cutlass = _cutlass_include()
@@ -76,12 +86,13 @@ def _extension():
             "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        ]
+        ] + experiments
         if os.environ.get("ELASTIC_CUDA_PTXAS_VERBOSE", "0") == "1":
             nvcc.append("-Xptxas=-v")
         print(
             f"elastic_cuda: building CUDA + CPU kernels ({why}; "
-            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; cutlass={'yes' if cutlass else 'no'})",
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; cutlass={'yes' if cutlass else 'no'}; "
+            f"experiments={'yes' if experiments else 'no'})",
             file=sys.stderr,
         )
         return CUDAExtension(

@@ -32,6 +32,7 @@ DEV = "cuda"
 
 def set_path(sm90: bool):
     os.environ["ELASTIC_CUDA_SM90"] = "1" if sm90 else "0"
+    elastic_cuda.ops.reload_kernel_options()  # the extension reads its switches once per process
 
 
 def modes_for(pattern, B, Hkv):
@@ -128,23 +129,39 @@ VARIANTS = (  # name, sm90, PERSISTENT, PINGPONG, PROXY_FENCE, TMA, DYNAMIC, LAZ
     ("sm90_cp_s2_old", True, "", "", "", "0", "0", "0", "2", False),  # the previous kernel's configuration
     ("ours_sm80", False, "", "", "", "", "", "", "", False),
 )
+# The 2-stage instance is an experiment, built only with ELASTIC_BUILD_EXPERIMENTS=1 (kernel_options.h).
+EXPERIMENTS_BUILT = "experiments_built=1" in elastic_cuda.ops.reload_kernel_options()
+if not EXPERIMENTS_BUILT:
+    VARIANTS = tuple(v for v in VARIANTS if v[8] != "2")
 if os.environ.get("VARIANTS"):  # e.g. VARIANTS=ours_sm90,sm90_s2: time only these
     _keep = os.environ["VARIANTS"].split(",")
     VARIANTS = tuple(v[:-1] + (v[0] in _keep,) for v in VARIANTS)
 
 
+_VARIANT = None  # the variant whose switches are in effect
+
+
 def set_variant(v):
-    set_path(v[1])
+    """Set v's switches and reload them (the extension reads them once per process); only when the variant
+    changes, so that the timed calls of one variant pay no reload."""
+    global _VARIANT
+    if _VARIANT == v:
+        return
     for name, val in zip(SWITCHES, v[2:-1]):
         if val:
             os.environ[name] = val
         else:
             os.environ.pop(name, None)
+    set_path(v[1])
+    _VARIANT = v
 
 
 def clear_switches():
+    global _VARIANT
     for name in SWITCHES:
         os.environ.pop(name, None)
+    elastic_cuda.ops.reload_kernel_options()
+    _VARIANT = None
 
 
 def time_section():
@@ -208,8 +225,10 @@ def sanitize():
     set_path(True)
     for tma in ("1", "0"):  # TMA producer (with its cp.async tail tiles in the varlen case), cp.async producer
         os.environ["ELASTIC_SM90_TMA"] = tma
+        elastic_cuda.ops.reload_kernel_options()
         sanitize_cases()
     os.environ.pop("ELASTIC_SM90_TMA", None)
+    elastic_cuda.ops.reload_kernel_options()
 
 
 def sanitize_cases():

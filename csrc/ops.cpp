@@ -25,4 +25,8 @@ TORCH_LIBRARY(elastic, m) {
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
   // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
   m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
+  // Reads the A/B-timing environment switches of the CUDA kernels (csrc/attention/kernel_options.h) again;
+  // the extension otherwise reads them once per process. Returns the options now in effect. Tests and
+  // benchmarks only.
+  m.def("reload_kernel_options() -> str");
 }

@@ -27,6 +27,7 @@ __all__ = [
     "attention",
     "boundary_pool",
     "has_cuda_kernels",
+    "reload_kernel_options",
     "validate_attention_args",
 ]
 
@@ -143,6 +144,16 @@ def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_
         block_size=block_size, scale=None if scale is None else float(scale), max_seqlen_q=max_seqlen_q or 0,
         max_seqlen_k=max_seqlen_k or 0, strategy=strategy)
     return (out, lse) if return_lse else out
+
+
+def reload_kernel_options() -> str:
+    """Read the A/B-timing switches of the CUDA kernels (ELASTIC_CUDA_SM90, ELASTIC_SM90_*: README, "Tuning
+    switches") from the environment again and return the options now in effect, e.g. "sm90=1 stages=3 tma=0 ...".
+
+    The extension reads them once per process, at its first CUDA attention call; tests and benchmarks that
+    change them call this afterwards. A value other than the documented ones raises RuntimeError naming the
+    variable. Not needed (and not meant) for normal use: the defaults are the product."""
+    return torch.ops.elastic.reload_kernel_options()
 
 
 def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=None):

@@ -7,6 +7,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
+import elastic_cuda
 from elastic_cuda import BLOCK, FULL
 
 Hq, Hkv, D = 32, 8, 128
@@ -27,6 +28,7 @@ for S in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131
         for rep in range(2):
             for order in ("1", "0"):
                 os.environ["ELASTIC_SM90_L2_ORDER"] = order
+                elastic_cuda.ops.reload_kernel_options()  # the switches are read once, at load or here
                 fn = lambda: torch.ops.elastic.attention(q, k, v, hm, bm, strategy="fused")  # noqa: E731
                 res.setdefault(order, []).append(do_bench(fn, warmup=50, rep=300, return_mode="median"))
         on, off = min(res["1"]), min(res["0"])

@@ -244,3 +244,35 @@ def test_bad_arguments_backward_raw_op(name, change, pattern):
     call_backward(b)  # valid as built
     with pytest.raises(RuntimeError, match=pattern):
         call_backward({**b, **change(b)})
+
+
+# ----------------------------------------------------------------------------- kernel options (A/B switches)
+def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
+    # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
+    for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        default = elastic_cuda.ops.reload_kernel_options()
+        assert default.startswith("sm90=1 stages=3 tma=1 pingpong=1 proxy_fence=1 persistent=1 dynamic=1 "
+                                  "lazy_rescale=1 verbose=0 experiments_built="), default
+        monkeypatch.setenv("ELASTIC_CUDA_SM90", "0")
+        monkeypatch.setenv("ELASTIC_SM90_TMA", "0")
+        monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
+        now = elastic_cuda.ops.reload_kernel_options()
+        assert "sm90=0 " in now and " tma=0 " in now and " verbose=0 " in now, now
+        monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_TMA", "1")
+        monkeypatch.setenv("ELASTIC_SM90_STAGES", "4")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_STAGES must be 2 or 3"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_STAGES", "2")
+        if "experiments_built=0" in default:
+            with pytest.raises(RuntimeError, match="ELASTIC_BUILD_EXPERIMENTS=1"):
+                elastic_cuda.ops.reload_kernel_options()
+        else:
+            assert " stages=2 " in elastic_cuda.ops.reload_kernel_options()
+    finally:
+        monkeypatch.undo()
+        elastic_cuda.ops.reload_kernel_options()

@@ -14,10 +14,10 @@
 #pragma once
 #include <cmath>
 
-#include "attention/attention_fwd_kernel.cuh"  // to_elem
 #include "attention/attention_mma.cuh"
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
+#include "attention/kernel_utils.cuh"
 
 namespace elastic {
 

@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 
 #include "attention/attention_checks.h"
+#include "attention/kernel_options.h"
 
 namespace elastic {
 
@@ -17,6 +18,7 @@ struct AttentionArgs {
   c10::optional<at::Tensor> cu_seqlens_k;  // int32 [B+1]
   int64_t sink = 128, window = 2048, block_size = 128;
   AttentionShape shape;      // from check_attention_args (scale resolved)
+  KernelOptions options;     // tuning options in effect for this call (kernel_options.h), resolved once
 };
 
 // Fused strategy: one launch over all (q-tile, head, batch) work items, each branching on its head's
@@ -25,7 +27,7 @@ struct AttentionArgs {
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads);
 
 // Will the fused strategy run the Hopper wgmma kernel for these arguments (sm_90a build on a 9.x device, no
-// block mask, ELASTIC_CUDA_SM90 != 0)? The cost model of strategy="auto" asks (strategy.h).
+// block mask, a.options.sm90)? The cost model of strategy="auto" asks (strategy.h).
 bool fused_forward_uses_sm90(const AttentionArgs& a);
 
 // Grouped strategy (dense layout only): gather FULL heads into a packed buffer on the device, run them as

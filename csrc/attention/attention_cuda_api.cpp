@@ -70,6 +70,7 @@ AttentionArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.sink = sink;
   a.window = window;
   a.block_size = block_size;
+  a.options = kernel_options();
   return a;
 }
 

@@ -6,11 +6,10 @@
 
 #include <climits>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "attention/attention_cuda.h"
 #include "attention/attention_launch.h"
+#include "attention/static_switch.h"
 
 namespace elastic {
 namespace {
@@ -88,24 +87,24 @@ void fill_fwd_params(AttentionFwdParams& p, const AttentionArgs& a, const at::Te
 
 // The Hopper wgmma kernel serves every mode. Its key tiles are 128 wide, so a block mask must have
 // block_size % 128 == 0 there (one mask column per key tile); masks of 64-wide blocks go to the sm80 kernel,
-// whose 64-wide key tiles take any block_size % 64 == 0. ELASTIC_CUDA_SM90=0 (read per call) forces the sm80
-// kernel, e.g. to compare both.
+// whose 64-wide key tiles take any block_size % 64 == 0. opt.sm90 = false (ELASTIC_CUDA_SM90=0,
+// kernel_options.h) forces the sm80 kernel, e.g. to compare both.
 template <typename T, int D>
-bool use_sm90_forward(const AttentionFwdParams& p) {
+bool use_sm90_forward(const AttentionFwdParams& p, const KernelOptions& opt) {
   if (p.block_mask != nullptr && p.block_size % kSm90BlockN != 0) return false;
-  const char* env = std::getenv("ELASTIC_CUDA_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!opt.sm90) return false;
   return attention_fwd_sm90_available<T, D>();
 }
 
 template <typename T, int D>
-void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream, const at::Tensor& like) {
-  if (use_sm90_forward<T, D>(p)) {
+void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream, const at::Tensor& like,
+                const KernelOptions& opt) {
+  if (use_sm90_forward<T, D>(p, opt)) {
     // The Hopper kernel's CTAs take work items from this counter (allocated on the launch's stream, so
     // concurrent calls never share one).
     at::Tensor counter = at::zeros({1}, like.options().dtype(at::kLong));
     launch_attention_fwd_sm90<T, D>(p, num_q_tiles, stream,
-                                    reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>()));
+                                    reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>()), opt);
   } else {
     launch_attention_fwd<T, D>(p, num_q_tiles, stream);
   }
@@ -117,9 +116,8 @@ bool fused_forward_uses_sm90(const AttentionArgs& a) {
   AttentionFwdParams p;
   p.block_mask = a.block_mask.has_value() ? a.block_mask->data_ptr<bool>() : nullptr;
   p.block_size = static_cast<int>(a.block_size);
-  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
-  if (a.shape.head_dim == 64) return bf16 ? use_sm90_forward<__nv_bfloat16, 64>(p) : use_sm90_forward<__half, 64>(p);
-  return bf16 ? use_sm90_forward<__nv_bfloat16, 128>(p) : use_sm90_forward<__half, 128>(p);
+  return ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
+                                      [&] { return use_sm90_forward<T, D>(p, a.options); });
 }
 
 void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
@@ -128,14 +126,8 @@ void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tenso
   p.skip_full_heads = skip_full_heads;
   const int num_q_tiles = clamp_int((a.shape.seqlen_q + kFwdBlockM - 1) / kFwdBlockM);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
-  if (a.shape.head_dim == 64) {
-    if (bf16) launch_fwd<__nv_bfloat16, 64>(p, num_q_tiles, stream, a.q);
-    else launch_fwd<__half, 64>(p, num_q_tiles, stream, a.q);
-  } else {
-    if (bf16) launch_fwd<__nv_bfloat16, 128>(p, num_q_tiles, stream, a.q);
-    else launch_fwd<__half, 128>(p, num_q_tiles, stream, a.q);
-  }
+  ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
+                               [&] { launch_fwd<T, D>(p, num_q_tiles, stream, a.q, a.options); });
 }
 
 void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at::Tensor& lse,
@@ -160,22 +152,12 @@ void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at:
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int max_q = clamp_int(a.shape.seqlen_q), max_k = clamp_int(a.shape.seqlen_k);
-  const bool bf16 = a.q.scalar_type() == at::kBFloat16;
-  if (a.shape.head_dim == 64) {
-    if (bf16) launch_attention_bwd<__nv_bfloat16, 64>(p, max_q, max_k, stream);
-    else launch_attention_bwd<__half, 64>(p, max_q, max_k, stream);
-  } else {
-    if (bf16) launch_attention_bwd<__nv_bfloat16, 128>(p, max_q, max_k, stream);
-    else launch_attention_bwd<__half, 128>(p, max_q, max_k, stream);
-  }
+  ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
+                               [&] { launch_attention_bwd<T, D>(p, max_q, max_k, stream); });
   const float scale = static_cast<float>(a.shape.scale);
-  if (bf16) {
-    launch_attention_bwd_convert_dq<__nv_bfloat16>(p.dq_accum, static_cast<__nv_bfloat16*>(dq.data_ptr()),
-                                                    dq.numel(), scale, stream);
-  } else {
-    launch_attention_bwd_convert_dq<__half>(p.dq_accum, static_cast<__half*>(dq.data_ptr()), dq.numel(), scale,
-                                            stream);
-  }
+  ELASTIC_DTYPE_SWITCH(a.q.scalar_type(), T, [&] {
+    launch_attention_bwd_convert_dq<T>(p.dq_accum, static_cast<T*>(dq.data_ptr()), dq.numel(), scale, stream);
+  });
 }
 
 }  // namespace elastic

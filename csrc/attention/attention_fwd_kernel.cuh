@@ -12,6 +12,7 @@
 #include "attention/attention_mma.cuh"
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
+#include "attention/kernel_utils.cuh"
 
 namespace elastic {
 
@@ -25,26 +26,6 @@ struct FwdTraits {
   static constexpr int SMEM_BYTES = (BM + 2 * BN) * D * static_cast<int>(sizeof(T));
   static_assert(ROWS_PER_WARP % 16 == 0, "each warp owns whole m16 tiles");
 };
-
-template <typename T>
-__device__ __forceinline__ T to_elem(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_elem<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half to_elem<__half>(float x) { return __float2half(x); }
-
-// Write value `fill` to the out rows [r0, r_end) of one head and `lse_fill` to their lse (work items
-// that visit no tile: zeros/-inf; invalid modes: NaN).
-template <typename T, int D, int NTHREADS>
-__device__ void fwd_fill_rows(T* out, int64_t o_stride_r, float* lse, int r0, int r_end, float fill,
-                              float lse_fill) {
-  const T f = to_elem<T>(fill);
-  for (int idx = threadIdx.x; idx < (r_end - r0) * D; idx += NTHREADS) {
-    const int r = r0 + idx / D;
-    out[r * o_stride_r + idx % D] = f;
-  }
-  for (int r = r0 + threadIdx.x; r < r_end; r += NTHREADS) lse[r] = lse_fill;
-}
 
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const AttentionFwdParams p) {
@@ -71,7 +52,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
   const int r_end = min(r0 + BM, seq.len_q);
 
   if (!mode_is_valid(mode, p)) {  // documented: an invalid mode (or BLOCK without a mask) gives NaN
-    fwd_fill_rows<T, D, NTHREADS>(out, p.o_stride_r, lse, r0, r_end, NAN, NAN);
+    fill_rows<T, D>(out, p.o_stride_r, lse, r0, r_end, NAN, NAN, threadIdx.x, NTHREADS);
     return;
   }
 
@@ -82,7 +63,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
   walker.init(mode, i_first, i_last, seq.len_k, p.sink, p.window, bb);
   int n = walker.first();
   if (n < 0) {  // no visible key for any row of the tile
-    fwd_fill_rows<T, D, NTHREADS>(out, p.o_stride_r, lse, r0, r_end, 0.f, -INFINITY);
+    fill_rows<T, D>(out, p.o_stride_r, lse, r0, r_end, 0.f, -INFINITY, threadIdx.x, NTHREADS);
     return;
   }
 

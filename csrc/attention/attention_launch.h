@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "attention/attention_params.h"
+#include "attention/kernel_options.h"
 
 namespace elastic {
 
@@ -17,11 +18,12 @@ void launch_attention_fwd(const AttentionFwdParams& p, int num_q_tiles_max, cuda
 // Hopper (sm_90a, wgmma) forward for every head mode (sm90/; BLOCK masks need block_size % kSm90BlockN == 0).
 // available() says whether the current device is compute capability 9.x and the loaded binary holds the sm_90a body.
 // counter: one zeroed 64-bit device word for the dynamic work-item hand-out, or nullptr (fixed stride).
+// opt: the call's tuning options (its sm90_* fields; kernel_options.h).
 template <typename T, int D>
 bool attention_fwd_sm90_available();
 template <typename T, int D>
 void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
-                               unsigned long long* counter);
+                               unsigned long long* counter, const KernelOptions& opt);
 
 // Query tile (rows) of both forward kernels, needed by the host to size the grid.
 constexpr int kFwdBlockM = 128;

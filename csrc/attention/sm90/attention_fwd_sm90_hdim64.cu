@@ -5,7 +5,7 @@ namespace elastic {
 template bool attention_fwd_sm90_available<__half, 64>();
 template bool attention_fwd_sm90_available<__nv_bfloat16, 64>();
 template void launch_attention_fwd_sm90<__half, 64>(const AttentionFwdParams&, int, cudaStream_t,
-                                                    unsigned long long*);
+                                                    unsigned long long*, const KernelOptions&);
 template void launch_attention_fwd_sm90<__nv_bfloat16, 64>(const AttentionFwdParams&, int, cudaStream_t,
-                                                           unsigned long long*);
+                                                           unsigned long long*, const KernelOptions&);
 }  // namespace elastic

@@ -22,9 +22,9 @@
 #pragma once
 #include <cmath>
 
-#include "attention/attention_fwd_kernel.cuh"
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
+#include "attention/kernel_utils.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"
 #include "attention/sm90/wgmma.cuh"
 
@@ -57,15 +57,6 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[Tr::D / 2], const uint32
     if constexpr (Tr::D == 128) wgmma_rs_n128_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
     else wgmma_rs_n64_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
   }
-}
-
-// Write `fill` to the out rows [r0, r_end) of one head and `lse_fill` to their lse, with the consumer threads.
-template <typename T, int D>
-__device__ void fill_rows(T* out, int64_t o_stride_r, float* lse, int r0, int r_end, float fill, float lse_fill,
-                          int tid, int nthreads) {
-  const T f = to_elem<T>(fill);
-  for (int idx = tid; idx < (r_end - r0) * D; idx += nthreads) out[(r0 + idx / D) * o_stride_r + idx % D] = f;
-  for (int r = r0 + tid; r < r_end; r += nthreads) lse[r] = lse_fill;
 }
 
 // Ping-pong of the two consumer warpgroups (named barriers 1 and 2): a warpgroup issues its MMAs only

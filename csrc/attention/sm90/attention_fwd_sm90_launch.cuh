@@ -8,7 +8,6 @@
 #include <atomic>
 #include <climits>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -18,31 +17,15 @@
 namespace elastic {
 namespace sm90 {
 
-// K/V ring depth: head_dim 128 holds Q 32 KiB + 3 x (K + V) 64 KiB = 224 KiB (2 with ELASTIC_SM90_STAGES=2);
-// head_dim 64 holds Q 16 KiB + 3 x 32 KiB.
+// K/V ring depth: head_dim 128 holds Q 32 KiB + 3 x (K + V) 64 KiB = 224 KiB (2 stages: an A/B-timing
+// experiment, sm90/experiments/, built with ELASTIC_BUILD_EXPERIMENTS=1); head_dim 64 holds Q 16 KiB + 3 x 32 KiB.
 template <typename T, int D, int STAGES = 3, bool BLOCK_MASK = false>
 using FwdSm90Config = FwdSm90Traits<T, D, STAGES, BLOCK_MASK>;
 
-// Tuning switches, read per call (for A/B timing; all default on): ELASTIC_SM90_PERSISTENT=0 launches one CTA
-// per work item instead of one per SM, ELASTIC_SM90_PINGPONG=0 lets the two consumer warpgroups issue freely,
-// ELASTIC_SM90_PROXY_FENCE=0 drops the generic-to-async proxy fence after each K/V wait (cp.async producer
-// only), ELASTIC_SM90_TMA=0 forces the cp.async producer, ELASTIC_SM90_DYNAMIC=0 walks the items with a fixed
-// stride instead of a global counter, ELASTIC_SM90_LAZY_RESCALE=0 rescales O after every key tile,
-// ELASTIC_SM90_L2_ORDER=0 hands out every head's items together instead of in L2-sized chunks of KV heads.
-// ELASTIC_SM90_VERBOSE=1 says on stderr why a tensor map was not built.
-inline bool switch_on(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-inline bool switch_set(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
-
 // Tensor maps of q, k and v with 128-row boxes (dense [B, S, H, D]; varlen [1, tokens, H, D]); false when one
-// of them cannot be built (the kernel then copies with cp.async).
+// of them cannot be built (the kernel then copies with cp.async); verbose: say why on stderr.
 template <typename T, int D>
-bool build_tma_maps(const AttentionFwdParams& p, TmaMaps& maps) {
+bool build_tma_maps(const AttentionFwdParams& p, TmaMaps& maps, bool verbose) {
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t batch = varlen ? 1 : p.batch;
@@ -59,7 +42,7 @@ bool build_tma_maps(const AttentionFwdParams& p, TmaMaps& maps) {
     why = sm90_host::encode_rows_map(&maps.v, p.v, bf16, D, p.rows_k, p.heads_kv, batch, p.v_stride_r, p.v_stride_h,
                                      p.v_stride_b, 128);
   }
-  if (why != nullptr && switch_set("ELASTIC_SM90_VERBOSE", "1"))
+  if (why != nullptr && verbose)
     std::fprintf(stderr, "elastic sm90: no tensor map for %s (%s): cp.async producer\n", which, why);
   return why == nullptr;
 }
@@ -73,9 +56,10 @@ inline int l2_kv_chunk(const AttentionFwdParams& p, int head_dim, int dev) {
   return static_cast<int>(std::clamp<int64_t>(int64_t(l2) / 2 / kv_bytes, 1, std::max(p.heads_kv, 1)));
 }
 
+// The tuning switches of opt (kernel_options.h) become the launch's grid, work order and kernel flags.
 template <typename T, typename Tr>
 void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStream_t stream,
-                   unsigned long long* counter) {
+                   unsigned long long* counter, const KernelOptions& opt) {
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
   static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
   auto kernel = attention_fwd_sm90_kernel<T, Tr>;
@@ -83,10 +67,10 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   AttentionFwdParams p = p_in;
-  p.sched_kv_chunk = switch_on("ELASTIC_SM90_L2_ORDER") ? l2_kv_chunk(p, Tr::D, dev) : 0;
+  p.sched_kv_chunk = opt.sm90_l2_order ? l2_kv_chunk(p, Tr::D, dev) : 0;
   const int64_t num_items = int64_t(num_q_tiles_max) * p.heads_q * p.batch;
   int64_t grid = std::min<int64_t>(num_items, INT_MAX);  // CTAs stride over the items: any count is covered
-  if (switch_on("ELASTIC_SM90_PERSISTENT")) {
+  if (opt.sm90_persistent) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     grid = std::min<int64_t>(grid, std::max(sms, 1));  // one CTA per SM (shared memory allows no second)
@@ -94,11 +78,11 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   TmaMaps maps;
   std::memset(&maps, 0, sizeof(maps));
   unsigned flags = 0;
-  if (switch_on("ELASTIC_SM90_PINGPONG")) flags |= kFlagPingPong;
-  if (switch_on("ELASTIC_SM90_PROXY_FENCE")) flags |= kFlagProxyFence;
-  if (switch_on("ELASTIC_SM90_TMA") && build_tma_maps<T, Tr::D>(p, maps)) flags |= kFlagTma;
-  if (switch_on("ELASTIC_SM90_DYNAMIC") && counter != nullptr) flags |= kFlagDynamic;
-  if (switch_on("ELASTIC_SM90_LAZY_RESCALE")) flags |= kFlagLazyRescale;
+  if (opt.sm90_pingpong) flags |= kFlagPingPong;
+  if (opt.sm90_proxy_fence) flags |= kFlagProxyFence;
+  if (opt.sm90_tma && build_tma_maps<T, Tr::D>(p, maps, opt.sm90_verbose)) flags |= kFlagTma;
+  if (opt.sm90_dynamic && counter != nullptr) flags |= kFlagDynamic;
+  if (opt.sm90_lazy_rescale) flags |= kFlagLazyRescale;
   kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p, maps, num_q_tiles_max, num_items,
                                                                                  flags, counter);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -134,18 +118,21 @@ bool attention_fwd_sm90_available() {
 // counter: a zeroed device word for the dynamic item hand-out (nullptr: fixed stride).
 template <typename T, int D>
 void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max, cudaStream_t stream,
-                               unsigned long long* counter) {
+                               unsigned long long* counter, const KernelOptions& opt) {
   if (num_q_tiles_max <= 0 || p.batch == 0 || p.heads_q == 0) return;
-  if constexpr (D == 128) {  // the 2-stage instance is compiled in its own unit (attention_fwd_sm90_hdim128_s2.cu)
-    if (sm90::switch_set("ELASTIC_SM90_STAGES", "2")) {
-      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 2>>(p, num_q_tiles_max, stream, counter);
+#if defined(ELASTIC_EXPERIMENTS)
+  if constexpr (D == 128) {  // the 2-stage instance (sm90/experiments/attention_fwd_sm90_hdim128_s2.cu)
+    if (opt.sm90_stages == 2) {
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 2>>(p, num_q_tiles_max, stream, counter, opt);
       return;
     }
   }
+#endif
+  // Without the experiments, kernel_options() never yields sm90_stages == 2 (it rejects ELASTIC_SM90_STAGES=2).
   if (p.block_mask != nullptr) {
-    sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true>>(p, num_q_tiles_max, stream, counter);
+    sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true>>(p, num_q_tiles_max, stream, counter, opt);
   } else {
-    sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter);
+    sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter, opt);
   }
 }
 

@@ -1,0 +1,89 @@
+// Reading the tuning options (kernel_options.h) from the environment, once, and the
+// torch.ops.elastic.reload_kernel_options operator (schema in csrc/ops.cpp) that reads them again.
+// Plain host code, built into CPU-only builds too (there the options are read but no kernel uses them).
+#include "attention/kernel_options.h"
+
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+
+#include "attention/check_msg.h"
+
+namespace elastic {
+namespace {
+
+// nullptr when the variable is unset or empty (the default applies).
+const char* env_value(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' ? v : nullptr;
+}
+
+bool env_bool(const char* name, bool fallback) {
+  const char* v = env_value(name);
+  if (v == nullptr) return fallback;
+  ELASTIC_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "elastic: environment variable ", name,
+                " must be 0 or 1 (A/B timing switch, kernel_options.h), got \"", v, "\"");
+  return v[0] == '1';
+}
+
+KernelOptions read_env() {
+  KernelOptions o;
+  o.sm90 = env_bool("ELASTIC_CUDA_SM90", o.sm90);
+  if (const char* v = env_value("ELASTIC_SM90_STAGES")) {
+    ELASTIC_CHECK(std::strcmp(v, "2") == 0 || std::strcmp(v, "3") == 0,
+                  "elastic: environment variable ELASTIC_SM90_STAGES must be 2 or 3, got \"", v, "\"");
+    o.sm90_stages = v[0] - '0';
+    ELASTIC_CHECK(o.sm90_stages == 3 || kExperimentsBuilt,
+                  "elastic: ELASTIC_SM90_STAGES=2 selects the 2-stage head_dim-128 Hopper instance, an A/B-timing ",
+                  "experiment this build does not contain; rebuild with ELASTIC_BUILD_EXPERIMENTS=1");
+  }
+  o.sm90_tma = env_bool("ELASTIC_SM90_TMA", o.sm90_tma);
+  o.sm90_pingpong = env_bool("ELASTIC_SM90_PINGPONG", o.sm90_pingpong);
+  o.sm90_proxy_fence = env_bool("ELASTIC_SM90_PROXY_FENCE", o.sm90_proxy_fence);
+  o.sm90_persistent = env_bool("ELASTIC_SM90_PERSISTENT", o.sm90_persistent);
+  o.sm90_dynamic = env_bool("ELASTIC_SM90_DYNAMIC", o.sm90_dynamic);
+  o.sm90_lazy_rescale = env_bool("ELASTIC_SM90_LAZY_RESCALE", o.sm90_lazy_rescale);
+  o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
+  o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
+  return o;
+}
+
+std::mutex g_mutex;
+std::optional<KernelOptions> g_options;  // unset until the first successful read
+
+std::string reload_kernel_options_op() { return describe(reload_kernel_options()); }
+
+}  // namespace
+
+KernelOptions kernel_options() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_options) g_options = read_env();  // a bad value throws and is read (and reported) again next call
+  return *g_options;
+}
+
+KernelOptions reload_kernel_options() {
+  KernelOptions o = read_env();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_options = o;
+  return o;
+}
+
+std::string describe(const KernelOptions& o) {
+  auto b = [](bool x) { return x ? "1" : "0"; };
+  return check_detail::msg("sm90=", b(o.sm90), " stages=", o.sm90_stages, " tma=", b(o.sm90_tma),
+                           " pingpong=", b(o.sm90_pingpong), " proxy_fence=", b(o.sm90_proxy_fence),
+                           " persistent=", b(o.sm90_persistent), " dynamic=", b(o.sm90_dynamic),
+                           " lazy_rescale=", b(o.sm90_lazy_rescale), " l2_order=", b(o.sm90_l2_order),
+                           " verbose=", b(o.sm90_verbose),
+                           " experiments_built=", b(kExperimentsBuilt));
+}
+
+// No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.
+TORCH_LIBRARY_IMPL(elastic, CompositeExplicitAutograd, m) {
+  m.impl("reload_kernel_options", &reload_kernel_options_op);
+}
+
+}  // namespace elastic

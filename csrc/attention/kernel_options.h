@@ -1,0 +1,54 @@
+// Tuning options of the CUDA attention forward: one struct, the one home of these switches.
+//
+// The defaults are the product. The environment variables below exist only for A/B timing and tests: the
+// extension reads them once per process (at the first CUDA attention call, or when
+// torch.ops.elastic.reload_kernel_options() is called), never in the launch path. Each call copies the options
+// in effect into AttentionArgs::options (attention_cuda.h) and passes them down to the launches.
+//
+//   ELASTIC_CUDA_SM90=0          the mma.sync (sm80) forward on Hopper too
+//   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
+//   ELASTIC_SM90_TMA=0           the cp.async producer instead of TMA
+//   ELASTIC_SM90_PINGPONG=0      the two consumer warpgroups issue freely (no ping-pong)
+//   ELASTIC_SM90_PROXY_FENCE=0   no generic-to-async proxy fence after each K/V wait (cp.async producer)
+//   ELASTIC_SM90_PERSISTENT=0    one CTA per work item instead of one per SM
+//   ELASTIC_SM90_DYNAMIC=0       work items walked with a fixed stride instead of taken from a global counter
+//   ELASTIC_SM90_LAZY_RESCALE=0  O rescaled after every key tile
+//   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
+//                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
+//   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
+// Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3) is an error naming
+// the variable, so that a typo never times the wrong kernel.
+#pragma once
+#include <string>
+
+namespace elastic {
+
+struct KernelOptions {
+  bool sm90 = true;               // Hopper wgmma forward where it applies (attention_fused_cuda.cu)
+  int sm90_stages = 3;            // K/V ring depth at head_dim 128
+  bool sm90_tma = true;
+  bool sm90_pingpong = true;
+  bool sm90_proxy_fence = true;
+  bool sm90_persistent = true;
+  bool sm90_dynamic = true;
+  bool sm90_lazy_rescale = true;
+  bool sm90_l2_order = true;
+  bool sm90_verbose = false;
+};
+
+// Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)
+// compiled in? setup.py / CMake define ELASTIC_EXPERIMENTS with ELASTIC_BUILD_EXPERIMENTS=1.
+#if defined(ELASTIC_EXPERIMENTS)
+constexpr bool kExperimentsBuilt = true;
+#else
+constexpr bool kExperimentsBuilt = false;
+#endif
+
+// The options in effect: read from the environment at the first call, then kept (thread-safe).
+KernelOptions kernel_options();
+// Read the environment again and keep the result (tests and A/B timing switch kernels within one process).
+KernelOptions reload_kernel_options();
+// "sm90=1 stages=3 tma=1 ..." (what reload_kernel_options reports to Python).
+std::string describe(const KernelOptions& o);
+
+}  // namespace elastic
