@@ -250,13 +250,10 @@ def run_case(B, lengths, Hq, Hkv, D, dtype, bs, stride, threshold, head_mode, va
     else:
         cu = None
         q, k = torch.randn(B, S, Hq, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
-    if kind == "needle":  # a few keys that one late query block matches strongly
+    if kind == "needle":  # a few keys that the last query block matches strongly (token axis: dim -3)
         needle = torch.randn(D, generator=g) * 3
-        k[..., S // 3: S // 3 + 4, :, :] += needle if not varlen else 0
-        q[..., -min(S, 100):, :, :] += needle if not varlen else 0
-        if varlen:
-            k[S // 3: S // 3 + 4] += needle
-            q[max(0, S - 100): S] += needle
+        k[..., S // 3: S // 3 + 4, :, :] += needle
+        q[..., max(0, S - 100): S, :, :] += needle
     elif kind == "diffuse":  # nearly uniform attention: many masses tie
         q *= 1e-3
     else:

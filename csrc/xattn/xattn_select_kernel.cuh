@@ -26,7 +26,7 @@ inline int64_t select_smem_bytes(int64_t max_len, int64_t num_blocks) {
   return pow2 * 8 + ((num_blocks + 15) / 16) * 16 + 128 * 4;  // sort keys, keep flags, row LSEs (per <= 128)
 }
 
-// Exclusive prefix sum over the CTA of one double per thread; also returns the CTA total.
+// Exclusive prefix sum over the CTA of one double per thread (threads in order); also returns the CTA total.
 __device__ __forceinline__ double block_exclusive_scan(double v, double* warp_sums, double& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   double incl = v;
@@ -35,6 +35,8 @@ __device__ __forceinline__ double block_exclusive_scan(double v, double* warp_su
     const double u = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += u;
   }
+  double excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.0;
   if (lane == 31) warp_sums[warp] = incl;
   __syncthreads();
   double before = 0.0;
@@ -43,7 +45,7 @@ __device__ __forceinline__ double block_exclusive_scan(double v, double* warp_su
     if (w < warp) before += warp_sums[w];
     total += warp_sums[w];
   }
-  return before + incl - v;
+  return before + excl;
 }
 
 __global__ void __launch_bounds__(kSelectThreads) xattn_select_kernel(const XattnParams p) {
