@@ -240,6 +240,13 @@ def check_against_rule(got, masses, head_mode, group, threshold, nb):
     return differ / max(1, causal_total)
 
 
+def poison_cuda_cache(n_bytes):
+    """Fill freed allocator memory with 0xFF so that a mask byte the op does not write reads as 0xFF (bool True)."""
+    for size in (n_bytes, 2 * n_bytes + 512):
+        junk = torch.full((max(size, 512),), 255, dtype=torch.uint8, device="cuda")
+        del junk
+
+
 def run_case(B, lengths, Hq, Hkv, D, dtype, bs, stride, threshold, head_mode, varlen, kind="random", seed=0):
     g = torch.Generator().manual_seed(seed)
     S = max(lengths)
@@ -263,12 +270,15 @@ def run_case(B, lengths, Hq, Hkv, D, dtype, bs, stride, threshold, head_mode, va
     qd, kd, hm = q.cuda(), k.cuda(), head_mode.to(torch.int32).cuda()
     from elastic_cuda.ops import xattn_block_mask as op
     kw = dict(block_size=bs, stride=stride, threshold=threshold)
+    poison_cuda_cache(B * Hq * (-(-S // bs)) ** 2)
     if varlen:
         got = op(qd, kd, hm, cu_seqlens=cu.cuda(), max_seqlen=S, **kw)
     else:
         got = op(qd, kd, hm, **kw)
     torch.cuda.synchronize()
     assert got.device == qd.device and got.is_contiguous()
+    if got.numel():
+        assert int(got.view(torch.uint8).max()) <= 1, "mask bytes left unwritten (0xFF poison)"
     frac = check_against_rule(got, masses, head_mode, Hq // Hkv, threshold, -(-S // bs))
     print(f"[{kind} B={B} lengths={lengths} Hq={Hq} Hkv={Hkv} D={D} {dtype} bs={bs} s={stride} thr={threshold} "
           f"varlen={varlen}] differing blocks: {frac:.2e}")
@@ -353,3 +363,18 @@ def test_cuda_dispatch_of_xattn_block_mask_and_fallback():
     assert got.is_cuda and not got[:, 2:].any()
     with pytest.raises(ValueError, match="power of two"):
         op(q, k, hm, block_size=48, stride=16)
+
+
+@cuda_only
+def test_cuda_op_passes_opcheck():
+    """Schema, fake kernel and real kernel agree (torch.library.opcheck), dense and packed."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 300, 4, 64, generator=g).to(torch.float16).cuda()
+    k = torch.randn(2, 300, 2, 64, generator=g).to(torch.float16).cuda()
+    hm = torch.tensor([[BLOCK, 0], [BLOCK, BLOCK]], dtype=torch.int32, device="cuda")
+    kw = dict(block_size=128, stride=16, threshold=0.9)
+    torch.library.opcheck(torch.ops.elastic.xattn_block_mask.default, (q, k, hm, None), kw)
+    cu = torch.tensor([0, 300, 450], dtype=torch.int32, device="cuda")
+    packed_q, packed_k = q.reshape(600, 4, 64)[:450], k.reshape(600, 2, 64)[:450]
+    torch.library.opcheck(torch.ops.elastic.xattn_block_mask.default, (packed_q, packed_k, hm, cu),
+                          dict(kw, max_seqlen=300))
