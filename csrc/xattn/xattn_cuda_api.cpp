@@ -5,7 +5,8 @@
 //
 // Documented behaviour:
 //   * Only (b, KV head) pairs with head_mode == 2 (BLOCK), read on the device, are estimated; every mask row of
-//     the query heads of a FULL or STREAM KV head is all False (they need no mask; no work is spent on them).
+//     the query heads of a FULL or STREAM KV head (or of any other mode value) is all False: they need no mask,
+//     and no score work is spent on them.
 //   * Rows past a sequence's last block, and columns past the row's own block (the future), are False.
 //   * Packed layout: a sequence longer than max_seqlen is estimated over its first max_seqlen tokens only, and a
 //     sequence with invalid cu_seqlens bounds (negative, decreasing, past the tensor) gets all-False rows: the
