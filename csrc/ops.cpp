@@ -24,6 +24,14 @@ TORCH_LIBRARY(elastic, m) {
   // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
   // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
+  // XAttention block masks of a prefill (CUDA only; the torch rule in elastic_cuda/attention/xattn.py is the CPU
+  // path and the reference): q [B, S, Hq, D], k [B, S, Hkv, D] (queries = keys), or packed [T, H, D] with
+  // cu_seqlens int32 [B+1] and max_seqlen -> bool [B, Hq, NB, NB], NB = ceil((S or max_seqlen) / block_size).
+  // Only KV heads with head_mode == 2 (BLOCK) are estimated; the rows of the other heads are all False.
+  // Semantics and limits: csrc/xattn/xattn_cuda_api.cpp.
+  m.def(
+      "xattn_block_mask(Tensor q, Tensor k, Tensor head_mode, Tensor? cu_seqlens=None, *, int block_size=128, "
+      "int stride=16, float threshold=0.9, float? scale=None, int max_seqlen=0) -> Tensor");
   m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
   // Reads the A/B-timing environment switches of the CUDA kernels (csrc/attention/kernel_options.h) again;
   // the extension otherwise reads them once per process. Returns the options now in effect. Tests and

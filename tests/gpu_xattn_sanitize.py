@@ -34,9 +34,13 @@ def one(modes, lengths, Hq, D, dtype, varlen, bs=128, stride=16, threshold=0.9):
         k = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype)
         out = xattn_block_mask(q, k, hm, block_size=bs, stride=stride, threshold=threshold)
     torch.cuda.synchronize()
-    kept = out.sum().item()
     print("ok", modes.tolist(), lengths, Hq, D, dtype, "varlen" if varlen else "dense", f"bs={bs} s={stride}",
-          f"thr={threshold} kept={kept}", flush=True)
+          f"thr={threshold} kept={out.sum().item()}", flush=True)
+
+
+def torch_rule(q, k):
+    return _xattn_block_mask_torch(q, k, block_size=128, stride=16, threshold=0.9, scale=None, cu_seqlens=None,
+                                   max_seqlen=None)
 
 
 def timing():
@@ -47,24 +51,20 @@ def timing():
         k = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
         hm = torch.full((1, Hkv), BLOCK, device="cuda", dtype=torch.int32)
         op_ms = do_bench(lambda: xattn_block_mask(q, k, hm), warmup=5, rep=50)
-        torch_ms = do_bench(lambda: _xattn_block_mask_torch(q, k, block_size=128, stride=16, threshold=0.9,
-                                                            scale=None, cu_seqlens=None, max_seqlen=None),
-                            warmup=2, rep=20)
+        torch_ms = do_bench(lambda: torch_rule(q, k), warmup=2, rep=20)
         mixed = hm.clone()
         mixed[0, :2] = 0  # 6 of 8 KV heads BLOCK
         mix_ms = do_bench(lambda: xattn_block_mask(q, k, mixed), warmup=5, rep=50)
-        dense = torch.nn.functional.scaled_dot_product_attention
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         qt, kt = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
-        sdpa_ms = do_bench(lambda: dense(qt, kt, kt, is_causal=True), warmup=5, rep=50)
-        got, ref = xattn_block_mask(q, k, hm), _xattn_block_mask_torch(q, k, block_size=128, stride=16,
-                                                                        threshold=0.9, scale=None, cu_seqlens=None,
-                                                                        max_seqlen=None)
+        sdpa_ms = do_bench(lambda: sdpa(qt, kt, kt, is_causal=True), warmup=5, rep=50)
+        got, ref = xattn_block_mask(q, k, hm), torch_rule(q, k)
         nb = got.shape[-1]
         causal = nb * (nb + 1) // 2 * Hq
+        kept, differ = got.sum().item() / causal, (got != ref).sum().item() / causal
         print(f"S={S}: op {op_ms:.3f} ms (6/8 heads BLOCK: {mix_ms:.3f} ms), torch path {torch_ms:.3f} ms, "
-              f"sdpa causal dense {sdpa_ms:.3f} ms; op/dense {op_ms / sdpa_ms:.3f}; kept {got.sum().item() / causal:.3f}"
-              f" of causal blocks; blocks differing from the torch path {(got != ref).sum().item() / causal:.2e}",
-              flush=True)
+              f"sdpa causal dense {sdpa_ms:.3f} ms; op/dense {op_ms / sdpa_ms:.3f}; kept {kept:.3f} of causal "
+              f"blocks; blocks differing from the torch path {differ:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,252 @@ def test_block_visible_pairs_count_the_reference_mask(n):
     for h in range(2):
         ref = visible_mask(BLOCK, n, n, sink=0, window=0, block_mask=mask[h], block_size=16).sum()
         assert float(got[h]) == float(ref)
+
+
+# ----------------------------------------------------------------------------- head_mode on the torch path (CPU)
+def test_head_mode_keeps_only_block_heads_rows_on_the_torch_path():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 70, 6, 8), torch.randn(2, 70, 2, 8)
+    every = xattn_block_mask(q, k, block_size=16, stride=4, threshold=0.7)
+    head_mode = torch.tensor([[BLOCK, 0], [1, BLOCK]], dtype=torch.int32)
+    got = xattn_block_mask(q, k, block_size=16, stride=4, threshold=0.7, head_mode=head_mode)
+    block_q_heads = (head_mode == BLOCK).repeat_interleave(3, dim=1)
+    assert torch.equal(got[block_q_heads], every[block_q_heads])
+    assert not got[~block_q_heads].any()
+    with pytest.raises(ValueError, match="head_mode"):
+        xattn_block_mask(q, k, block_size=16, stride=4, head_mode=head_mode[:1])
+
+
+def test_op_wrapper_refuses_cpu_tensors_and_bad_arguments():
+    from elastic_cuda.ops import xattn_block_mask as op
+    q, k = torch.randn(1, 20, 2, 64, dtype=torch.bfloat16), torch.randn(1, 20, 1, 64, dtype=torch.bfloat16)
+    hm = torch.full((1, 1), BLOCK, dtype=torch.int32)
+    with pytest.raises(ValueError, match="CUDA"):
+        op(q, k, hm)
+    with pytest.raises(ValueError, match="same tokens"):
+        op(q, k[:, :10], hm)
+
+
+def test_fake_kernel_gives_the_mask_shape():
+    """The fake kernel (torch.compile / FakeTensorMode) runs without a GPU: dense and packed shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q, k = torch.empty(2, 300, 8, 128, dtype=torch.bfloat16), torch.empty(2, 300, 2, 128, dtype=torch.bfloat16)
+        hm = torch.empty(2, 2, dtype=torch.int32)
+        out = torch.ops.elastic.xattn_block_mask(q, k, hm, None, block_size=128, stride=16, threshold=0.9)
+        assert out.shape == (2, 8, 3, 3) and out.dtype == torch.bool
+        qp, kp = torch.empty(500, 8, 64, dtype=torch.float16), torch.empty(500, 2, 64, dtype=torch.float16)
+        cu = torch.empty(4, dtype=torch.int32)
+        out = torch.ops.elastic.xattn_block_mask(qp, kp, torch.empty(3, 2, dtype=torch.int32), cu, block_size=64,
+                                                 stride=16, threshold=0.5, max_seqlen=257)
+        assert out.shape == (3, 8, 5, 5) and out.dtype == torch.bool
+
+    def f(q, k, hm):
+        return torch.ops.elastic.xattn_block_mask(q, k, hm, None, block_size=128, stride=16, threshold=0.9)
+
+    q, k = torch.empty(1, 129, 4, 64, device="meta"), torch.empty(1, 129, 1, 64, device="meta")
+    out = torch.compile(f, backend="eager", fullgraph=True)(q, k, torch.empty(1, 1, dtype=torch.int32, device="meta"))
+    assert out.shape == (1, 4, 2, 2) and out.dtype == torch.bool and out.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- the CUDA op against the torch rule
+def _cuda_op_available():
+    if not torch.cuda.is_available():
+        return False
+    from elastic_cuda.ops import has_cuda_kernels
+    return has_cuda_kernels() and torch._C._dispatch_has_kernel_for_dispatch_key("elastic::xattn_block_mask", "CUDA")
+
+
+cuda_only = pytest.mark.skipif(not _cuda_op_available(), reason="needs a GPU and the CUDA build of elastic_cuda")
+TIE_TOL = 1e-3  # a differing block must be a tie within this fraction of its row's total mass
+
+
+def reference_masses(q, k, bs, stride, scale=None, cu=None):
+    """float64 masses [Hq, nb_b, nb_b] per sample, from block_mass on the exact (upcast) inputs."""
+    q64, k64 = q.double().cpu(), k.double().cpu()
+    if cu is None:
+        return [block_mass(q64[b], k64[b], block_size=bs, stride=stride, scale=scale).double()
+                for b in range(q.shape[0])]
+    bounds = cu.tolist()
+    return [block_mass(q64[s:e], k64[s:e], block_size=bs, stride=stride, scale=scale).double() if e > s else None
+            for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def check_against_rule(got, masses, head_mode, group, threshold, nb):
+    """Exact structure (non-BLOCK heads, the future, rows past the end: False; blocks 0 and r kept) and the
+    selection equal to the torch rule up to rounding ties. Returns the fraction of differing causal blocks."""
+    got = got.cpu()
+    assert got.dtype == torch.bool and got.shape == (len(masses), group * head_mode.shape[1], nb, nb)
+    differ = causal_total = 0
+    for b, mass in enumerate(masses):
+        for h in range(got.shape[1]):
+            row_mask = got[b, h]
+            if int(head_mode[b, h // group]) != BLOCK or mass is None:
+                assert not row_mask.any(), f"sample {b} head {h}: not BLOCK (or empty) but mask set"
+                continue
+            nbb = mass.shape[-1]
+            assert not row_mask[nbb:].any() and not row_mask[:, nbb:].any(), "blocks past the sequence end set"
+            ref = select_blocks(mass[h], threshold)
+            mine = row_mask[:nbb, :nbb]
+            assert not torch.triu(mine, 1).any(), "future block set"
+            idx = torch.arange(nbb)
+            assert mine[idx, idx].all() and mine[:, 0].all(), "diagonal or first block dropped"
+            causal_total += nbb * (nbb + 1) // 2
+            for r in torch.nonzero((mine != ref).any(-1)).flatten().tolist():
+                differ += int((mine[r] != ref[r]).sum())
+                assert threshold < 1.0, "threshold >= 1 must keep every causal block exactly"
+                x = mass[h, r, : r + 1]
+                total = float(x.sum())
+                forced = float(x[0]) + (float(x[r]) if r > 0 else 0.0)
+                free = torch.ones(r + 1, dtype=torch.bool)
+                free[0] = free[r] = False
+                kept, dropped = x[free & mine[r, : r + 1]], x[free & ~mine[r, : r + 1]]
+                tol = TIE_TOL * total
+                if len(kept) and len(dropped):  # a top set, up to ties in mass
+                    assert float(kept.min()) >= float(dropped.max()) - tol, f"row {r}: kept a smaller block"
+                acc = forced + float(kept.sum())
+                if len(kept):  # the last kept block still started below the threshold
+                    assert acc - float(kept.min()) < threshold * total + tol, f"row {r}: kept past the threshold"
+                if len(dropped):  # the first dropped block started at or above it
+                    assert acc >= threshold * total - tol, f"row {r}: stopped below the threshold"
+    return differ / max(1, causal_total)
+
+
+def poison_cuda_cache(n_bytes):
+    """Fill freed allocator memory with 0xFF so that a mask byte the op does not write reads as 0xFF (bool True)."""
+    for size in (n_bytes, 2 * n_bytes + 512):
+        junk = torch.full((max(size, 512),), 255, dtype=torch.uint8, device="cuda")
+        del junk
+
+
+def run_case(B, lengths, Hq, Hkv, D, dtype, bs, stride, threshold, head_mode, varlen, kind="random", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    if varlen:
+        cu = torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
+        T = int(cu[-1])
+        q, k = torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    else:
+        cu = None
+        q, k = torch.randn(B, S, Hq, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    if kind == "needle":  # a few keys that the last query block matches strongly (token axis: dim -3)
+        needle = torch.randn(D, generator=g) * 3
+        k[..., S // 3: S // 3 + 4, :, :] += needle
+        q[..., max(0, S - 100): S, :, :] += needle
+    elif kind == "diffuse":  # nearly uniform attention: many masses tie
+        q *= 1e-3
+    else:
+        q *= 1.5
+    q, k = q.to(dtype), k.to(dtype)
+    masses = reference_masses(q, k, bs, stride, cu=cu)
+    qd, kd, hm = q.cuda(), k.cuda(), head_mode.to(torch.int32).cuda()
+    from elastic_cuda.ops import xattn_block_mask as op
+    kw = dict(block_size=bs, stride=stride, threshold=threshold)
+    poison_cuda_cache(B * Hq * (-(-S // bs)) ** 2)
+    if varlen:
+        got = op(qd, kd, hm, cu_seqlens=cu.cuda(), max_seqlen=S, **kw)
+    else:
+        got = op(qd, kd, hm, **kw)
+    torch.cuda.synchronize()
+    assert got.device == qd.device and got.is_contiguous()
+    if got.numel():
+        assert int(got.view(torch.uint8).max()) <= 1, "mask bytes left unwritten (0xFF poison)"
+    frac = check_against_rule(got, masses, head_mode, Hq // Hkv, threshold, -(-S // bs))
+    print(f"[{kind} B={B} lengths={lengths} Hq={Hq} Hkv={Hkv} D={D} {dtype} bs={bs} s={stride} thr={threshold} "
+          f"varlen={varlen}] differing blocks: {frac:.2e}")
+    assert frac < 0.02
+    return got
+
+
+@cuda_only
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 127, 128, 129, 1000, 4500])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_op_matches_the_rule_at_odd_lengths(n, dtype):
+    hm = torch.full((1, 2), BLOCK)
+    run_case(1, [n], 8, 2, 128, dtype, 128, 16, 0.9, hm, varlen=False, seed=n)
+
+
+@cuda_only
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2), (8, 2), (16, 2)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_op_gqa_and_head_dims(hq, hkv, D):
+    run_case(1, [1000], hq, hkv, D, torch.bfloat16, 128, 16, 0.9, torch.full((1, hkv), BLOCK), varlen=False,
+             seed=hq * D)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["random", "needle", "diffuse"])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, 1.0])
+def test_cuda_op_structured_inputs_and_thresholds(kind, threshold):
+    run_case(1, [2100], 4, 1, 128, torch.bfloat16, 128, 16, threshold, torch.full((1, 1), BLOCK), varlen=False,
+             kind=kind, seed=7)
+
+
+@cuda_only
+@pytest.mark.parametrize("bs,stride", [(128, 16), (64, 16), (32, 16), (16, 16), (128, 8), (256, 8), (128, 4),
+                                       (128, 1)])
+def test_cuda_op_blocks_of_every_supported_width(bs, stride):
+    """block_size / stride from 1 to 128 query groups per block (every branch of the block sums)."""
+    run_case(1, [777], 6, 2, 64, torch.bfloat16, bs, stride, 0.8, torch.full((1, 2), BLOCK), varlen=False,
+             seed=bs + stride)
+
+
+@cuda_only
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cuda_op_batch_with_per_sample_routing(varlen):
+    """Different modes per (sample, KV head): only BLOCK heads are estimated, the others are all False."""
+    hm = torch.tensor([[BLOCK, 0, BLOCK], [1, BLOCK, 0], [BLOCK, BLOCK, BLOCK], [0, 1, 0]])
+    lengths = [1000, 129, 1, 300] if varlen else [700] * 4
+    run_case(4, lengths, 12, 3, 128, torch.bfloat16, 128, 16, 0.9, hm, varlen=varlen, seed=11)
+
+
+@cuda_only
+def test_cuda_op_varlen_with_an_empty_sequence_and_a_long_one():
+    hm = torch.full((3, 2), BLOCK)
+    run_case(3, [2300, 0, 5], 8, 2, 64, torch.float16, 128, 16, 0.9, hm, varlen=True, seed=5)
+
+
+@cuda_only
+def test_cuda_op_chunked_workspace_gives_the_same_mask(monkeypatch):
+    """A tiny workspace cap runs one query block per chunk; rows are computed identically, so the masks are equal."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 1500, 8, 128, generator=g).to(torch.bfloat16).cuda()
+    k = torch.randn(2, 1500, 2, 128, generator=g).to(torch.bfloat16).cuda()
+    hm = torch.tensor([[BLOCK, BLOCK], [0, BLOCK]], dtype=torch.int32, device="cuda")
+    from elastic_cuda.ops import xattn_block_mask as op
+    whole = op(q, k, hm, threshold=0.8)
+    monkeypatch.setenv("ELASTIC_XATTN_WORKSPACE_BYTES", "1")
+    chunked = op(q, k, hm, threshold=0.8)
+    assert torch.equal(whole, chunked)
+
+
+@cuda_only
+def test_cuda_dispatch_of_xattn_block_mask_and_fallback():
+    """xattn_block_mask uses the op on CUDA (equal to calling it) and the torch rule where the op does not apply."""
+    from elastic_cuda.ops import xattn_block_mask as op
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 400, 4, 64, generator=g).to(torch.bfloat16).cuda()
+    k = torch.randn(1, 400, 2, 64, generator=g).to(torch.bfloat16).cuda()
+    hm = torch.tensor([[BLOCK, 1]], dtype=torch.int32, device="cuda")
+    assert torch.equal(xattn_block_mask(q, k, head_mode=hm), op(q, k, hm))
+    assert torch.equal(xattn_block_mask(q, k), op(q, k, torch.full_like(hm, BLOCK)))
+    # fp32 is not an op dtype: the torch rule runs on the GPU, head_mode still applies
+    got = xattn_block_mask(q.float(), k.float(), head_mode=hm)
+    assert got.is_cuda and not got[:, 2:].any()
+    with pytest.raises(ValueError, match="power of two"):
+        op(q, k, hm, block_size=48, stride=16)
+
+
+@cuda_only
+def test_cuda_op_passes_opcheck():
+    """Schema, fake kernel and real kernel agree (torch.library.opcheck), dense and packed."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 300, 4, 64, generator=g).to(torch.float16).cuda()
+    k = torch.randn(2, 300, 2, 64, generator=g).to(torch.float16).cuda()
+    hm = torch.tensor([[BLOCK, 0], [BLOCK, BLOCK]], dtype=torch.int32, device="cuda")
+    kw = dict(block_size=128, stride=16, threshold=0.9)
+    torch.library.opcheck(torch.ops.elastic.xattn_block_mask.default, (q, k, hm, None), kw)
+    cu = torch.tensor([0, 300, 450], dtype=torch.int32, device="cuda")
+    packed_q, packed_k = q.reshape(600, 4, 64)[:450], k.reshape(600, 2, 64)[:450]
+    torch.library.opcheck(torch.ops.elastic.xattn_block_mask.default, (packed_q, packed_k, hm, cu),
+                          dict(kw, max_seqlen=300))

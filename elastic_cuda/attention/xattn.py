@@ -11,12 +11,19 @@ below `threshold` x the row's total (XAttention's `find_blocks_chunked`).
 Defaults follow the code the paper ran (block 128, stride 16; threshold 0.9 as in its training, 0.8 in its eval).
 The estimate is discrete and runs under no_grad; its output is the op's BLOCK mask layout, bool
 [B, Hq, NB, NB] with NB = ceil(Skv / block_size) and absolute block rows.
+
+On CUDA (fp16/bf16, head_dim 64/128, block_size / stride a power of two <= 128) `xattn_block_mask` runs the fused op
+torch.ops.elastic.xattn_block_mask (csrc/xattn/), which implements this same rule; elsewhere the torch code below
+runs, and it stays the op's test reference.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ..ops import BLOCK, has_cuda_kernels
+from ..ops import xattn_block_mask as xattn_block_mask_op
 
 __all__ = ["XATTN_STRIDE", "XATTN_THRESHOLD", "block_mass", "block_visible_pairs", "check_xattn_args",
            "select_blocks", "xattn_block_mask"]
@@ -95,23 +102,56 @@ def select_blocks(mass: torch.Tensor, threshold: float = XATTN_THRESHOLD) -> tor
     return (keep | forced) & causal
 
 
+def _fused_op_applies(q, k, block_size: int, stride: int) -> bool:
+    """Whether torch.ops.elastic.xattn_block_mask can run this call (its CUDA limits); otherwise the torch rule runs."""
+    per = block_size // stride
+    return (q.is_cuda and has_cuda_kernels() and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and per <= 128 and per & (per - 1) == 0)
+
+
 @torch.no_grad()
 def xattn_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
                      threshold: float = XATTN_THRESHOLD, scale: float | None = None, cu_seqlens=None,
-                     max_seqlen: int | None = None) -> torch.Tensor:
+                     max_seqlen: int | None = None, head_mode: torch.Tensor | None = None) -> torch.Tensor:
     """Block masks of a prefill for the op's BLOCK heads.
 
     q [B, S, Hq, D], k [B, S, Hkv, D] (or packed [T, H, D] with cu_seqlens [B + 1] and max_seqlen) ->
-    bool [B, Hq, NB, NB], NB = ceil(S or max_seqlen / block_size). Rows past a sequence's end are False."""
+    bool [B, Hq, NB, NB], NB = ceil(S or max_seqlen / block_size). Rows past a sequence's end are False.
+    head_mode int32 [B, Hkv] (optional): only KV heads routed BLOCK are estimated (on CUDA the others cost
+    nothing); the rows of every other head are all False. None estimates every head."""
     check_xattn_args(block_size, stride, threshold)
     if cu_seqlens is None:
         if q.dim() != 4 or k.dim() != 4 or q.shape[1] != k.shape[1]:
             raise ValueError(f"xattn_block_mask: q [B, S, Hq, D] and k [B, S, Hkv, D] (queries = keys), got "
                              f"{tuple(q.shape)} and {tuple(k.shape)}")
+        B = q.shape[0]
+    else:
+        if q.dim() != 3 or k.dim() != 3 or max_seqlen is None:
+            raise ValueError("xattn_block_mask: packed q [T, Hq, D] / k [T, Hkv, D] need cu_seqlens and max_seqlen")
+        B = cu_seqlens.numel() - 1
+    Hq, Hkv = q.shape[-2], k.shape[-2]
+    if head_mode is not None and (not isinstance(head_mode, torch.Tensor) or tuple(head_mode.shape) != (B, Hkv)):
+        raise ValueError(f"xattn_block_mask: head_mode must be a tensor of shape [B, Hkv] = [{B}, {Hkv}], got "
+                         f"{tuple(head_mode.shape) if isinstance(head_mode, torch.Tensor) else type(head_mode)}")
+    if _fused_op_applies(q, k, block_size, stride):
+        if head_mode is None:
+            head_mode = torch.full((B, Hkv), BLOCK, dtype=torch.int32, device=q.device)
+        return xattn_block_mask_op(q, k, head_mode.to(device=q.device, dtype=torch.int32), cu_seqlens=cu_seqlens,
+                                   max_seqlen=None if max_seqlen is None else int(max_seqlen), block_size=block_size,
+                                   stride=stride, threshold=threshold, scale=scale)
+    mask = _xattn_block_mask_torch(q, k, block_size=block_size, stride=stride, threshold=threshold, scale=scale,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if head_mode is not None:  # the torch rule estimates every head; keep only the BLOCK heads' rows
+        block_heads = (head_mode.to(mask.device) == BLOCK).repeat_interleave(Hq // Hkv, dim=1)
+        mask &= block_heads[:, :, None, None]
+    return mask
+
+
+def _xattn_block_mask_torch(q, k, *, block_size, stride, threshold, scale, cu_seqlens, max_seqlen):
+    """The rule in torch, sequence by sequence (the CPU path and the reference of the fused op)."""
+    if cu_seqlens is None:
         return torch.stack([select_blocks(block_mass(q[b], k[b], block_size=block_size, stride=stride,
                                                      scale=scale), threshold) for b in range(q.shape[0])])
-    if q.dim() != 3 or k.dim() != 3 or max_seqlen is None:
-        raise ValueError("xattn_block_mask: packed q [T, Hq, D] / k [T, Hkv, D] need cu_seqlens and max_seqlen")
     cu = [int(x) for x in cu_seqlens.tolist()]
     nb = -(-int(max_seqlen) // block_size)
     out = torch.zeros(len(cu) - 1, q.shape[1], nb, nb, dtype=torch.bool, device=q.device)

@@ -184,6 +184,8 @@ class ElasticState:
         also keeps each sample's visible pairs per KV head (mean over its query heads) for ESR."""
         B, S = q.shape[:2]
         kw = dict(block_size=self.block_size, stride=self.xattn_stride, threshold=self.xattn_threshold, scale=scale)
+        # Only BLOCK heads need a mask, except in the training mix, where every head's sparse branch uses one.
+        kw["head_mode"] = None if self.train_mix else self._head_mode[layer_idx]
         if padding is None:
             mask, lengths = xattn_block_mask(q, k, **kw), [S] * B
         else:

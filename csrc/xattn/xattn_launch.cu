@@ -1,0 +1,49 @@
+// Launches of the XAttention estimate kernels (xattn_scores_kernel.cuh, xattn_select_kernel.cuh) for one chunk of
+// query blocks; the host API (xattn_cuda_api.cpp) checks the arguments, sizes the chunks and the workspace.
+#include <c10/cuda/CUDAException.h>
+
+#include "attention/check_msg.h"
+#include "xattn/xattn_launch.h"
+#include "xattn/xattn_select_kernel.cuh"
+
+namespace elastic {
+
+namespace {
+
+template <typename T, int D>
+void launch_scores(const XattnParams& p, int row_tiles, cudaStream_t stream) {
+  auto kernel = xattn::xattn_scores_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, xattn::kScoreSmemBytes));
+  const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(row_tiles));
+  kernel<<<grid, xattn::kThreads, xattn::kScoreSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+int xattn_row_tiles(int64_t rows) { return static_cast<int>((rows + xattn::kRows - 1) / xattn::kRows); }
+
+int64_t xattn_select_smem_bytes(int64_t max_len, int64_t num_blocks) {
+  return xattn::select_smem_bytes(max_len, num_blocks);
+}
+
+void launch_xattn_chunk(const XattnParams& p, bool bf16, int head_dim, int row_tiles, cudaStream_t stream) {
+  if (row_tiles > 0) {
+    if (bf16) {
+      if (head_dim == 128) launch_scores<__nv_bfloat16, 128>(p, row_tiles, stream);
+      else launch_scores<__nv_bfloat16, 64>(p, row_tiles, stream);
+    } else {
+      if (head_dim == 128) launch_scores<__half, 128>(p, row_tiles, stream);
+      else launch_scores<__half, 64>(p, row_tiles, stream);
+    }
+  }
+  const int64_t smem = xattn::select_smem_bytes(p.r1, p.num_blocks);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(xattn::xattn_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.r1 - p.r0), static_cast<unsigned>(p.heads_q),
+                  static_cast<unsigned>(p.batch));
+  xattn::xattn_select_kernel<<<grid, xattn::kSelectThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace elastic
