@@ -10,7 +10,7 @@ accuracy on the held-out eval prompts (the eval's own grid) of:
 If even ``importance@0.4`` loses more than 3 points to dense, head-level STREAM routing with this sink/window cannot
 meet "accuracy >= dense - 3 at MSR >= 0.4" on this model, however well a router picks heads.
 
-  torchrun --nproc-per-node 8 benchmarks/head_importance_probe.py --out /tmp/probe   (GPU; one H200: ~3 min)
+  torchrun --nproc-per-node 8 -m experiments.head_importance_probe --out /tmp/probe   (GPU; one H200: ~3 min)
 
 Writes head_importance.json (per-head CE rise, the tables, per-sample records) and head_importance.md.
 """
@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastic_cuda.integrations.transformers import enable  # noqa: E402
-from elastic_cuda.router import RouterSet  # noqa: E402
-from elastic_cuda.training.data import TASKS, DataConfig, TaskDataset  # noqa: E402
-from elastic_cuda.training.evaluate import (EvalConfig, _gather_records, _shard, _stop_ids, answer_loss,  # noqa: E402
+from elastic_cuda.integrations.transformers import enable
+from elastic_cuda.router import RouterSet
+from elastic_cuda.training.data import TASKS, DataConfig, TaskDataset
+from elastic_cuda.training.evaluate import (EvalConfig, _gather_records, _shard, _stop_ids, answer_loss,
                                             router_full_frequency, run_sample, static_table_from_frequency)
-from elastic_cuda.training.models import load_model_and_tokenizer  # noqa: E402
-from elastic_cuda.training.trainer import DistEnv, resolve_device_dtype  # noqa: E402
+from elastic_cuda.training.models import load_model_and_tokenizer
+from elastic_cuda.training.trainer import DistEnv, resolve_device_dtype
 
 # STREAM routers: this probe streams heads, so their routing frequencies are the ones to rank by
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elastic_cuda", "routers",
