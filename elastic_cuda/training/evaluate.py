@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..attention.sparse_config import SparseConfig
 from ..ops import FULL
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
 from .losses import masked_lm_loss
@@ -47,9 +48,9 @@ class EvalConfig:
     calibration_per_task: int = 2
     max_new_tokens: int = 32  # SmolLM2 answers in a sentence ("The pass key is 1234567."), digits one token each
     policies: tuple[str, ...] = POLICIES
-    sink: int | None = None      # default: the routers' config, else 64
-    sparse_mode: str | None = None  # router-free policies: default the routers' sparse mode, else "stream"
-    window: int | None = None    # default: the routers' config, else 512
+    sink: int | None = None      # default: the routers' config, else SparseConfig's
+    sparse_mode: str | None = None  # router-free policies: default the routers' sparse mode, else SparseConfig's
+    window: int | None = None    # default: the routers' config, else SparseConfig's
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -426,17 +427,15 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
         routers = RouterSet.load(cfg.routers, model=model)
     if routers is not None:
         routers = routers.to(device).eval()
-    rcfg = routers.config if routers is not None else {}
-    sink = cfg.sink if cfg.sink is not None else rcfg.get("sink", 64)
-    window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
+    routed = (routers.sparse_config if routers is not None else SparseConfig()).replace(
+        where="eval: ", sink=cfg.sink, window=cfg.window)
+    sink, window = routed.sink, routed.window
     # the policies without routers run the routers' sparse mode (a BLOCK router's static / all_sparse are BLOCK)
-    mode_kw = {k: rcfg[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold") if k in rcfg}
-    if cfg.sparse_mode is not None:
-        if "elastic" in cfg.policies or "static" in cfg.policies:
-            if cfg.sparse_mode != rcfg.get("sparse_mode", "stream"):
-                raise ValueError(f"sparse_mode {cfg.sparse_mode!r}: the routers were trained for "
-                                 f"{rcfg.get('sparse_mode')!r} (elastic and static follow them)")
-        mode_kw["sparse_mode"] = cfg.sparse_mode
+    if cfg.sparse_mode is not None and ("elastic" in cfg.policies or "static" in cfg.policies):
+        if cfg.sparse_mode != routed.sparse_mode:
+            raise ValueError(f"sparse_mode {cfg.sparse_mode!r}: the routers were trained for "
+                             f"{routed.sparse_mode!r} (elastic and static follow them)")
+    mode_kw = routed.replace(where="eval: ", sparse_mode=cfg.sparse_mode).to_dict()  # with sink and window
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
@@ -463,11 +462,11 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             static_table = static_table_from_frequency(router_full_frequency(model, calib, device, env, bar),
                                                        elastic_msr)
-            enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="fixed", fixed_table=static_table, **mode_kw)
         elif policy == "dense":
-            enable(model, None, policy="all_full", sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="all_full", **mode_kw)
         elif policy == "all_sparse":
-            enable(model, None, policy="all_sparse", sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="all_sparse", **mode_kw)
         policy_recs = []
         for i, s in mine:
             rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)
