@@ -173,7 +173,6 @@ def grad_scale(args):
     cfg = TrainConfig(out=args.workdir, lengths=tuple(args.lengths), device="cpu", dtype="float32", num_workers=0,
                       progress=False, calibration_samples=16, save_every=0)
     trainer = RouterTrainer(cfg)
-    trainer.state.tau = 1.0
     mcfg = trainer.model.config
     L, H = mcfg.num_hidden_layers, mcfg.num_key_value_heads
     D = mcfg.hidden_size // mcfg.num_attention_heads
@@ -188,8 +187,10 @@ def grad_scale(args):
         s = trainer.dataset[i]
         caught[:] = [None] * L
         ids, mask = torch.tensor(s.input_ids), torch.tensor(s.loss_mask)
-        lm = masked_lm_loss(prompt_then_answer_logits(trainer.model, ids, s.prompt_len, logits_needed(mask)), ids, mask)
-        zs = trainer.state._z
+        with trainer.state.training_mix(tau=1.0, full_branch=cfg.full_branch):
+            lm = masked_lm_loss(prompt_then_answer_logits(trainer.model, ids, s.prompt_len, logits_needed(mask)), ids,
+                                mask)
+        zs = trainer.state.z_per_layer
         msr = msr_from_z(trainer.state.last_z)[0]
         ti = TASKS.index(s.task)
         target = 1.0 if TASK_CATEGORY[s.task] == "robust" else cfg.t_sen

@@ -397,10 +397,10 @@ def test_train_mix_gradients_reach_routers_only():
         p.requires_grad_(False)
     routers = RouterSet.for_model(model)
     state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
-    state.train_mix, state.tau = True, 1.2
     routers.train()
     ids = _ids(2, 40, seed=7)
-    out = model(ids, labels=ids)
+    with state.training_mix(tau=1.2):
+        out = model(ids, labels=ids)
     z = state.last_z
     assert z.requires_grad and set(z.detach().unique().tolist()) <= {0.0, 1.0}
     out.loss.backward()
@@ -472,12 +472,12 @@ def test_train_mix_with_gradient_checkpointing_reuses_noise():
         torch.manual_seed(8)
         routers.routers.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
         state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
-        state.train_mix = True
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(9)
-        model(ids, labels=ids).loss.backward()
+        with state.training_mix():
+            model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in routers.parameters()]))
         model.gradient_checkpointing_disable()
         disable(model)
