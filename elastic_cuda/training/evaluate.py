@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..attention.sparse_config import SparseConfig
+from ..integrations.generate import greedy_generate, stop_token_ids
 from ..ops import FULL
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
+from .distributed import DistEnv, gather_records, global_mean, resolve_device_dtype, shard
 from .losses import masked_lm_loss
 from .models import load_model_and_tokenizer
-from .trainer import prompt_then_answer_logits, resolve_device_dtype
+from .trainer import prompt_then_answer_logits
 
 POLICIES = ("dense", "elastic", "static", "all_sparse")
 
@@ -58,38 +60,6 @@ class EvalConfig:
     sparsity_shift: float = 0.0  # the elastic policy's inference budget knob (router.py); static follows its MSR
 
 
-def _stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        try:
-            i = tokenizer.convert_tokens_to_ids(tok)
-        except (KeyError, ValueError):
-            continue
-        if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
-            ids.add(i)
-    return ids
-
-
-@torch.no_grad()
-def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], device) -> tuple[list, dict]:
-    """Greedy decoding with the model's KV cache; returns (new token ids, prefill metrics of the elastic state)."""
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    state = getattr(model, "elastic_state", None)
-    metrics = state.metrics() if state is not None else {}
-    generated = []
-    past = out.past_key_values
-    nxt = int(out.logits[0, -1].argmax())
-    for _ in range(max_new_tokens):
-        if nxt in stop_ids:
-            break
-        generated.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
-    return generated, metrics
-
-
 @torch.no_grad()
 def answer_loss(model, sample: Sample, device) -> tuple[float, dict]:
     """Mean CE of the answer tokens (teacher forcing over the prompt's KV cache, routing decided on the prompt
@@ -107,8 +77,8 @@ def run_sample(model, tokenizer, sample: Sample, cfg: EvalConfig, device, stop_i
     rec = {"task": sample.task, "category": sample.category, "length": sample.target_tokens,
            "tokens": sample.num_tokens}
     if sample.category == "sensitive":
-        gen, metrics = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids, device)
-        text = tokenizer.decode(gen, skip_special_tokens=True)
+        gen = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids)
+        text, metrics = tokenizer.decode(gen.tokens, skip_special_tokens=True), gen.prefill_metrics
         rec.update(correct=float(sample.answer.strip() in text), generated=text, answer=sample.answer)
     else:
         loss, metrics = answer_loss(model, sample, device)
@@ -369,36 +339,10 @@ def plot_summary(path_png: str, agg: dict, cfg: EvalConfig):
     plt.close(fig)
 
 
-def _shard(items: list, env) -> list[tuple[int, object]]:
-    """(global index, item) pairs this rank runs: indices rank, rank + W, ..."""
-    return [(i, x) for i, x in enumerate(items) if i % env.world == env.rank]
-
-
-def _global_mean(total: float, count: int, env, device) -> float:
-    t = env.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
-    return float(t[0] / t[1])
-
-
-def _gather_records(records: list[dict], env) -> list[dict]:
-    """Every rank's records, on every rank, in the single-process order (policy order, then sample index)."""
-    if env.world > 1:
-        import torch.distributed as dist
-
-        parts = [None] * env.world
-        dist.all_gather_object(parts, records)
-        records = [r for part in parts for r in part]
-    records = sorted(records, key=lambda r: (r["_order"], r["_index"]))
-    for r in records:
-        del r["_order"], r["_index"]
-    return records
-
-
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
     """Run the suite; under torchrun every rank takes samples rank, rank + W, ... of each policy (the elastic MSR
     that sizes the static split and the static calibration are reduced over ranks), and rank 0 writes the files.
     The result does not depend on the number of ranks."""
-    from .trainer import DistEnv
-
     bad = [p for p in cfg.policies if p not in POLICIES]
     if bad or not cfg.policies:
         raise ValueError(f"policies must be a non-empty subset of {POLICIES}, got {cfg.policies!r}")
@@ -439,15 +383,15 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
-    mine = _shard(samples, env)
+    mine = shard(samples, env)
     if env.main:
         os.makedirs(cfg.out, exist_ok=True)
         eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     order = [p for p in ("elastic", "static", "dense", "all_sparse") if p in cfg.policies]  # static needs elastic
     calib = []
     if "static" in order:
-        calib = _shard(TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
+        calib = shard(TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
             cfg.lengths, cfg.calibration_per_task), env)
     bar = tqdm(total=len(mine) * len(order) + len(calib), desc=f"eval (rank {env.rank}/{env.world})",
                disable=not (cfg.progress and env.main), dynamic_ncols=True)
@@ -457,7 +401,7 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             if policy == "static":  # no elastic pass requested: measure its MSR anyway for the budget
                 total = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for _, s in mine)
-                elastic_msr = _global_mean(total, len(mine), env, device)
+                elastic_msr = global_mean(total, len(mine), env, device)
         if policy == "static":
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             static_table = static_table_from_frequency(router_full_frequency(model, calib, device, env, bar),
@@ -474,11 +418,11 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
             policy_recs.append(rec)
             bar.update(1)
         if policy == "elastic":
-            elastic_msr = _global_mean(sum(r["msr"] for r in policy_recs), len(policy_recs), env, device)
+            elastic_msr = global_mean(sum(r["msr"] for r in policy_recs), len(policy_recs), env, device)
         records += policy_recs
     bar.close()
     disable(model)
-    records = _gather_records(records, env)
+    records = gather_records(records, env)
     agg = aggregate(records)
     targets = check_targets(agg)
     result = {"config": asdict(cfg), "sink": sink, "window": window, "device": str(device), "dtype": str(dtype),

@@ -39,12 +39,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from ..attention import FULL_BRANCHES
 from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
 from ..attention.sparse_config import SparseConfig
 from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
+from .distributed import DistEnv, resolve_device_dtype
 from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
 from .models import load_model_and_tokenizer
 from .schedule import lr_factor, tau_at
@@ -113,64 +113,6 @@ class TrainConfig:
     @property
     def sparse(self) -> SparseConfig:
         return SparseConfig.from_dict(asdict(self), where="TrainConfig: ")
-
-
-def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        # more local ranks than GPUs share them round-robin (the 135M backbone leaves a GPU mostly idle: a rank
-        # is bound by its Python launch overhead, so 2-3 ranks per GPU train 2-3x faster)
-        device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)} or 'auto', got {dtype!r}")
-    return dev, dtypes[dtype]
-
-
-class DistEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK from the environment (torchrun); a process group when WORLD_SIZE > 1."""
-
-    def __init__(self, device_type: str):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            backend = "gloo"
-            if device_type == "cuda":
-                ngpu = torch.cuda.device_count()
-                torch.cuda.set_device(self.local_rank % ngpu)
-                # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors too (ours are a few MB)
-                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-                backend = "nccl" if local_world <= ngpu else "gloo"
-            dist.init_process_group(backend=backend)
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.broadcast(tensor, src=0)
-        return tensor
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self):
-        if self.owns_group:
-            dist.destroy_process_group()
 
 
 def _check_prompt_keep(T: int, prompt_len: int, keep: int):
