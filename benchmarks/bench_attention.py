@@ -25,96 +25,31 @@ Env: SEQS (Llama lengths, default 4096,8192,32768,65536,131072), SMOL_SEQS (Smol
 4096,32768), MODELS (default llama,smollm2), MSRS (default 0,0.25,0.5,0.75,1), B4_SEQ (batch-4 case with
 different routing per sample, default 8192; 0 skips), BWD_S (default 32768; 0 skips), POOL_SEQS, SKIP
 (comma list of methods to leave out), BENCH_BUDGET_S (stop starting new sections after this many seconds,
-default 330). Writes bench.json, bench.md and bench_<model>_b<B>.png under --out (default benchmarks/results).
+default 330). Writes bench.json, bench.md and bench_<model>_b<B>.png under --out (default
+benchmarks/results/attention/<date>_<gpu>/). Run from the repository root: `python -m benchmarks.bench_attention`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 import traceback
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from benchmarks.harness import (DEV, MODELS, RESULTS, T0, Case, bench, default_out, env_list, flex_fn, rec, rel_err,
+                                routing, sdpa, try_bench, write_with_errors)
 
-DEV = "cuda"
 SINK, WINDOW, BLK = 128, 2048, 128
 CHECK_TOL = 1e-2  # two bf16 kernels of the same function differ by ~2-5e-3 (relative Frobenius)
 OUR_STRATEGIES = ("fused", "grouped", "grouped_cudnn", "auto", "fused_sm80")
-MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
-          "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
-T0 = time.time()
-RESULTS: list[dict] = []
-OUT_DIR = "benchmarks/results"
-
-
-def env_list(name, default, cast=int):
-    raw = os.environ.get(name, default)
-    return [cast(x) for x in raw.split(",") if x.strip()] if raw else []
-
-
-def rec(**kw):
-    kw["elapsed_s"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw, default=str), flush=True)
-
-
-def bench(fn, S):
-    """triton do_bench median; long sequences get few reps so the sweep fits its time budget."""
-    from triton.testing import do_bench
-
-    if S >= 131072:
-        return do_bench(fn, warmup=1, rep=1000, return_mode="median")
-    if S >= 65536:
-        return do_bench(fn, warmup=10, rep=800, return_mode="median")
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def causal_flops(B, S, Hq, D):
-    return 4.0 * B * S * S / 2 * D * Hq
-
-
-# ----------------------------------------------------------------------------- routing
-def routing(B, Hkv, msr, seed):
-    """head_mode [B, Hkv] int32 (0 FULL, 1 STREAM) with round(msr * Hkv) STREAM heads per sample; each sample
-    gets its own random choice of heads (different routing per sample)."""
-    g = torch.Generator().manual_seed(seed)
-    n_sa = round(msr * Hkv)
-    m = torch.zeros(B, Hkv, dtype=torch.int32)
-    for b in range(B):
-        m[b, torch.randperm(Hkv, generator=g)[:n_sa]] = 1
-    return m.to(DEV)
+OUT_DIR: str | None = None  # --out, set by main()
 
 
 # ----------------------------------------------------------------------------- Flex
-_FLEX = None
-
-
-def flex_fn():
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        import torch._dynamo
-
-        for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                  "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, k):
-                setattr(torch._dynamo.config, k, 4096)
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
-
-
 def stream_block_mask(S, modes_bq, sink=SINK, window=WINDOW, blk=BLK, uniform_stream=False):
     """Analytic BlockMask for per-(batch, q head) modes [B, H] (0 causal, 1 token-level streaming).
     uniform_stream=True: every head streams and the mask broadcasts over any batch (mask_mod reads no modes).
@@ -160,36 +95,6 @@ def stream_block_mask(S, modes_bq, sink=SINK, window=WINDOW, blk=BLK, uniform_st
 
 
 # ----------------------------------------------------------------------------- peers
-def sdpa(q, k, v, backend):
-    with sdpa_kernel([backend]):
-        try:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        except Exception:
-            G = q.shape[1] // k.shape[1]
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
-                                                  is_causal=True)
-
-
-class Case:
-    """One (model, B, S): inputs in our layout (BSHD) and in the peers' layout (BHSD)."""
-
-    def __init__(self, model, B, S):
-        m = MODELS[model]
-        self.model, self.B, self.S = model, B, S
-        self.Hq, self.Hkv, self.D = m["Hq"], m["Hkv"], m["D"]
-        self.G = self.Hq // self.Hkv
-        self.q = torch.randn(B, S, self.Hq, self.D, device=DEV, dtype=torch.bfloat16)
-        self.k = torch.randn(B, S, self.Hkv, self.D, device=DEV, dtype=torch.bfloat16)
-        self.v = torch.randn(B, S, self.Hkv, self.D, device=DEV, dtype=torch.bfloat16)
-        self.qt = self.q.transpose(1, 2).contiguous()
-        self.kt = self.k.transpose(1, 2).contiguous()
-        self.vt = self.v.transpose(1, 2).contiguous()
-        self.flops = causal_flops(B, S, self.Hq, self.D)
-
-    def key(self, **kw):
-        return dict(model=self.model, B=self.B, S=self.S, **kw)
-
-
 _SM80_FORCED = False  # whether this script set ELASTIC_CUDA_SM90=0
 _SM90_ENV = os.environ.get("ELASTIC_CUDA_SM90")  # the caller's value, restored for the other strategies
 
@@ -266,21 +171,6 @@ def serial_parts(case, head_mode):
 
 
 # ----------------------------------------------------------------------------- sections
-def try_bench(name, case, make, skip, **extra):
-    if name in skip:
-        return None
-    try:
-        fn = make()
-        fn()
-        torch.cuda.synchronize()
-        ms = bench(fn, case.S)
-        rec(kind="fwd", method=name, **case.key(**extra), ms=ms)
-        return ms
-    except Exception as e:
-        rec(kind="fwd", method=name, **case.key(**extra), error=repr(e)[:300])
-        return None
-
-
 def sweep_case(case, msrs, skip):
     dense = {}
     for name, be in (("cudnn_dense", SDPBackend.CUDNN_ATTENTION), ("flash2_dense", SDPBackend.FLASH_ATTENTION)):
@@ -450,15 +340,6 @@ def write_markdown(path, msrs):
     write_with_errors(path, lines)
 
 
-def write_with_errors(path, lines):
-    """Write markdown `lines` to path, followed by every RESULTS record that carries an error."""
-    errors = [r for r in RESULTS if "error" in r]
-    if errors:
-        lines = lines + ["## Errors (peers skipped)", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def write_plots(out_dir):
     try:
         import matplotlib
@@ -507,9 +388,9 @@ def flush(msrs):
 def main():
     global OUT_DIR
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "benchmarks/results"))
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT"))
     args = ap.parse_args()
-    OUT_DIR = args.out
+    OUT_DIR = args.out or default_out("attention")
     os.makedirs(OUT_DIR, exist_ok=True)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA device", file=sys.stderr)
@@ -583,8 +464,9 @@ if __name__ == "__main__":
         rc = main()
     except (Exception, SystemExit):  # a crash or a SIGTERM: still leave whatever was measured
         traceback.print_exc()
-        os.makedirs(OUT_DIR, exist_ok=True)
-        with open(os.path.join(OUT_DIR, "bench.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
+        if OUT_DIR is not None:  # None: main() stopped before it knew where (bad arguments, --help)
+            os.makedirs(OUT_DIR, exist_ok=True)
+            with open(os.path.join(OUT_DIR, "bench.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
         rc = 1
     sys.exit(rc)

@@ -14,27 +14,26 @@ rest FULL, i.e. every causal block):
   serial           FULL heads -> cuDNN SDPA, BLOCK heads -> Flex, index_copy_ back (host-known routing)
 and a numeric check ours vs Flex (relative Frobenius error) per case. The mask is synthetic because random q/k give
 a near-uniform estimate (every block kept); on SmolLM2 the estimate keeps ~30% of causal pairs (ESR 0.70,
-benchmarks/results/router_training/).
+benchmarks/results/router_training/2026-11-28_block_all_sparse_h200/).
 
 Env: SEQS (default 8192,32768), MODELS (default llama,smollm2), DENSITIES (default 0.1,0.3), MSRS (default 0.5,1),
 STRATEGIES (default auto,fused,grouped), BENCH_BUDGET_S (default 240). Writes block_prefill.json, block_prefill.md
-and block_prefill.png under --out; `--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
+and block_prefill.png under --out (default benchmarks/results/block_prefill/<date>_<gpu>/); `--from-json FILE` rewrites
+the markdown and the plot from a saved run (no GPU). Run from the repository root:
+`python -m benchmarks.bench_block_prefill`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
-from bench_attention import (MODELS, RESULTS, T0, Case, env_list, flex_fn, rec, rel_err, routing,  # noqa: E402
-                             sdpa, try_bench, write_with_errors)
-from torch.nn.attention import SDPBackend  # noqa: E402
+from benchmarks.harness import (MODELS, RESULTS, T0, Case, default_out, env_list, flex_fn, rec, rel_err, routing, sdpa,
+                                try_bench, write_with_errors)
 
 BLK = 128
 
@@ -135,8 +134,8 @@ def write_markdown(path, torch_version, gpu):
     lines = ["# BLOCK heads at prefill: XAttention mask estimate and block-sparse attention", "",
              f"torch {torch_version}, {gpu}, bf16, B=1, block {BLK}; median ms "
              "(speedup vs cuDNN dense at the same shape). density: probability an off-diagonal causal block is kept "
-             "in a BLOCK head; MSR: fraction of KV heads BLOCK (the rest FULL). `python benchmarks/"
-             "bench_block_prefill.py`.", ""]
+             "in a BLOCK head; MSR: fraction of KV heads BLOCK (the rest FULL). `python -m "
+             "benchmarks.bench_block_prefill`.", ""]
     dense = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "cudnn_dense" and "ms" in r}
     est = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "xattn_estimate" and "ms" in r}
     methods = sorted({r["method"] for r in RESULTS if "density" in r and r["method"] != "check_ours_vs_flex"},
@@ -199,9 +198,10 @@ def write_plot(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/block_prefill/<date>_<gpu>/")
     ap.add_argument("--from-json", default=None, help="rewrite block_prefill.md / .png from this saved JSON")
     args = ap.parse_args()
+    args.out = args.out or default_out("block_prefill")
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
         with open(args.from_json) as f:

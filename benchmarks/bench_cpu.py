@@ -1,13 +1,13 @@
 """CPU timing of elastic attention at SmolLM2-135M's attention shape (9 query heads, 3 KV heads, D=64).
 
 Prints a markdown table (forward and forward+backward, fp32, S = 2K and 8K; all heads FULL, all
-STREAM with sink 64 / window 512, and a 50/50 mix) and writes benchmarks/results/cpu_timings.json.
+STREAM with sink 64 / window 512, and a 50/50 mix) and writes benchmarks/results/cpu/<date>_op_timings/cpu_timings.json.
 Wall time is the median of --repeats runs after one warm-up; cpu/wall (process CPU time over wall
 time) shows how many cores the op kept busy, and CPU seconds (the work, summed over threads) is the
 figure to compare when other processes share the machine (the load average is recorded). The 50/50 mix needs an even number of (sample, KV head)
 pairs, so it runs 2 sequences routed [F S F] and [S F S] and reports time per sequence.
 
-    python benchmarks/bench_cpu.py [--seqlens 2048 8192] [--repeats 3] [--threads 2]
+    python -m benchmarks.bench_cpu [--seqlens 2048 8192] [--repeats 3] [--threads 2]
 """
 from __future__ import annotations
 
@@ -21,13 +21,8 @@ from pathlib import Path
 
 import torch
 
-try:
-    import elastic_cuda
-except ImportError:  # run from a source checkout without installing: use the package next to benchmarks/
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import elastic_cuda
+import elastic_cuda
+from benchmarks.harness import default_out
 
 FULL, STREAM = elastic_cuda.FULL, elastic_cuda.STREAM
 HEADS_Q, HEADS_KV, HEAD_DIM, SINK, WINDOW = 9, 3, 64, 64, 512
@@ -80,7 +75,7 @@ def main():
     ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu_timings.json"))
+    ap.add_argument("--out", default=os.path.join(default_out("cpu", "op_timings"), "cpu_timings.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()

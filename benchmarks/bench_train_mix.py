@@ -3,7 +3,7 @@
 unpadded CUDA batches), at SmolLM2-135M's attention shape (9 query / 3 KV heads, head_dim 64, bf16), and the
 agreement of the two.
 
-  python benchmarks/bench_train_mix.py --out benchmarks/results/train_mix_h200.md      (GPU)
+  python -m benchmarks.bench_train_mix --out benchmarks/results/train_mix/<date>_h200/train_mix_h200.md   (GPU)
 
 Timings: CUDA-event medians (triton.testing.do_bench when available) of one layer's mix, forward + backward with
 a fixed random upstream gradient; fresh random inputs per shape, never zeros. The model has 30 such layers.
@@ -13,36 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastic_cuda.attention import PaddingLayout, train_mix_attention  # noqa: E402
-from elastic_cuda.ops import STREAM  # noqa: E402
+from benchmarks.harness import median_ms
+from elastic_cuda.attention import PaddingLayout, train_mix_attention
+from elastic_cuda.ops import STREAM
 
 HQ, HKV, D = 9, 3, 64
 SINK, WINDOW = 64, 512
-
-
-def median_ms(fn, reps: int = 30) -> float:
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    except ImportError:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
 
 
 def make(B, S, padded, seed):
@@ -96,7 +75,7 @@ def main():
         "(train_mix_attention full_branch='sdpa'; 'auto' takes it for unpadded CUDA batches). Errors: "
         "max |sdpa - op| / max |op| of the output and the gradients of q, k, v and z (bf16 inputs, both exact "
         "attention).",
-        "Command: `python benchmarks/bench_train_mix.py --out <file>.md`", "",
+        "Command: `python -m benchmarks.bench_train_mix --out <file>.md`", "",
         "| B | S | padded | op ms | sdpa ms | speedup | rel err out / dq / dk / dv / dz |",
         "|---|---|---|---|---|---|---|"] + rows) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

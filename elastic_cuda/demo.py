@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .router import RouterSet
+from .integrations.generate import greedy_generate
 from .integrations.transformers import disable, enable
 
 SHIPPED_ROUTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "routers",
@@ -86,32 +87,6 @@ class RunResult:
     kv_dense_bytes: int = 0    # what a plain dynamic cache holds for the same tokens
 
 
-@torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, cache=None):
-    """Greedy decoding with a KV cache (default: DynamicCache); returns (new token ids, prefill s, decode s)."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    ids = input_ids.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cache = DynamicCache() if cache is None else cache
-    sync()
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    sync()
-    t1 = time.perf_counter()
-    new = [int(token)]
-    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-    while len(new) < max_new_tokens and new[-1] not in eos:
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        new.append(int(token))
-    sync()
-    t2 = time.perf_counter()
-    return new, t1 - t0, t2 - t1
-
-
 def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs=None,
                 warmup: bool = True) -> RunResult:
     """One generation; enable_kwargs None = the model's own dense attention (HF sdpa). warmup: one untimed
@@ -127,7 +102,8 @@ def run_variant(model, tokenizer, name, input_ids, max_new_tokens, enable_kwargs
                 model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=True,
                       past_key_values=ElasticCache(model) if state is not None else DynamicCache())
         cache = ElasticCache(model) if state is not None else None
-        new, prefill_s, decode_s = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id, cache)
+        gen = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id, cache=cache, keep_stop=True)
+        new, prefill_s, decode_s = gen.tokens, gen.prefill_s, gen.decode_s
         kv = (cache.memory_bytes(), cache.dense_memory_bytes()) if cache is not None else (0, 0)
         metrics = state.metrics() if state is not None else None
         rmap = state.routing_map() if state is not None else []

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention.xattn import XATTN_STRIDE, XATTN_THRESHOLD
+from .attention.sparse_config import SPARSE_MODES, SparseConfig
 from .ops import BLOCK, FULL, STREAM, boundary_pool
 
 ROUTER_FORMAT_VERSION = 1
 WEIGHTS_FILE = "routers.safetensors"
 CONFIG_FILE = "router_config.json"
-SPARSE_MODES = {"stream": STREAM, "block": BLOCK}
 _GUMBEL_EPS = 1e-8
 
 __all__ = ["AttentionRouter", "RouterOutput", "RouterSet", "SPARSE_MODES", "check_sparsity_shift", "model_router_geometry"]
@@ -225,11 +224,9 @@ class RouterSet(nn.Module):
 
     _STRUCTURAL_KEYS = ("num_layers", "num_kv_heads", "head_dim")
     # standardize_input / head_bias default to the paper's architecture (and to routers saved before they existed)
-    # block_size / xattn_*: the BLOCK sparse mode's XAttention estimate (attention.xattn), used when sparse_mode
-    # is "block"
-    DEFAULTS = {"sink": 64, "window": 512, "sparse_mode": "stream", "hidden_mult": 4, "n_first": 100, "n_last": 100,
-                "standardize_input": False, "head_bias": False, "block_size": 128, "xattn_stride": XATTN_STRIDE,
-                "xattn_threshold": XATTN_THRESHOLD}
+    # The sparse settings (sparse mode, sink, window, block_size, xattn_*) are a SparseConfig's, under its key names.
+    DEFAULTS = {**SparseConfig().to_dict(), "hidden_mult": 4, "n_first": 100, "n_last": 100,
+                "standardize_input": False, "head_bias": False}
 
     def __init__(self, config: dict):
         super().__init__()
@@ -238,8 +235,7 @@ class RouterSet(nn.Module):
         for key in ("num_layers", "num_kv_heads", "head_dim"):
             if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
                 raise ValueError(f"RouterSet: config[{key!r}] must be a positive int, got {cfg.get(key)!r}")
-        if cfg["sparse_mode"] not in SPARSE_MODES:
-            raise ValueError(f"RouterSet: sparse_mode must be one of {sorted(SPARSE_MODES)}, got {cfg['sparse_mode']!r}")
+        SparseConfig.from_dict(cfg, where="RouterSet: ")  # ValueError on a bad sparse setting
         cfg.setdefault("model_name", "")
         cfg["version"] = ROUTER_FORMAT_VERSION
         self.config = cfg
@@ -248,6 +244,11 @@ class RouterSet(nn.Module):
                             num_kv_heads=cfg["num_kv_heads"], standardize_input=cfg["standardize_input"],
                             head_bias=cfg["head_bias"])
             for _ in range(cfg["num_layers"]))
+
+    @property
+    def sparse_config(self) -> SparseConfig:
+        """What the heads these routers send sparse run (the settings they were trained with)."""
+        return SparseConfig.from_dict(self.config, where="RouterSet: ")
 
     @property
     def sparse_mode_id(self) -> int:

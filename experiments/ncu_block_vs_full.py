@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-import elastic_cuda
+import elastic_cuda  # noqa: F401  (registers torch.ops.elastic)
 from elastic_cuda import BLOCK, FULL
 
 S = int(sys.argv[1]) if len(sys.argv) > 1 else 32768

@@ -3,7 +3,7 @@
 On the GPU machine (torch 2.11, extension built with the image's compiler) a failing TORCH_CHECK was seen to
 kill the interpreter. Each case runs in a child process; rc 1 with a RuntimeError is the healthy answer,
 a negative rc (signal) reproduces the crash. Run: python tests/gpu_exception_probe.py (the inline cases build a
-tiny extension first, ~30 s; `scripts/device_session.sh kernels` runs the probe).
+tiny extension first, ~30 s; `tools/device_session.sh kernels` runs the probe).
 """
 import subprocess
 import sys

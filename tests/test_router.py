@@ -269,3 +269,57 @@ def test_standardised_routers_round_trip_and_old_configs_load(tmp_path):
     (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(cfg))
     again = RouterSet.load(str(tmp_path / "old"), model=model)
     assert not again[0].standardize_input and not again[0].use_head_bias
+
+
+# ----------------------------------------------------------------------------- SparseConfig
+SHIPPED_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elastic_cuda", "routers")
+SHIPPED_DIRS = sorted(os.path.join(SHIPPED_ROOT, d) for d in os.listdir(SHIPPED_ROOT)
+                      if os.path.isfile(os.path.join(SHIPPED_ROOT, d, CONFIG_FILE)))
+
+
+def test_sparse_config_defaults_overrides_and_errors():
+    from elastic_cuda.attention import SparseConfig
+    from elastic_cuda.ops import BLOCK
+
+    d = SparseConfig()
+    assert (d.sparse_mode, d.sink, d.window, d.block_size, d.xattn_stride, d.xattn_threshold) == \
+        ("stream", 64, 512, 128, 16, 0.9)
+    assert d.mode_id == STREAM and SparseConfig(sparse_mode="block").mode_id == BLOCK
+    # None keeps the value (enable's and eval's "default: the routers'"), anything else replaces it
+    assert d.replace(sink=None, window=100) == SparseConfig(window=100)
+    assert SparseConfig.from_dict({"sink": 8, "num_layers": 30}) == SparseConfig(sink=8)  # other keys ignored
+    # the BLOCK estimate's settings are checked in BLOCK mode only
+    assert SparseConfig(block_size=12, xattn_stride=8).block_size == 12
+    with pytest.raises(ValueError, match=r"^enable: block_size must be a positive multiple of the xattn stride"):
+        d.replace(where="enable: ", sparse_mode="block", block_size=12, xattn_stride=8)
+    for bad, match in ((dict(sparse_mode="dense"), "sparse_mode must be one of"), (dict(sink=-1), "sink must be"),
+                       (dict(window=0), "window must be"), (dict(sink=2.5), "sink must be"),
+                       (dict(sparse_mode="block", xattn_threshold=1.5), "xattn threshold must be in")):
+        with pytest.raises(ValueError, match=match):
+            SparseConfig(**bad)
+        with pytest.raises(ValueError, match="^RouterSet: " + match):
+            RouterSet({"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, **bad})
+    with pytest.raises(ValueError, match="unknown sparse settings"):
+        d.replace(stride=4)
+
+
+@pytest.mark.parametrize("routers_dir", SHIPPED_DIRS, ids=os.path.basename)
+def test_shipped_router_configs_load_and_save_identically(routers_dir, tmp_path):
+    """The shipped router_config.json files read back as they always did: the file's values over the format's
+    defaults (written out here, as the format fixed them before SparseConfig existed; the STREAM set predates the
+    BLOCK keys), RouterSet's sparse settings are SparseConfig's under the same key names, and a save writes it back."""
+    from elastic_cuda.attention import SparseConfig
+
+    format_defaults = {"sink": 64, "window": 512, "sparse_mode": "stream", "hidden_mult": 4, "n_first": 100,
+                       "n_last": 100, "standardize_input": False, "head_bias": False, "block_size": 128,
+                       "xattn_stride": 16, "xattn_threshold": 0.9}
+    with open(os.path.join(routers_dir, CONFIG_FILE)) as f:
+        raw = json.load(f)
+    expected = {**format_defaults, **raw}
+    routers = RouterSet.load(routers_dir)
+    assert routers.config == expected
+    assert routers.sparse_config == SparseConfig(**{k: expected[k] for k in SparseConfig.keys()})
+    assert routers.sparse_mode_id == routers.sparse_config.mode_id
+    routers.save(str(tmp_path))
+    with open(os.path.join(tmp_path, CONFIG_FILE)) as f:
+        assert json.load(f) == expected

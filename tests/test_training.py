@@ -144,14 +144,12 @@ def _routers_state(trainer):
 def _eval_msr(trainer, samples):
     """Deterministic (argmax) routing MSR over `samples`."""
     trainer.routers.eval()
-    trainer.state.train_mix = False
     vals = []
     with torch.no_grad():
         for s in samples:
             trainer.model(input_ids=torch.tensor([s.prompt_ids]), use_cache=False, logits_to_keep=1)
             vals.append(trainer.state.metrics()["msr"])
     trainer.routers.train()
-    trainer.state.train_mix = True
     return sum(vals) / len(vals)
 
 
@@ -226,7 +224,8 @@ def test_block_sparse_mode_trains_and_saves_its_settings(tmp_path):
     record = trainer.run()
     assert math.isfinite(record["loss"])
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.routers.parameters()))
-    assert all(bp is not None for bp in trainer.state._block_pairs)  # every layer estimated its masks
+    # every layer estimated its masks
+    assert all(trainer.state.meter.block_pairs(i) is not None for i in range(trainer.state.num_layers))
     trainer.close()
     saved = RouterSet.load(os.path.join(cfg.out, "routers"))
     assert {k: saved.config[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold")} == \

@@ -397,10 +397,10 @@ def test_train_mix_gradients_reach_routers_only():
         p.requires_grad_(False)
     routers = RouterSet.for_model(model)
     state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
-    state.train_mix, state.tau = True, 1.2
     routers.train()
     ids = _ids(2, 40, seed=7)
-    out = model(ids, labels=ids)
+    with state.training_mix(tau=1.2):
+        out = model(ids, labels=ids)
     z = state.last_z
     assert z.requires_grad and set(z.detach().unique().tolist()) <= {0.0, 1.0}
     out.loss.backward()
@@ -472,12 +472,12 @@ def test_train_mix_with_gradient_checkpointing_reuses_noise():
         torch.manual_seed(8)
         routers.routers.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
         state = enable(model, routers, policy="router", sink=SINK, window=WINDOW)
-        state.train_mix = True
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(9)
-        model(ids, labels=ids).loss.backward()
+        with state.training_mix():
+            model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in routers.parameters()]))
         model.gradient_checkpointing_disable()
         disable(model)
@@ -613,3 +613,38 @@ def test_shipped_routers_drive_a_smollm2_shaped_model_in_their_sparse_mode(route
         assert 0.0 < m["msr"] <= 1.0 and 0.0 <= m["esr"] < 1.0
     finally:
         disable(model)
+
+
+# ----------------------------------------------------------------------------- greedy_generate
+def _greedy_without_cache(model, prompt, n):
+    """Reference: argmax of a full recompute per token (no KV cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_generate_matches_recompute_and_stops_as_asked():
+    from elastic_cuda.integrations.cache import ElasticCache
+    from elastic_cuda.integrations.generate import greedy_generate
+
+    model = make_model("llama", dtype=torch.float64, seed=11)
+    prompt = _ids(1, 23, seed=11)[0].tolist()
+    state = enable(model, policy="all_sparse", sink=SINK, window=WINDOW)
+    ref = _greedy_without_cache(model, prompt, 9)
+    gen = greedy_generate(model, prompt, 9, stop_ids=set())
+    assert gen.tokens == ref and gen.prefill_s > 0 and gen.decode_s > 0
+    # metrics are the prefill's: its ESR, before the decode steps add theirs
+    model(torch.tensor([prompt]))
+    assert gen.prefill_metrics["esr"] == pytest.approx(state.metrics()["esr"], abs=1e-12)
+    # a stop token ends the answer, kept only with keep_stop; an ElasticCache (the demo's) gives the same tokens
+    stop = ref[4]
+    first = ref.index(stop)
+    assert greedy_generate(model, prompt, 9, stop).tokens == ref[:first]
+    kept = greedy_generate(model, torch.tensor([prompt]), 9, [stop], cache=ElasticCache(model), keep_stop=True)
+    assert kept.tokens == ref[:first + 1]
+    assert greedy_generate(model, prompt, 3, set()).tokens == ref[:3]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_generate(model, prompt, 0, set())
+    disable(model)

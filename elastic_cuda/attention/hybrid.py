@@ -116,8 +116,9 @@ def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:
         raise ValueError("train_mix_attention: full_branch 'sdpa' needs queries = keys (a prefill), got "
                          f"{q.shape[1]} queries over {k.shape[1]} keys")
     # auto: SDPA only for an unpadded CUDA prefill. One training-mix layer at SmolLM2's shape on an H200
-    # (benchmarks/results/train_mix_h200.md): unpadded 1.05 / 0.97 / 1.02 / 1.58x at 1K / 2K / 4K / 8K; padded
-    # micro-batches 0.73-0.84x up to 4K (the per-sample calls cost more than they save), 1.13x at 8K.
+    # (benchmarks/results/train_mix/2026-11-28_h200/train_mix_h200.md): unpadded 1.05 / 0.97 / 1.02 / 1.58x at
+    # 1K / 2K / 4K / 8K; padded micro-batches 0.73-0.84x up to 4K (the per-sample calls cost more than they save),
+    # 1.13x at 8K.
     return full_branch == "sdpa" or (full_branch == "auto" and same_len and padding is None and q.is_cuda
                                      and q.dtype in (torch.float16, torch.bfloat16))
 

@@ -17,36 +17,39 @@ import weakref
 
 import torch
 
-from ..attention import PaddingLayout, causal_pairs, hybrid_attention, train_mix_attention, visible_pairs
-from ..attention.xattn import XATTN_STRIDE, XATTN_THRESHOLD, block_visible_pairs, check_xattn_args, xattn_block_mask
+from ..attention import PaddingLayout, hybrid_attention, train_mix_attention
+from ..attention.sparse_config import SparseConfig
+from ..attention.xattn import block_visible_pairs, xattn_block_mask
 from ..ops import BLOCK, FULL
-from ..router import SPARSE_MODES, RouterSet, check_sparsity_shift, model_router_geometry
+from ..router import RouterSet, check_sparsity_shift, model_router_geometry
+from .sparsity_meter import SparsityMeter
+from .training_mix import TrainingMix
 
 ATTN_IMPLEMENTATION = "elastic"
 POLICIES = ("router", "fixed", "all_full", "all_sparse")
-DEFAULT_SINK, DEFAULT_WINDOW = 64, 512
 
 __all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "ElasticState", "enable", "disable", "elastic_attention_forward",
            "elastic_padding_mask", "register_attention"]
 
 
 class ElasticState:
-    """Routing configuration and per-sequence routing results of one model."""
+    """One model's elastic attention: the routing configuration and each layer's routing decision for the current
+    sequence (and the BLOCK masks it implies), with two parts of their own: `meter`, the MSR / ESR accounting
+    (metrics()), and the training mix the trainer enters (training_mix()). Also the per-forward caches the attention
+    function shares across layers (padding layout, the ElasticCache in use)."""
 
-    def __init__(self, *, num_layers, num_kv_heads, policy, sparse_mode, sink, window, block_size, fixed_table,
-                 strategy, routers, xattn_stride=XATTN_STRIDE, xattn_threshold=XATTN_THRESHOLD):
+    def __init__(self, *, num_layers, num_kv_heads, policy, sparse: SparseConfig, fixed_table, strategy, routers):
         self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
         self.policy = policy
-        self.sparse_mode = sparse_mode                  # "stream" (or "block")
-        self.sparse_mode_id = SPARSE_MODES[sparse_mode]
-        self.sink, self.window, self.block_size = sink, window, block_size
-        self.xattn_stride, self.xattn_threshold = xattn_stride, xattn_threshold  # BLOCK mask estimate
+        self.sparse = sparse                            # what sparse heads run (mode, sink/window, BLOCK estimate)
+        self.sparse_mode, self.sparse_mode_id = sparse.sparse_mode, sparse.mode_id
+        self.sink, self.window, self.block_size = sparse.sink, sparse.window, sparse.block_size
+        self.xattn_stride, self.xattn_threshold = sparse.xattn_stride, sparse.xattn_threshold  # BLOCK mask estimate
         self.fixed_table = fixed_table                  # bool [L, Hkv] (True = sparse) or None
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
-        self.train_mix = False
-        self.train_full_branch = "auto"  # how the training mix computes O_FA (attention.train_mix_attention)
-        self.tau = 1.0
+        self.meter = SparsityMeter(num_layers)
+        self.mix = TrainingMix()                        # on inside training_mix()
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
         self.pre_rope_keys = [None] * num_layers        # filled by the k_proj / k_norm hooks
         self._reset_sequence()
@@ -60,8 +63,6 @@ class ElasticState:
         self._z = [None] * L           # float [B, Hkv] per layer (differentiable in training)
         self._gumbel_u = [None] * L    # training noise, reused when activations are recomputed
         self._mode_lists = [None] * L  # head_mode as python lists (one device sync per layer, at prefill)
-        self._pairs = [[0, 0] for _ in range(L)]  # (visible, causal) pairs summed over heads since prefill
-        self._block_pairs = [None] * L  # BLOCK heads' visible prefill pairs per (sample, KV head)
 
     # ------------------------------------------------------------------ results
     def _stack(self, per_layer, name):
@@ -77,6 +78,13 @@ class ElasticState:
         return self._stack(self._z, "last_z")
 
     @property
+    def z_per_layer(self) -> list:
+        """Each layer's z [B, Hkv] of the current sequence, as the forward made them (the tensors autograd reaches
+        the routers through: pass them to torch.autograd.grad for per-layer gradients)."""
+        self._stack(self._z, "z_per_layer")  # raises when a layer has no decision yet
+        return list(self._z)
+
+    @property
     def last_head_mode(self) -> torch.Tensor:
         """[B, L, Hkv] int32 head modes decided at prefill."""
         return self._stack(self._head_mode, "last_head_mode")
@@ -85,17 +93,12 @@ class ElasticState:
         """MSR (fraction of KV heads routed sparse) per sample / per layer / overall, and ESR (fraction of
         causal (query, key) pairs skipped by the real masks, over all heads and every query processed since
         prefill, decode steps included) per layer and overall."""
-        sparse = (self.last_head_mode != FULL).to(torch.float64).cpu()
-        visible = torch.tensor([p[0] for p in self._pairs], dtype=torch.float64)
-        total = torch.tensor([p[1] for p in self._pairs], dtype=torch.float64)
-        esr_per_layer = torch.where(total > 0, 1 - visible / total.clamp_min(1), torch.zeros_like(total))
-        return {
-            "msr_per_sample": sparse.mean(dim=(1, 2)),
-            "msr_per_layer": sparse.mean(dim=(0, 2)),
-            "msr": float(sparse.mean()),
-            "esr_per_layer": esr_per_layer,
-            "esr": float(1 - visible.sum() / total.sum()) if float(total.sum()) > 0 else 0.0,
-        }
+        return self.meter.metrics(self.last_head_mode)
+
+    def training_mix(self, tau: float | None = None, full_branch: str | None = None):
+        """Context manager: the forwards (and backwards) inside it compute the router-training mix at Gumbel
+        temperature tau, O_FA by full_branch (training_mix.py); outside it the model runs as at inference."""
+        return self.mix.entered(tau=tau, full_branch=full_branch)
 
     def routing_map(self, sample: int = 0) -> list[str]:
         """One string per layer, one character per KV head: F (full) or S/B (stream/block)."""
@@ -160,7 +163,7 @@ class ElasticState:
             if padding is not None:
                 keys, cu = padding.pack_keys(keys), padding.cu_seqlens_k
             reuse = self._gumbel_u[layer_idx] if recomputing else None
-            out = router(keys, tau=self.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
+            out = router(keys, tau=self.mix.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
                          sparsity_shift=0.0 if router.training else self.sparsity_shift)
             head_mode, z = out.head_mode, out.z
             if not recomputing:
@@ -175,8 +178,7 @@ class ElasticState:
         if not recomputing:
             self._head_mode[layer_idx], self._z[layer_idx] = head_mode, z
             self._mode_lists[layer_idx] = head_mode.tolist()
-            self._pairs[layer_idx] = [0, 0]
-            self._block_pairs[layer_idx] = None
+            self.meter.start_layer(layer_idx)
         return head_mode, z
 
     def block_mask(self, layer_idx, q, k, padding, scale):
@@ -193,29 +195,8 @@ class ElasticState:
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
         vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
-        self._block_pairs[layer_idx] = vis.view(B, k.shape[2], -1).mean(-1).tolist()
+        self.meter.set_block_pairs(layer_idx, vis.view(B, k.shape[2], -1).mean(-1).tolist())
         return mask
-
-    def count_pairs(self, layer_idx, seqlen_q, seqlen_k, padding):
-        """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
-        BLOCK heads count their mask at prefill and every causal pair in decode (they run densely there)."""
-        modes = self._mode_lists[layer_idx]
-        block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
-        visible = total = 0
-        for b, row in enumerate(modes):
-            n_q = padding.lengths_q[b] if padding is not None else seqlen_q
-            n_k = padding.lengths_k[b] if padding is not None else seqlen_k
-            causal = causal_pairs(n_q, n_k)
-            total += causal * len(row)
-            for h, mode in enumerate(row):
-                if mode == FULL or (mode == BLOCK and block is None):
-                    visible += causal
-                elif mode == BLOCK:
-                    visible += block[b][h]
-                else:
-                    visible += visible_pairs(mode, n_q, n_k, self.sink, self.window)
-        self._pairs[layer_idx][0] += visible
-        self._pairs[layer_idx][1] += total
 
 
 def _in_backward() -> bool:
@@ -257,22 +238,22 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     block_sparse = state.sparse_mode_id == BLOCK
     block_mask = None
     if block_sparse and Sq == Skv:
-        if state.train_mix or any(BLOCK in row for row in state._mode_lists[layer_idx]):
+        if state.mix.active or any(BLOCK in row for row in state._mode_lists[layer_idx]):
             block_mask = state.block_mask(layer_idx, q, k, padding, scaling)
     elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
         head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
     kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
-    cache_layer = None if state.train_mix else state.elastic_cache_layer(layer_idx, key)
+    cache_layer = None if state.mix.active else state.elastic_cache_layer(layer_idx, key)
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
-    elif state.train_mix and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
-        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.train_full_branch,
+    elif state.mix.active and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
+        out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.mix.full_branch,
                                   block_mask=block_mask, block_size=state.block_size, **kw)
     else:
         out = hybrid_attention(q, k, v, head_mode, block_mask=block_mask, block_size=state.block_size, **kw)
     if not recomputing:
-        state.count_pairs(layer_idx, Sq, Skv, padding)
         modes = state._mode_lists[layer_idx]
+        state.meter.count(layer_idx, modes, Sq, Skv, padding, state.sink, state.window)
         if (cache_layer is not None and Sq == Skv and padding is None and not block_sparse
                 and all(row == modes[0] for row in modes)):
             cache_layer.compact(modes[0], state.sink, state.window)
@@ -340,12 +321,13 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
            sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
            strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
            xattn_threshold: float | None = None) -> ElasticState:
-    """Switch `model` to elastic attention. sparse_mode/sink/window default to the routers' config when routers are
-    given, else to "stream", 64, 512 (the SmolLM2 settings). fixed_table: int/bool [L, Hkv], 1 = sparse.
+    """Switch `model` to elastic attention. sparse_mode/sink/window (and the BLOCK settings) default to the routers'
+    config when routers are given, else to SparseConfig's (attention/sparse_config.py: "stream", 64, 512).
+    fixed_table: int/bool [L, Hkv], 1 = sparse.
     sparsity_shift: the routers' inference budget knob (> 0 more heads sparse, < 0 fewer; a tensor [B] gives each
     request its own); also settable later as state.sparsity_shift, between requests.
     sparse_mode "block": BLOCK heads with XAttention masks estimated at prefill (block_size, xattn_stride,
-    xattn_threshold; attention.xattn; default to the routers' config, else 128 / 16 / 0.9).
+    xattn_threshold; attention.xattn).
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -357,29 +339,12 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
         if not isinstance(routers, RouterSet):
             raise ValueError(f"enable: routers must be a RouterSet, got {type(routers).__name__}")
         routers.check_model(model)
-        rcfg = routers.config
-        sparse_mode = rcfg["sparse_mode"] if sparse_mode is None else sparse_mode
-        sink = rcfg["sink"] if sink is None else sink
-        window = rcfg["window"] if window is None else window
-        block_size = rcfg.get("block_size") if block_size is None else block_size
-        xattn_stride = rcfg.get("xattn_stride") if xattn_stride is None else xattn_stride
-        xattn_threshold = rcfg.get("xattn_threshold") if xattn_threshold is None else xattn_threshold
     elif policy == "router":
         raise ValueError("enable: policy 'router' needs routers (a RouterSet: RouterSet.load(dir, model) or "
                          "RouterSet.for_model(model) for freshly initialised ones)")
-    sparse_mode = "stream" if sparse_mode is None else sparse_mode
-    sink = DEFAULT_SINK if sink is None else sink
-    window = DEFAULT_WINDOW if window is None else window
-    block_size = 128 if block_size is None else block_size
-    xattn_stride = XATTN_STRIDE if xattn_stride is None else xattn_stride
-    xattn_threshold = XATTN_THRESHOLD if xattn_threshold is None else xattn_threshold
-    if sparse_mode not in SPARSE_MODES:
-        raise ValueError(f"enable: sparse_mode must be one of {sorted(SPARSE_MODES)}, got {sparse_mode!r}")
-    if sparse_mode == "block":
-        check_xattn_args(block_size, xattn_stride, xattn_threshold, where="enable: ")
-    for name, val in (("sink", sink), ("window", window), ("block_size", block_size)):
-        if not isinstance(val, int) or val < 0 or (name == "block_size" and val == 0):
-            raise ValueError(f"enable: {name} must be a non-negative int, got {val!r}")
+    base = routers.sparse_config if routers is not None else SparseConfig()
+    sparse = base.replace(where="enable: ", sparse_mode=sparse_mode, sink=sink, window=window, block_size=block_size,
+                          xattn_stride=xattn_stride, xattn_threshold=xattn_threshold)
     table = None
     if policy == "fixed":
         if fixed_table is None:
@@ -398,9 +363,8 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
         raise ValueError(f"enable: expected {L} attention modules with k_proj and layer_idx 0..{L - 1}, found "
                          f"{[m.layer_idx for m in modules]}; this architecture is not supported")
     register_attention()
-    state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse_mode=sparse_mode, sink=sink,
-                         window=window, block_size=block_size, fixed_table=table, strategy=strategy, routers=routers,
-                         xattn_stride=xattn_stride, xattn_threshold=xattn_threshold)
+    state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse=sparse, fixed_table=table,
+                         strategy=strategy, routers=routers)
     check_sparsity_shift(sparsity_shift, where="enable: ")
     state.sparsity_shift = sparsity_shift
     state._hooks = []

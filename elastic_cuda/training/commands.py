@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
+from ..attention.sparse_config import SPARSE_MODES
+
 
 def _lengths(text: str) -> tuple[int, ...]:
     try:
@@ -77,13 +80,13 @@ def register(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step, over all ranks")
     t.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192), help="prompt lengths in tokens")
     t.add_argument("--t-sen", type=float, default=0.7, help="target MSR of sparsity-sensitive tasks")
-    t.add_argument("--sink", type=int, default=64)
-    t.add_argument("--window", type=int, default=512)
-    t.add_argument("--sparse-mode", default="stream", choices=("stream", "block"),
+    t.add_argument("--sink", type=int, default=SPARSE_DEFAULT.sink)
+    t.add_argument("--window", type=int, default=SPARSE_DEFAULT.window)
+    t.add_argument("--sparse-mode", default=SPARSE_DEFAULT.sparse_mode, choices=tuple(SPARSE_MODES),
                    help="what a sparse head runs: STREAM (sink + window) or BLOCK (XAttention block masks estimated "
                         "at prefill)")
-    t.add_argument("--block-size", type=int, default=128, help="BLOCK mode: block size")
-    t.add_argument("--xattn-threshold", type=float, default=0.9,
+    t.add_argument("--block-size", type=int, default=SPARSE_DEFAULT.block_size, help="BLOCK mode: block size")
+    t.add_argument("--xattn-threshold", type=float, default=SPARSE_DEFAULT.xattn_threshold,
                    help="BLOCK mode: attention mass each query block keeps (the paper's training value)")
     t.add_argument("--loss-on", default="answer", choices=("answer", "all"),
                    help="LM loss on answer tokens (default) or all tokens (the paper)")
@@ -127,7 +130,7 @@ def register(subparsers) -> None:
                    help="no model run: re-aggregate this eval_results.json and rewrite its targets, report and plot")
     e.add_argument("--sink", type=int, default=None, help="default: the routers' config")
     e.add_argument("--window", type=int, default=None, help="default: the routers' config")
-    e.add_argument("--sparse-mode", default=None, choices=("stream", "block"),
+    e.add_argument("--sparse-mode", default=None, choices=tuple(SPARSE_MODES),
                    help="sparse mode of the router-free policies (e.g. all_sparse); default: the routers'")
     _common(e)
     e.set_defaults(func=_eval)

@@ -56,6 +56,7 @@ import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 
+from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
 from .corpus import TextCorpus
 
 SENSITIVE_TASKS = ("passkey", "kv_retrieval", "variable_tracking", "fact_qa")
@@ -101,8 +102,8 @@ class DataConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     tasks: tuple[str, ...] = TASKS
     loss_on: str = "answer"          # "answer" | "all" (see module docstring)
-    local_window: int = 512          # needles stay out of the last local_window tokens
-    sink: int = 64                   # ... and out of the first sink tokens
+    local_window: int = SPARSE_DEFAULT.window  # needles stay out of the last local_window tokens
+    sink: int = SPARSE_DEFAULT.sink            # ... and out of the first sink tokens
     answer_tokens: int = 48          # length of continuation answers
     eval_fraction: float = 0.2       # fraction of source documents held out for split="eval"
 

@@ -27,11 +27,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..attention.sparse_config import SparseConfig
+from ..integrations.generate import greedy_generate, stop_token_ids
 from ..ops import FULL
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
+from .distributed import DistEnv, gather_records, global_mean, resolve_device_dtype, shard
 from .losses import masked_lm_loss
 from .models import load_model_and_tokenizer
-from .trainer import prompt_then_answer_logits, resolve_device_dtype
+from .trainer import prompt_then_answer_logits
 
 POLICIES = ("dense", "elastic", "static", "all_sparse")
 
@@ -47,46 +50,14 @@ class EvalConfig:
     calibration_per_task: int = 2
     max_new_tokens: int = 32  # SmolLM2 answers in a sentence ("The pass key is 1234567."), digits one token each
     policies: tuple[str, ...] = POLICIES
-    sink: int | None = None      # default: the routers' config, else 64
-    sparse_mode: str | None = None  # router-free policies: default the routers' sparse mode, else "stream"
-    window: int | None = None    # default: the routers' config, else 512
+    sink: int | None = None      # default: the routers' config, else SparseConfig's
+    sparse_mode: str | None = None  # router-free policies: default the routers' sparse mode, else SparseConfig's
+    window: int | None = None    # default: the routers' config, else SparseConfig's
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
     sparsity_shift: float = 0.0  # the elastic policy's inference budget knob (router.py); static follows its MSR
-
-
-def _stop_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        try:
-            i = tokenizer.convert_tokens_to_ids(tok)
-        except (KeyError, ValueError):
-            continue
-        if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
-            ids.add(i)
-    return ids
-
-
-@torch.no_grad()
-def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int], device) -> tuple[list, dict]:
-    """Greedy decoding with the model's KV cache; returns (new token ids, prefill metrics of the elastic state)."""
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    state = getattr(model, "elastic_state", None)
-    metrics = state.metrics() if state is not None else {}
-    generated = []
-    past = out.past_key_values
-    nxt = int(out.logits[0, -1].argmax())
-    for _ in range(max_new_tokens):
-        if nxt in stop_ids:
-            break
-        generated.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
-    return generated, metrics
 
 
 @torch.no_grad()
@@ -106,8 +77,8 @@ def run_sample(model, tokenizer, sample: Sample, cfg: EvalConfig, device, stop_i
     rec = {"task": sample.task, "category": sample.category, "length": sample.target_tokens,
            "tokens": sample.num_tokens}
     if sample.category == "sensitive":
-        gen, metrics = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids, device)
-        text = tokenizer.decode(gen, skip_special_tokens=True)
+        gen = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids)
+        text, metrics = tokenizer.decode(gen.tokens, skip_special_tokens=True), gen.prefill_metrics
         rec.update(correct=float(sample.answer.strip() in text), generated=text, answer=sample.answer)
     else:
         loss, metrics = answer_loss(model, sample, device)
@@ -368,36 +339,10 @@ def plot_summary(path_png: str, agg: dict, cfg: EvalConfig):
     plt.close(fig)
 
 
-def _shard(items: list, env) -> list[tuple[int, object]]:
-    """(global index, item) pairs this rank runs: indices rank, rank + W, ..."""
-    return [(i, x) for i, x in enumerate(items) if i % env.world == env.rank]
-
-
-def _global_mean(total: float, count: int, env, device) -> float:
-    t = env.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
-    return float(t[0] / t[1])
-
-
-def _gather_records(records: list[dict], env) -> list[dict]:
-    """Every rank's records, on every rank, in the single-process order (policy order, then sample index)."""
-    if env.world > 1:
-        import torch.distributed as dist
-
-        parts = [None] * env.world
-        dist.all_gather_object(parts, records)
-        records = [r for part in parts for r in part]
-    records = sorted(records, key=lambda r: (r["_order"], r["_index"]))
-    for r in records:
-        del r["_order"], r["_index"]
-    return records
-
-
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, routers=None) -> dict:
     """Run the suite; under torchrun every rank takes samples rank, rank + W, ... of each policy (the elastic MSR
     that sizes the static split and the static calibration are reduced over ranks), and rank 0 writes the files.
     The result does not depend on the number of ranks."""
-    from .trainer import DistEnv
-
     bad = [p for p in cfg.policies if p not in POLICIES]
     if bad or not cfg.policies:
         raise ValueError(f"policies must be a non-empty subset of {POLICIES}, got {cfg.policies!r}")
@@ -426,29 +371,27 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
         routers = RouterSet.load(cfg.routers, model=model)
     if routers is not None:
         routers = routers.to(device).eval()
-    rcfg = routers.config if routers is not None else {}
-    sink = cfg.sink if cfg.sink is not None else rcfg.get("sink", 64)
-    window = cfg.window if cfg.window is not None else rcfg.get("window", 512)
+    routed = (routers.sparse_config if routers is not None else SparseConfig()).replace(
+        where="eval: ", sink=cfg.sink, window=cfg.window)
+    sink, window = routed.sink, routed.window
     # the policies without routers run the routers' sparse mode (a BLOCK router's static / all_sparse are BLOCK)
-    mode_kw = {k: rcfg[k] for k in ("sparse_mode", "block_size", "xattn_stride", "xattn_threshold") if k in rcfg}
-    if cfg.sparse_mode is not None:
-        if "elastic" in cfg.policies or "static" in cfg.policies:
-            if cfg.sparse_mode != rcfg.get("sparse_mode", "stream"):
-                raise ValueError(f"sparse_mode {cfg.sparse_mode!r}: the routers were trained for "
-                                 f"{rcfg.get('sparse_mode')!r} (elastic and static follow them)")
-        mode_kw["sparse_mode"] = cfg.sparse_mode
+    if cfg.sparse_mode is not None and ("elastic" in cfg.policies or "static" in cfg.policies):
+        if cfg.sparse_mode != routed.sparse_mode:
+            raise ValueError(f"sparse_mode {cfg.sparse_mode!r}: the routers were trained for "
+                             f"{routed.sparse_mode!r} (elastic and static follow them)")
+    mode_kw = routed.replace(where="eval: ", sparse_mode=cfg.sparse_mode).to_dict()  # with sink and window
     data_cfg = DataConfig(lengths=tuple(cfg.lengths), tasks=tuple(cfg.tasks), local_window=window, sink=sink)
     eval_data = TaskDataset(tokenizer, split="eval", seed=cfg.seed + 1, config=data_cfg)
     samples = eval_data.eval_samples(cfg.lengths, cfg.samples_per_task)
-    mine = _shard(samples, env)
+    mine = shard(samples, env)
     if env.main:
         os.makedirs(cfg.out, exist_ok=True)
         eval_data.write_manifest(os.path.join(cfg.out, "eval_data_manifest.json"))
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     order = [p for p in ("elastic", "static", "dense", "all_sparse") if p in cfg.policies]  # static needs elastic
     calib = []
     if "static" in order:
-        calib = _shard(TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
+        calib = shard(TaskDataset(tokenizer, split="train", seed=cfg.seed + 2, config=data_cfg).eval_samples(
             cfg.lengths, cfg.calibration_per_task), env)
     bar = tqdm(total=len(mine) * len(order) + len(calib), desc=f"eval (rank {env.rank}/{env.world})",
                disable=not (cfg.progress and env.main), dynamic_ncols=True)
@@ -458,16 +401,16 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             if policy == "static":  # no elastic pass requested: measure its MSR anyway for the budget
                 total = sum(run_sample(model, tokenizer, s, cfg, device, stop_ids)["msr"] for _, s in mine)
-                elastic_msr = _global_mean(total, len(mine), env, device)
+                elastic_msr = global_mean(total, len(mine), env, device)
         if policy == "static":
             enable(model, routers, policy="router", sink=sink, window=window, sparsity_shift=cfg.sparsity_shift)
             static_table = static_table_from_frequency(router_full_frequency(model, calib, device, env, bar),
                                                        elastic_msr)
-            enable(model, None, policy="fixed", fixed_table=static_table, sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="fixed", fixed_table=static_table, **mode_kw)
         elif policy == "dense":
-            enable(model, None, policy="all_full", sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="all_full", **mode_kw)
         elif policy == "all_sparse":
-            enable(model, None, policy="all_sparse", sink=sink, window=window, **mode_kw)
+            enable(model, None, policy="all_sparse", **mode_kw)
         policy_recs = []
         for i, s in mine:
             rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)
@@ -475,11 +418,11 @@ def _evaluate(cfg: EvalConfig, model, tokenizer, routers, env, needs_routers: bo
             policy_recs.append(rec)
             bar.update(1)
         if policy == "elastic":
-            elastic_msr = _global_mean(sum(r["msr"] for r in policy_recs), len(policy_recs), env, device)
+            elastic_msr = global_mean(sum(r["msr"] for r in policy_recs), len(policy_recs), env, device)
         records += policy_recs
     bar.close()
     disable(model)
-    records = _gather_records(records, env)
+    records = gather_records(records, env)
     agg = aggregate(records)
     targets = check_targets(agg)
     result = {"config": asdict(cfg), "sink": sink, "window": window, "device": str(device), "dtype": str(dtype),

@@ -1,7 +1,7 @@
 """Router training (method-digest section 5): frozen backbone, trainable routers and per-task Lagrange multipliers.
 
 Every layer runs both full and sparse attention and mixes them per KV head with the router's hard
-straight-through z (``ElasticState.train_mix``). Loss = LM cross-entropy + the per-task regulariser of
+straight-through z (``ElasticState.training_mix``). Loss = LM cross-entropy + the per-task regulariser of
 ``losses.py``; routers descend (AdamW (0.9, 0.95), lr 5e-4, wd 0.1), lambdas ascend (AdamW maximize=True,
 lr 1e-3, wd 0.1, init U[0, 0.5)); 20% linear warmup then cosine to ~0 for both groups; grad-norm clip 5.0 over
 all trainable parameters; Gumbel temperature from ``schedule.tau_at``.
@@ -39,11 +39,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from ..attention import FULL_BRANCHES
-from ..attention.xattn import check_xattn_args
+from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
+from ..attention.sparse_config import SparseConfig
 from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
+from .distributed import DistEnv, resolve_device_dtype
 from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
 from .models import load_model_and_tokenizer
 from .schedule import lr_factor, tau_at
@@ -58,12 +59,13 @@ class TrainConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     tasks: tuple[str, ...] = TASKS
     t_sen: float = 0.7
-    sink: int = 64
-    window: int = 512
-    sparse_mode: str = "stream"      # or "block" (XAttention masks, attention.xattn)
-    block_size: int = 128            # BLOCK mode: block size, estimate stride and threshold (the paper's code:
-    xattn_stride: int = 16           # 128 / 16 / 0.9 in training)
-    xattn_threshold: float = 0.9
+    # what sparse heads run (attention/sparse_config.py; `sparse` below gathers them)
+    sink: int = SPARSE_DEFAULT.sink
+    window: int = SPARSE_DEFAULT.window
+    sparse_mode: str = SPARSE_DEFAULT.sparse_mode
+    block_size: int = SPARSE_DEFAULT.block_size
+    xattn_stride: int = SPARSE_DEFAULT.xattn_stride
+    xattn_threshold: float = SPARSE_DEFAULT.xattn_threshold
     loss_on: str = "answer"
     device: str = "auto"
     dtype: str = "auto"
@@ -106,70 +108,11 @@ class TrainConfig:
             raise ValueError(f"calibration_samples must be >= 2 with standardize_input, got {self.calibration_samples}")
         if not 0.0 <= self.t_sen <= 1.0:
             raise ValueError(f"t_sen must be in [0, 1], got {self.t_sen}")
-        if self.sink < 0 or self.window <= 0:
-            raise ValueError(f"sink must be >= 0 and window > 0, got {self.sink}, {self.window}")
-        if self.sparse_mode not in ("stream", "block"):
-            raise ValueError(f"sparse_mode must be 'stream' or 'block', got {self.sparse_mode!r}")
-        if self.sparse_mode == "block":
-            check_xattn_args(self.block_size, self.xattn_stride, self.xattn_threshold, where="TrainConfig: ")
-
-
-def resolve_device_dtype(device: str, dtype: str, local_rank: int = 0):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        # more local ranks than GPUs share them round-robin (the 135M backbone leaves a GPU mostly idle: a rank
-        # is bound by its Python launch overhead, so 2-3 ranks per GPU train 2-3x faster)
-        device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
-    dev = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)} or 'auto', got {dtype!r}")
-    return dev, dtypes[dtype]
-
-
-class DistEnv:
-    """RANK / WORLD_SIZE / LOCAL_RANK from the environment (torchrun); a process group when WORLD_SIZE > 1."""
-
-    def __init__(self, device_type: str):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            backend = "gloo"
-            if device_type == "cuda":
-                ngpu = torch.cuda.device_count()
-                torch.cuda.set_device(self.local_rank % ngpu)
-                # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors too (ours are a few MB)
-                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-                backend = "nccl" if local_world <= ngpu else "gloo"
-            dist.init_process_group(backend=backend)
-            self.owns_group = True
+        _ = self.sparse  # ValueError naming a bad sparse setting
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.broadcast(tensor, src=0)
-        return tensor
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self):
-        if self.owns_group:
-            dist.destroy_process_group()
+    def sparse(self) -> SparseConfig:
+        return SparseConfig.from_dict(asdict(self), where="TrainConfig: ")
 
 
 def _check_prompt_keep(T: int, prompt_len: int, keep: int):
@@ -294,7 +237,7 @@ def _load_init_routers(config: TrainConfig, model):
     routers = RouterSet.load(config.init_routers, model=model)
     rc = routers.config
     keys = ("sink", "window", "sparse_mode", "standardize_input", "head_bias")
-    if config.sparse_mode == "block":
+    if config.sparse_mode == "block":  # (a STREAM run does not use the BLOCK settings)
         keys += ("block_size", "xattn_stride", "xattn_threshold")
     bad = [f"{k}: routers {rc.get(k)!r} vs run {getattr(config, k)!r}" for k in keys if rc.get(k) != getattr(config, k)]
     if bad:
@@ -325,18 +268,11 @@ class RouterTrainer:
         if config.init_routers:
             self.routers = _load_init_routers(config, self.model).to(self.device, torch.float32)
         else:
-            self.routers = RouterSet.for_model(self.model, sink=config.sink, window=config.window,
-                                               sparse_mode=config.sparse_mode, block_size=config.block_size,
-                                               xattn_stride=config.xattn_stride,
-                                               xattn_threshold=config.xattn_threshold,
+            self.routers = RouterSet.for_model(self.model, **config.sparse.to_dict(),
                                                standardize_input=config.standardize_input,
                                                head_bias=config.head_bias).to(self.device, torch.float32)
-        self.state = enable(self.model, self.routers, policy="router", sparse_mode=config.sparse_mode,
-                            block_size=config.block_size, xattn_stride=config.xattn_stride,
-                            xattn_threshold=config.xattn_threshold,
-                            sink=config.sink, window=config.window)
-        self.state.train_mix = True
-        self.state.train_full_branch = config.full_branch
+        # the routers carry the run's sparse settings (init_routers: checked equal above)
+        self.state = enable(self.model, self.routers, policy="router")  # train_step enters its training mix
         self.routers.train()  # Gumbel sampling; the backbone stays in eval mode (no dropout)
         gen = torch.Generator().manual_seed(config.seed + 12345)
         n_tasks = len(TASKS)
@@ -377,7 +313,6 @@ class RouterTrainer:
         data_cfg = self.dataset.config
         calib = TaskDataset(self.tokenizer, split="train", seed=cfg.seed + 7, config=data_cfg)
         self.routers.eval()
-        self.state.train_mix = False
         self.routers.start_input_calibration()
         with torch.no_grad():
             for i in range(env.rank, cfg.calibration_samples, env.world):
@@ -389,7 +324,6 @@ class RouterTrainer:
         for buf in self.routers.buffers():
             env.broadcast_(buf.data)
         self.routers.train()
-        self.state.train_mix = True
         if env.main:
             print(f"[train-router] router input standardisation measured on {n} prompts")
 
@@ -474,7 +408,6 @@ class RouterTrainer:
             samples = self._sample_iterator(self.step + 1)
         step = self.step
         tau = tau_at(step, cfg.steps, cfg.tau_max, cfg.tau_min, cfg.tau_decay_ratio, cfg.tau_schedule)
-        self.state.tau = tau
         indices = [step * cfg.batch_size + i for i in range(cfg.batch_size)]
         tasks = [self.dataset.task_of(i) for i in indices]
         weights = task_weights(tasks)
@@ -494,7 +427,7 @@ class RouterTrainer:
                 ids = torch.tensor(sample.input_ids, dtype=torch.long, device=self.device)
                 mask = torch.tensor(sample.loss_mask, dtype=torch.long, device=self.device)
                 batch.append((j, sample, ids, mask))
-            with self._autocast():
+            with self._autocast(), self.state.training_mix(tau=tau, full_branch=cfg.full_branch):
                 logits = prompt_then_answer_logits_batch(self.model, [b[2] for b in batch],
                                                          [b[1].prompt_len for b in batch],
                                                          [logits_needed(b[3]) for b in batch])
@@ -512,7 +445,8 @@ class RouterTrainer:
                 stats[3 + ti] += 1
                 stats[3 + n_tasks + ti] += msr.item()
                 stats[3 + 2 * n_tasks + ti] += lm.item()
-            loss.backward()
+            with self.state.training_mix(tau=tau, full_branch=cfg.full_branch):  # (a checkpointed forward reruns)
+                loss.backward()
         params = self.router_params + [self.lambdas]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in params])

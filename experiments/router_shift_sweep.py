@@ -1,24 +1,21 @@
 """MSR of the shipped SmolLM2 routers as a function of the inference budget knob `sparsity_shift`, per task
 category, on held-out prompts (prefill only: routing, no generation; CPU is enough).
 
-  python benchmarks/router_shift_sweep.py --lengths 2048 --samples-per-task 2 --shifts=-16,-8,-4,-2,0,2,4,8 \
-      --out benchmarks/results/router_training/shift_sweep_cpu.md
+  python -m experiments.router_shift_sweep --lengths 2048 --samples-per-task 2 --shifts=-16,-8,-4,-2,0,2,4,8 \
+      --out benchmarks/results/router_training/<date>_shift_sweep_cpu/shift_sweep_cpu.md
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastic_cuda.integrations.transformers import enable  # noqa: E402
-from elastic_cuda.router import RouterSet  # noqa: E402
-from elastic_cuda.training.data import TASK_CATEGORY, DataConfig, TaskDataset  # noqa: E402
-from elastic_cuda.training.models import load_model_and_tokenizer  # noqa: E402
+from elastic_cuda.integrations.transformers import enable
+from elastic_cuda.router import RouterSet
+from elastic_cuda.training.data import TASK_CATEGORY, DataConfig, TaskDataset
+from elastic_cuda.training.models import load_model_and_tokenizer
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elastic_cuda", "routers",
                        "smollm2-135m-instruct")
@@ -58,7 +55,7 @@ def main():
     lines = [f"# sparsity_shift sweep of `{os.path.relpath(args.routers)}` on SmolLM2-135M-Instruct (CPU, fp32)", "",
              f"Held-out prompts (eval split), lengths {list(lengths)}, {args.samples_per_task} per task and length "
              f"({len(samples)} prompts), prefill routing only; {time.perf_counter() - t0:.0f} s.",
-             f"Command: `python benchmarks/router_shift_sweep.py --lengths {args.lengths} --samples-per-task "
+             f"Command: `python -m experiments.router_shift_sweep --lengths {args.lengths} --samples-per-task "
              f"{args.samples_per_task} --shifts={args.shifts}`", "",
              "| shift | MSR sensitive | MSR robust | gap |", "|---|---|---|---|"] + rows
     text = "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ accuracy on the held-out eval prompts (the eval's own grid) of:
 If even ``importance@0.4`` loses more than 3 points to dense, head-level STREAM routing with this sink/window cannot
 meet "accuracy >= dense - 3 at MSR >= 0.4" on this model, however well a router picks heads.
 
-  torchrun --nproc-per-node 8 benchmarks/head_importance_probe.py --out /tmp/probe   (GPU; one H200: ~3 min)
+  torchrun --nproc-per-node 8 -m experiments.head_importance_probe --out /tmp/probe   (GPU; one H200: ~3 min)
 
 Writes head_importance.json (per-head CE rise, the tables, per-sample records) and head_importance.md.
 """
@@ -19,20 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastic_cuda.integrations.transformers import enable  # noqa: E402
-from elastic_cuda.router import RouterSet  # noqa: E402
-from elastic_cuda.training.data import TASKS, DataConfig, TaskDataset  # noqa: E402
-from elastic_cuda.training.evaluate import (EvalConfig, _gather_records, _shard, _stop_ids, answer_loss,  # noqa: E402
-                                            router_full_frequency, run_sample, static_table_from_frequency)
-from elastic_cuda.training.models import load_model_and_tokenizer  # noqa: E402
-from elastic_cuda.training.trainer import DistEnv, resolve_device_dtype  # noqa: E402
+from elastic_cuda.integrations.transformers import enable
+from elastic_cuda.router import RouterSet
+from elastic_cuda.training.data import TASKS, DataConfig, TaskDataset
+from elastic_cuda.training.distributed import DistEnv, gather_records, resolve_device_dtype, shard
+from elastic_cuda.integrations.generate import stop_token_ids
+from elastic_cuda.training.evaluate import (EvalConfig, answer_loss, router_full_frequency, run_sample,
+                                            static_table_from_frequency)
+from elastic_cuda.training.models import load_model_and_tokenizer
 
 # STREAM routers: this probe streams heads, so their routing frequencies are the ones to rank by
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elastic_cuda", "routers",
@@ -73,7 +71,7 @@ def main():
     enable(model, None, policy="all_full", sink=sink, window=window)
     dense_ce = torch.tensor([answer_loss(model, s, device)[0] for s in calib], dtype=torch.float64)
     rise = torch.zeros(L * H, dtype=torch.float64, device=device)
-    for head, _ in _shard(list(range(L * H))[:args.heads], env):
+    for head, _ in shard(list(range(L * H))[:args.heads], env):
         table = torch.zeros(L * H, dtype=torch.bool)
         table[head] = True
         enable(model, None, policy="fixed", fixed_table=table.view(L, H), sink=sink, window=window)
@@ -87,7 +85,7 @@ def main():
 
     # 2. tables: importance-ranked, and the eval's router-frequency ranking (train-split calibration prompts)
     freq_data = TaskDataset(tokenizer, split="train", seed=2, config=data_cfg)
-    freq_calib = _shard(freq_data.eval_samples(lengths, 2), env)
+    freq_calib = shard(freq_data.eval_samples(lengths, 2), env)
     enable(model, routers, policy="router", sink=sink, window=window)
     frequency = router_full_frequency(model, freq_calib, device, env)
     tables = {}
@@ -101,8 +99,8 @@ def main():
     grid = [s for s in eval_data.eval_samples(lengths, args.eval_samples, tasks=("passkey", "kv_retrieval",
                                                                                   "fact_qa"))
             if (s.task, s.target_tokens) in cells]
-    mine = _shard(grid, env)
-    cfg, stop_ids = EvalConfig(), _stop_ids(tokenizer)
+    mine = shard(grid, env)
+    cfg, stop_ids = EvalConfig(), stop_token_ids(tokenizer)
     records = []
     for pi, (name, table) in enumerate([("dense", None)] + list(tables.items())):
         if table is None:
@@ -113,7 +111,7 @@ def main():
             rec = run_sample(model, tokenizer, s, cfg, device, stop_ids)
             records.append({"policy": name, "task": s.task, "length": s.target_tokens, "correct": rec["correct"],
                             "msr": rec.get("msr", 0.0), "_order": pi, "_index": i})
-    records = _gather_records(records, env)
+    records = gather_records(records, env)
     if env.main:
         write(args, records, rise, dense_ce, tables, len(calib), time.time() - t0, L, H)
     env.barrier()

@@ -4,7 +4,7 @@
 # memcheck on the sm90 path, and the C++-exception probe. Each stage gets a time cap; logs land under $OUT
 # (default /tmp/sm90_out). ELASTIC_SM90_VERBOSE=1 throughout: any tensor map that cannot be built is reported.
 # env: STAGES (default "build pytest errors time sanitize"; "probe" adds tests/gpu_exception_probe.py),
-#      PYTEST_K (pytest -k expression), TOTAL_BUDGET_S, and sm90_check.py's ROUNDS / NO_FLEX / VARIANTS
+#      PYTEST_K (pytest -k expression), TOTAL_BUDGET_S, and experiments/sm90_check.py's ROUNDS / NO_FLEX / VARIANTS
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/sm90_out}
@@ -39,12 +39,12 @@ run_stage pytest 150 90 python -m pytest -q -rf -p no:cacheprovider tests/test_a
   -k "${PYTEST_K:-sm90 or invalid or poisoned or short or bad_args or zz}"
 [[ -f "$OUT/pytest.log" ]] && grep -E "passed|failed|Error|assert" "$OUT/pytest.log" | tail -15
 [[ -f "$OUT/pytest_max_errors.txt" ]] && grep -vE "^    " "$OUT/pytest_max_errors.txt"
-run_stage errors 60 60 python benchmarks/sm90_check.py errors
+run_stage errors 60 60 python -m experiments.sm90_check errors
 [[ -f "$OUT/errors.log" ]] && sed -n '/per variant/,$p' "$OUT/errors.log"
-run_stage sanitize 40 45 compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sm90_check.py sanitize
+run_stage sanitize 40 45 compute-sanitizer --tool memcheck --error-exitcode 1 python -m experiments.sm90_check sanitize
 [[ -f "$OUT/sanitize.log" ]] && tail -4 "$OUT/sanitize.log"
 run_stage probe 70 40 python tests/gpu_exception_probe.py
 [[ -f "$OUT/probe.log" ]] && cat "$OUT/probe.log"
-run_stage time 150 5 python benchmarks/sm90_check.py time
+run_stage time 150 5 python -m experiments.sm90_check time
 [[ -f "$OUT/time.log" ]] && { grep -E "rel \(Frobenius\)|no tensor map" "$OUT/time.log" | sort | uniq -c | head -5; sed -n '/ms(min)/,$p' "$OUT/time.log"; tail -3 "$OUT/time.log"; }
 echo "total $(( $(date +%s) - START ))s"

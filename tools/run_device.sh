@@ -5,15 +5,15 @@
 # A failing stage does not stop the later ones. Everything fits one call's 600 s: each stage gets what is left
 # of TOTAL_BUDGET_S (default 570) minus a reserve for the stages after it.
 #
-# Results under $OUT (default benchmarks/results/device), at most 8 files, none deeper than $OUT/a/b/file:
+# Results under $OUT (default /tmp/elastic_device_out), at most 8 files, none deeper than $OUT/a/b/file:
 #   summary.txt  bench.md  bench.json  bench_llama_b1.png  ncu_report.txt  plots.tar.gz  logs.tar.gz
 # env: TOTAL_BUDGET_S, SEQS / SMOL_SEQS / MODELS / B4_SEQ / BWD_S (passed to the benchmark), SKIP_BUILD=1
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
-OUT=${OUT:-benchmarks/results/device}
+OUT=${OUT:-/tmp/elastic_device_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts run from benchmarks/, tests/, /tmp import this checkout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts run from tests/ and /tmp import this checkout
 WORK=$(mktemp -d /tmp/elastic_device_XXXX)
 LOGS="$WORK/logs"
 mkdir -p "$LOGS" "$WORK/bench" "$WORK/ncu"
@@ -93,9 +93,9 @@ stage pytest 170 200 "$LOGS/pytest.log" $PY -m pytest -m gpu -q -rf -p no:cachep
 
 # 3. compute-sanitizer memcheck
 if [[ -f tests/gpu_sanitize.py ]]; then
-  # gpu_sanitize.py passes block masks (the sm80 kernel); sm90_check.py sanitize runs the Hopper kernel's paths
+  # gpu_sanitize.py: block masks (the sm80 kernel); experiments/sm90_check.py sanitize: the Hopper kernel's paths
   stage sanitizer 90 170 "$LOGS/sanitizer.log" bash -c "compute-sanitizer --tool memcheck --error-exitcode 1 $PY \
-    tests/gpu_sanitize.py && compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sm90_check.py sanitize"
+    tests/gpu_sanitize.py && compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m experiments.sm90_check sanitize"
 else
   echo "tests/gpu_sanitize.py missing" > "$LOGS/sanitizer.log"; STAGE_RC[sanitizer]=missing; STAGE_S[sanitizer]=0
 fi
@@ -107,10 +107,10 @@ export SEQS=${SEQS:-32768,131072,8192,65536,4096}
 export SMOL_SEQS=${SMOL_SEQS:-32768}
 export B4_SEQ=${B4_SEQ:-8192}
 export BWD_S=${BWD_S:-32768}
-stage bench 330 75 "$LOGS/bench.log" $PY benchmarks/bench_attention.py --out "$WORK/bench"
+stage bench 330 75 "$LOGS/bench.log" $PY -m benchmarks.bench_attention --out "$WORK/bench"
 
 # 5. ncu profile
-stage ncu 120 20 "$LOGS/ncu.log" bash benchmarks/profile_ncu.sh "$WORK/ncu"
+stage ncu 120 20 "$LOGS/ncu.log" bash tools/profile_ncu.sh "$WORK/ncu"
 
 # 6. SASS instruction classes of the built extension
 SO=$(ls elastic_cuda/_C*.so 2>/dev/null | head -1)

@@ -5,10 +5,10 @@
 # launch counted analytically from the token-level visibility rule, over its duration), SM and memory
 # throughput, achieved/theoretical occupancy, registers.
 #
-# usage: benchmarks/profile_ncu.sh [OUT_DIR]      env: NCU_S (32768), NCU_MSR (0.5), NCU_STRATEGIES (fused,grouped)
+# usage: tools/profile_ncu.sh [OUT_DIR]      env: NCU_S (32768), NCU_MSR (0.5), NCU_STRATEGIES (fused,grouped)
 # writes OUT_DIR/ncu_report.txt (summary + raw ncu details) and OUT_DIR/ncu_<strategy>.ncu-rep
 set -o pipefail
-OUT_DIR=${1:-benchmarks/results}
+OUT_DIR=${1:-/tmp/ncu_out}
 mkdir -p "$OUT_DIR"
 S=${NCU_S:-32768}
 MSR=${NCU_MSR:-0.5}

@@ -9,10 +9,10 @@
 #   kernels  build, GPU tests, sanitizer, benchmark, ncu (run_device.sh)
 #   train    carry [.model3, .whl]: assemble the GGUF; start the router training DETACHED (setsid; torchrun over
 #            NPROC GPUs, default all of them) so it outlives the call; with KERNELS_ON_LAST_GPU=1 and NPROC < GPUs,
-#            run benchmarks/run_device.sh (GPU tests, sanitizer, benchmark, ncu) on the last GPU meanwhile; then
+#            run tools/run_device.sh (GPU tests, sanitizer, benchmark, ncu) on the last GPU meanwhile; then
 #            wait up to WAIT_S for the training
 #   wait     wait up to WAIT_S more for the detached training; print its progress
-#   probe    carry [.model3, .whl]: assemble the GGUF; benchmarks/head_importance_probe.py over PROCS_PER_GPU ranks
+#   probe    carry [.model3, .whl]: assemble the GGUF; experiments/head_importance_probe.py over PROCS_PER_GPU ranks
 #            (PROBE_ARGS, PROBE_S)
 #   eval     torchrun eval over all GPUs with the trained routers; the demo with them; pack the results
 #            (one call can do `train` with WAIT_S long enough, then `eval`)
@@ -78,7 +78,7 @@ stage)
   ls -la /root/m
   ;;
 kernels)
-  TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-510} bash benchmarks/run_device.sh
+  TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-510} bash tools/run_device.sh
   timeout 60 python3 tests/gpu_exception_probe.py > "$OUT/exception_probe.txt" 2>&1; cat "$OUT/exception_probe.txt"
   ;;
 train)
@@ -97,7 +97,7 @@ train)
     # the kernel tests + benchmark on the GPU the training leaves free (same build; CPUs shared with the data
     # workers, noted with the results)
     CUDA_VISIBLE_DEVICES=$(( NGPU - 1 )) SKIP_BUILD=1 TOTAL_BUDGET_S=${KERNEL_BUDGET_S:-470} OUT=$OUT \
-      bash benchmarks/run_device.sh > /root/kernels.log 2>&1
+      bash tools/run_device.sh > /root/kernels.log 2>&1
     tail -60 /root/kernels.log
   fi
   wait_training "${WAIT_S:-500}"
@@ -105,11 +105,11 @@ train)
 wait)
   wait_training "${WAIT_S:-500}"
   ;;
-probe)  # the static-split probe (benchmarks/head_importance_probe.py)
+probe)  # the static-split probe (experiments/head_importance_probe.py)
   need_model
   # shellcheck disable=SC2086
   timeout "${PROBE_S:-400}" python3 -m torch.distributed.run --standalone \
-    --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-8} )) benchmarks/head_importance_probe.py --out "$OUT" \
+    --nproc-per-node $(( NGPU * ${PROCS_PER_GPU:-8} )) -m experiments.head_importance_probe --out "$OUT" \
     ${PROBE_ARGS:-} > "$OUT/probe.log" 2>&1
   echo "probe rc=$?"; tail -30 "$OUT/probe.log"
   ;;

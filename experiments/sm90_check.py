@@ -1,31 +1,27 @@
 """Hopper (sm_90a) forward kernel: correctness table, short timing and a sanitizer workload, for one device call.
 
-  python benchmarks/sm90_check.py errors    max rel err (max |diff| / max |ref|) and lse max abs err vs the
+  python -m experiments.sm90_check errors   max rel err (max |diff| / max |ref|) and lse max abs err vs the
                                             float64 reference, per dtype / head dim / mode, for every VARIANT
                                             (the wgmma kernel with TMA or cp.async producer and each switch
                                             off, and the sm80 kernel), on the same fresh inputs
-  python benchmarks/sm90_check.py time      Llama shape (32 q / 8 kv heads, D 128, bf16), S 4K, 8K (B 2), 32K,
+  python -m experiments.sm90_check time     Llama shape (32 q / 8 kv heads, D 128, bf16), S 4K, 8K (B 2), 32K,
                                             MSR 0 / 0.75 / 1: the timed variants vs cuDNN SDPA vs Flex; TFLOP/s
                                             counts the causal FLOPs of all heads (so at MSR > 0 it is an
                                             "effective" rate); env NO_FLEX=1 skips Flex, ROUNDS (default 3)
                                             round-robin repeats, VARIANTS=a,b picks the timed variants,
                                             TIME_CASES=SxB,... and TIME_MSRS=a,b pick the shapes
-  python benchmarks/sm90_check.py sanitize  small ragged cases on the sm90 path, for compute-sanitizer
+  python -m experiments.sm90_check sanitize small ragged cases on the sm90 path, for compute-sanitizer
 """
 from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import elastic_cuda  # noqa: E402
-from elastic_cuda import FULL, STREAM  # noqa: E402
-from elastic_cuda.reference import attention_reference  # noqa: E402
+import elastic_cuda
+from elastic_cuda import FULL, STREAM
+from elastic_cuda.reference import attention_reference
 
 DEV = "cuda"
 
@@ -169,7 +165,7 @@ def time_section():
     long sustained load does not favour whichever variant runs first."""
     from triton.testing import do_bench
 
-    import bench_attention as ba
+    from benchmarks import bench_attention as ba
 
     rounds = int(os.environ.get("ROUNDS", "3"))
     rows = []

@@ -1,14 +1,14 @@
 """Offline probes of router trainability on SmolLM2 (CPU is enough), the evidence behind docs/decisions.md
 "Router input standardisation and head bias".
 
-  python benchmarks/router_probe.py cache --split train --count 128 --out /tmp/keys_train.pt
-  python benchmarks/router_probe.py cache --split eval --count 48 --out /tmp/keys_eval.pt
-  python benchmarks/router_probe.py separability --train /tmp/keys_train.pt
-  python benchmarks/router_probe.py simulate --train /tmp/keys_train.pt --eval /tmp/keys_eval.pt \
+  python -m experiments.router_probe cache --split train --count 128 --out /tmp/keys_train.pt
+  python -m experiments.router_probe cache --split eval --count 48 --out /tmp/keys_eval.pt
+  python -m experiments.router_probe separability --train /tmp/keys_train.pt
+  python -m experiments.router_probe simulate --train /tmp/keys_train.pt --eval /tmp/keys_eval.pt \
       --runs paper:5e-4 layer:5e-4 head:5e-4 head+bias:5e-4
-  python benchmarks/router_probe.py grad-scale --count 16
-  python benchmarks/router_probe.py grad-scale --count 96 --save /tmp/lm_grads.pt    # ~1-2 min per sample on CPU
-  python benchmarks/router_probe.py simulate --train /tmp/lm_grads.pt --eval /tmp/keys_eval.pt --t-sen 0.4
+  python -m experiments.router_probe grad-scale --count 16
+  python -m experiments.router_probe grad-scale --count 96 --save /tmp/lm_grads.pt    # ~1-2 min per sample on CPU
+  python -m experiments.router_probe simulate --train /tmp/lm_grads.pt --eval /tmp/keys_eval.pt --t-sen 0.4
 
 cache:        boundary-pooled pre-RoPE keys [L, Hkv, D] of training prompts (one prefill each).
 separability: held-out accuracy of a logistic probe (sensitive vs robust task) per (layer, KV head).
@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastic_cuda.ops import boundary_pool  # noqa: E402
-from elastic_cuda.training.data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset  # noqa: E402
-from elastic_cuda.training.losses import sample_regulariser, task_weights  # noqa: E402
-from elastic_cuda.training.schedule import lr_factor, tau_at  # noqa: E402
+from elastic_cuda.ops import boundary_pool
+from elastic_cuda.training.data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
+from elastic_cuda.training.losses import sample_regulariser, task_weights
+from elastic_cuda.training.schedule import lr_factor, tau_at
 
 
 def _robust(tasks: torch.Tensor) -> torch.Tensor:
@@ -176,7 +173,6 @@ def grad_scale(args):
     cfg = TrainConfig(out=args.workdir, lengths=tuple(args.lengths), device="cpu", dtype="float32", num_workers=0,
                       progress=False, calibration_samples=16, save_every=0)
     trainer = RouterTrainer(cfg)
-    trainer.state.tau = 1.0
     mcfg = trainer.model.config
     L, H = mcfg.num_hidden_layers, mcfg.num_key_value_heads
     D = mcfg.hidden_size // mcfg.num_attention_heads
@@ -191,8 +187,10 @@ def grad_scale(args):
         s = trainer.dataset[i]
         caught[:] = [None] * L
         ids, mask = torch.tensor(s.input_ids), torch.tensor(s.loss_mask)
-        lm = masked_lm_loss(prompt_then_answer_logits(trainer.model, ids, s.prompt_len, logits_needed(mask)), ids, mask)
-        zs = trainer.state._z
+        with trainer.state.training_mix(tau=1.0, full_branch=cfg.full_branch):
+            lm = masked_lm_loss(prompt_then_answer_logits(trainer.model, ids, s.prompt_len, logits_needed(mask)), ids,
+                                mask)
+        zs = trainer.state.z_per_layer
         msr = msr_from_z(trainer.state.last_z)[0]
         ti = TASKS.index(s.task)
         target = 1.0 if TASK_CATEGORY[s.task] == "robust" else cfg.t_sen

@@ -1,0 +1,165 @@
+"""What the GPU benchmarks share: the model shapes, one case's inputs in both layouts, timing, the records every
+run appends to (printed as JSON lines as they come, so a killed run still shows what it measured), the dense and
+Flex peers, and the markdown writer that appends the records carrying an error.
+
+Run the benchmarks from the repository root as modules (`python -m benchmarks.bench_attention`), so the checkout's
+elastic_cuda (or the installed one) is imported; nothing here edits sys.path.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+DEV = "cuda"
+MODELS = {"llama": dict(Hq=32, Hkv=8, D=128, name="Llama-3.1-8B"),
+          "smollm2": dict(Hq=9, Hkv=3, D=64, name="SmolLM2-135M")}
+T0 = time.time()
+RESULTS: list[dict] = []
+RESULTS_ROOT = "benchmarks/results"
+
+
+def default_out(topic: str, what: str | None = None) -> str:
+    """benchmarks/results/<topic>/<date>_<what>/, the one naming scheme of results/; `what` defaults to the device
+    (the last word of the GPU's name, lower case: 'h200'; 'cpu' without one)."""
+    if what is None:
+        what = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    return os.path.join(RESULTS_ROOT, topic, f"{datetime.date.today().isoformat()}_{what}")
+
+
+def env_list(name, default, cast=int):
+    raw = os.environ.get(name, default)
+    return [cast(x) for x in raw.split(",") if x.strip()] if raw else []
+
+
+def rec(**kw):
+    kw["elapsed_s"] = round(time.time() - T0, 1)
+    RESULTS.append(kw)
+    print(json.dumps(kw, default=str), flush=True)
+
+
+def bench(fn, S):
+    """triton do_bench median; long sequences get few reps so the sweep fits its time budget."""
+    from triton.testing import do_bench
+
+    if S >= 131072:
+        return do_bench(fn, warmup=1, rep=1000, return_mode="median")
+    if S >= 65536:
+        return do_bench(fn, warmup=10, rep=800, return_mode="median")
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def median_ms(fn, reps: int = 30) -> float:
+    """Median ms of fn on the current CUDA stream: triton do_bench when available, else CUDA events."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    except ImportError:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def causal_flops(B, S, Hq, D):
+    return 4.0 * B * S * S / 2 * D * Hq
+
+
+def routing(B, Hkv, msr, seed):
+    """head_mode [B, Hkv] int32 (0 FULL, 1 STREAM) with round(msr * Hkv) STREAM heads per sample; each sample
+    gets its own random choice of heads (different routing per sample)."""
+    g = torch.Generator().manual_seed(seed)
+    n_sa = round(msr * Hkv)
+    m = torch.zeros(B, Hkv, dtype=torch.int32)
+    for b in range(B):
+        m[b, torch.randperm(Hkv, generator=g)[:n_sa]] = 1
+    return m.to(DEV)
+
+
+_FLEX = None
+
+
+def flex_fn():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        import torch._dynamo
+
+        for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                  "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, k):
+                setattr(torch._dynamo.config, k, 4096)
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def sdpa(q, k, v, backend):
+    with sdpa_kernel([backend]):
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        except Exception:
+            G = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                                  is_causal=True)
+
+
+class Case:
+    """One (model, B, S): inputs in our layout (BSHD) and in the peers' layout (BHSD)."""
+
+    def __init__(self, model, B, S):
+        m = MODELS[model]
+        self.model, self.B, self.S = model, B, S
+        self.Hq, self.Hkv, self.D = m["Hq"], m["Hkv"], m["D"]
+        self.G = self.Hq // self.Hkv
+        self.q = torch.randn(B, S, self.Hq, self.D, device=DEV, dtype=torch.bfloat16)
+        self.k = torch.randn(B, S, self.Hkv, self.D, device=DEV, dtype=torch.bfloat16)
+        self.v = torch.randn(B, S, self.Hkv, self.D, device=DEV, dtype=torch.bfloat16)
+        self.qt = self.q.transpose(1, 2).contiguous()
+        self.kt = self.k.transpose(1, 2).contiguous()
+        self.vt = self.v.transpose(1, 2).contiguous()
+        self.flops = causal_flops(B, S, self.Hq, self.D)
+
+    def key(self, **kw):
+        return dict(model=self.model, B=self.B, S=self.S, **kw)
+
+
+def try_bench(name, case, make, skip, **extra):
+    if name in skip:
+        return None
+    try:
+        fn = make()
+        fn()
+        torch.cuda.synchronize()
+        ms = bench(fn, case.S)
+        rec(kind="fwd", method=name, **case.key(**extra), ms=ms)
+        return ms
+    except Exception as e:
+        rec(kind="fwd", method=name, **case.key(**extra), error=repr(e)[:300])
+        return None
+
+
+def write_with_errors(path, lines):
+    """Write markdown `lines` to path, followed by every RESULTS record that carries an error."""
+    errors = [r for r in RESULTS if "error" in r]
+    if errors:
+        lines = lines + ["## Errors (peers skipped)", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,70 @@
+"""MSR / ESR accounting of one model's elastic attention (ElasticState.metrics()).
+
+MSR: the fraction of KV heads routed sparse (from the routing decision). ESR: the fraction of causal (query, key)
+pairs the real masks skip, over all heads and every query processed since the prefill, decode steps included.
+The attention function adds each call's pairs; BLOCK heads count their estimated masks at prefill and every causal
+pair in decode (they run densely there).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import causal_pairs, visible_pairs
+from ..ops import BLOCK, FULL
+
+__all__ = ["SparsityMeter"]
+
+
+class SparsityMeter:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self._pairs = [[0, 0] for _ in range(num_layers)]  # (visible, causal) pairs summed over heads since prefill
+        self._block_pairs = [None] * num_layers  # BLOCK heads' visible prefill pairs per (sample, KV head)
+
+    def start_layer(self, layer_idx: int):
+        """A new prefill of this layer: its counts restart."""
+        self._pairs[layer_idx] = [0, 0]
+        self._block_pairs[layer_idx] = None
+
+    def set_block_pairs(self, layer_idx: int, pairs: list):
+        """Visible prefill pairs of each sample's BLOCK heads, [B][Hkv], from the layer's estimated masks."""
+        self._block_pairs[layer_idx] = pairs
+
+    def block_pairs(self, layer_idx: int):
+        """What set_block_pairs stored for this layer's current prefill, else None."""
+        return self._block_pairs[layer_idx]
+
+    def count(self, layer_idx, modes, seqlen_q, seqlen_k, padding, sink, window):
+        """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
+        modes: the layer's head modes as lists [B][Hkv]."""
+        block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
+        visible = total = 0
+        for b, row in enumerate(modes):
+            n_q = padding.lengths_q[b] if padding is not None else seqlen_q
+            n_k = padding.lengths_k[b] if padding is not None else seqlen_k
+            causal = causal_pairs(n_q, n_k)
+            total += causal * len(row)
+            for h, mode in enumerate(row):
+                if mode == FULL or (mode == BLOCK and block is None):
+                    visible += causal
+                elif mode == BLOCK:
+                    visible += block[b][h]
+                else:
+                    visible += visible_pairs(mode, n_q, n_k, sink, window)
+        self._pairs[layer_idx][0] += visible
+        self._pairs[layer_idx][1] += total
+
+    def metrics(self, head_mode: torch.Tensor) -> dict:
+        """head_mode [B, L, Hkv] of the current sequence -> MSR per sample / per layer / overall, ESR per layer and
+        overall."""
+        sparse = (head_mode != FULL).to(torch.float64).cpu()
+        visible = torch.tensor([p[0] for p in self._pairs], dtype=torch.float64)
+        total = torch.tensor([p[1] for p in self._pairs], dtype=torch.float64)
+        esr_per_layer = torch.where(total > 0, 1 - visible / total.clamp_min(1), torch.zeros_like(total))
+        return {
+            "msr_per_sample": sparse.mean(dim=(1, 2)),
+            "msr_per_layer": sparse.mean(dim=(0, 2)),
+            "msr": float(sparse.mean()),
+            "esr_per_layer": esr_per_layer,
+            "esr": float(1 - visible.sum() / total.sum()) if float(total.sum()) > 0 else 0.0,
+        }
