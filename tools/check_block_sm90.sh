@@ -17,5 +17,5 @@ echo "pytest rc=$? at $(( $(date +%s) - t0 ))s"; grep -E "passed|failed|Error|as
 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu_sanitize.py > "$OUT/sanitize.log" 2>&1
 echo "sanitize rc=$?"; tail -3 "$OUT/sanitize.log"
 SEQS=${SEQS:-8192,32768,131072} MODELS=llama DENSITIES=0.3 MSRS=0.75,1 STRATEGIES=auto BENCH_BUDGET_S=${BENCH_S:-150} \
-  timeout 200 python3 benchmarks/bench_block_prefill.py --out "$OUT" > "$OUT/bench.log" 2>&1
+  timeout 200 python3 -m benchmarks.bench_block_prefill --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? at $(( $(date +%s) - t0 ))s"; cat "$OUT/block_prefill.md" 2>/dev/null | head -40
