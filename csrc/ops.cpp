@@ -24,5 +24,16 @@ TORCH_LIBRARY(elastic, m) {
   // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
   // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
+  // Decode attention over a static elastic KV cache (elastic_cuda/integrations/static_cache.py): the Sq (1..16)
+  // queries of one step per sample against each (sample, KV head)'s own cached keys. Pairs whose mode is FULL or
+  // BLOCK (BLOCK decodes densely) read their whole history from row slot[b, h] of the whole-history pool
+  // full_k/v [Pf, L, D]; STREAM pairs read sink + ring-buffer keys from row slot[b, h] of stream_k/v [Ps, Ls, D]
+  // (position p lives at p if p < sink, else at sink + (p - sink) % (Ls - sink)). seq_lens int32 [B]: valid tokens
+  // of each sample including this step's Sq (the queries are its last Sq positions). q [B, Sq, Hq, D] ->
+  // out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq]. num_splits: 0 = chosen from the SM count and L (CUDA).
+  m.def(
+      "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor stream_k, Tensor stream_v, "
+      "Tensor head_mode, Tensor slot, Tensor seq_lens, *, int sink, int window, float? scale=None, "
+      "int num_splits=0) -> (Tensor out, Tensor lse)");
   m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
 }
