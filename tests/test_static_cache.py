@@ -106,7 +106,7 @@ def test_refusals_are_clear():
     hist.step(2)
     hist.step(2)
     hist.step(2)
-    with pytest.raises(ValueError, match="exceed max_cache_len=12"):  # 11 cached + 2
+    with pytest.raises(RuntimeError, match="exceed max_cache_len=12"):  # 11 cached + 2 (checked on the device)
         hist.layer.update(hist.rand(3, 2), hist.rand(3, 2))
     # Rows of a denser routing than the pools hold: the routing-sized pools have 5 whole-history rows.
     with pytest.raises(ValueError, match="whole-history"):
@@ -220,3 +220,22 @@ def test_generate_with_per_sample_routing_equals_recompute():
         for step in range(new):
             assert rel_err(gen.logits[step][b], ref[0, n - 1 + step]) < 1e-6, (b, step)
     assert cache.memory_bytes() < 0.75 * cache.dense_memory_bytes()
+
+
+def test_model_decode_step_is_one_graph():
+    """A whole decode forward of the model (transformers' mask creation, RoPE, cache update, decode op) traces as one
+    graph with no break, which is what transformers' compile path needs to capture it in a CUDA graph."""
+    model = make_model("llama", seed=23)
+    enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=SINK, window=WINDOW)
+    ids, mask = _left_padded([20, 13], seed=23)
+    cache = ElasticStaticCache(model, max_batch_size=2, max_cache_len=40)
+    with torch.no_grad():
+        nxt = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        pos = mask.sum(1, keepdim=True) - 1
+
+        def step(nxt, mask, pos):
+            return model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+
+        explained = torch._dynamo.explain(step)(nxt, mask, pos)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

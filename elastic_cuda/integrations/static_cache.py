@@ -106,7 +106,6 @@ class ElasticStaticLayer(CacheLayerMixin):
         # Padded width seen so far (what transformers counts as the sequence length); a tensor as in StaticLayer
         # so that compiled steps do not specialise on it.
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
-        self._host_width = 0         # host mirror of cumulative_length, for the bound check of eager steps
 
     # ------------------------------------------------------------------ transformers layer API
     def lazy_initialization(self, key_states, value_states):
@@ -125,11 +124,10 @@ class ElasticStaticLayer(CacheLayerMixin):
         if not 1 <= S <= self.max_query_len:
             _fail(f"layer {self.layer_idx}: a decode step takes 1..max_query_len={self.max_query_len} tokens, got {S} "
                   "(a new prompt needs reset() first)")
-        if not torch.compiler.is_compiling():
-            if self._host_width + S > self.max_cache_len:
-                _fail(f"layer {self.layer_idx}: {self._host_width} + {S} tokens exceed max_cache_len="
-                      f"{self.max_cache_len}")
-            self._host_width += S
+        # A FULL pair's row past max_cache_len would be the next pair's row: refuse on the device (no host read;
+        # raises on CPU, a device-side assert on CUDA, inside captured graphs too).
+        torch._assert_async(self.cumulative_length + S <= self.max_cache_len,
+                            f"ElasticStaticCache: a decode step would exceed max_cache_len={self.max_cache_len}")
         pos = self.seq_lens.unsqueeze(1).to(torch.int64) + torch.arange(S, device=self.device)  # [B, S]
         slot = self.slot.to(torch.int64).unsqueeze(-1)                                           # [B, H, 1]
         whole = self.is_whole.unsqueeze(-1)                                                      # [B, H, 1]
@@ -161,7 +159,6 @@ class ElasticStaticLayer(CacheLayerMixin):
         """Forget the sequence (a new prompt may follow); the pools stay allocated."""
         self.prefilled, self._pending = False, None
         self.keys = self.values = None
-        self._host_width = 0
         self.cumulative_length.zero_()
         if self.seq_lens is not None:
             self.seq_lens.zero_()
@@ -173,7 +170,7 @@ class ElasticStaticLayer(CacheLayerMixin):
         """transformers' convention: a negative value removes that many tokens, a positive one keeps that many."""
         if not self.prefilled:
             _fail("crop before a prompt was committed")
-        remove = -tokens_to_remove if tokens_to_remove <= 0 else self._host_width - tokens_to_remove
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else int(self.cumulative_length) - tokens_to_remove
         if remove <= 0:
             return
         if remove > self.max_query_len:
@@ -183,7 +180,6 @@ class ElasticStaticLayer(CacheLayerMixin):
             _fail(f"crop of {remove} tokens would leave a sample with no token")
         self.seq_lens.sub_(remove)
         self.cumulative_length.sub_(remove)
-        self._host_width -= remove
 
     def reorder_cache(self, beam_idx):
         self._select_rows(beam_idx, "reorder_cache")
@@ -255,7 +251,6 @@ class ElasticStaticLayer(CacheLayerMixin):
         self._set_tables(head_mode.to(self.device, torch.int32), slot, whole,
                          torch.tensor(lengths, dtype=torch.int32))
         self.cumulative_length.fill_(S)
-        self._host_width = S
         self._pending = None
         self.prefilled = True
         self.keys, self.values = self.full.k, self.full.v  # the identity the attention function checks at decode
