@@ -239,3 +239,18 @@ def test_model_decode_step_is_one_graph():
 
         explained = torch._dynamo.explain(step)(nxt, mask, pos)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_beam_search_equals_dense_cache():
+    """generate(num_beams=3) reorders the cache every step (reorder_cache): same beams as the dynamic cache."""
+    model = make_model("llama", dtype=torch.float64, seed=24)
+    enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=SINK, window=WINDOW)
+    ids, mask = _left_padded([18, 11], seed=24)
+    kw = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = model.generate(ids, **kw)
+        cache = ElasticStaticCache(model, max_batch_size=6, max_cache_len=40)
+        static = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(static.sequences, dense.sequences)
+    assert rel_err(static.sequences_scores, dense.sequences_scores) < 1e-9
