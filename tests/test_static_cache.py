@@ -254,3 +254,25 @@ def test_beam_search_equals_dense_cache():
         static = model.generate(ids, past_key_values=cache, **kw)
     assert torch.equal(static.sequences, dense.sequences)
     assert rel_err(static.sequences_scores, dense.sequences_scores) < 1e-9
+
+
+def test_prompt_lookup_decoding_verifies_drafts_and_crops(monkeypatch):
+    """Speculative decoding (transformers' prompt lookup: drafts of up to 3 tokens, verified in one step of up to 4
+    queries, rejected tokens cropped) gives the tokens of plain greedy decoding."""
+    model = make_model("llama", dtype=torch.float64, seed=25)
+    enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=SINK, window=WINDOW)
+    ids = _ids(1, 30, seed=25)
+    ids[0, 15:] = ids[0, :15]  # repeated n-grams: the lookup finds drafts
+    steps, crops = [], []
+    update, crop = ElasticStaticLayer.update, ElasticStaticLayer.crop
+    monkeypatch.setattr(ElasticStaticLayer, "update",
+                        lambda self, k, v, *a, **kw: (steps.append(k.shape[2]), update(self, k, v, *a, **kw))[1])
+    monkeypatch.setattr(ElasticStaticLayer, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        cache = ElasticStaticCache(model, max_batch_size=1, max_cache_len=60)
+        speculative = model.generate(ids, past_key_values=cache, prompt_lookup_num_tokens=3, **kw)
+    assert torch.equal(speculative, plain)
+    assert max(steps[2:]) > 1, steps  # multi-token verification steps ran over the cache
+    assert any(n < 0 for n in crops), crops
