@@ -57,13 +57,14 @@ int sm_count(int device) {
   return n;
 }
 
-// Splits of the key range per pair: enough CTAs for about three per SM (the split kernel's residency at 4 rows per
-// CTA), never fewer than kMinKeysPerSplit keys per split at the longest possible list (the pools' capacity, a
-// static shape: no host read of the lengths, so graphs can capture it).
-int choose_splits(int64_t requested, int64_t ctas_per_split, int64_t max_keys, int sms) {
+// Splits of the key range per pair: enough CTAs for one wave at the split kernel's residency (4 CTAs per SM at 4 rows
+// per CTA, 2 at 8: its __launch_bounds__), never fewer than kMinKeysPerSplit keys per split at the longest possible
+// list (the pools' capacity, a static shape: no host read of the lengths, so graphs can capture the call).
+int choose_splits(int64_t requested, int64_t ctas_per_split, int64_t max_keys, int sms, int rows_per_chunk) {
   constexpr int64_t kMinKeysPerSplit = 256;
   if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kDecodeMaxSplits));
-  const int64_t want = (3 * static_cast<int64_t>(sms) + ctas_per_split - 1) / ctas_per_split;
+  const int64_t resident = static_cast<int64_t>(sms) * (rows_per_chunk == 4 ? 4 : 2);
+  const int64_t want = (resident + ctas_per_split - 1) / ctas_per_split;
   const int64_t by_length = std::max<int64_t>(1, max_keys / kMinKeysPerSplit);
   return static_cast<int>(std::clamp<int64_t>(std::min(want, by_length), 1, kDecodeMaxSplits));
 }
@@ -112,8 +113,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   const int64_t row_chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t stream_keys = stream_k.size(0) ? std::min<int64_t>(stream_k.size(1), sink + window + Sq - 1) : 0;
   const int64_t max_keys = std::max<int64_t>(full_k.size(0) ? full_k.size(1) : 0, stream_keys);
+  ELASTIC_CHECK(B * Hkv <= 65535 && rows <= 65535, kOp, "B * Hkv (", B * Hkv, ") and Hq / Hkv * Sq (", rows,
+                ") must be <= 65535 (grid dimensions)");
   const int sms = sm_count(device.index());
-  const int splits = choose_splits(num_splits, B * Hkv * row_chunks, max_keys, sms);
+  const int splits = choose_splits(num_splits, B * Hkv * row_chunks, max_keys, sms, rows_per_chunk);
 
   DecodeParams p{};
   p.q = q.data_ptr();

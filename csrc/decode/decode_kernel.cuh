@@ -8,7 +8,7 @@
 // The bound is memory: every lane keeps four 16-byte loads of K and four of V in flight per iteration, rows of K/V
 // are read exactly once per row chunk, and the key range of a pair is split over enough CTAs to fill the SMs.
 //
-// Work decomposition: CTA (pair = b * Hkv + h, split, row chunk). A pair's key list is its logical positions in
+// Work decomposition: CTA (row chunk, pair = b * Hkv + h, split). A pair's key list is its logical positions in
 // order: FULL/BLOCK pairs [0, n); STREAM pairs the sink [0, min(sink, n)) then the recent keys [rlo, n),
 // rlo = max(sink, n - Sq - window + 1) (all the Sq queries can see); split s takes an equal share of that list. In a
 // warp, kLanesPerKey = D / 8 lanes share one key (8 elements = 16 bytes each), so a warp covers 32 / kLanesPerKey
@@ -121,15 +121,18 @@ __device__ __forceinline__ PairView view_pair(const DecodeParams& p, int b, int 
   return v;
 }
 
+// Residency: 4 CTAs per SM at 4 rows (128 registers, no spills; 48 KB of K/V loads in flight per SM), 2 at 8 rows.
 template <typename T, int D, int kRows>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_kernel(const DecodeParams p) {
   constexpr int kLanesPerKey = D / 8;
   constexpr int kKeysPerLoad = 32 / kLanesPerKey;
   constexpr int kStreams = kWarps * kKeysPerLoad;
   constexpr int kKeysPerIter = kWarps * kKeysPerLoad * kUnroll;
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 
-  const int pair = blockIdx.x, split = blockIdx.y, chunk = blockIdx.z;
+  // Row chunks vary fastest in launch order: the chunks of one (pair, split) run together and all but the first
+  // find their K/V in L2 (Sq x group rows beyond one chunk would otherwise re-read HBM).
+  const int chunk = blockIdx.x, pair = blockIdx.y, split = blockIdx.z;
   const int b = pair / p.hkv, h = pair % p.hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / kLanesPerKey, li = lane % kLanesPerKey;

@@ -11,7 +11,7 @@ namespace {
 
 template <typename T, int D, int kRows>
 void launch(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.batch * p.hkv, p.num_splits, p.row_chunks);
+  const dim3 grid(p.row_chunks, p.batch * p.hkv, p.num_splits);
   decode::decode_split_kernel<T, D, kRows><<<grid, decode::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_splits > 1) {

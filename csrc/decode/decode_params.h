@@ -5,7 +5,7 @@
 
 namespace elastic {
 
-constexpr int kDecodeMaxSplits = 64;  // splits of a pair's key range (grid y)
+constexpr int kDecodeMaxSplits = 64;  // splits of a pair's key range (grid z)
 
 struct DecodeParams {
   // q [B, Sq, Hq, D], any strides with d contiguous (elements).
@@ -30,8 +30,8 @@ struct DecodeParams {
   float* part_lse;           // [B * Hkv, row_chunks * rows_per_chunk, num_splits], log2 domain
   int32_t batch, sq, hq, hkv, group;
   int32_t rows;        // group * Sq query rows per (sample, KV head): row = q_index * group + g
-  int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid z
-  int32_t num_splits;  // grid y
+  int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid x
+  int32_t num_splits;  // grid z
   int32_t sink, window;
   float scale_log2;    // softmax scale * log2(e)
 };
