@@ -276,3 +276,20 @@ def test_prompt_lookup_decoding_verifies_drafts_and_crops(monkeypatch):
     assert torch.equal(speculative, plain)
     assert max(steps[2:]) > 1, steps  # multi-token verification steps ran over the cache
     assert any(n < 0 for n in crops), crops
+
+
+def test_block_mode_keeps_block_heads_whole_and_decodes_them_densely():
+    """sparse_mode block: BLOCK pairs go to the whole-history pool and decode densely, as with the dynamic cache."""
+    model = make_model("qwen3", dtype=torch.float64, seed=26)
+    table = torch.tensor([[1, 0], [0, 1]])
+    state = enable(model, policy="fixed", fixed_table=table, xattn_threshold=0.5, sparse_mode="block", block_size=8,
+                   xattn_stride=2)
+    ids, mask = _left_padded([30, 22], seed=26)
+    cache = ElasticStaticCache(model, max_batch_size=2, max_cache_len=50)
+    static = _generate(model, ids, mask, 8, cache)
+    dense = _generate(model, ids, mask, 8)
+    assert (state.last_head_mode == BLOCK).any()
+    assert torch.equal(static.sequences, dense.sequences)
+    for step in range(8):
+        assert rel_err(static.logits[step], dense.logits[step]) < 1e-9
+    assert all(layer.stream.pairs == 0 and layer.full.pairs == 4 for layer in cache.layers)
