@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_transformers import SINK, WINDOW, _ids, decisive, make_model, reference_logits  # noqa: E402
 
-from elastic_cuda.attention import PaddingLayout  # noqa: E402
+from elastic_cuda.attention import PaddingLayout, causal_pairs, visible_pairs  # noqa: E402
 from elastic_cuda.integrations.static_cache import ElasticStaticCache, ElasticStaticLayer  # noqa: E402
 from elastic_cuda.integrations.transformers import enable  # noqa: E402
 from elastic_cuda.ops import BLOCK, FULL, STREAM, attention, decode_attention  # noqa: E402
@@ -220,6 +220,17 @@ def test_generate_with_per_sample_routing_equals_recompute():
         for step in range(new):
             assert rel_err(gen.logits[step][b], ref[0, n - 1 + step]) < 1e-6, (b, step)
     assert cache.memory_bytes() < 0.75 * cache.dense_memory_bytes()
+    # The decode steps' pair counts (ESR of decode) against the closed forms of attention.sparsity.
+    counts = cache.decode_pair_counts()
+    for layer in range(modes.shape[1]):
+        visible = causal = 0
+        for b, n in enumerate(lengths):
+            for step in range(1, new):  # the first new token comes from the prompt's forward
+                for mode in modes[b, layer].tolist():
+                    causal += causal_pairs(1, n + step)
+                    visible += causal_pairs(1, n + step) if mode == FULL else \
+                        visible_pairs(STREAM, 1, n + step, SINK, WINDOW)
+        assert counts[layer].tolist() == [visible, causal], layer
 
 
 def test_model_decode_step_is_one_graph():

@@ -30,6 +30,10 @@ Supported after prefill: any number of decode steps of 1..max_query_len tokens, 
 batch_repeat_interleave (rows are copied between pool rows; refused with ValueError if the new routing needs more
 pairs than a pool holds or more than max_batch_size samples), and crop of at most max_query_len tokens (a STREAM
 ring keeps no more; longer crops raise ValueError). Speculative steps: every sample appends the same Sq tokens.
+
+Metrics: decode steps over this cache bypass ElasticState's host-side pair counters (they would force a host read per
+step); their (visible, causal) pairs accumulate on the device instead: decode_pair_counts(). memory_bytes() is what
+the cache allocated, dense_memory_bytes() what transformers' StaticCache allocates for the same limits.
 """
 from __future__ import annotations
 
@@ -106,12 +110,18 @@ class ElasticStaticLayer(CacheLayerMixin):
         # Padded width seen so far (what transformers counts as the sequence length); a tensor as in StaticLayer
         # so that compiled steps do not specialise on it.
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
+        # (visible, causal) query-key pairs of the decode steps since the prompt, summed over pairs: the decode part of
+        # ESR (ElasticState.metrics() counts the prompt; decode steps over this cache run outside its counters).
+        self.decode_pairs = torch.zeros(2, dtype=torch.float64)
 
     # ------------------------------------------------------------------ transformers layer API
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.head_dim = key_states.shape[-1]
-        self.cumulative_length = self.cumulative_length.to(self.device)
+        if self.cumulative_length.device != self.device:
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            self.decode_pairs = self.decode_pairs.to(self.device)
+            _mark_static(self.cumulative_length, self.decode_pairs)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -143,7 +153,19 @@ class ElasticStaticLayer(CacheLayerMixin):
         self.stream.v_store.index_copy_(0, stream_rows.reshape(-1), v_new)
         self.seq_lens.add_(S)
         self.cumulative_length.add_(S)
+        self._count_pairs(S)
         return self.keys, self.values
+
+    def _count_pairs(self, S):
+        """Add this step's visible and causal (query, key) pairs over all pairs to the device counters (ESR of decode
+        steps; no host read). Query r of a sample with n tokens sees keys [0, a), a = n - S + r + 1, causally; a
+        STREAM pair sees min(a, window) of the recent ones plus min(sink, max(0, a - window)) sink keys."""
+        a = (self.seq_lens.unsqueeze(1) - S + 1 + torch.arange(S, device=self.device)).to(torch.float64)  # [B, S]
+        stream_seen = (a.clamp(max=self.window) + (a - self.window).clamp(min=0).clamp(max=self.sink)).sum(1)
+        causal = a.sum(1)                                                                                 # [B]
+        seen = torch.where(self.is_whole, causal.unsqueeze(1), stream_seen.unsqueeze(1))                  # [B, H]
+        self.decode_pairs[0].add_(seen.sum())
+        self.decode_pairs[1].add_(causal.sum() * self.num_kv_heads)
 
     def get_mask_sizes(self, query_length):
         # Static, as in StaticLayer: the elastic mask function only passes the 2D padding mask through.
@@ -160,6 +182,7 @@ class ElasticStaticLayer(CacheLayerMixin):
         self.prefilled, self._pending = False, None
         self.keys = self.values = None
         self.cumulative_length.zero_()
+        self.decode_pairs.zero_()
         if self.seq_lens is not None:
             self.seq_lens.zero_()
 
@@ -251,6 +274,7 @@ class ElasticStaticLayer(CacheLayerMixin):
         self._set_tables(head_mode.to(self.device, torch.int32), slot, whole,
                          torch.tensor(lengths, dtype=torch.int32))
         self.cumulative_length.fill_(S)
+        self.decode_pairs.zero_()
         self._pending = None
         self.prefilled = True
         self.keys, self.values = self.full.k, self.full.v  # the identity the attention function checks at decode
@@ -373,3 +397,9 @@ class ElasticStaticCache(Cache):
     def dense_memory_bytes(self) -> int:
         """Bytes transformers' StaticCache would allocate for the same limits."""
         return sum(layer.dense_memory_bytes() for layer in self.layers)
+
+    def decode_pair_counts(self) -> torch.Tensor:
+        """float64 [num_layers, 2]: (visible, causal) query-key pairs of the decode steps since the prompt, over every
+        (sample, KV head); ESR of decode = 1 - visible / causal. ElasticState.metrics() covers the prompt only when
+        decoding over this cache. Reads the device (one sync)."""
+        return torch.stack([layer.decode_pairs for layer in self.layers]).cpu()
