@@ -89,6 +89,7 @@ struct PairView {
   int32_t rlo;    // first recent position in the list after the sink
   int32_t n_keys; // length of the key list
   int32_t ring;   // STREAM ring rows
+  int32_t rlo_row;  // STREAM: ring row of position rlo; later list entries follow it, wrapping once at most
 };
 
 template <int D>
@@ -117,6 +118,9 @@ __device__ __forceinline__ PairView view_pair(const DecodeParams& p, int b, int 
     v.rlo = recent > p.sink ? recent : p.sink;
     v.n_keys = v.n_sink + (v.n > v.rlo ? v.n - v.rlo : 0);
     v.ring = p.stream_tokens - p.sink;
+    // The recent keys [rlo, n) are at most window + Sq - 1 <= ring positions: consecutive ring rows from rlo's row
+    // that wrap at most once, so the per-key row needs one compare instead of a modulo.
+    v.rlo_row = v.ring > 0 ? (v.rlo - p.sink) % v.ring : 0;
   }
   return v;
 }
@@ -177,9 +181,14 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int32_t t = t0 + u * kKeysPerLoad + sub;
-      kpos[u] = t < pv.n_sink ? t : pv.rlo + (t - pv.n_sink);
+      const bool in_sink = t < pv.n_sink;
+      kpos[u] = in_sink ? t : pv.rlo + (t - pv.n_sink);
       if (t < t_end) {
-        const int32_t prow = pv.whole || kpos[u] < p.sink ? kpos[u] : p.sink + (kpos[u] - p.sink) % pv.ring;
+        int32_t prow = kpos[u];  // whole pairs and sink tokens: the position itself
+        if (!pv.whole && !in_sink) {
+          const int32_t r = pv.rlo_row + (t - pv.n_sink);
+          prow = p.sink + (r >= pv.ring ? r - pv.ring : r);
+        }
         const int64_t off = prow * row_bytes + li * 16;
         kraw[u] = load_stream16(pv.k + off);
         vraw[u] = load_stream16(pv.v + off);
