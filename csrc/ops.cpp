@@ -21,9 +21,6 @@ TORCH_LIBRARY(elastic, m) {
       "Tensor lse, Tensor head_mode, Tensor? block_mask=None, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, *, int sink=128, int window=2048, int block_size=128, float? scale=None, "
       "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
-  // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
-  // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
   // XAttention block masks of a prefill (CUDA only; the torch rule in elastic_cuda/attention/xattn.py is the CPU
   // path and the reference): q [B, S, Hq, D], k [B, S, Hkv, D] (queries = keys), or packed [T, H, D] with
   // cu_seqlens int32 [B+1] and max_seqlen -> bool [B, Hq, NB, NB], NB = ceil((S or max_seqlen) / block_size).
@@ -32,6 +29,20 @@ TORCH_LIBRARY(elastic, m) {
   m.def(
       "xattn_block_mask(Tensor q, Tensor k, Tensor head_mode, Tensor? cu_seqlens=None, *, int block_size=128, "
       "int stride=16, float threshold=0.9, float? scale=None, int max_seqlen=0) -> Tensor");
+  // Decode attention over a static elastic KV cache (elastic_cuda/integrations/static_cache.py): the Sq (1..16)
+  // queries of one step per sample against each (sample, KV head)'s own cached keys. Pairs whose mode is FULL or
+  // BLOCK (BLOCK decodes densely) read their whole history from row slot[b, h] of the whole-history pool
+  // full_k/v [Pf, L, D]; STREAM pairs read sink + ring-buffer keys from row slot[b, h] of stream_k/v [Ps, Ls, D]
+  // (position p lives at p if p < sink, else at sink + (p - sink) % (Ls - sink)). seq_lens int32 [B]: valid tokens
+  // of each sample including this step's Sq (the queries are its last Sq positions). q [B, Sq, Hq, D] ->
+  // out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq]. num_splits: 0 = chosen from the SM count and L (CUDA).
+  m.def(
+      "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor stream_k, Tensor stream_v, "
+      "Tensor head_mode, Tensor slot, Tensor seq_lens, *, int sink, int window, float? scale=None, "
+      "int num_splits=0) -> (Tensor out, Tensor lse)");
+  // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
+  // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
+  // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
   m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
   // Reads the A/B-timing environment switches of the CUDA kernels (csrc/attention/kernel_options.h) again;
   // the extension otherwise reads them once per process. Returns the options now in effect. Tests and

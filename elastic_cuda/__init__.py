@@ -17,6 +17,7 @@ _LAZY = {
     "enable": ("integrations.transformers", "enable"),
     "disable": ("integrations.transformers", "disable"),
     "ElasticCache": ("integrations.cache", "ElasticCache"),
+    "ElasticStaticCache": ("integrations.static_cache", "ElasticStaticCache"),
     "AttentionRouter": ("router", "AttentionRouter"),
     "RouterSet": ("router", "RouterSet"),
 }

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ._decode_cpu import decode_attention_cpu
 from ._ext import has_cuda_kernels
 
 FULL, STREAM, BLOCK = 0, 1, 2
@@ -26,10 +27,12 @@ __all__ = [
     "BLOCK",
     "attention",
     "boundary_pool",
+    "decode_attention",
     "has_cuda_kernels",
     "reload_kernel_options",
     "validate_attention_args",
     "xattn_block_mask",
+    "validate_decode_args",
 ]
 
 
@@ -236,6 +239,92 @@ def xattn_block_mask(q, k, head_mode, *, cu_seqlens=None, max_seqlen: int | None
                                               threshold=float(threshold),
                                               scale=None if scale is None else float(scale),
                                               max_seqlen=max_seqlen or 0)
+MAX_DECODE_QUERIES = 16  # queries per step the decode op takes (one token, or a speculative draft)
+
+
+def _fail_decode(msg: str):
+    raise ValueError("elastic_cuda.decode_attention: " + msg)
+
+
+def validate_decode_args(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink, window, scale,
+                         num_splits=0):
+    """Shape/dtype/device checks of decode_attention (no device sync, so it also runs in fake kernels). Values
+    (modes, slots, lengths) are checked by the kernels: the CPU one raises, the CUDA one writes NaN for a pair
+    whose mode, slot or length is out of range."""
+    named = (("q", q), ("full_k", full_k), ("full_v", full_v), ("stream_k", stream_k), ("stream_v", stream_v),
+             ("head_mode", head_mode), ("slot", slot), ("seq_lens", seq_lens))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            _fail_decode(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            _fail_decode(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if q.dim() != 4:
+        _fail_decode(f"q must have shape [B, Sq, Hq, D], got {tuple(q.shape)}")
+    B, Sq, Hq, D = q.shape
+    if not 1 <= Sq <= MAX_DECODE_QUERIES:
+        _fail_decode(f"q must hold 1..{MAX_DECODE_QUERIES} queries per sample (q.shape[1]), got {Sq}")
+    for name, t in (("full_k", full_k), ("full_v", full_v), ("stream_k", stream_k), ("stream_v", stream_v)):
+        if t.dim() != 3 or t.shape[2] != D:
+            _fail_decode(f"{name} must have shape [pairs, tokens, D={D}], got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            _fail_decode(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+        if t.numel() and (t.stride(2) != 1 or t.stride(1) != D):
+            _fail_decode(f"{name} must have contiguous [tokens, D] rows, got strides {t.stride()}")
+    if full_v.shape != full_k.shape:
+        _fail_decode(f"full_v must have the shape of full_k {tuple(full_k.shape)}, got {tuple(full_v.shape)}")
+    if stream_v.shape != stream_k.shape:
+        _fail_decode(f"stream_v must have the shape of stream_k {tuple(stream_k.shape)}, got {tuple(stream_v.shape)}")
+    if q.stride(3) != 1:
+        _fail_decode(f"q must be contiguous in its last dimension (D), got strides {q.stride()}")
+    if head_mode.dim() != 2 or head_mode.shape[0] != B or head_mode.dtype != torch.int32:
+        _fail_decode(f"head_mode must be int32 [B={B}, Hkv], got {head_mode.dtype} {tuple(head_mode.shape)}")
+    Hkv = head_mode.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        _fail_decode(f"q heads ({Hq}) must be a multiple of the KV heads of head_mode ({Hkv})")
+    if tuple(slot.shape) != (B, Hkv) or slot.dtype != torch.int32:
+        _fail_decode(f"slot must be int32 [B, Hkv] = [{B}, {Hkv}], got {slot.dtype} {tuple(slot.shape)}")
+    if tuple(seq_lens.shape) != (B,) or seq_lens.dtype != torch.int32:
+        _fail_decode(f"seq_lens must be int32 [B] = [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if not isinstance(sink, int) or sink < 0:
+        _fail_decode(f"sink must be an int >= 0, got {sink!r}")
+    if not isinstance(window, int) or window < 1:
+        _fail_decode(f"window must be an int >= 1, got {window!r}")
+    if stream_k.shape[0] > 0 and stream_k.shape[1] < sink + window + Sq - 1:
+        _fail_decode(f"stream_k holds {stream_k.shape[1]} tokens per pair; STREAM needs sink + window + Sq - 1 = "
+                     f"{sink + window + Sq - 1} (sink plus a ring that keeps every key the Sq queries can see)")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        _fail_decode(f"scale must be a positive finite float, got {scale!r}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        _fail_decode(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    dev = q.device.type
+    if dev == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            _fail_decode(f"dtype on CUDA must be float16 or bfloat16, got {q.dtype}")
+        if D not in _CUDA_HEAD_DIMS:
+            _fail_decode(f"head_dim on CUDA must be one of {_CUDA_HEAD_DIMS}, got {D}")
+        if not has_cuda_kernels():
+            _fail_decode("q is on CUDA but this build of elastic_cuda has no CUDA kernels")
+    elif dev == "cpu":
+        if q.dtype not in _CPU_DTYPES:
+            _fail_decode(f"dtype on CPU must be float32, float64 or bfloat16, got {q.dtype}")
+    elif dev != "meta":
+        _fail_decode(f"q must be on CPU or CUDA, got device {q.device}")
+
+
+def decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink: int, window: int,
+                     scale: float | None = None, num_splits: int = 0, return_lse: bool = False):
+    """One decode step of elastic attention over a static elastic KV cache (schema and layout: csrc/ops.cpp).
+
+    q [B, Sq, Hq, D] (Sq 1..16), whole-history pool full_k/v [Pf, L, D] (FULL and BLOCK pairs), STREAM pool
+    stream_k/v [Ps, sink + ring, D], head_mode / slot int32 [B, Hkv], seq_lens int32 [B] (valid tokens including
+    the Sq new ones). Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq], fp32 or fp64 for fp64 q, when return_lse)."""
+    validate_decode_args(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, sink=sink, window=window,
+                         scale=scale, num_splits=num_splits)
+    out, lse = torch.ops.elastic.decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens,
+                                                  sink=sink, window=window,
+                                                  scale=None if scale is None else float(scale),
+                                                  num_splits=num_splits)
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -271,6 +360,19 @@ def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, head_mode, b
                       head_mode=head_mode, block_mask=block_mask, cu_seqlens_q=cu_seqlens_q,
                       cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("elastic::decode_attention")
+def _decode_attention_fake(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink, window,
+                           scale=None, num_splits=0):
+    _check_one_device("decode_attention", q, full_k=full_k, full_v=full_v, stream_k=stream_k, stream_v=stream_v,
+                      head_mode=head_mode, slot=slot, seq_lens=seq_lens)
+    B, Sq, Hq, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Sq), dtype=lse_dtype)
+
+
+torch.library.register_kernel("elastic::decode_attention", "cpu", decode_attention_cpu)
 
 
 @torch.library.register_fake("elastic::boundary_pool")

@@ -38,6 +38,23 @@ def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64):
     print("ok", modes.tolist(), Sq, Skv, D, dtype, "varlen" if varlen else "dense", flush=True)
 
 
+def decode(Sq, group, D, dtype, num_splits):
+    """decode_attention over ragged pools: mixed modes, a wrapped ring, lengths 1 over Sq, non-identity slots."""
+    torch.manual_seed(0)
+    sink, window = 3, 37
+    modes = torch.tensor([[FULL, STREAM, BLOCK], [STREAM, STREAM, FULL]], dtype=torch.int32, device="cuda")
+    slot = torch.tensor([[1, 2, 0], [0, 1, 2]], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([Sq + 1, 263], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, Sq, 3 * group, D, device="cuda", dtype=dtype)
+    fk, fv = (torch.randn(3, 263, D, device="cuda", dtype=dtype) for _ in range(2))
+    sk, sv = (torch.randn(3, sink + window + Sq - 1, D, device="cuda", dtype=dtype) for _ in range(2))
+    out = elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=sink, window=window,
+                                            num_splits=num_splits)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    print("ok decode", Sq, group, D, dtype, num_splits, flush=True)
+
+
 if __name__ == "__main__":
     for mode in (FULL, STREAM, BLOCK):
         one(torch.full((2, 2), mode), 77, 201, 128, torch.bfloat16)
@@ -45,4 +62,7 @@ if __name__ == "__main__":
     one(torch.tensor([[STREAM, BLOCK], [BLOCK, STREAM]]), 1, 300, 64, torch.bfloat16)
     one(torch.tensor([[FULL, BLOCK], [BLOCK, STREAM]]), 77, 201, 128, torch.bfloat16, bs=128)
     one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q", bs=128)
+    for Sq, group, D, dtype, splits in ((1, 4, 128, torch.bfloat16, 0), (5, 3, 64, torch.float16, 3),
+                                        (16, 8, 128, torch.float16, 1)):
+        decode(Sq, group, D, dtype, splits)
     print("sanitize run done")

@@ -23,6 +23,7 @@ from ..attention.xattn import block_visible_pairs, xattn_block_mask
 from ..ops import BLOCK, FULL
 from ..router import RouterSet, check_sparsity_shift, model_router_geometry
 from .sparsity_meter import SparsityMeter
+from .static_cache import ElasticStaticLayer
 from .training_mix import TrainingMix
 
 ATTN_IMPLEMENTATION = "elastic"
@@ -187,7 +188,7 @@ class ElasticState:
         B, S = q.shape[:2]
         kw = dict(block_size=self.block_size, stride=self.xattn_stride, threshold=self.xattn_threshold, scale=scale)
         # Only BLOCK heads need a mask, except in the training mix, where every head's sparse branch uses one.
-        kw["head_mode"] = None if self.train_mix else self._head_mode[layer_idx]
+        kw["head_mode"] = None if self.mix.active else self._head_mode[layer_idx]
         if padding is None:
             mask, lengths = xattn_block_mask(q, k, **kw), [S] * B
         else:
@@ -213,6 +214,10 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
                            "was not called on this model")
     if dropout:
         raise NotImplementedError(f"elastic attention does not implement attention dropout (got {dropout})")
+    static_layer = None if state.mix.active else _static_cache_layer(state, module.layer_idx, key)
+    if static_layer is not None and static_layer.prefilled:  # decode step over an ElasticStaticCache
+        state.pre_rope_keys[module.layer_idx] = None
+        return static_layer.attend(query, scaling), None
     B, Hq, Sq, D = query.shape
     Skv = key.shape[2]
     sliding = kwargs.get("sliding_window")
@@ -243,7 +248,7 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
         head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
     kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
-    cache_layer = None if state.mix.active else state.elastic_cache_layer(layer_idx, key)
+    cache_layer = None if state.mix.active or static_layer is not None else state.elastic_cache_layer(layer_idx, key)
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
     elif state.mix.active and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
@@ -252,6 +257,8 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     else:
         out = hybrid_attention(q, k, v, head_mode, block_mask=block_mask, block_size=state.block_size, **kw)
     if not recomputing:
+        if static_layer is not None:  # the prompt of an ElasticStaticCache goes into its pools with its routing
+            static_layer.commit_prefill(head_mode, padding, sink=state.sink, window=state.window)
         modes = state._mode_lists[layer_idx]
         state.meter.count(layer_idx, modes, Sq, Skv, padding, state.sink, state.window)
         if (cache_layer is not None and Sq == Skv and padding is None and not block_sparse
@@ -294,6 +301,13 @@ def _attention_over_compacted_cache(q, k_full, v_full, layer, scale, strategy):
                                 strategy=strategy)
         out.index_copy_(2, q_idx, part)
     return out
+
+
+def _static_cache_layer(state, layer_idx, key):
+    """The ElasticStaticCache layer whose update() returned `key` (its prompt, or its pool at decode), else None.
+    Decode steps over it run the decode op (ElasticStaticLayer.attend); prefill runs as usual, then commits."""
+    layer = state.elastic_cache_layer(layer_idx, key)
+    return layer if isinstance(layer, ElasticStaticLayer) else None
 
 
 def register_attention():

@@ -1,0 +1,341 @@
+"""Decode over the static elastic KV cache (H200, bf16, Llama-3.1-8B shape: Hq 32, Hkv 8, D 128), against the peers.
+
+Sections:
+  kernel    one decode step of one layer's attention (Sq 1) at S tokens per sample, batch B:
+              ours_msr<m>     elastic_cuda.ops.decode_attention over ElasticStaticCache-layout pools, a fraction m
+                              of each sample's KV heads STREAM (sink 128, window 2048, own random heads per sample)
+              sdpa_<backend>  torch SDPA (flash / cudnn / efficient) over the same dense cache viewed [B, Hkv, S, D]
+                              (the all-FULL pool in slot order is exactly that tensor), enable_gqa
+            with the KV bytes each one must read and the effective bandwidth (fraction of 4.8 TB/s HBM peak), and a
+            numeric check of ours (all FULL) against cuDNN SDPA.
+  generate  model.generate on a randomly initialised Llama-3.1-8B-shaped model, prompt S, batch B, N new tokens,
+            CUDA graphs through transformers' compile path on both sides:
+              dense    attn sdpa + transformers' static cache (cache_implementation="static")
+              elastic  elastic_cuda.enable(policy fixed, 6 of 8 KV heads STREAM per layer) + ElasticStaticCache
+            decode tokens/s (time of N+1 new tokens minus the time of 1, i.e. without the prefill), peak memory and
+            the caches' bytes; plus the capacity at 128K (requests whose KV fits beside the weights).
+
+Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), GEN_SEQ (default 32768), GEN_BATCHES
+(default 1,8), GEN_TOKENS (default 32), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
+case that would start later is recorded as skipped). Writes decode.json, decode.md, decode.png under --out;
+`--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
+
+DEV = "cuda"
+HQ, HKV, D = 32, 8, 128
+SINK, WINDOW = 128, 2048
+HBM_PEAK = 4.8e12  # H200 bytes/s
+T0 = time.time()
+RESULTS: list[dict] = []
+
+
+def env_list(name, default, cast=int):
+    raw = os.environ.get(name, default)
+    return [cast(x) for x in raw.split(",") if x.strip()] if raw else []
+
+
+def rec(**kw):
+    kw["elapsed_s"] = round(time.time() - T0, 1)
+    RESULTS.append(kw)
+    print(json.dumps(kw, default=str), flush=True)
+
+
+def over_budget():
+    return time.time() - T0 > float(os.environ.get("BENCH_BUDGET_S", "240"))
+
+
+def time_ms(fn, reps=50, warmup=5):
+    """Median of `reps` CUDA-event timings of fn() (each call timed alone)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------- kernel
+def routing(B, msr, seed):
+    """int32 [B, HKV]: round(msr * HKV) STREAM heads per sample, each sample its own random heads."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(B, HKV, dtype=torch.int32)
+    for b in range(B):
+        m[b, torch.randperm(HKV, generator=g)[:round(msr * HKV)]] = 1
+    return m
+
+
+def pools(B, S, modes, gen):
+    """The static cache's layout: whole-history pool for FULL pairs, STREAM pool (sink + ring), slot table."""
+    whole = modes == 0
+    n_w, n_s = int(whole.sum()), int((~whole).sum())
+    ring_tokens = SINK + WINDOW  # + Sq - 1 with Sq = 1
+    fk = torch.randn(n_w, S, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    fv = torch.randn(n_w, S, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    sk = torch.randn(n_s, ring_tokens, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    sv = torch.randn(n_s, ring_tokens, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    flat = whole.flatten()
+    slot = torch.where(flat, flat.long().cumsum(0) - 1, (~flat).long().cumsum(0) - 1).view(B, HKV).int()
+    keys_read = n_w * S + n_s * min(S, SINK + WINDOW)
+    return (fk, fv, sk, sv, modes.to(DEV), slot.to(DEV)), 2 * keys_read * D * 2
+
+
+def kernel_section(seqs, batches, msrs):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from elastic_cuda.ops import decode_attention
+
+    for S in seqs:
+        for B in batches:
+            if over_budget():
+                rec(section="kernel", S=S, B=B, skipped="budget")
+                continue
+            gen = torch.Generator(DEV).manual_seed(S + B)
+            q = torch.randn(B, 1, HQ, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+            lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
+            dense_ms = None
+            for msr in msrs:
+                try:
+                    tensors, nbytes = pools(B, S, routing(B, msr, seed=S + B), gen)
+                    fk, fv, sk, sv, modes, slot = tensors
+
+                    def ours(fk=fk, fv=fv, sk=sk, sv=sv, modes=modes, slot=slot):
+                        return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW)
+
+                    ms = time_ms(ours)
+                    dense_ms = ms if msr == 0 else dense_ms
+                    rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, ms=ms, kv_bytes=nbytes,
+                        tb_per_s=nbytes / ms / 1e9, hbm_frac=nbytes / ms / 1e-3 / HBM_PEAK,
+                        vs_ours_dense=None if dense_ms is None else ms / dense_ms)
+                    if msr == 0:
+                        k4, v4 = fk.view(B, HKV, S, D), fv.view(B, HKV, S, D)
+                        qt = q.transpose(1, 2)  # [B, HQ, 1, D]
+                        ref = None
+                        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                            try:
+                                def peer(be=be):
+                                    with sdpa_kernel(be):
+                                        return scaled_dot_product_attention(qt, k4, v4, enable_gqa=True)
+                                out = peer()
+                                ref = out if ref is None else ref
+                                pms = time_ms(peer)
+                                rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, ms=pms,
+                                    kv_bytes=nbytes, tb_per_s=nbytes / pms / 1e9,
+                                    hbm_frac=nbytes / pms / 1e-3 / HBM_PEAK)
+                            except Exception as e:  # a backend without GQA decode support on this build
+                                rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, error=repr(e)[:300])
+                        if ref is not None:
+                            got = ours().transpose(1, 2).double()
+                            err = ((got - ref.double()).norm() / ref.double().norm()).item()
+                            rec(section="kernel", method="check_ours_vs_sdpa", S=S, B=B, rel_err=err)
+                    del fk, fv, sk, sv, tensors
+                except Exception as e:
+                    rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, error=repr(e)[:300])
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- generate
+def llama8b(dtype=torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=140000,
+                      attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def decode_rate(model, ids, new_tokens, cache):
+    """(decode tokens/s, peak bytes): time of new_tokens + 1 tokens minus that of 1 token (the prefill). One cache
+    object, reset between runs (static addresses: the captured graphs are replayed, as in serving); the first run,
+    on a 1K-token prompt, compiles and captures them."""
+    def run(prompt, n):
+        cache.reset()
+        torch.cuda.synchronize()
+        t = time.time()
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, past_key_values=cache)
+        torch.cuda.synchronize()
+        return time.time() - t
+
+    run(ids[:, :1024], new_tokens + 1)
+    torch.cuda.reset_peak_memory_stats()
+    t_full = run(ids, new_tokens + 1)
+    t_prefill = run(ids, 1)
+    return new_tokens * ids.shape[0] / max(t_full - t_prefill, 1e-9), torch.cuda.max_memory_allocated()
+
+
+def capacity(S, msr, weights_bytes):
+    """Requests of S tokens whose KV fits in the GPU memory left beside the weights (10% kept free)."""
+    free = torch.cuda.get_device_properties(0).total_memory * 0.9 - weights_bytes
+    per_layer_head = 2 * D * 2
+    dense = 32 * HKV * S * per_layer_head
+    n_stream = round(msr * HKV)
+    elastic = 32 * ((HKV - n_stream) * S + n_stream * (SINK + WINDOW + 15)) * per_layer_head
+    return int(free // dense), int(free // elastic)
+
+
+def generate_section(S, batches, new_tokens):
+    from transformers import StaticCache
+
+    import elastic_cuda
+    from elastic_cuda.integrations.static_cache import ElasticStaticCache
+
+    model = llama8b()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    table = torch.zeros(32, HKV, dtype=torch.bool)
+    for layer in range(32):
+        table[layer, torch.randperm(HKV, generator=torch.Generator().manual_seed(layer))[:6]] = True
+    dense_cap, elastic_cap = capacity(131072, 0.75, weights)
+    rec(section="capacity", S=131072, msr=0.75, dense_requests=dense_cap, elastic_requests=elastic_cap,
+        ratio=elastic_cap / max(dense_cap, 1), weights_bytes=weights)
+    for B in batches:
+        if over_budget():
+            rec(section="generate", S=S, B=B, skipped="budget")
+            continue
+        ids = torch.randint(3, 128256, (B, S), device=DEV, generator=torch.Generator(DEV).manual_seed(B))
+        for side in ("dense", "elastic"):
+            try:
+                if side == "dense":
+                    elastic_cuda.disable(model)
+                    model.set_attn_implementation("sdpa")
+                    cache = StaticCache(config=model.config, max_cache_len=S + new_tokens + 2)
+                else:
+                    elastic_cuda.enable(model, policy="fixed", fixed_table=table, sink=SINK, window=WINDOW)
+                    cache = ElasticStaticCache(model, max_batch_size=B, max_cache_len=S + new_tokens + 2)
+                tps, mem = decode_rate(model, ids, new_tokens, cache)
+                cache_bytes = (cache.memory_bytes() if side == "elastic" else
+                               sum(t.numel() * t.element_size() for layer in cache.layers
+                                   for t in (layer.keys, layer.values) if t is not None))
+                rec(section="generate", side=side, S=S, B=B, new_tokens=new_tokens, tokens_per_s=tps,
+                    peak_bytes=mem, cache_bytes=cache_bytes)
+            except Exception as e:
+                rec(section="generate", side=side, S=S, B=B, error=repr(e)[:300])
+            torch.cuda.empty_cache()
+    elastic_cuda.disable(model)
+
+
+# ----------------------------------------------------------------------------- reports
+def write_markdown(path, results, command):
+    kern = [r for r in results if r.get("section") == "kernel" and "ms" in r]
+    lines = ["# Decode over the static elastic KV cache (bf16, Llama-3.1-8B shape, one layer, Sq 1)", "",
+             f"Command: `{command}`", "",
+             "| S | B | method | ms | KV bytes | TB/s | of HBM peak | vs ours dense |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(kern, key=lambda r: (r["S"], r["B"], r["method"])):
+        rel = "" if r.get("vs_ours_dense") is None else f"{r['vs_ours_dense']:.3f}x"
+        lines.append(f"| {r['S']} | {r['B']} | {r['method']} | {r['ms']:.4f} | {r['kv_bytes'] / 1e6:.1f} MB | "
+                     f"{r['tb_per_s']:.2f} | {r['hbm_frac']:.0%} | {rel} |")
+    checks = [r for r in results if r.get("method") == "check_ours_vs_sdpa"]
+    if checks:
+        lines += ["", "Numeric check, ours (all FULL) vs SDPA, relative Frobenius error: " +
+                  ", ".join(f"S {r['S']} B {r['B']}: {r['rel_err']:.1e}" for r in checks)]
+    gen = [r for r in results if r.get("section") == "generate" and "tokens_per_s" in r]
+    if gen:
+        lines += ["", "## generate (Llama-3.1-8B-shaped random model, CUDA graphs via transformers' compile path)", "",
+                  "| S | B | side | decode tokens/s | vs dense | peak GB | cache GB |",
+                  "|---:|---:|---|---:|---:|---:|---:|"]
+        dense = {(r["S"], r["B"]): r["tokens_per_s"] for r in gen if r["side"] == "dense"}
+        for r in sorted(gen, key=lambda r: (r["S"], r["B"], r["side"])):
+            base = dense.get((r["S"], r["B"]))
+            rel = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+            lines.append(f"| {r['S']} | {r['B']} | {r['side']} | {r['tokens_per_s']:.1f} | {rel} | "
+                         f"{r['peak_bytes'] / 1e9:.1f} | {r['cache_bytes'] / 1e9:.2f} |")
+    for r in results:
+        if r.get("section") == "capacity":
+            lines += ["", f"Capacity at {r['S']} tokens (weights {r['weights_bytes'] / 1e9:.1f} GB, 90% of memory): "
+                      f"dense {r['dense_requests']} requests, elastic at MSR {r['msr']} {r['elastic_requests']} "
+                      f"({r['ratio']:.1f}x)"]
+    bad = [r for r in results if "error" in r or "skipped" in r]
+    if bad:
+        lines += ["", "## Errors and skipped cases", "", "```"] + [json.dumps(r)[:400] for r in bad] + ["```"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plot(path, results):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    kern = [r for r in results if r.get("section") == "kernel" and "ms" in r]
+    cases = sorted({(r["S"], r["B"]) for r in kern})
+    methods = sorted({r["method"] for r in kern})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ys = [next((r["hbm_frac"] for r in kern if (r["S"], r["B"]) == c and r["method"] == m), 0) for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], ys, width, label=m)
+    ax.axhline(0.75, color="k", ls="--", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"S={s // 1024}K B={b}" for s, b in cases])
+    ax.set_ylabel("KV bytes / time, fraction of 4.8 TB/s")
+    ax.set_title("Decode attention, one layer, Llama-3.1-8B shape, bf16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/decode")
+    ap.add_argument("--from-json", help="rebuild the markdown and the plot from a saved decode.json (no GPU)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        write_markdown(os.path.join(args.out, "decode.md"), saved["results"], saved["command"])
+        write_plot(os.path.join(args.out, "decode.png"), saved["results"])
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode: needs a CUDA device (use --from-json to rebuild reports)")
+    command = "python " + " ".join(sys.argv)
+    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "GEN_SEQ", "GEN_BATCHES", "GEN_TOKENS", "SECTIONS",
+                                      "BENCH_BUDGET_S") if k in os.environ}
+    if env:
+        command = " ".join(f"{k}={v}" for k, v in env.items()) + " " + command
+    sections = env_list("SECTIONS", "kernel,generate", str)
+    try:
+        if "kernel" in sections:
+            kernel_section(env_list("SEQS", "32768,131072"), env_list("BATCHES", "1,8"),
+                           env_list("MSRS", "0,0.75", float))
+        if "generate" in sections:
+            generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "1,8"),
+                             int(os.environ.get("GEN_TOKENS", "32")))
+    finally:
+        meta = {"command": command, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                "results": RESULTS}
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        write_markdown(os.path.join(args.out, "decode.md"), RESULTS, command)
+        write_plot(os.path.join(args.out, "decode.png"), RESULTS)
+
+
+if __name__ == "__main__":
+    main()

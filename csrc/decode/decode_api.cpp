@@ -1,0 +1,172 @@
+// CUDA implementation of elastic::decode_attention (schema: csrc/ops.cpp; reference: elastic_cuda/_decode_cpu.py).
+// Checks the arguments (messages name the argument), allocates the outputs and the split workspace, picks the number
+// of splits from static shapes only (so a CUDA graph can capture the call) and launches on the current stream.
+// Compiled only into CUDA builds (WITH_CUDA); CPU-only builds glob every .cpp, so the whole file is guarded.
+#ifdef WITH_CUDA
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "attention/check_msg.h"
+#include "decode/decode_params.h"
+
+namespace elastic {
+namespace {
+
+constexpr const char* kOp = "elastic.decode_attention: ";
+
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  ELASTIC_CHECK(t.is_cuda() && t.device() == device, kOp, name, " must be a CUDA tensor on the device of q (",
+                device.str(), "), got ", t.device().str());
+}
+
+void check_pool(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t D) {
+  check_device(t, name, q.device());
+  ELASTIC_CHECK(t.dim() == 3 && t.size(2) == D, kOp, name, " must have shape [pairs, tokens, D=", D, "]");
+  ELASTIC_CHECK(t.scalar_type() == q.scalar_type(), kOp, name, " must have the dtype of q");
+  if (t.numel() == 0) return;
+  // 16-byte loads of whole rows: D contiguous elements per row, rows and pairs 16-byte aligned.
+  ELASTIC_CHECK(t.stride(2) == 1 && t.stride(1) == D, kOp, name, " must have contiguous [tokens, D] rows");
+  ELASTIC_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * t.element_size()) % 16 == 0,
+                kOp, name, " must start 16-byte aligned with a 16-byte multiple between pairs");
+  ELASTIC_CHECK(t.size(1) <= INT32_MAX && t.size(0) <= INT32_MAX, kOp, name, " is too large (int32 indexing)");
+}
+
+void check_table(const at::Tensor& t, const char* name, const at::Device& device, at::IntArrayRef shape) {
+  check_device(t, name, device);
+  ELASTIC_CHECK(t.scalar_type() == at::kInt && t.sizes() == shape && t.is_contiguous(), kOp, name,
+                " must be a contiguous int32 tensor of shape ", shape.size() == 1 ? "[B]" : "[B, Hkv]");
+}
+
+// SM count of a device, queried once per device (an attribute read, no synchronisation).
+int sm_count(int device) {
+  static std::atomic<int> cached[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Splits of the key range per pair: enough CTAs for one wave at the split kernel's residency (4 CTAs per SM at 4 rows
+// per CTA, 2 at 8: its __launch_bounds__), never fewer than kMinKeysPerSplit keys per split at the longest possible
+// list (the pools' capacity, a static shape: no host read of the lengths, so graphs can capture the call).
+int choose_splits(int64_t requested, int64_t ctas_per_split, int64_t max_keys, int sms, int rows_per_chunk) {
+  constexpr int64_t kMinKeysPerSplit = 256;
+  if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kDecodeMaxSplits));
+  const int64_t resident = static_cast<int64_t>(sms) * (rows_per_chunk == 4 ? 4 : 2);
+  const int64_t want = (resident + ctas_per_split - 1) / ctas_per_split;
+  const int64_t by_length = std::max<int64_t>(1, max_keys / kMinKeysPerSplit);
+  return static_cast<int>(std::clamp<int64_t>(std::min(want, by_length), 1, kDecodeMaxSplits));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& full_k,
+                                                         const at::Tensor& full_v, const at::Tensor& stream_k,
+                                                         const at::Tensor& stream_v, const at::Tensor& head_mode,
+                                                         const at::Tensor& slot, const at::Tensor& seq_lens,
+                                                         int64_t sink, int64_t window, c10::optional<double> scale,
+                                                         int64_t num_splits) {
+  ELASTIC_CHECK(q.is_cuda(), kOp, "q must be a CUDA tensor");
+  ELASTIC_CHECK(q.dim() == 4, kOp, "q must have shape [B, Sq, Hq, D]");
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  ELASTIC_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kOp,
+                "q must be float16 or bfloat16 on CUDA");
+  ELASTIC_CHECK(D == 64 || D == 128, kOp, "head_dim (q.shape[-1]) must be 64 or 128 on CUDA, got ", D);
+  ELASTIC_CHECK(Sq >= 1 && Sq <= 16, kOp, "q must hold 1..16 queries per sample (q.shape[1]), got ", Sq);
+  ELASTIC_CHECK(q.stride(3) == 1, kOp, "q must be contiguous in its last dimension");
+  ELASTIC_CHECK(B >= 1, kOp, "q must hold at least one sample");
+  const at::Device device = q.device();
+  check_pool(full_k, "full_k", q, D);
+  check_pool(full_v, "full_v", q, D);
+  check_pool(stream_k, "stream_k", q, D);
+  check_pool(stream_v, "stream_v", q, D);
+  ELASTIC_CHECK(full_v.sizes() == full_k.sizes(), kOp, "full_v must have the shape of full_k");
+  ELASTIC_CHECK(stream_v.sizes() == stream_k.sizes(), kOp, "stream_v must have the shape of stream_k");
+  ELASTIC_CHECK(head_mode.dim() == 2 && head_mode.size(0) == B, kOp, "head_mode must have shape [B, Hkv]");
+  const int64_t Hkv = head_mode.size(1);
+  ELASTIC_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, "q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
+  check_table(head_mode, "head_mode", device, {B, Hkv});
+  check_table(slot, "slot", device, {B, Hkv});
+  check_table(seq_lens, "seq_lens", device, {B});
+  ELASTIC_CHECK(sink >= 0 && window >= 1 && sink < INT32_MAX && window < INT32_MAX, kOp,
+                "sink must be >= 0 and window >= 1");
+  ELASTIC_CHECK(stream_k.size(0) == 0 || stream_k.size(1) >= sink + window + Sq - 1, kOp,
+                "stream_k must hold sink + window + Sq - 1 tokens per pair (sink plus the ring)");
+  const double softmax_scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  ELASTIC_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, kOp, "scale must be positive and finite");
+  ELASTIC_CHECK(num_splits >= 0, kOp, "num_splits must be >= 0 (0 = automatic)");
+
+  c10::cuda::CUDAGuard guard(device);
+  auto out = at::empty({B, Sq, Hq, D}, q.options());
+  auto lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  const int64_t group = Hq / Hkv, rows = group * Sq;
+  const int rows_per_chunk = rows <= 4 ? 4 : 8;
+  const int64_t row_chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t stream_keys = stream_k.size(0) ? std::min<int64_t>(stream_k.size(1), sink + window + Sq - 1) : 0;
+  const int64_t max_keys = std::max<int64_t>(full_k.size(0) ? full_k.size(1) : 0, stream_keys);
+  ELASTIC_CHECK(B * Hkv <= 65535 && rows <= 65535, kOp, "B * Hkv (", B * Hkv, ") and Hq / Hkv * Sq (", rows,
+                ") must be <= 65535 (grid dimensions)");
+  const int sms = sm_count(device.index());
+  const int splits = choose_splits(num_splits, B * Hkv * row_chunks, max_keys, sms, rows_per_chunk);
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_s = q.stride(1);
+  p.q_stride_h = q.stride(2);
+  p.full_k = full_k.data_ptr();
+  p.full_v = full_v.data_ptr();
+  p.full_k_stride_pair = full_k.stride(0);
+  p.full_v_stride_pair = full_v.stride(0);
+  p.full_pairs = static_cast<int32_t>(full_k.size(0));
+  p.full_tokens = static_cast<int32_t>(full_k.size(1));
+  p.stream_k = stream_k.data_ptr();
+  p.stream_v = stream_v.data_ptr();
+  p.stream_k_stride_pair = stream_k.stride(0);
+  p.stream_v_stride_pair = stream_v.stride(0);
+  p.stream_pairs = static_cast<int32_t>(stream_k.size(0));
+  p.stream_tokens = static_cast<int32_t>(stream_k.size(1));
+  p.head_mode = head_mode.data_ptr<int32_t>();
+  p.slot = slot.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  at::Tensor part_out, part_lse;
+  if (splits > 1) {
+    const int64_t parts = B * Hkv * row_chunks * rows_per_chunk * splits;
+    part_out = at::empty({parts, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({parts}, q.options().dtype(at::kFloat));
+    p.part_out = part_out.data_ptr<float>();
+    p.part_lse = part_lse.data_ptr<float>();
+  }
+  p.batch = static_cast<int32_t>(B);
+  p.sq = static_cast<int32_t>(Sq);
+  p.hq = static_cast<int32_t>(Hq);
+  p.hkv = static_cast<int32_t>(Hkv);
+  p.group = static_cast<int32_t>(group);
+  p.rows = static_cast<int32_t>(rows);
+  p.row_chunks = static_cast<int32_t>(row_chunks);
+  p.num_splits = splits;
+  p.sink = static_cast<int32_t>(sink);
+  p.window = static_cast<int32_t>(window);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  launch_decode_attention(p, q.scalar_type() == at::kBFloat16, static_cast<int>(D), rows_per_chunk,
+                          c10::cuda::getCurrentCUDAStream().stream());
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(elastic, CUDA, m) { m.impl("decode_attention", &decode_attention_cuda); }
+
+}  // namespace elastic
+#endif  // WITH_CUDA

@@ -1,0 +1,66 @@
+"""CPU kernel of elastic::decode_attention, written plainly in torch: the reference the CUDA kernel is tested against.
+
+Semantics (csrc/ops.cpp, csrc/attention/head_mode.h): query row r of sample b sits at position i = n - Sq + r
+(n = seq_lens[b]); key j < n is visible iff j <= i and, for a STREAM pair, j < sink or i - j < window. A FULL or
+BLOCK pair reads position j at full_k[slot, j]; a STREAM pair reads it at stream_k[slot, ring_index(j)]. Values out
+of range (mode, slot, length) raise ValueError here; the CUDA kernel writes NaN for such a pair instead (no sync).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FULL, _STREAM, _BLOCK = 0, 1, 2
+
+
+def stream_ring_index(positions: torch.Tensor, sink: int, stream_len: int) -> torch.Tensor:
+    """Row of each logical position in a STREAM pair's buffer of stream_len rows: the sink at 0..sink-1, then a
+    ring of stream_len - sink rows for every later position."""
+    ring = max(stream_len - sink, 1)
+    return torch.where(positions < sink, positions, sink + (positions - sink) % ring)
+
+
+def decode_attention_cpu(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink, window,
+                         scale=None, num_splits=0):
+    B, Sq, Hq, D = q.shape
+    Hkv = head_mode.shape[1]
+    groups = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Sq, dtype=acc)
+    modes, slots, lengths = head_mode.tolist(), slot.tolist(), seq_lens.tolist()
+    stream_len = stream_k.shape[1]
+    for b in range(B):
+        n = lengths[b]
+        if n < Sq:
+            raise ValueError(f"elastic_cuda.decode_attention: seq_lens[{b}] = {n} is smaller than the {Sq} queries")
+        i = torch.arange(n - Sq, n).unsqueeze(1)  # [Sq, 1] query positions
+        j = torch.arange(n).unsqueeze(0)          # [1, n] key positions
+        for h in range(Hkv):
+            mode, s = modes[b][h], slots[b][h]
+            if mode in (_FULL, _BLOCK):
+                pool_k, pool_v, rows, visible = full_k, full_v, j[0], j <= i
+                if n > full_k.shape[1]:
+                    raise ValueError(f"elastic_cuda.decode_attention: seq_lens[{b}] = {n} exceeds the {full_k.shape[1]} "
+                                     "tokens of the whole-history pool")
+            elif mode == _STREAM:
+                visible = (j <= i) & ((j < sink) | (i - j < window))
+                pool_k, pool_v, rows = stream_k, stream_v, stream_ring_index(j[0], sink, stream_len)
+            else:
+                raise ValueError(f"elastic_cuda.decode_attention: head_mode[{b}, {h}] = {mode} is not 0, 1 or 2")
+            if not 0 <= s < pool_k.shape[0]:
+                raise ValueError(f"elastic_cuda.decode_attention: slot[{b}, {h}] = {s} is outside the "
+                                 f"{pool_k.shape[0]} rows of its pool")
+            # Positions no query sees may have been overwritten in the ring: they are gathered but masked out.
+            k = pool_k[s, rows].to(acc)                                   # [n, D]
+            v = pool_v[s, rows].to(acc)
+            qh = q[b, :, h * groups:(h + 1) * groups].to(acc)             # [Sq, G, D]
+            logits = torch.einsum("rgd,nd->grn", qh, k) * scale           # [G, Sq, n]
+            logits = logits.masked_fill(~visible, float("-inf"))
+            row_lse = torch.logsumexp(logits, dim=-1)                     # [G, Sq]; every row sees its own key
+            probs = torch.exp(logits - row_lse.unsqueeze(-1))
+            out[b, :, h * groups:(h + 1) * groups] = torch.einsum("grn,nd->rgd", probs, v).to(q.dtype)
+            lse[b, h * groups:(h + 1) * groups] = row_lse
+    return out, lse
