@@ -13,6 +13,9 @@ Methods (per shape, S, MSR):
   serial                                  gather FULL pairs -> cuDNN SDPA, gather STREAM pairs -> compiled Flex,
                                           index_copy_ both back (host-known routing, as ../shared/reference/
                                           anchor_bench.py)
+  fa4_dense / serial_fa4                  FlashAttention-4 (PyPI flash-attn-4) dense causal, and FULL heads ->
+                                          FA4 dense + STREAM heads -> FA4 sliding window (no sink), scattered
+                                          back (B = 1; absent where flash-attn-4 is not installed)
   ideal                                   (1 - MSR) x cuDNN dense + the streaming pairs alone under Flex
 Also: ours vs Flex numerically (one case per run), our dense TFLOP/s (MSR 0), boundary_pool time vs S, and a
 forward+backward row at BWD_S (ours vs cuDNN vs Flex).
@@ -170,6 +173,45 @@ def serial_parts(case, head_mode):
     return serial, stream_only
 
 
+def fa4_func():
+    """FlashAttention-4's flash_attn_func (PyPI flash-attn-4, CuTe DSL; its Hopper path on an H200), or None when it
+    is not installed (its rows are then missing and one record says why)."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except Exception as e:
+        if not any(r.get("method") == "fa4_unavailable" for r in RESULTS):
+            rec(kind="note", method="fa4_unavailable", error=repr(e)[:300])
+        return None
+    return flash_attn_func
+
+
+def _first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def serial_fa4(case, head_mode, fa):
+    """What a user composes from FlashAttention-4 by hand: FULL KV heads (and their query heads) gathered into FA4
+    dense causal, STREAM heads into FA4's sliding window (window_size=(WINDOW - 1, 0): the same window, but no sink
+    tokens, so a slightly cheaper function than ours), outputs scattered back. Host-known routing; B = 1 only."""
+    if case.B != 1:
+        raise ValueError("serial_fa4: B = 1 cases only")
+    ar = torch.arange(case.G, device=DEV)
+    kf, ks = (head_mode[0] == 0).nonzero().flatten(), (head_mode[0] == 1).nonzero().flatten()
+    qf, qs = (kf[:, None] * case.G + ar).flatten(), (ks[:, None] * case.G + ar).flatten()
+    q, k, v = case.q, case.k, case.v
+
+    def run():
+        out = torch.empty_like(q)
+        if len(kf):
+            out.index_copy_(2, qf, _first(fa(q.index_select(2, qf), k.index_select(2, kf), v.index_select(2, kf),
+                                             causal=True)))
+        if len(ks):
+            out.index_copy_(2, qs, _first(fa(q.index_select(2, qs), k.index_select(2, ks), v.index_select(2, ks),
+                                             causal=True, window_size=(WINDOW - 1, 0))))
+        return out
+    return run
+
+
 # ----------------------------------------------------------------------------- sections
 def sweep_case(case, msrs, skip):
     dense = {}
@@ -177,6 +219,11 @@ def sweep_case(case, msrs, skip):
         ms = try_bench(name, case, lambda be=be: (lambda: sdpa(case.qt, case.kt, case.vt, be)), skip)
         if ms is not None:
             dense[name] = ms
+            RESULTS[-1]["tflops"] = case.flops / ms / 1e9
+    fa = fa4_func()
+    if fa is not None:
+        ms = try_bench("fa4_dense", case, lambda: (lambda: _first(fa(case.q, case.k, case.v, causal=True))), skip)
+        if ms is not None:
             RESULTS[-1]["tflops"] = case.flops / ms / 1e9
     for i, msr in enumerate(msrs):
         hm = routing(case.B, case.Hkv, msr, seed=1000 + i)
@@ -187,6 +234,8 @@ def sweep_case(case, msrs, skip):
             if ms is not None and msr == 0:
                 RESULTS[-1]["tflops"] = case.flops / ms / 1e9  # all FULL: our dense rate
         try_bench("flex_hybrid", case, lambda: flex_hybrid(case, hm), skip, msr=msr, msr_actual=actual)
+        if fa is not None and case.B == 1:
+            try_bench("serial_fa4", case, lambda: serial_fa4(case, hm, fa), skip, msr=msr, msr_actual=actual)
         if "serial" in skip:
             continue
         try:
@@ -290,7 +339,7 @@ def fwd_bwd_section(S, skip):
 
 # ----------------------------------------------------------------------------- report
 METHOD_ORDER = ["ours_auto", "ours_fused", "ours_grouped", "ours_grouped_cudnn", "ours_fused_sm80", "flex_hybrid",
-                "serial", "ideal", "flash2_dense"]
+                "serial", "serial_fa4", "ideal", "flash2_dense", "fa4_dense"]
 
 
 def speedups():
@@ -324,7 +373,7 @@ def write_markdown(path, msrs):
         for msr in msrs:
             cells = []
             for m in METHOD_ORDER:
-                t = ms_of.get((model, B, S, m, msr if m != "flash2_dense" else None))
+                t = ms_of.get((model, B, S, m, msr if m not in ("flash2_dense", "fa4_dense") else None))
                 cells.append("-" if t is None else f"{t:.2f} ({base[key] / t:.2f}x)")
             lines.append(f"| {msr} | " + " | ".join(cells) + " |")
         rates = [f"{r['method']} {r['tflops']:.0f}" for r in RESULTS

@@ -12,7 +12,11 @@ rest FULL, i.e. every causal block):
   flex_block       one compiled flex_attention call with the BlockMask made from the same mask (off-diagonal blocks
                    'full', diagonal blocks 'partial' with a causal mask_mod)
   serial           FULL heads -> cuDNN SDPA, BLOCK heads -> Flex, index_copy_ back (host-known routing)
-and a numeric check ours vs Flex (relative Frobenius error) per case. The mask is synthetic because random q/k give
+  fa4_block        FlashAttention-4's block-sparse forward (PyPI flash-attn-4) on the same mask, causal
+  serial_fa4       FULL heads -> FA4 dense, BLOCK heads -> FA4 block-sparse, index_copy_ back
+  xattn_estimate_block_heads   the estimate for this routing's BLOCK heads only (est+ours_auto adds it to ours)
+(fa4_dense per shape), and numeric checks ours vs Flex and vs FA4 (relative Frobenius error) per case. FA4 rows are
+absent where flash-attn-4 is not installed. The mask is synthetic because random q/k give
 a near-uniform estimate (every block kept); on SmolLM2 the estimate keeps ~30% of causal pairs (ESR 0.70,
 benchmarks/results/router_training/2026-11-28_block_all_sparse_h200/).
 
@@ -81,8 +85,39 @@ def flex_block_mask(mask, S):
     return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=BLK, mask_mod=causal, seq_lengths=(S, S))
 
 
+def fa4():
+    """FlashAttention-4 (PyPI flash-attn-4, CuTe DSL; its Hopper path on an H200): (flash_attn_func,
+    BlockSparseTensorsTorch), or None when it is not installed (the rows are then missing, and the JSON says why)."""
+    try:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        from flash_attn.cute.interface import flash_attn_func
+    except Exception as e:  # not installed: a peer we cannot run here
+        rec(method="fa4_unavailable", error=repr(e)[:300])
+        return None
+    return flash_attn_func, BlockSparseTensorsTorch
+
+
+def fa4_block_tensors(mask, sparse_tensors_cls):
+    """FA4's block-sparse description of a bool block mask [B, H, NB, NB] (Flex's layout: per query block the
+    kept key blocks' count and indices): off-diagonal kept blocks 'full' (no mask), diagonal blocks 'mask' blocks,
+    where FA4 applies causal=True."""
+    nb = mask.shape[-1]
+    r = torch.arange(nb, device=mask.device)
+    diag = (r.view(1, -1) == r.view(-1, 1)).expand_as(mask)
+
+    def as_kv_blocks(sel):
+        order = (~sel).to(torch.int8).argsort(dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1).to(torch.int32).contiguous(), order.contiguous()
+
+    mc, mi = as_kv_blocks(mask & diag)
+    fc, fi = as_kv_blocks(mask & ~diag)
+    return sparse_tensors_cls(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
+                              block_size=(BLK, BLK))
+
+
 def block_case(case, density, msr, strategies, seed):
     import elastic_cuda
+    from elastic_cuda.attention.xattn import xattn_block_mask
 
     hm = routing(case.B, case.Hkv, msr, seed=seed)
     hm = torch.where(hm == 1, 2, 0).to(torch.int32)  # routing() gives 0/1: sparse heads are BLOCK here
@@ -108,6 +143,25 @@ def block_case(case, density, msr, strategies, seed):
         rec(method="check_ours_vs_flex", **case.key(**extra), error=repr(e)[:300])
     if 0 < msr < 1:
         try_bench("serial", case, lambda: serial(case, hm, mask), (), **extra)
+    # The estimate for this routing's BLOCK heads only (what the backend runs per layer), as its own row; the
+    # markdown adds it to ours_auto (est+ours).
+    try_bench("xattn_estimate_block_heads", case,
+              lambda: (lambda: xattn_block_mask(case.q, case.k, block_size=BLK, head_mode=hm)), (), **extra)
+    peer = fa4()
+    if peer is None:
+        return
+    fa_func, tensors_cls = peer
+    bst = fa4_block_tensors(mask, tensors_cls)
+    try_bench("fa4_block", case,
+              lambda: (lambda: fa_func(case.q, case.k, case.v, causal=True, block_sparse_tensors=bst)), (), **extra)
+    try:
+        out = fa_func(case.q, case.k, case.v, causal=True, block_sparse_tensors=bst)
+        out = out[0] if isinstance(out, tuple) else out
+        rec(method="check_ours_vs_fa4", **case.key(**extra), rel_err=rel_err(ours("auto")(), out))
+    except Exception as e:
+        rec(method="check_ours_vs_fa4", **case.key(**extra), error=repr(e)[:300])
+    if 0 < msr < 1:
+        try_bench("serial_fa4", case, lambda: serial_fa4(case, hm, mask, fa_func, tensors_cls), (), **extra)
 
 
 def serial(case, hm, mask):
@@ -130,6 +184,28 @@ def serial(case, hm, mask):
     return run
 
 
+def serial_fa4(case, hm, mask, fa_func, tensors_cls):
+    """FULL heads through FA4 dense, BLOCK heads through FA4 block-sparse, scattered back (host-known routing)."""
+    G = case.G
+    qh = (hm[0] == 2).repeat_interleave(G).nonzero().flatten()
+    qf = (hm[0] == 0).repeat_interleave(G).nonzero().flatten()
+    kh, kf = (hm[0] == 2).nonzero().flatten(), (hm[0] == 0).nonzero().flatten()
+    bst = fa4_block_tensors(mask[:, qh].contiguous(), tensors_cls)
+    out = torch.empty_like(case.q)
+
+    def first(o):
+        return o[0] if isinstance(o, tuple) else o
+
+    def run():
+        o_full = first(fa_func(case.q[:, :, qf], case.k[:, :, kf], case.v[:, :, kf], causal=True))
+        o_block = first(fa_func(case.q[:, :, qh], case.k[:, :, kh], case.v[:, :, kh], causal=True,
+                                block_sparse_tensors=bst))
+        out.index_copy_(2, qf, o_full)
+        out.index_copy_(2, qh, o_block)
+        return out
+    return run
+
+
 def write_markdown(path, torch_version, gpu):
     lines = ["# BLOCK heads at prefill: XAttention mask estimate and block-sparse attention", "",
              f"torch {torch_version}, {gpu}, bf16, B=1, block {BLK}; median ms "
@@ -138,14 +214,16 @@ def write_markdown(path, torch_version, gpu):
              "benchmarks.bench_block_prefill`.", ""]
     dense = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "cudnn_dense" and "ms" in r}
     est = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "xattn_estimate" and "ms" in r}
-    methods = sorted({r["method"] for r in RESULTS if "density" in r and r["method"] != "check_ours_vs_flex"},
-                     key=lambda m: (not m.startswith("ours"), m))
+    methods = sorted({r["method"] for r in RESULTS if "density" in r and not r["method"].startswith("check_")
+                      and r["method"] != "xattn_estimate_block_heads"}, key=lambda m: (not m.startswith("ours"), m))
+    fa4_dense = {(r["model"], r["S"]): r["ms"] for r in RESULTS if r["method"] == "fa4_dense" and "ms" in r}
     for key in sorted(dense):
         model, S = key
-        lines += [f"## {MODELS[model]['name']} shape, S={S}: cuDNN dense {dense[key]:.3f} ms, xattn estimate "
+        lines += [f"## {MODELS[model]['name']} shape, S={S}: cuDNN dense {dense[key]:.3f} ms, FA4 dense "
+                  f"{fa4_dense.get(key, float('nan')):.3f} ms, xattn estimate (every head) "
                   f"{est.get(key, float('nan')):.3f} ms", "",
-                  "| density | MSR | kept blocks | " + " | ".join(methods) + " | ours vs Flex rel. err |",
-                  "|---" * (len(methods) + 4) + "|"]
+                  "| density | MSR | kept blocks | " + " | ".join(methods) + " | est+ours_auto | ours vs Flex / FA4 "
+                  "rel. err |", "|---" * (len(methods) + 5) + "|"]
         cases = sorted({(r["density"], r["msr"]) for r in RESULTS if (r.get("model"), r.get("S")) == key
                         and "density" in r})
         for d, m in cases:
@@ -154,9 +232,11 @@ def write_markdown(path, torch_version, gpu):
             kept = next((r["kept_block_fraction"] for r in row.values()), float("nan"))
             cells = [f"{row[x]['ms']:.3f} ({dense[key] / row[x]['ms']:.2f}x)" if "ms" in row.get(x, {}) else "-"
                      for x in methods]
-            chk = row.get("check_ours_vs_flex", {}).get("rel_err")
-            chk = "-" if chk is None else f"{chk:.1e}"
-            lines.append(f"| {d} | {m} | {kept:.3f} | " + " | ".join(cells) + f" | {chk} |")
+            chk = [row.get(c, {}).get("rel_err") for c in ("check_ours_vs_flex", "check_ours_vs_fa4")]
+            chk = " / ".join("-" if c is None else f"{c:.1e}" for c in chk)
+            e, o = row.get("xattn_estimate_block_heads", {}).get("ms"), row.get("ours_auto", {}).get("ms")
+            both = "-" if e is None or o is None else f"{e + o:.3f} ({dense[key] / (e + o):.2f}x)"
+            lines.append(f"| {d} | {m} | {kept:.3f} | " + " | ".join(cells) + f" | {both} | {chk} |")
         lines.append("")
     write_with_errors(path, lines)
 
@@ -223,6 +303,9 @@ def main():
             c = Case(model, 1, S)
             try_bench("cudnn_dense", c, lambda: (lambda: sdpa(c.qt, c.kt, c.vt, SDPBackend.CUDNN_ATTENTION)), ())
             try_bench("xattn_estimate", c, lambda: (lambda: xattn_block_mask(c.q, c.k, block_size=BLK)), ())
+            peer = fa4()
+            if peer is not None:
+                try_bench("fa4_dense", c, lambda: (lambda: peer[0](c.q, c.k, c.v, causal=True)), ())
             for density in env_list("DENSITIES", "0.1,0.3", float):
                 for msr in env_list("MSRS", "0.5,1", float):
                     seed += 1
