@@ -10,6 +10,7 @@
 #                    gputests   pytest -m gpu over tests/ (PYTEST_K), then memcheck of the new kernels' small runs
 #                    attention  benchmarks.bench_attention (FA4 rows), block  benchmarks.bench_block_prefill,
 #                    decode     benchmarks.bench_decode, e2e  benchmarks.bench_e2e_prefill, demo  the demo on cuda
+#                    Each step's own environment: <STEP>_ENV="VAR=value ..." (e.g. BLOCK_ENV="SEQS=8192 MSRS=1").
 # Results under $OUT (8 files come back at most: each step writes one log, the benchmarks' outputs are tarred).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -48,9 +49,11 @@ python3 -c "import flash_attn.cute.interface" 2> /dev/null && echo "FA4 importab
 t0=$(date +%s)
 for step in "$@"; do
   echo "=== $step at $(( $(date +%s) - t0 ))s"
+  env_var="${step^^}_ENV"
+  read -ra step_env <<< "${!env_var:-}"
   case $step in
   gputests)
-    timeout "${PYTEST_S:-300}" python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests -k "${PYTEST_K:-}" \
+    env "${step_env[@]}" timeout "${PYTEST_S:-300}" python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests -k "${PYTEST_K:-}" \
       > "$OUT/gputests.log" 2>&1
     echo "pytest rc=$?"; grep -E "^FAILED|passed|failed" "$OUT/gputests.log" | tail -12
     for s in tests/gpu_sanitize.py tests/gpu_xattn_sanitize.py; do
@@ -62,12 +65,12 @@ for step in "$@"; do
   attention|block|decode|e2e)
     mod=$([[ $step == block ]] && echo bench_block_prefill || ([[ $step == attention ]] && echo bench_attention \
       || echo bench_$step$([[ $step == e2e ]] && echo _prefill)))
-    timeout "${BENCH_S:-300}" python3 -m benchmarks.$mod --out $W/$step > "$OUT/$step.log" 2>&1
+    env "${step_env[@]}" timeout "${BENCH_S:-300}" python3 -m benchmarks.$mod --out $W/$step > "$OUT/$step.log" 2>&1
     echo "$mod rc=$?"; tail -40 "$OUT/$step.log" | grep -v "^{" | tail -30
     (cd $W && tar czf "$OUT/$step.tar.gz" $step 2> /dev/null)
     ;;
   demo)
-    timeout "${DEMO_S:-200}" python3 -m elastic_cuda demo --device cuda ${DEMO_ARGS:-} > "$OUT/demo.log" 2>&1
+    env "${step_env[@]}" timeout "${DEMO_S:-200}" python3 -m elastic_cuda demo --device cuda ${DEMO_ARGS:-} > "$OUT/demo.log" 2>&1
     echo "demo rc=$?"; tail -45 "$OUT/demo.log"
     ;;
   *) echo "unknown step $step" ;;
