@@ -254,7 +254,7 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     try:
         default = elastic_cuda.ops.reload_kernel_options()
         assert default.startswith("sm90=1 stages=3 tma=1 pingpong=1 proxy_fence=1 persistent=1 dynamic=1 "
-                                  "lazy_rescale=1 verbose=0 experiments_built="), default
+                                  "lazy_rescale=1 l2_order=1 verbose=0 experiments_built="), default
         monkeypatch.setenv("ELASTIC_CUDA_SM90", "0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "0")
         monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
