@@ -1,0 +1,149 @@
+"""The front door (issue 14): bad input gives a ValueError that names the argument or the file, router files are
+checked at load, the CLI ends in one line instead of a traceback, --help describes every command with its
+defaults, resume never unpickles, and the build says what it builds."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import elastic_cuda
+from elastic_cuda.router import CONFIG_FILE, WEIGHTS_FILE, RouterSet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- boundary_pool wrapper
+@pytest.mark.parametrize("name,call,pattern", [
+    ("cu_seqlens negative start", lambda k: elastic_cuda.ops.boundary_pool(
+        k, cu_seqlens=torch.tensor([-1, 4], dtype=torch.int32)), r"cu_seqlens must start at >= 0"),
+    ("cu_seqlens decreasing", lambda k: elastic_cuda.ops.boundary_pool(
+        k, cu_seqlens=torch.tensor([0, 3, 2], dtype=torch.int32)), r"non-decreasing"),
+    ("cu_seqlens past the end", lambda k: elastic_cuda.ops.boundary_pool(
+        k, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), r"within the 4 tokens"),
+    ("cu_seqlens int64", lambda k: elastic_cuda.ops.boundary_pool(
+        k, cu_seqlens=torch.tensor([0, 4])), r"cu_seqlens must be an int32 tensor"),
+    ("integer keys", lambda k: elastic_cuda.ops.boundary_pool(
+        k.long(), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), r"keys must be floating point"),
+    ("n_first float", lambda k: elastic_cuda.ops.boundary_pool(
+        k, n_first=2.5, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), r"n_first/n_last must be ints"),
+])
+def test_boundary_pool_wrapper_raises_value_error(name, call, pattern):
+    keys = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match=pattern):
+        call(keys)
+
+
+def test_readme_promises_value_error_from_the_wrapper():
+    """The README's promise that this file's tests (and test_op_front.py's BAD_ARGS) hold the wrapper to."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert "Bad input raises a `ValueError` (Python wrapper)" in text
+
+
+# ----------------------------------------------------------------------------- router files
+def _saved_routers(tmp_path, **config):
+    cfg = dict(num_layers=2, num_kv_heads=2, head_dim=16, standardize_input=True, head_bias=True, **config)
+    torch.manual_seed(0)
+    routers = RouterSet(cfg)
+    routers.save(str(tmp_path))
+    return routers
+
+
+def _load_fails(tmp_path, file_name, pattern):
+    path = os.path.join(str(tmp_path), file_name)
+    with pytest.raises(ValueError) as info:
+        RouterSet.load(str(tmp_path))
+    message = str(info.value)
+    assert path in message and re.search(pattern, message), message
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("{not json", r"cannot read .* as JSON"),
+    ("", r"cannot read .* as JSON"),
+    ("[1, 2, 3]", r"must hold a JSON object, got a list"),
+    ('"routers"', r"must hold a JSON object, got a str"),
+])
+def test_corrupt_router_config_names_the_file(tmp_path, text, pattern):
+    _saved_routers(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(text)
+    _load_fails(tmp_path, CONFIG_FILE, pattern)
+
+
+def test_router_config_not_utf8_names_the_file(tmp_path):
+    _saved_routers(tmp_path)
+    (tmp_path / CONFIG_FILE).write_bytes(b'{"version": 1, "sink": "\xff\xfe"}')
+    _load_fails(tmp_path, CONFIG_FILE, r"cannot read .* as JSON")
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(num_layers=None), r"config\['num_layers'\] must be a positive int"),
+    (dict(head_dim="64"), r"config\['head_dim'\] must be a positive int"),
+    (dict(sink=-1), r"config\['sink'\] must be an int >= 0"),
+    (dict(window="512"), r"config\['window'\] must be an int >= 0"),
+    (dict(n_first="100"), r"config\['n_first'\] must be an int"),
+    (dict(standardize_input="yes"), r"config\['standardize_input'\] must be true or false"),
+    (dict(sparse_mode="dense"), r"sparse_mode must be one of"),
+    (dict(xattn_threshold=2.0), r"xattn threshold must be in \[0, 1\]"),
+    (dict(block_size=100), r"block_size must be a positive multiple of the xattn stride"),
+])
+def test_bad_router_config_values_name_the_file(tmp_path, change, pattern):
+    _saved_routers(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    cfg.update(change)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    _load_fails(tmp_path, CONFIG_FILE, pattern)
+
+
+def test_router_config_missing_keys_names_the_file(tmp_path):
+    _saved_routers(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"version": 1}))
+    _load_fails(tmp_path, CONFIG_FILE, r"num_layers")
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage bytes, not safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}   "])
+def test_corrupt_router_weights_name_the_file(tmp_path, data):
+    _saved_routers(tmp_path)
+    (tmp_path / WEIGHTS_FILE).write_bytes(data)
+    _load_fails(tmp_path, WEIGHTS_FILE, r"cannot read .* as safetensors")
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("routers.1.router_mlp.4.weight", float("nan"), r"routers.1.router_mlp.4.weight .* 1 non-finite"),
+    ("routers.0.task_mlp.0.bias", float("inf"), r"non-finite"),
+    ("routers.0.input_mean", float("nan"), r"routers.0.input_mean .* non-finite"),
+    ("routers.1.input_std", 0.0, r"routers.1.input_std .* must be > 0"),
+    ("routers.0.head_bias", float("-inf"), r"non-finite"),
+])
+def test_non_finite_router_weights_and_statistics_refused(tmp_path, key, value, pattern):
+    from safetensors.torch import load_file, save_file
+
+    _saved_routers(tmp_path)
+    path = str(tmp_path / WEIGHTS_FILE)
+    state = load_file(path)
+    assert key in state
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = value
+    save_file(state, path)
+    _load_fails(tmp_path, WEIGHTS_FILE, pattern)
+
+
+def test_integer_router_weights_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _saved_routers(tmp_path)
+    path = str(tmp_path / WEIGHTS_FILE)
+    state = load_file(path)
+    state["routers.0.head_bias"] = state["routers.0.head_bias"].to(torch.int64)
+    save_file(state, path)
+    _load_fails(tmp_path, WEIGHTS_FILE, r"routers.0.head_bias .* must be floating point")
+
+
+def test_valid_router_files_load_unchanged(tmp_path):
+    """The base the corruptions start from loads, with the weights it saved (each failure is the corruption's)."""
+    routers = _saved_routers(tmp_path)
+    loaded = RouterSet.load(str(tmp_path))
+    for (ka, a), (kb, b) in zip(routers.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(a, b)
