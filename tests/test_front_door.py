@@ -4,6 +4,7 @@ defaults, resume never unpickles, and the build says what it builds."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -147,3 +148,109 @@ def test_valid_router_files_load_unchanged(tmp_path):
     loaded = RouterSet.load(str(tmp_path))
     for (ka, a), (kb, b) in zip(routers.state_dict().items(), loaded.state_dict().items()):
         assert ka == kb and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- resume never unpickles
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls os.mkdir(marker), the stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _write_pickle_payload(path, marker):
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump({"step": 1, "payload": _RunsCodeWhenUnpickled(marker)}, f)
+
+
+def test_checkpoint_state_round_trips_optimizer_scheduler_and_rng(tmp_path):
+    """save_state / load_state keep what resume needs, exactly: int-keyed optimizer state, tuples (betas, Python's
+    RNG state), None, bools, NaN/inf floats, 0-dim and uint8 tensors."""
+    import random
+
+    from elastic_cuda.training.checkpoint import load_state, save_state
+
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1e-3, "betas": (0.9, 0.95), "name": "routers"}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sched.step()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "python": random.getstate(),
+             "torch": torch.get_rng_state(), "floats": [float("nan"), float("inf"), -0.0], "flag": True,
+             "none": None, "view": torch.arange(10.0)[::3], "config": {"lengths": (384, 512), "extra": {}}}
+    save_state(state, str(tmp_path / "state"))
+    back = load_state(str(tmp_path / "state"))
+    assert back["python"] == state["python"] and isinstance(back["python"][1], tuple)
+    assert torch.equal(back["torch"], state["torch"]) and back["torch"].dtype == torch.uint8
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert set(back["optimizer"]["state"]) == {0}
+    for k, v in state["optimizer"]["state"][0].items():
+        assert torch.equal(back["optimizer"]["state"][0][k], v) and back["optimizer"]["state"][0][k].shape == v.shape
+    assert back["scheduler"] == state["scheduler"]
+    assert math.isnan(back["floats"][0]) and back["floats"][1:] == [float("inf"), -0.0]
+    assert back["flag"] is True and back["none"] is None and torch.equal(back["view"], state["view"])
+    assert back["config"] == state["config"]
+    opt2 = torch.optim.AdamW([{"params": [torch.nn.Parameter(p.detach().clone())], "name": "routers"}])
+    opt2.load_state_dict(back["optimizer"])  # the decoded state is what torch's own loader accepts
+    with pytest.raises(TypeError, match=r"state.obj is a object"):
+        save_state({"obj": object()}, str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("corrupt", ["state.pt only", "safetensors is a pickle", "json is a pickle"])
+def test_resume_refuses_pickles_and_never_runs_their_code(tmp_path, monkeypatch, corrupt):
+    """A crafted checkpoint whose pickle would run code is refused with a ValueError, and the code never runs."""
+    from elastic_cuda.training.checkpoint import save_state
+    from elastic_cuda.training.trainer import RouterTrainer, TrainConfig
+
+    marker = str(tmp_path / "code_ran")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    ckpt.mkdir(parents=True)
+    if corrupt == "state.pt only":
+        _write_pickle_payload(str(ckpt / "state.pt"), marker)
+        _write_pickle_payload(str(ckpt / "rng_rank0.pt"), marker)
+        pattern = r"old pickle format"
+    else:
+        save_state({"step": 1}, str(ckpt / "state"))
+        victim = "state.safetensors" if corrupt == "safetensors is a pickle" else "state.json"
+        _write_pickle_payload(str(ckpt / victim), marker)
+        pattern = re.escape(str(ckpt / victim)) + r" as (safetensors|JSON)"
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("resume called torch.load"))
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=2, resume=str(ckpt), model="tiny-llama",
+                      lengths=(384,), num_workers=0, progress=False, save_every=0, device="cpu", dtype="float32",
+                      calibration_samples=2)
+    with pytest.raises(ValueError, match=pattern):
+        RouterTrainer(cfg)
+    assert not os.path.exists(marker), "the pickle's code ran"
+
+
+def test_resume_ignores_a_pickled_rng_file(tmp_path, monkeypatch):
+    """A real checkpoint (state + RNG as JSON/safetensors) with a planted rng_rank0.pt: resume reads only its own
+    files, never torch.load / pickle, and the planted code never runs."""
+    import pickle
+
+    from elastic_cuda.training.trainer import RouterTrainer, TrainConfig
+
+    kw = dict(steps=2, batch_size=2, model="tiny-llama", lengths=(384,), num_workers=0, progress=False,
+              save_every=0, device="cpu", dtype="float32", calibration_samples=2)
+    trainer = RouterTrainer(TrainConfig(out=str(tmp_path / "run"), **kw))
+    trainer.step = 1
+    path = trainer.save_checkpoint()
+    trainer.close()
+    assert sorted(os.listdir(path)) == ["rng_rank0.json", "rng_rank0.safetensors", "state.json", "state.safetensors"]
+    marker = str(tmp_path / "code_ran")
+    _write_pickle_payload(os.path.join(path, "rng_rank0.pt"), marker)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("resume called torch.load"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("resume called pickle.load"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("resume called pickle.loads"))
+    resumed = RouterTrainer(TrainConfig(out=str(tmp_path / "run"), resume="auto", **kw))
+    assert resumed.step == 1
+    for k, v in trainer.routers.state_dict().items():
+        assert torch.equal(v, resumed.routers.state_dict()[k]), k
+    resumed.close()
+    assert not os.path.exists(marker)
