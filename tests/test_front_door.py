@@ -254,3 +254,182 @@ def test_resume_ignores_a_pickled_rng_file(tmp_path, monkeypatch):
         assert torch.equal(v, resumed.routers.state_dict()[k]), k
     resumed.close()
     assert not os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------- command line
+COMMANDS = ("demo", "train-router", "eval")
+
+
+def _help_text(capsys, command):
+    from elastic_cuda.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _subparser(command):
+    from elastic_cuda.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_describes_the_command_and_shows_defaults(capsys, command):
+    text = _help_text(capsys, command)
+    usage, description = text.split("\n\n")[:2]
+    assert usage.startswith(f"usage: elastic_cuda {command}")
+    first_words = {"demo": "Run SmolLM2-135M-Instruct", "train-router": "Train attention routers",
+                   "eval": "Evaluate routing policies"}[command]
+    assert description.startswith(first_words), description
+    # no developer notes in what a user reads first (the old train-router help opened with a budget estimate)
+    for dev_text in ("Budget estimate", "Defaults are sized", "until the lead", "register(", "docs/"):
+        assert dev_text not in text
+    options = text.split("\noptions:\n", 1)[1]
+    for action in _subparser(command)._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 10, f"{command} {action.option_strings} has no help"
+        flag = action.option_strings[0]
+        entry = options.split(flag, 1)[1].split("\n  --", 1)[0]  # this option's block of the help text
+        if action.default not in (None, False):
+            assert "default" in entry, f"{command} {flag}: default {action.default!r} not shown"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    from elastic_cuda.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Elastic Attention" in text and all(c in text for c in COMMANDS)
+
+
+def _fails_in_one_line(capsys, argv, pattern):
+    """The command exits with code 2 and its stderr ends in one 'elastic_cuda <command>: error: ...' line
+    matching `pattern`; no traceback."""
+    from elastic_cuda.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"elastic_cuda {argv[0]}: error: ") and re.search(pattern, last), last
+    return last
+
+
+@pytest.fixture
+def no_model_run(monkeypatch):
+    """The commands' bodies fail the test if reached: argument errors must come before any model loads."""
+    import elastic_cuda.demo
+    import elastic_cuda.training.evaluate
+    import elastic_cuda.training.trainer
+
+    for module, name in ((elastic_cuda.demo, "run_demo"), (elastic_cuda.training.trainer, "train"),
+                         (elastic_cuda.training.evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the command ran despite a bad argument"))
+
+
+def test_demo_prompt_file_errors_before_the_model_loads(tmp_path, capsys, no_model_run):
+    missing = str(tmp_path / "nope.txt")
+    _fails_in_one_line(capsys, ["demo", "--prompt-file", missing], re.escape(missing) + ": no such file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\t\n")
+    _fails_in_one_line(capsys, ["demo", "--prompt-file", str(empty)], "the file is empty")
+    _fails_in_one_line(capsys, ["demo", "--prompt-file", str(tmp_path)], "not a regular file")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _fails_in_one_line(capsys, ["demo", "--prompt-file", str(binary)], "not UTF-8 text")
+
+
+def test_demo_prompt_file_reaches_the_demo(tmp_path, monkeypatch):
+    import elastic_cuda.demo
+    from elastic_cuda.cli import main
+
+    seen = {}
+    monkeypatch.setattr(elastic_cuda.demo, "run_demo", lambda args: seen.setdefault("args", args))
+    good = tmp_path / "q.txt"
+    good.write_text("What is the capital of France?")
+    assert main(["demo", "--prompt-file", str(good)]) == 0
+    assert seen["args"].prompt_file == str(good)
+
+
+def test_demo_prompt_file_help_says_what_is_sent(capsys):
+    text = " ".join(_help_text(capsys, "demo").split())
+    assert "used as the user message" not in text
+    assert "chat template" in text and "system message" in text
+
+
+@pytest.mark.parametrize("command,flag", [("demo", "--routers"), ("eval", "--routers"),
+                                          ("train-router", "--init-routers")])
+def test_bad_router_directory_is_one_line(tmp_path, capsys, no_model_run, command, flag):
+    missing = str(tmp_path / "no_routers")
+    _fails_in_one_line(capsys, [command, flag, missing], "no such directory")
+    _saved_routers(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("[1, 2]")
+    _fails_in_one_line(capsys, [command, flag, str(tmp_path)],
+                       re.escape(str(tmp_path / CONFIG_FILE)) + " must hold a JSON object")
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["demo", "--max-new-tokens", "0"], r"--max-new-tokens: must be >= 1"),
+    (["demo", "--context-tokens", "50"], r"--context-tokens: must be >= 100"),
+    (["demo", "--threads", "0"], r"--threads: must be >= 1"),
+    (["demo", "--sink", "-1"], r"--sink: must be >= 0"),
+    (["demo", "--sparsity-shift", "nan"], r"--sparsity-shift: must be a finite number"),
+    (["demo", "--device", "tpu"], r"--device: expected cpu, cuda or cuda:N"),
+    (["train-router", "--steps", "0"], r"--steps: must be >= 1"),
+    (["train-router", "--t-sen", "1.5"], r"--t-sen: must be in \[0, 1\]"),
+    (["train-router", "--lengths", "64"], r"--lengths must be >= 128"),
+    (["train-router", "--router-lr", "-1"], r"--router-lr: must be > 0"),
+    (["eval", "--policies", "dense,magic"], r"--policies: must be a comma-separated subset"),
+    (["eval", "--report-from", "/nonexistent/eval_results.json"], r"--report-from: .* no such file"),
+    (["eval", "--samples-per-task", "x"], r"--samples-per-task: expected an integer"),
+])
+def test_bad_options_are_one_line(capsys, no_model_run, argv, pattern):
+    _fails_in_one_line(capsys, argv, pattern)
+
+
+def test_no_gpu_device_is_one_line(capsys, no_model_run):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _fails_in_one_line(capsys, ["demo", "--device", "cuda"], r"--device: cuda: no CUDA GPU is available")
+    _fails_in_one_line(capsys, ["train-router", "--device", "cuda:0"], r"no CUDA GPU is available")
+
+
+def test_resume_of_a_pickle_checkpoint_is_one_line(tmp_path, capsys, no_model_run):
+    (tmp_path / "state.pt").write_bytes(b"not read")
+    _fails_in_one_line(capsys, ["train-router", "--resume", str(tmp_path)], r"old pickle checkpoint format")
+    _fails_in_one_line(capsys, ["train-router", "--resume", str(tmp_path / "x")], r"not a checkpoint directory")
+
+
+def test_errors_found_after_parsing_are_one_line(capsys, monkeypatch):
+    """A ValueError from the command itself (e.g. routers that do not fit the model) ends in one line, exit 2."""
+    import elastic_cuda.demo
+
+    def fail(args):
+        raise ValueError("RouterSet does not match this model (num_layers: routers 2 vs model 30)\nsecond line")
+
+    monkeypatch.setattr(elastic_cuda.demo, "run_demo", fail)
+    last = _fails_in_one_line(capsys, ["demo"], r"does not match this model .* second line$")
+    assert "\n" not in last
+
+
+def test_cli_error_end_to_end_exit_code_and_no_traceback(tmp_path):
+    """The real entry point (a subprocess, as a user runs it): exit code 2, one error line, no traceback."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing.txt")
+    proc = subprocess.run([sys.executable, "-m", "elastic_cuda", "demo", "--prompt-file", missing], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"elastic_cuda demo: error: argument --prompt-file: {missing}: no such file"
