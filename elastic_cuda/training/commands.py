@@ -17,19 +17,19 @@ import os
 
 from .. import cli_args
 
-TRAIN_DESCRIPTION = """Train attention routers for a frozen model (default SmolLM2-135M-Instruct): each layer's router
-learns, per input and per KV head, whether the head needs full attention or can run sparse (STREAM: sink + window;
-BLOCK: XAttention block masks), under per-task sparsity targets: a fraction --t-sen of the KV heads sparse on
-sparsity-sensitive tasks (retrieval), all of them on robust tasks.
+TRAIN_DESCRIPTION = """Train attention routers for a frozen model (default SmolLM2-135M-Instruct): each layer's
+router learns, per input and per KV head, whether the head needs full attention or can run sparse (STREAM: sink +
+window; BLOCK: XAttention block masks), under per-task sparsity targets: a fraction --t-sen of the KV heads sparse
+on sparsity-sensitive tasks (retrieval), all of them on robust tasks.
 
 Writes <out>/routers (pass it to `demo --routers` or `eval --routers`), train_log.jsonl, training_curves.png and
-checkpoints every --save-every steps (continue with --resume). The defaults take ~5 minutes on one H200. To try
-the pipeline on a CPU: --model tiny-llama --steps 2 --batch-size 2 --lengths 512 (a random 2-layer model).
+checkpoints every --save-every steps (continue with --resume). The defaults take ~5 minutes on one H200. To try the
+pipeline on a CPU: --model tiny-llama --steps 2 --batch-size 2 --lengths 512 (a random 2-layer model).
 Several GPUs: torchrun --nproc-per-node N -m elastic_cuda train-router ... (the batch is split over the ranks)."""
 
-EVAL_DESCRIPTION = """Evaluate routing policies on held-out prompts of the task suite (sparsity-sensitive retrieval tasks
-scored by accuracy, robust tasks by answer loss) at each --lengths: dense (every head full), elastic (the trained
---routers), static (a fixed head split with the routers' average sparsity) and all_sparse.
+EVAL_DESCRIPTION = """Evaluate routing policies on held-out prompts of the task suite (sparsity-sensitive
+retrieval tasks scored by accuracy, robust tasks by answer loss) at each --lengths: dense (every head full),
+elastic (the trained --routers), static (a fixed head split with the routers' average sparsity) and all_sparse.
 
 Writes eval_results.json, eval_report.md and eval_summary.png under --out.
 Several GPUs: torchrun --nproc-per-node N -m elastic_cuda eval ..."""
