@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ._ext import has_cuda_kernels
 
@@ -129,14 +130,20 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
         _fail(f"scale must be a positive finite float, got {scale!r}")
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         _fail(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if dev == "cpu" and not torch.compiler.is_compiling():
+    if dev == "cpu" and _values_readable(head_mode):
         _check_head_mode_values(head_mode, block_mask)
-        if varlen:
+        if varlen and _values_readable(cu_seqlens_q) and _values_readable(cu_seqlens_k):
             _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _values_readable(t) -> bool:
+    """Whether a CPU tensor's values exist now: not while torch.compile traces, not for fake tensors (shape
+    propagation), where reading them would fail; the kernels check them when the call really runs."""
+    return not torch.compiler.is_compiling() and not is_fake(t)
 
 
 def _check_head_mode_values(head_mode, block_mask):
@@ -215,7 +222,7 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
         if cu_seqlens.device != keys.device:
             raise ValueError(f"elastic_cuda.boundary_pool: cu_seqlens must be on the device of keys ({keys.device}), "
                              f"got {cu_seqlens.device}")
-        if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if cu_seqlens.device.type == "cpu" and _values_readable(cu_seqlens):
             cu = cu_seqlens.tolist()
             if cu[0] < 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > keys.shape[0]:
                 raise ValueError(f"elastic_cuda.boundary_pool: cu_seqlens must start at >= 0, be non-decreasing and "

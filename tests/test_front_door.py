@@ -38,6 +38,48 @@ def test_boundary_pool_wrapper_raises_value_error(name, call, pattern):
         call(keys)
 
 
+def test_wrapper_value_checks_skip_fake_tensors():
+    """Shape propagation (FakeTensorMode) has no values to read: the wrapper's CPU value checks step aside and the
+    fake kernels give the shapes (the checks run when the call really runs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, kv = torch.randn(9, 4, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    hm = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) for t in (q, kv, cu, hm)]
+        out = elastic_cuda.ops.attention(fake[0], fake[1], fake[1], fake[3], cu_seqlens_q=fake[2],
+                                         cu_seqlens_k=fake[2], max_seqlen_q=5, max_seqlen_k=5,
+                                         block_mask=torch.ones(2, 2, 1, 1, dtype=torch.bool), block_size=8)
+        pooled = elastic_cuda.ops.boundary_pool(fake[1], cu_seqlens=fake[2])
+    assert out.shape == q.shape and pooled.shape == (2, 2, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels(), reason="needs CUDA")
+def test_wrapper_never_syncs_on_cuda_and_keeps_the_nan_rule():
+    """On CUDA the wrapper reads no head_mode / cu_seqlens values (torch's sync debug mode raises on any
+    device-to-host sync), and an invalid mode still gives that head NaN instead of an exception (README)."""
+    dev = "cuda"
+    q = torch.randn(1, 64, 4, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 2, 64, device=dev, dtype=torch.bfloat16)
+    # every input is on the device before the sync check starts (a host-to-device copy itself syncs)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32, device=dev)
+    hm_bad = torch.tensor([[0, 7]], dtype=torch.int32, device=dev)
+    hm_full, hm_packed = torch.zeros_like(hm_bad), torch.zeros(2, 2, dtype=torch.int32, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bad = elastic_cuda.ops.attention(q, k, k, hm_bad)
+        good = elastic_cuda.ops.attention(q, k, k, hm_full)
+        packed = elastic_cuda.ops.attention(q[0], k[0], k[0], hm_packed, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                            max_seqlen_q=44, max_seqlen_k=44)
+        pooled = elastic_cuda.ops.boundary_pool(k[0], cu_seqlens=cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(bad[:, :, 2:]).all() and torch.allclose(bad[:, :, :2], good[:, :, :2])
+    assert torch.isfinite(packed).all() and torch.isfinite(pooled).all()
+
+
 def test_readme_promises_value_error_from_the_wrapper():
     """The README's promise that this file's tests (and test_op_front.py's BAD_ARGS) hold the wrapper to."""
     text = open(os.path.join(ROOT, "README.md")).read()
