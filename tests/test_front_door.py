@@ -336,7 +336,7 @@ def test_help_describes_the_command_and_shows_defaults(capsys, command):
             continue
         assert action.help and len(action.help) > 10, f"{command} {action.option_strings} has no help"
         flag = action.option_strings[0]
-        entry = options.split(flag, 1)[1].split("\n  --", 1)[0]  # this option's block of the help text
+        entry = ("\n" + options).split(f"\n  {flag}", 1)[1].split("\n  --", 1)[0]  # this option's own block
         if action.default not in (None, False):
             assert "default" in entry, f"{command} {flag}: default {action.default!r} not shown"
 
