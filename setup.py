@@ -65,6 +65,11 @@ def _sources(with_cuda):
     return [f for f in cpp + cu if keep or "experiments" not in f.split(os.sep)]
 
 
+def _jobs():
+    # Printed with the plan: parallel compile jobs set both the build time and its peak memory.
+    return f"MAX_JOBS={os.environ.get('MAX_JOBS', 'unset (ninja picks)')}"
+
+
 def _extension():
     with_cuda, why = _want_cuda()
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -89,24 +94,29 @@ def _extension():
         ] + experiments
         if os.environ.get("ELASTIC_CUDA_PTXAS_VERBOSE", "0") == "1":
             nvcc.append("-Xptxas=-v")
+        sources = _sources(True)
+        n_cu = sum(s.endswith(".cu") for s in sources)
         print(
             f"elastic_cuda: building CUDA + CPU kernels ({why}; "
             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; cutlass={'yes' if cutlass else 'no'}; "
-            f"experiments={'yes' if experiments else 'no'})",
+            f"experiments={'yes' if experiments else 'no'}): {len(sources) - n_cu} C++ and {n_cu} CUDA files, "
+            f"{_jobs()}",
             file=sys.stderr,
         )
         return CUDAExtension(
             "elastic_cuda._C",
-            _sources(True),
+            sources,
             include_dirs=include_dirs,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
-    print(f"elastic_cuda: building CPU-only kernels ({why})", file=sys.stderr)
+    sources = _sources(False)
+    print(f"elastic_cuda: building CPU-only kernels, no CUDA kernels ({why}): {len(sources)} C++ files, {_jobs()}",
+          file=sys.stderr)
     return CppExtension(
         "elastic_cuda._C",
-        _sources(False),
+        sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ._decode_cpu import decode_attention_cpu
 from ._ext import has_cuda_kernels
@@ -42,9 +43,10 @@ def _fail(msg: str):
 
 def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, block_size, scale,
                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, strategy="auto"):
-    """Raise ValueError naming the offending argument. Shape-only (no device sync), so it also runs
-    inside fake kernels under torch.compile. Mode values are checked by the kernels (CPU raises;
-    CUDA writes NaN for a head with an invalid mode, so no host sync is needed)."""
+    """Raise ValueError naming the offending argument, without a device sync: shapes, dtypes and devices
+    always; head_mode and cu_seqlens values only when they live on the CPU (reading them there is free) and
+    not while torch.compile traces (values are unknown then; the kernels check them at run time). On CUDA a
+    head with an invalid mode gets NaN output instead (README), so no host sync is ever needed."""
     for name, t in (("q", q), ("k", k), ("v", v), ("head_mode", head_mode)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -63,6 +65,11 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
         _fail(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         _fail(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            _fail(f"{name} must be contiguous in the last (head_dim) dimension, got strides {t.stride()}")
+    if q.shape[-1] == 0:
+        _fail(f"head_dim (q.shape[-1]) must be > 0, got shape {tuple(q.shape)}")
     dev = q.device.type
     if dev == "cuda":
         if q.dtype not in _CUDA_DTYPES:
@@ -89,8 +96,9 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
                 _fail(f"{name} must be on the device of q ({q.device}), got {c.device}")
         if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
             _fail("cu_seqlens_q and cu_seqlens_k must both have B+1 >= 2 entries")
-        if not max_seqlen_q or not max_seqlen_k or max_seqlen_q <= 0 or max_seqlen_k <= 0:
-            _fail("varlen needs max_seqlen_q > 0 and max_seqlen_k > 0")
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if not _is_int(m) or m <= 0:
+                _fail(f"varlen needs max_seqlen_q > 0 and max_seqlen_k > 0 (ints), got {name}={m!r}")
         B, Skv_max = cu_seqlens_q.numel() - 1, max_seqlen_k
     else:
         B, Sq, Skv = q.shape[0], q.shape[1], k.shape[1]
@@ -125,8 +133,56 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
         _fail(f"block_size must be a multiple of 64 on CUDA (the kernels' key tile), got {block_size}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         _fail(f"scale must be a positive finite float, got {scale!r}")
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         _fail(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if dev == "cpu" and _values_readable(head_mode):
+        _check_head_mode_values(head_mode, block_mask)
+        if varlen and _values_readable(cu_seqlens_q) and _values_readable(cu_seqlens_k):
+            _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _values_readable(t) -> bool:
+    """Whether a CPU tensor's values exist now: not while torch.compile traces, not for fake tensors (shape
+    propagation), where reading them would fail; the kernels check them when the call really runs."""
+    return not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def _check_head_mode_values(head_mode, block_mask):
+    """CPU head_mode: every value a mode, and a block_mask wherever a head is BLOCK (the CPU kernel's checks)."""
+    modes = head_mode.flatten().tolist()  # [B * Hkv] is small: a list is cheaper than tensor reductions
+    for i, m in enumerate(modes):
+        if m not in MODE_NAMES:
+            _fail(f"head_mode values must be 0 (FULL), 1 (STREAM) or 2 (BLOCK), got {m} at flat index {i}")
+    if block_mask is None and BLOCK in modes:
+        _fail("head_mode has a BLOCK (2) head but block_mask is None")
+
+
+def _check_cu_seqlens_values(cu_q, cu_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
+    """CPU cu_seqlens: start >= 0, non-decreasing, within the packed tokens, and per sequence Sq <= Skv and
+    within max_seqlen_q/k (which size the CUDA grid: a smaller one would silently drop rows there). Rows before
+    cu_seqlens[0] or after cu_seqlens[-1] belong to no sequence (padding: out 0, lse -inf)."""
+    a, c = cu_q.tolist(), cu_k.tolist()
+    for name, cu, total, what in (("cu_seqlens_q", a, total_q, "q"), ("cu_seqlens_k", c, total_k, "k/v")):
+        if cu[0] < 0:
+            _fail(f"cu_seqlens_q and cu_seqlens_k must start at >= 0, got {name}[0] = {cu[0]}")
+        for b in range(len(cu) - 1):
+            if cu[b + 1] < cu[b]:
+                _fail(f"{name} must be non-decreasing, got {name}[{b}] = {cu[b]} > {name}[{b + 1}] = {cu[b + 1]}")
+        if cu[-1] > total:
+            _fail(f"{name}[-1] = {cu[-1]} exceeds the {total} tokens of {what}")
+    for b in range(len(a) - 1):
+        len_q, len_k = a[b + 1] - a[b], c[b + 1] - c[b]
+        if len_q > len_k:
+            _fail(f"sequence {b} has {len_q} queries but {len_k} keys (cu_seqlens_q / cu_seqlens_k); queries are "
+                  "the last Sq positions of their sequence, so Sq must not exceed Skv")
+        if len_q > max_seqlen_q:
+            _fail(f"sequence {b} has {len_q} queries, more than max_seqlen_q = {max_seqlen_q}")
+        if len_k > max_seqlen_k:
+            _fail(f"sequence {b} has {len_k} keys, more than max_seqlen_k = {max_seqlen_k}")
 
 
 def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_mask=None,
@@ -169,9 +225,23 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
     if keys.dim() != (3 if cu_seqlens is not None else 4):
         raise ValueError("elastic_cuda.boundary_pool: keys must have shape [B, S, Hkv, D] "
                          f"(or [T, Hkv, D] with cu_seqlens), got {tuple(keys.shape)}")
-    if n_first < 0 or n_last < 0 or n_first + n_last == 0:
-        raise ValueError(f"elastic_cuda.boundary_pool: n_first/n_last must be >= 0 and not both 0, got "
-                         f"{n_first}, {n_last}")
+    if not _is_int(n_first) or not _is_int(n_last) or n_first < 0 or n_last < 0 or n_first + n_last == 0:
+        raise ValueError(f"elastic_cuda.boundary_pool: n_first/n_last must be ints >= 0 and not both 0, got "
+                         f"{n_first!r}, {n_last!r}")
+    if not keys.is_floating_point():
+        raise ValueError(f"elastic_cuda.boundary_pool: keys must be floating point, got {keys.dtype}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 \
+                or cu_seqlens.numel() < 2:
+            raise ValueError("elastic_cuda.boundary_pool: cu_seqlens must be an int32 tensor of shape [B+1], B >= 1")
+        if cu_seqlens.device != keys.device:
+            raise ValueError(f"elastic_cuda.boundary_pool: cu_seqlens must be on the device of keys ({keys.device}), "
+                             f"got {cu_seqlens.device}")
+        if cu_seqlens.device.type == "cpu" and _values_readable(cu_seqlens):
+            cu = cu_seqlens.tolist()
+            if cu[0] < 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > keys.shape[0]:
+                raise ValueError(f"elastic_cuda.boundary_pool: cu_seqlens must start at >= 0, be non-decreasing and "
+                                 f"stay within the {keys.shape[0]} tokens of keys, got {cu}")
     return torch.ops.elastic.boundary_pool(keys, cu_seqlens, n_first=n_first, n_last=n_last)
 
 

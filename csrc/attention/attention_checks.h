@@ -60,6 +60,7 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   s.heads_q = q.size(-2);
   s.heads_kv = k.size(-2);
   s.head_dim = q.size(-1);
+  ELASTIC_CHECK(s.head_dim > 0, "elastic.attention: head_dim (q.shape[-1]) must be > 0, got q ", dims_str(q));
   ELASTIC_CHECK(k.size(-1) == s.head_dim, "elastic.attention: k head_dim ", k.size(-1), " != q head_dim ", s.head_dim);
   ELASTIC_CHECK(s.heads_kv > 0 && s.heads_q % s.heads_kv == 0, "elastic.attention: q heads (", s.heads_q,
                 ") must be a multiple of k/v heads (", s.heads_kv, ") for GQA");

@@ -21,8 +21,8 @@ at::Tensor boundary_pool_cpu(const at::Tensor& keys, const c10::optional<at::Ten
     at::Tensor seq;  // [S, H, D]
     if (s.varlen) {
       const int32_t* c = cu.data_ptr<int32_t>();
-      ELASTIC_CHECK(c[b] <= c[b + 1] && c[b + 1] <= keys.size(0), "elastic.boundary_pool: cu_seqlens must be ",
-                    "non-decreasing and within the ", keys.size(0), " tokens of keys");
+      ELASTIC_CHECK(c[0] >= 0 && c[b] <= c[b + 1] && c[b + 1] <= keys.size(0), "elastic.boundary_pool: cu_seqlens ",
+                    "must start at >= 0, be non-decreasing and stay within the ", keys.size(0), " tokens of keys");
       seq = keys.narrow(0, c[b], c[b + 1] - c[b]);
     } else {
       seq = keys[b];

@@ -13,6 +13,26 @@ paper's 128 / 2048 would cover most of a 2K prompt and make every head look harm
 from __future__ import annotations
 
 import argparse
+import os
+
+from .. import cli_args
+
+TRAIN_DESCRIPTION = """Train attention routers for a frozen model (default SmolLM2-135M-Instruct): each layer's
+router learns, per input and per KV head, whether the head needs full attention or can run sparse (STREAM: sink +
+window; BLOCK: XAttention block masks), under per-task sparsity targets: a fraction --t-sen of the KV heads sparse
+on sparsity-sensitive tasks (retrieval), all of them on robust tasks.
+
+Writes <out>/routers (pass it to `demo --routers` or `eval --routers`), train_log.jsonl, training_curves.png and
+checkpoints every --save-every steps (continue with --resume). The defaults take ~5 minutes on one H200. To try the
+pipeline on a CPU: --model tiny-llama --steps 2 --batch-size 2 --lengths 512 (a random 2-layer model).
+Several GPUs: torchrun --nproc-per-node N -m elastic_cuda train-router ... (the batch is split over the ranks)."""
+
+EVAL_DESCRIPTION = """Evaluate routing policies on held-out prompts of the task suite (sparsity-sensitive
+retrieval tasks scored by accuracy, robust tasks by answer loss) at each --lengths: dense (every head full),
+elastic (the trained --routers), static (a fixed head split with the routers' average sparsity) and all_sparse.
+
+Writes eval_results.json, eval_report.md and eval_summary.png under --out.
+Several GPUs: torchrun --nproc-per-node N -m elastic_cuda eval ..."""
 
 from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
 from ..attention.sparse_config import SPARSE_MODES
@@ -28,13 +48,38 @@ def _lengths(text: str) -> tuple[int, ...]:
     return values
 
 
+def _resume(text: str) -> str:
+    """'auto' or a checkpoint directory (state.json + state.safetensors, see checkpoint.py)."""
+    from .checkpoint import state_exists
+
+    if text == "auto" or state_exists(os.path.join(text, "state")):
+        return text
+    if os.path.isfile(os.path.join(text, "state.pt")):
+        raise argparse.ArgumentTypeError(f"{text}: state.pt is the old pickle checkpoint format, which resume no "
+                                         "longer reads (unpickling can run code)")
+    raise argparse.ArgumentTypeError(f"{text}: not a checkpoint directory (no state.json; e.g. "
+                                     "<out>/checkpoints/step_000050, or 'auto' for the latest under --out)")
+
+
+def _policies(text: str) -> tuple[str, ...]:
+    from .evaluate import POLICIES
+
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in values if x not in POLICIES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(POLICIES)}, got {text!r}")
+    return values
+
+
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-llama"),
                    help="backbone (tiny-llama: random 2-layer test model with a byte tokenizer)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--device", type=cli_args.device_or_auto, default="auto",
+                   help="auto (cuda if available) | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data; router initialisation in train-router)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def _train(args):
@@ -63,7 +108,7 @@ def _eval(args):
 
     cfg = EvalConfig(out=args.out, model=args.model, routers=args.routers, lengths=args.lengths,
                      samples_per_task=args.samples_per_task, max_new_tokens=args.max_new_tokens,
-                     policies=tuple(args.policies.split(",")), sink=args.sink, window=args.window, seed=args.seed,
+                     policies=args.policies, sink=args.sink, window=args.window, seed=args.seed,
                      sparse_mode=args.sparse_mode,
                      device=args.device, dtype=args.dtype, calibration_per_task=args.calibration_per_task,
                      sparsity_shift=args.sparsity_shift, progress=not args.no_progress)
@@ -74,62 +119,85 @@ def _eval(args):
 def register(subparsers) -> None:
     """Add the `train-router` and `eval` subcommands to an argparse subparsers object."""
     t = subparsers.add_parser("train-router", help="train attention routers (frozen backbone)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=TRAIN_DESCRIPTION, formatter_class=cli_args.HelpFormatter)
     t.add_argument("--out", default="runs/router", help="output dir (logs, checkpoints, routers/)")
-    t.add_argument("--steps", type=int, default=120, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step, over all ranks")
-    t.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192), help="prompt lengths in tokens")
-    t.add_argument("--t-sen", type=float, default=0.7, help="target MSR of sparsity-sensitive tasks")
-    t.add_argument("--sink", type=int, default=SPARSE_DEFAULT.sink)
-    t.add_argument("--window", type=int, default=SPARSE_DEFAULT.window)
+    t.add_argument("--steps", type=cli_args.positive_int, default=120,
+                   help="optimizer steps (the LR and temperature schedules span them)")
+    t.add_argument("--batch-size", type=cli_args.positive_int, default=16,
+                   help="samples per optimizer step, over all ranks")
+    t.add_argument("--lengths", type=_lengths, default=(1024, 2048, 4096, 8192),
+                   help="prompt lengths in tokens, comma-separated, each >= 128 (default 1024,2048,4096,8192)")
+    t.add_argument("--t-sen", type=cli_args.fraction, default=0.7,
+                   help="target MSR (fraction of KV heads sparse) of the sparsity-sensitive tasks")
+    t.add_argument("--sink", type=cli_args.nonnegative_int, default=SPARSE_DEFAULT.sink,
+                   help="STREAM heads: sink tokens")
+    t.add_argument("--window", type=cli_args.positive_int, default=SPARSE_DEFAULT.window,
+                   help="STREAM heads: local window tokens")
     t.add_argument("--sparse-mode", default=SPARSE_DEFAULT.sparse_mode, choices=tuple(SPARSE_MODES),
                    help="what a sparse head runs: STREAM (sink + window) or BLOCK (XAttention block masks estimated "
                         "at prefill)")
-    t.add_argument("--block-size", type=int, default=SPARSE_DEFAULT.block_size, help="BLOCK mode: block size")
-    t.add_argument("--xattn-threshold", type=float, default=SPARSE_DEFAULT.xattn_threshold,
+    t.add_argument("--block-size", type=cli_args.positive_int, default=SPARSE_DEFAULT.block_size,
+                   help="BLOCK mode: block size")
+    t.add_argument("--xattn-threshold", type=cli_args.fraction, default=SPARSE_DEFAULT.xattn_threshold,
                    help="BLOCK mode: attention mass each query block keeps (the paper's training value)")
     t.add_argument("--loss-on", default="answer", choices=("answer", "all"),
-                   help="LM loss on answer tokens (default) or all tokens (the paper)")
-    t.add_argument("--tau-schedule", default="code", choices=("code", "paper"))
-    t.add_argument("--router-lr", type=float, default=5e-4, help="peak router LR (AdamW 0.9/0.95, wd 0.1)")
-    t.add_argument("--lambda-lr", type=float, default=1e-3, help="peak LR of the lambdas (gradient ascent)")
+                   help="LM loss on the answer tokens or on all tokens (the paper)")
+    t.add_argument("--tau-schedule", default="code", choices=("code", "paper"),
+                   help="Gumbel-softmax temperature: code = cosine 1.5 -> 1.0 over 60%% of the steps (the paper's "
+                        "released code), paper = the exponential decay of the paper's text")
+    t.add_argument("--router-lr", type=cli_args.positive_float, default=5e-4,
+                   help="peak router LR (AdamW 0.9/0.95, wd 0.1)")
+    t.add_argument("--lambda-lr", type=cli_args.positive_float, default=1e-3,
+                   help="peak LR of the lambdas (gradient ascent)")
     t.add_argument("--paper-router", action="store_true",
                    help="the paper's router exactly: no input standardisation, no per-head logit bias")
-    t.add_argument("--calibration-samples", type=int, default=64,
+    t.add_argument("--calibration-samples", type=cli_args.positive_int, default=64,
                    help="train prompts measured for the router input standardisation before step 1")
-    t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the latest under --out")
-    t.add_argument("--init-routers", default=None,
+    t.add_argument("--save-every", type=cli_args.nonnegative_int, default=50,
+                   help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--resume", type=_resume, default=None, metavar="DIR",
+                   help="continue from a checkpoint dir (<out>/checkpoints/step_N), or 'auto' for the latest under "
+                        "--out")
+    t.add_argument("--init-routers", type=cli_args.router_dir, default=None, metavar="DIR",
                    help="fine-tune from a RouterSet dir (e.g. the shipped routers): its weights, input "
                         "standardisation and final lambdas (if saved), fresh optimizer; settings must match")
     t.add_argument("--fresh-lambdas", action="store_true",
                    help="with --init-routers: start the lambdas fresh instead of from the saved ones")
-    t.add_argument("--micro-batch", type=int, default=1,
+    t.add_argument("--micro-batch", type=cli_args.positive_int, default=1,
                    help="samples per forward on a rank (prompts left-padded, answers right-padded; same result as 1 "
                         "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")
     t.add_argument("--full-branch", default="auto", choices=("auto", "op", "sdpa"),
                    help="how the training mix computes every head's FULL output: auto = torch SDPA (cuDNN / "
                         "FlashAttention) for unpadded CUDA fp16/bf16 prefills (1.58x per layer at 8K on an H200), "
                         "the elastic op otherwise")
-    t.add_argument("--num-workers", type=int, default=4, help="data-building worker processes per rank")
+    t.add_argument("--num-workers", type=cli_args.nonnegative_int, default=4,
+                   help="data-building worker processes per rank (0: build in the main process)")
     _common(t)
     t.set_defaults(func=_train)
 
-    e = subparsers.add_parser("eval", help="evaluate dense / elastic / static / all-sparse on the task suite")
-    e.add_argument("--out", default="runs/router/eval")
-    e.add_argument("--routers", default=None, help="RouterSet directory (from train-router: <out>/routers)")
-    e.add_argument("--lengths", type=_lengths, default=(2048, 4096, 8192))
-    e.add_argument("--samples-per-task", type=int, default=8, help="per task and length")
-    e.add_argument("--calibration-per-task", type=int, default=2,
+    e = subparsers.add_parser("eval", help="evaluate dense / elastic / static / all-sparse on the task suite",
+                              description=EVAL_DESCRIPTION, formatter_class=cli_args.HelpFormatter)
+    e.add_argument("--out", default="runs/router/eval", help="output dir (results JSON, report, plot)")
+    e.add_argument("--routers", type=cli_args.router_dir, default=None, metavar="DIR",
+                   help="RouterSet directory (from train-router: <out>/routers); needed by elastic and static")
+    e.add_argument("--lengths", type=_lengths, default=(2048, 4096, 8192),
+                   help="prompt lengths in tokens, comma-separated, each >= 128 (default 2048,4096,8192)")
+    e.add_argument("--samples-per-task", type=cli_args.positive_int, default=8,
+                   help="held-out prompts per task and length")
+    e.add_argument("--calibration-per-task", type=cli_args.positive_int, default=2,
                    help="train-split prompts per task and length used to rank heads for the static policy")
-    e.add_argument("--sparsity-shift", type=float, default=0.0,
+    e.add_argument("--sparsity-shift", type=cli_args.finite_float, default=0.0,
                    help="elastic policy's inference budget knob (> 0 more heads sparse); static follows its MSR")
-    e.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (stops at end of turn)")
-    e.add_argument("--policies", default="dense,elastic,static,all_sparse")
-    e.add_argument("--report-from", default=None, metavar="EVAL_RESULTS_JSON",
+    e.add_argument("--max-new-tokens", type=cli_args.positive_int, default=32,
+                   help="greedy tokens (stops at end of turn)")
+    e.add_argument("--policies", type=_policies, default=("dense", "elastic", "static", "all_sparse"),
+                   help="comma-separated policies to run (default dense,elastic,static,all_sparse)")
+    e.add_argument("--report-from", type=cli_args.existing_file, default=None, metavar="EVAL_RESULTS_JSON",
                    help="no model run: re-aggregate this eval_results.json and rewrite its targets, report and plot")
-    e.add_argument("--sink", type=int, default=None, help="default: the routers' config")
-    e.add_argument("--window", type=int, default=None, help="default: the routers' config")
+    e.add_argument("--sink", type=cli_args.nonnegative_int, default=None,
+                   help="STREAM sink tokens (default: the routers' config, else SparseConfig's)")
+    e.add_argument("--window", type=cli_args.positive_int, default=None,
+                   help="STREAM window tokens (default: the routers' config, else SparseConfig's)")
     e.add_argument("--sparse-mode", default=None, choices=tuple(SPARSE_MODES),
                    help="sparse mode of the router-free policies (e.g. all_sparse); default: the routers'")
     _common(e)

@@ -23,8 +23,9 @@ takes samples r, r + W, ... of each global batch; router and lambda gradients ar
 clipping, so every rank applies the same update to bit-identical parameters (initialised from one seed and
 broadcast from rank 0). Gumbel noise is seeded per rank.
 
-Checkpoints (``<out>/checkpoints/step_XXXXXX/``): state.pt (routers, lambdas, optimizer, scheduler, step,
-config) + rng_rank<r>.pt (Python and torch RNG of each rank); ``--resume auto`` picks the latest. Data are a
+Checkpoints (``<out>/checkpoints/step_XXXXXX/``): state.json + state.safetensors (routers, lambdas, optimizer,
+scheduler, step, config) and rng_rank<r>.json + .safetensors (Python and torch RNG of each rank); no pickle, so a
+checkpoint cannot run code (``checkpoint.py``); ``--resume auto`` picks the latest. Data are a
 pure function of the sample index, so a resumed run reproduces the uninterrupted one exactly.
 Outputs: train_log.jsonl (one line per step), training_curves.png, data_manifest.json, train_config.json,
 routers/ (RouterSet.save, plus training_lambdas.json: the final lambdas, which ``init_routers`` continues from).
@@ -43,6 +44,7 @@ import torch
 from ..attention import FULL_BRANCHES
 from ..attention.sparse_config import DEFAULT as SPARSE_DEFAULT
 from ..attention.sparse_config import SparseConfig
+from .checkpoint import load_state, save_state, state_exists
 from .data import TASK_CATEGORY, TASKS, DataConfig, TaskDataset
 from .distributed import DistEnv, resolve_device_dtype
 from .losses import logits_needed, masked_lm_loss, msr_from_z, sample_regulariser, task_weights
@@ -200,7 +202,7 @@ def _checkpoint_dirs(out: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(os.path.join(root, d) for d in os.listdir(root)
-                  if d.startswith("step_") and os.path.isfile(os.path.join(root, d, "state.pt")))
+                  if d.startswith("step_") and state_exists(os.path.join(root, d, "state")))
 
 
 LAMBDAS_FILE = "training_lambdas.json"  # beside the saved routers: the run's final lambdas, to continue it
@@ -350,13 +352,12 @@ class RouterTrainer:
         if self.env.main:
             os.makedirs(path, exist_ok=True)
         self.env.barrier()
-        torch.save(self._rng_state(), os.path.join(path, f"rng_rank{self.env.rank}.pt"))
+        save_state(self._rng_state(), os.path.join(path, f"rng_rank{self.env.rank}"))
         if self.env.main:
-            torch.save({"step": self.step, "routers": self.routers.state_dict(), "lambdas": self.lambdas.detach(),
+            save_state({"step": self.step, "routers": self.routers.state_dict(), "lambdas": self.lambdas.detach(),
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "world_size": self.env.world, "config": asdict(self.cfg)},
-                       os.path.join(path, "state.pt.tmp"))
-            os.replace(os.path.join(path, "state.pt.tmp"), os.path.join(path, "state.pt"))
+                       os.path.join(path, "state"))
         self.env.barrier()
         return path
 
@@ -368,19 +369,26 @@ class RouterTrainer:
                     print(f"[train-router] --resume auto: no checkpoint under {self.cfg.out}, starting fresh")
                 return
             where = found[-1]
-        if not os.path.isfile(os.path.join(where, "state.pt")):
-            raise ValueError(f"resume: {where} is not a checkpoint directory (no state.pt)")
-        ckpt = torch.load(os.path.join(where, "state.pt"), map_location=self.device, weights_only=False)
-        self.routers.load_state_dict(ckpt["routers"])
-        with torch.no_grad():
-            self.lambdas.copy_(ckpt["lambdas"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        rng_file = os.path.join(where, f"rng_rank{self.env.rank}.pt")
-        if os.path.isfile(rng_file) and ckpt.get("world_size") == self.env.world:
-            self._set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # a different world size: continue deterministically, but not bit-identically
+        if not state_exists(os.path.join(where, "state")):
+            hint = " (its state.pt is the old pickle format, which resume no longer reads: unpickling can run code)" \
+                if os.path.isfile(os.path.join(where, "state.pt")) else ""
+            raise ValueError(f"resume: {where} is not a checkpoint directory (no state.json){hint}")
+        ckpt = load_state(os.path.join(where, "state"), device=self.device)
+        rng_file = os.path.join(where, f"rng_rank{self.env.rank}")
+        try:
+            self.routers.load_state_dict(ckpt["routers"])
+            with torch.no_grad():
+                self.lambdas.copy_(ckpt["lambdas"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.step = int(ckpt["step"])
+            same_world = state_exists(rng_file) and ckpt.get("world_size") == self.env.world
+            if same_world:
+                self._set_rng_state(load_state(rng_file))
+        except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # well-formed files, wrong contents
+            raise ValueError(f"resume: {where} does not hold a checkpoint this run can continue "
+                             f"({type(e).__name__}: {e})") from None
+        if not same_world:  # a different world size: continue deterministically, but not bit-identically
             random.seed(self.cfg.seed * 1000 + self.step)
             torch.manual_seed(self.cfg.seed * 1000 + 7919 * (self.env.rank + 1) + self.step)
         if self.env.main:
