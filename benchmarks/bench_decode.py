@@ -30,25 +30,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's elastic_cuda
+from benchmarks.harness import RESULTS, T0, default_out, env_list, rec
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
 SINK, WINDOW = 128, 2048
 HBM_PEAK = 4.8e12  # H200 bytes/s
-T0 = time.time()
-RESULTS: list[dict] = []
-
-
-def env_list(name, default, cast=int):
-    raw = os.environ.get(name, default)
-    return [cast(x) for x in raw.split(",") if x.strip()] if raw else []
-
-
-def rec(**kw):
-    kw["elapsed_s"] = round(time.time() - T0, 1)
-    RESULTS.append(kw)
-    print(json.dumps(kw, default=str), flush=True)
 
 
 def over_budget():
@@ -303,9 +290,10 @@ def write_plot(path, results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/decode")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/decode/<date>_<gpu>/")
     ap.add_argument("--from-json", help="rebuild the markdown and the plot from a saved decode.json (no GPU)")
     args = ap.parse_args()
+    args.out = args.out or default_out("decode")
     os.makedirs(args.out, exist_ok=True)
     if args.from_json:
         with open(args.from_json) as f:

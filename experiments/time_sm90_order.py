@@ -9,17 +9,11 @@ from triton.testing import do_bench
 
 import elastic_cuda
 from elastic_cuda import BLOCK, FULL
+from experiments.block_inputs import HKV as Hkv
+from experiments.block_inputs import llama_block_inputs
 
-Hq, Hkv, D = 32, 8, 128
 for S in [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]:
-    g = torch.Generator(device="cuda").manual_seed(S)
-    q = torch.randn(1, S, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    nb = -(-S // 128)
-    r = torch.arange(nb, device="cuda")
-    keep = torch.rand(1, Hq, nb, nb, device="cuda", generator=g) < 0.3
-    mask = (keep | (r.view(1, -1) == 0) | (r.view(1, -1) == r.view(-1, 1))) & (r.view(1, -1) <= r.view(-1, 1))
+    q, k, v, mask = llama_block_inputs(S, seed=S)
     cases = {"full": (torch.full((1, Hkv), FULL), None), "block": (torch.full((1, Hkv), BLOCK), mask),
              "6/8 block": (torch.tensor([[FULL, FULL] + [BLOCK] * 6]), mask)}
     for name, (hm, bm) in cases.items():
