@@ -28,7 +28,6 @@ the markdown and the plot from a saved run (no GPU). Run from the repository roo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -36,7 +35,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-from benchmarks.harness import (MODELS, RESULTS, T0, Case, default_out, env_list, flex_fn, rec, rel_err, routing, sdpa,
+from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, flex_fn, out_args, rec, rel_err, routing, sdpa,
                                 try_bench, write_with_errors)
 
 BLK = 128
@@ -277,12 +276,7 @@ def write_plot(path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="default benchmarks/results/block_prefill/<date>_<gpu>/")
-    ap.add_argument("--from-json", default=None, help="rewrite block_prefill.md / .png from this saved JSON")
-    args = ap.parse_args()
-    args.out = args.out or default_out("block_prefill")
-    os.makedirs(args.out, exist_ok=True)
+    args = out_args("block_prefill", __doc__.split("\n")[0], "block_prefill.md / .png")
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)

@@ -22,7 +22,6 @@ case that would start later is recorded as skipped). Writes decode.json, decode.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.harness import RESULTS, T0, default_out, env_list, rec
+from benchmarks.harness import RESULTS, T0, env_list, event_median_ms, out_args, rec
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
@@ -43,20 +42,8 @@ def over_budget():
 
 
 def time_ms(fn, reps=50, warmup=5):
-    """Median of `reps` CUDA-event timings of fn() (each call timed alone)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    """Median of `reps` CUDA-event timings of fn() (each call timed alone: decode steps are microseconds)."""
+    return event_median_ms(fn, reps, warmup)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -289,12 +276,7 @@ def write_plot(path, results):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="default benchmarks/results/decode/<date>_<gpu>/")
-    ap.add_argument("--from-json", help="rebuild the markdown and the plot from a saved decode.json (no GPU)")
-    args = ap.parse_args()
-    args.out = args.out or default_out("decode")
-    os.makedirs(args.out, exist_ok=True)
+    args = out_args("decode", __doc__.split("\n")[0], "decode.md / decode.png")
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)

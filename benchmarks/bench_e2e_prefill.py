@@ -13,14 +13,13 @@ Run from the repository root: `python -m benchmarks.bench_e2e_prefill`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import torch
 
-from benchmarks.harness import RESULTS, T0, default_out, env_list, rec, write_with_errors
+from benchmarks.harness import RESULTS, T0, env_list, out_args, rec, write_with_errors
 
 SPARSE_PER_LAYER = 6  # of 8 KV heads
 POLICIES = (("dense_sdpa", None), ("elastic_all_full", "stream"), ("elastic_stream", "stream"),
@@ -100,12 +99,7 @@ def write_markdown(path, torch_version, gpu):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="default benchmarks/results/e2e_prefill/<date>_<gpu>/")
-    ap.add_argument("--from-json", default=None, help="rewrite e2e_prefill.md from this saved JSON")
-    args = ap.parse_args()
-    args.out = args.out or default_out("e2e_prefill")
-    os.makedirs(args.out, exist_ok=True)
+    args = out_args("e2e_prefill", __doc__.split("\n")[0], "e2e_prefill.md")
     md = os.path.join(args.out, "e2e_prefill.md")
     if args.from_json:
         with open(args.from_json) as f:

@@ -54,6 +54,22 @@ def bench(fn, S):
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def event_median_ms(fn, reps: int = 30, warmup: int = 5) -> float:
+    """Median ms of `reps` CUDA-event timings of fn() on the current stream, each call timed alone."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
 def median_ms(fn, reps: int = 30) -> float:
     """Median ms of fn on the current CUDA stream: triton do_bench when available, else CUDA events."""
     try:
@@ -61,17 +77,21 @@ def median_ms(fn, reps: int = 30) -> float:
 
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
     except ImportError:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
+        return event_median_ms(fn, reps)
+
+
+def out_args(topic: str, description: str, outputs: str):
+    """The command line every benchmark takes: --out (default results/<topic>/<date>_<gpu>/, created) and
+    --from-json (rewrite `outputs` from a saved run, without a GPU)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=None, help=f"default {RESULTS_ROOT}/{topic}/<date>_<gpu>/")
+    ap.add_argument("--from-json", default=None, help=f"rewrite {outputs} from this saved JSON (no GPU)")
+    args = ap.parse_args()
+    args.out = args.out or default_out(topic)
+    os.makedirs(args.out, exist_ok=True)
+    return args
 
 
 def rel_err(a, b):

@@ -41,6 +41,23 @@ def _fail(msg: str):
     raise ValueError("elastic_cuda.attention: " + msg)
 
 
+def _check_device_kernels(q, head_dim, fail, what):
+    """The dtype / head_dim / build that the kernels of q's device take (one statement for every op front)."""
+    dev = q.device.type
+    if dev == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            fail(f"{what} on CUDA must be float16 or bfloat16, got {q.dtype}")
+        if head_dim not in _CUDA_HEAD_DIMS:
+            fail(f"head_dim (q.shape[-1]) on CUDA must be one of {_CUDA_HEAD_DIMS}, got {head_dim}")
+        if not has_cuda_kernels():
+            fail("q is on CUDA but this build of elastic_cuda has no CUDA kernels (rebuild with a CUDA toolkit)")
+    elif dev == "cpu":
+        if q.dtype not in _CPU_DTYPES:
+            fail(f"{what} on CPU must be float32, float64 or bfloat16, got {q.dtype}")
+    else:
+        fail(f"q must be on CPU or CUDA, got device {q.device}")
+
+
 def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, block_size, scale,
                             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, strategy="auto"):
     """Raise ValueError naming the offending argument, without a device sync: shapes, dtypes and devices
@@ -71,18 +88,7 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
     if q.shape[-1] == 0:
         _fail(f"head_dim (q.shape[-1]) must be > 0, got shape {tuple(q.shape)}")
     dev = q.device.type
-    if dev == "cuda":
-        if q.dtype not in _CUDA_DTYPES:
-            _fail(f"q/k/v dtype on CUDA must be float16 or bfloat16, got {q.dtype}")
-        if q.shape[-1] not in _CUDA_HEAD_DIMS:
-            _fail(f"head_dim (q.shape[-1]) on CUDA must be one of {_CUDA_HEAD_DIMS}, got {q.shape[-1]}")
-        if not has_cuda_kernels():
-            _fail("q is on CUDA but this build of elastic_cuda has no CUDA kernels (rebuild with a CUDA toolkit)")
-    elif dev == "cpu":
-        if q.dtype not in _CPU_DTYPES:
-            _fail(f"q/k/v dtype on CPU must be float32, float64 or bfloat16, got {q.dtype}")
-    else:
-        _fail(f"q must be on CPU or CUDA, got device {q.device}")
+    _check_device_kernels(q, q.shape[-1], _fail, "q/k/v dtype")
     if k.shape[-1] != q.shape[-1]:
         _fail(f"k head_dim {k.shape[-1]} != q head_dim {q.shape[-1]}")
     Hq, Hkv = q.shape[-2], k.shape[-2]
@@ -367,18 +373,8 @@ def validate_decode_args(q, full_k, full_v, stream_k, stream_v, head_mode, slot,
     if not isinstance(num_splits, int) or num_splits < 0:
         _fail_decode(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     dev = q.device.type
-    if dev == "cuda":
-        if q.dtype not in _CUDA_DTYPES:
-            _fail_decode(f"dtype on CUDA must be float16 or bfloat16, got {q.dtype}")
-        if D not in _CUDA_HEAD_DIMS:
-            _fail_decode(f"head_dim on CUDA must be one of {_CUDA_HEAD_DIMS}, got {D}")
-        if not has_cuda_kernels():
-            _fail_decode("q is on CUDA but this build of elastic_cuda has no CUDA kernels")
-    elif dev == "cpu":
-        if q.dtype not in _CPU_DTYPES:
-            _fail_decode(f"dtype on CPU must be float32, float64 or bfloat16, got {q.dtype}")
-    elif dev != "meta":
-        _fail_decode(f"q must be on CPU or CUDA, got device {q.device}")
+    if dev != "meta":
+        _check_device_kernels(q, D, _fail_decode, "dtype")
 
 
 def decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink: int, window: int,
