@@ -124,13 +124,14 @@ def test_router_config_not_utf8_names_the_file(tmp_path):
 @pytest.mark.parametrize("change,pattern", [
     (dict(num_layers=None), r"config\['num_layers'\] must be a positive int"),
     (dict(head_dim="64"), r"config\['head_dim'\] must be a positive int"),
-    (dict(sink=-1), r"config\['sink'\] must be an int >= 0"),
-    (dict(window="512"), r"config\['window'\] must be an int >= 0"),
+    (dict(sink=-1), r"sink must be an int >= 0"),  # the sparse settings: SparseConfig's one check
+    (dict(window="512"), r"window must be an int >= 1"),
     (dict(n_first="100"), r"config\['n_first'\] must be an int"),
     (dict(standardize_input="yes"), r"config\['standardize_input'\] must be true or false"),
     (dict(sparse_mode="dense"), r"sparse_mode must be one of"),
-    (dict(xattn_threshold=2.0), r"xattn threshold must be in \[0, 1\]"),
-    (dict(block_size=100), r"block_size must be a positive multiple of the xattn stride"),
+    # BLOCK settings are checked where they are used, in BLOCK mode (SparseConfig: a STREAM config carries them unused)
+    (dict(sparse_mode="block", xattn_threshold=2.0), r"xattn threshold must be in \[0, 1\]"),
+    (dict(sparse_mode="block", block_size=100), r"block_size must be a positive multiple of the xattn stride"),
 ])
 def test_bad_router_config_values_name_the_file(tmp_path, change, pattern):
     _saved_routers(tmp_path)
