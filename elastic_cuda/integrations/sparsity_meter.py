@@ -3,7 +3,8 @@
 MSR: the fraction of KV heads routed sparse (from the routing decision). ESR: the fraction of causal (query, key)
 pairs the real masks skip, over all heads and every query processed since the prefill, decode steps included.
 The attention function adds each call's pairs; BLOCK heads count their estimated masks at prefill and every causal
-pair in decode (they run densely there).
+pair in decode (they run densely there). The masks' pair counts stay on the device until metrics() is asked for:
+reading them per layer would cost a host sync in every BLOCK layer of a prefill.
 """
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ class SparsityMeter:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self._pairs = [[0, 0] for _ in range(num_layers)]  # (visible, causal) pairs summed over heads since prefill
-        self._block_pairs = [None] * num_layers  # BLOCK heads' visible prefill pairs per (sample, KV head)
+        self._block_pairs = [None] * num_layers  # BLOCK heads' visible prefill pairs per (sample, KV head), a tensor
+        self._block_visible = [[] for _ in range(num_layers)]  # device scalars: BLOCK heads' visible prefill pairs
 
     def start_layer(self, layer_idx: int):
         """A new prefill of this layer: its counts restart."""
         self._pairs[layer_idx] = [0, 0]
         self._block_pairs[layer_idx] = None
+        self._block_visible[layer_idx] = []
 
-    def set_block_pairs(self, layer_idx: int, pairs: list):
-        """Visible prefill pairs of each sample's BLOCK heads, [B][Hkv], from the layer's estimated masks."""
+    def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor):
+        """Visible prefill pairs of each sample's BLOCK heads, float [B, Hkv] (any device; 0 for the other heads),
+        from the layer's estimated masks."""
         self._block_pairs[layer_idx] = pairs
 
     def block_pairs(self, layer_idx: int):
@@ -38,6 +42,8 @@ class SparsityMeter:
         """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
         modes: the layer's head modes as lists [B][Hkv]."""
         block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
+        if block is not None:  # the BLOCK heads' pairs from the masks, summed on the device (no sync)
+            self._block_visible[layer_idx].append(block.double().sum())
         visible = total = 0
         for b, row in enumerate(modes):
             n_q = padding.lengths_q[b] if padding is not None else seqlen_q
@@ -48,7 +54,7 @@ class SparsityMeter:
                 if mode == FULL or (mode == BLOCK and block is None):
                     visible += causal
                 elif mode == BLOCK:
-                    visible += block[b][h]
+                    pass  # counted on the device above
                 else:
                     visible += visible_pairs(mode, n_q, n_k, sink, window)
         self._pairs[layer_idx][0] += visible
@@ -58,7 +64,8 @@ class SparsityMeter:
         """head_mode [B, L, Hkv] of the current sequence -> MSR per sample / per layer / overall, ESR per layer and
         overall."""
         sparse = (head_mode != FULL).to(torch.float64).cpu()
-        visible = torch.tensor([p[0] for p in self._pairs], dtype=torch.float64)
+        visible = torch.tensor([p[0] + sum(float(x) for x in self._block_visible[i])
+                                for i, p in enumerate(self._pairs)], dtype=torch.float64)
         total = torch.tensor([p[1] for p in self._pairs], dtype=torch.float64)
         esr_per_layer = torch.where(total > 0, 1 - visible / total.clamp_min(1), torch.zeros_like(total))
         return {

@@ -196,7 +196,8 @@ class ElasticState:
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
         vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
-        self.meter.set_block_pairs(layer_idx, vis.view(B, k.shape[2], -1).mean(-1).tolist())
+        vis = vis.view(B, k.shape[2], -1).mean(-1)
+        self.meter.set_block_pairs(layer_idx, vis * (self._head_mode[layer_idx] == BLOCK))  # kept on the device
         return mask
 
 
