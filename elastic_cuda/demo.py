@@ -449,8 +449,9 @@ def run_demo(args, log=print):
         log("BLOCK heads keep the key blocks the XAttention estimate finds important for each query block, which "
             "can include the needle's block even when every head is sparse.")
 
-    log(f"\n=== cost at prefill ({length} tokens; medians over the {len(prompts)} prompts)\nattention time: summed over "
-        "the layers' attention calls, routing and BLOCK mask estimate included; ESR and MSR: means")
+    log(f"\n=== cost at prefill ({length} tokens; medians over the {len(prompts)} prompts)\n"
+        "attention time: summed over the layers' attention calls, routing and BLOCK mask estimate included; "
+        "ESR and MSR: means")
     for line in cost_table(variants, runs, len(prompts), device.type):
         log(line)
     if any(v.enable_kwargs and v.enable_kwargs["sparse_mode"] == "block" for v in variants):
