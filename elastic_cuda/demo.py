@@ -203,10 +203,11 @@ class AttentionTimer:
         self.calls += 1
         prefill = query.shape[2] > 1
         if self.cuda:
+            stream = torch.cuda.current_stream(query.device)  # the query's device, not necessarily the current one
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             out = self._original(module, query, *args, **kwargs)
-            end.record()
+            end.record(stream)
             self._events.append((prefill, start, end))
             return out
         t0 = time.perf_counter()

@@ -254,3 +254,22 @@ def test_duo_style_fixed_table():
     table = demo.duo_style_fixed_table(30, 3)
     assert table.shape == (30, 3) and int(table.sum()) == 39  # 39 of 90 KV heads sparse (MSR 0.433)
     assert not table[:2].any() and not table[-2:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_timer_on_cuda_times_with_events_and_restores():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not always the current device
+    model = _tiny_llama(layers=2).to(device)
+    model.set_attn_implementation("sdpa")
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ids = torch.randint(3, 64, (2, 100), device=device)
+    with torch.no_grad(), AttentionTimer("sdpa", device) as timer:
+        out = model(ids, use_cache=True)
+        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
+    prefill_s, decode_s = timer.totals()
+    assert timer.calls == 4 and prefill_s > 0 and decode_s > 0
+    assert prefill_s < 5 and decode_s < 5  # seconds, not milliseconds
