@@ -323,7 +323,8 @@ def build_variants(model, device, policies, sparse_modes, routers_dir=None, sink
             kw = {**common, "policy": policy}
             if policy == "router":
                 kw.update(routers=routers, sparsity_shift=sparsity_shift)
-                name = f"{mode.upper()} router" + ("" if directory == SHIPPED_ROUTER_DIRS[mode] else f" ({directory})")
+                shipped = os.path.realpath(directory) == os.path.realpath(SHIPPED_ROUTER_DIRS[mode])
+                name = f"{mode.upper()} router" + ("" if shipped else f" ({directory})")
                 if sparsity_shift:
                     name += f" shift {sparsity_shift:+g}"
             elif policy == "fixed":
@@ -450,13 +451,18 @@ def run_demo(args, log=print):
         log(line)
     modes = {v.enable_kwargs["sparse_mode"]: v.enable_kwargs for v in variants[1:]}
     if "stream" in modes:
-        log(f"STREAM heads see only the first {modes['stream']['sink']} and the last {modes['stream']['window']} "
-            "tokens: a needle further back is lost unless the heads that retrieve it stay FULL.")
+        sink, window = modes["stream"]["sink"], modes["stream"]["window"]
+        log(f"STREAM heads see only the first {sink} and the last {window} tokens: a needle further back is lost "
+            "unless the heads that retrieve it stay FULL.")
+        seen = [p.needle_start for p in prompts if p.tokens_after < window or p.needle_end <= sink]
+        if seen:
+            log(f"note: the needle at token(s) {seen} is inside the STREAM sink or window: STREAM heads see it there")
     if "block" in modes:
         log("BLOCK heads keep the key blocks the XAttention estimate finds important for each query block, which "
             "can include the needle's block even when every head is sparse.")
 
-    log(f"\n=== cost at prefill ({length} tokens; medians over the {len(prompts)} prompts)\n"
+    plural = "s" if len(prompts) > 1 else ""
+    log(f"\n=== cost at prefill ({length} tokens; medians over the {len(prompts)} prompt{plural})\n"
         "attention time: summed over the layers' attention calls, routing and BLOCK mask estimate included; "
         "ESR and MSR: means")
     for line in cost_table(variants, runs, len(prompts), device.type):

@@ -208,6 +208,8 @@ def test_build_variants_takes_each_modes_settings_from_its_router_set():
                                routers_dir=demo.SHIPPED_ROUTER_DIRS["stream"], sparsity_shift=2.0)
     assert [v.name for v in only] == ["dense (HF sdpa)", "STREAM router shift +2", "STREAM static split"]
     assert only[2].enable_kwargs["fixed_table"].shape == (30, 3)
+    relative = os.path.relpath(demo.SHIPPED_ROUTER_DIRS["stream"])  # the shipped set, named as such
+    assert demo.build_variants(model, "cpu", ["router"], ["stream"], routers_dir=relative)[1].name == "STREAM router"
     with pytest.raises(ValueError, match="--sparse-modes"):
         demo.build_variants(model, "cpu", ["router"], ["stream"], routers_dir=demo.SHIPPED_ROUTER_DIRS["block"])
 
