@@ -220,9 +220,9 @@ class AttentionTimer:
         """(prefill s, decode s) summed over the calls so far."""
         if not self.cuda:
             return self._cpu[0], self._cpu[1]
-        torch.cuda.synchronize()
         sums = [0.0, 0.0]
         for prefill, start, end in self._events:
+            end.synchronize()  # waits on the event's own device (the current device may be another GPU)
             sums[0 if prefill else 1] += start.elapsed_time(end) / 1e3
         return sums[0], sums[1]
 
