@@ -3,8 +3,6 @@
 Tolerance: all_full vs the model's dense sdpa attention, fp32 over 30 layers: max relative logit error
 (max |diff| / max |ref|) < 1e-4.
 """
-import random
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from elastic_cuda.integrations import smollm2  # noqa: E402
-from elastic_cuda.demo import chat_prompt, passkey_prompt, summary_prompt  # noqa: E402
+from elastic_cuda.demo import chat_prompt, needle_prompt, summary_prompt  # noqa: E402
 from elastic_cuda.integrations.transformers import disable, enable  # noqa: E402
 from elastic_cuda.ops import FULL, STREAM  # noqa: E402
 from elastic_cuda.router import RouterSet  # noqa: E402
@@ -50,22 +48,23 @@ def test_all_full_matches_dense(smol):
 
 
 def test_passkey_found_with_all_full(smol):
-    """Teacher-forced: after the prompt and the answer prefix, greedy argmax reproduces every key token."""
+    """Teacher-forced: the needle prompt ends with the answer prefix "The pass key is"; greedy argmax after it
+    reproduces every key token. The needle sits where asked in the real tokenizer's ids too."""
     model, tokenizer = smol
-    prompt, key = passkey_prompt(tokenizer, 1600, random.Random(1))
-    assert 1400 <= prompt.shape[1] <= 2100
-    answer = tokenizer(f"The pass key is {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    prefix = tokenizer("The pass key is", add_special_tokens=False)["input_ids"]
-    ids = torch.cat([prompt, answer], dim=1)
+    p = needle_prompt(tokenizer, 1600, 0.25, "60494")
+    assert p.length == 1600
+    assert tokenizer.decode(p.input_ids[0, p.needle_start:p.needle_end]).strip() == \
+        "The pass key is 60494. Remember it. 60494 is the pass key."
+    assert 0.2 < p.needle_start / 1600 < 0.3 and p.tokens_after > 1000  # far outside a 512-token STREAM window
+    answer = tokenizer(" 60494.", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([p.input_ids, answer], dim=1)
     state = enable(model, policy="all_full")
     try:
         logits = model(ids).logits[0]
     finally:
         disable(model)
-    start = prompt.shape[1] + len(prefix)
-    key_tokens = ids[0, start:start + len(tokenizer(key, add_special_tokens=False)["input_ids"]) + 1]
-    predicted = logits[start - 1:start - 1 + key_tokens.numel()].argmax(-1)
-    assert tokenizer.decode(predicted).strip().startswith(key), (tokenizer.decode(predicted), key)
+    predicted = logits[p.length - 1:ids.shape[1] - 1].argmax(-1)
+    assert torch.equal(predicted, answer[0]), (tokenizer.decode(predicted), "60494")
     assert float(state.metrics()["msr"]) == 0.0
 
 

@@ -547,21 +547,6 @@ def test_elastic_cache_all_full_keeps_everything():
     assert cache.memory_bytes() == cache.dense_memory_bytes()
 
 
-def test_cli_parser_and_default_fixed_policy():
-    from elastic_cuda.cli import build_parser
-    from elastic_cuda.demo import SHIPPED_ROUTERS, duo_style_fixed_table, resolve_policy
-
-    args = build_parser().parse_args(["demo", "--policy", "all_sparse", "--sink", "4", "--threads", "1"])
-    assert (args.command, args.policy, args.sink, args.window, args.threads) == ("demo", "all_sparse", 4, None, 1)
-    import os
-    shipped = os.path.isfile(os.path.join(SHIPPED_ROUTERS, "router_config.json"))
-    assert resolve_policy(None, None)[0] == ("router" if shipped else "fixed")
-    assert resolve_policy(None, "/some/dir") == ("router", "/some/dir")
-    table = duo_style_fixed_table(30, 3)
-    assert table.shape == (30, 3) and int(table.sum()) == 39  # 39 of 90 KV heads stream (MSR 0.433)
-    assert not table[:2].any() and not table[-2:].any()
-
-
 def _shipped_router_dirs():
     import glob
     import os

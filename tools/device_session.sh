@@ -125,17 +125,17 @@ eval)
     --no-progress ${EVAL_ARGS:-} > "$OUT/eval.log" 2>&1
   echo "eval rc=$? in $(( $(date +%s) - t1 ))s" | tee -a "$OUT/eval.log"
   t2=$(date +%s)
-  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo --routers "$ROUTERS" --device cuda > "$OUT/demo.log" 2>&1
+  timeout "${DEMO_S:-240}" python3 -m elastic_cuda demo --routers "$ROUTERS" --device cuda > "$OUT/demo.log" 2>&1
   echo "demo rc=$? in $(( $(date +%s) - t2 ))s" | tee -a "$OUT/demo.log"
   cp /root/train.log $RUN/ 2> /dev/null
   (cd $RUN && tar czf "$OUT/run_smollm2.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null)
-  tail -45 "$OUT/eval.log"; tail -30 "$OUT/demo.log"
+  tail -45 "$OUT/eval.log"; tail -70 "$OUT/demo.log"
   ;;
 demo)
   need_model
-  timeout "${DEMO_S:-80}" python3 -m elastic_cuda demo ${ROUTERS:+--routers "$ROUTERS"} --device cuda \
+  timeout "${DEMO_S:-240}" python3 -m elastic_cuda demo ${ROUTERS:+--routers "$ROUTERS"} --device cuda \
     > "$OUT/demo.log" 2>&1
-  echo "demo rc=$?"; tail -40 "$OUT/demo.log"
+  echo "demo rc=$?"; tail -70 "$OUT/demo.log"
   ;;
 *)
   echo "usage: $0 prep|stage|kernels|train|wait|probe|eval|demo"; exit 2
