@@ -42,7 +42,13 @@ def _csv(choices=None, convert=str):
 
 
 def _add_demo(subparsers):
-    from .demo import DEFAULT_DEPTHS, DEFAULT_LENGTH, DEFAULT_POLICIES, POLICY_CHOICES, SPARSE_MODE_CHOICES
+    from .demo import DEFAULT_DEPTHS, DEFAULT_LENGTH, DEFAULT_POLICIES, MIN_LENGTH, POLICY_CHOICES, SPARSE_MODE_CHOICES
+
+    def prompt_length(text):  # the upper bound is the model's: checked once it is loaded
+        value = cli_args.positive_int(text)
+        if value < MIN_LENGTH:
+            raise argparse.ArgumentTypeError(f"must be >= {MIN_LENGTH}, got {value}")
+        return value
 
     def per_device(defaults, show=str):
         return "; ".join(f"{dev}: {show(v)}" for dev, v in defaults.items())
@@ -50,7 +56,7 @@ def _add_demo(subparsers):
     p = subparsers.add_parser("demo", help="SmolLM2 pass-key demo: dense vs all-sparse vs routers, found/missed, "
                                            "attention time, ESR, KV cache", description=_DEMO_HELP,
                               formatter_class=cli_args.HelpFormatter)
-    p.add_argument("--length", "--context-tokens", dest="length", type=cli_args.positive_int, default=None,
+    p.add_argument("--length", "--context-tokens", dest="length", type=prompt_length, default=None,
                    help="tokens of each pass-key prompt, up to the model's 8K positions (default per device: "
                         + per_device(DEFAULT_LENGTH) + ")")
     p.add_argument("--depths", type=_csv(convert=cli_args.fraction), default=None,

@@ -36,6 +36,7 @@ SPARSE_MODE_CHOICES = ("block", "stream")
 # early depths (2K is too short for BLOCK: its estimate still keeps the needle's block) and the default run stays
 # near 4 min on 2 cores. GPU: 8000 tokens, nearly the model's 8K, where sparse attention has the most work to skip.
 DEFAULT_LENGTH = {"cpu": 4096, "cuda": 8000}
+MIN_LENGTH = 256  # the filler must hold the needle far from both ends
 DEFAULT_DEPTHS = {"cpu": (0.1, 0.3, 0.5, 0.7), "cuda": (0.1, 0.3, 0.5, 0.7, 0.9)}
 
 _FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -394,9 +395,10 @@ def run_demo(args, log=print):
     length = args.length or DEFAULT_LENGTH["cuda" if device.type == "cuda" else "cpu"]
     depths = args.depths or DEFAULT_DEPTHS["cuda" if device.type == "cuda" else "cpu"]
     max_len = model.config.max_position_embeddings - NEEDLE_NEW_TOKENS
-    if not 256 <= length <= max_len:
-        raise ValueError(f"--length must be in [256, {max_len}] (the model's {model.config.max_position_embeddings} "
-                         f"positions minus {NEEDLE_NEW_TOKENS} answer tokens), got {length}")
+    if not MIN_LENGTH <= length <= max_len:
+        raise ValueError(f"--length must be in [{MIN_LENGTH}, {max_len}] (the model's "
+                         f"{model.config.max_position_embeddings} positions minus {NEEDLE_NEW_TOKENS} answer tokens), "
+                         f"got {length}")
     variants = build_variants(model, device, args.policies, args.sparse_modes, args.routers, args.sink,
                               args.window, args.sparsity_shift)
     prompts = [needle_prompt(tokenizer, length, d, str(rng.randint(10000, 99999))) for d in depths]

@@ -325,7 +325,7 @@ def test_help_describes_the_command_and_shows_defaults(capsys, command):
     text = _help_text(capsys, command)
     usage, description = text.split("\n\n")[:2]
     assert usage.startswith(f"usage: elastic_cuda {command}")
-    first_words = {"demo": "Run SmolLM2-135M-Instruct", "train-router": "Train attention routers",
+    first_words = {"demo": "Show what routing buys on SmolLM2-135M-Instruct", "train-router": "Train attention routers",
                    "eval": "Evaluate routing policies"}[command]
     assert description.startswith(first_words), description
     # no developer notes in what a user reads first (the old train-router help opened with a budget estimate)
@@ -423,7 +423,7 @@ def test_bad_router_directory_is_one_line(tmp_path, capsys, no_model_run, comman
 
 @pytest.mark.parametrize("argv,pattern", [
     (["demo", "--max-new-tokens", "0"], r"--max-new-tokens: must be >= 1"),
-    (["demo", "--context-tokens", "50"], r"--context-tokens: must be >= 100"),
+    (["demo", "--context-tokens", "50"], r"--length/--context-tokens: must be >= 256"),
     (["demo", "--threads", "0"], r"--threads: must be >= 1"),
     (["demo", "--sink", "-1"], r"--sink: must be >= 0"),
     (["demo", "--sparsity-shift", "nan"], r"--sparsity-shift: must be a finite number"),
