@@ -22,9 +22,11 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention_checks.h"
+#include "attention/attention_cpu_gemm.h"
 #include "attention/attention_cpu_rows.h"
 #include "attention/attention_cpu_tiles.h"
 
@@ -325,72 +327,214 @@ Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor&
 }
 
 // ----------------------------------------------------------------------------- forward
-template <typename T>
+// Forward operands, packed once per call in the input dtype Tin. A row (of q, k or v) holding a
+// non-finite element is stored as zeros and flagged, so no GEMM spreads it to rows that cannot see it
+// (0 * NaN = NaN); the flags then apply the non-finite rule of head_mode.h exactly:
+//   q      [Hkv, Tq, G, D]               row (hk, t, g) = q[t, hk * G + g], unscaled
+//   kt     [Hkv, key tiles, D, kKeyTile] each key tile transposed: the B operand of S = Q K^T, fixed ldb
+//   v      [Hkv, Tk, D]
+//   q_bad  [Hkv, Tq * G]  1 where the q row is non-finite
+//   kv_bad [Hkv, Tk]      1 where the k row or the v row of that key is non-finite
+template <typename Tin>
+struct ForwardOperands {
+  Tensor q, kt, v, q_bad, kv_bad;
+  std::vector<int64_t> key_tile_begin;  // per sequence: index of its first tile in kt
+  int64_t key_tiles = 0;
+};
+
+// bfloat16 is checked through its bits (attention_cpu_rows.h has no ATen types).
+inline bool copy_row(const float* src, float* dst, int64_t n) { return cpu::copy_finite_or_zero(src, dst, n); }
+inline bool copy_row(const double* src, double* dst, int64_t n) { return cpu::copy_finite_or_zero(src, dst, n); }
+inline bool copy_row(const at::BFloat16* src, at::BFloat16* dst, int64_t n) {
+  return cpu::copy_finite_or_zero(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), n);
+}
+
+template <typename Tin>
+ForwardOperands<Tin> pack_forward_operands(const Problem& p, const Tensor& q_in, const Tensor& k_in,
+                                           const Tensor& v_in) {
+  const auto& s = p.shape;
+  const int64_t Hkv = s.heads_kv, G = s.group, D = s.head_dim, Tq = p.total_q, Tk = p.total_k;
+  ForwardOperands<Tin> in;
+  const auto opt = q_in.options().memory_format(at::MemoryFormat::Contiguous);
+  in.key_tile_begin.resize(p.seqs.size());
+  std::vector<std::pair<int64_t, int64_t>> key_tiles;  // (sequence, tile in sequence)
+  for (size_t b = 0; b < p.seqs.size(); ++b) {
+    in.key_tile_begin[b] = in.key_tiles;
+    const int64_t n = Problem::num_k_tiles(p.seqs[b]);
+    for (int64_t t = 0; t < n; ++t) key_tiles.emplace_back(b, t);
+    in.key_tiles += n;
+  }
+  in.q = at::empty({Hkv, Tq, G, D}, opt);
+  in.kt = at::empty({Hkv, std::max<int64_t>(in.key_tiles, 1), D, kKeyTile}, opt);
+  in.v = at::empty({Hkv, Tk, D}, opt);
+  in.q_bad = at::zeros({Hkv, Tq * G}, opt.dtype(at::kByte));
+  in.kv_bad = at::zeros({Hkv, Tk}, opt.dtype(at::kByte));
+
+  const Tensor qc = q_in.contiguous(), kc = k_in.contiguous(), vc = v_in.contiguous();
+  const Tin *q_src = qc.data_ptr<Tin>(), *k_src = kc.data_ptr<Tin>(), *v_src = vc.data_ptr<Tin>();
+  Tin *q_dst = in.q.template data_ptr<Tin>(), *kt_dst = in.kt.template data_ptr<Tin>();
+  Tin* v_dst = in.v.template data_ptr<Tin>();
+  uint8_t *q_bad = in.q_bad.template data_ptr<uint8_t>(), *kv_bad = in.kv_bad.template data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.heads_q * D));
+  at::parallel_for(0, Tq, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t row = (hk * Tq + t) * G + g;
+          q_bad[row] = !copy_row(q_src + ((t * Hkv + hk) * G + g) * D, q_dst + row * D, D);
+        }
+  });
+  at::parallel_for(0, static_cast<int64_t>(key_tiles.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<Tin> k_row(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [b, tile] = key_tiles[i];
+      const Sequence& sq = p.seqs[b];
+      const KeyTile kt(sq, tile);
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        Tin* kt_tile = kt_dst + ((hk * in.key_tiles) + in.key_tile_begin[b] + tile) * D * kKeyTile;
+        for (int64_t c = 0; c < kt.len; ++c) {
+          const int64_t pos = sq.k_begin + kt.j0 + c;
+          const bool k_ok = copy_row(k_src + (pos * Hkv + hk) * D, k_row.data(), D);
+          const bool v_ok = copy_row(v_src + (pos * Hkv + hk) * D, v_dst + (hk * Tk + pos) * D, D);
+          kv_bad[hk * Tk + pos] = !(k_ok && v_ok);
+          for (int64_t d = 0; d < D; ++d) kt_tile[d * kKeyTile + c] = k_row[d];
+        }
+      }
+    }
+  });
+  return in;
+}
+
+// One task = one query tile of one (sequence, KV head): S = Q K^T per visited key tile, masked where
+// partially visible, online softmax in Tacc, O += P V; Tin = Tacc except bfloat16 (Tacc float, and P
+// rounded to bfloat16 for the P V GEMM, as torch's CPU flash attention does).
+template <typename Tin, typename Tacc>
 struct ForwardWorker {
   const Problem& p;
-  const Tensor &qh, &kh, &vh;  // [Hkv, Tq, G, D] (scaled), [Hkv, Tk, D] x2
-  Tensor &outh, &lseh;         // [Hkv, Tq, G, D] zeros, [Hkv, Tq*G] -inf
+  const ForwardOperands<Tin>& in;
+  Tacc* out;  // [Hkv, Tq * G, D] zeros
+  Tacc* lse;  // [Hkv, Tq * G] -inf
+  Tacc scale;
 
-  TileBuffers make_workspace() const { return TileBuffers(p.q_tile * p.shape.group, qh.options()); }
+  struct Workspace {
+    std::vector<Tacc> scores, m, l, mx, al, sh;
+    std::vector<Tin> probs;  // P in bfloat16 (bfloat16 inputs only)
+    std::vector<uint8_t> poisoned;
+  };
+  Workspace make_workspace() const {
+    const int64_t rows = p.q_tile * p.shape.group;
+    Workspace ws;
+    ws.scores.resize(rows * kKeyTile);
+    for (auto* x : {&ws.m, &ws.l, &ws.mx, &ws.al, &ws.sh}) x->resize(rows);
+    if (!std::is_same<Tin, Tacc>::value) ws.probs.resize(rows * kKeyTile);
+    ws.poisoned.resize(rows);
+    return ws;
+  }
 
-  void run(const Task& task, TileBuffers& ws) const {
+  // Rows of the tile that see a key whose k or v is non-finite become NaN (head_mode.h).
+  void mark_poisoned(const HeadVisibility& hv, const uint8_t* bad, const QueryTile& qt, const KeyTile& kt,
+                     uint8_t* poisoned) const {
+    if (!std::any_of(bad + kt.j0, bad + kt.j0 + kt.len, [](uint8_t x) { return x != 0; })) return;
+    for (int64_t j = kt.j0; j <= kt.j1; ++j) {
+      if (!bad[j]) continue;
+      for (int64_t r = 0; r < qt.rows; ++r)
+        for (int64_t g = 0; g < hv.group; ++g)
+          if (hv.visible(g, qt.i0 + r, j)) poisoned[r * hv.group + g] = 1;
+    }
+  }
+
+  void run(const Task& task, Workspace& ws) const {
     const Sequence& s = p.seqs[task.b];
     const HeadVisibility hv = p.visibility(task.b, task.hk);
     const QueryTile qt(p, s, task.tile);
     const int64_t G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
-    const int64_t row0 = (s.q_begin + qt.r0) * G;
-    const Tensor q_rows = qh[task.hk].view({-1, D}).narrow(0, row0, R);
-    const Tensor k_seq = kh[task.hk].narrow(0, s.k_begin, s.k_len), v_seq = vh[task.hk].narrow(0, s.k_begin, s.k_len);
-    Tensor acc = outh[task.hk].view({-1, D}).narrow(0, row0, R);  // accumulates in place (zeros)
-    // Running row max m and sum l; per tile: row maxima / sums (mx), rescale factor (al), shift (sh).
-    std::vector<T> m(R, -std::numeric_limits<T>::infinity()), l(R, T(0)), mx(R), al(R), sh(R);
-    T* a = acc.data_ptr<T>();
+    const int64_t row0 = (s.q_begin + qt.r0) * G, head_rows = p.total_q * G;
+    const Tin* q_rows = in.q.template data_ptr<Tin>() + (task.hk * head_rows + row0) * D;
+    const Tin* kt_seq = in.kt.template data_ptr<Tin>() +
+                        (task.hk * in.key_tiles + in.key_tile_begin[task.b]) * D * kKeyTile;
+    const Tin* v_seq = in.v.template data_ptr<Tin>() + (task.hk * p.total_k + s.k_begin) * D;
+    const uint8_t* bad_seq = in.kv_bad.template data_ptr<uint8_t>() + task.hk * p.total_k + s.k_begin;
+    Tacc* acc = out + (task.hk * head_rows + row0) * D;
+    Tacc *m = ws.m.data(), *l = ws.l.data(), *mx = ws.mx.data(), *al = ws.al.data(), *sh = ws.sh.data();
+    std::fill(m, m + R, -std::numeric_limits<Tacc>::infinity());
+    std::fill(l, l + R, Tacc(0));
+    std::fill(ws.poisoned.begin(), ws.poisoned.begin() + R, uint8_t(0));
     bool first_tile = true;
 
     for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
       const KeyTile kt(s, kt_index);
       const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
       if (vis == TileVisibility::kSkip) continue;
-      Tensor sc = TileBuffers::tile(ws.scores, R, kt.len);
-      at::mm_out(sc, q_rows, k_seq.narrow(0, kt.j0, kt.len).t());
-      if (vis == TileVisibility::kPartial) mask_tile<T>(hv, sc.data_ptr<T>(), qt, kt);
-      T* sp = sc.data_ptr<T>();
-      cpu::row_max(sp, R, kt.len, mx.data());
+      Tacc* sp = ws.scores.data();
+      cpu::gemm_nn(R, kt.len, D, q_rows, D, kt_seq + kt_index * D * kKeyTile, kKeyTile, sp, kt.len, false);
+      if (vis == TileVisibility::kPartial) mask_tile<Tacc>(hv, sp, qt, kt);
+      cpu::scale_row_max(sp, R, kt.len, scale, mx);
       for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
-        const T m_new = std::max(m[r], mx[r]);
-        al[r] = std::isinf(m[r]) ? T(0) : std::exp(m[r] - m_new);
-        sh[r] = std::isinf(m_new) ? T(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
+        const Tacc m_new = std::max(m[r], mx[r]);
+        al[r] = std::isinf(m[r]) ? Tacc(0) : std::exp(m[r] - m_new);
+        sh[r] = std::isinf(m_new) ? Tacc(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
         m[r] = m_new;
       }
-      cpu::exp_shifted(sp, R, kt.len, sh.data(), mx.data());  // mx now holds the row sums
+      const Tin* probs;
+      if constexpr (std::is_same<Tin, Tacc>::value) {
+        cpu::exp_shifted(sp, R, kt.len, sh, mx);  // mx now holds the row sums
+        probs = sp;
+      } else {
+        cpu::exp_shifted_bf16(sp, R, kt.len, sh, mx, reinterpret_cast<uint16_t*>(ws.probs.data()));
+        probs = ws.probs.data();
+      }
       for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
-      if (!first_tile) cpu::scale_rows(a, R, D, al.data());
+      if (!first_tile) cpu::scale_rows(acc, R, D, al);
+      cpu::gemm_nn(R, D, kt.len, probs, kt.len, v_seq + kt.j0 * D, D, acc, D, /*add_C=*/!first_tile);
       first_tile = false;
-      acc.addmm_(sc, v_seq.narrow(0, kt.j0, kt.len));
+      mark_poisoned(hv, bad_seq, qt, kt, ws.poisoned.data());
     }
-    T* lse = lseh[task.hk].data_ptr<T>() + row0;
+    Tacc* lse_rows = lse + task.hk * head_rows + row0;
     for (int64_t r = 0; r < R; ++r) {
-      if (l[r] > T(0)) {
-        const T inv = T(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) a[r * D + d] *= inv;
-        lse[r] = m[r] + std::log(l[r]);
+      Tacc* a = acc + r * D;
+      if (ws.poisoned[r]) {
+        std::fill(a, a + D, std::numeric_limits<Tacc>::quiet_NaN());
+        lse_rows[r] = std::numeric_limits<Tacc>::quiet_NaN();
+      } else if (l[r] > Tacc(0)) {
+        const Tacc inv = Tacc(1) / l[r];
+        for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+        lse_rows[r] = m[r] + std::log(l[r]);
       } else {  // no visible key: out 0, lse -inf (the initial values)
-        for (int64_t d = 0; d < D; ++d) a[r * D + d] = T(0);
-        lse[r] = -std::numeric_limits<T>::infinity();
+        std::fill(a, a + D, Tacc(0));
+        lse_rows[r] = -std::numeric_limits<Tacc>::infinity();
       }
     }
   }
 };
 
-template <typename T>
+// Rows of every sequence whose query is non-finite are NaN, whatever they see (head_mode.h); rows
+// outside every sequence (varlen padding) keep 0 / -inf.
+template <typename Tacc>
+void poison_bad_queries(const Problem& p, const Tensor& q_bad, Tacc* out, Tacc* lse) {
+  const int64_t G = p.shape.group, D = p.shape.head_dim, head_rows = p.total_q * G;
+  const uint8_t* bad = q_bad.data_ptr<uint8_t>();
+  const Tacc nan = std::numeric_limits<Tacc>::quiet_NaN();
+  for (int64_t hk = 0; hk < p.shape.heads_kv; ++hk)
+    for (const Sequence& s : p.seqs)
+      for (int64_t row = s.q_begin * G; row < (s.q_begin + s.q_len) * G; ++row) {
+        const int64_t r = hk * head_rows + row;
+        if (!bad[r]) continue;
+        std::fill(out + r * D, out + (r + 1) * D, nan);
+        lse[r] = nan;
+      }
+}
+
+template <typename Tin, typename Tacc>
 std::tuple<Tensor, Tensor> attention_forward_impl(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v) {
-  const auto acc = accumulate_type(q);
   const auto& s = p.shape;
-  const Tensor qh = pack_query_like(q, p, acc, s.scale), kh = pack_kv(k, p, acc), vh = pack_kv(v, p, acc);
-  Tensor outh = at::zeros({s.heads_kv, p.total_q, s.group, s.head_dim}, qh.options());
-  Tensor lseh = at::full({s.heads_kv, p.total_q * s.group}, -std::numeric_limits<double>::infinity(), qh.options());
+  const ForwardOperands<Tin> in = pack_forward_operands<Tin>(p, q, k, v);
+  const auto acc_opt = q.options().dtype(c10::CppTypeToScalarType<Tacc>::value);
+  Tensor outh = at::zeros({s.heads_kv, p.total_q, s.group, s.head_dim}, acc_opt);
+  Tensor lseh = at::full({s.heads_kv, p.total_q * s.group}, -std::numeric_limits<double>::infinity(), acc_opt);
   std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false);
-  run_tasks(tasks, ForwardWorker<T>{p, qh, kh, vh, outh, lseh});
+  run_tasks(tasks, ForwardWorker<Tin, Tacc>{p, in, outh.data_ptr<Tacc>(), lseh.data_ptr<Tacc>(),
+                                            static_cast<Tacc>(s.scale)});
+  poison_bad_queries<Tacc>(p, in.q_bad, outh.data_ptr<Tacc>(), lseh.data_ptr<Tacc>());
 
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   out.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(outh.permute({1, 0, 2, 3}));
@@ -411,8 +555,14 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   check_strategy(strategy);
   const Problem p = make_problem(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
                                  scale, max_seqlen_q, max_seqlen_k);
-  if (accumulate_type(q) == at::kDouble) return attention_forward_impl<double>(p, q, k, v);
-  return attention_forward_impl<float>(p, q, k, v);
+  switch (q.scalar_type()) {
+    case at::kDouble:
+      return attention_forward_impl<double, double>(p, q, k, v);
+    case at::kBFloat16:
+      return attention_forward_impl<at::BFloat16, float>(p, q, k, v);
+    default:
+      return attention_forward_impl<float, float>(p, q, k, v);
+  }
 }
 
 // ----------------------------------------------------------------------------- backward

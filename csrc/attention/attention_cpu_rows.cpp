@@ -18,6 +18,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"  // v8f never crosses an ABI boundary: everything is inlined
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 #define ELASTIC_INLINE __attribute__((always_inline)) inline
 
 namespace elastic {
@@ -111,6 +112,91 @@ ELASTIC_CPU_CLONES void exp_shifted(float* s, int64_t rows, int64_t cols, const 
       sum += e;
     }
     if (row_sum) row_sum[r] = horizontal_sum(sum);
+  }
+}
+
+ELASTIC_CPU_CLONES void scale_row_max(float* s, int64_t rows, int64_t cols, float scale, float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * cols;
+    v8f m = splat(neg_inf);
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      const v8f v = load8(x + j) * scale;
+      store8(x + j, v);
+      m = v > m ? v : m;
+    }
+    if (j < cols) {
+      const v8f v = load(x + j, cols - j, neg_inf) * scale;
+      store(x + j, v, cols - j);
+      m = v > m ? v : m;
+    }
+    out[r] = horizontal_max(m);
+  }
+}
+
+// float -> bfloat16 bits, round to nearest even (inputs are finite probabilities here).
+ELASTIC_INLINE v8i to_bf16_bits(v8f x) {
+  const v8i u = (v8i)x;
+  return (v8i)(((v8u)u + ((((v8u)u) >> 16) & 1u) + 0x7FFFu) >> 16);
+}
+
+ELASTIC_CPU_CLONES void exp_shifted_bf16(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum,
+                                         uint16_t* lowp) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * cols;
+    uint16_t* y = lowp + r * cols;
+    v8f sum = splat(0.0f);
+    int64_t j = 0;
+    for (; j < cols; j += 8) {
+      const int64_t n = std::min<int64_t>(8, cols - j);
+      const v8f e = exp8(load(x + j, n, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
+      store(x + j, e, n);
+      const v8i b = to_bf16_bits(e);
+      for (int64_t l = 0; l < n; ++l) y[j + l] = static_cast<uint16_t>(b[l]);
+      sum += e;
+    }
+    row_sum[r] = horizontal_sum(sum);
+  }
+}
+
+// x - x is 0 for finite x and NaN for inf / NaN; summing it keeps the loop branch-free and vectorised.
+template <typename T>
+ELASTIC_INLINE bool copy_finite_or_zero_impl(const T* src, T* dst, int64_t n) {
+  T probe = T(0);
+#pragma omp simd reduction(+ : probe)
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = src[i];
+    probe += src[i] - src[i];
+  }
+  if (probe == T(0)) return true;
+  std::fill(dst, dst + n, T(0));
+  return false;
+}
+ELASTIC_CPU_CLONES bool copy_finite_or_zero(const float* src, float* dst, int64_t n) {
+  return copy_finite_or_zero_impl(src, dst, n);
+}
+bool copy_finite_or_zero(const double* src, double* dst, int64_t n) { return copy_finite_or_zero_impl(src, dst, n); }
+bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, int64_t n) {
+  bool finite = true;  // bfloat16: non-finite iff the 8 exponent bits are all ones
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = src[i];
+    finite &= (src[i] & 0x7F80u) != 0x7F80u;
+  }
+  if (!finite) std::fill(dst, dst + n, uint16_t(0));
+  return finite;
+}
+
+void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double* x = s + r * cols;
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < cols; ++j) {
+      x[j] *= scale;
+      m = x[j] > m ? x[j] : m;
+    }
+    out[r] = m;
   }
 }
 

@@ -21,6 +21,20 @@ void exp_shifted(double* s, int64_t rows, int64_t cols, const double* shift, dou
 void softmax_grad(float* dp, const float* p, int64_t rows, int64_t cols, const float* delta);
 void softmax_grad(double* dp, const double* p, int64_t rows, int64_t cols, const double* delta);
 
+// s[r, j] *= scale, then out[r] = max_j s[r, j] (one pass; -inf for a row of -inf; scale > 0).
+void scale_row_max(float* s, int64_t rows, int64_t cols, float scale, float* out);
+void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out);
+
+// exp_shifted, also writing the result rounded to bfloat16 (round to nearest even; the bits) into
+// lowp [rows, cols]: the probabilities operand of a bfloat16 P.V GEMM. row_sum sums the fp32 values.
+void exp_shifted_bf16(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum, uint16_t* lowp);
+
+// Copies n elements and says whether they are all finite; a non-finite row is written as zeros, so
+// that it cannot reach other rows through a GEMM (0 * inf = NaN). bf16 is passed as its bits.
+bool copy_finite_or_zero(const float* src, float* dst, int64_t n);
+bool copy_finite_or_zero(const double* src, double* dst, int64_t n);
+bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, int64_t n);
+
 // x[r, :] *= factor[r].
 void scale_rows(float* x, int64_t rows, int64_t cols, const float* factor);
 void scale_rows(double* x, int64_t rows, int64_t cols, const double* factor);
