@@ -38,6 +38,10 @@ using cpu::HeadVisibility;
 using cpu::TileVisibility;
 
 constexpr int64_t kKeyTile = 128;  // a multiple of the default block_size tiles BLOCK heads exactly
+// The forward merges consecutive visited key tiles of one chunk into one run (one S GEMM, one softmax
+// pass, one P.V GEMM with K up to kKeyChunk): longer GEMMs, and 4x fewer rescales of the accumulator.
+constexpr int64_t kTilesPerChunk = 4;
+constexpr int64_t kKeyChunk = kKeyTile * kTilesPerChunk;
 
 // Query positions per tile: a power of two in [16, 128] with about 256 stacked rows (G * rows),
 // big enough for efficient GEMMs, small enough for the score tile to stay in L2.
@@ -254,7 +258,8 @@ void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
 }
 
 // Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = score elements of the visited tiles.
-std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
+// Tiles that see nothing get no task unless keep_empty (the forward writes every row of its output).
+std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles, bool keep_empty = false) {
   std::vector<Task> tasks;
   for (int64_t b = 0; b < p.shape.batch; ++b) {
     const Sequence& s = p.seqs[b];
@@ -272,7 +277,7 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
         }
       }
       for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
-        if (cost[t] > 0) tasks.push_back({b, hk, t, cost[t]});  // tiles seeing nothing keep 0 / -inf
+        if (cost[t] > 0 || keep_empty) tasks.push_back({b, hk, t, std::max<int64_t>(cost[t], 1)});
     }
   }
   return tasks;
@@ -280,17 +285,18 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
 
 // ----------------------------------------------------------------------------- tile helpers
 // Writes -inf into the scores of invisible pairs of a partially visible tile.
-// scores: [rows * G, len], row = (query position - i0) * G + head in group.
+// scores: the tile's first column in a [rows * G, >= len] matrix with leading dimension ld,
+// row = (query position - i0) * G + head in group.
 // FULL / STREAM rows are intervals (keys after i; for STREAM also [sink, i - window]), filled directly;
 // BLOCK rows go through the token rule of head_mode.h element by element.
 template <typename T>
-void mask_tile(const HeadVisibility& hv, T* scores, const QueryTile& qt, const KeyTile& kt) {
+void mask_tile(const HeadVisibility& hv, T* scores, int64_t ld, const QueryTile& qt, const KeyTile& kt) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t j_end = kt.j0 + kt.len;
   for (int64_t r = 0; r < qt.rows; ++r) {
     const int64_t i = qt.i0 + r;
     for (int64_t g = 0; g < hv.group; ++g) {
-      T* row = scores + (r * hv.group + g) * kt.len;
+      T* row = scores + (r * hv.group + g) * ld;
       if (hv.mode == kBlock) {
         for (int64_t j = 0; j < kt.len; ++j)
           if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
@@ -321,25 +327,25 @@ Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor&
                      const T* lse_rows, const QueryTile& qt, const KeyTile& kt, const Tensor& buf) {
   Tensor s = TileBuffers::tile(buf, q_rows.size(0), kt.len);
   at::mm_out(s, q_rows, k_rows.t());
-  if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), qt, kt);
+  if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), kt.len, qt, kt);
   cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, lse_rows, nullptr);
   return s;
 }
 
 // ----------------------------------------------------------------------------- forward
-// Forward operands, packed once per call in the input dtype Tin. A row (of q, k or v) holding a
-// non-finite element is stored as zeros and flagged, so no GEMM spreads it to rows that cannot see it
-// (0 * NaN = NaN); the flags then apply the non-finite rule of head_mode.h exactly:
-//   q      [Hkv, Tq, G, D]               row (hk, t, g) = q[t, hk * G + g], unscaled
-//   kt     [Hkv, key tiles, D, kKeyTile] each key tile transposed: the B operand of S = Q K^T, fixed ldb
-//   v      [Hkv, Tk, D]
-//   q_bad  [Hkv, Tq * G]  1 where the q row is non-finite
-//   kv_bad [Hkv, Tk]      1 where the k row or the v row of that key is non-finite
+// The forward reads q, v, out and lse in place (no packed copies) and packs only K, transposed per key
+// chunk. A row of q, k or v holding a non-finite element is used as zeros and flagged, so no GEMM
+// spreads it to rows that cannot see it (0 * NaN = NaN); the flags apply the non-finite rule of
+// head_mode.h exactly, in every dtype.
 template <typename Tin>
 struct ForwardOperands {
-  Tensor q, kt, v, q_bad, kv_bad;
-  std::vector<int64_t> key_tile_begin;  // per sequence: index of its first tile in kt
-  int64_t key_tiles = 0;
+  const Tin* q = nullptr;  // [Tq, Hkv, G, D] (the input, contiguous)
+  const Tin* v = nullptr;  // [Tk, Hkv, D]: the input, or a copy with non-finite rows zeroed
+  Tensor kt;               // [Hkv, key chunks, D, kKeyChunk]: the B operand of S = Q K^T, fixed ldb
+  Tensor kv_bad;           // uint8 [Hkv, Tk]: 1 where the k row or the v row of that key is non-finite
+  std::vector<int64_t> key_chunk_begin;  // per sequence: index of its first chunk in kt
+  int64_t key_chunks = 0;
+  Tensor q_keep, v_keep;  // owners of q / v when they had to be made contiguous or cleaned
 };
 
 // bfloat16 is checked through its bits (attention_cpu_rows.h has no ATen types).
@@ -353,89 +359,96 @@ template <typename Tin>
 ForwardOperands<Tin> pack_forward_operands(const Problem& p, const Tensor& q_in, const Tensor& k_in,
                                            const Tensor& v_in) {
   const auto& s = p.shape;
-  const int64_t Hkv = s.heads_kv, G = s.group, D = s.head_dim, Tq = p.total_q, Tk = p.total_k;
+  const int64_t Hkv = s.heads_kv, D = s.head_dim, Tk = p.total_k;
   ForwardOperands<Tin> in;
-  const auto opt = q_in.options().memory_format(at::MemoryFormat::Contiguous);
-  in.key_tile_begin.resize(p.seqs.size());
-  std::vector<std::pair<int64_t, int64_t>> key_tiles;  // (sequence, tile in sequence)
+  in.q_keep = q_in.contiguous();
+  in.q = in.q_keep.template data_ptr<Tin>();
+  in.key_chunk_begin.resize(p.seqs.size());
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (sequence, chunk in sequence)
   for (size_t b = 0; b < p.seqs.size(); ++b) {
-    in.key_tile_begin[b] = in.key_tiles;
-    const int64_t n = Problem::num_k_tiles(p.seqs[b]);
-    for (int64_t t = 0; t < n; ++t) key_tiles.emplace_back(b, t);
-    in.key_tiles += n;
+    in.key_chunk_begin[b] = in.key_chunks;
+    const int64_t n = (p.seqs[b].k_len + kKeyChunk - 1) / kKeyChunk;
+    for (int64_t t = 0; t < n; ++t) chunks.emplace_back(b, t);
+    in.key_chunks += n;
   }
-  in.q = at::empty({Hkv, Tq, G, D}, opt);
-  in.kt = at::empty({Hkv, std::max<int64_t>(in.key_tiles, 1), D, kKeyTile}, opt);
-  in.v = at::empty({Hkv, Tk, D}, opt);
-  in.q_bad = at::zeros({Hkv, Tq * G}, opt.dtype(at::kByte));
+  const auto opt = q_in.options().memory_format(at::MemoryFormat::Contiguous);
+  in.kt = at::empty({Hkv, std::max<int64_t>(in.key_chunks, 1), D, kKeyChunk}, opt);
   in.kv_bad = at::zeros({Hkv, Tk}, opt.dtype(at::kByte));
-
-  const Tensor qc = q_in.contiguous(), kc = k_in.contiguous(), vc = v_in.contiguous();
-  const Tin *q_src = qc.data_ptr<Tin>(), *k_src = kc.data_ptr<Tin>(), *v_src = vc.data_ptr<Tin>();
-  Tin *q_dst = in.q.template data_ptr<Tin>(), *kt_dst = in.kt.template data_ptr<Tin>();
-  Tin* v_dst = in.v.template data_ptr<Tin>();
-  uint8_t *q_bad = in.q_bad.template data_ptr<uint8_t>(), *kv_bad = in.kv_bad.template data_ptr<uint8_t>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.heads_q * D));
-  at::parallel_for(0, Tq, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t hk = 0; hk < Hkv; ++hk)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t row = (hk * Tq + t) * G + g;
-          q_bad[row] = !copy_row(q_src + ((t * Hkv + hk) * G + g) * D, q_dst + row * D, D);
-        }
-  });
-  at::parallel_for(0, static_cast<int64_t>(key_tiles.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<Tin> k_row(D);
+  const Tensor kc = k_in.contiguous();
+  Tensor vc = v_in.contiguous();
+  const Tin *k_src = kc.data_ptr<Tin>(), *v_src = vc.data_ptr<Tin>();
+  Tin* kt_dst = in.kt.template data_ptr<Tin>();
+  uint8_t* kv_bad = in.kv_bad.template data_ptr<uint8_t>();
+  std::atomic<bool> any_bad_v{false};
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<Tin> row(D);
     for (int64_t i = i0; i < i1; ++i) {
-      const auto [b, tile] = key_tiles[i];
+      const auto [b, chunk] = chunks[i];
       const Sequence& sq = p.seqs[b];
-      const KeyTile kt(sq, tile);
+      const int64_t j0 = chunk * kKeyChunk, len = std::min(kKeyChunk, sq.k_len - j0);
       for (int64_t hk = 0; hk < Hkv; ++hk) {
-        Tin* kt_tile = kt_dst + ((hk * in.key_tiles) + in.key_tile_begin[b] + tile) * D * kKeyTile;
-        for (int64_t c = 0; c < kt.len; ++c) {
-          const int64_t pos = sq.k_begin + kt.j0 + c;
-          const bool k_ok = copy_row(k_src + (pos * Hkv + hk) * D, k_row.data(), D);
-          const bool v_ok = copy_row(v_src + (pos * Hkv + hk) * D, v_dst + (hk * Tk + pos) * D, D);
-          kv_bad[hk * Tk + pos] = !(k_ok && v_ok);
-          for (int64_t d = 0; d < D; ++d) kt_tile[d * kKeyTile + c] = k_row[d];
+        Tin* kt_chunk = kt_dst + ((hk * in.key_chunks) + in.key_chunk_begin[b] + chunk) * D * kKeyChunk;
+        for (int64_t c = 0; c < len; ++c) {
+          const int64_t pos = sq.k_begin + j0 + c;
+          const bool v_ok = copy_row(v_src + (pos * Hkv + hk) * D, row.data(), D);
+          const bool k_ok = copy_row(k_src + (pos * Hkv + hk) * D, row.data(), D);
+          for (int64_t d = 0; d < D; ++d) kt_chunk[d * kKeyChunk + c] = row[d];
+          if (!(k_ok && v_ok)) kv_bad[hk * Tk + pos] = 1;
+          if (!v_ok) any_bad_v = true;
         }
       }
     }
   });
+  if (any_bad_v) {  // rare: a copy of v with its non-finite rows zeroed
+    vc = vc.clone();
+    Tin* v = vc.data_ptr<Tin>();
+    for (int64_t row = 0; row < Tk * Hkv; ++row) copy_row(v + row * D, v + row * D, D);
+  }
+  in.v_keep = vc;
+  in.v = vc.data_ptr<Tin>();
   return in;
 }
 
-// One task = one query tile of one (sequence, KV head): S = Q K^T per visited key tile, masked where
-// partially visible, online softmax in Tacc, O += P V; Tin = Tacc except bfloat16 (Tacc float, and P
-// rounded to bfloat16 for the P V GEMM, as torch's CPU flash attention does).
+// Where a row of the forward's out and lse lives: out [Tq, Hkv, G, D]; lse [B, Hq, Sq] or [Hq, Tq].
+struct ForwardOutput {
+  void* out;
+  void* lse;
+  int64_t lse_head_stride, lse_seq_stride;  // lse index = b * seq + h * head + position
+};
+
+// One task = one query tile of one (sequence, KV head): its q rows are gathered into a [R, D] matrix
+// (row = position * G + head in group); per visited run of key tiles S = Q K^T, masked where partially
+// visible, online softmax in Tacc, O += P V; then out and lse are written in place. Tin = Tacc except
+// bfloat16 (Tacc float, P rounded to bfloat16 for the P V GEMM, as torch's CPU flash attention does).
 template <typename Tin, typename Tacc>
 struct ForwardWorker {
   const Problem& p;
   const ForwardOperands<Tin>& in;
-  Tacc* out;  // [Hkv, Tq * G, D] zeros
-  Tacc* lse;  // [Hkv, Tq * G] -inf
+  ForwardOutput dst;
   Tacc scale;
 
   struct Workspace {
-    std::vector<Tacc> scores, m, l, mx, al, sh;
-    std::vector<Tin> probs;  // P in bfloat16 (bfloat16 inputs only)
+    std::vector<Tin> q, probs;  // probs: P in bfloat16 (bfloat16 inputs only)
+    std::vector<Tacc> scores, acc, m, l, mx, al, sh;
     std::vector<uint8_t> poisoned;
   };
   Workspace make_workspace() const {
-    const int64_t rows = p.q_tile * p.shape.group;
+    const int64_t rows = p.q_tile * p.shape.group, D = p.shape.head_dim;
     Workspace ws;
-    ws.scores.resize(rows * kKeyTile);
+    ws.q.resize(rows * D);
+    ws.acc.resize(rows * D);
+    ws.scores.resize(rows * kKeyChunk);
     for (auto* x : {&ws.m, &ws.l, &ws.mx, &ws.al, &ws.sh}) x->resize(rows);
-    if (!std::is_same<Tin, Tacc>::value) ws.probs.resize(rows * kKeyTile);
+    if (!std::is_same<Tin, Tacc>::value) ws.probs.resize(rows * kKeyChunk);
     ws.poisoned.resize(rows);
     return ws;
   }
 
-  // Rows of the tile that see a key whose k or v is non-finite become NaN (head_mode.h).
-  void mark_poisoned(const HeadVisibility& hv, const uint8_t* bad, const QueryTile& qt, const KeyTile& kt,
-                     uint8_t* poisoned) const {
-    if (!std::any_of(bad + kt.j0, bad + kt.j0 + kt.len, [](uint8_t x) { return x != 0; })) return;
-    for (int64_t j = kt.j0; j <= kt.j1; ++j) {
+  // Rows that see a key whose k or v is non-finite become NaN (head_mode.h).
+  static void mark_poisoned(const HeadVisibility& hv, const uint8_t* bad, const QueryTile& qt, int64_t j0,
+                            int64_t j1, uint8_t* poisoned) {
+    if (std::none_of(bad + j0, bad + j1 + 1, [](uint8_t x) { return x != 0; })) return;
+    for (int64_t j = j0; j <= j1; ++j) {
       if (!bad[j]) continue;
       for (int64_t r = 0; r < qt.rows; ++r)
         for (int64_t g = 0; g < hv.group; ++g)
@@ -443,105 +456,136 @@ struct ForwardWorker {
     }
   }
 
+  // Consumes the key tiles [t0, t1) of one chunk, all visited: S, masks, online softmax, O += P V.
+  void run_keys(const HeadVisibility& hv, const QueryTile& qt, const Sequence& s, int64_t t0, int64_t t1,
+                const TileVisibility* vis, const Tin* kt_seq, const Tin* v_seq, int64_t v_ld, bool first,
+                Workspace& ws) const {
+    const int64_t R = qt.rows * p.shape.group, D = p.shape.head_dim;
+    const int64_t j0 = t0 * kKeyTile, len = std::min(t1 * kKeyTile, s.k_len) - j0;
+    const Tin* kt = kt_seq + (j0 / kKeyChunk) * D * kKeyChunk + j0 % kKeyChunk;
+    Tacc* sp = ws.scores.data();
+    cpu::gemm_nn(R, len, D, ws.q.data(), D, kt, kKeyChunk, sp, len, false);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (vis[t - t0] != TileVisibility::kPartial) continue;
+      const KeyTile tile(s, t);
+      mask_tile<Tacc>(hv, sp + (tile.j0 - j0), len, qt, tile);
+    }
+    Tacc *m = ws.m.data(), *l = ws.l.data(), *mx = ws.mx.data(), *al = ws.al.data(), *sh = ws.sh.data();
+    cpu::scale_row_max(sp, R, len, scale, mx);
+    for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
+      const Tacc m_new = std::max(m[r], mx[r]);
+      al[r] = std::isinf(m[r]) ? Tacc(0) : std::exp(m[r] - m_new);
+      sh[r] = std::isinf(m_new) ? Tacc(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
+      m[r] = m_new;
+    }
+    const Tin* probs;
+    if constexpr (std::is_same<Tin, Tacc>::value) {
+      cpu::exp_shifted(sp, R, len, sh, mx);  // mx now holds the row sums
+      probs = sp;
+    } else {
+      cpu::exp_shifted_bf16(sp, R, len, sh, mx, reinterpret_cast<uint16_t*>(ws.probs.data()));
+      probs = ws.probs.data();
+    }
+    for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
+    if (!first) cpu::scale_rows(ws.acc.data(), R, D, al);
+    cpu::gemm_nn(R, D, len, probs, len, v_seq + j0 * v_ld, v_ld, ws.acc.data(), D, /*add_C=*/!first);
+  }
+
   void run(const Task& task, Workspace& ws) const {
     const Sequence& s = p.seqs[task.b];
     const HeadVisibility hv = p.visibility(task.b, task.hk);
     const QueryTile qt(p, s, task.tile);
-    const int64_t G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
-    const int64_t row0 = (s.q_begin + qt.r0) * G, head_rows = p.total_q * G;
-    const Tin* q_rows = in.q.template data_ptr<Tin>() + (task.hk * head_rows + row0) * D;
-    const Tin* kt_seq = in.kt.template data_ptr<Tin>() +
-                        (task.hk * in.key_tiles + in.key_tile_begin[task.b]) * D * kKeyTile;
-    const Tin* v_seq = in.v.template data_ptr<Tin>() + (task.hk * p.total_k + s.k_begin) * D;
-    const uint8_t* bad_seq = in.kv_bad.template data_ptr<uint8_t>() + task.hk * p.total_k + s.k_begin;
-    Tacc* acc = out + (task.hk * head_rows + row0) * D;
-    Tacc *m = ws.m.data(), *l = ws.l.data(), *mx = ws.mx.data(), *al = ws.al.data(), *sh = ws.sh.data();
-    std::fill(m, m + R, -std::numeric_limits<Tacc>::infinity());
-    std::fill(l, l + R, Tacc(0));
+    const int64_t Hkv = p.shape.heads_kv, G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
+    const int64_t t_first = s.q_begin + qt.r0;  // token of the tile's first query row
     std::fill(ws.poisoned.begin(), ws.poisoned.begin() + R, uint8_t(0));
-    bool first_tile = true;
+    for (int64_t r = 0; r < qt.rows; ++r)  // gather the tile's q rows; non-finite ones poison their row
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g;
+        if (!copy_row(in.q + (((t_first + r) * Hkv + task.hk) * G + g) * D, ws.q.data() + row * D, D))
+          ws.poisoned[row] = 1;
+      }
+    const Tin* kt_seq = in.kt.template data_ptr<Tin>() +
+                        (task.hk * in.key_chunks + in.key_chunk_begin[task.b]) * D * kKeyChunk;
+    const Tin* v_seq = in.v + s.k_begin * Hkv * D + task.hk * D;
+    const uint8_t* bad_seq = in.kv_bad.template data_ptr<uint8_t>() + task.hk * p.total_k + s.k_begin;
+    std::fill(ws.m.begin(), ws.m.begin() + R, -std::numeric_limits<Tacc>::infinity());
+    std::fill(ws.l.begin(), ws.l.begin() + R, Tacc(0));
+    std::fill(ws.acc.begin(), ws.acc.begin() + R * D, Tacc(0));
 
-    for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
-      const KeyTile kt(s, kt_index);
-      const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
-      if (vis == TileVisibility::kSkip) continue;
-      Tacc* sp = ws.scores.data();
-      cpu::gemm_nn(R, kt.len, D, q_rows, D, kt_seq + kt_index * D * kKeyTile, kKeyTile, sp, kt.len, false);
-      if (vis == TileVisibility::kPartial) mask_tile<Tacc>(hv, sp, qt, kt);
-      cpu::scale_row_max(sp, R, kt.len, scale, mx);
-      for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
-        const Tacc m_new = std::max(m[r], mx[r]);
-        al[r] = std::isinf(m[r]) ? Tacc(0) : std::exp(m[r] - m_new);
-        sh[r] = std::isinf(m_new) ? Tacc(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
-        m[r] = m_new;
+    bool first = true;
+    const int64_t nk = Problem::num_k_tiles(s);
+    for (int64_t c0 = 0; c0 < nk; c0 += kTilesPerChunk) {  // runs of visited tiles inside each chunk
+      const int64_t c1 = std::min(nk, c0 + kTilesPerChunk);
+      TileVisibility vis[kTilesPerChunk];
+      for (int64_t t = c0; t < c1; ++t) {
+        const KeyTile tile(s, t);
+        vis[t - c0] = hv.classify(qt.i0, qt.i1, tile.j0, tile.j1);
       }
-      const Tin* probs;
-      if constexpr (std::is_same<Tin, Tacc>::value) {
-        cpu::exp_shifted(sp, R, kt.len, sh, mx);  // mx now holds the row sums
-        probs = sp;
-      } else {
-        cpu::exp_shifted_bf16(sp, R, kt.len, sh, mx, reinterpret_cast<uint16_t*>(ws.probs.data()));
-        probs = ws.probs.data();
-      }
-      for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
-      if (!first_tile) cpu::scale_rows(acc, R, D, al);
-      cpu::gemm_nn(R, D, kt.len, probs, kt.len, v_seq + kt.j0 * D, D, acc, D, /*add_C=*/!first_tile);
-      first_tile = false;
-      mark_poisoned(hv, bad_seq, qt, kt, ws.poisoned.data());
-    }
-    Tacc* lse_rows = lse + task.hk * head_rows + row0;
-    for (int64_t r = 0; r < R; ++r) {
-      Tacc* a = acc + r * D;
-      if (ws.poisoned[r]) {
-        std::fill(a, a + D, std::numeric_limits<Tacc>::quiet_NaN());
-        lse_rows[r] = std::numeric_limits<Tacc>::quiet_NaN();
-      } else if (l[r] > Tacc(0)) {
-        const Tacc inv = Tacc(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) a[d] *= inv;
-        lse_rows[r] = m[r] + std::log(l[r]);
-      } else {  // no visible key: out 0, lse -inf (the initial values)
-        std::fill(a, a + D, Tacc(0));
-        lse_rows[r] = -std::numeric_limits<Tacc>::infinity();
+      for (int64_t t0 = c0; t0 < c1;) {
+        if (vis[t0 - c0] == TileVisibility::kSkip) {
+          ++t0;
+          continue;
+        }
+        int64_t t1 = t0 + 1;
+        while (t1 < c1 && vis[t1 - c0] != TileVisibility::kSkip) ++t1;
+        run_keys(hv, qt, s, t0, t1, vis + (t0 - c0), kt_seq, v_seq, Hkv * D, first, ws);
+        first = false;
+        mark_poisoned(hv, bad_seq, qt, t0 * kKeyTile, std::min(t1 * kKeyTile, s.k_len) - 1, ws.poisoned.data());
+        t0 = t1;
       }
     }
+    write_rows(task, s, qt, ws);
+  }
+
+  void write_rows(const Task& task, const Sequence& s, const QueryTile& qt, const Workspace& ws) const {
+    const int64_t Hkv = p.shape.heads_kv, G = p.shape.group, D = p.shape.head_dim;
+    using Tout = Tin;
+    using Tlse = typename std::conditional<std::is_same<Tacc, double>::value, double, float>::type;
+    Tout* out = static_cast<Tout*>(dst.out);
+    Tlse* lse = static_cast<Tlse*>(dst.lse);
+    for (int64_t r = 0; r < qt.rows; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = r * G + g, h = task.hk * G + g, position = qt.r0 + r;
+        const Tacc* a = ws.acc.data() + row * D;
+        Tout* o = out + (((s.q_begin + position) * Hkv + task.hk) * G + g) * D;
+        Tlse& lse_row = lse[task.b * dst.lse_seq_stride + h * dst.lse_head_stride + s.q_begin * !dst.lse_seq_stride +
+                            position];
+        const Tacc l = ws.l[row];
+        if (ws.poisoned[row]) {
+          std::fill(o, o + D, static_cast<Tout>(std::numeric_limits<float>::quiet_NaN()));
+          lse_row = std::numeric_limits<Tlse>::quiet_NaN();
+        } else if (l > Tacc(0)) {
+          const Tacc inv = Tacc(1) / l;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Tout>(a[d] * inv);
+          lse_row = static_cast<Tlse>(ws.m[row] + std::log(l));
+        } else {  // no visible key: out 0, lse -inf
+          std::fill(o, o + D, static_cast<Tout>(0));
+          lse_row = -std::numeric_limits<Tlse>::infinity();
+        }
+      }
   }
 };
-
-// Rows of every sequence whose query is non-finite are NaN, whatever they see (head_mode.h); rows
-// outside every sequence (varlen padding) keep 0 / -inf.
-template <typename Tacc>
-void poison_bad_queries(const Problem& p, const Tensor& q_bad, Tacc* out, Tacc* lse) {
-  const int64_t G = p.shape.group, D = p.shape.head_dim, head_rows = p.total_q * G;
-  const uint8_t* bad = q_bad.data_ptr<uint8_t>();
-  const Tacc nan = std::numeric_limits<Tacc>::quiet_NaN();
-  for (int64_t hk = 0; hk < p.shape.heads_kv; ++hk)
-    for (const Sequence& s : p.seqs)
-      for (int64_t row = s.q_begin * G; row < (s.q_begin + s.q_len) * G; ++row) {
-        const int64_t r = hk * head_rows + row;
-        if (!bad[r]) continue;
-        std::fill(out + r * D, out + (r + 1) * D, nan);
-        lse[r] = nan;
-      }
-}
 
 template <typename Tin, typename Tacc>
 std::tuple<Tensor, Tensor> attention_forward_impl(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto& s = p.shape;
   const ForwardOperands<Tin> in = pack_forward_operands<Tin>(p, q, k, v);
-  const auto acc_opt = q.options().dtype(c10::CppTypeToScalarType<Tacc>::value);
-  Tensor outh = at::zeros({s.heads_kv, p.total_q, s.group, s.head_dim}, acc_opt);
-  Tensor lseh = at::full({s.heads_kv, p.total_q * s.group}, -std::numeric_limits<double>::infinity(), acc_opt);
-  std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false);
-  run_tasks(tasks, ForwardWorker<Tin, Tacc>{p, in, outh.data_ptr<Tacc>(), lseh.data_ptr<Tacc>(),
-                                            static_cast<Tacc>(s.scale)});
-  poison_bad_queries<Tacc>(p, in.q_bad, outh.data_ptr<Tacc>(), lseh.data_ptr<Tacc>());
-
-  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  out.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(outh.permute({1, 0, 2, 3}));
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor lse = s.varlen ? at::empty({s.heads_q, p.total_q}, q.options().dtype(lse_dtype))
-                        : at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype));
-  unpack_lse(lseh, lse, p);
+  int64_t rows_in_sequences = 0;
+  for (const Sequence& sq : p.seqs) rows_in_sequences += sq.q_len;
+  // Every row of a sequence is written by its task; rows outside every sequence (varlen) stay 0 / -inf.
+  const bool gaps = rows_in_sequences < p.total_q;
+  const auto out_opt = q.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor out = gaps ? at::zeros(q.sizes(), out_opt) : at::empty(q.sizes(), out_opt);
+  const std::vector<int64_t> lse_shape = s.varlen ? std::vector<int64_t>{s.heads_q, p.total_q}
+                                                  : std::vector<int64_t>{s.batch, s.heads_q, s.seqlen_q};
+  Tensor lse = gaps ? at::full(lse_shape, -std::numeric_limits<double>::infinity(), q.options().dtype(lse_dtype))
+                    : at::empty(lse_shape, q.options().dtype(lse_dtype));
+  // lse index = b * seq_stride + h * head_stride + position (dense) or + token (varlen: seq_stride 0).
+  const ForwardOutput dst{out.data_ptr(), lse.data_ptr(), s.varlen ? p.total_q : s.seqlen_q,
+                          s.varlen ? 0 : s.heads_q * s.seqlen_q};
+  std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false, /*keep_empty=*/true);
+  run_tasks(tasks, ForwardWorker<Tin, Tacc>{p, in, dst, static_cast<Tacc>(s.scale)});
   return {out, lse};
 }
 
