@@ -129,3 +129,23 @@ def test_block_visible_pairs_count_the_reference_mask(n):
     for h in range(2):
         ref = visible_mask(BLOCK, n, n, sink=0, window=0, block_mask=mask[h], block_size=16).sum()
         assert float(got[h]) == float(ref)
+
+
+@pytest.mark.parametrize("n,bs,stride", [(70, 16, 4), (256, 32, 8), (5, 8, 4)])
+def test_block_mass_low_precision_inputs_and_chunk_padding(n, bs, stride):
+    """bf16 / fp16 inputs are widened chunk by chunk: the masses equal those of the same values in fp32 (the rule
+    does not depend on the input dtype), match the definition, and chunks holding padding tokens change nothing."""
+    torch.manual_seed(n)
+    q, k = torch.randn(n, 6, 16), torch.randn(n, 2, 16)
+    for dtype in (torch.bfloat16, torch.float16):
+        ql, kl = q.to(dtype), k.to(dtype)
+        got = block_mass(ql, kl, block_size=bs, stride=stride)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, block_mass(ql.float(), kl.float(), block_size=bs, stride=stride))
+        ref = reference_mass(ql.float(), kl.float(), bs, stride)
+        assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-5
+        for chunk in (1, 6 * (bs // stride) * (-(-n // bs) * bs // stride)):  # one block row / exactly one chunk
+            assert torch.allclose(block_mass(ql, kl, block_size=bs, stride=stride, max_chunk_elems=chunk), got,
+                                  rtol=1e-6, atol=1e-7)
+        assert torch.equal(xattn_block_mask(ql[None], kl[None], block_size=bs, stride=stride, threshold=0.8)[0],
+                           select_blocks(got, 0.8))

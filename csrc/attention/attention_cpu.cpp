@@ -612,11 +612,24 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
 // ----------------------------------------------------------------------------- backward
 // P = exp(s - lse), dS = P * (dO V^T - D) with D = rowsum(dO * O) - dlse;
 // dV = P^T dO, dK = dS^T (scale q), dQ = scale * dS K.
+//
+// Non-finite values (head_mode.h): a poisoned row (lse NaN, i.e. the forward row is NaN, or a
+// non-finite grad_out / grad_lse row) is computed as a row that sees nothing and its dq set to NaN
+// afterwards; dk / dv of a key are NaN iff a poisoned row sees it. Non-finite q / k / v rows are used
+// as zeros, so nothing reaches rows or keys that cannot see them (0 * NaN = NaN in a GEMM).
 struct BackwardInputs {
-  Tensor qh, kh, vh, doh;  // packed, q scaled
-  Tensor lse_rows;         // [Hkv, Tq*G], -inf replaced by +inf so exp(s - lse) = 0 on empty rows
-  Tensor delta_rows;       // [Hkv, Tq*G]
+  Tensor qh, kh, vh, doh;  // packed, q scaled, non-finite rows zeroed
+  Tensor lse_rows;         // [Hkv, Tq*G], -inf (and poisoned rows) as +inf so exp(s - lse) = 0
+  Tensor delta_rows;       // [Hkv, Tq*G], 0 on poisoned rows
+  Tensor poisoned;         // uint8 [Hkv, Tq*G]
 };
+
+// Zeroes the rows (last dimension) of x holding a non-finite element; returns the bool row mask.
+Tensor zero_non_finite_rows(Tensor& x) {
+  const Tensor bad = at::logical_not(at::isfinite(x).all(-1, /*keepdim=*/true));
+  x.masked_fill_(bad, 0);
+  return bad.squeeze(-1);
+}
 
 template <typename T>
 struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over every query (and head) seeing it
@@ -638,6 +651,8 @@ struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over ever
     const Tensor q_all = in.qh[task.hk].view({-1, D}), do_all = in.doh[task.hk].view({-1, D});
     const T* lse_all = in.lse_rows[task.hk].data_ptr<T>();
     const T* delta_all = in.delta_rows[task.hk].data_ptr<T>();
+    const uint8_t* poisoned_all = in.poisoned[task.hk].data_ptr<uint8_t>();
+    std::vector<uint8_t> key_poisoned(kt.len, 0);
     for (int64_t qt_index = 0; qt_index < p.num_q_tiles(s); ++qt_index) {
       const QueryTile qt(p, s, qt_index);
       const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
@@ -650,7 +665,25 @@ struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over ever
       at::mm_out(ds, do_rows, v_rows.t());
       cpu::softmax_grad(ds.data_ptr<T>(), prob.data_ptr<T>(), R, kt.len, delta_all + row0);
       dk.addmm_(ds.t(), q_rows);
+      mark_seen_by_poisoned(hv, poisoned_all + row0, qt, kt, key_poisoned);
     }
+    for (int64_t j = 0; j < kt.len; ++j) {
+      if (!key_poisoned[j]) continue;
+      dk[j].fill_(std::numeric_limits<double>::quiet_NaN());
+      dv[j].fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+
+  // key_poisoned[j - kt.j0] = 1 for the keys of the tile that a poisoned row of the query tile sees.
+  static void mark_seen_by_poisoned(const HeadVisibility& hv, const uint8_t* poisoned, const QueryTile& qt,
+                                    const KeyTile& kt, std::vector<uint8_t>& key_poisoned) {
+    const int64_t R = qt.rows * hv.group;
+    if (std::none_of(poisoned, poisoned + R, [](uint8_t x) { return x != 0; })) return;
+    for (int64_t r = 0; r < qt.rows; ++r)
+      for (int64_t g = 0; g < hv.group; ++g)
+        if (poisoned[r * hv.group + g])
+          for (int64_t j = kt.j0; j <= kt.j1; ++j)
+            if (hv.visible(g, qt.i0 + r, j)) key_poisoned[j - kt.j0] = 1;
   }
 };
 
@@ -726,11 +759,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_impl(const Problem& p, con
   in.kh = pack_kv(k, p, acc);
   in.vh = pack_kv(v, p, acc);
   in.doh = pack_query_like(grad_out, p, acc);
+  for (Tensor* x : {&in.qh, &in.kh, &in.vh}) zero_non_finite_rows(*x);
   const Tensor lse_packed = pack_lse_like(lse, p, acc);
-  in.lse_rows = at::where(lse_packed == -std::numeric_limits<double>::infinity(),
-                          at::full({}, std::numeric_limits<double>::infinity(), lse_packed.options()), lse_packed);
-  in.delta_rows = (in.doh * pack_query_like(out, p, acc)).sum(-1).view({s.heads_kv, -1});
-  if (grad_lse.has_value()) in.delta_rows.sub_(pack_lse_like(*grad_lse, p, acc));
+  Tensor poisoned = at::isnan(lse_packed).logical_or_(zero_non_finite_rows(in.doh).view({s.heads_kv, -1}));
+  Tensor out_packed = pack_query_like(out, p, acc);
+  zero_non_finite_rows(out_packed);  // poisoned rows only: their delta is replaced below
+  in.delta_rows = (in.doh * out_packed).sum(-1).view({s.heads_kv, -1});
+  if (grad_lse.has_value()) {
+    const Tensor dlse = pack_lse_like(*grad_lse, p, acc);
+    poisoned.logical_or_(at::logical_not(at::isfinite(dlse)));
+    in.delta_rows.sub_(dlse);
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  in.lse_rows = lse_packed.masked_fill(poisoned.logical_or(lse_packed == -inf), inf);
+  in.delta_rows.masked_fill_(poisoned, 0);
+  in.poisoned = poisoned.to(at::kByte).contiguous();
 
   Tensor dqh = at::zeros_like(in.qh), dkh = at::zeros_like(in.kh), dvh = at::zeros_like(in.vh);
   std::vector<Task> key_tasks = make_tasks(p, /*over_key_tiles=*/true);
@@ -738,6 +781,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_impl(const Problem& p, con
   std::vector<Task> query_tasks = make_tasks(p, /*over_key_tiles=*/false);
   run_tasks(query_tasks, QueryGradWorker<T>{p, in, dqh});
   dqh.mul_(s.scale);
+  dqh.view({s.heads_kv, -1, s.head_dim}).masked_fill_(in.poisoned.to(at::kBool).unsqueeze(-1),
+                                                        std::numeric_limits<double>::quiet_NaN());
 
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   dq.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(dqh.permute({1, 0, 2, 3}));

@@ -21,6 +21,7 @@
 typedef float vfloat __attribute__((vector_size(64)));  // kLanes floats
 typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalf __attribute__((vector_size(32)));  // kLanes bfloat16 bits
 constexpr int64_t kLanes = 16;
 #define ELASTIC_INLINE __attribute__((always_inline)) inline
 
@@ -144,20 +145,24 @@ ELASTIC_INLINE vint to_bf16_bits(vfloat x) {
   return (vint)(((vuint)u + ((((vuint)u) >> 16) & 1u) + 0x7FFFu) >> 16);
 }
 
-ELASTIC_CPU_CLONES void exp_shifted_bf16(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum,
+ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum,
                                          uint16_t* lowp) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    float* x = s + r * cols;
+    const float* x = s + r * cols;
     uint16_t* y = lowp + r * cols;
     vfloat sum = splat(0.0f);
     int64_t j = 0;
-    for (; j < cols; j += kLanes) {
-      const int64_t n = std::min<int64_t>(kLanes, cols - j);
-      const vfloat e = exp_lanes(load(x + j, n, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
-      store(x + j, e, n);
-      const vint b = to_bf16_bits(e);
-      for (int64_t l = 0; l < n; ++l) y[j + l] = static_cast<uint16_t>(b[l]);
+    for (; j + kLanes <= cols; j += kLanes) {
+      const vfloat e = exp_lanes(load_full(x + j) - shift[r]);
+      const vhalf b = __builtin_convertvector(to_bf16_bits(e), vhalf);
+      std::memcpy(y + j, &b, sizeof b);
+      sum += e;
+    }
+    if (j < cols) {
+      const vfloat e = exp_lanes(load(x + j, cols - j, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
+      const vhalf b = __builtin_convertvector(to_bf16_bits(e), vhalf);
+      std::memcpy(y + j, &b, sizeof(uint16_t) * (cols - j));
       sum += e;
     }
     row_sum[r] = horizontal_sum(sum);
@@ -167,12 +172,10 @@ ELASTIC_CPU_CLONES void exp_shifted_bf16(float* s, int64_t rows, int64_t cols, c
 // x - x is 0 for finite x and NaN for inf / NaN; summing it keeps the loop branch-free and vectorised.
 template <typename T>
 ELASTIC_INLINE bool copy_finite_or_zero_impl(const T* src, T* dst, int64_t n) {
+  if (dst != src) std::memcpy(dst, src, sizeof(T) * n);
   T probe = T(0);
 #pragma omp simd reduction(+ : probe)
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = src[i];
-    probe += src[i] - src[i];
-  }
+  for (int64_t i = 0; i < n; ++i) probe += src[i] - src[i];
   if (probe == T(0)) return true;
   std::fill(dst, dst + n, T(0));
   return false;
@@ -181,14 +184,14 @@ ELASTIC_CPU_CLONES bool copy_finite_or_zero(const float* src, float* dst, int64_
   return copy_finite_or_zero_impl(src, dst, n);
 }
 bool copy_finite_or_zero(const double* src, double* dst, int64_t n) { return copy_finite_or_zero_impl(src, dst, n); }
-bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, int64_t n) {
-  bool finite = true;  // bfloat16: non-finite iff the 8 exponent bits are all ones
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = src[i];
-    finite &= (src[i] & 0x7F80u) != 0x7F80u;
-  }
-  if (!finite) std::fill(dst, dst + n, uint16_t(0));
-  return finite;
+ELASTIC_CPU_CLONES bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, int64_t n) {
+  if (dst != src) std::memcpy(dst, src, sizeof(uint16_t) * n);
+  uint32_t non_finite = 0;  // bfloat16: non-finite iff the 8 exponent bits are all ones
+#pragma omp simd reduction(+ : non_finite)
+  for (int64_t i = 0; i < n; ++i) non_finite += (src[i] & 0x7F80u) == 0x7F80u;
+  if (non_finite == 0) return true;
+  std::fill(dst, dst + n, uint16_t(0));
+  return false;
 }
 
 void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out) {

@@ -25,11 +25,11 @@ void softmax_grad(double* dp, const double* p, int64_t rows, int64_t cols, const
 void scale_row_max(float* s, int64_t rows, int64_t cols, float scale, float* out);
 void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out);
 
-// exp_shifted, also writing the result rounded to bfloat16 (round to nearest even; the bits) into
-// lowp [rows, cols]: the probabilities operand of a bfloat16 P.V GEMM. row_sum sums the fp32 values.
-void exp_shifted_bf16(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum, uint16_t* lowp);
+// exp(s[r, j] - shift[r]) rounded to bfloat16 (nearest even; the bits) into lowp [rows, cols], s
+// unchanged: the probabilities operand of a bfloat16 P.V GEMM. row_sum sums the fp32 values.
+void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum, uint16_t* lowp);
 
-// Copies n elements and says whether they are all finite; a non-finite row is written as zeros, so
+// Copies n elements (src == dst allowed) and says whether they are all finite; a non-finite row is written as zeros, so
 // that it cannot reach other rows through a GEMM (0 * inf = NaN). bf16 is passed as its bits.
 bool copy_finite_or_zero(const float* src, float* dst, int64_t n);
 bool copy_finite_or_zero(const double* src, double* dst, int64_t n);
