@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BLOCK, FULL, STREAM, random_block_mask, rel_err
 
 import elastic_cuda
-from conftest import BLOCK, FULL, STREAM, random_block_mask, rel_err
 from elastic_cuda.reference import attention_reference, visible_mask
 
 B, S, HQ, HKV, D = 2, 300, 6, 2, 64
@@ -33,7 +33,7 @@ def make_case(mode, dtype, device, gen):
     other = {FULL: STREAM, STREAM: BLOCK, BLOCK: FULL}[mode]
     head_mode = torch.tensor([[mode, mode], [mode, other]], dtype=torch.int32)
     mask = random_block_mask(B, HKV, S, BLOCK_SIZE, gen, density=0.4)
-    kw = dict(sink=SINK, window=WINDOW, block_mask=mask.to(device), block_size=BLOCK_SIZE)
+    kw = {"sink": SINK, "window": WINDOW, "block_mask": mask.to(device), "block_size": BLOCK_SIZE}
     return q.to(device), k.to(device), v.to(device), head_mode.to(device), kw
 
 
@@ -157,23 +157,17 @@ def test_nonfinite_invisible_keys_never_matter_cpu(gen):
 
 
 # ----------------------------------------------------------------------------- CUDA (the lead runs these on a GPU)
-cuda_only = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not elastic_cuda.has_cuda_kernels(), reason="extension built without CUDA kernels"),
-]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels(),
+                                reason="needs a CUDA device and the CUDA kernels")
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("where", ["q", "k", "v", "k-sink", "v-sink"])
 @pytest.mark.parametrize("bad", list(BAD_VALUES))
-@pytest.mark.usefixtures("gen")
-def test_cuda_nonfinite_rule_forward(dtype, mode, where, bad, gen, request):
-    for m in cuda_only:
-        request.applymarker(m)
-    if not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels():
-        pytest.skip("needs a CUDA device and the CUDA kernels")
+def test_cuda_nonfinite_rule_forward(dtype, mode, where, bad, gen):
     if where.endswith("sink") and mode != "stream":
         pytest.skip("sink keys are a STREAM case")
     q, k, v, head_mode, kw = make_case(MODES[mode], dtype, "cuda", gen)
@@ -181,11 +175,11 @@ def test_cuda_nonfinite_rule_forward(dtype, mode, where, bad, gen, request):
     check_rule(q, k, v, head_mode, kw, label=f"cuda {dtype} {mode} {where} {bad}")
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_nonfinite_rule_backward(dtype, mode, gen):
-    if not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels():
-        pytest.skip("needs a CUDA device and the CUDA kernels")
     q, k, v, head_mode, kw = make_case(MODES[mode], dtype, "cuda", gen)
     q, k, v = poison(q, k, v, "v", float("nan"), MODES[mode])
     q, k, v = poison(q, k, v, "q", float("inf"), MODES[mode])
