@@ -346,13 +346,53 @@ struct ForwardOperands {
   std::vector<int64_t> key_chunk_begin;  // per sequence: index of its first chunk in kt
   int64_t key_chunks = 0;
   Tensor q_keep, v_keep;  // owners of q / v when they had to be made contiguous or cleaned
+  // bfloat16 on a CPU with AMX: K and V in the VNNI layout of oneDNN's brgemm (rows in pairs, panels of
+  // kPanel columns, packed by cpublas::pack), so both GEMMs run on the AMX tiles with nothing to repack
+  // per call; kt / v above are then unused. Per (KV head, chunk):
+  //   kpack [kKeyChunk / kPanel key panels][D * kPanel]   (K^T: K dimension = D)
+  //   vpack [D / kPanel dim panels][kKeyChunk * kPanel]    (V: K dimension = keys, zero-padded to even)
+  bool vnni = false;
+  Tensor kpack, vpack;
 };
+
+constexpr int64_t kPanel = 64;  // oneDNN's pack supports output leading dimensions 16, 32, 48, 64
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Whether the bfloat16 forward can use the VNNI / AMX path (oneDNN pack available, D a panel multiple).
+inline bool use_vnni(at::ScalarType dtype, int64_t head_dim) {
+  return dtype == at::kBFloat16 && head_dim % kPanel == 0 && at::native::cpublas::could_pack(at::kBFloat16);
+}
 
 // bfloat16 is checked through its bits (attention_cpu_rows.h has no ATen types).
 inline bool copy_row(const float* src, float* dst, int64_t n) { return cpu::copy_finite_or_zero(src, dst, n); }
 inline bool copy_row(const double* src, double* dst, int64_t n) { return cpu::copy_finite_or_zero(src, dst, n); }
 inline bool copy_row(const at::BFloat16* src, at::BFloat16* dst, int64_t n) {
   return cpu::copy_finite_or_zero(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), n);
+}
+
+// Packs one (KV head, chunk) into the VNNI layout: kt_tmp [D, kKeyChunk] (K^T) and v_tmp [kKeyChunk, D], both
+// with zeros past `len` keys. cpublas::pack reads a contiguous [K, kPanel] input, hence the panel copies.
+template <typename Tin>
+void pack_vnni_chunk(ForwardOperands<Tin>& in, int64_t hk, int64_t chunk_index, int64_t len, int64_t D,
+                     std::vector<Tin>& kt_tmp, std::vector<Tin>& v_tmp, std::vector<Tin>& panel_tmp) {
+  const auto bf16 = at::kBFloat16;
+  Tin* kdst = in.kpack.template data_ptr<Tin>() + (hk * in.kpack.size(1) + chunk_index) * kKeyChunk * D;
+  Tin* vdst = in.vpack.template data_ptr<Tin>() + (hk * in.vpack.size(1) + chunk_index) * kKeyChunk * D;
+  for (int64_t p = 0; p < round_up(len, kPanel) / kPanel; ++p) {  // K^T: key panels of [D, kPanel]
+    for (int64_t d = 0; d < D; ++d)
+      std::copy_n(kt_tmp.data() + d * kKeyChunk + p * kPanel, kPanel, panel_tmp.data() + d * kPanel);
+    at::native::cpublas::pack(D, kPanel, kPanel, kPanel, bf16, bf16, panel_tmp.data(), kdst + p * D * kPanel);
+  }
+  const int64_t rows = round_up(len, 2);  // VNNI pairs rows: an odd tail gets a zero row
+  for (int64_t p = 0; p < D / kPanel; ++p) {  // V: dim panels of [keys, kPanel]
+    for (int64_t j = 0; j < rows; ++j)
+      std::copy_n(v_tmp.data() + j * D + p * kPanel, kPanel, panel_tmp.data() + j * kPanel);
+    at::native::cpublas::pack(rows, kPanel, kPanel, kPanel, bf16, bf16, panel_tmp.data(),
+                              vdst + p * kKeyChunk * kPanel);
+  }
+  std::fill(kt_tmp.begin(), kt_tmp.end(), Tin(0));  // the next chunk may be shorter
+  std::fill(v_tmp.begin(), v_tmp.end(), Tin(0));
 }
 
 template <typename Tin>
@@ -372,7 +412,13 @@ ForwardOperands<Tin> pack_forward_operands(const Problem& p, const Tensor& q_in,
     in.key_chunks += n;
   }
   const auto opt = q_in.options().memory_format(at::MemoryFormat::Contiguous);
-  in.kt = at::empty({Hkv, std::max<int64_t>(in.key_chunks, 1), D, kKeyChunk}, opt);
+  in.vnni = use_vnni(q_in.scalar_type(), D);
+  const int64_t chunks_alloc = std::max<int64_t>(in.key_chunks, 1);
+  in.kt = at::empty({Hkv, in.vnni ? 1 : chunks_alloc, D, kKeyChunk}, opt);
+  if (in.vnni) {
+    in.kpack = at::empty({Hkv, chunks_alloc, kKeyChunk * D}, opt);
+    in.vpack = at::empty({Hkv, chunks_alloc, kKeyChunk * D}, opt);
+  }
   in.kv_bad = at::zeros({Hkv, Tk}, opt.dtype(at::kByte));
   const Tensor kc = k_in.contiguous();
   Tensor vc = v_in.contiguous();
@@ -381,21 +427,29 @@ ForwardOperands<Tin> pack_forward_operands(const Problem& p, const Tensor& q_in,
   uint8_t* kv_bad = in.kv_bad.template data_ptr<uint8_t>();
   std::atomic<bool> any_bad_v{false};
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<Tin> row(D);
+    std::vector<Tin> row(D), panel_tmp, kt_tmp, v_tmp;
+    if (in.vnni) {  // zero-filled: keys past the sequence end pack as zeros
+      panel_tmp.resize(kKeyChunk * kPanel);
+      kt_tmp.assign(D * kKeyChunk, Tin(0));
+      v_tmp.assign(kKeyChunk * D, Tin(0));
+    }
     for (int64_t i = i0; i < i1; ++i) {
       const auto [b, chunk] = chunks[i];
       const Sequence& sq = p.seqs[b];
       const int64_t j0 = chunk * kKeyChunk, len = std::min(kKeyChunk, sq.k_len - j0);
       for (int64_t hk = 0; hk < Hkv; ++hk) {
-        Tin* kt_chunk = kt_dst + ((hk * in.key_chunks) + in.key_chunk_begin[b] + chunk) * D * kKeyChunk;
+        const int64_t chunk_index = in.key_chunk_begin[b] + chunk;
+        // plain path: straight into kt; VNNI path: kt_tmp, then packed with v_tmp below
+        Tin* kt_chunk = in.vnni ? kt_tmp.data() : kt_dst + (hk * in.key_chunks + chunk_index) * D * kKeyChunk;
         for (int64_t c = 0; c < len; ++c) {
           const int64_t pos = sq.k_begin + j0 + c;
-          const bool v_ok = copy_row(v_src + (pos * Hkv + hk) * D, row.data(), D);
+          const bool v_ok = copy_row(v_src + (pos * Hkv + hk) * D, in.vnni ? v_tmp.data() + c * D : row.data(), D);
           const bool k_ok = copy_row(k_src + (pos * Hkv + hk) * D, row.data(), D);
           for (int64_t d = 0; d < D; ++d) kt_chunk[d * kKeyChunk + c] = row[d];
           if (!(k_ok && v_ok)) kv_bad[hk * Tk + pos] = 1;
           if (!v_ok) any_bad_v = true;
         }
+        if (in.vnni) pack_vnni_chunk(in, hk, chunk_index, len, D, kt_tmp, v_tmp, panel_tmp);
       }
     }
   });
@@ -470,25 +524,67 @@ struct ForwardWorker {
       const KeyTile tile(s, t);
       mask_tile<Tacc>(hv, sp + (tile.j0 - j0), len, qt, tile);
     }
-    Tacc *m = ws.m.data(), *l = ws.l.data(), *mx = ws.mx.data(), *al = ws.al.data(), *sh = ws.sh.data();
-    cpu::scale_row_max(sp, R, len, scale, mx);
-    for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
+    cpu::scale_row_max(sp, R, len, len, scale, ws.mx.data());
+    online_softmax_step(R, ws);
+    const Tin* probs;
+    if constexpr (std::is_same<Tin, Tacc>::value) {
+      cpu::exp_shifted(sp, R, len, ws.sh.data(), ws.mx.data());  // mx now holds the row sums
+      probs = sp;
+    } else {
+      cpu::exp_shifted_bf16(sp, R, len, len, ws.sh.data(), ws.mx.data(),
+                            reinterpret_cast<uint16_t*>(ws.probs.data()), len);
+      probs = ws.probs.data();
+    }
+    accumulate_row_sums(R, D, first, ws);
+    cpu::gemm_nn(R, D, len, probs, len, v_seq + j0 * v_ld, v_ld, ws.acc.data(), D, /*add_C=*/!first);
+  }
+
+  // The same on the VNNI operands (bfloat16 with AMX): S is computed per kPanel-key panel into a buffer with
+  // a kPanel-multiple leading dimension, P has an even number of columns (zero padded) for the P V GEMM.
+  void run_keys_vnni(const HeadVisibility& hv, const QueryTile& qt, const Sequence& s, int64_t hk, int64_t chunk_index,
+                     int64_t t0, int64_t t1, const TileVisibility* vis, bool first, Workspace& ws) const {
+    if constexpr (!std::is_same<Tin, Tacc>::value) {
+      const int64_t R = qt.rows * p.shape.group, D = p.shape.head_dim;
+      const int64_t j0 = t0 * kKeyTile, len = std::min(t1 * kKeyTile, s.k_len) - j0;
+      const int64_t ld_s = round_up(len, kPanel), k_even = round_up(len, 2), in_chunk = j0 % kKeyChunk;
+      const int64_t chunk_offset = (hk * in.kpack.size(1) + chunk_index) * kKeyChunk * D;
+      const Tin* kp = in.kpack.template data_ptr<Tin>() + chunk_offset + in_chunk * D;  // panel in_chunk / kPanel
+      const Tin* vp = in.vpack.template data_ptr<Tin>() + chunk_offset + in_chunk * kPanel;  // row pair in_chunk / 2
+      Tacc* sp = ws.scores.data();
+      for (int64_t panel = 0; panel < ld_s / kPanel; ++panel)
+        cpu::gemm_nn_vnni(R, kPanel, D, ws.q.data(), D, kp + panel * D * kPanel, kPanel, sp + panel * kPanel, ld_s,
+                          false);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (vis[t - t0] != TileVisibility::kPartial) continue;
+        const KeyTile tile(s, t);
+        mask_tile<Tacc>(hv, sp + (tile.j0 - j0), ld_s, qt, tile);
+      }
+      cpu::scale_row_max(sp, R, len, ld_s, scale, ws.mx.data());
+      online_softmax_step(R, ws);
+      cpu::exp_shifted_bf16(sp, R, len, ld_s, ws.sh.data(), ws.mx.data(),
+                            reinterpret_cast<uint16_t*>(ws.probs.data()), k_even);
+      accumulate_row_sums(R, D, first, ws);
+      for (int64_t panel = 0; panel < D / kPanel; ++panel)
+        cpu::gemm_nn_vnni(R, kPanel, k_even, ws.probs.data(), k_even, vp + panel * kKeyChunk * kPanel, kPanel,
+                          ws.acc.data() + panel * kPanel, D, /*add_C=*/!first);
+    }
+  }
+
+  // Online softmax: new row maxima from the tile maxima in mx; al = rescale factor of what was accumulated,
+  // sh = the shift of this tile's exponentials.
+  static void online_softmax_step(int64_t R, Workspace& ws) {
+    Tacc *m = ws.m.data(), *mx = ws.mx.data(), *al = ws.al.data(), *sh = ws.sh.data();
+    for (int64_t r = 0; r < R; ++r) {
       const Tacc m_new = std::max(m[r], mx[r]);
       al[r] = std::isinf(m[r]) ? Tacc(0) : std::exp(m[r] - m_new);
       sh[r] = std::isinf(m_new) ? Tacc(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
       m[r] = m_new;
     }
-    const Tin* probs;
-    if constexpr (std::is_same<Tin, Tacc>::value) {
-      cpu::exp_shifted(sp, R, len, sh, mx);  // mx now holds the row sums
-      probs = sp;
-    } else {
-      cpu::exp_shifted_bf16(sp, R, len, sh, mx, reinterpret_cast<uint16_t*>(ws.probs.data()));
-      probs = ws.probs.data();
-    }
-    for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
-    if (!first) cpu::scale_rows(ws.acc.data(), R, D, al);
-    cpu::gemm_nn(R, D, len, probs, len, v_seq + j0 * v_ld, v_ld, ws.acc.data(), D, /*add_C=*/!first);
+  }
+  // l = l * al + (tile row sums, in mx); the accumulator is rescaled by al unless this is the first tile.
+  static void accumulate_row_sums(int64_t R, int64_t D, bool first, Workspace& ws) {
+    for (int64_t r = 0; r < R; ++r) ws.l[r] = ws.l[r] * ws.al[r] + ws.mx[r];
+    if (!first) cpu::scale_rows(ws.acc.data(), R, D, ws.al.data());
   }
 
   void run(const Task& task, Workspace& ws) const {
@@ -528,12 +624,18 @@ struct ForwardWorker {
         }
         int64_t t1 = t0 + 1;
         while (t1 < c1 && vis[t1 - c0] != TileVisibility::kSkip) ++t1;
-        run_keys(hv, qt, s, t0, t1, vis + (t0 - c0), kt_seq, v_seq, Hkv * D, first, ws);
+        if (in.vnni) {
+          run_keys_vnni(hv, qt, s, task.hk, in.key_chunk_begin[task.b] + c0 / kTilesPerChunk, t0, t1,
+                        vis + (t0 - c0), first, ws);
+        } else {
+          run_keys(hv, qt, s, t0, t1, vis + (t0 - c0), kt_seq, v_seq, Hkv * D, first, ws);
+        }
         first = false;
         mark_poisoned(hv, bad_seq, qt, t0 * kKeyTile, std::min(t1 * kKeyTile, s.k_len) - 1, ws.poisoned.data());
         t0 = t1;
       }
     }
+    if (in.vnni) at::native::cpublas::brgemm_release();  // AMX tile state back, before the thread moves on
     write_rows(task, s, qt, ws);
   }
 

@@ -25,6 +25,13 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int6
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, /*is_vnni=*/false);
 }
 
+// B in oneDNN's VNNI layout (cpublas::pack): AMX tiles where present. Threads that used it call
+// at::native::cpublas::brgemm_release() when done, which gives the AMX tile state back.
+inline void gemm_nn_vnni(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* B,
+                         int64_t ldb, float* C, int64_t ldc, bool add_C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, /*is_vnni=*/true);
+}
+
 inline void gemm_nn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
                     double* C, int64_t ldc, bool add_C) {
   const auto opt = at::TensorOptions().dtype(at::kDouble);

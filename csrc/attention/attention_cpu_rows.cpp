@@ -119,10 +119,10 @@ ELASTIC_CPU_CLONES void exp_shifted(float* s, int64_t rows, int64_t cols, const 
   }
 }
 
-ELASTIC_CPU_CLONES void scale_row_max(float* s, int64_t rows, int64_t cols, float scale, float* out) {
+ELASTIC_CPU_CLONES void scale_row_max(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* out) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    float* x = s + r * cols;
+    float* x = s + r * ld;
     vfloat m = splat(neg_inf);
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
@@ -145,12 +145,13 @@ ELASTIC_INLINE vint to_bf16_bits(vfloat x) {
   return (vint)(((vuint)u + ((((vuint)u) >> 16) & 1u) + 0x7FFFu) >> 16);
 }
 
-ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum,
-                                         uint16_t* lowp) {
+ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, int64_t ld_s, const float* shift,
+                                         float* row_sum, uint16_t* lowp, int64_t ld_p) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = s + r * cols;
-    uint16_t* y = lowp + r * cols;
+    const float* x = s + r * ld_s;
+    uint16_t* y = lowp + r * ld_p;
+    std::fill(y + cols, y + ld_p, uint16_t(0));
     vfloat sum = splat(0.0f);
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
@@ -194,9 +195,9 @@ ELASTIC_CPU_CLONES bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, 
   return false;
 }
 
-void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out) {
+void scale_row_max(double* s, int64_t rows, int64_t cols, int64_t ld, double scale, double* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    double* x = s + r * cols;
+    double* x = s + r * ld;
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < cols; ++j) {
       x[j] *= scale;

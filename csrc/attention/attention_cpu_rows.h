@@ -22,12 +22,15 @@ void softmax_grad(float* dp, const float* p, int64_t rows, int64_t cols, const f
 void softmax_grad(double* dp, const double* p, int64_t rows, int64_t cols, const double* delta);
 
 // s[r, j] *= scale, then out[r] = max_j s[r, j] (one pass; -inf for a row of -inf; scale > 0).
-void scale_row_max(float* s, int64_t rows, int64_t cols, float scale, float* out);
-void scale_row_max(double* s, int64_t rows, int64_t cols, double scale, double* out);
+// Row r starts at s + r * ld (ld >= cols).
+void scale_row_max(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* out);
+void scale_row_max(double* s, int64_t rows, int64_t cols, int64_t ld, double scale, double* out);
 
-// exp(s[r, j] - shift[r]) rounded to bfloat16 (nearest even; the bits) into lowp [rows, cols], s
-// unchanged: the probabilities operand of a bfloat16 P.V GEMM. row_sum sums the fp32 values.
-void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum, uint16_t* lowp);
+// exp(s[r, j] - shift[r]) rounded to bfloat16 (nearest even; the bits) into lowp (row r at lowp + r * ld_p),
+// s unchanged (row r at s + r * ld_s): the probabilities operand of a bfloat16 P.V GEMM; columns
+// [cols, ld_p) of lowp are written as 0 (padding for a GEMM whose K must be even). row_sum sums the fp32 values.
+void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, int64_t ld_s, const float* shift, float* row_sum,
+                      uint16_t* lowp, int64_t ld_p);
 
 // Copies n elements (src == dst allowed) and says whether they are all finite; a non-finite row is written as zeros, so
 // that it cannot reach other rows through a GEMM (0 * inf = NaN). bf16 is passed as its bits.
