@@ -287,8 +287,8 @@ std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles, bool keep_em
 // Writes -inf into the scores of invisible pairs of a partially visible tile.
 // scores: the tile's first column in a [rows * G, >= len] matrix with leading dimension ld,
 // row = (query position - i0) * G + head in group.
-// FULL / STREAM rows are intervals (keys after i; for STREAM also [sink, i - window]), filled directly;
-// BLOCK rows go through the token rule of head_mode.h element by element.
+// Rows are intervals, filled directly: keys after i; for STREAM also [sink, i - window]; for BLOCK the
+// segments of key blocks whose bit is unset (key_visible of head_mode.h, one block at a time).
 template <typename T>
 void mask_tile(const HeadVisibility& hv, T* scores, int64_t ld, const QueryTile& qt, const KeyTile& kt) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -297,13 +297,16 @@ void mask_tile(const HeadVisibility& hv, T* scores, int64_t ld, const QueryTile&
     const int64_t i = qt.i0 + r;
     for (int64_t g = 0; g < hv.group; ++g) {
       T* row = scores + (r * hv.group + g) * ld;
-      if (hv.mode == kBlock) {
-        for (int64_t j = 0; j < kt.len; ++j)
-          if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
-        continue;
-      }
       const int64_t future = std::min(std::max<int64_t>(i + 1, kt.j0), j_end);  // keys j > i
       std::fill(row + (future - kt.j0), row + kt.len, neg_inf);
+      if (hv.mode == kBlock) {  // the bit is constant over each key block: fill the unset blocks' segments
+        for (int64_t j = kt.j0; j < future;) {
+          const int64_t segment_end = std::min(future, (j / hv.block_size + 1) * hv.block_size);
+          if (!hv.block_bit(g, i, j)) std::fill(row + (j - kt.j0), row + (segment_end - kt.j0), neg_inf);
+          j = segment_end;
+        }
+        continue;
+      }
       if (hv.mode == kStream) {  // keys past the sink and before the window: sink <= j <= i - window
         const int64_t lo = std::max(hv.sink, kt.j0), hi = std::min(i - hv.window + 1, future);
         if (lo < hi) std::fill(row + (lo - kt.j0), row + (hi - kt.j0), neg_inf);
@@ -463,11 +466,16 @@ ForwardOperands<Tin> pack_forward_operands(const Problem& p, const Tensor& q_in,
   return in;
 }
 
-// Where a row of the forward's out and lse lives: out [Tq, Hkv, G, D]; lse [B, Hq, Sq] or [Hq, Tq].
+// Where a row of the forward's out and lse lives: out [Tq, Hkv, G, D]; lse [B, Hq, Sq] (dense) or [Hq, Tq].
 struct ForwardOutput {
   void* out;
   void* lse;
-  int64_t lse_head_stride, lse_seq_stride;  // lse index = b * seq + h * head + position
+  bool varlen;
+  int64_t heads_q, seqlen_q, total_q;
+  // lse element of query head h at `position` in sequence b, whose first query is token q_begin
+  int64_t lse_index(int64_t b, int64_t h, int64_t q_begin, int64_t position) const {
+    return varlen ? h * total_q + q_begin + position : (b * heads_q + h) * seqlen_q + position;
+  }
 };
 
 // One task = one query tile of one (sequence, KV head): its q rows are gathered into a [R, D] matrix
@@ -650,8 +658,7 @@ struct ForwardWorker {
         const int64_t row = r * G + g, h = task.hk * G + g, position = qt.r0 + r;
         const Tacc* a = ws.acc.data() + row * D;
         Tout* o = out + (((s.q_begin + position) * Hkv + task.hk) * G + g) * D;
-        Tlse& lse_row = lse[task.b * dst.lse_seq_stride + h * dst.lse_head_stride + s.q_begin * !dst.lse_seq_stride +
-                            position];
+        Tlse& lse_row = lse[dst.lse_index(task.b, h, s.q_begin, position)];
         const Tacc l = ws.l[row];
         if (ws.poisoned[row]) {
           std::fill(o, o + D, static_cast<Tout>(std::numeric_limits<float>::quiet_NaN()));
@@ -683,9 +690,7 @@ std::tuple<Tensor, Tensor> attention_forward_impl(const Problem& p, const Tensor
                                                   : std::vector<int64_t>{s.batch, s.heads_q, s.seqlen_q};
   Tensor lse = gaps ? at::full(lse_shape, -std::numeric_limits<double>::infinity(), q.options().dtype(lse_dtype))
                     : at::empty(lse_shape, q.options().dtype(lse_dtype));
-  // lse index = b * seq_stride + h * head_stride + position (dense) or + token (varlen: seq_stride 0).
-  const ForwardOutput dst{out.data_ptr(), lse.data_ptr(), s.varlen ? p.total_q : s.seqlen_q,
-                          s.varlen ? 0 : s.heads_q * s.seqlen_q};
+  const ForwardOutput dst{out.data_ptr(), lse.data_ptr(), s.varlen, s.heads_q, s.seqlen_q, p.total_q};
   std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false, /*keep_empty=*/true);
   run_tasks(tasks, ForwardWorker<Tin, Tacc>{p, in, dst, static_cast<Tacc>(s.scale)});
   return {out, lse};
