@@ -24,6 +24,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,19 @@ def kept_fraction(modes: torch.Tensor, mask: torch.Tensor, seqlen: int) -> float
         else:
             kept.append(float(block_visible_pairs(mask[0, h], seqlen, BLOCK_SIZE)) / causal)
     return sum(kept) / len(kept)
+
+
+def code_commit() -> str:
+    """The checkout's commit, with "+local changes" when its tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" +local changes" if dirty else "")
 
 
 def timed(fn):
@@ -132,6 +146,8 @@ def markdown(result: dict) -> str:
         f"(BLOCK mask density {result['block_density']}), median of {result['repeats']} interleaved calls. "
         f"{result['note']}"),
         "",
+        f"Package measured: `{result['package']}` at commit {result.get('commit', 'unknown')}.",
+        "",
         ("`kept`: visible pairs / causal pairs. `ours / SDPA` < 1: ours is faster. `est.`: the XAttention block "
         "estimate for that input (BLOCK and mix rows), separate from `ours`. `load`: 1-minute load average before / "
         "after the case."),
@@ -164,7 +180,13 @@ def main():
     ap.add_argument("--block-density", type=float, default=0.3,
                     help="fraction of the non-forced causal blocks a BLOCK head keeps")
     ap.add_argument("--note", default="", help="free text for the markdown (e.g. that the machine was shared)")
+    ap.add_argument("--markdown-from", metavar="JSON",
+                    help="only rewrite <out>/bench_cpu.md from an earlier bench_cpu.json (no timing)")
     args = ap.parse_args()
+    if args.markdown_from:
+        result = json.loads(Path(args.markdown_from).read_text())
+        Path(args.out, "bench_cpu.md").write_text(markdown(result))
+        return
 
     rows = []
     for threads in args.threads:
@@ -182,6 +204,7 @@ def main():
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "package": str(Path(elastic_cuda.__file__).resolve().parent),
+        "commit": code_commit(),
         "seqlen": args.seqlen, "repeats": args.repeats, "block_density": args.block_density, "note": args.note,
         "sink": SINK, "window": WINDOW, "block_size": BLOCK_SIZE, "shapes": SHAPES, "rows": rows,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
