@@ -188,7 +188,7 @@ Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor&
   Tensor s = TileBuffers::tile(buf, q_rows.size(0), kt.len);
   at::mm_out(s, q_rows, k_rows.t());
   if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), kt.len, qt, kt);
-  cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, lse_rows, nullptr);
+  cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, T(1), lse_rows, nullptr);
   return s;
 }
 

@@ -216,14 +216,14 @@ struct ForwardWorker {
       const KeyTile tile(s, t);
       mask_tile<Tacc>(hv, sp + (tile.j0 - j0), len, qt, tile);
     }
-    cpu::scale_row_max(sp, R, len, len, scale, ws.mx.data());
+    cpu::scaled_row_max(sp, R, len, len, scale, ws.mx.data());
     online_softmax_step(R, ws);
     const Tin* probs;
     if constexpr (std::is_same<Tin, Tacc>::value) {
-      cpu::exp_shifted(sp, R, len, ws.sh.data(), ws.mx.data());  // mx now holds the row sums
+      cpu::exp_shifted(sp, R, len, scale, ws.sh.data(), ws.mx.data());  // mx now holds the row sums
       probs = sp;
     } else {
-      cpu::exp_shifted_bf16(sp, R, len, len, ws.sh.data(), ws.mx.data(),
+      cpu::exp_shifted_bf16(sp, R, len, len, scale, ws.sh.data(), ws.mx.data(),
                             reinterpret_cast<uint16_t*>(ws.probs.data()), len);
       probs = ws.probs.data();
     }
@@ -251,9 +251,9 @@ struct ForwardWorker {
         const KeyTile tile(s, t);
         mask_tile<Tacc>(hv, sp + (tile.j0 - j0), ld_s, qt, tile);
       }
-      cpu::scale_row_max(sp, R, len, ld_s, scale, ws.mx.data());
+      cpu::scaled_row_max(sp, R, len, ld_s, scale, ws.mx.data());
       online_softmax_step(R, ws);
-      cpu::exp_shifted_bf16(sp, R, len, ld_s, ws.sh.data(), ws.mx.data(),
+      cpu::exp_shifted_bf16(sp, R, len, ld_s, scale, ws.sh.data(), ws.mx.data(),
                             reinterpret_cast<uint16_t*>(ws.probs.data()), k_even);
       accumulate_row_sums(R, D, first, ws);
       for (int64_t panel = 0; panel < D / kPanel; ++panel)

@@ -81,10 +81,32 @@ ELASTIC_INLINE float horizontal_max(vfloat v) {
 
 }  // namespace
 
-ELASTIC_CPU_CLONES void row_max(const float* s, int64_t rows, int64_t cols, float* out) {
+ELASTIC_CPU_CLONES void exp_shifted(float* s, int64_t rows, int64_t cols, float scale, const float* shift,
+                                    float* row_sum) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = s + r * cols;
+    float* x = s + r * cols;
+    vfloat sum = splat(0.0f);
+    int64_t j = 0;
+    for (; j + kLanes <= cols; j += kLanes) {
+      const vfloat e = exp_lanes(load_full(x + j) * scale - shift[r]);
+      store_full(x + j, e);
+      sum += e;
+    }
+    if (j < cols) {
+      const vfloat e = exp_lanes(load(x + j, cols - j, neg_inf) * scale - shift[r]);  // padding: exp(-inf) = 0
+      store(x + j, e, cols - j);
+      sum += e;
+    }
+    if (row_sum) row_sum[r] = horizontal_sum(sum);
+  }
+}
+
+ELASTIC_CPU_CLONES void scaled_row_max(const float* s, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                       float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = s + r * ld;
     vfloat m = splat(neg_inf);
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
@@ -95,47 +117,7 @@ ELASTIC_CPU_CLONES void row_max(const float* s, int64_t rows, int64_t cols, floa
       const vfloat v = load(x + j, cols - j, neg_inf);
       m = v > m ? v : m;
     }
-    out[r] = horizontal_max(m);
-  }
-}
-
-ELASTIC_CPU_CLONES void exp_shifted(float* s, int64_t rows, int64_t cols, const float* shift, float* row_sum) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* x = s + r * cols;
-    vfloat sum = splat(0.0f);
-    int64_t j = 0;
-    for (; j + kLanes <= cols; j += kLanes) {
-      const vfloat e = exp_lanes(load_full(x + j) - shift[r]);
-      store_full(x + j, e);
-      sum += e;
-    }
-    if (j < cols) {
-      const vfloat e = exp_lanes(load(x + j, cols - j, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
-      store(x + j, e, cols - j);
-      sum += e;
-    }
-    if (row_sum) row_sum[r] = horizontal_sum(sum);
-  }
-}
-
-ELASTIC_CPU_CLONES void scale_row_max(float* s, int64_t rows, int64_t cols, int64_t ld, float scale, float* out) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* x = s + r * ld;
-    vfloat m = splat(neg_inf);
-    int64_t j = 0;
-    for (; j + kLanes <= cols; j += kLanes) {
-      const vfloat v = load_full(x + j) * scale;
-      store_full(x + j, v);
-      m = v > m ? v : m;
-    }
-    if (j < cols) {
-      const vfloat v = load(x + j, cols - j, neg_inf) * scale;
-      store(x + j, v, cols - j);
-      m = v > m ? v : m;
-    }
-    out[r] = horizontal_max(m);
+    out[r] = horizontal_max(m) * scale;
   }
 }
 
@@ -145,8 +127,8 @@ ELASTIC_INLINE vint to_bf16_bits(vfloat x) {
   return (vint)(((vuint)u + ((((vuint)u) >> 16) & 1u) + 0x7FFFu) >> 16);
 }
 
-ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, int64_t ld_s, const float* shift,
-                                         float* row_sum, uint16_t* lowp, int64_t ld_p) {
+ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t cols, int64_t ld_s, float scale,
+                                         const float* shift, float* row_sum, uint16_t* lowp, int64_t ld_p) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = s + r * ld_s;
@@ -155,13 +137,13 @@ ELASTIC_CPU_CLONES void exp_shifted_bf16(const float* s, int64_t rows, int64_t c
     vfloat sum = splat(0.0f);
     int64_t j = 0;
     for (; j + kLanes <= cols; j += kLanes) {
-      const vfloat e = exp_lanes(load_full(x + j) - shift[r]);
+      const vfloat e = exp_lanes(load_full(x + j) * scale - shift[r]);
       const vhalf b = __builtin_convertvector(to_bf16_bits(e), vhalf);
       std::memcpy(y + j, &b, sizeof b);
       sum += e;
     }
     if (j < cols) {
-      const vfloat e = exp_lanes(load(x + j, cols - j, neg_inf) - shift[r]);  // padding lanes give exp(-inf) = 0
+      const vfloat e = exp_lanes(load(x + j, cols - j, neg_inf) * scale - shift[r]);  // padding: exp(-inf) = 0
       const vhalf b = __builtin_convertvector(to_bf16_bits(e), vhalf);
       std::memcpy(y + j, &b, sizeof(uint16_t) * (cols - j));
       sum += e;
@@ -195,34 +177,22 @@ ELASTIC_CPU_CLONES bool copy_finite_or_zero(const uint16_t* src, uint16_t* dst, 
   return false;
 }
 
-void scale_row_max(double* s, int64_t rows, int64_t cols, int64_t ld, double scale, double* out) {
+void scaled_row_max(const double* s, int64_t rows, int64_t cols, int64_t ld, double scale, double* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    double* x = s + r * ld;
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < cols; ++j) {
-      x[j] *= scale;
-      m = x[j] > m ? x[j] : m;
-    }
-    out[r] = m;
-  }
-}
-
-void row_max(const double* s, int64_t rows, int64_t cols, double* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const double* x = s + r * cols;
+    const double* x = s + r * ld;
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < cols; ++j) m = x[j] > m ? x[j] : m;
-    out[r] = m;
+    out[r] = m * scale;
   }
 }
 
-void exp_shifted(double* s, int64_t rows, int64_t cols, const double* shift, double* row_sum) {
+void exp_shifted(double* s, int64_t rows, int64_t cols, double scale, const double* shift, double* row_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     double* x = s + r * cols;
     const double sh = shift[r];
     double sum = 0.0;
     for (int64_t j = 0; j < cols; ++j) {
-      const double e = std::exp(x[j] - sh);
+      const double e = std::exp(x[j] * scale - sh);
       x[j] = e;
       sum += e;
     }
