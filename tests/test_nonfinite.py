@@ -184,3 +184,33 @@ def test_cuda_nonfinite_rule_backward(dtype, mode, gen):
     q, k, v = poison(q, k, v, "v", float("nan"), MODES[mode])
     q, k, v = poison(q, k, v, "q", float("inf"), MODES[mode])
     check_rule(q, k, v, head_mode, kw, backward=True, label=f"cuda backward {dtype} {mode}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_nonfinite_rule_cpu_varlen(dtype, gen):
+    """Packed sequences: a bad key / query of one sequence never reaches another; each sequence equals its dense run."""
+    lens = [37, 300, 5]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(T, HQ, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(T, HKV, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(T, HKV, D, generator=gen, dtype=torch.float64).to(dtype)
+    k[37 + BAD_KEY, 0, 3] = float("nan")   # sequence 1, KV head 0
+    v[10, 1, 0] = float("inf")             # sequence 0, KV head 1
+    q[37 + 300 + 2, 4, 1] = float("-inf")  # sequence 2, query head 4
+    head_mode = torch.tensor([[FULL, STREAM], [STREAM, BLOCK], [BLOCK, FULL]], dtype=torch.int32)
+    nb = -(-max(lens) // BLOCK_SIZE)
+    mask = torch.rand(3, HKV, nb, nb, generator=gen) < 0.5
+    kw = {"sink": SINK, "window": WINDOW, "block_size": BLOCK_SIZE}
+    out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, block_mask=mask, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          max_seqlen_q=max(lens), max_seqlen_k=max(lens), return_lse=True, **kw)
+    for b, n in enumerate(lens):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        nbb = -(-n // BLOCK_SIZE)
+        o1, l1 = elastic_cuda.ops.attention(q[None, s], k[None, s], v[None, s], head_mode[b:b + 1],
+                                            block_mask=mask[b:b + 1, :, :nbb, :nbb], return_lse=True, **kw)
+        assert torch.equal(torch.isnan(out[s]), torch.isnan(o1[0])), f"sequence {b}: NaN rows differ"
+        assert torch.equal(torch.isnan(lse[:, s]), torch.isnan(l1[0])), f"sequence {b}: NaN lse differs"
+        assert torch.isnan(out[s]).any(), f"sequence {b} holds a bad element: some row must be NaN"
+        ok = ~torch.isnan(o1[0])
+        assert torch.allclose(out[s][ok].double(), o1[0][ok].double(), rtol=TOL[dtype], atol=TOL[dtype])
