@@ -378,3 +378,21 @@ def test_cuda_op_passes_opcheck():
     packed_q, packed_k = q.reshape(600, 4, 64)[:450], k.reshape(600, 2, 64)[:450]
     torch.library.opcheck(torch.ops.elastic.xattn_block_mask.default, (packed_q, packed_k, hm, cu),
                           dict(kw, max_seqlen=300))
+@pytest.mark.parametrize("n,bs,stride", [(70, 16, 4), (256, 32, 8), (5, 8, 4)])
+def test_block_mass_low_precision_inputs_and_chunk_padding(n, bs, stride):
+    """bf16 / fp16 inputs are widened chunk by chunk: the masses equal those of the same values in fp32 (the rule
+    does not depend on the input dtype), match the definition, and chunks holding padding tokens change nothing."""
+    torch.manual_seed(n)
+    q, k = torch.randn(n, 6, 16), torch.randn(n, 2, 16)
+    for dtype in (torch.bfloat16, torch.float16):
+        ql, kl = q.to(dtype), k.to(dtype)
+        got = block_mass(ql, kl, block_size=bs, stride=stride)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, block_mass(ql.float(), kl.float(), block_size=bs, stride=stride))
+        ref = reference_mass(ql.float(), kl.float(), bs, stride)
+        assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-5
+        for chunk in (1, 6 * (bs // stride) * (-(-n // bs) * bs // stride)):  # one block row / exactly one chunk
+            assert torch.allclose(block_mass(ql, kl, block_size=bs, stride=stride, max_chunk_elems=chunk), got,
+                                  rtol=1e-6, atol=1e-7)
+        assert torch.equal(xattn_block_mask(ql[None], kl[None], block_size=bs, stride=stride, threshold=0.8)[0],
+                           select_blocks(got, 0.8))

@@ -2,17 +2,19 @@
 //
 // Flash-attention style: each task owns one tile of queries (forward, dq) or of keys (dk/dv) of one
 // (sequence, KV head), walks the tiles on the other side with an online softmax, skips tiles with no
-// visible pair and masks element-wise only tiles that are partially visible (attention_cpu_tiles.h),
-// so memory is O(tile) per thread and STREAM heads cost O(S * (sink + window)). The G query heads of
-// a KV head are stacked as rows of one GEMM operand, so K/V are never repeated for GQA. GEMMs go
-// through ATen (BLAS) on tile views, the row loops (max, exp, softmax gradient) are vectorised in
-// attention_cpu_rows.cpp, and tasks run on at::parallel_for (backward: one pass over key tiles for
-// dk/dv, one over query tiles for dq, so no two threads write the same rows).
+// visible pair and masks only tiles that are partially visible (attention_cpu_tiles.h), so memory is
+// O(tile) per thread and STREAM heads cost O(S * (sink + window)). The G query heads of a KV head are
+// stacked as rows of one GEMM operand, so K/V are never repeated for GQA. Tasks run on at::parallel_for,
+// most expensive first (backward: one pass over key tiles for dk/dv, one over query tiles for dq, so no
+// two threads write the same rows).
 //
-// Internally every tensor is packed per KV head: q/out/dO as [Hkv, Tq, G, D] (a tile of r query
-// positions is then one contiguous [r*G, D] matrix, row = position * G + head in group), k/v as
-// [Hkv, Tk, D], lse as [Hkv, Tq*G]. Dense inputs are treated as varlen with equal lengths.
-// Accumulation is fp32 (fp64 for fp64 inputs, so gradcheck is exact); bf16 is computed in fp32.
+// Forward (attention_cpu_forward.cpp): raw-pointer GEMMs through ATen's brgemm (oneDNN micro-kernels;
+// AMX with VNNI-packed K/V for bf16), runs of up to 4 visited key tiles per GEMM, vectorised row loops
+// (attention_cpu_rows.cpp), q / out / lse read and written in place. Backward (this file): ATen GEMMs on
+// tensors packed per KV head: q/out/dO as [Hkv, Tq, G, D] (a tile of r query positions is one contiguous
+// [r*G, D] matrix, row = position * G + head in group), k/v as [Hkv, Tk, D], lse as [Hkv, Tq*G].
+// Dense inputs are treated as varlen with equal lengths. Accumulation is fp32 (fp64 for fp64 inputs, so
+// gradcheck is exact). Non-finite inputs follow the rule of head_mode.h in every dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,78 +27,53 @@
 #include <vector>
 
 #include "attention/attention_checks.h"
+#include "attention/attention_cpu_problem.h"
 #include "attention/attention_cpu_rows.h"
-#include "attention/attention_cpu_tiles.h"
 
 namespace elastic {
+namespace cpu {
+
+std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles, bool keep_empty) {
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < p.shape.batch; ++b) {
+    const Sequence& s = p.seqs[b];
+    if (s.q_len == 0) continue;
+    const int64_t nq = p.num_q_tiles(s), nk = Problem::num_k_tiles(s);
+    for (int64_t hk = 0; hk < p.shape.heads_kv; ++hk) {
+      const HeadVisibility hv = p.visibility(b, hk);
+      std::vector<int64_t> cost(over_key_tiles ? nk : nq, 0);
+      for (int64_t qt = 0; qt < nq; ++qt) {
+        const QueryTile qtile(p, s, qt);
+        for (int64_t kt = 0; kt < nk; ++kt) {
+          const KeyTile ktile(s, kt);
+          if (hv.classify(qtile.i0, qtile.i1, ktile.j0, ktile.j1) != TileVisibility::kSkip)
+            cost[over_key_tiles ? kt : qt] += qtile.rows * p.shape.group * ktile.len;
+        }
+      }
+      for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
+        if (cost[t] > 0 || keep_empty) tasks.push_back({b, hk, t, std::max<int64_t>(cost[t], 1)});
+    }
+  }
+  return tasks;
+}
+
+}  // namespace cpu
+
 namespace {
 
 using at::Tensor;
 using cpu::HeadVisibility;
+using cpu::KeyTile;
+using cpu::kKeyTile;
+using cpu::mask_tile;
+using cpu::Problem;
+using cpu::query_tile_positions;
+using cpu::QueryTile;
+using cpu::Sequence;
+using cpu::Task;
+using cpu::make_tasks;
+using cpu::run_tasks;
 using cpu::TileVisibility;
-
-constexpr int64_t kKeyTile = 128;  // a multiple of the default block_size tiles BLOCK heads exactly
-
-// Query positions per tile: a power of two in [16, 128] with about 256 stacked rows (G * rows),
-// big enough for efficient GEMMs, small enough for the score tile to stay in L2.
-int64_t query_tile_positions(int64_t group) {
-  int64_t rows = 128;
-  while (rows > 16 && rows * group > 256) rows /= 2;
-  return rows;
-}
-
-struct Sequence {
-  int64_t q_begin = 0, q_len = 0;  // rows of the packed q
-  int64_t k_begin = 0, k_len = 0;  // rows of the packed k/v
-};
-
-// Everything the tile loops need; built once per call after the argument checks.
-struct Problem {
-  AttentionShape shape;
-  std::vector<Sequence> seqs;
-  int64_t total_q = 0, total_k = 0;
-  int64_t q_tile = 0;
-  Tensor head_mode;   // contiguous int32 [B, Hkv]
-  Tensor block_mask;  // contiguous bool [B, Hm, NB, NB] or undefined
-  int64_t sink = 0, window = 0, block_size = 1;
-
-  HeadVisibility visibility(int64_t b, int64_t hk) const {
-    HeadVisibility hv;
-    hv.mode = head_mode.data_ptr<int32_t>()[b * shape.heads_kv + hk];
-    hv.sink = sink;
-    hv.window = window;
-    hv.block_size = block_size;
-    hv.group = shape.group;
-    if (hv.mode == kBlock) {
-      const int64_t nb = shape.mask_blocks;
-      const bool per_query_head = shape.mask_heads == shape.heads_q;
-      hv.num_blocks = nb;
-      const int64_t first_head = per_query_head ? hk * shape.group : hk;
-      hv.block_mask = block_mask.data_ptr<bool>() + (b * shape.mask_heads + first_head) * nb * nb;
-      hv.mask_head_stride = per_query_head ? nb * nb : 0;
-    }
-    return hv;
-  }
-  int64_t num_q_tiles(const Sequence& s) const { return (s.q_len + q_tile - 1) / q_tile; }
-  static int64_t num_k_tiles(const Sequence& s) { return (s.k_len + kKeyTile - 1) / kKeyTile; }
-};
-
-// Query tile qt of a sequence: its row range and absolute positions [i0, i1].
-struct QueryTile {
-  int64_t r0, rows, i0, i1;
-  QueryTile(const Problem& p, const Sequence& s, int64_t qt) {
-    r0 = qt * p.q_tile;
-    rows = std::min(p.q_tile, s.q_len - r0);
-    i0 = query_position(r0, s.q_len, s.k_len);
-    i1 = i0 + rows - 1;
-  }
-};
-struct KeyTile {
-  int64_t j0, len, j1;
-  KeyTile(const Sequence& s, int64_t kt) : j0(kt * kKeyTile), len(std::min(kKeyTile, s.k_len - kt * kKeyTile)) {
-    j1 = j0 + len - 1;
-  }
-};
 
 // ----------------------------------------------------------------------------- argument checks
 void check_cpu_dtype(const Tensor& q) {
@@ -194,115 +171,6 @@ Tensor pack_lse_like(const Tensor& lse, const Problem& p, at::ScalarType acc) {
   y.view(source.sizes()).copy_(source);
   return y;
 }
-void unpack_lse(const Tensor& packed, Tensor& lse, const Problem& p) {
-  const auto& s = p.shape;
-  if (s.varlen) {
-    lse.view({s.heads_kv, s.group, p.total_q}).copy_(packed.view({s.heads_kv, p.total_q, s.group}).permute({0, 2, 1}));
-  } else {
-    lse.view({s.batch, s.heads_kv, s.group, s.seqlen_q})
-        .copy_(packed.view({s.heads_kv, s.batch, s.seqlen_q, s.group}).permute({1, 0, 3, 2}));
-  }
-}
-
-// ----------------------------------------------------------------------------- scheduling
-struct Task {
-  int64_t b, hk, tile, cost;
-};
-
-// MKL (bundled with x86 builds of torch) opens an OpenMP region for every gemm called outside one,
-// even a tiny one; on a busy machine each region costs milliseconds. The serial path asks MKL for
-// one thread, on this thread only (weak: absent without MKL, then nothing is changed). The C entry
-// point is MKL_Set_Num_Threads_Local; the lower-case symbol is the Fortran one (takes int*).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-struct SingleThreadedBlas {
-  int previous = 0;
-  SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 = back to the global setting
-  }
-};
-
-// Below this many score elements in all (about a millisecond of work) a call runs on the calling
-// thread: waking the pool costs more than it saves, badly so on a loaded machine (gradcheck).
-constexpr int64_t kMinParallelScores = int64_t(1) << 18;
-
-// Runs tasks on every ATen thread, most expensive first, each thread pulling the next task
-// (causal tiles differ in cost by up to S/tile, so static chunks would leave one thread idle).
-template <typename Worker>
-void run_tasks(std::vector<Task>& tasks, const Worker& worker) {
-  std::sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  int64_t total_cost = 0;
-  for (const Task& t : tasks) total_cost += t.cost;
-  if (total_cost < kMinParallelScores || at::get_num_threads() == 1 || tasks.size() == 1) {
-    SingleThreadedBlas one_thread;
-    auto state = worker.make_workspace();
-    for (const Task& t : tasks) worker.run(t, state);
-    return;
-  }
-  std::atomic<size_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks.size());
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unused = begin; unused < end; ++unused) {
-      auto state = worker.make_workspace();
-      for (size_t t = next.fetch_add(1); t < tasks.size(); t = next.fetch_add(1)) worker.run(tasks[t], state);
-    }
-  });
-}
-
-// Tasks over query tiles (forward, dq) or key tiles (dk/dv); cost = score elements of the visited tiles.
-std::vector<Task> make_tasks(const Problem& p, bool over_key_tiles) {
-  std::vector<Task> tasks;
-  for (int64_t b = 0; b < p.shape.batch; ++b) {
-    const Sequence& s = p.seqs[b];
-    if (s.q_len == 0) continue;
-    const int64_t nq = p.num_q_tiles(s), nk = Problem::num_k_tiles(s);
-    for (int64_t hk = 0; hk < p.shape.heads_kv; ++hk) {
-      const HeadVisibility hv = p.visibility(b, hk);
-      std::vector<int64_t> cost(over_key_tiles ? nk : nq, 0);
-      for (int64_t qt = 0; qt < nq; ++qt) {
-        const QueryTile qtile(p, s, qt);
-        for (int64_t kt = 0; kt < nk; ++kt) {
-          const KeyTile ktile(s, kt);
-          if (hv.classify(qtile.i0, qtile.i1, ktile.j0, ktile.j1) != TileVisibility::kSkip)
-            cost[over_key_tiles ? kt : qt] += qtile.rows * p.shape.group * ktile.len;
-        }
-      }
-      for (int64_t t = 0; t < static_cast<int64_t>(cost.size()); ++t)
-        if (cost[t] > 0) tasks.push_back({b, hk, t, cost[t]});  // tiles seeing nothing keep 0 / -inf
-    }
-  }
-  return tasks;
-}
-
-// ----------------------------------------------------------------------------- tile helpers
-// Writes -inf into the scores of invisible pairs of a partially visible tile.
-// scores: [rows * G, len], row = (query position - i0) * G + head in group.
-// FULL / STREAM rows are intervals (keys after i; for STREAM also [sink, i - window]), filled directly;
-// BLOCK rows go through the token rule of head_mode.h element by element.
-template <typename T>
-void mask_tile(const HeadVisibility& hv, T* scores, const QueryTile& qt, const KeyTile& kt) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t j_end = kt.j0 + kt.len;
-  for (int64_t r = 0; r < qt.rows; ++r) {
-    const int64_t i = qt.i0 + r;
-    for (int64_t g = 0; g < hv.group; ++g) {
-      T* row = scores + (r * hv.group + g) * kt.len;
-      if (hv.mode == kBlock) {
-        for (int64_t j = 0; j < kt.len; ++j)
-          if (!hv.visible(g, i, kt.j0 + j)) row[j] = neg_inf;
-        continue;
-      }
-      const int64_t future = std::min(std::max<int64_t>(i + 1, kt.j0), j_end);  // keys j > i
-      std::fill(row + (future - kt.j0), row + kt.len, neg_inf);
-      if (hv.mode == kStream) {  // keys past the sink and before the window: sink <= j <= i - window
-        const int64_t lo = std::max(hv.sink, kt.j0), hi = std::min(i - hv.window + 1, future);
-        if (lo < hi) std::fill(row + (lo - kt.j0), row + (hi - kt.j0), neg_inf);
-      }
-    }
-  }
-}
 
 struct TileBuffers {
   Tensor scores, scores2;  // [rows * kKeyTile] each
@@ -319,86 +187,9 @@ Tensor probabilities(const HeadVisibility& hv, TileVisibility vis, const Tensor&
                      const T* lse_rows, const QueryTile& qt, const KeyTile& kt, const Tensor& buf) {
   Tensor s = TileBuffers::tile(buf, q_rows.size(0), kt.len);
   at::mm_out(s, q_rows, k_rows.t());
-  if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), qt, kt);
-  cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, lse_rows, nullptr);
+  if (vis == TileVisibility::kPartial) mask_tile<T>(hv, s.data_ptr<T>(), kt.len, qt, kt);
+  cpu::exp_shifted(s.data_ptr<T>(), s.size(0), kt.len, T(1), lse_rows, nullptr);
   return s;
-}
-
-// ----------------------------------------------------------------------------- forward
-template <typename T>
-struct ForwardWorker {
-  const Problem& p;
-  const Tensor &qh, &kh, &vh;  // [Hkv, Tq, G, D] (scaled), [Hkv, Tk, D] x2
-  Tensor &outh, &lseh;         // [Hkv, Tq, G, D] zeros, [Hkv, Tq*G] -inf
-
-  TileBuffers make_workspace() const { return TileBuffers(p.q_tile * p.shape.group, qh.options()); }
-
-  void run(const Task& task, TileBuffers& ws) const {
-    const Sequence& s = p.seqs[task.b];
-    const HeadVisibility hv = p.visibility(task.b, task.hk);
-    const QueryTile qt(p, s, task.tile);
-    const int64_t G = p.shape.group, D = p.shape.head_dim, R = qt.rows * G;
-    const int64_t row0 = (s.q_begin + qt.r0) * G;
-    const Tensor q_rows = qh[task.hk].view({-1, D}).narrow(0, row0, R);
-    const Tensor k_seq = kh[task.hk].narrow(0, s.k_begin, s.k_len), v_seq = vh[task.hk].narrow(0, s.k_begin, s.k_len);
-    Tensor acc = outh[task.hk].view({-1, D}).narrow(0, row0, R);  // accumulates in place (zeros)
-    // Running row max m and sum l; per tile: row maxima / sums (mx), rescale factor (al), shift (sh).
-    std::vector<T> m(R, -std::numeric_limits<T>::infinity()), l(R, T(0)), mx(R), al(R), sh(R);
-    T* a = acc.data_ptr<T>();
-    bool first_tile = true;
-
-    for (int64_t kt_index = 0; kt_index < Problem::num_k_tiles(s); ++kt_index) {
-      const KeyTile kt(s, kt_index);
-      const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
-      if (vis == TileVisibility::kSkip) continue;
-      Tensor sc = TileBuffers::tile(ws.scores, R, kt.len);
-      at::mm_out(sc, q_rows, k_seq.narrow(0, kt.j0, kt.len).t());
-      if (vis == TileVisibility::kPartial) mask_tile<T>(hv, sc.data_ptr<T>(), qt, kt);
-      T* sp = sc.data_ptr<T>();
-      cpu::row_max(sp, R, kt.len, mx.data());
-      for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was accumulated so far
-        const T m_new = std::max(m[r], mx[r]);
-        al[r] = std::isinf(m[r]) ? T(0) : std::exp(m[r] - m_new);
-        sh[r] = std::isinf(m_new) ? T(0) : m_new;  // a row seeing nothing yet keeps exp(-inf) = 0
-        m[r] = m_new;
-      }
-      cpu::exp_shifted(sp, R, kt.len, sh.data(), mx.data());  // mx now holds the row sums
-      for (int64_t r = 0; r < R; ++r) l[r] = l[r] * al[r] + mx[r];
-      if (!first_tile) cpu::scale_rows(a, R, D, al.data());
-      first_tile = false;
-      acc.addmm_(sc, v_seq.narrow(0, kt.j0, kt.len));
-    }
-    T* lse = lseh[task.hk].data_ptr<T>() + row0;
-    for (int64_t r = 0; r < R; ++r) {
-      if (l[r] > T(0)) {
-        const T inv = T(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) a[r * D + d] *= inv;
-        lse[r] = m[r] + std::log(l[r]);
-      } else {  // no visible key: out 0, lse -inf (the initial values)
-        for (int64_t d = 0; d < D; ++d) a[r * D + d] = T(0);
-        lse[r] = -std::numeric_limits<T>::infinity();
-      }
-    }
-  }
-};
-
-template <typename T>
-std::tuple<Tensor, Tensor> attention_forward_impl(const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v) {
-  const auto acc = accumulate_type(q);
-  const auto& s = p.shape;
-  const Tensor qh = pack_query_like(q, p, acc, s.scale), kh = pack_kv(k, p, acc), vh = pack_kv(v, p, acc);
-  Tensor outh = at::zeros({s.heads_kv, p.total_q, s.group, s.head_dim}, qh.options());
-  Tensor lseh = at::full({s.heads_kv, p.total_q * s.group}, -std::numeric_limits<double>::infinity(), qh.options());
-  std::vector<Task> tasks = make_tasks(p, /*over_key_tiles=*/false);
-  run_tasks(tasks, ForwardWorker<T>{p, qh, kh, vh, outh, lseh});
-
-  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  out.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(outh.permute({1, 0, 2, 3}));
-  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor lse = s.varlen ? at::empty({s.heads_q, p.total_q}, q.options().dtype(lse_dtype))
-                        : at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(lse_dtype));
-  unpack_lse(lseh, lse, p);
-  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& head_mode,
@@ -411,18 +202,30 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   check_strategy(strategy);
   const Problem p = make_problem(q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink, window, block_size,
                                  scale, max_seqlen_q, max_seqlen_k);
-  if (accumulate_type(q) == at::kDouble) return attention_forward_impl<double>(p, q, k, v);
-  return attention_forward_impl<float>(p, q, k, v);
+  return cpu::attention_forward(p, q, k, v);
 }
 
 // ----------------------------------------------------------------------------- backward
 // P = exp(s - lse), dS = P * (dO V^T - D) with D = rowsum(dO * O) - dlse;
 // dV = P^T dO, dK = dS^T (scale q), dQ = scale * dS K.
+//
+// Non-finite values (head_mode.h): a poisoned row (lse NaN, i.e. the forward row is NaN, or a
+// non-finite grad_out / grad_lse row) is computed as a row that sees nothing and its dq set to NaN
+// afterwards; dk / dv of a key are NaN iff a poisoned row sees it. Non-finite q / k / v rows are used
+// as zeros, so nothing reaches rows or keys that cannot see them (0 * NaN = NaN in a GEMM).
 struct BackwardInputs {
-  Tensor qh, kh, vh, doh;  // packed, q scaled
-  Tensor lse_rows;         // [Hkv, Tq*G], -inf replaced by +inf so exp(s - lse) = 0 on empty rows
-  Tensor delta_rows;       // [Hkv, Tq*G]
+  Tensor qh, kh, vh, doh;  // packed, q scaled, non-finite rows zeroed
+  Tensor lse_rows;         // [Hkv, Tq*G], -inf (and poisoned rows) as +inf so exp(s - lse) = 0
+  Tensor delta_rows;       // [Hkv, Tq*G], 0 on poisoned rows
+  Tensor poisoned;         // uint8 [Hkv, Tq*G]
 };
+
+// Zeroes the rows (last dimension) of x holding a non-finite element; returns the bool row mask.
+Tensor zero_non_finite_rows(Tensor& x) {
+  const Tensor bad = at::logical_not(at::isfinite(x).all(-1, /*keepdim=*/true));
+  x.masked_fill_(bad, 0);
+  return bad.squeeze(-1);
+}
 
 template <typename T>
 struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over every query (and head) seeing it
@@ -444,6 +247,8 @@ struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over ever
     const Tensor q_all = in.qh[task.hk].view({-1, D}), do_all = in.doh[task.hk].view({-1, D});
     const T* lse_all = in.lse_rows[task.hk].data_ptr<T>();
     const T* delta_all = in.delta_rows[task.hk].data_ptr<T>();
+    const uint8_t* poisoned_all = in.poisoned[task.hk].data_ptr<uint8_t>();
+    std::vector<uint8_t> key_poisoned(kt.len, 0);
     for (int64_t qt_index = 0; qt_index < p.num_q_tiles(s); ++qt_index) {
       const QueryTile qt(p, s, qt_index);
       const TileVisibility vis = hv.classify(qt.i0, qt.i1, kt.j0, kt.j1);
@@ -456,7 +261,25 @@ struct KeyValueGradWorker {  // one task = one key tile: dk, dv summed over ever
       at::mm_out(ds, do_rows, v_rows.t());
       cpu::softmax_grad(ds.data_ptr<T>(), prob.data_ptr<T>(), R, kt.len, delta_all + row0);
       dk.addmm_(ds.t(), q_rows);
+      mark_seen_by_poisoned(hv, poisoned_all + row0, qt, kt, key_poisoned);
     }
+    for (int64_t j = 0; j < kt.len; ++j) {
+      if (!key_poisoned[j]) continue;
+      dk[j].fill_(std::numeric_limits<double>::quiet_NaN());
+      dv[j].fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+
+  // key_poisoned[j - kt.j0] = 1 for the keys of the tile that a poisoned row of the query tile sees.
+  static void mark_seen_by_poisoned(const HeadVisibility& hv, const uint8_t* poisoned, const QueryTile& qt,
+                                    const KeyTile& kt, std::vector<uint8_t>& key_poisoned) {
+    const int64_t R = qt.rows * hv.group;
+    if (std::none_of(poisoned, poisoned + R, [](uint8_t x) { return x != 0; })) return;
+    for (int64_t r = 0; r < qt.rows; ++r)
+      for (int64_t g = 0; g < hv.group; ++g)
+        if (poisoned[r * hv.group + g])
+          for (int64_t j = kt.j0; j <= kt.j1; ++j)
+            if (hv.visible(g, qt.i0 + r, j)) key_poisoned[j - kt.j0] = 1;
   }
 };
 
@@ -532,11 +355,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_impl(const Problem& p, con
   in.kh = pack_kv(k, p, acc);
   in.vh = pack_kv(v, p, acc);
   in.doh = pack_query_like(grad_out, p, acc);
+  for (Tensor* x : {&in.qh, &in.kh, &in.vh}) zero_non_finite_rows(*x);
   const Tensor lse_packed = pack_lse_like(lse, p, acc);
-  in.lse_rows = at::where(lse_packed == -std::numeric_limits<double>::infinity(),
-                          at::full({}, std::numeric_limits<double>::infinity(), lse_packed.options()), lse_packed);
-  in.delta_rows = (in.doh * pack_query_like(out, p, acc)).sum(-1).view({s.heads_kv, -1});
-  if (grad_lse.has_value()) in.delta_rows.sub_(pack_lse_like(*grad_lse, p, acc));
+  Tensor poisoned = at::isnan(lse_packed).logical_or_(zero_non_finite_rows(in.doh).view({s.heads_kv, -1}));
+  Tensor out_packed = pack_query_like(out, p, acc);
+  zero_non_finite_rows(out_packed);  // poisoned rows only: their delta is replaced below
+  in.delta_rows = (in.doh * out_packed).sum(-1).view({s.heads_kv, -1});
+  if (grad_lse.has_value()) {
+    const Tensor dlse = pack_lse_like(*grad_lse, p, acc);
+    poisoned.logical_or_(at::logical_not(at::isfinite(dlse)));
+    in.delta_rows.sub_(dlse);
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  in.lse_rows = lse_packed.masked_fill(poisoned.logical_or(lse_packed == -inf), inf);
+  in.delta_rows.masked_fill_(poisoned, 0);
+  in.poisoned = poisoned.to(at::kByte).contiguous();
 
   Tensor dqh = at::zeros_like(in.qh), dkh = at::zeros_like(in.kh), dvh = at::zeros_like(in.vh);
   std::vector<Task> key_tasks = make_tasks(p, /*over_key_tiles=*/true);
@@ -544,6 +377,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_impl(const Problem& p, con
   std::vector<Task> query_tasks = make_tasks(p, /*over_key_tiles=*/false);
   run_tasks(query_tasks, QueryGradWorker<T>{p, in, dqh});
   dqh.mul_(s.scale);
+  dqh.view({s.heads_kv, -1, s.head_dim}).masked_fill_(in.poisoned.to(at::kBool).unsqueeze(-1),
+                                                        std::numeric_limits<double>::quiet_NaN());
 
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   dq.view({p.total_q, s.heads_kv, s.group, s.head_dim}).copy_(dqh.permute({1, 0, 2, 3}));

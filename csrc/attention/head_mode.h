@@ -2,6 +2,12 @@
 // This header is the single statement of the semantics; kernels may skip whole tiles, but a tile
 // they skip must contain no visible (query, key) pair, and a tile they partially visit must be
 // masked element-wise with key_visible().
+//
+// Non-finite inputs: an output row (and its lse) is NaN iff an element of its query row, or of a key or
+// value row it can see (key_visible), is non-finite (NaN, +inf, -inf); keys and values it cannot see
+// never affect it. Backward: dq of a NaN row is NaN; dk / dv of a key are NaN iff a NaN row sees it.
+// A kernel must not let an invisible non-finite value in through arithmetic (a masked score of -inf
+// still meets 0 * NaN in P.V): the CPU kernels zero non-finite rows and apply the rule through flags.
 #pragma once
 #include <cstdint>
 

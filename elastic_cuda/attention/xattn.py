@@ -43,14 +43,17 @@ def check_xattn_args(block_size: int, stride: int, threshold: float, where: str 
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
-               scale: float | None = None, max_chunk_elems: int = 1 << 26) -> torch.Tensor:
+               scale: float | None = None, max_chunk_elems: int = 1 << 23) -> torch.Tensor:
     """Estimated attention mass per (query block, key block) of one sequence: q [n, Hq, D], k [n, Hkv, D]
     (queries = keys, a prefill; GQA: Hq a multiple of Hkv) -> float32 [Hq, NB, NB], NB = ceil(n / block_size).
     Each row of key groups is a softmax, so a block row sums to the number of valid query groups in it.
 
-    Rows are independent softmaxes, so query blocks go in chunks of at most `max_chunk_elems` fp32 scores (256 MB
-    by default; one [Hq, n/s, n/s] matrix would be 8.6 GB for 32 heads at 128K), each against its causal key
-    columns only; K is shared by its GQA group, not repeated."""
+    Rows are independent softmaxes, so query blocks go in chunks of at most `max_chunk_elems` scores (32 MB of
+    fp32 by default, so the working set stays in cache-sized pieces; one [Hq, n/s, n/s] matrix would be 8.6 GB for
+    32 heads at 128K), each against its causal key columns only. The G query heads of a KV head are stacked as
+    rows of one GEMM per KV head, so K is neither repeated nor broadcast. Scores are fp32 GEMMs (fp64 for fp64
+    inputs): a bf16/fp16 operand is widened chunk by chunk, which keeps its products exact; torch's CPU bf16
+    matmul would round every score to bf16 and could change which blocks the threshold keeps."""
     n, Hq, D = q.shape
     Hkv = k.shape[1]
     if k.shape[0] != n or Hq % Hkv != 0 or k.shape[2] != D:
@@ -60,25 +63,37 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, strid
     n_pad, per = nb * block_size, block_size // stride
     G, group = n_pad // stride, Hq // Hkv
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    pad = (0, 0, 0, 0, 0, n_pad - n)
-    # [Hkv, group, G, s*D]: query tokens reversed inside each stride group, key tokens in order -> one antidiagonal
-    qg = torch.nn.functional.pad(q, pad).view(G, stride, Hkv, group, D).flip(1).permute(2, 3, 0, 1, 4)
-    qg = qg.reshape(Hkv, group, G, stride * D)
-    kg = torch.nn.functional.pad(k, pad).to(dtype).view(G, stride, Hkv, D).permute(2, 0, 1, 3)
-    kg = kg.reshape(Hkv, 1, G, stride * D)
+    # Query tokens reversed inside each stride group (gathered per chunk as whole token rows: cheaper than flip, and
+    # no full padded copy of q), key tokens in order -> the dot product of a query group with a key group is one
+    # antidiagonal of their tile. Padding tokens (n..n_pad) are zero rows.
+    t = torch.arange(n_pad, device=q.device).view(G, stride)
+    reversed_tokens = (t.flip(1) if stride > 1 else t).reshape(-1)
+    kg = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, n_pad - n)).to(dtype).view(G, stride, Hkv, D).permute(2, 0, 1, 3)
+    kg_t = kg.reshape(Hkv, G, stride * D).transpose(1, 2)                  # [Hkv, s*D, G]
     sc = (1.0 / math.sqrt(D) if scale is None else float(scale)) / stride
     g = torch.arange(G, device=q.device)
     real = g * stride < n                                   # stride groups holding at least one real token
+    all_real = bool(real.all())
     out = torch.zeros(Hq, nb, nb, dtype=torch.float32, device=q.device)
     rows = max(1, max_chunk_elems // max(1, Hq * per * G))  # query blocks per chunk
     for r0 in range(0, nb, rows):
         r1 = min(nb, r0 + rows)
         g0, g1 = r0 * per, r1 * per                         # query groups of the chunk; keys up to g1 are causal
-        scores = torch.matmul(qg[:, :, g0:g1].to(dtype), kg[:, :, :g1].transpose(-1, -2)) * sc
-        visible = (g[:g1].view(1, -1) <= g[g0:g1].view(-1, 1)) & real[:g1].view(1, -1)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        probs = probs * real[g0:g1].view(-1, 1)             # padding query groups carry no mass
-        out[:, r0:r1, :r1] = probs.reshape(Hq, r1 - r0, per, r1, per).sum(dim=(2, 4)).float()
+        tokens = reversed_tokens[g0 * stride:g1 * stride]
+        q_chunk = q.index_select(0, tokens.clamp(max=n - 1)).to(dtype)
+        if g1 * stride > n:
+            q_chunk[tokens >= n] = 0.0
+        q_chunk = q_chunk.view(g1 - g0, stride, Hkv, group, D).permute(2, 3, 0, 1, 4)
+        q_chunk = q_chunk.reshape(Hkv, group * (g1 - g0), stride * D)  # [Hkv, group x query groups, s*D]
+        scores = torch.bmm(q_chunk, kg_t[:, :, :g1]).view(Hkv, group, g1 - g0, g1)
+        invisible = g[:g1].view(1, -1) > g[g0:g1].view(-1, 1)
+        if not all_real:
+            invisible = invisible | ~real[:g1].view(1, -1)
+        scores.mul_(sc).masked_fill_(invisible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if not all_real:
+            probs.mul_(real[g0:g1].view(-1, 1))             # padding query groups carry no mass
+        out[:, r0:r1, :r1] = probs.view(Hq, r1 - r0, per, r1, per).sum(dim=(2, 4)).float()
     return out
 
 
