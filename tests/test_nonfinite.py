@@ -159,10 +159,15 @@ def test_nonfinite_invisible_keys_never_matter_cpu(gen):
 # ----------------------------------------------------------------------------- CUDA (the lead runs these on a GPU)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels(),
                                 reason="needs a CUDA device and the CUDA kernels")
+# The CUDA kernels do not implement the rule yet (a non-finite V row inside a visited tile reaches the rows of that
+# tile that cannot see it, through P = 0 times NaN; NaN q rows give 0 / -inf): these tests state the rule they must
+# meet; which CUDA cases already pass was not measured (no device time), so the xfail is not strict (#14).
+cuda_rule_pending = pytest.mark.xfail(strict=False, reason="CUDA kernels do not implement the non-finite rule yet (#14)")
 
 
 @pytest.mark.gpu
 @needs_cuda
+@cuda_rule_pending
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("where", ["q", "k", "v", "k-sink", "v-sink"])
@@ -177,6 +182,7 @@ def test_cuda_nonfinite_rule_forward(dtype, mode, where, bad, gen):
 
 @pytest.mark.gpu
 @needs_cuda
+@cuda_rule_pending
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_nonfinite_rule_backward(dtype, mode, gen):
