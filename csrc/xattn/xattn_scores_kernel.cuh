@@ -69,6 +69,17 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // log2-sum-exp of a block from its sum of exp2(x - m_use); an empty (all underflowed) block is -inf.
+// Zero an accumulator array (fully unrolled: it stays in registers).
+template <int A, int B, int C>
+__device__ __forceinline__ void zero_fragments(float (&acc)[A][B][C]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[a][b][c] = 0.f;
+}
+
 __device__ __forceinline__ float block_lse2(float m_use, float sum) {
   return sum > 0.f ? m_use + log2f(sum) : -INFINITY;
 }
@@ -174,12 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) xattn_scores_kernel(const XattnPa
   const int warp_last = row0 + warp_row0 < row_end ? mq0 + (min(row0 + warp_row0 + 31, row_end - 1)) / group : -1;
 
   float acc[2][NB8][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nb = 0; nb < NB8; ++nb)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nb][c] = 0.f;
+  zero_fragments(acc);
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) issue(st);
@@ -293,12 +299,7 @@ __global__ void __launch_bounds__(kThreads, 2) xattn_scores_kernel(const XattnPa
           }
       }
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nb = 0; nb < NB8; ++nb)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mt][nb][c] = 0.f;
+    zero_fragments(acc);
     kc = 0;
     ++kt;
   }
