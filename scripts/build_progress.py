@@ -38,11 +38,15 @@ class Progress:
         self.start = clock()
         self.next_report = 1
         self.last_done = 0
+        self.plan = None
 
     def feed(self, line: str) -> list[str]:
-        line = line.rstrip("\n")
+        line = line.strip()  # pip -v indents what the build prints by two spaces
         if line.startswith(_PLAN_PREFIX):  # setup.py prints it right before compiling: time from here
             self.start = self.clock()
+            if line == self.plan:  # pip loads setup.py twice (metadata, then the build): say it once
+                return []
+            self.plan = line
             return [line]
         m = _NINJA_STEP.match(line)
         if not m:

@@ -488,28 +488,32 @@ def _load_build_progress():
     return module
 
 
-def _fake_build_log(n_files: int) -> list[str]:
-    lines = ["Obtaining file:///repo", "  Running command python setup.py develop",
-             "elastic_cuda: building CUDA + CPU kernels (CUDA toolkit at /usr/local/cuda; "
-             "TORCH_CUDA_ARCH_LIST=8.0;9.0a; cutlass=yes): 7 C++ and 13 CUDA files, MAX_JOBS=2"]
+def _fake_build_log(n_files: int, indent: str = "") -> list[str]:
+    """A build log as `pip install -v` gives it: what setup.py and ninja print comes indented by `indent`, and the
+    plan line twice (pip loads setup.py for the metadata, then for the build)."""
+    plan = (f"{indent}elastic_cuda: building CUDA + CPU kernels (CUDA toolkit at /usr/local/cuda; "
+            "TORCH_CUDA_ARCH_LIST=8.0;9.0a; cutlass=yes): 7 C++ and 13 CUDA files, MAX_JOBS=2")
+    lines = ["Obtaining file:///repo", plan, "  Running command python setup.py develop", plan]
     for i in range(1, n_files + 1):
         src = f"/repo/csrc/attention/file{i}.cu"
-        lines.append(f"[{i}/{n_files}] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c {src} "
+        lines.append(f"{indent}[{i}/{n_files}] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c {src} "
                      f"-o /repo/build/file{i}.o -O3 --use_fast_math")
-        lines.append(f"/repo/csrc/attention/file{i}.cu(12): warning #177-D: variable declared but never referenced")
+        lines.append(f"{indent}/repo/csrc/attention/file{i}.cu(12): warning #177-D: variable declared but never used")
     return lines + ["Successfully installed elastic_cuda-0.1.0"]
 
 
+@pytest.mark.parametrize("indent", ["", "  "], ids=["plain", "pip-indented"])
 @pytest.mark.parametrize("n_files", [1, 2, 6, 20, 137])
-def test_build_progress_is_short_and_follows_ninja(n_files):
+def test_build_progress_is_short_and_follows_ninja(n_files, indent):
     bp = _load_build_progress()
     now = [0.0]
     progress = bp.Progress(clock=lambda: now[0])
     printed = []
-    for line in _fake_build_log(n_files):
+    for line in _fake_build_log(n_files, indent):
         now[0] += 7.0
         printed += progress.feed(line)
     assert printed[0].startswith("elastic_cuda: building CUDA + CPU kernels") and "TORCH_CUDA_ARCH_LIST" in printed[0]
+    assert sum(s.startswith("elastic_cuda: building") for s in printed) == 1  # the plan once
     steps = printed[1:]
     assert 1 <= len(steps) <= 12, steps  # short, whatever the number of files
     assert steps[-1].startswith(f"elastic_cuda: compiled {n_files}/{n_files} (file{n_files}.cu)"), steps[-1]
@@ -525,7 +529,7 @@ def test_build_progress_copies_everything_to_the_log(tmp_path):
     import subprocess
     import sys
 
-    text = "\n".join(_fake_build_log(3)) + "\n"
+    text = "\n".join(_fake_build_log(3, indent="  ")) + "\n"
     log = tmp_path / "build.log"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_progress.py"), str(log)], input=text,
                           capture_output=True, text=True, timeout=60)
