@@ -1,6 +1,7 @@
-// Small device helpers shared by every CUDA attention kernel family (sm80 forward and backward, the sm90
-// forward, and the ones to come: the XAttention estimate in csrc/xattn/, decode in csrc/decode/). Kernels
-// include this instead of another family's kernel body; helpers that need a family's tile shapes stay there.
+// Small device helpers shared by the CUDA kernel families (sm80 forward and backward, the sm90 forward, decode in
+// csrc/decode/; the XAttention estimate in csrc/xattn/ writes no 16-bit output and uses attention_mma.cuh's MMA
+// helpers). Kernels include this instead of another family's kernel body; helpers that need a family's tile shapes
+// stay there.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention/kernel_utils.cuh"
 #include "decode/decode_params.h"
 
 namespace elastic {
@@ -47,7 +48,6 @@ struct Vec8<__half> {
       f[2 * i + 1] = x.y;
     }
   }
-  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ __forceinline__ static float load1(const void* base, int64_t i) {
     return __half2float(reinterpret_cast<const __half*>(base)[i]);
   }
@@ -63,7 +63,6 @@ struct Vec8<__nv_bfloat16> {
       f[2 * i + 1] = x.y;
     }
   }
-  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ __forceinline__ static float load1(const void* base, int64_t i) {
     return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(base)[i]);
   }
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
     const int qi = row / p.group, hq = h * p.group + row % p.group;
     if (p.num_splits == 1) {
       T* out = static_cast<T*>(p.out);
-      out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = Vec8<T>::from_float(o);
+      out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
       if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse2 * 0.69314718055994531f;
     } else {
       const int64_t part = (static_cast<int64_t>(pair) * p.row_chunks * kRows + row) * p.num_splits + split;
@@ -316,7 +315,7 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
   const int qi = row / p.group, hq = h * p.group + row % p.group;
   T* out = static_cast<T*>(p.out);
-  out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = Vec8<T>::from_float(o);
+  out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
   if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
 }
 
