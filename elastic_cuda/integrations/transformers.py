@@ -215,7 +215,10 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
                            "was not called on this model")
     if dropout:
         raise NotImplementedError(f"elastic attention does not implement attention dropout (got {dropout})")
-    static_layer = None if state.mix.active else _static_cache_layer(state, module.layer_idx, key)
+    # The cache layer that returned `key`, looked up once: an ElasticStaticCache layer or an ElasticCache one.
+    layer = None if state.mix.active else state.elastic_cache_layer(module.layer_idx, key)
+    static_layer = layer if isinstance(layer, ElasticStaticLayer) else None
+    cache_layer = None if static_layer is not None else layer
     if static_layer is not None and static_layer.prefilled:  # decode step over an ElasticStaticCache
         state.pre_rope_keys[module.layer_idx] = None
         return static_layer.attend(query, scaling), None
@@ -249,7 +252,6 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
         head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
     kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
-    cache_layer = None if state.mix.active or static_layer is not None else state.elastic_cache_layer(layer_idx, key)
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
     elif state.mix.active and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
@@ -302,13 +304,6 @@ def _attention_over_compacted_cache(q, k_full, v_full, layer, scale, strategy):
                                 strategy=strategy)
         out.index_copy_(2, q_idx, part)
     return out
-
-
-def _static_cache_layer(state, layer_idx, key):
-    """The ElasticStaticCache layer whose update() returned `key` (its prompt, or its pool at decode), else None.
-    Decode steps over it run the decode op (ElasticStaticLayer.attend); prefill runs as usual, then commits."""
-    layer = state.elastic_cache_layer(layer_idx, key)
-    return layer if isinstance(layer, ElasticStaticLayer) else None
 
 
 def register_attention():
