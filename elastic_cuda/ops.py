@@ -251,6 +251,18 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
     return torch.ops.elastic.boundary_pool(keys, cu_seqlens, n_first=n_first, n_last=n_last)
 
 
+def check_xattn_args(block_size: int, stride: int, threshold: float, where: str = "xattn: "):
+    """The XAttention estimate's settings (the torch rule in attention/xattn.py and the CUDA op both take them):
+    ValueError naming the setting, prefixed by `where`."""
+    if not isinstance(stride, int) or stride <= 0:
+        raise ValueError(f"{where}xattn stride must be a positive int, got {stride!r}")
+    if not isinstance(block_size, int) or block_size <= 0 or block_size % stride != 0:
+        raise ValueError(f"{where}block_size must be a positive multiple of the xattn stride ({stride}), "
+                         f"got {block_size!r}")
+    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        raise ValueError(f"{where}xattn threshold must be in [0, 1], got {threshold!r}")
+
+
 def xattn_block_mask(q, k, head_mode, *, cu_seqlens=None, max_seqlen: int | None = None, block_size: int = 128,
                      stride: int = 16, threshold: float = 0.9, scale: float | None = None):
     """XAttention block masks of a prefill on CUDA (the raw op; elastic_cuda.attention.xattn.xattn_block_mask is the
@@ -300,15 +312,10 @@ def xattn_block_mask(q, k, head_mode, *, cu_seqlens=None, max_seqlen: int | None
     if tuple(head_mode.shape) != (B, Hkv) or head_mode.dtype != torch.int32 or head_mode.device != q.device:
         fail(f"head_mode must be int32 [B, Hkv] = [{B}, {Hkv}] on {q.device}, got {head_mode.dtype} "
              f"{tuple(head_mode.shape)} on {head_mode.device}")
-    if not isinstance(stride, int) or stride <= 0:
-        fail(f"stride must be a positive int, got {stride!r}")
-    if not isinstance(block_size, int) or block_size <= 0 or block_size % stride != 0:
-        fail(f"block_size must be a positive multiple of stride ({stride}), got {block_size!r}")
+    check_xattn_args(block_size, stride, threshold, where="elastic_cuda.xattn_block_mask: ")
     per = block_size // stride
     if per > 128 or per & (per - 1):
         fail(f"block_size / stride must be a power of two <= 128 on CUDA, got {block_size} / {stride}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        fail(f"threshold must be in [0, 1], got {threshold!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         fail(f"scale must be a positive finite float, got {scale!r}")
     return torch.ops.elastic.xattn_block_mask(q, k, head_mode, cu_seqlens, block_size=block_size, stride=stride,

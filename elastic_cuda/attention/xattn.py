@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..ops import BLOCK, has_cuda_kernels
+from ..ops import BLOCK, check_xattn_args, has_cuda_kernels
 from ..ops import xattn_block_mask as xattn_block_mask_op
 
 __all__ = ["XATTN_STRIDE", "XATTN_THRESHOLD", "block_mass", "block_visible_pairs", "check_xattn_args",
@@ -30,16 +30,6 @@ __all__ = ["XATTN_STRIDE", "XATTN_THRESHOLD", "block_mass", "block_visible_pairs
 
 XATTN_STRIDE = 16
 XATTN_THRESHOLD = 0.9
-
-
-def check_xattn_args(block_size: int, stride: int, threshold: float, where: str = "xattn: "):
-    if not isinstance(stride, int) or stride <= 0:
-        raise ValueError(f"{where}xattn stride must be a positive int, got {stride!r}")
-    if not isinstance(block_size, int) or block_size <= 0 or block_size % stride != 0:
-        raise ValueError(f"{where}block_size must be a positive multiple of the xattn stride ({stride}), "
-                         f"got {block_size!r}")
-    if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
-        raise ValueError(f"{where}xattn threshold must be in [0, 1], got {threshold!r}")
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, stride: int = XATTN_STRIDE,
