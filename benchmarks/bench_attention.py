@@ -43,8 +43,8 @@ import traceback
 import torch
 from torch.nn.attention import SDPBackend
 
-from benchmarks.harness import (DEV, MODELS, RESULTS, T0, Case, bench, default_out, env_list, flex_fn, rec, rel_err,
-                                routing, sdpa, try_bench, write_with_errors)
+from benchmarks.harness import (DEV, MODELS, RESULTS, T0, Case, bench, default_out, env_list, fa4, flex_fn, rec,
+                                rel_err, routing, sdpa, try_bench, write_with_errors)
 
 SINK, WINDOW, BLK = 128, 2048, 128
 CHECK_TOL = 1e-2  # two bf16 kernels of the same function differ by ~2-5e-3 (relative Frobenius)
@@ -173,22 +173,6 @@ def serial_parts(case, head_mode):
     return serial, stream_only
 
 
-def fa4_func():
-    """FlashAttention-4's flash_attn_func (PyPI flash-attn-4, CuTe DSL; its Hopper path on an H200), or None when it
-    is not installed (its rows are then missing and one record says why)."""
-    try:
-        from flash_attn.cute.interface import flash_attn_func
-    except Exception as e:
-        if not any(r.get("method") == "fa4_unavailable" for r in RESULTS):
-            rec(kind="note", method="fa4_unavailable", error=repr(e)[:300])
-        return None
-    return flash_attn_func
-
-
-def _first(o):
-    return o[0] if isinstance(o, tuple) else o
-
-
 def serial_fa4(case, head_mode, fa):
     """What a user composes from FlashAttention-4 by hand: FULL KV heads (and their query heads) gathered into FA4
     dense causal, STREAM heads into FA4's sliding window (window_size=(WINDOW - 1, 0): the same window, but no sink
@@ -203,11 +187,11 @@ def serial_fa4(case, head_mode, fa):
     def run():
         out = torch.empty_like(q)
         if len(kf):
-            out.index_copy_(2, qf, _first(fa(q.index_select(2, qf), k.index_select(2, kf), v.index_select(2, kf),
-                                             causal=True)))
+            out.index_copy_(2, qf, fa(q.index_select(2, qf), k.index_select(2, kf), v.index_select(2, kf),
+                                      causal=True))
         if len(ks):
-            out.index_copy_(2, qs, _first(fa(q.index_select(2, qs), k.index_select(2, ks), v.index_select(2, ks),
-                                             causal=True, window_size=(WINDOW - 1, 0))))
+            out.index_copy_(2, qs, fa(q.index_select(2, qs), k.index_select(2, ks), v.index_select(2, ks),
+                                      causal=True, window_size=(WINDOW - 1, 0)))
         return out
     return run
 
@@ -220,9 +204,10 @@ def sweep_case(case, msrs, skip):
         if ms is not None:
             dense[name] = ms
             RESULTS[-1]["tflops"] = case.flops / ms / 1e9
-    fa = fa4_func()
+    peer = fa4()
+    fa = peer[0] if peer is not None else None
     if fa is not None:
-        ms = try_bench("fa4_dense", case, lambda: (lambda: _first(fa(case.q, case.k, case.v, causal=True))), skip)
+        ms = try_bench("fa4_dense", case, lambda: (lambda: fa(case.q, case.k, case.v, causal=True)), skip)
         if ms is not None:
             RESULTS[-1]["tflops"] = case.flops / ms / 1e9
     for i, msr in enumerate(msrs):

@@ -35,8 +35,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, flex_fn, out_args, rec, rel_err, routing, sdpa,
-                                try_bench, write_with_errors)
+from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, fa4, flex_fn, out_args, rec, rel_err, routing,
+                                sdpa, try_bench, write_with_errors)
 
 BLK = 128
 
@@ -82,18 +82,6 @@ def flex_block_mask(mask, S):
         return q_idx >= kv_idx
 
     return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=BLK, mask_mod=causal, seq_lengths=(S, S))
-
-
-def fa4():
-    """FlashAttention-4 (PyPI flash-attn-4, CuTe DSL; its Hopper path on an H200): (flash_attn_func,
-    BlockSparseTensorsTorch), or None when it is not installed (the rows are then missing, and the JSON says why)."""
-    try:
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-        from flash_attn.cute.interface import flash_attn_func
-    except Exception as e:  # not installed: a peer we cannot run here
-        rec(method="fa4_unavailable", error=repr(e)[:300])
-        return None
-    return flash_attn_func, BlockSparseTensorsTorch
 
 
 def fa4_block_tensors(mask, sparse_tensors_cls):
@@ -155,7 +143,6 @@ def block_case(case, density, msr, strategies, seed):
               lambda: (lambda: fa_func(case.q, case.k, case.v, causal=True, block_sparse_tensors=bst)), (), **extra)
     try:
         out = fa_func(case.q, case.k, case.v, causal=True, block_sparse_tensors=bst)
-        out = out[0] if isinstance(out, tuple) else out
         rec(method="check_ours_vs_fa4", **case.key(**extra), rel_err=rel_err(ours("auto")(), out))
     except Exception as e:
         rec(method="check_ours_vs_fa4", **case.key(**extra), error=repr(e)[:300])
@@ -192,13 +179,10 @@ def serial_fa4(case, hm, mask, fa_func, tensors_cls):
     bst = fa4_block_tensors(mask[:, qh].contiguous(), tensors_cls)
     out = torch.empty_like(case.q)
 
-    def first(o):
-        return o[0] if isinstance(o, tuple) else o
-
     def run():
-        o_full = first(fa_func(case.q[:, :, qf], case.k[:, :, kf], case.v[:, :, kf], causal=True))
-        o_block = first(fa_func(case.q[:, :, qh], case.k[:, :, kh], case.v[:, :, kh], causal=True,
-                                block_sparse_tensors=bst))
+        o_full = fa_func(case.q[:, :, qf], case.k[:, :, kf], case.v[:, :, kf], causal=True)
+        o_block = fa_func(case.q[:, :, qh], case.k[:, :, kh], case.v[:, :, kh], causal=True,
+                          block_sparse_tensors=bst)
         out.index_copy_(2, qf, o_full)
         out.index_copy_(2, qh, o_block)
         return out

@@ -161,6 +161,24 @@ class Case:
         return dict(model=self.model, B=self.B, S=self.S, **kw)
 
 
+def fa4():
+    """FlashAttention-4 (PyPI flash-attn-4, CuTe DSL; its Hopper path on an H200) as a peer: (attend, its
+    BlockSparseTensorsTorch), attend being flash_attn_func returning the output alone; None when it is not
+    installed (its rows are then missing, and one record says why)."""
+    try:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        from flash_attn.cute.interface import flash_attn_func
+    except Exception as e:  # not installed: a peer this machine cannot run
+        if not any(r.get("method") == "fa4_unavailable" for r in RESULTS):
+            rec(kind="note", method="fa4_unavailable", error=repr(e)[:300])
+        return None
+
+    def attend(*args, **kw):
+        out = flash_attn_func(*args, **kw)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse)
+    return attend, BlockSparseTensorsTorch
+
+
 def try_bench(name, case, make, skip, **extra):
     if name in skip:
         return None
