@@ -1,47 +1,57 @@
 """Router-training attention cost: forward + backward of the training mix O = z*O_FA + (1-z)*O_SA
-(attention.train_mix_attention) with O_FA from the elastic op (`op`) or torch SDPA (`sdpa`; `auto` takes it for
-unpadded CUDA batches), at SmolLM2-135M's attention shape (9 query / 3 KV heads, head_dim 64, bf16), and the
-agreement of the two.
+(attention.train_mix_attention) three ways: `op` (two elastic op calls with autograd, the reference), `sdpa` (O_FA
+from torch SDPA; `auto` takes it for unpadded CUDA batches) and `train_mix` (the elastic train_mix op: both
+branches in one op, each head's backward only in the branch its hard z picks). Beside them, one dense causal
+forward + backward of the same shape: the elastic op with every head FULL and torch SDPA (cuDNN / FlashAttention).
 
-  python -m benchmarks.bench_train_mix --out benchmarks/results/train_mix/<date>_h200/train_mix_h200.md   (GPU)
+  python -m benchmarks.bench_train_mix                       SmolLM2-135M shape, 1K-8K, B 1 and a padded B 2
+  MODEL=llama LENGTHS=8192,32768 PADDED=0 python -m benchmarks.bench_train_mix     Llama-3.1-8B attention shape
+  python -m benchmarks.bench_train_mix --from-json <dir>/train_mix.json            rewrite the table and plot
 
-Timings: CUDA-event medians (triton.testing.do_bench when available) of one layer's mix, forward + backward with
-a fixed random upstream gradient; fresh random inputs per shape, never zeros. The model has 30 such layers.
+Routing: z hard 0/1, round(MSR * Hkv) KV heads sparse (STREAM) per sample, chosen at random per sample
+(MSR env, default 0.5; the trainer's z is a straight-through hard sample). Timings: triton do_bench medians
+(CUDA-event medians without triton) of one layer, with a fixed random upstream gradient; fresh random inputs per
+shape. Errors: max |x - op| / max |op| of the output and the gradients of q, k, v and z.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
-from benchmarks.harness import median_ms
+from benchmarks.harness import MODELS, median_ms, out_args, sdpa
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
-from elastic_cuda.ops import STREAM
+from elastic_cuda.ops import FULL, STREAM, attention
 
-HQ, HKV, D = 9, 3, 64
-SINK, WINDOW = 64, 512
+BRANCHES = ("op", "sdpa", "train_mix")
+SINK_WINDOW = {"smollm2": (64, 512), "llama": (128, 2048)}  # the shipped SmolLM2 routers' / the issues' settings
 
 
-def make(B, S, padded, seed):
+def make(model, B, S, padded, msr, seed):
+    m = MODELS[model]
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, S, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, S, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, S, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    z = (torch.rand(B, HKV, device="cuda", generator=g) < 0.5).float()
-    grad = torch.randn(B, S, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    shape_q, shape_kv = (B, S, m["Hq"], m["D"]), (B, S, m["Hkv"], m["D"])
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
+    gc = torch.Generator().manual_seed(seed)
+    z = torch.ones(B, m["Hkv"])
+    for b in range(B):
+        z[b, torch.randperm(m["Hkv"], generator=gc)[:round(msr * m["Hkv"])]] = 0.0
     padding = None
     if padded:  # a micro-batch: the shorter sample left-padded by a quarter of S
         mask = torch.ones(B, S, dtype=torch.bool, device="cuda")
         mask[-1, : S // 4] = False
         padding = PaddingLayout.from_mask(mask, S, S)
-    return q, k, v, z, grad, padding
+    return q, k, v, z.cuda(), grad, padding
 
 
-def run(branch, q, k, v, z, grad, padding, want_grads=False):
+def run_mix(branch, case, sink, window, want_grads=False):
+    q, k, v, z, grad, padding = case
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v, z)]
-    out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=SINK, window=WINDOW, padding=padding,
+    out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=sink, window=window, padding=padding,
                               full_branch=branch)
     out.backward(grad)
     if want_grads:
@@ -49,40 +59,109 @@ def run(branch, q, k, v, z, grad, padding, want_grads=False):
     return None
 
 
+def run_dense(kind, case):
+    q, k, v, _, grad, _ = case
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    if kind == "elastic":
+        mode = torch.full((q.shape[0], k.shape[2]), FULL, dtype=torch.int32, device=q.device)
+        out = attention(*leaves, mode)
+    else:
+        from torch.nn.attention import SDPBackend
+
+        backend = SDPBackend.CUDNN_ATTENTION if kind == "cudnn" else SDPBackend.FLASH_ATTENTION
+        out = sdpa(*(t.transpose(1, 2) for t in leaves), backend).transpose(1, 2)
+    out.backward(grad)
+
+
+def table(meta, results):
+    rows = [f"# Training-mix attention, one layer, forward + backward ({meta['device']}, torch {meta['torch']}, "
+            "bf16)", "",
+            f"{meta['model_name']} attention shape: {meta['Hq']} query / {meta['Hkv']} KV heads, head_dim "
+            f"{meta['D']}; STREAM sink {meta['sink']}, window {meta['window']}; hard z with MSR {meta['msr']} "
+            "(that fraction of each sample's KV heads sparse, random per sample). `op`: two elastic op calls with "
+            "autograd; `sdpa`: O_FA from torch SDPA; `train_mix`: the train_mix op. Dense: one causal forward + "
+            "backward with every head FULL (the elastic op; torch SDPA on cuDNN). Errors: max |x - op| / max |op| "
+            "of out / dq / dk / dv / dz.",
+            f"Command: `{meta['command']}`", "",
+            "| B | S | padded | op ms | sdpa ms | train_mix ms | dense elastic ms | dense cuDNN ms | "
+            "train_mix / dense elastic | train_mix / dense cuDNN | err sdpa | err train_mix |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ms = r["ms"]
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
+        errs = lambda e: " / ".join(f"{x:.1e}" for x in e.values())  # noqa: E731
+        rows.append(f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {fmt(ms['op'])} | "
+                    f"{fmt(ms['sdpa'])} | {fmt(ms['train_mix'])} | {fmt(ms.get('dense_elastic'))} | "
+                    f"{fmt(ms.get('dense_cudnn'))} | {ratio(ms['train_mix'], ms.get('dense_elastic'))} | "
+                    f"{ratio(ms['train_mix'], ms.get('dense_cudnn'))} | {errs(r['err']['sdpa'])} | "
+                    f"{errs(r['err']['train_mix'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(meta, results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(BRANCHES) + ["dense_elastic", "dense_cudnn"]
+    labels = [f"B{r['B']} S{r['S']}{' pad' if r['padded'] else ''}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4))
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        xs = [j + i * width for j in range(len(results))]
+        ax.bar(xs, [r["ms"].get(s) or 0 for r in results], width, label=s)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms, forward + backward (log)")
+    ax.set_title(f"Training mix vs dense, {meta['model_name']} shape, MSR {meta['msr']}, {meta['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="markdown file; the JSON goes beside it")
-    p.add_argument("--lengths", default="1024,2048,4096,8192")
-    args = p.parse_args()
-    rows, results = [], []
-    for B, padded in ((1, False), (2, True)):
-        for S in (int(x) for x in args.lengths.split(",")):
-            q, k, v, z, grad, padding = make(B, S, padded, seed=S + B)
-            ref, got = (run(b, q, k, v, z, grad, padding, want_grads=True) for b in ("op", "sdpa"))
-            errs = {n: float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-                    for n, a, b in zip(("out", "dq", "dk", "dv", "dz"), got, ref)}
-            ms = {b: median_ms(lambda b=b: run(b, q, k, v, z, grad, padding)) for b in ("op", "sdpa")}
-            results.append({"B": B, "S": S, "padded": padded, "ms": ms, "speedup": ms["op"] / ms["sdpa"],
-                            "max_rel_err_sdpa_vs_op": errs})
-            rows.append(f"| {B} | {S} | {'yes' if padded else 'no'} | {ms['op']:.3f} | {ms['sdpa']:.3f} | "
-                        f"{ms['op'] / ms['sdpa']:.2f}x | " + " / ".join(f"{errs[n]:.1e}" for n in errs) + " |")
-            print(rows[-1], flush=True)
-    name = torch.cuda.get_device_name()
-    text = "\n".join([
-        f"# Training-mix attention, one layer, forward + backward ({name}, torch {torch.__version__}, bf16)", "",
-        f"SmolLM2-135M shape: {HQ} query / {HKV} KV heads, head_dim {D}; STREAM sink {SINK}, window {WINDOW}; "
-        "z random per (sample, KV head). `op`: O_FA from the elastic op; `sdpa`: from torch SDPA "
-        "(train_mix_attention full_branch='sdpa'; 'auto' takes it for unpadded CUDA batches). Errors: "
-        "max |sdpa - op| / max |op| of the output and the gradients of q, k, v and z (bf16 inputs, both exact "
-        "attention).",
-        "Command: `python -m benchmarks.bench_train_mix --out <file>.md`", "",
-        "| B | S | padded | op ms | sdpa ms | speedup | rel err out / dq / dk / dv / dz |",
-        "|---|---|---|---|---|---|---|"] + rows) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    args = out_args("train_mix", __doc__, "train_mix.md / train_mix.png")
+    md, js, png = (os.path.join(args.out, "train_mix" + ext) for ext in (".md", ".json", ".png"))
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        meta, results = saved["meta"], saved["results"]
+    else:
+        model = os.environ.get("MODEL", "smollm2")
+        lengths = [int(x) for x in os.environ.get("LENGTHS", "1024,2048,4096,8192").split(",")]
+        msr = float(os.environ.get("MSR", "0.5"))
+        batches = ((1, False), (2, True)) if os.environ.get("PADDED", "1") == "1" else ((1, False),)
+        sink, window = SINK_WINDOW[model]
+        m = MODELS[model]
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=model, model_name=m["name"],
+                    Hq=m["Hq"], Hkv=m["Hkv"], D=m["D"], sink=sink, window=window, msr=msr,
+                    command=f"MODEL={model} LENGTHS={','.join(map(str, lengths))} MSR={msr} "
+                            f"PADDED={os.environ.get('PADDED', '1')} python -m benchmarks.bench_train_mix")
+        results = []
+        for B, padded in batches:
+            for S in lengths:
+                case = make(model, B, S, padded, msr, seed=S + B)
+                grads = {b: run_mix(b, case, sink, window, want_grads=True) for b in BRANCHES}
+                err = {b: {n: float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                           for n, a, r in zip(("out", "dq", "dk", "dv", "dz"), grads[b], grads["op"])}
+                       for b in ("sdpa", "train_mix")}
+                del grads
+                ms = {b: median_ms(lambda b=b: run_mix(b, case, sink, window)) for b in BRANCHES}
+                if not padded:
+                    ms["dense_elastic"] = median_ms(lambda: run_dense("elastic", case))
+                    ms["dense_cudnn"] = median_ms(lambda: run_dense("cudnn", case))
+                results.append({"B": B, "S": S, "padded": padded, "ms": ms, "err": err})
+                print(json.dumps(results[-1]), flush=True)
+                del case
+                torch.cuda.empty_cache()
+        with open(js, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    text = table(meta, results)
+    with open(md, "w") as f:
         f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "results": results}, f, indent=1)
+    plot(meta, results, png)
     print(text)
 
 

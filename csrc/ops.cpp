@@ -21,6 +21,17 @@ TORCH_LIBRARY(elastic, m) {
       "Tensor lse, Tensor head_mode, Tensor? block_mask=None, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, *, int sink=128, int window=2048, int block_size=128, float? scale=None, "
       "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // The router-training mix O = z O_FA + (1 - z) O_SA per (sample, KV head) (z [B, Hkv] float, usually the hard
+  // 0/1 of a straight-through router): O_FA is every head FULL, O_SA every head in sparse_mode (1 STREAM, 2 BLOCK
+  // with block_mask). Returns out (like q) and both branches with their lse (fp32; the branches are not
+  // differentiable). Its autograd (elastic_cuda/ops.py) gives dq, dk, dv and dz = sum(dO * (O_FA - O_SA)) per
+  // (sample, KV head), and runs a head's backward only in the branch its z weighs (z == 0 or 1 skips the other).
+  // Composite: the same Python implementation over elastic::attention serves CPU and CUDA.
+  m.def(
+      "train_mix(Tensor q, Tensor k, Tensor v, Tensor z, Tensor? block_mask=None, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, *, int sparse_mode, int sink=128, int window=2048, int block_size=128, "
+      "float? scale=None, int max_seqlen_q=0, int max_seqlen_k=0, str strategy=\"auto\") -> (Tensor out, "
+      "Tensor out_full, Tensor lse_full, Tensor out_sparse, Tensor lse_sparse)");
   // XAttention block masks of a prefill (CUDA only; the torch rule in elastic_cuda/attention/xattn.py is the CPU
   // path and the reference): q [B, S, Hq, D], k [B, S, Hkv, D] (queries = keys), or packed [T, H, D] with
   // cu_seqlens int32 [B+1] and max_seqlen -> bool [B, Hq, NB, NB], NB = ceil((S or max_seqlen) / block_size).

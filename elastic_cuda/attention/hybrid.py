@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import FULL, attention
+from ..ops import FULL, attention, train_mix
 
 __all__ = ["FULL_BRANCHES", "PaddingLayout", "dense_causal_sdpa", "hybrid_attention", "train_mix_attention"]
 
@@ -82,7 +82,7 @@ def hybrid_attention(q, k, v, head_mode, *, sink: int, window: int, scale: float
     return padding.unpack_queries(out_packed, q)
 
 
-FULL_BRANCHES = ("auto", "op", "sdpa")
+FULL_BRANCHES = ("auto", "op", "sdpa", "train_mix")
 
 
 def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLayout | None = None):
@@ -128,14 +128,25 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
                         block_mask=None, block_size: int = 128):
     """Training-time combination O = z * O_FA + (1 - z) * O_SA per KV head (method-digest section 2).
 
-    z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); both branches run with autograd, so
-    the router gradient is <dO, O_FA - O_SA>. O_SA is the elastic op; O_FA (every head FULL) is the op too
-    (full_branch "op") or torch SDPA ("sdpa", dense_causal_sdpa); "auto" takes SDPA for an unpadded CUDA fp16/bf16
-    prefill (where it is as fast or faster) and the op otherwise. block_mask/block_size: for a BLOCK sparse mode."""
+    z [B, Hkv] (hard 0/1 with a straight-through gradient from the router); the router gradient is
+    <dO, O_FA - O_SA>. full_branch: "train_mix" runs the elastic train_mix op (both branches in one op whose
+    backward runs each head only in the branch its hard z picks); "op" composes two elastic op calls with autograd
+    (the CPU path and the test reference); "sdpa" takes O_FA from torch SDPA (dense_causal_sdpa); "auto" picks
+    SDPA for an unpadded CUDA fp16/bf16 prefill (where it is as fast or faster) and the op otherwise.
+    block_mask/block_size: for a BLOCK sparse mode."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:
         raise ValueError(f"train_mix_attention: q heads ({Hq}) must be a multiple of z heads ({Hkv})")
+    if full_branch == "train_mix":
+        if padding is None:
+            return train_mix(q, k, v, z, sparse_mode, sink=sink, window=window, scale=scale, strategy=strategy,
+                             block_mask=block_mask, block_size=block_size)
+        out = train_mix(padding.pack_queries(q), padding.pack_keys(k), padding.pack_keys(v), z, sparse_mode,
+                        sink=sink, window=window, scale=scale, strategy=strategy, block_mask=block_mask,
+                        block_size=block_size, cu_seqlens_q=padding.cu_seqlens_q, cu_seqlens_k=padding.cu_seqlens_k,
+                        max_seqlen_q=padding.max_seqlen_q, max_seqlen_k=padding.max_seqlen_k)
+        return padding.unpack_queries(out, q)
     full_mode = torch.full((B, Hkv), FULL, dtype=torch.int32, device=q.device)
     sparse_modes = torch.full((B, Hkv), sparse_mode, dtype=torch.int32, device=q.device)
     kw = dict(sink=sink, window=window, scale=scale, strategy=strategy, padding=padding)
