@@ -1,0 +1,100 @@
+"""Where the time of a SmolLM2-135M-shaped prefill goes, dense HF sdpa against the elastic backend (one-off study
+for #14 / #15: "on a GPU the demo shows elastic faster than dense at 8K"). Random weights, bf16, B = 1, the shipped
+router sets (BLOCK and STREAM) loaded onto the random model, plus fixed all-FULL / all-sparse tables: the weights
+change what the routers and the XAttention estimate decide, not the per-layer overheads this looks for.
+
+For each variant: median prefill ms (CUDA events, after a warm-up) at each length; then, for the variants named in
+PROFILE, a torch.profiler table of the top ops by self CUDA time and by self CPU time, and the count of host syncs
+(cudaStreamSynchronize / cudaDeviceSynchronize / DtoH copies) per prefill.
+
+  LENGTHS=2048,8192 PROFILE=block_router,dense python -m experiments.profile_prefill_smollm2 > $OUT/profile.txt
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from elastic_cuda.demo import SHIPPED_ROUTER_DIRS
+from elastic_cuda.integrations.transformers import disable, enable
+from elastic_cuda.router import RouterSet
+
+
+def smollm2_random():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def median_prefill_ms(model, ids, reps=5):
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            model(ids, logits_to_keep=1)
+            b.record()
+            torch.cuda.synchronize()
+            if i:
+                times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def variants(model):
+    L, Hkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    out = {"dense": None}
+    for mode in ("block", "stream"):
+        routers = RouterSet.load(SHIPPED_ROUTER_DIRS[mode], model=model, map_location="cuda")
+        out[f"{mode}_router"] = dict(routers=routers, policy="router")
+        out[f"{mode}_all_sparse"] = dict(routers=routers, policy="all_sparse")
+    out["all_full"] = dict(policy="fixed", sparse_mode="stream", fixed_table=torch.zeros(L, Hkv, dtype=torch.int32))
+    return out
+
+
+def profile(model, ids, name):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(ids, logits_to_keep=1)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+                or "DtoH" in e.key or e.key == "aten::item" or e.key == "aten::_local_scalar_dense")
+    print(f"\n## {name}, S = {ids.shape[1]}: host syncs / item() calls per prefill: {syncs}")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+def main():
+    lengths = [int(x) for x in os.environ.get("LENGTHS", "2048,8192").split(",")]
+    to_profile = os.environ.get("PROFILE", "block_router,dense").split(",")
+    model = smollm2_random()
+    print(f"# SmolLM2-135M shape, random weights, bf16, B 1, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| variant | " + " | ".join(f"{s} ms" for s in lengths) + " | MSR | ESR |")
+    print("|---|" + "---|" * (len(lengths) + 2))
+    for name, kw in variants(model).items():
+        state = enable(model, **kw) if kw is not None else None
+        ms = []
+        for S in lengths:
+            ids = torch.randint(0, model.config.vocab_size, (1, S), device="cuda")
+            ms.append(median_prefill_ms(model, ids))
+        m = state.metrics() if state is not None else {}
+        meter = " | ".join(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-" for k in ("msr", "esr"))
+        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {meter} |", flush=True)
+        if name in to_profile:
+            profile(model, torch.randint(0, model.config.vocab_size, (1, lengths[-1]), device="cuda"), name)
+        if state is not None:
+            disable(model)
+
+
+if __name__ == "__main__":
+    main()
