@@ -74,6 +74,36 @@ def profile(model, ids, name):
     print(events.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
 
 
+def sync_sites(model, ids, name):
+    """Every host sync of one prefill (torch.cuda.set_sync_debug_mode), by the innermost elastic_cuda /
+    transformers frame that caused it."""
+    import collections
+    import traceback
+    import warnings
+
+    sites = collections.Counter()
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if ("elastic_cuda" in f.filename or "transformers" in f.filename) and "warnings" not in f.filename]
+        where = f"{frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno} {frames[-1].line}" \
+            if frames else f"{filename}:{lineno}"
+        sites[where] += 1
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(ids, logits_to_keep=1)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"\n## {name}, S = {ids.shape[1]}: {sum(sites.values())} host syncs")
+    for where, n in sites.most_common():
+        print(f"  {n:4d}  {where}")
+
+
 def main():
     lengths = [int(x) for x in os.environ.get("LENGTHS", "2048,8192").split(",")]
     to_profile = os.environ.get("PROFILE", "block_router,dense").split(",")
@@ -90,8 +120,10 @@ def main():
         m = state.metrics() if state is not None else {}
         meter = " | ".join(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-" for k in ("msr", "esr"))
         print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {meter} |", flush=True)
+        ids = torch.randint(0, model.config.vocab_size, (1, lengths[-1]), device="cuda")
+        sync_sites(model, ids, name)
         if name in to_profile:
-            profile(model, torch.randint(0, model.config.vocab_size, (1, lengths[-1]), device="cuda"), name)
+            profile(model, ids, name)
         if state is not None:
             disable(model)
 

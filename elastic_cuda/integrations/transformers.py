@@ -47,6 +47,7 @@ class ElasticState:
         self.sink, self.window, self.block_size = sparse.sink, sparse.window, sparse.block_size
         self.xattn_stride, self.xattn_threshold = sparse.xattn_stride, sparse.xattn_threshold  # BLOCK mask estimate
         self.fixed_table = fixed_table                  # bool [L, Hkv] (True = sparse) or None
+        self._fixed_rows = None if fixed_table is None else fixed_table.cpu().tolist()  # the same, on the host
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
         self.meter = SparsityMeter(num_layers)
@@ -63,7 +64,8 @@ class ElasticState:
         self._head_mode = [None] * L   # int32 [B, Hkv] per layer (prefill decision)
         self._z = [None] * L           # float [B, Hkv] per layer (differentiable in training)
         self._gumbel_u = [None] * L    # training noise, reused when activations are recomputed
-        self._mode_lists = [None] * L  # head_mode as python lists (one device sync per layer, at prefill)
+        self._mode_lists = [None] * L  # head_mode as python lists: known on the host (fixed tables), else made on
+                                       # demand (mode_list), since reading a router's decision is a device sync
 
     # ------------------------------------------------------------------ results
     def _stack(self, per_layer, name):
@@ -176,11 +178,20 @@ class ElasticState:
                 sparse = torch.full((batch, Hkv), self.policy == "all_sparse", dtype=torch.bool, device=device)
             head_mode = torch.where(sparse, self.sparse_mode_id, FULL).to(torch.int32)
             z = (~sparse).to(torch.float32)
+            row = self._fixed_rows[layer_idx] if self.policy == "fixed" else [self.policy == "all_sparse"] * Hkv
+            host_modes = [[self.sparse_mode_id if s else FULL for s in row] for _ in range(batch)]
         if not recomputing:
             self._head_mode[layer_idx], self._z[layer_idx] = head_mode, z
-            self._mode_lists[layer_idx] = head_mode.tolist()
+            self._mode_lists[layer_idx] = None if self.policy == "router" else host_modes
             self.meter.start_layer(layer_idx)
         return head_mode, z
+
+    def mode_list(self, layer_idx) -> list:
+        """The layer's prefill head modes as python lists [B][Hkv] (one device sync the first time for a router's
+        decision; free for fixed tables)."""
+        if self._mode_lists[layer_idx] is None:
+            self._mode_lists[layer_idx] = self._head_mode[layer_idx].tolist()
+        return self._mode_lists[layer_idx]
 
     def block_mask(self, layer_idx, q, k, padding, scale):
         """XAttention block masks bool [B, Hq, NB, NB] of this layer's prefill (q [B, S, Hq, D], k [B, S, Hkv, D]);
@@ -247,7 +258,10 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
     block_sparse = state.sparse_mode_id == BLOCK
     block_mask = None
     if block_sparse and Sq == Skv:
-        if state.mix.active or any(BLOCK in row for row in state._mode_lists[layer_idx]):
+        # A router's modes stay on the device: its layers always run the estimate, which skips the heads that are
+        # not BLOCK on the device; a fixed table's layers without a BLOCK head skip it on the host.
+        modes = state._mode_lists[layer_idx]
+        if state.mix.active or modes is None or any(BLOCK in row for row in modes):
             block_mask = state.block_mask(layer_idx, q, k, padding, scaling)
     elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
         head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
@@ -263,10 +277,12 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
         if static_layer is not None:  # the prompt of an ElasticStaticCache goes into its pools with its routing
             static_layer.commit_prefill(head_mode, padding, sink=state.sink, window=state.window)
         modes = state._mode_lists[layer_idx]
-        state.meter.count(layer_idx, modes, Sq, Skv, padding, state.sink, state.window)
-        if (cache_layer is not None and Sq == Skv and padding is None and not block_sparse
-                and all(row == modes[0] for row in modes)):
-            cache_layer.compact(modes[0], state.sink, state.window)
+        state.meter.count(layer_idx, state._head_mode[layer_idx] if modes is None else modes, Sq, Skv, padding,
+                          state.sink, state.window)
+        if cache_layer is not None and Sq == Skv and padding is None and not block_sparse:
+            modes = state.mode_list(layer_idx)  # an ElasticCache compacts on the host: one sync per layer
+            if all(row == modes[0] for row in modes):
+                cache_layer.compact(modes[0], state.sink, state.window)
     return out, None
 
 
