@@ -108,19 +108,27 @@ def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLa
     return padding.unpack_queries(torch.cat(outs), q)
 
 
-def _use_sdpa(full_branch: str, q, k, padding: PaddingLayout | None) -> bool:
+def _resolve_branch(full_branch: str, q, k, padding: PaddingLayout | None) -> str:
+    """The way the training mix runs: "op", "sdpa" or "train_mix" (full_branch, with "auto" resolved)."""
     if full_branch not in FULL_BRANCHES:
         raise ValueError(f"train_mix_attention: full_branch must be one of {FULL_BRANCHES}, got {full_branch!r}")
     same_len = q.shape[1] == k.shape[1] and (padding is None or padding.lengths_q == padding.lengths_k)
     if full_branch == "sdpa" and not same_len:
         raise ValueError("train_mix_attention: full_branch 'sdpa' needs queries = keys (a prefill), got "
                          f"{q.shape[1]} queries over {k.shape[1]} keys")
-    # auto: SDPA only for an unpadded CUDA prefill. One training-mix layer at SmolLM2's shape on an H200
-    # (benchmarks/results/train_mix/2026-11-28_h200/train_mix_h200.md): unpadded 1.05 / 0.97 / 1.02 / 1.58x at
-    # 1K / 2K / 4K / 8K; padded micro-batches 0.73-0.84x up to 4K (the per-sample calls cost more than they save),
-    # 1.13x at 8K.
-    return full_branch == "sdpa" or (full_branch == "auto" and same_len and padding is None and q.is_cuda
-                                     and q.dtype in (torch.float16, torch.bfloat16))
+    if full_branch != "auto":
+        return full_branch
+    if not q.is_cuda:
+        return "op"  # the CPU path and the reference
+    # CUDA: SDPA's O_FA (cuDNN's backward) for an unpadded fp16/bf16 prefill, the train_mix op otherwise. One mix
+    # layer, forward + backward, hard z at MSR 0.5, SmolLM2's shape on an H200
+    # (benchmarks/results/train_mix/2026-12-02_h200/train_mix.md): padded micro-batches (B 2) train_mix 2.69 /
+    # 2.86 / 3.22 / 4.81 ms at 1K-8K against SDPA's 3.68 / 3.68 / 4.34 / 5.76 and two op calls' 3.11-6.36;
+    # unpadded, SDPA wins from 4K (1.80 vs 1.88 ms, 2.74 vs 4.12 at 8K): the train_mix op's FULL-head backward is
+    # the mma.sync kernel, about 3x cuDNN's time.
+    if same_len and padding is None and q.dtype in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    return "train_mix"
 
 
 def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int, scale: float | None = None,
@@ -132,13 +140,14 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
     <dO, O_FA - O_SA>. full_branch: "train_mix" runs the elastic train_mix op (both branches in one op whose
     backward runs each head only in the branch its hard z picks); "op" composes two elastic op calls with autograd
     (the CPU path and the test reference); "sdpa" takes O_FA from torch SDPA (dense_causal_sdpa); "auto" picks
-    SDPA for an unpadded CUDA fp16/bf16 prefill (where it is as fast or faster) and the op otherwise.
+    SDPA for an unpadded CUDA fp16/bf16 prefill, the train_mix op for other CUDA calls and "op" on CPU.
     block_mask/block_size: for a BLOCK sparse mode."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:
         raise ValueError(f"train_mix_attention: q heads ({Hq}) must be a multiple of z heads ({Hkv})")
-    if full_branch == "train_mix":
+    branch = _resolve_branch(full_branch, q, k, padding)
+    if branch == "train_mix":
         if padding is None:
             return train_mix(q, k, v, z, sparse_mode, sink=sink, window=window, scale=scale, strategy=strategy,
                              block_mask=block_mask, block_size=block_size)
@@ -150,7 +159,7 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
     full_mode = torch.full((B, Hkv), FULL, dtype=torch.int32, device=q.device)
     sparse_modes = torch.full((B, Hkv), sparse_mode, dtype=torch.int32, device=q.device)
     kw = dict(sink=sink, window=window, scale=scale, strategy=strategy, padding=padding)
-    if _use_sdpa(full_branch, q, k, padding):
+    if branch == "sdpa":
         out_full = dense_causal_sdpa(q, k, v, scale=scale, padding=padding)
     else:
         out_full = hybrid_attention(q, k, v, full_mode, **kw)

@@ -16,6 +16,7 @@ import argparse
 import os
 
 from .. import cli_args
+from ..attention import FULL_BRANCHES
 
 TRAIN_DESCRIPTION = """Train attention routers for a frozen model (default SmolLM2-135M-Instruct): each layer's
 router learns, per input and per KV head, whether the head needs full attention or can run sparse (STREAM: sink +
@@ -166,10 +167,11 @@ def register(subparsers) -> None:
     t.add_argument("--micro-batch", type=cli_args.positive_int, default=1,
                    help="samples per forward on a rank (prompts left-padded, answers right-padded; same result as 1 "
                         "up to float rounding and the Gumbel noise draw, fewer kernel launches per sample)")
-    t.add_argument("--full-branch", default="auto", choices=("auto", "op", "sdpa"),
-                   help="how the training mix computes every head's FULL output: auto = torch SDPA (cuDNN / "
-                        "FlashAttention) for unpadded CUDA fp16/bf16 prefills (1.58x per layer at 8K on an H200), "
-                        "the elastic op otherwise")
+    t.add_argument("--full-branch", default="auto", choices=FULL_BRANCHES,
+                   help="how the training mix runs: train_mix = the elastic train_mix op (both branches in one op, "
+                        "each head's backward only in its routed branch), sdpa = O_FA from torch SDPA (cuDNN), op = "
+                        "two elastic op calls; auto = sdpa for unpadded CUDA fp16/bf16 prompts, train_mix for padded "
+                        "micro-batches, op on CPU")
     t.add_argument("--num-workers", type=cli_args.nonnegative_int, default=4,
                    help="data-building worker processes per rank (0: build in the main process)")
     _common(t)

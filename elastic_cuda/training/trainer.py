@@ -91,7 +91,7 @@ class TrainConfig:
     save_every: int = 50
     num_workers: int = 2           # data-building worker processes per rank (0: build in the main process)
     micro_batch: int = 1           # samples per forward on a rank (padded; fewer launches per sample)
-    full_branch: str = "auto"      # O_FA of the training mix: auto | op | sdpa (attention.train_mix_attention)
+    full_branch: str = "auto"      # how the training mix runs: auto | op | sdpa | train_mix (attention.train_mix_attention)
     resume: str | None = None
     init_routers: str | None = None  # RouterSet dir to fine-tune from (weights + input standardisation)
     fresh_lambdas: bool = False    # with init_routers: start the lambdas fresh even if the dir saved its final ones
