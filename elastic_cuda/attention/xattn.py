@@ -18,6 +18,7 @@ runs, and it stays the op's test reference.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -173,7 +174,14 @@ def _xattn_block_mask_torch(q, k, *, block_size, stride, threshold, scale, cu_se
 def block_visible_pairs(mask: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     """Causal (query, key) pairs a BLOCK head sees in a prefill of n tokens: mask [..., NB, NB] -> float [...]."""
     nb = -(-n // block_size)
-    sizes = torch.clamp(n - torch.arange(nb, device=mask.device) * block_size, max=block_size).double()
+    return (mask[..., :nb, :nb].double() * _block_pair_counts(n, block_size, mask.device)).sum(dim=(-1, -2))
+
+
+@functools.lru_cache(maxsize=16)
+def _block_pair_counts(n: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """float64 [NB, NB]: causal pairs inside each block pair of an n-token prefill. Made once per (n, block_size,
+    device): built per call it was ~10 small kernel launches per sample in every BLOCK layer of a prefill."""
+    nb = -(-n // block_size)
+    sizes = torch.clamp(n - torch.arange(nb, device=device) * block_size, max=block_size).double()
     pairs = sizes.view(-1, 1) * sizes.view(1, -1)
-    pairs = torch.tril(pairs, diagonal=-1) + torch.diag(sizes * (sizes + 1) / 2)
-    return (mask[..., :nb, :nb].double() * pairs).sum(dim=(-1, -2))
+    return torch.tril(pairs, diagonal=-1) + torch.diag(sizes * (sizes + 1) / 2)

@@ -201,12 +201,15 @@ class ElasticState:
         # Only BLOCK heads need a mask, except in the training mix, where every head's sparse branch uses one.
         kw["head_mode"] = None if self.mix.active else self._head_mode[layer_idx]
         if padding is None:
-            mask, lengths = xattn_block_mask(q, k, **kw), [S] * B
+            mask = xattn_block_mask(q, k, **kw)
         else:
             mask = xattn_block_mask(padding.pack_queries(q), padding.pack_keys(k),
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
-        vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
+        if padding is None:  # one length: the whole batch in one reduction
+            vis = block_visible_pairs(mask, S, self.block_size)
+        else:
+            vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
         vis = vis.view(B, k.shape[2], -1).mean(-1)
         self.meter.set_block_pairs(layer_idx, vis * (self._head_mode[layer_idx] == BLOCK))  # kept on the device
         return mask
