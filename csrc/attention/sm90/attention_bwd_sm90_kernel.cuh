@@ -43,7 +43,9 @@ struct BwdTmaMaps {
 
 template <typename T, int D_>
 struct BwdSm90Traits {
-  static constexpr int D = D_, BM = 64, BN = 128, STAGES = 2;
+  // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
+  // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
+  static constexpr int D = D_, BM = 64, BN = 128, STAGES = 3;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
   // Per stage: lse * log2(e) and delta of the BM rows (floats), then the stage's info (8 ints, StageInfo).
@@ -149,20 +151,27 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       // Fully visible: no element mask. Only whole query tiles qualify: the rows past the sequence must get P = 0.
       const bool full = r_end - r0 == BM &&
                         tile_fully_visible(mode, i_first, i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb);
+      // The rows' lse, delta and mask bits are read before waiting for the slot: their latency overlaps the wait.
+      float lse2[2], dlt[2];
+      bool bit[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = r0 + lane + 32 * hf;
+        const bool in = r < r_end;
+        lse2[hf] = in ? p.lse[lse_off + r] * kBwdLog2e : INFINITY;  // unread: such rows are masked
+        dlt[hf] = in ? p.delta[lse_off + r] : 0.f;
+        bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
+      }
+      const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
       if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
       const uint32_t meta = sm.meta_slot(pos.slot);
       float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
       float* s_delta = s_lse2 + BM;
-      bool bit[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const int rr = lane + 32 * hf, r = r0 + rr;
-        const bool in = r < r_end;
-        s_lse2[rr] = in ? p.lse[lse_off + r] * kBwdLog2e : INFINITY;  // unread: such rows are masked
-        s_delta[rr] = in ? p.delta[lse_off + r] : 0.f;
-        bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
+        s_lse2[lane + 32 * hf] = lse2[hf];
+        s_delta[lane + 32 * hf] = dlt[hf];
       }
-      const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
       if (lane == 0) {
         StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
         info->h = h;
