@@ -304,7 +304,24 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdSmem<Tr>& sm,
           acc_s[e] = (vis >> e) & 1u ? exp2f(fmaf(acc_s[e], p.scale_log2, -(c ? l2.y : l2.x))) : 0.f;
         }
     }
-    wgmma_wait<0>();  // dP^T ready
+    // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
+    // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
+    const SmemDesc do_mn = smem_desc_b128_split(do_tile, BM * 128, 1024);
+    const SmemDesc q_mn = smem_desc_b128_split(q_tile, BM * 128, 1024);
+    uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
+    }
+    wgmma_commit();
+
+    wgmma_wait<1>();  // dP^T ready (dV still running)
     fence_regs(acc_dp);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -317,33 +334,18 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdSmem<Tr>& sm,
           acc_dp[e] = (vis >> e) & 1u ? acc_s[e] * (acc_dp[e] - (c ? dl.y : dl.x)) : 0.f;
         }
     }
-    // P^T and dS^T as register A fragments (k = query columns 16 kk .. 16 kk + 15).
-    uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
-        ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
-      }
-
-    // dV += P^T dO, dK += dS^T Q: B read MN-major (query rows are k, head dims N).
-    {
-      const SmemDesc do_mn = smem_desc_b128_split(do_tile, BM * 128, 1024);
-      const SmemDesc q_mn = smem_desc_b128_split(q_tile, BM * 128, 1024);
-      wgmma_fence();
+      for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
+    // dK += dS^T Q.
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
-        else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
-      }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
-        else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
-      }
-      wgmma_commit();
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
     }
+    wgmma_commit();
 
     // dS^T [128 keys x 64 queries] into the 128-byte-swizzled buffer of this step's parity (row = key: 128 bytes
     // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
