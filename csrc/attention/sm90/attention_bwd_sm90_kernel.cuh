@@ -140,68 +140,79 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     const int h = kvh * p.group + hh;
     const BlockBits bb = block_bits(p, b, h, kvh);
     const int64_t lse_off = b * p.lse_stride_b + h * p.lse_stride_h + seq.q_start;
-    for (int m = m_min; m < num_m; ++m) {
-      const int r0 = m * BM, r_end = min(r0 + BM, seq.len_q);
-      const int i_first = r0 + seq.offset, i_last = r_end - 1 + seq.offset;
-      if (!tile_may_be_visible(mode, i_first, i_last, j0, j_last, p.sink, p.window, bb)) {
+    // The warp decides 32 query tiles at once (lane l: tile mb + l), then loads the visible ones in order: the mask
+    // reads of a BLOCK head (one per tile) overlap instead of running one after another.
+    for (int mb = m_min; mb < num_m; mb += 32) {
+      bool may = false, past = false;
+      if (mb + lane < num_m) {
+        const int r0 = (mb + lane) * BM, r_end = min(r0 + BM, seq.len_q);
+        const int i_first = r0 + seq.offset, i_last = r_end - 1 + seq.offset;
+        may = tile_may_be_visible(mode, i_first, i_last, j0, j_last, p.sink, p.window, bb);
         // STREAM keys outside the sink are seen only by queries within the window: later tiles can't.
-        if (mode == kStream && j0 >= p.sink && i_first - j_last >= p.window) break;
-        continue;
+        past = mode == kStream && j0 >= p.sink && i_first - j_last >= p.window;
       }
-      // Fully visible: no element mask. Only whole query tiles qualify: the rows past the sequence must get P = 0.
-      const bool full = r_end - r0 == BM &&
-                        tile_fully_visible(mode, i_first, i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb);
-      // The rows' lse, delta and mask bits are read before waiting for the slot: their latency overlaps the wait.
-      float lse2[2], dlt[2];
-      bool bit[2];
+      unsigned todo = __ballot_sync(0xffffffffu, may);
+      const bool walk_ends = __any_sync(0xffffffffu, past);
+      for (; todo != 0; todo &= todo - 1) {
+        const int m = mb + __ffs(todo) - 1;
+        const int r0 = m * BM, r_end = min(r0 + BM, seq.len_q);
+        const int i_first = r0 + seq.offset, i_last = r_end - 1 + seq.offset;
+        // Fully visible: no element mask. Only whole query tiles qualify: the rows past the sequence must get P = 0.
+        const bool full = r_end - r0 == BM &&
+                          tile_fully_visible(mode, i_first, i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb);
+        // The rows' lse, delta and mask bits are read before waiting for the slot: their latency overlaps the wait.
+        float lse2[2], dlt[2];
+        bool bit[2];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int r = r0 + lane + 32 * hf;
-        const bool in = r < r_end;
-        lse2[hf] = in ? p.lse[lse_off + r] * kBwdLog2e : INFINITY;  // unread: such rows are masked
-        dlt[hf] = in ? p.delta[lse_off + r] : 0.f;
-        bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
-      }
-      const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
-      if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
-      const uint32_t meta = sm.meta_slot(pos.slot);
-      float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
-      float* s_delta = s_lse2 + BM;
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = r0 + lane + 32 * hf;
+          const bool in = r < r_end;
+          lse2[hf] = in ? p.lse[lse_off + r] * kBwdLog2e : INFINITY;  // unread: such rows are masked
+          dlt[hf] = in ? p.delta[lse_off + r] : 0.f;
+          bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
+        }
+        const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
+        if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
+        const uint32_t meta = sm.meta_slot(pos.slot);
+        float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
+        float* s_delta = s_lse2 + BM;
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        s_lse2[lane + 32 * hf] = lse2[hf];
-        s_delta[lane + 32 * hf] = dlt[hf];
-      }
-      if (lane == 0) {
-        StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
-        info->h = h;
-        info->r0 = r0;
-        info->full = full ? 1 : 0;
-        info->bits_lo = static_cast<int>(lo);
-        info->bits_hi = static_cast<int>(hi);
-      }
-      const uint32_t full_bar = sm.full(pos.slot);
-      if (r_end - r0 == BM || q_tail_by_tma) {
+        for (int hf = 0; hf < 2; ++hf) {
+          s_lse2[lane + 32 * hf] = lse2[hf];
+          s_delta[lane + 32 * hf] = dlt[hf];
+        }
         if (lane == 0) {
-          mbar_arrive_expect_tx(full_bar, 2 * Tr::QT_BYTES);
-          tma_rows<BM, D>(sm.q_slot(pos.slot), &maps.q, full_bar, seq.q_start + r0, h, bt);
-          tma_rows<BM, D>(sm.do_slot(pos.slot), &maps.dout, full_bar, seq.q_start + r0, h, bt);
-        } else {
+          StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
+          info->h = h;
+          info->r0 = r0;
+          info->full = full ? 1 : 0;
+          info->bits_lo = static_cast<int>(lo);
+          info->bits_hi = static_cast<int>(hi);
+        }
+        const uint32_t full_bar = sm.full(pos.slot);
+        if (r_end - r0 == BM || q_tail_by_tma) {
+          if (lane == 0) {
+            mbar_arrive_expect_tx(full_bar, 2 * Tr::QT_BYTES);
+            tma_rows<BM, D>(sm.q_slot(pos.slot), &maps.q, full_bar, seq.q_start + r0, h, bt);
+            tma_rows<BM, D>(sm.do_slot(pos.slot), &maps.dout, full_bar, seq.q_start + r0, h, bt);
+          } else {
+            mbar_arrive(full_bar);
+          }
+        } else {  // varlen tail rows of a sequence that does not end the tensor: zero-filled copies
+          const T* q = static_cast<const T*>(p.q) + int64_t(seq.q_start + r0) * p.q_stride_r + h * p.q_stride_h;
+          const T* d_o =
+              static_cast<const T*>(p.dout) + int64_t(seq.q_start + r0) * p.do_stride_r + h * p.do_stride_h;
+          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.q_slot(pos.slot))), q, p.q_stride_r, r_end - r0,
+                                     lane);
+          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.do_slot(pos.slot))), d_o, p.do_stride_r,
+                                     r_end - r0, lane);
+          cp_async_wait_all_issued();
+          fence_proxy_async();
           mbar_arrive(full_bar);
         }
-      } else {  // varlen tail rows of a sequence that does not end the tensor: zero-filled copies
-        const T* q = static_cast<const T*>(p.q) + int64_t(seq.q_start + r0) * p.q_stride_r + h * p.q_stride_h;
-        const T* d_o =
-            static_cast<const T*>(p.dout) + int64_t(seq.q_start + r0) * p.do_stride_r + h * p.do_stride_h;
-        load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.q_slot(pos.slot))), q, p.q_stride_r, r_end - r0,
-                                   lane);
-        load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.do_slot(pos.slot))), d_o, p.do_stride_r,
-                                   r_end - r0, lane);
-        cp_async_wait_all_issued();
-        fence_proxy_async();
-        mbar_arrive(full_bar);
+        pos.next();
       }
-      pos.next();
+      if (walk_ends) break;
     }
   }
   // End of the walk.
