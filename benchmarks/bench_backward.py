@@ -5,8 +5,9 @@ Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 K
 2048):
   ours_sm90     elastic_cuda.attention (strategy auto) forward + backward, the Hopper wgmma backward (the default on
                 an H200)
+  ours_sm90_dqtma  the same with ELASTIC_SM90_BWD_DQ_TMA=1 (dQ by TMA reduce-add instead of vector atomics)
   ours_sm80     the same with ELASTIC_CUDA_SM90_BWD=0: the mma.sync backward (reload_kernel_options switches it)
-  ours_bwd_sm90 / ours_bwd_sm80   the backward alone (autograd.grad of a kept forward graph)
+  ours_bwd_<path>                 the backward alone (autograd.grad of a kept forward graph)
   cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
   flex_hybrid                     compiled flex_attention with the per-head analytic BlockMask of bench_attention
 Writes bench_backward.json and .md under --out (default benchmarks/results/attention/<date>_<gpu>/) and prints the
@@ -50,8 +51,9 @@ def section(S: int):
         one("fa4_dense", lambda: fa(*leaves, causal=True).backward(do))
     for msr in (0.0, 0.75):
         hm = routing(1, case.Hkv, msr, seed=11)
-        for path in ("sm90", "sm80"):
-            os.environ["ELASTIC_CUDA_SM90_BWD"] = "1" if path == "sm90" else "0"
+        for path in ("sm90", "sm90_dqtma", "sm80"):
+            os.environ["ELASTIC_CUDA_SM90_BWD"] = "0" if path == "sm80" else "1"
+            os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1" if path == "sm90_dqtma" else "0"
             elastic_cuda.ops.reload_kernel_options()
 
             def ours_fb(hm=hm):
@@ -66,6 +68,7 @@ def section(S: int):
             one(f"ours_bwd_{path}", ours_b, msr=msr)
             del out
         os.environ.pop("ELASTIC_CUDA_SM90_BWD", None)
+        os.environ.pop("ELASTIC_SM90_BWD_DQ_TMA", None)
         elastic_cuda.ops.reload_kernel_options()
         try:
             bm = stream_block_mask(S, hm.repeat_interleave(case.G, 1))

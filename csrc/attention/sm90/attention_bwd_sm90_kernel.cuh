@@ -36,24 +36,31 @@
 namespace elastic {
 namespace sm90 {
 
-// Tensor maps of the backward's TMA producer: Q and dO with 64-row boxes, K and V with 128-row boxes.
+// Tensor maps of the backward: Q and dO with 64-row boxes, K and V with 128-row boxes (the producer's loads), and
+// dq_accum (fp32, 64 rows x 32 columns: the consumers' reduce-add with DQ_TMA).
 struct BwdTmaMaps {
-  CUtensorMap q, dout, k, v;
+  CUtensorMap q, dout, k, v, dq;
 };
 
-template <typename T, int D_>
+// DQ_TMA: dQ goes to dq_accum by TMA reduce-add of a shared-memory tile per warpgroup and stage (FlashAttention-3's
+// way) instead of red.global.add.v2.f32 from registers; an A/B switch (ELASTIC_SM90_BWD_DQ_TMA), whose 32 KiB of
+// staging leave room for 2 Q/dO stages only.
+template <typename T, int D_, bool DQ_TMA_ = false>
 struct BwdSm90Traits {
+  static constexpr bool DQ_TMA = DQ_TMA_;
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
-  static constexpr int D = D_, BM = 64, BN = 128, STAGES = 3;
+  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
+  static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
   // Per stage: lse * log2(e) and delta of the BM rows (floats), then the stage's info (8 ints, StageInfo).
   static constexpr int META_BYTES = 2 * BM * 4 + 32;
   static constexpr int NUM_BARRIERS = 1 + 2 * STAGES;  // K/V full; per stage full and empty
   // 1024: alignment slack of the 128-byte swizzle; K, V; Q and dO per stage; dS^T twice; stage meta; barriers.
   static constexpr int SMEM_BYTES =
-      1024 + 2 * KV_BYTES + STAGES * 2 * QT_BYTES + 2 * DS_BYTES + STAGES * META_BYTES + NUM_BARRIERS * 8;
+      1024 + 2 * KV_BYTES + STAGES * 2 * QT_BYTES + 2 * DS_BYTES + (DQ_TMA ? CONSUMER_WGS * DQ_WG_BYTES : 0) +
+      STAGES * META_BYTES + NUM_BARRIERS * 8;
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Consumers hold dK and dV (D / 2 + D / 2 fp32 per thread), S^T and dP^T (32 + 32) and dQ (32). The sum must fit
   // the 168 per thread the CTA gets under __launch_bounds__(NTHREADS, 1), or setmaxnreg.inc waits forever.
@@ -66,7 +73,7 @@ struct BwdSm90Traits {
 // Shared-memory addresses (tiles 1024-byte aligned) of one CTA.
 template <typename Tr>
 struct BwdSmem {
-  uint32_t k, v, qdo, ds, meta, bar;
+  uint32_t k, v, qdo, ds, dq, meta, bar;  // dq: the DQ_TMA staging tiles (one per consumer warpgroup)
   __device__ __forceinline__ uint32_t q_slot(int s) const { return qdo + s * 2 * Tr::QT_BYTES; }
   __device__ __forceinline__ uint32_t do_slot(int s) const { return q_slot(s) + Tr::QT_BYTES; }
   __device__ __forceinline__ uint32_t ds_buf(int i) const { return ds + i * Tr::DS_BYTES; }
@@ -222,8 +229,9 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 }
 
 template <typename T, typename Tr>
-__device__ void bwd_consumer(const AttentionBwdParams& p, const BwdSmem<Tr>& sm, const unsigned char* gbase,
-                             uint32_t base, int b, int kvh, int n_block, int mode, const SeqInfo& seq) {
+__device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps, const BwdSmem<Tr>& sm,
+                             const unsigned char* gbase, uint32_t base, int b, int kvh, int n_block, int mode,
+                             const SeqInfo& seq) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NA = D / 2;
   using Op = mma::MmaOp<T>;
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / Tr::WG_THREADS) - 1, 0);
@@ -401,21 +409,58 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdSmem<Tr>& sm,
     release(sm.empty(pos.slot));
 
     // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
-    float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
-                 (D == 128 ? 64 * wg : 0);
+    if constexpr (Tr::DQ_TMA) {
+      // Staging tile: two 128-byte-swizzled boxes of 32 columns x 64 rows (TMA reads the swizzle; a warp's float2
+      // stores then spread over all banks). Rows past the sequence hold 0 (a varlen box runs into the next one).
+      const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
+      const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+      if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
+      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = 16 * warp + g + 8 * hf;
-      if (r0 + row >= r_end) continue;
-      float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = 16 * warp + g + 8 * hf;
+        const bool keep = r0 + row < r_end;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
-                     "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
-                     : "memory");
+        for (int i = 0; i < 8; ++i) {
+          const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
+          const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                       "f"(keep ? acc_dq[4 * i + 2 * hf] : 0.f), "f"(keep ? acc_dq[4 * i + 2 * hf + 1] : 0.f)
+                       : "memory");
+        }
+      }
+      fence_proxy_async();  // generic stores, read next by the copy engine
+      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+      if (leader) {
+        const int col0 = D == 128 ? 64 * wg : 0;
+        const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
+#pragma unroll
+        for (int box = 0; box < 2; ++box)
+          tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
+        bulk_commit_group();
+      }
+    } else {
+      float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
+                   (D == 128 ? 64 * wg : 0);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = 16 * warp + g + 8 * hf;
+        if (r0 + row >= r_end) continue;
+        float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
+                       "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                       : "memory");
+        }
       }
     }
     pos.advance();
+  }
+  if constexpr (Tr::DQ_TMA) {
+    if (threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();  // the staging tile outlives its last read
   }
 
   // dK (scaled) and dV of this thread's key rows.
@@ -473,7 +518,8 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
   sm.v = sm.k + Tr::KV_BYTES;
   sm.qdo = sm.v + Tr::KV_BYTES;
   sm.ds = sm.qdo + Tr::STAGES * 2 * Tr::QT_BYTES;
-  sm.meta = sm.ds + 2 * Tr::DS_BYTES;
+  sm.dq = sm.ds + 2 * Tr::DS_BYTES;
+  sm.meta = sm.dq + (Tr::DQ_TMA ? Tr::CONSUMER_WGS * Tr::DQ_WG_BYTES : 0);
   sm.bar = sm.meta + Tr::STAGES * Tr::META_BYTES;
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 32);
@@ -490,7 +536,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     if (threadIdx.x < 32) bwd_producer<T, Tr>(p, maps, sm, gbase, base, b, kvh, n_block, mode, seq);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
-    bwd_consumer<T, Tr>(p, sm, gbase, base, b, kvh, n_block, mode, seq);
+    bwd_consumer<T, Tr>(p, maps, sm, gbase, base, b, kvh, n_block, mode, seq);
   }
 #else
   // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks

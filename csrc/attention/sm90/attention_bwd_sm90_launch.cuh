@@ -17,8 +17,8 @@
 namespace elastic {
 namespace sm90 {
 
-// Tensor maps of q, dout (64-row boxes) and k, v (128-row boxes); false when one of them cannot be built
-// (verbose: say why on stderr).
+// Tensor maps of q, dout (64-row boxes), k, v (128-row boxes) and, with DQ_TMA, dq_accum; false when one of them
+// cannot be built (verbose: say why on stderr).
 template <typename T, typename Tr>
 bool build_bwd_tma_maps(const AttentionBwdParams& p, BwdTmaMaps& maps, bool verbose) {
   constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -41,6 +41,11 @@ bool build_bwd_tma_maps(const AttentionBwdParams& p, BwdTmaMaps& maps, bool verb
     which = "v";
     why = sm90_host::encode_rows_map(&maps.v, p.v, bf16, Tr::D, p.rows_k, p.heads_kv, batch, p.v_stride_r,
                                      p.v_stride_h, p.v_stride_b, Tr::BN);
+  }
+  if (why == nullptr && Tr::DQ_TMA) {
+    which = "dq_accum";
+    why = sm90_host::encode_rows_map_f32(&maps.dq, p.dq_accum, Tr::D, p.rows_q, p.heads_q, batch, p.dqa_stride_r,
+                                         p.dqa_stride_h, p.dqa_stride_b, Tr::BM);
   }
   if (why != nullptr && verbose)
     std::fprintf(stderr, "elastic sm90 backward: no tensor map for %s (%s): mma.sync backward\n", which, why);
@@ -74,26 +79,27 @@ bool attention_bwd_sm90_available() {
   return ok;
 }
 
-template <typename T, int D>
-bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
-                               const KernelOptions& opt) {
-  using Tr = sm90::BwdSm90Traits<T, D>;
+namespace sm90 {
+
+template <typename T, typename Tr>
+bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
+                       const KernelOptions& opt) {
   if (p.batch == 0 || p.heads_q == 0) return true;
   const int64_t num_k_tiles = (int64_t(max_seqlen_k) + Tr::BN - 1) / Tr::BN;
   if (p.batch > 65535 || num_k_tiles > 65535) return false;  // grid y / z; the mma.sync backward checks and says so
-  sm90::BwdTmaMaps maps;
+  BwdTmaMaps maps;
   std::memset(&maps, 0, sizeof(maps));
-  if (max_seqlen_k > 0 && !sm90::build_bwd_tma_maps<T, Tr>(p, maps, opt.sm90_verbose)) return false;
+  if (max_seqlen_k > 0 && !build_bwd_tma_maps<T, Tr>(p, maps, opt.sm90_verbose)) return false;
 
   if (max_seqlen_q > 0) {
     const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
     const dim3 grid_pre(static_cast<unsigned>((pairs + 3) / 4), p.batch);
-    attention_bwd_preprocess_kernel<T, D><<<grid_pre, 128, 0, stream>>>(p);
+    attention_bwd_preprocess_kernel<T, Tr::D><<<grid_pre, 128, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
   if (max_seqlen_k > 0) {
-    auto kernel = sm90::attention_bwd_sm90_kernel<T, Tr>;
+    auto kernel = attention_bwd_sm90_kernel<T, Tr>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
     const dim3 grid(static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch),
                     static_cast<unsigned>(num_k_tiles));
@@ -101,6 +107,16 @@ bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, in
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
+}
+
+}  // namespace sm90
+
+template <typename T, int D>
+bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
+                               const KernelOptions& opt) {
+  if (opt.sm90_bwd_dq_tma)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true>>(p, max_seqlen_q, max_seqlen_k, stream, opt);
+  return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D>>(p, max_seqlen_q, max_seqlen_k, stream, opt);
 }
 
 }  // namespace elastic
