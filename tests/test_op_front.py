@@ -260,7 +260,8 @@ def test_bad_arguments_backward_raw_op(name, change, pattern):
 # ----------------------------------------------------------------------------- kernel options (A/B switches)
 def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
-    for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE"):
+    for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
+                 "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -271,6 +272,14 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
         now = elastic_cuda.ops.reload_kernel_options()
         assert "sm90=0 " in now and " tma=0 " in now and " verbose=0 " in now, now
+        assert default.endswith(" sm90_bwd=1 bwd_dq_tma=0"), default
+        monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0")
+        monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "1")
+        assert elastic_cuda.ops.reload_kernel_options().endswith(" sm90_bwd=0 bwd_dq_tma=1")
+        monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
+        with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "1")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

@@ -96,6 +96,15 @@ bool use_sm90_forward(const AttentionFwdParams& p, const KernelOptions& opt) {
   return attention_fwd_sm90_available<T, D>();
 }
 
+// The Hopper backward (wgmma + TMA) likewise takes every mode, with the same block-mask condition (its key tiles are
+// 128 wide); opt.sm90_bwd = false (ELASTIC_CUDA_SM90_BWD=0) forces the mma.sync backward.
+template <typename T, int D>
+bool use_sm90_backward(const AttentionBwdParams& p, const KernelOptions& opt) {
+  if (p.block_mask != nullptr && p.block_size % kSm90BlockN != 0) return false;
+  if (!opt.sm90_bwd) return false;
+  return attention_bwd_sm90_available<T, D>();
+}
+
 template <typename T, int D>
 void launch_fwd(const AttentionFwdParams& p, int num_q_tiles, cudaStream_t stream, const at::Tensor& like,
                 const KernelOptions& opt) {
@@ -152,8 +161,11 @@ void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at:
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int max_q = clamp_int(a.shape.seqlen_q), max_k = clamp_int(a.shape.seqlen_k);
-  ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
-                               [&] { launch_attention_bwd<T, D>(p, max_q, max_k, stream); });
+  ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D, [&] {
+    if (!(use_sm90_backward<T, D>(p, a.options) &&
+          launch_attention_bwd_sm90<T, D>(p, max_q, max_k, stream, a.options)))
+      launch_attention_bwd<T, D>(p, max_q, max_k, stream);
+  });
   const float scale = static_cast<float>(a.shape.scale);
   ELASTIC_DTYPE_SWITCH(a.q.scalar_type(), T, [&] {
     launch_attention_bwd_convert_dq<T>(p.dq_accum, static_cast<T*>(dq.data_ptr()), dq.numel(), scale, stream);

@@ -38,4 +38,15 @@ void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, fl
 template <typename T, int D>
 void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream);
 
+// Hopper (sm_90a, wgmma + TMA) backward for every head mode (sm90/attention_bwd_sm90_kernel.cuh; BLOCK masks need
+// block_size % kSm90BlockN == 0). available(): compute capability 9.x and the loaded binary holds the sm_90a body.
+// launch() runs the preprocess and the main kernel, like launch_attention_bwd, and returns false having launched
+// nothing when it cannot take the call (a tensor map that cannot be built, a grid too large): the caller then runs
+// the mma.sync backward.
+template <typename T, int D>
+bool attention_bwd_sm90_available();
+template <typename T, int D>
+bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
+                               const KernelOptions& opt);
+
 }  // namespace elastic

@@ -32,6 +32,8 @@ bool env_bool(const char* name, bool fallback) {
 KernelOptions read_env() {
   KernelOptions o;
   o.sm90 = env_bool("ELASTIC_CUDA_SM90", o.sm90);
+  o.sm90_bwd = env_bool("ELASTIC_CUDA_SM90_BWD", o.sm90_bwd);
+  o.sm90_bwd_dq_tma = env_bool("ELASTIC_SM90_BWD_DQ_TMA", o.sm90_bwd_dq_tma);
   if (const char* v = env_value("ELASTIC_SM90_STAGES")) {
     ELASTIC_CHECK(std::strcmp(v, "2") == 0 || std::strcmp(v, "3") == 0,
                   "elastic: environment variable ELASTIC_SM90_STAGES must be 2 or 3, got \"", v, "\"");
@@ -78,7 +80,8 @@ std::string describe(const KernelOptions& o) {
                            " persistent=", b(o.sm90_persistent), " dynamic=", b(o.sm90_dynamic),
                            " lazy_rescale=", b(o.sm90_lazy_rescale), " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
-                           " experiments_built=", b(kExperimentsBuilt));
+                           " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
+                           " bwd_dq_tma=", b(o.sm90_bwd_dq_tma));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.

@@ -1,4 +1,4 @@
-// Tuning options of the CUDA attention forward: one struct, the one home of these switches.
+// Tuning options of the CUDA attention forward and backward: one struct, the one home of these switches.
 //
 // The defaults are the product. The environment variables below exist only for A/B timing and tests: the
 // extension reads them once per process (at the first CUDA attention call, or when
@@ -6,6 +6,9 @@
 // in effect into AttentionArgs::options (attention_cuda.h) and passes them down to the launches.
 //
 //   ELASTIC_CUDA_SM90=0          the mma.sync (sm80) forward on Hopper too
+//   ELASTIC_CUDA_SM90_BWD=0      the mma.sync (sm80) backward on Hopper too
+//   ELASTIC_SM90_BWD_DQ_TMA=1    Hopper backward: dQ by TMA reduce-add of shared-memory tiles (2 Q/dO stages) instead
+//                                of vector atomics from registers (3 stages)
 //   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
 //   ELASTIC_SM90_TMA=0           the cp.async producer instead of TMA
 //   ELASTIC_SM90_PINGPONG=0      the two consumer warpgroups issue freely (no ping-pong)
@@ -25,6 +28,8 @@ namespace elastic {
 
 struct KernelOptions {
   bool sm90 = true;               // Hopper wgmma forward where it applies (attention_fused_cuda.cu)
+  bool sm90_bwd = true;           // Hopper wgmma backward where it applies (attention_fused_cuda.cu)
+  bool sm90_bwd_dq_tma = false;
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;
   bool sm90_pingpong = true;

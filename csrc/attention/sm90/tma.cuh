@@ -1,10 +1,11 @@
-// mbarrier and tensor-memory-accelerator (TMA) primitives of the Hopper forward kernel, and the host side
-// that encodes its tensor maps.
+// mbarrier and tensor-memory-accelerator (TMA) primitives of the Hopper forward and backward kernels, and the host
+// side that encodes their tensor maps.
 //
-// Device: mbarrier init / arrive / wait, the expect-tx arrive of a TMA transaction, and the 4-D tiled TMA
-// load (cp.async.bulk.tensor, plain sm_90) that completes on an mbarrier.
+// Device: mbarrier init / arrive / wait, the expect-tx arrive of a TMA transaction, the 4-D tiled TMA
+// load (cp.async.bulk.tensor, plain sm_90) that completes on an mbarrier, and the 4-D tiled reduce-add (the
+// backward's dQ).
 // Host: cuTensorMapEncodeTiled reached through the runtime's driver entry point (no -lcuda link), and the
-// one map shape the kernel uses: a [rows, 64-column] box of a [batch, rows, heads, D] (or varlen
+// map shapes of the kernels, chiefly: a [rows, 64-column] box of a [batch, rows, heads, D] (or varlen
 // [1, tokens, heads, D]) 16-bit tensor, 128-byte swizzled, which is exactly the shared-memory layout the
 // wgmma descriptors of the kernel read (128-byte rows, 16-byte chunks XOR-ed with row % 8).
 #pragma once
@@ -70,6 +71,22 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Adds a 4-D box of fp32 from shared memory at `src` into global memory (the tensor's `map`; elements outside the
+// tensor are dropped), as one bulk-async group of the issuing thread.
+__device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2,
+                                                  int c3) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until the issuing thread's bulk groups have finished reading shared memory (the source may be rewritten).
+__device__ __forceinline__ void bulk_wait_group_read0() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
 #endif  // __CUDA_ARCH__ >= 900
 
 }  // namespace sm90
@@ -97,13 +114,14 @@ inline EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
-// Encodes the map of one 16-bit [batch, rows, heads, D] tensor (element strides sb, sr, sh; D contiguous)
-// with a box of 64 columns x box_rows rows of one head. TMA needs a 16-byte aligned base, byte strides that
-// are positive multiples of 16 below 2^40, and extents in [1, 2^32]; a size-1 dimension's stride is never
-// used, so any valid value stands in for it. Anything else: no map (the reason is returned; nullptr when built),
-// and the caller uses the cp.async producer.
-inline const char* encode_rows_map(CUtensorMap* map, const void* base, bool bf16, int64_t D, int64_t rows,
-                                   int64_t heads, int64_t batch, int64_t sr, int64_t sh, int64_t sb, int box_rows) {
+// Encodes the map of one [batch, rows, heads, D] tensor of `elem_bytes`-byte elements (element strides sb, sr, sh;
+// D contiguous) with a box of box_cols columns x box_rows rows of one head, 128-byte swizzled in shared memory
+// (box_cols * elem_bytes must be at most 128). TMA needs a 16-byte aligned base, byte strides that are positive
+// multiples of 16 below 2^40, and extents in [1, 2^32]; a size-1 dimension's stride is never used, so any valid
+// value stands in for it. Anything else: no map (the reason is returned; nullptr when built).
+inline const char* encode_map_4d(CUtensorMap* map, const void* base, CUtensorMapDataType dtype, int elem_bytes,
+                                 int64_t D, int64_t rows, int64_t heads, int64_t batch, int64_t sr, int64_t sh,
+                                 int64_t sb, int box_cols, int box_rows) {
   const EncodeTiledFn encode = encode_tiled_fn();
   if (encode == nullptr) return "driver has no cuTensorMapEncodeTiled";
   if (base == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return "base address not 16-byte aligned";
@@ -112,23 +130,37 @@ inline const char* encode_rows_map(CUtensorMap* map, const void* base, bool bf16
   constexpr int64_t kMaxStride = int64_t(1) << 40, kMaxExtent = int64_t(1) << 32;
   int64_t filler = 16;
   for (int i = 0; i < 3; ++i)
-    if (ext[i] > 1 && str[i] * 2 > filler) filler = str[i] * 2;
+    if (ext[i] > 1 && str[i] * elem_bytes > filler) filler = str[i] * elem_bytes;
   cuuint64_t dims[4] = {cuuint64_t(D), 0, 0, 0}, strides[3];
   for (int i = 0; i < 3; ++i) {
     if (ext[i] < 1 || ext[i] > kMaxExtent) return "extent outside [1, 2^32]";
-    int64_t bytes = str[i] * 2;
+    int64_t bytes = str[i] * elem_bytes;
     if (ext[i] == 1) bytes = (filler + 15) / 16 * 16;
     if (bytes <= 0 || bytes % 16 != 0 || bytes >= kMaxStride) return "stride not a positive multiple of 16 bytes";
     dims[i + 1] = cuuint64_t(ext[i]);
     strides[i] = cuuint64_t(bytes);
   }
-  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t box[4] = {cuuint32_t(box_cols), cuuint32_t(box_rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult res = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                              const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult res = encode(map, dtype, 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? nullptr : "cuTensorMapEncodeTiled failed";
+}
+
+// A 16-bit (bf16 / fp16) [batch, rows, heads, D] tensor with [box_rows, 64-column] boxes: the Q / K / V / dO tiles.
+inline const char* encode_rows_map(CUtensorMap* map, const void* base, bool bf16, int64_t D, int64_t rows,
+                                   int64_t heads, int64_t batch, int64_t sr, int64_t sh, int64_t sb, int box_rows) {
+  return encode_map_4d(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, D,
+                       rows, heads, batch, sr, sh, sb, 64, box_rows);
+}
+
+// An fp32 [batch, rows, heads, D] tensor with [box_rows, 32-column] boxes (32 floats: one 128-byte row): the
+// backward's dQ accumulator, which the Hopper backward adds tiles into by TMA reduce-add.
+inline const char* encode_rows_map_f32(CUtensorMap* map, const void* base, int64_t D, int64_t rows, int64_t heads,
+                                       int64_t batch, int64_t sr, int64_t sh, int64_t sb, int box_rows) {
+  return encode_map_4d(map, base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, D, rows, heads, batch, sr, sh, sb, 32,
+                       box_rows);
 }
 
 }  // namespace sm90_host

@@ -1,4 +1,4 @@
-// Warpgroup MMA (wgmma, sm_90a) primitives of the Hopper forward kernel: the MMA instructions with
+// Warpgroup MMA (wgmma, sm_90a) primitives of the Hopper forward and backward kernels: the MMA instructions with
 // fp32 accumulators, shared-memory matrix descriptors for 128-byte-swizzled tiles, and the fence /
 // commit / wait of the asynchronous MMA queue. Only compiled into the sm_90a device pass (callers guard
 // with ELASTIC_SM90A_ENABLED).
@@ -119,6 +119,21 @@ template <typename T>
 __device__ __forceinline__ void wgmma_rs_n64_mn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) ELASTIC_WGMMA_RS_N64("bf16");
   else ELASTIC_WGMMA_RS_N64("f16");
+}
+
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64], A and B both MN-major in shared memory (transposed reads; 16-bit types
+// only): the backward's dQ = dS K, whose A is dS^T as stored (query columns contiguous) and B the K tile (head-dim
+// columns contiguous). Descriptors as for the MN-major B of O += P V.
+#define ELASTIC_WGMMA_SS_N64_TT(TY)                                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                        \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " ELASTIC_WGMMA_REGS32       \
+               ", %32, %33, p, 1, 1, 1, 1;\n}\n"                                                 \
+               : ELASTIC_WGMMA_ACC32                                                               \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n64_tt(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) ELASTIC_WGMMA_SS_N64_TT("bf16");
+  else ELASTIC_WGMMA_SS_N64_TT("f16");
 }
 
 // D[64 x 128] (+)= A[64 x 16] B[16 x 128], A and B K-major in shared memory; accumulate == 0 overwrites D.

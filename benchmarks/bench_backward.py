@@ -1,0 +1,107 @@
+"""Forward+backward of elastic attention (bf16, Llama-3.1-8B attention shape, B 1) against cuDNN, FlashAttention-4
+and Flex, with both of our backward kernels timed in one process.
+
+Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 KV heads STREAM, sink 128, window
+2048):
+  ours_sm90     elastic_cuda.attention (strategy auto) forward + backward, the Hopper wgmma backward (the default on
+                an H200)
+  ours_sm90_dqtma  the same with ELASTIC_SM90_BWD_DQ_TMA=1 (dQ by TMA reduce-add instead of vector atomics)
+  ours_sm80     the same with ELASTIC_CUDA_SM90_BWD=0: the mma.sync backward (reload_kernel_options switches it)
+  ours_bwd_<path>                 the backward alone (autograd.grad of a kept forward graph)
+  cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
+  flex_hybrid                     compiled flex_attention with the per-head analytic BlockMask of bench_attention
+Writes bench_backward.json and .md under --out (default benchmarks/results/attention/<date>_<gpu>/) and prints the
+table. Run from the repository root: `python -m benchmarks.bench_backward`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from benchmarks.bench_attention import SINK, WINDOW, stream_block_mask
+from benchmarks.harness import RESULTS, Case, bench, default_out, env_list, fa4, flex_fn, rec, routing, sdpa
+
+
+def section(S: int):
+    import elastic_cuda
+
+    case = Case("llama", 1, S)
+    do = torch.randn_like(case.q)
+    do_t = do.transpose(1, 2).contiguous()
+    leaves = [t.detach().requires_grad_(True) for t in (case.q, case.k, case.v)]
+    leaves_t = [t.detach().requires_grad_(True) for t in (case.qt, case.kt, case.vt)]
+
+    def one(name, fn, **extra):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = bench(fn, S)
+            rec(kind="fwd_bwd", method=name, **case.key(**extra), ms=ms, tflops=3.5 * case.flops / ms / 1e9)
+        except Exception as e:  # a peer missing or failing: its row says why
+            rec(kind="fwd_bwd", method=name, **case.key(**extra), error=repr(e)[:300])
+
+    one("cudnn_dense", lambda: sdpa(*leaves_t, SDPBackend.CUDNN_ATTENTION).backward(do_t))
+    peer = fa4()
+    if peer is not None:
+        fa = peer[0]
+        one("fa4_dense", lambda: fa(*leaves, causal=True).backward(do))
+    for msr in (0.0, 0.75):
+        hm = routing(1, case.Hkv, msr, seed=11)
+        for path in ("sm90", "sm90_dqtma", "sm80"):
+            os.environ["ELASTIC_CUDA_SM90_BWD"] = "0" if path == "sm80" else "1"
+            os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1" if path == "sm90_dqtma" else "0"
+            elastic_cuda.ops.reload_kernel_options()
+
+            def ours_fb(hm=hm):
+                elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
+
+            one(f"ours_{path}", ours_fb, msr=msr)
+            out = elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto")
+
+            def ours_b(out=out):
+                torch.autograd.grad(out, leaves, do, retain_graph=True)
+
+            one(f"ours_bwd_{path}", ours_b, msr=msr)
+            del out
+        os.environ.pop("ELASTIC_CUDA_SM90_BWD", None)
+        os.environ.pop("ELASTIC_SM90_BWD_DQ_TMA", None)
+        elastic_cuda.ops.reload_kernel_options()
+        try:
+            bm = stream_block_mask(S, hm.repeat_interleave(case.G, 1))
+            one("flex_hybrid", lambda bm=bm: flex_fn()(*leaves_t, block_mask=bm, enable_gqa=True).backward(do_t),
+                msr=msr)
+        except Exception as e:
+            rec(kind="fwd_bwd", method="flex_hybrid", **case.key(msr=msr), error=repr(e)[:300])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out_dir = args.out or default_out("attention")
+    os.makedirs(out_dir, exist_ok=True)
+    for S in env_list("BWD_SEQS", "8192,32768"):
+        section(S)
+        torch.cuda.empty_cache()
+    lines = ["| S | STREAM heads | method | ms | TFLOP/s (3.5x causal fwd) |", "|---|---|---|---|---|"]
+    for r in RESULTS:
+        if r.get("kind") != "fwd_bwd":
+            continue
+        msr = r.get("msr")
+        cell = f"{r['ms']:.2f} | {r['tflops']:.0f}" if "ms" in r else f"error: {r['error'][:80]} |"
+        lines.append(f"| {r['S']} | {'-' if msr is None else f'{round(msr * 8)}/8'} | {r['method']} | {cell} |")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out_dir, "bench_backward.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    with open(os.path.join(out_dir, "bench_backward.md"), "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,550 @@
+// Hopper (sm_90a) backward kernel of elastic attention: warpgroup MMA (wgmma) with a TMA producer warp, after
+// FlashAttention-3's backward. Same function and parameters as the mma.sync backward (attention_bwd_kernel.cuh,
+// whose preprocess delta = rowsum(dO * O) - grad_lse and dq_accum -> dq conversion it shares):
+//   P = exp(S * scale - lse), dS = P * (dP - delta), dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
+//
+// CTA = (KV head, batch, key tile of BN = 128 keys); grid (Hkv, B, key tiles), so the CTAs of the first key
+// tiles (which causal heads' queries see most) start first. It walks the (query head of the GQA group, query tile
+// of BM = 64 rows) pairs that can see its key tile (the transposed visibility walk of attention_tiles.cuh: FULL,
+// STREAM, BLOCK bits), keeping dK and dV of its keys in registers across the whole group (no atomics, K/V
+// never repeated), and adds dQ of each pair into the fp32 dq_accum with vector atomics (red.global.add.v2.f32).
+//
+// Warpgroup 0, warp 0: the producer. It loads K and V once, then per visited (head, query tile) the Q and dO
+// tiles (TMA boxes; a varlen tail tile that runs into the next sequence by cp.async with zero fill) and the
+// tile's lse * log2(e), delta, BLOCK bits and full-visibility flag (plain loads) into a STAGES-deep ring,
+// signalled on mbarriers; a last stage with r0 = -1 ends the walk. Warpgroups 1 and 2: consumers, warpgroup w
+// owning keys [64 w, 64 w + 64) of the tile. Per stage:
+//   S^T = K Q^T, dP^T = V dO^T (wgmma SS, M = the warpgroup's 64 keys, N = 64 queries): their accumulators
+//     are, once masked and exponentiated, directly the register A operands of
+//   dV += P^T dO, dK += dS^T Q (wgmma RS, dO and Q read MN-major);
+//   dS^T goes to shared memory (double-buffered), and dQ = dS K runs as wgmma SS with both operands MN-major:
+//     at head_dim 128 warpgroup w computes the head-dim columns [64 w, 64 w + 64) over all 128 keys (one
+//     atomic per dQ element and key tile), at head_dim 64 the whole row over its own 64 keys.
+// Masked entries are exactly 0 by selection (P = visible ? exp2(...) : 0, dS likewise), so that non-finite
+// values of rows or keys outside the pair never enter; rows with lse = -inf see no key and get P = 0.
+#pragma once
+#include <cmath>
+
+#include "attention/attention_mma.cuh"
+#include "attention/attention_params.h"
+#include "attention/attention_tiles.cuh"
+#include "attention/kernel_utils.cuh"
+#include "attention/sm90/attention_fwd_sm90_pipeline.cuh"  // load_tile_sw128, RingPos, FillPos
+#include "attention/sm90/tma.cuh"
+#include "attention/sm90/wgmma.cuh"
+
+namespace elastic {
+namespace sm90 {
+
+// Tensor maps of the backward: Q and dO with 64-row boxes, K and V with 128-row boxes (the producer's loads), and
+// dq_accum (fp32, 64 rows x 32 columns: the consumers' reduce-add with DQ_TMA).
+struct BwdTmaMaps {
+  CUtensorMap q, dout, k, v, dq;
+};
+
+// DQ_TMA: dQ goes to dq_accum by TMA reduce-add of a shared-memory tile per warpgroup and stage (FlashAttention-3's
+// way) instead of red.global.add.v2.f32 from registers; an A/B switch (ELASTIC_SM90_BWD_DQ_TMA), whose 32 KiB of
+// staging leave room for 2 Q/dO stages only.
+template <typename T, int D_, bool DQ_TMA_ = false>
+struct BwdSm90Traits {
+  static constexpr bool DQ_TMA = DQ_TMA_;
+  // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
+  // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
+  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
+  static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
+  static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
+  static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
+  // Per stage: lse * log2(e) and delta of the BM rows (floats), then the stage's info (8 ints, StageInfo).
+  static constexpr int META_BYTES = 2 * BM * 4 + 32;
+  static constexpr int NUM_BARRIERS = 1 + 2 * STAGES;  // K/V full; per stage full and empty
+  // 1024: alignment slack of the 128-byte swizzle; K, V; Q and dO per stage; dS^T twice; stage meta; barriers.
+  static constexpr int SMEM_BYTES =
+      1024 + 2 * KV_BYTES + STAGES * 2 * QT_BYTES + 2 * DS_BYTES + (DQ_TMA ? CONSUMER_WGS * DQ_WG_BYTES : 0) +
+      STAGES * META_BYTES + NUM_BARRIERS * 8;
+  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
+  // Consumers hold dK and dV (D / 2 + D / 2 fp32 per thread), S^T and dP^T (32 + 32) and dQ (32). The sum must fit
+  // the 168 per thread the CTA gets under __launch_bounds__(NTHREADS, 1), or setmaxnreg.inc waits forever.
+  static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+  static_assert(WG_THREADS * PRODUCER_REGS + CONSUMER_WGS * WG_THREADS * CONSUMER_REGS <= 168 * NTHREADS,
+                "register pool");
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+};
+
+// Shared-memory addresses (tiles 1024-byte aligned) of one CTA.
+template <typename Tr>
+struct BwdSmem {
+  uint32_t k, v, qdo, ds, dq, meta, bar;  // dq: the DQ_TMA staging tiles (one per consumer warpgroup)
+  __device__ __forceinline__ uint32_t q_slot(int s) const { return qdo + s * 2 * Tr::QT_BYTES; }
+  __device__ __forceinline__ uint32_t do_slot(int s) const { return q_slot(s) + Tr::QT_BYTES; }
+  __device__ __forceinline__ uint32_t ds_buf(int i) const { return ds + i * Tr::DS_BYTES; }
+  __device__ __forceinline__ uint32_t meta_slot(int s) const { return meta + s * Tr::META_BYTES; }
+  __device__ __forceinline__ uint32_t kv_full() const { return bar; }
+  __device__ __forceinline__ uint32_t full(int s) const { return bar + 8 * (1 + s); }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bar + 8 * (1 + Tr::STAGES + s); }
+};
+
+// The ints after a stage's lse / delta rows.
+struct StageInfo {
+  int h, r0, full, pad, bits_lo, bits_hi, pad2, pad3;  // r0 < 0: end of the walk
+};
+
+#if defined(ELASTIC_SM90A_ENABLED)
+
+constexpr float kBwdLog2e = 1.4426950408889634f;
+
+// Issue the box loads of one [ROWS, D] tile (D / 64 boxes of 64 columns); the caller arrives with the bytes.
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_rows(uint32_t dst, const CUtensorMap* map, uint32_t bar, int row, int h, int bt) {
+#pragma unroll
+  for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, map, bar, c * 64, row, h, bt);
+}
+
+// Producer warp: K/V of the tile, then one stage per visited (query head, query tile), then the end stage. Full
+// barriers count the 32 lanes (lane 0's arrival carries the TMA bytes); empty barriers the 8 consumer warps.
+template <typename T, typename Tr>
+__device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps, const BwdSmem<Tr>& sm,
+                             unsigned char* gbase, uint32_t base, int b, int kvh, int n_block, int mode,
+                             const SeqInfo& seq) {
+  constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
+  const int lane = threadIdx.x % 32;
+  auto gptr = [&](uint32_t addr) { return gbase + (addr - base); };
+  if (lane == 0) {
+    tma_prefetch_map(&maps.q);
+    tma_prefetch_map(&maps.dout);
+    tma_prefetch_map(&maps.k);
+    tma_prefetch_map(&maps.v);
+  }
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int bt = varlen ? 0 : b;  // dense maps are [B, S, H, D] (rows past S read as zeros), varlen [1, T, H, D]
+  const int j0 = n_block * BN, len_k = seq.len_k, valid_k = min(BN, len_k - j0);
+
+  // K and V. A varlen key tile past the sequence's end would read the next sequence (TMA zero-fills only at the
+  // tensor's edge): those rows are copied with zero fill instead (dQ = dS K meets them, and 0 * Inf is NaN).
+  if (!varlen || valid_k == BN || int64_t(seq.k_start) + len_k == p.rows_k) {
+    if (lane == 0) {
+      mbar_arrive_expect_tx(sm.kv_full(), 2 * Tr::KV_BYTES);
+      tma_rows<BN, D>(sm.k, &maps.k, sm.kv_full(), seq.k_start + j0, kvh, bt);
+      tma_rows<BN, D>(sm.v, &maps.v, sm.kv_full(), seq.k_start + j0, kvh, bt);
+    } else {
+      mbar_arrive(sm.kv_full());
+    }
+  } else {
+    const T* k = static_cast<const T*>(p.k) + int64_t(seq.k_start + j0) * p.k_stride_r + kvh * p.k_stride_h;
+    const T* v = static_cast<const T*>(p.v) + int64_t(seq.k_start + j0) * p.v_stride_r + kvh * p.v_stride_h;
+    load_tile_sw128<BN, D, 32>(reinterpret_cast<T*>(gptr(sm.k)), k, p.k_stride_r, valid_k, lane);
+    load_tile_sw128<BN, D, 32>(reinterpret_cast<T*>(gptr(sm.v)), v, p.v_stride_r, valid_k, lane);
+    cp_async_wait_all_issued();
+    fence_proxy_async();  // the consumers read these tiles through the async proxy (wgmma)
+    mbar_arrive(sm.kv_full());
+  }
+
+  const int j_last = j0 + valid_k - 1;
+  const int num_m = (seq.len_q + BM - 1) / BM;
+  const int m_min = max(0, j0 - seq.offset) / BM;  // first query tile with a row at or after key j0
+  const bool q_tail_by_tma = !varlen || int64_t(seq.q_start) + seq.len_q == p.rows_q;
+  FillPos<Tr::STAGES> pos;
+  for (int hh = 0; hh < p.group; ++hh) {
+    const int h = kvh * p.group + hh;
+    const BlockBits bb = block_bits(p, b, h, kvh);
+    const int64_t lse_off = b * p.lse_stride_b + h * p.lse_stride_h + seq.q_start;
+    // The warp decides 32 query tiles at once (lane l: tile mb + l), then loads the visible ones in order: the mask
+    // reads of a BLOCK head (one per tile) overlap instead of running one after another.
+    for (int mb = m_min; mb < num_m; mb += 32) {
+      bool may = false, past = false;
+      if (mb + lane < num_m) {
+        const int r0 = (mb + lane) * BM, r_end = min(r0 + BM, seq.len_q);
+        const int i_first = r0 + seq.offset, i_last = r_end - 1 + seq.offset;
+        may = tile_may_be_visible(mode, i_first, i_last, j0, j_last, p.sink, p.window, bb);
+        // STREAM keys outside the sink are seen only by queries within the window: later tiles can't.
+        past = mode == kStream && j0 >= p.sink && i_first - j_last >= p.window;
+      }
+      unsigned todo = __ballot_sync(0xffffffffu, may);
+      const bool walk_ends = __any_sync(0xffffffffu, past);
+      for (; todo != 0; todo &= todo - 1) {
+        const int m = mb + __ffs(todo) - 1;
+        const int r0 = m * BM, r_end = min(r0 + BM, seq.len_q);
+        const int i_first = r0 + seq.offset, i_last = r_end - 1 + seq.offset;
+        // Fully visible: no element mask. Only whole query tiles qualify: the rows past the sequence must get P = 0.
+        const bool full = r_end - r0 == BM &&
+                          tile_fully_visible(mode, i_first, i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb);
+        // The rows' lse, delta and mask bits are read before waiting for the slot: their latency overlaps the wait.
+        float lse2[2], dlt[2];
+        bool bit[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = r0 + lane + 32 * hf;
+          const bool in = r < r_end;
+          lse2[hf] = in ? p.lse[lse_off + r] * kBwdLog2e : INFINITY;  // unread: such rows are masked
+          dlt[hf] = in ? p.delta[lse_off + r] : 0.f;
+          bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
+        }
+        const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
+        if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
+        const uint32_t meta = sm.meta_slot(pos.slot);
+        float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
+        float* s_delta = s_lse2 + BM;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          s_lse2[lane + 32 * hf] = lse2[hf];
+          s_delta[lane + 32 * hf] = dlt[hf];
+        }
+        if (lane == 0) {
+          StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
+          info->h = h;
+          info->r0 = r0;
+          info->full = full ? 1 : 0;
+          info->bits_lo = static_cast<int>(lo);
+          info->bits_hi = static_cast<int>(hi);
+        }
+        const uint32_t full_bar = sm.full(pos.slot);
+        if (r_end - r0 == BM || q_tail_by_tma) {
+          if (lane == 0) {
+            mbar_arrive_expect_tx(full_bar, 2 * Tr::QT_BYTES);
+            tma_rows<BM, D>(sm.q_slot(pos.slot), &maps.q, full_bar, seq.q_start + r0, h, bt);
+            tma_rows<BM, D>(sm.do_slot(pos.slot), &maps.dout, full_bar, seq.q_start + r0, h, bt);
+          } else {
+            mbar_arrive(full_bar);
+          }
+        } else {  // varlen tail rows of a sequence that does not end the tensor: zero-filled copies
+          const T* q = static_cast<const T*>(p.q) + int64_t(seq.q_start + r0) * p.q_stride_r + h * p.q_stride_h;
+          const T* d_o =
+              static_cast<const T*>(p.dout) + int64_t(seq.q_start + r0) * p.do_stride_r + h * p.do_stride_h;
+          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.q_slot(pos.slot))), q, p.q_stride_r, r_end - r0,
+                                     lane);
+          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.do_slot(pos.slot))), d_o, p.do_stride_r,
+                                     r_end - r0, lane);
+          cp_async_wait_all_issued();
+          fence_proxy_async();
+          mbar_arrive(full_bar);
+        }
+        pos.next();
+      }
+      if (walk_ends) break;
+    }
+  }
+  // End of the walk.
+  if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
+  if (lane == 0) reinterpret_cast<StageInfo*>(gptr(sm.meta_slot(pos.slot)) + 2 * BM * 4)->r0 = -1;
+  mbar_arrive(sm.full(pos.slot));
+}
+
+template <typename T, typename Tr>
+__device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps, const BwdSmem<Tr>& sm,
+                             const unsigned char* gbase, uint32_t base, int b, int kvh, int n_block, int mode,
+                             const SeqInfo& seq) {
+  constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NA = D / 2;
+  using Op = mma::MmaOp<T>;
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / Tr::WG_THREADS) - 1, 0);
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const int j0 = n_block * BN, len_k = seq.len_k;
+  const int key_row = 64 * wg + 16 * warp + g;  // this thread's key rows in the tile: key_row and key_row + 8
+  const int jkey = j0 + key_row;                // absolute key position of the first
+
+  float acc_dk[NA], acc_dv[NA];
+#pragma unroll
+  for (int i = 0; i < NA; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+  const SmemDesc k_desc = smem_desc_b128_split(sm.k + wg * 64 * 128, 16, 1024);
+  const SmemDesc v_desc = smem_desc_b128_split(sm.v + wg * 64 * 128, 16, 1024);
+  // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
+  // 64-column block, at 64 the only one.
+  const SmemDesc k_mn_desc = smem_desc_b128_split(sm.k + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  mbar_wait(sm.kv_full(), 0);
+  RingPos<Tr::STAGES> pos;
+  for (int it = 0;; ++it) {
+    mbar_wait(sm.full(pos.slot), pos.phase);
+    const unsigned char* meta = gbase + (sm.meta_slot(pos.slot) - base);
+    const StageInfo info = *reinterpret_cast<const StageInfo*>(meta + 2 * BM * 4);
+    if (info.r0 < 0) break;
+    const int h = info.h, r0 = info.r0, r_end = min(r0 + BM, seq.len_q);
+    const float* s_lse2 = reinterpret_cast<const float*>(meta);
+    const float* s_delta = s_lse2 + BM;
+    const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
+
+    // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x the tile's 64 queries).
+    float acc_s[32], acc_dp[32];
+    {
+      const SmemDesc q_desc = smem_desc_b128_split(q_tile, 16, 1024);
+      const SmemDesc do_desc = smem_desc_b128_split(do_tile, 16, 1024);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t step = (kk % 4) * 32u;  // 32-byte k-step inside the swizzled 128-byte row
+        wgmma_ss_n64<T>(acc_s, k_desc.at((kk / 4) * (BN * 128u) + step), q_desc.at((kk / 4) * (BM * 128u) + step),
+                        kk > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t step = (kk % 4) * 32u;
+        wgmma_ss_n64<T>(acc_dp, v_desc.at((kk / 4) * (BN * 128u) + step),
+                        do_desc.at((kk / 4) * (BM * 128u) + step), kk > 0);
+      }
+      wgmma_commit();
+    }
+
+    // Visibility of this thread's 32 (key, query) pairs, bit 4 i + 2 hf + c: key jkey + 8 hf, query row
+    // r0 + 8 i + 2 t4 + c (the accumulator layout of wgmma.cuh with keys as rows).
+    uint32_t vis = 0xffffffffu;
+    if (!info.full) {
+      vis = 0;
+      const uint64_t bits = (uint64_t(uint32_t(info.bits_hi)) << 32) | uint32_t(info.bits_lo);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int rr = 8 * i + 2 * t4 + c, r = r0 + rr, j = jkey + 8 * hf;
+            const int ipos = r + seq.offset;
+            bool v = j < len_k && r < r_end && j <= ipos;
+            if (mode == kStream) v = v && (j < p.sink || ipos - j < p.window);
+            else if (mode == kBlock) v = v && ((bits >> rr) & 1u);
+            vis |= v ? 1u << (4 * i + 2 * hf + c) : 0u;
+          }
+    }
+
+    wgmma_wait<1>();  // S^T ready
+    fence_regs(acc_s);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int e = 4 * i + 2 * hf + c;
+          acc_s[e] = (vis >> e) & 1u ? exp2f(fmaf(acc_s[e], p.scale_log2, -(c ? l2.y : l2.x))) : 0.f;
+        }
+    }
+    // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
+    // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
+    const SmemDesc do_mn = smem_desc_b128_split(do_tile, BM * 128, 1024);
+    const SmemDesc q_mn = smem_desc_b128_split(q_tile, BM * 128, 1024);
+    uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
+    }
+    wgmma_commit();
+
+    wgmma_wait<1>();  // dP^T ready (dV still running)
+    fence_regs(acc_dp);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int e = 4 * i + 2 * hf + c;
+          acc_dp[e] = (vis >> e) & 1u ? acc_s[e] * (acc_dp[e] - (c ? dl.y : dl.x)) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
+    // dK += dS^T Q.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+    }
+    wgmma_commit();
+
+    // dS^T [128 keys x 64 queries] into the 128-byte-swizzled buffer of this step's parity (row = key: 128 bytes
+    // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
+    // 2 kk / 2 kk + 1 (x >= 2).
+    const uint32_t ds_tile = sm.ds_buf(it & 1);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
+        const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][x]) : "memory");
+      }
+    fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
+    // Head_dim 128: both warpgroups' dS^T rows are read (named barrier 1 over the 256 consumer threads); 64: only
+    // this warpgroup's (barrier 1 + wg over its 128). The double buffer makes a second barrier unnecessary: a
+    // warpgroup rewrites buffer it & 1 only after the barrier of step it + 1, which the other passes after its
+    // step-it dQ MMAs completed.
+    if constexpr (D == 128) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    else if (wg == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+
+    // dQ (= dS K, unscaled) for 64 query rows x 64 head-dim columns.
+    float acc_dq[32];
+    {
+      const SmemDesc ds_desc = smem_desc_b128_split(ds_tile, BN * 128, 1024);
+      wgmma_fence();
+      constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        const int ka = D == 128 ? kk : 4 * wg + kk;  // key rows 16 ka .. 16 ka + 15
+        wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
+    fence_regs(acc_dv);
+    fence_regs(acc_dk);
+    fence_regs(acc_dq);
+    fence_regs(p_frag);
+    fence_regs(ds_frag);
+    release(sm.empty(pos.slot));
+
+    // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
+    if constexpr (Tr::DQ_TMA) {
+      // Staging tile: two 128-byte-swizzled boxes of 32 columns x 64 rows (TMA reads the swizzle; a warp's float2
+      // stores then spread over all banks). Rows past the sequence hold 0 (a varlen box runs into the next one).
+      const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
+      const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+      if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
+      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = 16 * warp + g + 8 * hf;
+        const bool keep = r0 + row < r_end;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
+          const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                       "f"(keep ? acc_dq[4 * i + 2 * hf] : 0.f), "f"(keep ? acc_dq[4 * i + 2 * hf + 1] : 0.f)
+                       : "memory");
+        }
+      }
+      fence_proxy_async();  // generic stores, read next by the copy engine
+      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+      if (leader) {
+        const int col0 = D == 128 ? 64 * wg : 0;
+        const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
+#pragma unroll
+        for (int box = 0; box < 2; ++box)
+          tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
+        bulk_commit_group();
+      }
+    } else {
+      float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
+                   (D == 128 ? 64 * wg : 0);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = 16 * warp + g + 8 * hf;
+        if (r0 + row >= r_end) continue;
+        float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
+                       "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                       : "memory");
+        }
+      }
+    }
+    pos.advance();
+  }
+  if constexpr (Tr::DQ_TMA) {
+    if (threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();  // the staging tile outlives its last read
+  }
+
+  // dK (scaled) and dV of this thread's key rows.
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + int64_t(seq.k_start) * p.dk_stride_r + kvh * p.dk_stride_h;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + int64_t(seq.k_start) * p.dv_stride_r + kvh * p.dv_stride_h;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = jkey + 8 * hf;
+    if (j >= len_k) continue;
+    T* dkr = dk + int64_t(j) * p.dk_stride_r + 2 * t4;
+    T* dvr = dv + int64_t(j) * p.dv_stride_r + 2 * t4;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(dkr + 8 * i) =
+          Op::pack(acc_dk[4 * i + 2 * hf] * p.scale, acc_dk[4 * i + 2 * hf + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvr + 8 * i) = Op::pack(acc_dv[4 * i + 2 * hf], acc_dv[4 * i + 2 * hf + 1]);
+    }
+  }
+}
+
+#endif  // ELASTIC_SM90A_ENABLED
+
+// grid (Hkv, B, key tiles of BN). `maps`: the tensor maps of q, dout, k, v (the host launches this kernel only
+// when all four could be built).
+template <typename T, typename Tr>
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)
+    attention_bwd_sm90_kernel(const __grid_constant__ AttentionBwdParams p, const __grid_constant__ BwdTmaMaps maps) {
+#if defined(ELASTIC_SM90A_ENABLED)
+  constexpr int BN = Tr::BN, D = Tr::D;
+  const int kvh = blockIdx.x, b = blockIdx.y, n_block = blockIdx.z;
+  const SeqInfo seq = seq_info(p, b);
+  const int j0 = n_block * BN;
+  if (j0 >= seq.len_k) return;
+  const int mode = p.head_mode[b * p.head_mode_stride_b + kvh * p.head_mode_stride_h];
+  if (!mode_is_valid(mode, p)) {  // invalid mode: NaN gradients for the head's keys, like its output
+    const int valid_k = min(BN, seq.len_k - j0);
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + int64_t(seq.k_start + j0) * p.dk_stride_r +
+            kvh * p.dk_stride_h;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_stride_b + int64_t(seq.k_start + j0) * p.dv_stride_r +
+            kvh * p.dv_stride_h;
+    const T nan = to_elem<T>(NAN);
+    for (int idx = threadIdx.x; idx < valid_k * D; idx += Tr::NTHREADS) {
+      dk[int64_t(idx / D) * p.dk_stride_r + idx % D] = nan;
+      dv[int64_t(idx / D) * p.dv_stride_r + idx % D] = nan;
+    }
+    return;
+  }
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = mma::smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;  // the 128-byte swizzle is a function of address bits [4, 10)
+  unsigned char* gbase = smem_raw + (base - raw);
+  BwdSmem<Tr> sm;
+  sm.k = base;
+  sm.v = sm.k + Tr::KV_BYTES;
+  sm.qdo = sm.v + Tr::KV_BYTES;
+  sm.ds = sm.qdo + Tr::STAGES * 2 * Tr::QT_BYTES;
+  sm.dq = sm.ds + 2 * Tr::DS_BYTES;
+  sm.meta = sm.dq + (Tr::DQ_TMA ? Tr::CONSUMER_WGS * Tr::DQ_WG_BYTES : 0);
+  sm.bar = sm.meta + Tr::STAGES * Tr::META_BYTES;
+  if (threadIdx.x == 0) {
+    mbar_init(sm.kv_full(), 32);
+    for (int s = 0; s < Tr::STAGES; ++s) {
+      mbar_init(sm.full(s), 32);
+      mbar_init(sm.empty(s), Tr::CONSUMER_WGS * 4);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine too
+  }
+  __syncthreads();
+
+  if (threadIdx.x < Tr::WG_THREADS) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::PRODUCER_REGS));
+    if (threadIdx.x < 32) bwd_producer<T, Tr>(p, maps, sm, gbase, base, b, kvh, n_block, mode, seq);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
+    bwd_consumer<T, Tr>(p, maps, sm, gbase, base, b, kvh, n_block, mode, seq);
+  }
+#else
+  // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks
+  // cudaFuncAttributes::sharedSizeBytes == 0) never launches it.
+  __shared__ int sm90a_missing[32];
+  reinterpret_cast<volatile int*>(sm90a_missing)[threadIdx.x % 32] = 1;
+#endif
+}
+
+}  // namespace sm90
+}  // namespace elastic
