@@ -4,10 +4,13 @@ Sections:
   kernel    one decode step of one layer's attention (Sq 1) at S tokens per sample, batch B:
               ours_msr<m>     elastic_cuda.ops.decode_attention over ElasticStaticCache-layout pools, a fraction m
                               of each sample's KV heads STREAM (sink 128, window 2048, own random heads per sample)
+                              (tensor-core kernel; ours_fma_msr<m>: the FMA kernel)
               sdpa_<backend>  torch SDPA (flash / cudnn / efficient) over the same dense cache viewed [B, Hkv, S, D]
                               (the all-FULL pool in slot order is exactly that tensor), enable_gqa
             with the KV bytes each one must read and the effective bandwidth (fraction of 4.8 TB/s HBM peak), and a
-            numeric check of ours (all FULL) against cuDNN SDPA.
+            numeric check of ours (all FULL) against cuDNN SDPA. Device time per call: every method's calls over
+            enough copies of its cache to exceed L2 (as the layers of a model do), captured in one CUDA graph
+            (time_ms: launch and Python overhead excluded on both sides).
   generate  greedy generation on a randomly initialised Llama-3.1-8B-shaped model, prompt S, batch B, N new
             tokens, each side's decode step captured once as a CUDA graph and replayed
             (elastic_cuda.integrations.generate.graphed_greedy_generate):
@@ -18,7 +21,9 @@ Sections:
             from the caches' own allocation: see capacity()).
 
 Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), TARGETS (default none: extra
-rows of ours with num_splits forced to each value, i.e. that many work items per launch), GEN_SEQ (default 32768), GEN_BATCHES
+rows of ours with num_splits forced to each value, i.e. that many work items per launch), FMA_ROWS (default 1:
+rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), GEN_SEQ (default 32768),
+GEN_BATCHES
 (default 8), GEN_TOKENS (default 32), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
 case that would start later is recorded as skipped). Writes decode.json, decode.md, decode.png under --out;
 `--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
@@ -26,6 +31,7 @@ case that would start later is recorded as skipped). Writes decode.json, decode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -44,9 +50,46 @@ def over_budget():
     return time.time() - T0 > float(os.environ.get("BENCH_BUDGET_S", "240"))
 
 
-def time_ms(fn, reps=50, warmup=5):
-    """Median of `reps` CUDA-event timings of fn() (each call timed alone: decode steps are microseconds)."""
-    return event_median_ms(fn, reps, warmup)
+L2_FLUSH_BYTES = 256 << 20  # several times the H200's L2: calls over that many distinct bytes start cold
+
+
+def time_ms(fns, rounds=10, reps=7):
+    """Device time of one call, ms: the calls fns (one per copy of the cache, together >= L2_FLUSH_BYTES, so that each
+    reads HBM as one layer of a model does: the other layers have flushed L2) captured back to back `rounds` times in
+    one CUDA graph, median over `reps` replays of replay time / calls. A graph, not per-call events: a call timed
+    alone also counts the host's time to launch it (the Python wrapper's checks are tens of microseconds, as long as
+    the kernels at 32K). Returns (ms, how): per-call CUDA events only if capturing fails."""
+    try:
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(rounds):
+                for f in fns:
+                    f()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / (rounds * len(fns)))
+        del graph
+        return sorted(times)[len(times) // 2], "graph"
+    except Exception as e:  # a peer that cannot be captured: per-call events (include launch time)
+        print(f"graph capture failed ({e!r:.200}); per-call events", file=sys.stderr)
+        torch.cuda.synchronize()
+        return sorted(event_median_ms(f, 20, 3) for f in fns)[len(fns) // 2], "events"
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -74,12 +117,15 @@ def pools(B, S, modes, gen):
     return (fk, fv, sk, sv, modes.to(DEV), slot.to(DEV)), 2 * keys_read * D * 2
 
 
-def kernel_section(seqs, batches, msrs, targets=()):
+def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
+    import elastic_cuda
     from elastic_cuda.ops import decode_attention
 
+    if os.environ.get("ELASTIC_DECODE_MMA"):
+        sys.exit("bench_decode: unset ELASTIC_DECODE_MMA (the kernel section times both decode kernels itself)")
     for S in seqs:
         for B in batches:
             if over_budget():
@@ -91,46 +137,57 @@ def kernel_section(seqs, batches, msrs, targets=()):
             dense_ms = None
             for msr in msrs:
                 try:
-                    tensors, nbytes = pools(B, S, routing(B, msr, seed=S + B), gen)
-                    fk, fv, sk, sv, modes, slot = tensors
+                    modes_cpu = routing(B, msr, seed=S + B)
+                    tensors, nbytes = pools(B, S, modes_cpu, gen)
+                    copies = [tensors] + [pools(B, S, modes_cpu, gen)[0]
+                                          for _ in range(math.ceil(L2_FLUSH_BYTES / nbytes) - 1)]
 
-                    def ours(fk=fk, fv=fv, sk=sk, sv=sv, modes=modes, slot=slot):
-                        return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW)
+                    def ours(t, num_splits=0):
+                        fk, fv, sk, sv, modes, slot = t
+                        return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW,
+                                                num_splits=num_splits)
 
-                    ms = time_ms(ours)
+                    def row(method, ms, how):
+                        rec(section="kernel", method=method, S=S, B=B, msr=msr, ms=ms, kv_bytes=nbytes,
+                            tb_per_s=nbytes / ms / 1e9, hbm_frac=nbytes / ms / 1e-3 / HBM_PEAK, timing=how,
+                            copies=len(copies), vs_ours_dense=None if dense_ms is None else ms / dense_ms)
+
+                    ms, how = time_ms([lambda t=t: ours(t) for t in copies])
                     dense_ms = ms if msr == 0 else dense_ms
+                    row(f"ours_msr{msr:g}", ms, how)
+                    if fma_rows:  # the FMA kernel on the same calls (ELASTIC_DECODE_MMA=0, kernel_options.h)
+                        os.environ["ELASTIC_DECODE_MMA"] = "0"
+                        elastic_cuda.ops.reload_kernel_options()
+                        try:
+                            row(f"ours_fma_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
+                        finally:
+                            os.environ.pop("ELASTIC_DECODE_MMA")
+                            elastic_cuda.ops.reload_kernel_options()
                     for target in targets:  # forced work-item targets (tuning: the automatic one is one wave)
-                        tms = time_ms(lambda t=target: decode_attention(q, fk, fv, sk, sv, modes, slot, lens,
-                                                                        sink=SINK, window=WINDOW, num_splits=t))
-                        rec(section="kernel", method=f"ours_msr{msr:g}_t{target}", S=S, B=B, msr=msr, ms=tms,
-                            kv_bytes=nbytes, tb_per_s=nbytes / tms / 1e9, hbm_frac=nbytes / tms / 1e-3 / HBM_PEAK,
-                            vs_ours_dense=None if dense_ms is None else tms / dense_ms)
-                    rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, ms=ms, kv_bytes=nbytes,
-                        tb_per_s=nbytes / ms / 1e9, hbm_frac=nbytes / ms / 1e-3 / HBM_PEAK,
-                        vs_ours_dense=None if dense_ms is None else ms / dense_ms)
+                        row(f"ours_msr{msr:g}_t{target}", *time_ms([lambda t=t: ours(t, target) for t in copies]))
                     if msr == 0:
-                        k4, v4 = fk.view(B, HKV, S, D), fv.view(B, HKV, S, D)
                         qt = q.transpose(1, 2)  # [B, HQ, 1, D]
+                        kv = [(t[0].view(B, HKV, S, D), t[1].view(B, HKV, S, D)) for t in copies]
                         ref = None
                         for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
                             try:
-                                def peer(be=be):
+                                def peer(k4, v4, be=be):
                                     with sdpa_kernel(be):
                                         return scaled_dot_product_attention(qt, k4, v4, enable_gqa=True)
-                                out = peer()
+                                out = peer(*kv[0])
                                 ref = out if ref is None else ref
-                                pms = time_ms(peer)
+                                pms, phow = time_ms([lambda k4=k4, v4=v4: peer(k4, v4) for k4, v4 in kv])
                                 rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, ms=pms,
                                     kv_bytes=nbytes, tb_per_s=nbytes / pms / 1e9,
-                                    hbm_frac=nbytes / pms / 1e-3 / HBM_PEAK)
+                                    hbm_frac=nbytes / pms / 1e-3 / HBM_PEAK, timing=phow, copies=len(copies))
                             except Exception as e:  # a backend without GQA decode support on this build
                                 rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, error=repr(e)[:300])
                         if ref is not None:
-                            got = ours().transpose(1, 2).double()
+                            got = ours(copies[0]).transpose(1, 2).double()
                             err = ((got - ref.double()).norm() / ref.double().norm()).item()
                             rec(section="kernel", method="check_ours_vs_sdpa", S=S, B=B, rel_err=err)
-                    del fk, fv, sk, sv, tensors
+                    del tensors, copies
                 except Exception as e:
                     rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, error=repr(e)[:300])
                 torch.cuda.empty_cache()
@@ -253,7 +310,8 @@ def write_markdown(path, results, command):
             ratio = r["elastic_requests"] / max(r["dense_requests"], 1)
             lines += ["", f"Capacity at {r['S']} tokens (weights {r['weights_bytes'] / 1e9:.1f} GB, 90% of "
                       f"{r['total_bytes'] / 1e9:.0f} GB for weights + KV; per request dense "
-                      f"{r['dense_request_bytes'] / 1e9:.2f} GB, elastic {r['elastic_request_bytes'] / 1e9:.2f} GB from "
+                      f"{r['dense_request_bytes'] / 1e9:.2f} GB, elastic "
+                      f"{r['elastic_request_bytes'] / 1e9:.2f} GB from "
                       f"the caches' allocation): dense {r['dense_requests']} requests, elastic at MSR {r['msr']} "
                       f"{r['elastic_requests']} ({ratio:.1f}x)"]
     bad = [r for r in results if "error" in r or "skipped" in r]
@@ -300,7 +358,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_decode: needs a CUDA device (use --from-json to rebuild reports)")
     command = "python " + " ".join(sys.argv)
-    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "GEN_SEQ", "GEN_BATCHES", "GEN_TOKENS", "SECTIONS",
+    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "GEN_SEQ", "GEN_BATCHES",
+                                      "GEN_TOKENS", "SECTIONS",
                                       "BENCH_BUDGET_S") if k in os.environ}
     if env:
         command = " ".join(f"{k}={v}" for k, v in env.items()) + " " + command
@@ -308,7 +367,8 @@ def main():
     try:
         if "kernel" in sections:
             kernel_section(env_list("SEQS", "32768,131072"), env_list("BATCHES", "1,8"),
-                           env_list("MSRS", "0,0.75", float), env_list("TARGETS", "", int))
+                           env_list("MSRS", "0,0.75", float), env_list("TARGETS", "", int),
+                           os.environ.get("FMA_ROWS", "1") == "1")
         if "generate" in sections:
             generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "8"),
                              int(os.environ.get("GEN_TOKENS", "32")))

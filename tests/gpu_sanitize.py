@@ -65,9 +65,11 @@ if __name__ == "__main__":
         one(torch.tensor([[FULL, BLOCK], [BLOCK, STREAM]]), 77, 201, 128, torch.bfloat16, bs=128)
         one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 64, torch.float16, varlen=True,
             mask_heads="q", bs=128)
-    # (num_splits 500: more work items than keys allow, so the chunk floor and the tails of every pair run)
+    # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
+    # chunk floor and the tails of every pair run)
     for Sq, group, D, dtype, splits in ((1, 4, 128, torch.bfloat16, 0), (5, 3, 64, torch.float16, 3),
                                         (16, 8, 128, torch.float16, 1), (1, 4, 128, torch.bfloat16, 500),
-                                        (2, 1, 64, torch.bfloat16, 0)):
+                                        (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
+                                        (1, 1, 64, torch.bfloat16, 2)):
         decode(Sq, group, D, dtype, splits)
     print("sanitize run done")

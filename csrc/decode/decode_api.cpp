@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "attention/check_msg.h"
+#include "attention/kernel_options.h"
 #include "decode/decode_params.h"
 
 namespace elastic {
@@ -106,10 +107,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   // chunks); num_splits > 0 sets the target instead (tests force 1 item per pair, or many). The kernel picks one
   // chunk length >= total keys / target, so a launch has at most target + B * Hkv items.
   const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // One query per step (every listed key visible to every row of a CTA): the tensor-core kernel, unless
+  // ELASTIC_DECODE_MMA=0 (kernel_options.h) asks for the FMA one.
+  const bool mma = Sq == 1 && rows <= 8 && kernel_options().decode_mma;
   int64_t target = num_splits;
   if (target == 0) {
     const int64_t slots = static_cast<int64_t>(sm_count(device.index())) *
-                          decode_ctas_per_sm(bf16, static_cast<int>(D), rows_per_chunk);
+                          decode_ctas_per_sm(bf16, static_cast<int>(D), rows_per_chunk, mma);
     target = std::max<int64_t>(1, slots / row_chunks);
   }
   target = std::min<int64_t>(target, 1 << 20);
@@ -156,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.sink = static_cast<int32_t>(sink);
   p.window = static_cast<int32_t>(window);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk,
+  launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk, mma,
                           c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }

@@ -275,7 +275,8 @@ __device__ Item plan_item(const DecodeParams& p, int item) {
 }
 
 // Passes [kPass0, kPass0 + kPasses) of one tile (K and V rows in shared memory) into the lane group's online-softmax
-// stream: this lane's key of each pass, its 8 elements, and every row of the CTA. kAllVisible: no row needs a visibility test.
+// stream: this lane's key of each pass, its 8 elements, and every row of the CTA. kAllVisible: no row needs a
+// visibility test.
 // dsum accumulates the row's visible scores: non-finite iff a visible score is (the non-finite rule's K and q part:
 // NaN and +-inf scores, which the max and the exponentials would otherwise drop or hide).
 template <typename T, int D, int kRows, bool kAllVisible, int kPass0, int kPasses>
@@ -364,6 +365,59 @@ __device__ __forceinline__ void attend_tile(const char* ks, const char* vs, int3
   if constexpr (kSplit < kPasses)
     attend_passes<T, D, kRows, kAllVisible, kSplit, kPasses - kSplit>(ks, vs, t0, t_end, pv, p, qpos, row_ok,
                                                                        stream_id, li, q, m, l, dsum, acc);
+}
+
+// The CTA's kStreams online-softmax streams are in shared memory (sm_m [kStreams][kRows], NaN for a stream whose
+// row saw a non-finite value; sm_l likewise; sm_acc [kStreams][kRows][D]): merge them per row and write the rows of
+// this row chunk: the output and lse directly when the pair has one item, else this item's partials.
+template <typename T, int D, int kRows, int kStreams>
+__device__ __forceinline__ void write_rows(const DecodeParams& p, const char* smem, const PairView& pv,
+                                           const Item& it, int rchunk, int b, int h) {
+  const float* sm_m = reinterpret_cast<const float*>(smem);
+  const float* sm_l = sm_m + kStreams * kRows;
+  const float* sm_acc = sm_l + kStreams * kRows;
+  const float nan = __int_as_float(0x7fc00000);
+  const bool direct = it.count == 1;
+  for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    const int row = rchunk * kRows + r;
+    if (row >= p.rows) continue;
+    float M = -INFINITY;
+    bool row_bad = !pv.valid;
+#pragma unroll
+    for (int s2 = 0; s2 < kStreams; ++s2) {
+      const float x = sm_m[s2 * kRows + r];
+      row_bad |= isnan(x);
+      M = fmaxf(M, x);
+    }
+    float L = 0.f, o = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int s2 = 0; s2 < kStreams; ++s2) {
+        const float x = sm_m[s2 * kRows + r];
+        if (x == -INFINITY || isnan(x)) continue;
+        const float w = exp2f(x - M);
+        L = fmaf(sm_l[s2 * kRows + r], w, L);
+        o = fmaf(sm_acc[(s2 * kRows + r) * D + d], w, o);
+      }
+    }
+    float lse2 = L > 0.f ? M + log2f(L) : -INFINITY;
+    o = L > 0.f ? o / L : 0.f;
+    if (row_bad) {
+      o = nan;
+      lse2 = nan;
+    }
+    if (direct) {
+      const int qi = row / p.group, hq = h * p.group + row % p.group;
+      T* out = static_cast<T*>(p.out);
+      out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
+      if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse2 * 0.69314718055994531f;
+    } else {
+      const int64_t part = (static_cast<int64_t>(rchunk) * p.items_max + blockIdx.x) * kRows + r;
+      p.part_out[part * D + d] = o;
+      if (d == 0) p.part_lse[part] = lse2;
+    }
+  }
 }
 
 // Residency: 3 CTAs per SM at 4 rows (3 x 64 KB of pipeline), 2 at 8 rows (registers).
@@ -485,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
 #pragma unroll
     for (int e = 0; e < 8; ++e) mine |= !isfinite(acc[r][e]);
     const unsigned ball = __ballot_sync(0xffffffffu, mine);
-    const unsigned group_mask = (kLanesPerKey == 32 ? 0xffffffffu : ((1u << kLanesPerKey) - 1u)) << (sub * kLanesPerKey);
+    const unsigned group_mask = ((1u << kLanesPerKey) - 1u) << (sub * kLanesPerKey);  // kLanesPerKey is 8 or 16
     bad[r] = (ball & group_mask) != 0;
   }
 
@@ -506,47 +560,7 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
   }
   __syncthreads();
 
-  const bool direct = it.count == 1;
-  for (int idx = tid; idx < kRows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
-    const int row = rchunk * kRows + r;
-    if (row >= p.rows) continue;
-    float M = -INFINITY;
-    bool row_bad = !pv.valid;
-#pragma unroll
-    for (int s2 = 0; s2 < kStreams; ++s2) {
-      const float x = sm_m[s2 * kRows + r];
-      row_bad |= isnan(x);
-      M = fmaxf(M, x);
-    }
-    float L = 0.f, o = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int s2 = 0; s2 < kStreams; ++s2) {
-        const float x = sm_m[s2 * kRows + r];
-        if (x == -INFINITY || isnan(x)) continue;
-        const float w = exp2f(x - M);
-        L = fmaf(sm_l[s2 * kRows + r], w, L);
-        o = fmaf(sm_acc[(s2 * kRows + r) * D + d], w, o);
-      }
-    }
-    float lse2 = L > 0.f ? M + log2f(L) : -INFINITY;
-    o = L > 0.f ? o / L : 0.f;
-    if (row_bad) {
-      o = nan;
-      lse2 = nan;
-    }
-    if (direct) {
-      const int qi = row / p.group, hq = h * p.group + row % p.group;
-      T* out = static_cast<T*>(p.out);
-      out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
-      if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse2 * 0.69314718055994531f;
-    } else {
-      const int64_t part = (static_cast<int64_t>(rchunk) * p.items_max + blockIdx.x) * kRows + r;
-      p.part_out[part * D + d] = o;
-      if (d == 0) p.part_lse[part] = lse2;
-    }
-  }
+  write_rows<T, D, kRows, kStreams>(p, smem, pv, it, rchunk, b, h);
 }
 
 // One CTA of D threads per (pair, query row): merges the partials of the pair's items (pairs of one item were

@@ -40,10 +40,11 @@ struct DecodeParams {
 };
 
 // CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the
-// SM count, one wave of equal chunks.
-int decode_ctas_per_sm(bool bf16, int head_dim, int rows_per_chunk);
+// SM count, one wave of equal chunks. mma: the tensor-core split kernel (one query per step, rows <= 8).
+int decode_ctas_per_sm(bool bf16, int head_dim, int rows_per_chunk, bool mma);
 
-// Launches the split kernel and the combine kernel on `stream`. rows_per_chunk is 4 or 8.
-void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int rows_per_chunk, void* stream);
+// Launches the split kernel (tensor-core if mma) and the combine kernel on `stream`. rows_per_chunk is 4 or 8.
+void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int rows_per_chunk, bool mma,
+                             void* stream);
 
 }  // namespace elastic
