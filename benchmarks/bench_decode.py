@@ -4,25 +4,34 @@ Sections:
   kernel    one decode step of one layer's attention (Sq 1) at S tokens per sample, batch B:
               ours_msr<m>     elastic_cuda.ops.decode_attention over ElasticStaticCache-layout pools, a fraction m
                               of each sample's KV heads STREAM (sink 128, window 2048, own random heads per sample)
+                              (tensor-core kernel; ours_fma_msr<m>: the FMA kernel)
               sdpa_<backend>  torch SDPA (flash / cudnn / efficient) over the same dense cache viewed [B, Hkv, S, D]
                               (the all-FULL pool in slot order is exactly that tensor), enable_gqa
             with the KV bytes each one must read and the effective bandwidth (fraction of 4.8 TB/s HBM peak), and a
-            numeric check of ours (all FULL) against cuDNN SDPA.
-  generate  model.generate on a randomly initialised Llama-3.1-8B-shaped model, prompt S, batch B, N new tokens,
-            CUDA graphs through transformers' compile path on both sides:
-              dense    attn sdpa + transformers' static cache (cache_implementation="static")
+            numeric check of ours (all FULL) against cuDNN SDPA. Device time per call: every method's calls over
+            enough copies of its cache to exceed L2 (as the layers of a model do), captured in one CUDA graph
+            (time_ms: launch and Python overhead excluded on both sides).
+  generate  greedy generation on a randomly initialised Llama-3.1-8B-shaped model, prompt S, batch B, N new
+            tokens, each side's decode step captured once as a CUDA graph and replayed
+            (elastic_cuda.integrations.generate.graphed_greedy_generate):
+              dense    attn sdpa + transformers' StaticCache
               elastic  elastic_cuda.enable(policy fixed, 6 of 8 KV heads STREAM per layer) + ElasticStaticCache
-            decode tokens/s (time of N+1 new tokens minus the time of 1, i.e. without the prefill), peak memory and
-            the caches' bytes; plus the capacity at 128K (requests whose KV fits beside the weights).
+            decode tokens/s over the replayed steps (prefill and capture timed apart), peak memory and the caches'
+            bytes; plus the capacity at S and 128K (requests whose KV fits beside the weights, bytes per request
+            from the caches' own allocation: see capacity()).
 
-Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), GEN_SEQ (default 32768), GEN_BATCHES
-(default 1,8), GEN_TOKENS (default 32), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
+Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), TARGETS (default none: extra
+rows of ours with num_splits forced to each value, i.e. that many work items per launch), FMA_ROWS (default 1:
+rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), GEN_SEQ (default 32768),
+GEN_BATCHES
+(default 8), GEN_TOKENS (default 32), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
 case that would start later is recorded as skipped). Writes decode.json, decode.md, decode.png under --out;
 `--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -41,9 +50,46 @@ def over_budget():
     return time.time() - T0 > float(os.environ.get("BENCH_BUDGET_S", "240"))
 
 
-def time_ms(fn, reps=50, warmup=5):
-    """Median of `reps` CUDA-event timings of fn() (each call timed alone: decode steps are microseconds)."""
-    return event_median_ms(fn, reps, warmup)
+L2_FLUSH_BYTES = 256 << 20  # several times the H200's L2: calls over that many distinct bytes start cold
+
+
+def time_ms(fns, rounds=10, reps=7):
+    """Device time of one call, ms: the calls fns (one per copy of the cache, together >= L2_FLUSH_BYTES, so that each
+    reads HBM as one layer of a model does: the other layers have flushed L2) captured back to back `rounds` times in
+    one CUDA graph, median over `reps` replays of replay time / calls. A graph, not per-call events: a call timed
+    alone also counts the host's time to launch it (the Python wrapper's checks are tens of microseconds, as long as
+    the kernels at 32K). Returns (ms, how): per-call CUDA events only if capturing fails."""
+    try:
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(rounds):
+                for f in fns:
+                    f()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / (rounds * len(fns)))
+        del graph
+        return sorted(times)[len(times) // 2], "graph"
+    except Exception as e:  # a peer that cannot be captured: per-call events (include launch time)
+        print(f"graph capture failed ({e!r:.200}); per-call events", file=sys.stderr)
+        torch.cuda.synchronize()
+        return sorted(event_median_ms(f, 20, 3) for f in fns)[len(fns) // 2], "events"
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -71,12 +117,15 @@ def pools(B, S, modes, gen):
     return (fk, fv, sk, sv, modes.to(DEV), slot.to(DEV)), 2 * keys_read * D * 2
 
 
-def kernel_section(seqs, batches, msrs):
+def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
+    import elastic_cuda
     from elastic_cuda.ops import decode_attention
 
+    if os.environ.get("ELASTIC_DECODE_MMA"):
+        sys.exit("bench_decode: unset ELASTIC_DECODE_MMA (the kernel section times both decode kernels itself)")
     for S in seqs:
         for B in batches:
             if over_budget():
@@ -88,40 +137,57 @@ def kernel_section(seqs, batches, msrs):
             dense_ms = None
             for msr in msrs:
                 try:
-                    tensors, nbytes = pools(B, S, routing(B, msr, seed=S + B), gen)
-                    fk, fv, sk, sv, modes, slot = tensors
+                    modes_cpu = routing(B, msr, seed=S + B)
+                    tensors, nbytes = pools(B, S, modes_cpu, gen)
+                    copies = [tensors] + [pools(B, S, modes_cpu, gen)[0]
+                                          for _ in range(math.ceil(L2_FLUSH_BYTES / nbytes) - 1)]
 
-                    def ours(fk=fk, fv=fv, sk=sk, sv=sv, modes=modes, slot=slot):
-                        return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW)
+                    def ours(t, num_splits=0):
+                        fk, fv, sk, sv, modes, slot = t
+                        return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW,
+                                                num_splits=num_splits)
 
-                    ms = time_ms(ours)
+                    def row(method, ms, how):
+                        rec(section="kernel", method=method, S=S, B=B, msr=msr, ms=ms, kv_bytes=nbytes,
+                            tb_per_s=nbytes / ms / 1e9, hbm_frac=nbytes / ms / 1e-3 / HBM_PEAK, timing=how,
+                            copies=len(copies), vs_ours_dense=None if dense_ms is None else ms / dense_ms)
+
+                    ms, how = time_ms([lambda t=t: ours(t) for t in copies])
                     dense_ms = ms if msr == 0 else dense_ms
-                    rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, ms=ms, kv_bytes=nbytes,
-                        tb_per_s=nbytes / ms / 1e9, hbm_frac=nbytes / ms / 1e-3 / HBM_PEAK,
-                        vs_ours_dense=None if dense_ms is None else ms / dense_ms)
+                    row(f"ours_msr{msr:g}", ms, how)
+                    if fma_rows:  # the FMA kernel on the same calls (ELASTIC_DECODE_MMA=0, kernel_options.h)
+                        os.environ["ELASTIC_DECODE_MMA"] = "0"
+                        elastic_cuda.ops.reload_kernel_options()
+                        try:
+                            row(f"ours_fma_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
+                        finally:
+                            os.environ.pop("ELASTIC_DECODE_MMA")
+                            elastic_cuda.ops.reload_kernel_options()
+                    for target in targets:  # forced work-item targets (tuning: the automatic one is one wave)
+                        row(f"ours_msr{msr:g}_t{target}", *time_ms([lambda t=t: ours(t, target) for t in copies]))
                     if msr == 0:
-                        k4, v4 = fk.view(B, HKV, S, D), fv.view(B, HKV, S, D)
                         qt = q.transpose(1, 2)  # [B, HQ, 1, D]
+                        kv = [(t[0].view(B, HKV, S, D), t[1].view(B, HKV, S, D)) for t in copies]
                         ref = None
                         for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
                             try:
-                                def peer(be=be):
+                                def peer(k4, v4, be=be):
                                     with sdpa_kernel(be):
                                         return scaled_dot_product_attention(qt, k4, v4, enable_gqa=True)
-                                out = peer()
+                                out = peer(*kv[0])
                                 ref = out if ref is None else ref
-                                pms = time_ms(peer)
+                                pms, phow = time_ms([lambda k4=k4, v4=v4: peer(k4, v4) for k4, v4 in kv])
                                 rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, ms=pms,
                                     kv_bytes=nbytes, tb_per_s=nbytes / pms / 1e9,
-                                    hbm_frac=nbytes / pms / 1e-3 / HBM_PEAK)
+                                    hbm_frac=nbytes / pms / 1e-3 / HBM_PEAK, timing=phow, copies=len(copies))
                             except Exception as e:  # a backend without GQA decode support on this build
                                 rec(section="kernel", method=f"sdpa_{name}", S=S, B=B, msr=0.0, error=repr(e)[:300])
                         if ref is not None:
-                            got = ours().transpose(1, 2).double()
+                            got = ours(copies[0]).transpose(1, 2).double()
                             err = ((got - ref.double()).norm() / ref.double().norm()).item()
                             rec(section="kernel", method="check_ours_vs_sdpa", S=S, B=B, rel_err=err)
-                    del fk, fv, sk, sv, tensors
+                    del tensors, copies
                 except Exception as e:
                     rec(section="kernel", method=f"ours_msr{msr:g}", S=S, B=B, msr=msr, error=repr(e)[:300])
                 torch.cuda.empty_cache()
@@ -140,41 +206,35 @@ def llama8b(dtype=torch.bfloat16):
     return model.eval()
 
 
-def decode_rate(model, ids, new_tokens, cache):
-    """(decode tokens/s, peak bytes): time of new_tokens + 1 tokens minus that of 1 token (the prefill). One cache
-    object, reset between runs (static addresses: the captured graphs are replayed, as in serving); the first run,
-    on a 1K-token prompt, compiles and captures them."""
-    def run(prompt, n):
-        cache.reset()
-        torch.cuda.synchronize()
-        t = time.time()
-        with torch.no_grad():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, past_key_values=cache)
-        torch.cuda.synchronize()
-        return time.time() - t
+def capacity(S, msr, weights_bytes, new_tokens=16):
+    """Requests of S prompt tokens (+ new_tokens) whose KV cache fits in the GPU memory left beside the weights
+    (90% of the device's memory, the rest kept for activations and the allocator). Bytes per request come from the
+    caches' own accounting, not a formula: ElasticStaticCache's pools (_Pool, the class the cache allocates, built on
+    the meta device: exact bytes, no memory) with round(msr * HKV) pairs per layer STREAM, and transformers'
+    StaticCache layout (2 x Hkv x max_cache_len x D per layer, what ElasticStaticLayer.dense_memory_bytes gives)."""
+    from elastic_cuda.integrations.static_cache import _Pool
 
-    run(ids[:, :1024], new_tokens + 1)
-    torch.cuda.reset_peak_memory_stats()
-    t_full = run(ids, new_tokens + 1)
-    t_prefill = run(ids, 1)
-    return new_tokens * ids.shape[0] / max(t_full - t_prefill, 1e-9), torch.cuda.max_memory_allocated()
-
-
-def capacity(S, msr, weights_bytes):
-    """Requests of S tokens whose KV fits in the GPU memory left beside the weights (10% kept free)."""
-    free = torch.cuda.get_device_properties(0).total_memory * 0.9 - weights_bytes
-    per_layer_head = 2 * D * 2
-    dense = 32 * HKV * S * per_layer_head
+    total = torch.cuda.get_device_properties(0).total_memory
+    free = total * 0.9 - weights_bytes
+    max_len = S + new_tokens
     n_stream = round(msr * HKV)
-    elastic = 32 * ((HKV - n_stream) * S + n_stream * (SINK + WINDOW + 15)) * per_layer_head
-    return int(free // dense), int(free // elastic)
+    stream_len = SINK + WINDOW + 16 - 1  # the cache's default max_query_len (16)
+    per_layer = (_Pool(HKV - n_stream, max_len, D, torch.bfloat16, "meta").nbytes() +
+                 _Pool(n_stream, stream_len, D, torch.bfloat16, "meta").nbytes())
+    elastic = 32 * per_layer
+    dense = 32 * 2 * HKV * max_len * D * 2
+    return dict(total_bytes=total, free_bytes=free, dense_request_bytes=dense, elastic_request_bytes=elastic,
+                dense_requests=int(free // dense), elastic_requests=int(free // elastic))
 
 
 def generate_section(S, batches, new_tokens):
+    """Decode tokens/s of the 8B-shaped model, each side's decode step captured once as a CUDA graph and replayed
+    (elastic_cuda.integrations.generate.graphed_greedy_generate): dense = SDPA over transformers' StaticCache,
+    elastic = the decode op over ElasticStaticCache with 6 of 8 KV heads STREAM in every layer."""
     from transformers import StaticCache
 
     import elastic_cuda
+    from elastic_cuda.integrations.generate import graphed_greedy_generate
     from elastic_cuda.integrations.static_cache import ElasticStaticCache
 
     model = llama8b()
@@ -182,31 +242,38 @@ def generate_section(S, batches, new_tokens):
     table = torch.zeros(32, HKV, dtype=torch.bool)
     for layer in range(32):
         table[layer, torch.randperm(HKV, generator=torch.Generator().manual_seed(layer))[:6]] = True
-    dense_cap, elastic_cap = capacity(131072, 0.75, weights)
-    rec(section="capacity", S=131072, msr=0.75, dense_requests=dense_cap, elastic_requests=elastic_cap,
-        ratio=elastic_cap / max(dense_cap, 1), weights_bytes=weights)
+    for cap_s in (S, 131072):
+        rec(section="capacity", S=cap_s, msr=0.75, weights_bytes=weights, **capacity(cap_s, 0.75, weights))
     for B in batches:
         if over_budget():
             rec(section="generate", S=S, B=B, skipped="budget")
             continue
         ids = torch.randint(3, 128256, (B, S), device=DEV, generator=torch.Generator(DEV).manual_seed(B))
         for side in ("dense", "elastic"):
+            cache = None
             try:
                 if side == "dense":
                     elastic_cuda.disable(model)
                     model.set_attn_implementation("sdpa")
-                    cache = StaticCache(config=model.config, max_cache_len=S + new_tokens + 2)
+                    cache = StaticCache(config=model.config, max_cache_len=S + new_tokens + 1)
                 else:
                     elastic_cuda.enable(model, policy="fixed", fixed_table=table, sink=SINK, window=WINDOW)
-                    cache = ElasticStaticCache(model, max_batch_size=B, max_cache_len=S + new_tokens + 2)
-                tps, mem = decode_rate(model, ids, new_tokens, cache)
+                    cache = ElasticStaticCache(model, max_batch_size=B, max_cache_len=S + new_tokens + 1)
+                torch.cuda.reset_peak_memory_stats()
+                run = graphed_greedy_generate(model, ids, cache, new_tokens)
+                peak = torch.cuda.max_memory_allocated()
                 cache_bytes = (cache.memory_bytes() if side == "elastic" else
                                sum(t.numel() * t.element_size() for layer in cache.layers
                                    for t in (layer.keys, layer.values) if t is not None))
-                rec(section="generate", side=side, S=S, B=B, new_tokens=new_tokens, tokens_per_s=tps,
-                    peak_bytes=mem, cache_bytes=cache_bytes)
+                rec(section="generate", side=side, S=S, B=B, new_tokens=new_tokens,
+                    tokens_per_s=run.decode_tokens_per_s(), step_ms=1e3 * run.decode_s / run.replayed_steps,
+                    replayed_steps=run.replayed_steps, prefill_s=run.prefill_s, capture_s=run.capture_s,
+                    peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights,
+                    first_tokens=run.tokens[0, :4].tolist())
+                del run
             except Exception as e:
                 rec(section="generate", side=side, S=S, B=B, error=repr(e)[:300])
+            del cache
             torch.cuda.empty_cache()
     elastic_cuda.disable(model)
 
@@ -228,20 +295,25 @@ def write_markdown(path, results, command):
                   ", ".join(f"S {r['S']} B {r['B']}: {r['rel_err']:.1e}" for r in checks)]
     gen = [r for r in results if r.get("section") == "generate" and "tokens_per_s" in r]
     if gen:
-        lines += ["", "## generate (Llama-3.1-8B-shaped random model, CUDA graphs via transformers' compile path)", "",
-                  "| S | B | side | decode tokens/s | vs dense | peak GB | cache GB |",
-                  "|---:|---:|---|---:|---:|---:|---:|"]
+        lines += ["", "## generate (Llama-3.1-8B-shaped random model, greedy, each side's decode step one captured "
+                  "CUDA graph)", "",
+                  "| S | B | side | decode tokens/s | ms/step | vs dense | peak GB | cache GB |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
         dense = {(r["S"], r["B"]): r["tokens_per_s"] for r in gen if r["side"] == "dense"}
         for r in sorted(gen, key=lambda r: (r["S"], r["B"], r["side"])):
             base = dense.get((r["S"], r["B"]))
             rel = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
-            lines.append(f"| {r['S']} | {r['B']} | {r['side']} | {r['tokens_per_s']:.1f} | {rel} | "
-                         f"{r['peak_bytes'] / 1e9:.1f} | {r['cache_bytes'] / 1e9:.2f} |")
+            lines.append(f"| {r['S']} | {r['B']} | {r['side']} | {r['tokens_per_s']:.1f} | {r.get('step_ms', 0):.2f} | "
+                         f"{rel} | {r['peak_bytes'] / 1e9:.1f} | {r['cache_bytes'] / 1e9:.2f} |")
     for r in results:
         if r.get("section") == "capacity":
-            lines += ["", f"Capacity at {r['S']} tokens (weights {r['weights_bytes'] / 1e9:.1f} GB, 90% of memory): "
-                      f"dense {r['dense_requests']} requests, elastic at MSR {r['msr']} {r['elastic_requests']} "
-                      f"({r['ratio']:.1f}x)"]
+            ratio = r["elastic_requests"] / max(r["dense_requests"], 1)
+            lines += ["", f"Capacity at {r['S']} tokens (weights {r['weights_bytes'] / 1e9:.1f} GB, 90% of "
+                      f"{r['total_bytes'] / 1e9:.0f} GB for weights + KV; per request dense "
+                      f"{r['dense_request_bytes'] / 1e9:.2f} GB, elastic "
+                      f"{r['elastic_request_bytes'] / 1e9:.2f} GB from "
+                      f"the caches' allocation): dense {r['dense_requests']} requests, elastic at MSR {r['msr']} "
+                      f"{r['elastic_requests']} ({ratio:.1f}x)"]
     bad = [r for r in results if "error" in r or "skipped" in r]
     if bad:
         lines += ["", "## Errors and skipped cases", "", "```"] + [json.dumps(r)[:400] for r in bad] + ["```"]
@@ -286,7 +358,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_decode: needs a CUDA device (use --from-json to rebuild reports)")
     command = "python " + " ".join(sys.argv)
-    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "GEN_SEQ", "GEN_BATCHES", "GEN_TOKENS", "SECTIONS",
+    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "GEN_SEQ", "GEN_BATCHES",
+                                      "GEN_TOKENS", "SECTIONS",
                                       "BENCH_BUDGET_S") if k in os.environ}
     if env:
         command = " ".join(f"{k}={v}" for k, v in env.items()) + " " + command
@@ -294,9 +367,10 @@ def main():
     try:
         if "kernel" in sections:
             kernel_section(env_list("SEQS", "32768,131072"), env_list("BATCHES", "1,8"),
-                           env_list("MSRS", "0,0.75", float))
+                           env_list("MSRS", "0,0.75", float), env_list("TARGETS", "", int),
+                           os.environ.get("FMA_ROWS", "1") == "1")
         if "generate" in sections:
-            generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "1,8"),
+            generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "8"),
                              int(os.environ.get("GEN_TOKENS", "32")))
     finally:
         meta = {"command": command, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -46,7 +46,8 @@ TORCH_LIBRARY(elastic, m) {
   // full_k/v [Pf, L, D]; STREAM pairs read sink + ring-buffer keys from row slot[b, h] of stream_k/v [Ps, Ls, D]
   // (position p lives at p if p < sink, else at sink + (p - sink) % (Ls - sink)). seq_lens int32 [B]: valid tokens
   // of each sample including this step's Sq (the queries are its last Sq positions). q [B, Sq, Hq, D] ->
-  // out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq]. num_splits: 0 = chosen from the SM count and L (CUDA).
+  // out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq]. num_splits (CUDA): how many equal key chunks the launch
+  // spreads the real keys of all pairs over; 0 = one wave of the SMs (csrc/decode/decode_kernel.cuh).
   m.def(
       "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor stream_k, Tensor stream_v, "
       "Tensor head_mode, Tensor slot, Tensor seq_lens, *, int sink, int window, float? scale=None, "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .integrations.generate import greedy_generate
+from .integrations.generate import greedy_generate, static_cache_for
 from .integrations.transformers import disable, enable
 from .router import RouterSet
 
@@ -240,13 +240,19 @@ def run_variant(model, tokenizer, variant: Variant, input_ids, max_new_tokens, w
     device = next(model.parameters()).device
     state = enable(model, **variant.enable_kwargs) if variant.enable_kwargs is not None else None
     try:
-        def new_cache():
-            return ElasticCache(model) if state is not None else DynamicCache()
+        def new_cache(tokens):
+            # On a GPU the elastic variants decode over ElasticStaticCache (the decode op, STREAM heads keep sink +
+            # window in a ring); elsewhere over ElasticCache. (Created last: the model's elastic state follows the
+            # newest cache.)
+            if state is None:
+                return DynamicCache()
+            return static_cache_for(model, tokens + max_new_tokens + 1) or ElasticCache(model)
 
         if warmup_ids is not None:
             with torch.no_grad():
-                model(input_ids=warmup_ids.to(device), use_cache=True, past_key_values=new_cache())
-        cache = new_cache()
+                model(input_ids=warmup_ids.to(device), use_cache=True,
+                      past_key_values=new_cache(int(torch.as_tensor(warmup_ids).numel())))
+        cache = new_cache(int(torch.as_tensor(input_ids).numel()))
         with AttentionTimer(model.config._attn_implementation, device) as timer:
             gen = greedy_generate(model, input_ids, max_new_tokens, tokenizer.eos_token_id, cache=cache,
                                   keep_stop=True)

@@ -429,7 +429,9 @@ def decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq
 
     q [B, Sq, Hq, D] (Sq 1..16), whole-history pool full_k/v [Pf, L, D] (FULL and BLOCK pairs), STREAM pool
     stream_k/v [Ps, sink + ring, D], head_mode / slot int32 [B, Hkv], seq_lens int32 [B] (valid tokens including
-    the Sq new ones). Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq], fp32 or fp64 for fp64 q, when return_lse)."""
+    the Sq new ones). Returns out [B, Sq, Hq, D] (and lse [B, Hq, Sq], fp32 or fp64 for fp64 q, when return_lse).
+    num_splits (CUDA only; the CPU kernel ignores it): the number of equal key chunks the launch spreads the real
+    keys of all pairs over (a pair gets as many chunks as its length needs); 0 picks one wave of the GPU's SMs."""
     validate_decode_args(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, sink=sink, window=window,
                          scale=scale, num_splits=num_splits)
     out, lse = torch.ops.elastic.decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens,

@@ -56,22 +56,29 @@ def decode(Sq, group, D, dtype, num_splits):
 
 
 if __name__ == "__main__":
-    for mode in (FULL, STREAM, BLOCK):
+    only_decode = sys.argv[1:] == ["decode"]  # `python tests/gpu_sanitize.py decode`: the decode cases alone
+    for mode in () if only_decode else (FULL, STREAM, BLOCK):
         one(torch.full((2, 2), mode), 77, 201, 128, torch.bfloat16)
-    one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q")
-    one(torch.tensor([[STREAM, BLOCK], [BLOCK, STREAM]]), 1, 300, 64, torch.bfloat16)
-    one(torch.tensor([[FULL, BLOCK], [BLOCK, STREAM]]), 77, 201, 128, torch.bfloat16, bs=128)
-    one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q", bs=128)
-    # The Hopper backward (bs 128 on a 9.x device): D 64 with Sq < Skv, D 128 varlen with tails inside the tensor.
-    one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
-    one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
-    os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1"  # the same with dQ by TMA reduce-add (A/B switch)
-    elastic_cuda.ops.reload_kernel_options()
-    one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
-    one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
-    del os.environ["ELASTIC_SM90_BWD_DQ_TMA"]
-    elastic_cuda.ops.reload_kernel_options()
+    if not only_decode:
+        one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 130, 130, 64, torch.float16, varlen=True, mask_heads="q")
+        one(torch.tensor([[STREAM, BLOCK], [BLOCK, STREAM]]), 1, 300, 64, torch.bfloat16)
+        one(torch.tensor([[FULL, BLOCK], [BLOCK, STREAM]]), 77, 201, 128, torch.bfloat16, bs=128)
+        one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 64, torch.float16, varlen=True,
+            mask_heads="q", bs=128)
+        # The Hopper backward (bs 128 on a 9.x device): D 64 with Sq < Skv, D 128 varlen with tails inside the tensor.
+        one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
+        one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1"  # the same with dQ by TMA reduce-add (A/B switch)
+        elastic_cuda.ops.reload_kernel_options()
+        one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
+        one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        del os.environ["ELASTIC_SM90_BWD_DQ_TMA"]
+        elastic_cuda.ops.reload_kernel_options()
+    # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
+    # chunk floor and the tails of every pair run)
     for Sq, group, D, dtype, splits in ((1, 4, 128, torch.bfloat16, 0), (5, 3, 64, torch.float16, 3),
-                                        (16, 8, 128, torch.float16, 1)):
+                                        (16, 8, 128, torch.float16, 1), (1, 4, 128, torch.bfloat16, 500),
+                                        (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
+                                        (1, 1, 64, torch.bfloat16, 2)):
         decode(Sq, group, D, dtype, splits)
     print("sanitize run done")

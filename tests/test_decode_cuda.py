@@ -83,12 +83,24 @@ class Case:
         assert torch.isfinite(out).all() and torch.isfinite(lse).all(), f"{key}: unwritten or non-finite output"
         err = ((out.double().cpu() - ref_out).abs().max() / ref_out.abs().max()).item()
         lerr = (lse.double().cpu() - ref_lse).abs().max().item()
-        tag = f"{self.dtype} D{self.D}"
+        path = "fma" if self.Sq > 1 or "decode_mma=0" in elastic_cuda.ops.reload_kernel_options() else "mma"
+        tag = f"{path} {self.dtype} D{self.D}"
         MAX_ERR[f"out {tag}"] = max(MAX_ERR.get(f"out {tag}", 0.0), err)
         MAX_ERR[f"lse {tag}"] = max(MAX_ERR.get(f"lse {tag}", 0.0), lerr)
         assert err < OUT_TOL[self.dtype], f"{key}: out max rel err {err:.3e}"
         assert lerr < LSE_ATOL, f"{key}: lse max abs err {lerr:.3e}"
         return out, lse
+
+
+@pytest.fixture(params=["mma", "fma"])
+def decode_path(request, monkeypatch):
+    """Steps of one query run the tensor-core kernel (csrc/decode/decode_mma_kernel.cuh) unless ELASTIC_DECODE_MMA=0
+    selects the FMA kernel, which steps of several queries always run: tests of Sq 1 take both."""
+    monkeypatch.setenv("ELASTIC_DECODE_MMA", "1" if request.param == "mma" else "0")
+    assert f"decode_mma={int(request.param == 'mma')}" in elastic_cuda.ops.reload_kernel_options()
+    yield request.param
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +114,7 @@ def _report():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("Sq", [1, 2, 5, 16])
-def test_decode_matches_float64_reference(gen, dtype, D, group, Sq):
+def test_decode_matches_float64_reference(gen, dtype, D, group, Sq, decode_path):
     """Mixed modes per pair, odd lengths, lengths at 1..3 over Sq, split and tile edges, ring wrap-around."""
     lengths = [Sq, Sq + 2, 255, 256, 257, 1031, 4099][: 3 + (Sq % 4)]
     lengths = [max(n, Sq) for n in lengths]
@@ -110,8 +122,8 @@ def test_decode_matches_float64_reference(gen, dtype, D, group, Sq):
     case.check(f"G{group} Sq{Sq}")
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
-def test_forced_splits_agree(gen, num_splits):
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 999])
+def test_forced_splits_agree(gen, num_splits, decode_path):
     lengths = [1, 300, 2049, 5000]
     case = Case(gen, B=4, Hkv=2, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=lengths, sink=4, window=512)
     out, _ = case.check(f"splits {num_splits}", num_splits=num_splits)
@@ -119,7 +131,86 @@ def test_forced_splits_agree(gen, num_splits):
     assert ((out.double() - auto.double()).abs().max() / auto.double().abs().max()).item() < 2e-2
 
 
-def test_all_full_and_all_stream_long(gen):
+def test_many_pairs_and_items(gen, decode_path):
+    """320 pairs (the device-side work plan walks several pairs per thread) of very different lengths, with the
+    automatic item target and with forced ones (one chunk per pair; many small chunks: items >> pairs)."""
+    lengths = [1 + (37 * b * b) % 3000 for b in range(40)]
+    case = Case(gen, B=40, Hkv=8, group=1, Sq=1, D=64, dtype=torch.bfloat16, lengths=lengths, sink=3, window=100)
+    for target in (0, 1, 5000):
+        case.check(f"many pairs target {target}", num_splits=target)
+
+
+def test_stream_heavy_batch_one(gen, decode_path):
+    """Batch 1, 6 of 8 heads STREAM (the issue's routing) at a length where FULL pairs take almost every item."""
+    modes = torch.tensor([[STREAM, FULL, STREAM, STREAM, FULL, STREAM, STREAM, STREAM]], dtype=torch.int32)
+    case = Case(gen, B=1, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[40000], sink=128,
+                window=2048, modes=modes)
+    case.check("stream heavy")
+
+
+def _finite_copy(t):
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Sq", [1, 2])
+def test_nonfinite_rule(gen, dtype, Sq, decode_path):
+    """README "Non-finite inputs": a row is NaN iff its q row or a K/V row it can see is non-finite; rows that
+    cannot see a poisoned key equal the reference computed with that key made finite. Sq 1 runs the tensor-core
+    kernel (unless decode_path is fma), Sq 2 the FMA kernel, where a key can be visible to one query and not the
+    other."""
+    group, sink, window = 2, 3, 16
+    modes = torch.tensor([[FULL, STREAM], [STREAM, FULL], [FULL, FULL]], dtype=torch.int32)
+    lengths = [300, 301, 50]
+    case = Case(gen, B=3, Hkv=2, group=group, Sq=Sq, D=128, dtype=dtype, lengths=lengths, sink=sink,
+                window=window, modes=modes)
+    ring = case.stream_k.shape[1] - sink
+    row = lambda pos: pos if pos < sink else sink + (pos - sink) % ring  # noqa: E731
+    expect_nan = torch.zeros(3, Sq, 2 * group, dtype=torch.bool)
+
+    def poisons(b, h, pos):
+        """Rows of pair (b, h) that see position pos become NaN."""
+        n = lengths[b]
+        for qi in range(Sq):
+            i = n - Sq + qi
+            if pos <= i and (modes[b, h] != STREAM or pos < sink or i - pos < window):
+                expect_nan[b, qi, h * group:(h + 1) * group] = True
+
+    # (0, FULL): V of the newest key = inf (with Sq 2 only the newest query sees it).
+    case.full_v[case.slot[0, 0], 299] = float("inf")
+    poisons(0, 0, 299)
+    # (0, STREAM): K of rlo = n - Sq - window + 1, the oldest recent key (with Sq 2 only query 0 sees it).
+    rlo = 300 - Sq - window + 1
+    case.stream_k[case.slot[0, 1], row(rlo)] = float("nan")
+    poisons(0, 1, rlo)
+    # Rows no pair may read: an unused STREAM pool row, and the whole-history rows past sample 2's length.
+    unused = sorted(set(range(case.stream_k.shape[0])) - set(case.slot[modes == STREAM].tolist()))
+    case.stream_k[unused[0]] = float("nan")
+    case.stream_v[unused[0]] = float("inf")
+    case.full_k[case.slot[2, 0], 50:] = float("inf")
+    case.full_v[case.slot[2, 0], 50:] = float("nan")
+    # (2, FULL head 1): K of position 49 = -inf; q of sample 2, its last query, head 0 = NaN.
+    case.full_k[case.slot[2, 1], 49] = float("-inf")
+    poisons(2, 1, 49)
+    case.q[2, Sq - 1, 0, 5] = float("nan")
+    expect_nan[2, Sq - 1, 0] = True
+    assert expect_nan.any() and not expect_nan.all()
+    args = case.tensors(DEV)
+    _poison_allocator(args[0])
+    out, lse = decode_attention(*args, sink=sink, window=window, return_lse=True)
+    clean = [_finite_copy(t) for t in case.tensors("cpu", torch.float64)[:5]] + case.tensors("cpu")[5:]
+    ref, ref_lse = decode_attention_cpu(*clean, sink=sink, window=window)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.equal(torch.isnan(out).all(-1), expect_nan), "NaN rows differ from the rule"
+    assert not (torch.isnan(out).any(-1) & ~expect_nan).any(), "partly NaN row"
+    assert torch.equal(torch.isnan(lse), expect_nan.permute(0, 2, 1)), "NaN lse differ from the rule"
+    ok = ~expect_nan
+    err = ((out.double() - ref)[ok].abs().max() / ref[ok].abs().max()).item()
+    assert err < OUT_TOL[dtype], f"finite rows: max rel err {err:.3e}"
+    assert torch.isfinite(out[ok]).all()
+
+
+def test_all_full_and_all_stream_long(gen, decode_path):
     for mode in (FULL, STREAM):
         modes = torch.full((2, 8), mode, dtype=torch.int32)
         case = Case(gen, B=2, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[32768, 20001],
@@ -153,7 +244,7 @@ def test_out_of_range_values_give_nan_rows(gen):
             assert torch.isnan(rows).all() == ((b, h) in bad) and torch.isfinite(rows).all() == ((b, h) not in bad)
 
 
-def test_graph_capture_replays_with_new_lengths(gen):
+def test_graph_capture_replays_with_new_lengths(gen, decode_path):
     case = Case(gen, B=2, Hkv=2, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[500, 900], sink=4,
                 window=64, max_len=1024)
     args = case.tensors(DEV)
@@ -212,3 +303,115 @@ def test_static_cache_generate_matches_dynamic_elastic_cache(compiled):
         a, b = static.logits[step].float(), dense.logits[step].float()
         assert ((a - b).abs().max() / b.abs().max()).item() < 3e-2, step
     assert cache.memory_bytes() < 0.6 * cache.dense_memory_bytes()
+
+
+def _tiny_llama_sharp(dtype, seed):
+    """_tiny_llama with larger q/k weights (random init gives near-uniform attention; the masks must matter)."""
+    model = _tiny_llama(dtype)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    return model
+
+
+def test_generate_per_sample_routing_left_padding_matches_prefill_reference():
+    """The issue's correctness target on the GPU: 64 greedy tokens in bf16 with per-sample routing (router policy,
+    per-request sparsity shift) and left padding over ElasticStaticCache (decode kernel); every step's logits equal
+    the prefill-only elastic reference (the whole sequence through the masked eager reference with the prompt's
+    routing, in fp32) within bf16 tolerance."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from test_transformers import decisive, reference_logits
+
+    from elastic_cuda.integrations.static_cache import ElasticStaticCache
+    from elastic_cuda.integrations.transformers import disable, enable
+    from elastic_cuda.router import RouterSet
+
+    sink, window = 4, 24
+    model = _tiny_llama_sharp(torch.bfloat16, seed=3)
+    routers = decisive(RouterSet.for_model(model).double(), seed=2).to(DEV)
+    lengths = [120, 67, 95]
+    S, new = max(lengths), 64
+    g = torch.Generator().manual_seed(5)
+    ids = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, S - n:] = torch.randint(3, 256, (n,), generator=g)
+        mask[b, S - n:] = 1
+    ids, mask = ids.to(DEV), mask.to(DEV)
+    state = enable(model, routers, policy="router", sink=sink, window=window,
+                   sparsity_shift=torch.tensor([3.0, -3.0, 0.0], device=DEV))
+    cache = ElasticStaticCache(model, max_batch_size=3, max_cache_len=S + new + 1)
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             disable_compile=True)
+    modes = state.last_head_mode.clone()  # [B, L, Hkv]
+    # Per-sample routing: the shifts +3 / -3 push samples 0 and 1 to opposite routings.
+    assert len({tuple(m.flatten().tolist()) for m in modes}) >= 2, modes
+    assert (modes == STREAM).any() and (modes == FULL).any()
+    disable(model)
+    ref_model = copy.deepcopy(model).float()
+    worst = 0.0
+    for b, n in enumerate(lengths):
+        seq = gen.sequences[b:b + 1, S - n:]
+        ref = reference_logits(ref_model, seq[:, :-1], modes[b:b + 1], sink=sink, window=window)
+        for step in range(new):
+            a, r = gen.logits[step][b].float(), ref[0, n - 1 + step].float()
+            err = ((a - r).abs().max() / r.abs().max()).item()
+            worst = max(worst, err)
+            assert err < 3e-2, (b, step, err)
+    print(f"generate bf16 vs fp32 prefill reference: worst step rel err {worst:.3e}")
+    assert cache.memory_bytes() < 0.9 * cache.dense_memory_bytes()
+
+
+@pytest.mark.parametrize("side", ["dense", "elastic"])
+def test_graphed_greedy_generate_matches_eager(side):
+    """graphed_greedy_generate (hand-captured decode step, benchmarks' generate rows) gives the logits of the same
+    model decoding eagerly step by step, for transformers' StaticCache (dense) and ElasticStaticCache."""
+    pytest.importorskip("transformers")
+    from transformers import StaticCache
+
+    from elastic_cuda.integrations.generate import graphed_greedy_generate
+    from elastic_cuda.integrations.static_cache import ElasticStaticCache
+    from elastic_cuda.integrations.transformers import enable
+
+    model = _tiny_llama_sharp(torch.bfloat16, seed=4)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 256, (2, 150), device=DEV, generator=torch.Generator(DEV).manual_seed(6))
+    new = 24
+
+    def make_cache():
+        if side == "dense":
+            return StaticCache(config=model.config, max_cache_len=ids.shape[1] + new + 1)
+        return ElasticStaticCache(model, max_batch_size=2, max_cache_len=ids.shape[1] + new + 1)
+
+    if side == "elastic":
+        enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=4, window=32)
+    run = graphed_greedy_generate(model, ids, make_cache(), new, keep_logits=True)
+    assert run.replayed_steps == new - 3 and run.decode_tokens_per_s() > 0
+    # Eager reference: the same steps without a graph, on a fresh cache, fed the graphed run's tokens.
+    cache = make_cache()
+    with torch.no_grad():
+        pos = torch.arange(ids.shape[1], device=DEV)
+        out = model(input_ids=ids, position_ids=pos[None].expand(2, -1), cache_position=pos, past_key_values=cache,
+                    logits_to_keep=1)
+        want = [out.logits[:, -1].float()]
+        L = cache.layers[0].max_cache_len
+        for i in range(1, new):
+            n = ids.shape[1] + i  # tokens after this step
+            cur = torch.tensor([n - 1], device=DEV)
+            mask = None
+            if side == "dense":  # the explicit mask transformers' SDPA needs over a static cache (see generate.py)
+                mask = torch.zeros(2, L, dtype=torch.long, device=DEV)
+                mask[:, :n] = 1
+            out = model(input_ids=run.tokens[:, i - 1:i], position_ids=cur.view(1, 1).expand(2, 1),
+                        cache_position=cur, attention_mask=mask, past_key_values=cache)
+            want.append(out.logits[:, -1].float())
+    for i in range(new):
+        err = ((run.logits[i] - want[i]).abs().max() / want[i].abs().max()).item()
+        assert err < 1e-2, (i, err)
+    assert torch.equal(run.tokens[:, 0], want[0].argmax(-1))

@@ -304,3 +304,20 @@ def test_block_mode_keeps_block_heads_whole_and_decodes_them_densely():
     for step in range(8):
         assert rel_err(static.logits[step], dense.logits[step]) < 1e-9
     assert all(layer.stream.pairs == 0 and layer.full.pairs == 4 for layer in cache.layers)
+
+
+def test_greedy_generate_over_static_cache_equals_elastic_cache():
+    """The demo/eval loop (integrations.generate.greedy_generate: plain forwards, no cache_position, no mask) over
+    ElasticStaticCache gives the tokens of ElasticCache, and static_cache_for keeps CPU models on their own cache."""
+    from elastic_cuda.integrations.cache import ElasticCache
+    from elastic_cuda.integrations.generate import greedy_generate, static_cache_for
+
+    model = make_model("llama", dtype=torch.float64, seed=27)
+    enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=SINK, window=WINDOW)
+    ids = _ids(1, 26, seed=27)
+    assert static_cache_for(model, 60) is None  # CPU: the decode op's fast path is CUDA only
+    dyn = greedy_generate(model, ids, 20, stop_ids=-1, cache=ElasticCache(model))
+    cache = ElasticStaticCache(model, max_batch_size=1, max_cache_len=60)
+    static = greedy_generate(model, ids, 20, stop_ids=-1, cache=cache)
+    assert static.tokens == dyn.tokens and len(static.tokens) == 20
+    assert int(cache.layers[0].seq_lens[0]) == 26 + 19  # the last token is picked, not fed back

@@ -63,7 +63,8 @@ def _masked_reference_attention(module, query, key, value, attention_mask, scali
     head_mode = _REF_TABLE["modes"][:, module.layer_idx]  # [B, Hkv]
     block_mask = _REF_TABLE.get("block_masks", {}).get(module.layer_idx)
     mask = additive_mask(head_mode, Sq, Skv, Hq, sink=_REF_TABLE["sink"], window=_REF_TABLE["window"],
-                         block_mask=block_mask, block_size=_REF_TABLE.get("block_size", 128), dtype=query.dtype)
+                         block_mask=block_mask, block_size=_REF_TABLE.get("block_size", 128), dtype=query.dtype,
+                         device=query.device)
     k = key.repeat_interleave(groups, dim=1)
     v = value.repeat_interleave(groups, dim=1)
     probs = torch.softmax(query @ k.transpose(2, 3) * scaling + mask, dim=-1)

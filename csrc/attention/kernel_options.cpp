@@ -50,6 +50,7 @@ KernelOptions read_env() {
   o.sm90_lazy_rescale = env_bool("ELASTIC_SM90_LAZY_RESCALE", o.sm90_lazy_rescale);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
+  o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   return o;
 }
 
@@ -81,7 +82,7 @@ std::string describe(const KernelOptions& o) {
                            " lazy_rescale=", b(o.sm90_lazy_rescale), " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
-                           " bwd_dq_tma=", b(o.sm90_bwd_dq_tma));
+                           " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " decode_mma=", b(o.decode_mma));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.

@@ -1,6 +1,7 @@
 // CUDA implementation of elastic::decode_attention (schema: csrc/ops.cpp; reference: elastic_cuda/_decode_cpu.py).
-// Checks the arguments (messages name the argument), allocates the outputs and the split workspace, picks the number
-// of splits from static shapes only (so a CUDA graph can capture the call) and launches on the current stream.
+// Checks the arguments (messages name the argument), allocates the outputs and the work-item workspace (sized from
+// static shapes only, so a CUDA graph can capture the call; the kernel cuts the real lengths into items on the
+// device) and launches on the current stream.
 // Compiled only into CUDA builds (WITH_CUDA); CPU-only builds glob every .cpp, so the whole file is guarded.
 #ifdef WITH_CUDA
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include <cmath>
 
 #include "attention/check_msg.h"
+#include "attention/kernel_options.h"
 #include "decode/decode_params.h"
 
 namespace elastic {
@@ -55,18 +57,6 @@ int sm_count(int device) {
     cached[device].store(n, std::memory_order_relaxed);
   }
   return n;
-}
-
-// Splits of the key range per pair: enough CTAs for one wave at the split kernel's residency (4 CTAs per SM at 4 rows
-// per CTA, 2 at 8: its __launch_bounds__), never fewer than kMinKeysPerSplit keys per split at the longest possible
-// list (the pools' capacity, a static shape: no host read of the lengths, so graphs can capture the call).
-int choose_splits(int64_t requested, int64_t ctas_per_split, int64_t max_keys, int sms, int rows_per_chunk) {
-  constexpr int64_t kMinKeysPerSplit = 256;
-  if (requested > 0) return static_cast<int>(std::min<int64_t>(requested, kDecodeMaxSplits));
-  const int64_t resident = static_cast<int64_t>(sms) * (rows_per_chunk == 4 ? 4 : 2);
-  const int64_t want = (resident + ctas_per_split - 1) / ctas_per_split;
-  const int64_t by_length = std::max<int64_t>(1, max_keys / kMinKeysPerSplit);
-  return static_cast<int>(std::clamp<int64_t>(std::min(want, by_length), 1, kDecodeMaxSplits));
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& full_k,
@@ -111,13 +101,23 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   const int64_t group = Hq / Hkv, rows = group * Sq;
   const int rows_per_chunk = rows <= 4 ? 4 : 8;
   const int64_t row_chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  const int64_t stream_keys = stream_k.size(0) ? std::min<int64_t>(stream_k.size(1), sink + window + Sq - 1) : 0;
-  const int64_t max_keys = std::max<int64_t>(full_k.size(0) ? full_k.size(1) : 0, stream_keys);
   ELASTIC_CHECK(B * Hkv <= 65535 && rows <= 65535, kOp, "B * Hkv (", B * Hkv, ") and Hq / Hkv * Sq (", rows,
-                ") must be <= 65535 (grid dimensions)");
-  const int sms = sm_count(device.index());
-  const int splits = choose_splits(num_splits, B * Hkv * row_chunks, max_keys, sms, rows_per_chunk);
-
+                ") must be <= 65535");
+  // Work items: the automatic target is one wave of the split kernel (SMs x CTAs per SM, shared by the row
+  // chunks); num_splits > 0 sets the target instead (tests force 1 item per pair, or many). The kernel picks one
+  // chunk length >= total keys / target, so a launch has at most target + B * Hkv items.
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // One query per step (every listed key visible to every row of a CTA): the tensor-core kernel, unless
+  // ELASTIC_DECODE_MMA=0 (kernel_options.h) asks for the FMA one.
+  const bool mma = Sq == 1 && rows <= 8 && kernel_options().decode_mma;
+  int64_t target = num_splits;
+  if (target == 0) {
+    const int64_t slots = static_cast<int64_t>(sm_count(device.index())) *
+                          decode_ctas_per_sm(bf16, static_cast<int>(D), rows_per_chunk, mma);
+    target = std::max<int64_t>(1, slots / row_chunks);
+  }
+  target = std::min<int64_t>(target, 1 << 20);
+  const int64_t items_max = target + B * Hkv;
   DecodeParams p{};
   p.q = q.data_ptr();
   p.q_stride_b = q.stride(0);
@@ -140,14 +140,16 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  at::Tensor part_out, part_lse;
-  if (splits > 1) {
-    const int64_t parts = B * Hkv * row_chunks * rows_per_chunk * splits;
-    part_out = at::empty({parts, D}, q.options().dtype(at::kFloat));
-    part_lse = at::empty({parts}, q.options().dtype(at::kFloat));
-    p.part_out = part_out.data_ptr<float>();
-    p.part_lse = part_lse.data_ptr<float>();
-  }
+  // Partials of every possible item (no zero fill: the combine reads only the items the split kernel wrote).
+  const int64_t parts = row_chunks * items_max * rows_per_chunk;
+  auto part_out = at::empty({parts, D}, q.options().dtype(at::kFloat));
+  auto part_lse = at::empty({parts}, q.options().dtype(at::kFloat));
+  auto plan = at::empty({B * Hkv, 2}, q.options().dtype(at::kInt));
+  p.part_out = part_out.data_ptr<float>();
+  p.part_lse = part_lse.data_ptr<float>();
+  p.plan = plan.data_ptr<int32_t>();
+  p.items_max = static_cast<int32_t>(items_max);
+  p.target_items = static_cast<int32_t>(target);
   p.batch = static_cast<int32_t>(B);
   p.sq = static_cast<int32_t>(Sq);
   p.hq = static_cast<int32_t>(Hq);
@@ -155,11 +157,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.group = static_cast<int32_t>(group);
   p.rows = static_cast<int32_t>(rows);
   p.row_chunks = static_cast<int32_t>(row_chunks);
-  p.num_splits = splits;
   p.sink = static_cast<int32_t>(sink);
   p.window = static_cast<int32_t>(window);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  launch_decode_attention(p, q.scalar_type() == at::kBFloat16, static_cast<int>(D), rows_per_chunk,
+  launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk, mma,
                           c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};
 }

@@ -5,8 +5,6 @@
 
 namespace elastic {
 
-constexpr int kDecodeMaxSplits = 64;  // splits of a pair's key range (grid z)
-
 struct DecodeParams {
   // q [B, Sq, Hq, D], any strides with d contiguous (elements).
   const void* q;
@@ -26,17 +24,27 @@ struct DecodeParams {
   const int32_t* seq_lens;   // [B], valid tokens including this step's Sq
   void* out;                 // [B, Sq, Hq, D] contiguous
   float* lse;                // [B, Hq, Sq] natural log
-  float* part_out;           // [B * Hkv, row_chunks * rows_per_chunk, num_splits, D] (num_splits > 1 only)
-  float* part_lse;           // [B * Hkv, row_chunks * rows_per_chunk, num_splits], log2 domain
+  // Work items: a pair's key list is cut into chunks of one length for the whole launch (chosen on the device
+  // from the real lengths); item i of the launch is chunk j of some pair. Pairs of more than one chunk write
+  // partials that the combine kernel merges.
+  float* part_out;     // [row_chunks, items_max, rows_per_chunk, D]
+  float* part_lse;     // [row_chunks, items_max, rows_per_chunk], log2 domain
+  int32_t* plan;       // [B * Hkv, 2]: first item and item count of each pair (written by the split kernel)
+  int32_t items_max;   // grid x: target_items + B * Hkv bounds the item count (chunk >= total keys / target)
+  int32_t target_items;
   int32_t batch, sq, hq, hkv, group;
   int32_t rows;        // group * Sq query rows per (sample, KV head): row = q_index * group + g
-  int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid x
-  int32_t num_splits;  // grid z
+  int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid y
   int32_t sink, window;
   float scale_log2;    // softmax scale * log2(e)
 };
 
-// Launches the split kernel (and the combine kernel when num_splits > 1) on `stream`. rows_per_chunk is 4 or 8.
-void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int rows_per_chunk, void* stream);
+// CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the
+// SM count, one wave of equal chunks. mma: the tensor-core split kernel (one query per step, rows <= 8).
+int decode_ctas_per_sm(bool bf16, int head_dim, int rows_per_chunk, bool mma);
+
+// Launches the split kernel (tensor-core if mma) and the combine kernel on `stream`. rows_per_chunk is 4 or 8.
+void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int rows_per_chunk, bool mma,
+                             void* stream);
 
 }  // namespace elastic

@@ -1,7 +1,11 @@
-"""Greedy decoding with a KV cache, the one loop the demo and the eval share, and the tokens that end a turn.
+"""Greedy decoding with a KV cache, the one loop the demo and the eval share, and the tokens that end a turn; and
+greedy decoding of a batch with the decode step replayed from one captured CUDA graph (serving benchmarks).
 
 transformers' own `generate` would do, but the callers need what it does not give: the elastic state's metrics
 right after the prefill (before decode steps add their pairs to the ESR), and the prefill and decode times apart.
+graphed_greedy_generate captures the step by hand (torch.cuda.CUDAGraph) instead of through torch.compile: the same
+graph-replay cost on both sides of a comparison (transformers' StaticCache with SDPA, ElasticStaticCache with the
+decode op), without minutes of compilation for an 8B model.
 """
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Generation", "greedy_generate", "stop_token_ids"]
+__all__ = ["Generation", "GraphedGeneration", "graphed_greedy_generate", "greedy_generate", "static_cache_for",
+           "stop_token_ids"]
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -24,6 +29,23 @@ def stop_token_ids(tokenizer) -> set[int]:
         if isinstance(i, int) and i >= 0 and i != getattr(tokenizer, "unk_token_id", None):
             ids.add(i)
     return ids
+
+
+def static_cache_for(model, max_cache_len: int, max_batch_size: int = 1):
+    """An ElasticStaticCache for `model` when its decode steps can run the CUDA decode op: elastic attention enabled
+    (elastic_cuda.enable), parameters on a CUDA device in fp16/bf16, head_dim 64 or 128. Else None: the caller
+    keeps its dynamic cache (CPU runs, other dtypes). Its decode steps keep only what each head's routing needs
+    (STREAM heads: sink + window), as ElasticCache does, in preallocated pools."""
+    if getattr(model, "elastic_state", None) is None:
+        return None
+    p = next(model.parameters())
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return None
+    from .static_cache import ElasticStaticCache
+
+    return ElasticStaticCache(model, max_batch_size=max_batch_size, max_cache_len=max_cache_len)
 
 
 @dataclass
@@ -70,3 +92,102 @@ def greedy_generate(model, input_ids, max_new_tokens: int, stop_ids, *, cache=No
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     sync()
     return Generation(tokens, t1 - t0, time.perf_counter() - t_decode, metrics)
+
+
+@dataclass
+class GraphedGeneration:
+    tokens: torch.Tensor             # int64 [B, new_tokens]: the first from the prefill, the rest from decode steps
+    logits: torch.Tensor | None      # fp32 [new_tokens, B, vocab] (the logits each token was picked from) if kept
+    prefill_s: float                 # wall time of the prompt's forward (device-synchronised)
+    capture_s: float                 # eager warm-up steps and the capture
+    decode_s: float                  # wall time of the replayed steps
+    replayed_steps: int              # decode steps replayed from the graph (each B tokens)
+
+    def decode_tokens_per_s(self) -> float:
+        return self.tokens.shape[0] * self.replayed_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@torch.no_grad()
+def graphed_greedy_generate(model, input_ids, cache, new_tokens: int, *, eager_steps: int = 2,
+                            keep_logits: bool = False) -> GraphedGeneration:
+    """Greedy generation of B unpadded prompts input_ids [B, S] on a CUDA device into a static cache (`cache`:
+    transformers' StaticCache or an ElasticStaticCache, fresh or reset): the prompt's forward eagerly, then
+    eager_steps eager decode steps on a side stream (lazy initialisations happen outside the capture), then one
+    decode step captured as a CUDA graph and replayed for the remaining new_tokens - 1 - eager_steps tokens. The step
+    reads its token and position from static buffers and writes the next ones back, so a replay needs no host work
+    but one copy of the token into the output. Every sample has the same length (no padding: a padded batch needs
+    per-sample positions, which this loop does not keep)."""
+    if not isinstance(new_tokens, int) or new_tokens < eager_steps + 2:
+        raise ValueError(f"graphed_greedy_generate: new_tokens must be an int >= eager_steps + 2 = {eager_steps + 2}, "
+                         f"got {new_tokens!r}")
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() != 2 or ids.device.type != "cuda":
+        raise ValueError(f"graphed_greedy_generate: input_ids must be a CUDA tensor [B, S], got "
+                         f"{tuple(ids.shape)} on {ids.device}")
+    B, S = ids.shape
+    dev = ids.device
+    from .static_cache import ElasticStaticCache
+
+    # transformers' SDPA path drops its mask for a single query without padding, which over a static cache would
+    # attend the empty slots past the sequence: the dense side gets a 2D mask [B, max_cache_len] whose ones end at
+    # the current position (set inside the step, so the graph keeps it current). The elastic decode op reads each
+    # sample's length from the cache and takes no mask (its mask function would read the mask on the host).
+    mask = None
+    if not isinstance(cache, ElasticStaticCache):
+        mask = torch.zeros(B, cache.layers[0].max_cache_len, dtype=torch.long, device=dev)
+        mask[:, :S] = 1
+    sync = torch.cuda.synchronize
+    sync()
+    t0 = time.perf_counter()
+    positions = torch.arange(S, device=dev)
+    out = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(B, -1), cache_position=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1]
+    tok = first.argmax(-1, keepdim=True)                     # [B, 1] static: the step's input and output
+    cur = torch.full((1,), S, dtype=torch.long, device=dev)   # static: the step's cache position
+    tokens = torch.empty(B, new_tokens, dtype=torch.long, device=dev)
+    tokens[:, 0] = tok[:, 0]
+    logits = step_logits = None
+    if keep_logits:
+        logits = torch.empty(new_tokens, B, first.shape[-1], dtype=torch.float32, device=dev)
+        logits[0] = first.float()
+        step_logits = torch.empty(B, first.shape[-1], dtype=torch.float32, device=dev)
+    del out, first
+    sync()
+    t1 = time.perf_counter()
+
+    def step():
+        if mask is not None:
+            mask.index_fill_(1, cur, 1)
+        o = model(input_ids=tok, position_ids=cur.view(1, 1).expand(B, 1), cache_position=cur, attention_mask=mask,
+                  past_key_values=cache, use_cache=True)
+        lg = o.logits[:, -1]
+        tok.copy_(lg.argmax(-1, keepdim=True))
+        cur.add_(1)
+        if keep_logits:
+            step_logits.copy_(lg.float())
+
+    def record(i):
+        tokens[:, i] = tok[:, 0]
+        if keep_logits:
+            logits[i] = step_logits
+
+    side = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for i in range(1, 1 + eager_steps):
+            step()
+            record(i)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    sync()
+    t2 = time.perf_counter()
+    for i in range(1 + eager_steps, new_tokens):
+        graph.replay()
+        record(i)
+    sync()
+    t3 = time.perf_counter()
+    del graph
+    return GraphedGeneration(tokens, logits, t1 - t0, t2 - t1, t3 - t2, new_tokens - 1 - eager_steps)

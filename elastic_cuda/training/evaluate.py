@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..attention.sparse_config import SparseConfig
-from ..integrations.generate import greedy_generate, stop_token_ids
+from ..integrations.generate import greedy_generate, static_cache_for, stop_token_ids
 from ..ops import FULL
 from .data import ROBUST_TASKS, SENSITIVE_TASKS, TASK_CATEGORY, TASKS, DataConfig, Sample, TaskDataset
 from .distributed import DistEnv, gather_records, global_mean, resolve_device_dtype, shard
@@ -77,7 +77,9 @@ def run_sample(model, tokenizer, sample: Sample, cfg: EvalConfig, device, stop_i
     rec = {"task": sample.task, "category": sample.category, "length": sample.target_tokens,
            "tokens": sample.num_tokens}
     if sample.category == "sensitive":
-        gen = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids)
+        # (On a GPU, elastic policies decode over ElasticStaticCache and the decode op; elsewhere the model's own.)
+        cache = static_cache_for(model, len(sample.prompt_ids) + cfg.max_new_tokens + 1)
+        gen = greedy_generate(model, sample.prompt_ids, cfg.max_new_tokens, stop_ids, cache=cache)
         text, metrics = tokenizer.decode(gen.tokens, skip_special_tokens=True), gen.prefill_metrics
         rec.update(correct=float(sample.answer.strip() in text), generated=text, answer=sample.answer)
     else:

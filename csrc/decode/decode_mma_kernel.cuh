@@ -1,0 +1,218 @@
+// Decode attention with tensor cores for one query per step (Sq == 1): the split kernel of decode_kernel.cuh with
+// the tile compute on mma.sync instead of fp32 FMA. Same work plan (plan_item), pair view, stream merge and combine.
+//
+// Why: at 2 FMA per K/V byte (GQA group 4) the FMA kernel issues ~650 instructions per thread for each 16 KB of
+// K+V (the dot products' shuffles, conversions and exponentials per lane), which is most of an SM's issue rate at
+// HBM speed. Here a warp takes 16 keys of a tile: S = Q K^T as m16n8k16 MMAs with the group's query rows as the M
+// rows (padded to 16 with zeros: the tensor cores have throughput to spare), the online softmax on the C fragments
+// (4 lanes per row, 2 shuffles), and O += P V as m16n8k16 MMAs with P taken from the C fragments (the FA2 register
+// trick). About 10x fewer instructions per byte.
+//
+// One query per step means every key of a pair's key list is visible to every row of the CTA (its rows are the
+// query heads of one group at one position), so the only masked keys are those past the item (zero-filled): no
+// partly visible key exists whose V would need keeping out of one row only (P = 0 times an inf V would be NaN);
+// steps of several queries keep the FMA kernel. Non-finite rule as in decode_kernel.cuh: visible scores summed
+// (K / q), accumulators tested (V).
+//
+// Shared memory: per stage a K and a V tile of 64 keys x D, rows of 16-byte chunks swizzled (chunk c of key k at
+// c ^ (k & 7), attention_mma.cuh), so that ldmatrix reads 8 keys of one chunk without bank conflicts. 3 stages at
+// D 128 (96 KB, 2 CTAs per SM: 4 tiles of 32 KB in flight per SM), 4 at D 64 (64 KB, 3 CTAs per SM).
+#pragma once
+#include "attention/attention_mma.cuh"
+#include "decode/decode_kernel.cuh"
+
+namespace elastic {
+namespace decode {
+
+template <int D>
+struct MmaShape {
+  static constexpr int kKeysPerWarp = 16;
+  static constexpr int kTileKeys = kWarps * kKeysPerWarp;        // 64
+  static constexpr int kChunks = D / 8;                          // 16-byte chunks per K/V row
+  static constexpr int kTileBytes = kTileKeys * D * 2;           // of K (and of V): 16 KB at D 128, 8 KB at D 64
+  static constexpr int kStages = D == 128 ? 3 : 4;
+  static constexpr int kSmemBytes = kStages * 2 * kTileBytes;    // 96 KB / 64 KB
+  static constexpr int kCtasPerSm = D == 128 ? 2 : 3;
+  static constexpr int kCopies = kTileKeys * kChunks / kThreads; // 16-byte copies per thread per tile (K and V each)
+  static constexpr int kKSteps = D / 16;                         // k-steps of Q K^T
+  static constexpr int kNTiles = D / 8;                          // n-tiles of P V (8 output columns each)
+};
+
+// 16-bit element of q as raw bits (q rows need not be 4-byte aligned: two 2-byte loads per fragment register).
+template <typename T>
+__device__ __forceinline__ uint32_t q_bits(const void* q, int64_t i) {
+  return reinterpret_cast<const unsigned short*>(q)[i];
+}
+
+template <typename T, int D, int kRows>
+__global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_kernel(const DecodeParams p) {
+  using S = MmaShape<D>;
+  using Mma = mma::MmaOp<T>;
+  static_assert(kRows <= 8, "the C fragment rows g < 8 hold the query rows");
+  static_assert(kWarps * kRows * (D + 2) * 4 <= S::kSmemBytes, "merge buffers fit in the pipeline's memory");
+
+  extern __shared__ __align__(16) char smem[];
+  const Item it = plan_item(p, blockIdx.x);
+  if (!it.live) return;
+  const int pair = it.pair;
+  const int b = pair / p.hkv, h = pair % p.hkv;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;  // C fragment: row g, columns 2 * t4, 2 * t4 + 1 of each n-tile
+  const PairView pv = view_pair(p, pair, static_cast<int>(sizeof(T)));
+  if (it.index == 0 && tid == 0) {
+    p.plan[2 * pair] = it.first;
+    p.plan[2 * pair + 1] = it.count;
+  }
+
+  // A fragments of Q (row g = query head h * group + g, Sq == 1): per k-step, reg0 = dims 16k + 2t4 .. +1 and
+  // reg2 = dims 16k + 8 + 2t4 .. +1; reg1 / reg3 (rows g + 8) are zero. Rows past the group are zero too.
+  uint32_t qa[S::kKSteps][2];
+  const bool row_ok = g < p.rows && pv.valid;
+  {
+    const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
+#pragma unroll
+    for (int k = 0; k < S::kKSteps; ++k) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = base + 16 * k + 8 * half + 2 * t4;
+        qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
+      }
+    }
+  }
+
+  float o[S::kNTiles][4];
+#pragma unroll
+  for (int j = 0; j < S::kNTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m = -INFINITY, l = 0.f, dsum = 0.f;  // row g's stream over this warp's keys (l, dsum: this lane's part)
+
+  int32_t t_begin = 0, t_end = 0;
+  if (pv.valid) {
+    t_begin = it.index * it.chunk;
+    t_end = min(pv.n_keys, t_begin + it.chunk);
+  }
+  const int n_tiles = (t_end - t_begin + S::kTileKeys - 1) / S::kTileKeys;
+  constexpr int kRowBytes = D * 2;
+  char* const sk = smem;
+  char* const sv = smem + S::kStages * S::kTileBytes;
+
+  auto load_tile = [&](int tile, int stage) {
+#pragma unroll
+    for (int i = 0; i < S::kCopies; ++i) {
+      const int part = tid + i * kThreads;
+      const int key = part / S::kChunks, c = part % S::kChunks;
+      const int32_t t = t_begin + tile * S::kTileKeys + key;
+      const bool in = t < t_end;
+      const int64_t off = in ? static_cast<int64_t>(key_row(pv, t, p.sink)) * kRowBytes + c * 16 : 0;
+      const int soff = stage * S::kTileBytes + (key * S::kChunks + (c ^ (key & 7))) * 16;
+      cp_async16(sk + soff, pv.k + off, in ? 16 : 0);
+      cp_async16(sv + soff, pv.v + off, in ? 16 : 0);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < S::kStages - 1; ++s) {
+    if (s < n_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  const int key0 = warp * S::kKeysPerWarp;
+  const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane gives the address of row mr of matrix mi
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    cp_async_wait<S::kStages - 2>();
+    __syncthreads();
+    if (tile + S::kStages - 1 < n_tiles) load_tile(tile + S::kStages - 1, (tile + S::kStages - 1) % S::kStages);
+    cp_async_commit();
+    const char* const ks = sk + (tile % S::kStages) * S::kTileBytes;
+    const char* const vs = sv + (tile % S::kStages) * S::kTileBytes;
+
+    // S = Q K^T over this warp's 16 keys: n-tile 0 = keys key0 .. +7, n-tile 1 = key0 + 8 .. +15. One ldmatrix.x4
+    // per k-step gives both n-tiles' B fragments: matrices (keys 0-7 | 8-15) x (dims 16k .. +7 | 16k + 8 .. +15).
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int key = key0 + (mi / 2) * 8 + mr;
+#pragma unroll
+      for (int k = 0; k < S::kKSteps; ++k) {
+        const int c = 2 * k + (mi % 2);
+        uint32_t kb[4];
+        mma::ldsm_x4(kb, mma::smem_addr(ks + (key * S::kChunks + (c ^ (key & 7))) * 16));
+        const uint32_t a[4] = {qa[k][0], 0u, qa[k][1], 0u};
+        Mma::run(sc[0], a, kb[0], kb[1]);
+        Mma::run(sc[1], a, kb[2], kb[3]);
+      }
+    }
+    // Online softmax of row g over the 4 scores of this lane (keys key0 + 8j + 2 t4 + e); the 4 lanes of a row
+    // agree on the max through 2 shuffles. Keys past the item are masked (every other key is visible: Sq == 1).
+    const int32_t tk = t_begin + tile * S::kTileKeys + key0 + 2 * t4;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool in = tk + 8 * j + e < t_end;
+        const float x = sc[j][e] * p.scale_log2;
+        dsum += in ? x : 0.f;
+        sc[j][e] = in ? x : -INFINITY;
+        mx = fmaxf(mx, sc[j][e]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: every p and corr below is 0
+    const float corr = exp2f(m - m_use);
+    m = m_new;
+    float pr[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) pr[j][e] = exp2f(sc[j][e] - m_use);
+    }
+    l = l * corr + (pr[0][0] + pr[0][1]) + (pr[1][0] + pr[1][1]);
+#pragma unroll
+    for (int j = 0; j < S::kNTiles; ++j) {
+      o[j][0] *= corr;
+      o[j][1] *= corr;
+    }
+    // O += P V: P's C fragments are the A fragment of one k-step of 16 keys; one ldmatrix.x4.trans per pair of
+    // n-tiles: matrices (keys 0-7 | 8-15) x (dims 16jj .. +7 | 16jj + 8 .. +15), transposed into B fragments.
+    const uint32_t pa[4] = {Mma::pack(pr[0][0], pr[0][1]), 0u, Mma::pack(pr[1][0], pr[1][1]), 0u};
+    {
+      const int key = key0 + (mi % 2) * 8 + mr;
+#pragma unroll
+      for (int jj = 0; jj < S::kNTiles / 2; ++jj) {
+        const int c = 2 * jj + mi / 2;
+        uint32_t vb[4];
+        mma::ldsm_x4_trans(vb, mma::smem_addr(vs + (key * S::kChunks + (c ^ (key & 7))) * 16));
+        Mma::run(o[2 * jj], pa, vb[0], vb[1]);
+        Mma::run(o[2 * jj + 1], pa, vb[2], vb[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's memory becomes the merge buffers
+
+  // Row g's stream of this warp: l and dsum summed over its 4 lanes; marked (m = NaN) if the visible scores or
+  // the accumulator hold a non-finite value anywhere in the 4 lanes.
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  bool mine = !isfinite(dsum);
+#pragma unroll
+  for (int j = 0; j < S::kNTiles; ++j) mine |= !isfinite(o[j][0]) || !isfinite(o[j][1]);
+  const bool bad = (__ballot_sync(0xffffffffu, mine) >> (4 * g) & 0xfu) != 0;
+  float* sm_m = reinterpret_cast<float*>(smem);  // [kWarps][kRows]
+  float* sm_l = sm_m + kWarps * kRows;            // [kWarps][kRows]
+  float* sm_acc = sm_l + kWarps * kRows;          // [kWarps][kRows][D]
+  if (g < kRows) {
+    if (t4 == 0) {
+      sm_m[warp * kRows + g] = bad ? __int_as_float(0x7fc00000) : m;
+      sm_l[warp * kRows + g] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < S::kNTiles; ++j)
+      *reinterpret_cast<float2*>(sm_acc + (warp * kRows + g) * D + 8 * j + 2 * t4) = make_float2(o[j][0], o[j][1]);
+  }
+  __syncthreads();
+  write_rows<T, D, kRows, kWarps>(p, smem, pv, it, 0, b, h);
+}
+
+}  // namespace decode
+}  // namespace elastic
