@@ -16,6 +16,13 @@
 // streams of a CTA merge in shared memory at the end. A split writes its normalised partial output and log2-sum-exp
 // (or the final output directly when there is one split); the combine kernel merges the splits of every row.
 //
+// Non-finite inputs (the rule of attention/head_mode.h; nonfinite.cuh): a lane whose 16 bytes of a key's K or V row
+// hold an inf / NaN zeroes its V bytes and makes its partial dot product NaN, so after the lanes' reduction the key's
+// score is NaN in every lane of the key; a visible NaN score marks the row and is dropped (-inf), an
+// invisible one is -inf by selection anyway. Non-finite query rows are marked at load. The mark is l = NaN (no extra
+// register), which the merge and the combine kernel turn into a NaN row and lse. Decode's share of the rule is the
+// three marked blocks below.
+//
 // Invalid values, which cannot raise without a host sync (mode not 0/1/2, slot outside its pool, seq_lens < Sq or
 // beyond the pool): the pair's output rows and lse are NaN.
 #pragma once
@@ -26,6 +33,7 @@
 #include <cstdint>
 
 #include "attention/kernel_utils.cuh"
+#include "attention/nonfinite.cuh"
 #include "decode/decode_params.h"
 
 namespace elastic {
@@ -158,11 +166,23 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
     for (int e = 0; e < 8; ++e) q[r][e] = row_ok[r] ? Vec8<T>::load1(p.q, base + e) * p.scale_log2 : 0.f;
   }
 
+  // [non-finite 1/3] query rows with an inf / NaN (in any lane of the key's lane group) start with l = NaN: the row's
+  // mark, which no later update clears (NaN * corr + p stays NaN)
+  uint32_t q_bad = 0u;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    bool bad = false;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) bad |= !isfinite(q[r][e]);
+    if (bad) q_bad |= 1u << r;
+  }
+#pragma unroll
+  for (int o = 1; o < kLanesPerKey; o <<= 1) q_bad |= __shfl_xor_sync(0xffffffffu, q_bad, o);
   float m[kRows], l[kRows], acc[kRows][8];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     m[r] = -INFINITY;
-    l[r] = 0.f;
+    l[r] = (q_bad >> r) & 1u ? NAN : 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
   }
@@ -200,18 +220,22 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
     float s[kUnroll][kRows];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      // [non-finite 2/3] this lane's 16 bytes of the key's K or V row: zero its V bytes, NaN into the dot product
+      const bool kv_bad = nonfinite::any_nonfinite<T>(nonfinite::absmax2(nonfinite::absmax2(0u, kraw[u]), vraw[u]));
+      if (kv_bad) vraw[u] = make_uint4(0, 0, 0, 0);
       float kf[8];
       Vec8<T>::to_float(kraw[u], kf);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        float dot = 0.f;
+        float dot = kv_bad ? NAN : 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot = fmaf(q[r][e], kf[e], dot);
 #pragma unroll
         for (int o = 1; o < kLanesPerKey; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         const bool visible = row_ok[r] && kpos[u] <= qpos[r] &&
                              (pv.whole || kpos[u] < p.sink || qpos[r] - kpos[u] < p.window);
-        s[u][r] = visible ? dot : -INFINITY;
+        if (visible && isnan(dot)) l[r] = NAN;  // the row's mark (see above)
+        s[u][r] = visible && !isnan(dot) ? dot : -INFINITY;
       }
     }
 #pragma unroll
@@ -257,8 +281,12 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
     const int row = chunk * kRows + r;
     if (row >= p.rows) continue;
     float M = -INFINITY;
+    bool nf_row = false;  // [non-finite 3/3] some stream marked the row (l = NaN)
 #pragma unroll
-    for (int s2 = 0; s2 < kStreams; ++s2) M = fmaxf(M, sm_m[s2][r]);
+    for (int s2 = 0; s2 < kStreams; ++s2) {
+      M = fmaxf(M, sm_m[s2][r]);
+      nf_row |= isnan(sm_l[s2][r]);
+    }
     float L = 0.f, o = 0.f;
     if (M != -INFINITY) {
 #pragma unroll
@@ -270,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 4 : 2) decode_split_ker
     }
     float lse2 = L > 0.f ? M + log2f(L) : -INFINITY;
     o = L > 0.f ? o / L : 0.f;
-    if (!pv.valid) {
+    if (!pv.valid || nf_row) {
       o = nan;
       lse2 = nan;
     }
