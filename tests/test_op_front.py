@@ -260,7 +260,8 @@ def test_bad_arguments_backward_raw_op(name, change, pattern):
 # ----------------------------------------------------------------------------- kernel options (A/B switches)
 def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
-    for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE"):
+    for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
+                 "ELASTIC_NONFINITE_PREPASS"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -271,6 +272,9 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
         now = elastic_cuda.ops.reload_kernel_options()
         assert "sm90=0 " in now and " tma=0 " in now and " verbose=0 " in now, now
+        assert default.endswith(" nonfinite_prepass=1"), default
+        monkeypatch.setenv("ELASTIC_NONFINITE_PREPASS", "0")
+        assert elastic_cuda.ops.reload_kernel_options().endswith(" nonfinite_prepass=0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

@@ -156,10 +156,13 @@ void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tenso
   const int num_q_tiles = clamp_int((a.shape.seqlen_q + kFwdBlockM - 1) / kFwdBlockM);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // The non-finite rule (nonfinite.cuh): flag the non-finite K / V rows first (one read of K and V, no sync), unless
-  // the caller did.
-  const at::Tensor flags = nf_flags.defined() ? nf_flags : nonfinite_kv_flags(a);
-  p.nf_flags = reinterpret_cast<const uint32_t*>(flags.data_ptr<int32_t>());
-  p.nf_tiles = nonfinite_tiles(a);
+  // the caller did. ELASTIC_NONFINITE_PREPASS=0 (timing only) leaves p.nf_flags null: every key counts as finite.
+  const at::Tensor flags =
+      nf_flags.defined() ? nf_flags : a.options.nonfinite_prepass ? nonfinite_kv_flags(a) : at::Tensor();
+  if (flags.defined()) {
+    p.nf_flags = reinterpret_cast<const uint32_t*>(flags.data_ptr<int32_t>());
+    p.nf_tiles = nonfinite_tiles(a);
+  }
   ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
                                [&] { launch_fwd<T, D>(p, num_q_tiles, stream, a.q, a.options); });
 }

@@ -28,6 +28,38 @@ struct FwdTraits {
   static_assert(ROWS_PER_WARP % 16 == 0, "each warp owns whole m16 tiles");
 };
 
+// Non-finite rule, rare path (nonfinite.cuh): bit 2 mt + hf set when this thread's row (mt, hf), at absolute position
+// i0 + 16 mt + 8 hf, sees a flagged key of key tile n among its columns. Out of line, arguments by value: the key loop
+// keeps only the call's branch (the kernel is at its register limit).
+template <int MT, int BN>
+__device__ __noinline__ uint32_t fwd_rows_seeing_flagged(nonfinite::KvFlags kv, int n, int i0, int t4, int mode,
+                                                         int len_k, int sink, int window, BlockBits bb) {
+  uint32_t m[BN / 32];
+  kv.tile<BN>(n, m);
+  const int j0 = n * BN, cb = mode == kBlock ? j0 / bb.block_size : 0;
+  uint32_t rows = 0u;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = i0 + mt * 16 + hf * 8;
+      const bool bit = mode == kBlock && bb.bit_of_position(i, cb);
+      if (nonfinite::sees_flagged_key<BN>(m, i, j0, t4, mode, len_k, sink, window, bit)) rows |= 1u << (2 * mt + hf);
+    }
+  return rows;
+}
+
+// Rare path: zero the flagged V rows of key tile n in sV (shared address) before P V, then sync the CTA. Returns at
+// once (every thread: the same words) when the tile holds no flagged key.
+template <int BN, int D, int NTHREADS>
+__device__ __noinline__ void fwd_zero_flagged_v(const uint32_t* masks, int n, uint32_t sv) {
+  uint32_t m[BN / 32];
+  nonfinite::KvFlags{masks, true}.tile<BN>(n, m);
+  if (!nonfinite::any_bit(m)) return;
+  nonfinite::zero_rows_dense<BN, D>(sv, m, threadIdx.x, NTHREADS);
+  __syncthreads();
+}
+
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const AttentionFwdParams p) {
   constexpr int D = Tr::D, BM = Tr::BM, BN = Tr::BN, NTHREADS = Tr::NTHREADS, MT = Tr::MT, NB = Tr::NB,
@@ -70,7 +102,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
   }
   // Non-finite rule (nonfinite.cuh): the head's flags, and bit 2 mt + hf of nf_rows: this thread's row (mt, hf) is
   // NaN (its query row, or a flagged key it sees; OR-ed over the quad in the epilogue).
-  const nonfinite::KvFlags kv = nonfinite::KvFlags::load(p, b, kvh);
+  const bool nf_any = nonfinite::KvFlags::load(p, b, kvh).any;  // (the masks pointer is not kept: registers)
   uint32_t nf_rows = 0u;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -162,31 +194,15 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
         }
     }
 
-    if (kv.any) {  // rare path: rows that see a flagged key of this tile are NaN
-      uint32_t m[BN / 32];
-      kv.tile<BN>(n, m);
-      const int cb = mode == kBlock ? j0 / bb.block_size : 0;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = r0 + warp_row0 + mt * 16 + g + hf * 8 + seq.offset;
-          const bool bit = mode == kBlock && bb.bit_of_position(i, cb);
-          if (nonfinite::sees_flagged_key<BN>(m, i, j0, t4, mode, seq.len_k, p.sink, p.window, bit))
-            nf_rows |= 1u << (2 * mt + hf);
-        }
-    }
+    if (nf_any)  // rare path: rows that see a flagged key of this tile are NaN
+      nf_rows |= fwd_rows_seeing_flagged<MT, BN>(nonfinite::KvFlags{nonfinite::KvFlags::masks_of(p, b, kvh), true}, n,
+                                                  r0 + warp_row0 + g + seq.offset, t4, mode, seq.len_k, p.sink,
+                                                  p.window, bb);
 
     mma::cp_async_wait_all();
     __syncthreads();  // V[n] visible; every warp is done reading K[n]
-    if (kv.any) {  // rare path: zero the flagged V rows before P V (0 * NaN would reach rows that cannot see them)
-      uint32_t m[BN / 32];
-      kv.tile<BN>(n, m);
-      if (nonfinite::any_bit(m)) {  // same words in every thread: a uniform branch
-        nonfinite::zero_rows_dense<BN, D>(mma::smem_addr(sV), m, threadIdx.x, NTHREADS);
-        __syncthreads();
-      }
-    }
+    // rare path: zero the flagged V rows before P V (0 * NaN would reach rows that cannot see them)
+    if (nf_any) fwd_zero_flagged_v<BN, D, NTHREADS>(nonfinite::KvFlags::masks_of(p, b, kvh), n, mma::smem_addr(sV));
     if (n_next >= 0) {
       mma::load_tile_async<BN, D, NTHREADS>(sK, k + int64_t(n_next) * BN * p.k_stride_r, p.k_stride_r,
                                             seq.len_k - n_next * BN);

@@ -62,7 +62,8 @@ slot_index_kernel(const int32_t* __restrict__ head_mode, int64_t mode_stride_b, 
   const int32_t lo = min(static_cast<int32_t>(threadIdx.x) * per, n_pairs);
   const int32_t hi = min(lo + per, n_pairs);
   auto is_full = [&](int32_t p) {  // FULL, and no non-finite K / V row (those pairs run in the fused kernel)
-    return head_mode[(p / n_heads_kv) * mode_stride_b + (p % n_heads_kv) * mode_stride_h] == kFull && kv_any[p] == 0;
+    return head_mode[(p / n_heads_kv) * mode_stride_b + (p % n_heads_kv) * mode_stride_h] == kFull &&
+           (kv_any == nullptr || kv_any[p] == 0);
   };
   int32_t local = 0;
   for (int32_t p = lo; p < hi; ++p) local += is_full(p) ? 1 : 0;
@@ -240,8 +241,9 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   const auto i32 = q.options().dtype(at::kInt);
 
   // 0. non-finite K / V rows per (batch, KV head) pair: flagged FULL pairs run in the fused kernel (step 4)
-  const at::Tensor nf_flags = nonfinite_kv_flags(a);
-  const int32_t* kv_any = nf_flags.data_ptr<int32_t>() + nonfinite_any_offset(a);
+  // (ELASTIC_NONFINITE_PREPASS=0, timing only: no flags, every FULL pair is a library pair)
+  const at::Tensor nf_flags = a.options.nonfinite_prepass ? nonfinite_kv_flags(a) : at::Tensor();
+  const int32_t* kv_any = nf_flags.defined() ? nf_flags.data_ptr<int32_t>() + nonfinite_any_offset(a) : nullptr;
 
   // 1. slots and cu_seqlens (one small buffer: slot_of | cu_q | cu_k | n_full)
   at::Tensor index = at::empty({n_pairs + 2 * (n_pairs + 1) + 1}, i32);

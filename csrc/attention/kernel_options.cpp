@@ -48,6 +48,7 @@ KernelOptions read_env() {
   o.sm90_lazy_rescale = env_bool("ELASTIC_SM90_LAZY_RESCALE", o.sm90_lazy_rescale);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
+  o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   return o;
 }
 
@@ -78,7 +79,7 @@ std::string describe(const KernelOptions& o) {
                            " persistent=", b(o.sm90_persistent), " dynamic=", b(o.sm90_dynamic),
                            " lazy_rescale=", b(o.sm90_lazy_rescale), " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
-                           " experiments_built=", b(kExperimentsBuilt));
+                           " experiments_built=", b(kExperimentsBuilt), " nonfinite_prepass=", b(o.nonfinite_prepass));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.

@@ -16,6 +16,8 @@
 //   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
 //                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
+//   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
+//                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3) is an error naming
 // the variable, so that a typo never times the wrong kernel.
 #pragma once
@@ -34,6 +36,7 @@ struct KernelOptions {
   bool sm90_lazy_rescale = true;
   bool sm90_l2_order = true;
   bool sm90_verbose = false;
+  bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)

@@ -137,11 +137,14 @@ struct KvFlags {
   __device__ __forceinline__ static KvFlags load(const AttentionFwdParams& p, int b, int kvh) {
     KvFlags f;
     if (p.nf_flags != nullptr) {
-      const int64_t ph = int64_t(b) * p.heads_kv + kvh;
-      f.masks = p.nf_flags + ph * p.nf_tiles * 2;
-      f.any = p.nf_flags[mask_words(p.batch, p.heads_kv, p.nf_tiles) + ph] != 0u;
+      f.masks = masks_of(p, b, kvh);
+      f.any = p.nf_flags[mask_words(p.batch, p.heads_kv, p.nf_tiles) + int64_t(b) * p.heads_kv + kvh] != 0u;
     }
     return f;
+  }
+  // The masks of (b, kvh) alone, for kernels that keep only `any` live through their key loop (registers).
+  __device__ __forceinline__ static const uint32_t* masks_of(const AttentionFwdParams& p, int b, int kvh) {
+    return p.nf_flags + (int64_t(b) * p.heads_kv + kvh) * p.nf_tiles * 2;
   }
   // Flagged keys of the BN-key tile n (bit j: key n * BN + j), BN = 64 or 128.
   template <int BN>

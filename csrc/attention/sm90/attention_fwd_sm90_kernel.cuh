@@ -64,8 +64,9 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[Tr::D / 2], const uint32
 // Both consumer warpgroups read the slot and both zero it (each before its own P V; the second writes zeros over
 // zeros, and the producer refills the slot only after both released it). The generic stores are fenced into the
 // async proxy and the warpgroup syncs on its own named barrier (14 + wg) before any of its warps issues wgmma.
+// (Out of line, arguments by value: the finite path keeps only the call's branch in the key loop.)
 template <typename Tr>
-__device__ __noinline__ void nonfinite_zero_v(const nonfinite::KvFlags& kv, int n, uint32_t v_tile, int wg) {
+__device__ __noinline__ void nonfinite_zero_v(nonfinite::KvFlags kv, int n, uint32_t v_tile, int wg) {
   uint32_t m[Tr::BN / 32];
   kv.tile<Tr::BN>(n, m);
   if (!nonfinite::any_bit(m)) return;  // same words in every thread: a uniform exit
@@ -74,18 +75,19 @@ __device__ __noinline__ void nonfinite_zero_v(const nonfinite::KvFlags& kv, int 
   asm volatile("bar.sync %0, %1;\n" ::"r"(14 + wg), "n"(Tr::WG_THREADS) : "memory");
 }
 
-// Rare path: bit hf set when this thread's row pos0 + 8 hf sees a flagged key of key tile n among its columns.
+// Rare path: bit hf set when this thread's row pos0 + 8 hf sees a flagged key of key tile n among its columns;
+// block_bits: bit hf = the row's mask bit for this key tile (BLOCK heads).
 template <typename Tr>
-__device__ __noinline__ uint32_t nonfinite_rows_seeing(const nonfinite::KvFlags& kv, int n, int pos0, int t4, int mode,
-                                                       int len_k, int sink, int window, const BlockBits& bb) {
+__device__ __noinline__ uint32_t nonfinite_rows_seeing(nonfinite::KvFlags kv, int n, int pos0, int t4, int mode,
+                                                       int len_k, int sink, int window, uint32_t block_bits) {
   uint32_t m[Tr::BN / 32];
   kv.tile<Tr::BN>(n, m);
   uint32_t rows = 0u;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const int i = pos0 + 8 * hf, j0 = n * Tr::BN;
-    const bool bit = Tr::BLOCK_MASK && mode == kBlock && bb.bit_of_position(i, j0 / bb.block_size);
-    if (nonfinite::sees_flagged_key<Tr::BN>(m, i, j0, t4, mode, len_k, sink, window, bit)) rows |= 1u << hf;
+    const bool hit = nonfinite::sees_flagged_key<Tr::BN>(m, pos0 + 8 * hf, n * Tr::BN, t4, mode, len_k, sink, window,
+                                                         (block_bits >> hf) & 1u);
+    if (hit) rows |= 1u << hf;
   }
   return rows;
 }
@@ -202,7 +204,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
             }
         }
       }
-      if (kv.any) nf_rows |= nonfinite_rows_seeing<Tr>(kv, n, pos0, t4, mode, len_k, p.sink, p.window, bb);
+      if (kv.any) {  // rare path (nonfinite.cuh): rows that see a flagged key of this tile are NaN
+        uint32_t block_bits = 0u;
+        if (Tr::BLOCK_MASK && mode == kBlock)
+          block_bits = uint32_t(bb.bit_of_position(pos0, j0 / bb.block_size)) |
+                       uint32_t(bb.bit_of_position(pos0 + 8, j0 / bb.block_size)) << 1;
+        nf_rows |= nonfinite_rows_seeing<Tr>(kv, n, pos0, t4, mode, len_k, p.sink, p.window, block_bits);
+      }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = row_max[hf];
