@@ -7,7 +7,7 @@ vs one read of K and V at 4.8 TB/s), and, for information, the rare path with on
 key tile of every head takes it). Run the same script on main for the base kernel: there the switch does nothing
 (unknown variables are ignored), so both columns time the base forward.
 Medians of triton.testing.do_bench, the variants interleaved twice, minimum kept. Usage:
-  python experiments/time_nonfinite.py [8192,32768] [sm90|sm80]
+  python -m experiments.time_nonfinite [8192,32768] [sm90|sm80]
 """
 import os
 import sys
