@@ -183,7 +183,7 @@ def check_varlen(dtype, device, block_size, gen):
                                           max_seqlen_q=max(lens), max_seqlen_k=max(lens), return_lse=True, **kw)
     for b, n in enumerate(lens):
         s = slice(int(cu[b]), int(cu[b + 1]))
-        nbb = -(-n // BLOCK_SIZE)
+        nbb = -(-n // block_size)
         o1, l1 = elastic_cuda.ops.attention(q[None, s], k[None, s], v[None, s], head_mode[b:b + 1],
                                             block_mask=mask[b:b + 1, :, :nbb, :nbb], return_lse=True, **kw)
         nan_rows = torch.isnan(out[s]).any(-1)
