@@ -432,3 +432,47 @@ def test_nonfinite_xattn_cpu(dtype):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 def test_cuda_nonfinite_xattn(dtype):
     check_xattn("cuda", dtype)
+
+
+# ----------------------------------------------------------------------------- non-finite grad_out
+def check_bad_grad_out(device, dtype, gen):
+    """A non-finite grad_out row: its dq is NaN, dk / dv of the keys it sees are NaN, the rest equals the float64
+    gradient with that grad_out row zeroed."""
+    block_size = CUDA_BLOCK if device == "cuda" else BLOCK_SIZE
+    q, k, v, head_mode, kw = make_case(STREAM, dtype, device, gen, block_size=block_size)
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = elastic_cuda.ops.attention(qq, kk, vv, head_mode, **kw)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad[0, 200, 1, 3] = float("inf")   # KV head 0 (STREAM): sees the sink and keys 161..200
+    grad[1, 50, 5, 0] = float("nan")    # sample 1, KV head 1 (BLOCK)
+    dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad.to(dtype).to(device))
+    vis = visibility(head_mode.cpu(), kw)
+    bad = torch.zeros(B, S, HQ, dtype=torch.bool)
+    bad[0, 200, 1] = bad[1, 50, 5] = True
+    G = HQ // HKV
+    want_keys = (vis & bad.permute(0, 2, 1)[..., None]).any(2).view(B, HKV, G, S).any(2).permute(0, 2, 1)
+    ref_kw = {n: (x.cpu() if torch.is_tensor(x) else x) for n, x in kw.items()}
+    cq, ck, cv = (t.detach().cpu().double().requires_grad_(True) for t in (q, k, v))
+    ref_out, _ = attention_reference(cq, ck, cv, head_mode.cpu(), **ref_kw)
+    rq, rk, rv = torch.autograd.grad(ref_out, (cq, ck, cv), grad.masked_fill(bad[..., None], 0.0))
+    for name, got, ref, want in (("dq", dq, rq, bad), ("dk", dk, rk, want_keys), ("dv", dv, rv, want_keys)):
+        got = got.cpu()
+        nan_rows = torch.isnan(got)
+        assert torch.equal(nan_rows.any(-1), want), f"{device}: NaN rows of {name} differ from the rule"
+        assert torch.equal(nan_rows.any(-1), nan_rows.all(-1)), f"{device}: partially NaN rows of {name}"
+        e = rel_err(got[~want], ref[~want])
+        print(f"bad grad_out {device} {dtype}: {name} {int(want.sum())} NaN rows, clean rows rel err {e:.2e}")
+        assert e < TOL[dtype] * (10 if dtype != torch.float64 else 1e3), f"{name} rel err {e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_nonfinite_bad_grad_out_cpu(dtype, gen):
+    check_bad_grad_out("cpu", dtype, gen)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@two_paths
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+def test_cuda_nonfinite_bad_grad_out(kernel_path, dtype, gen):
+    check_bad_grad_out("cuda", dtype, gen)
