@@ -57,10 +57,18 @@ def decode_attention_cpu(q, full_k, full_v, stream_k, stream_v, head_mode, slot,
             k = pool_k[s, rows].to(acc)                                   # [n, D]
             v = pool_v[s, rows].to(acc)
             qh = q[b, :, h * groups:(h + 1) * groups].to(acc)             # [Sq, G, D]
+            # Non-finite rule (csrc/attention/head_mode.h): non-finite q / k / v rows are computed as zeros (so that a
+            # masked 0 * NaN never reaches another row), then a row holding one, or seeing such a key, is NaN.
+            kv_bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [n]
+            q_bad = ~torch.isfinite(qh).all(-1)                                # [Sq, G]
+            k, v = k.masked_fill(kv_bad[:, None], 0.0), v.masked_fill(kv_bad[:, None], 0.0)
+            qh = qh.masked_fill(q_bad[..., None], 0.0)
+            nan_rows = q_bad.t() | (visible & kv_bad[None, :]).any(-1)[None, :]  # [G, Sq]
             logits = torch.einsum("rgd,nd->grn", qh, k) * scale           # [G, Sq, n]
             logits = logits.masked_fill(~visible, float("-inf"))
             row_lse = torch.logsumexp(logits, dim=-1)                     # [G, Sq]; every row sees its own key
             probs = torch.exp(logits - row_lse.unsqueeze(-1))
-            out[b, :, h * groups:(h + 1) * groups] = torch.einsum("grn,nd->rgd", probs, v).to(q.dtype)
-            lse[b, h * groups:(h + 1) * groups] = row_lse
+            o = torch.einsum("grn,nd->rgd", probs, v).masked_fill(nan_rows.t()[..., None], float("nan"))
+            out[b, :, h * groups:(h + 1) * groups] = o.to(q.dtype)
+            lse[b, h * groups:(h + 1) * groups] = row_lse.masked_fill(nan_rows, float("nan"))
     return out, lse

@@ -13,14 +13,15 @@ import elastic_cuda  # noqa: E402
 from elastic_cuda import BLOCK, FULL, STREAM  # noqa: E402
 
 
-def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64):
-    """bs 64: BLOCK heads on the sm80 kernel; bs 128: on the Hopper kernel (on a 9.x device)."""
+def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64, poison=False, strategy="fused"):
+    """bs 64: BLOCK heads on the sm80 kernel; bs 128: on the Hopper kernel (on a 9.x device). poison: a NaN query
+    element, an inf key and a -inf value (the non-finite rule's rare paths, csrc/attention/nonfinite.cuh)."""
     torch.manual_seed(0)
     B, Hkv = modes.shape
     Hq = 3 * Hkv
     nb = -(-Skv // bs)
     bm = torch.rand(B, Hkv if mask_heads == "kv" else Hq, nb, nb, device="cuda") < 0.5
-    kw = dict(sink=5, window=70, block_mask=bm, block_size=bs, strategy="fused", return_lse=True)
+    kw = dict(sink=5, window=70, block_mask=bm, block_size=bs, strategy=strategy, return_lse=True)
     if varlen:
         cu_q = torch.tensor([0, Sq, 2 * Sq - 1], dtype=torch.int32, device="cuda")
         cu_k = torch.tensor([0, Skv, 2 * Skv - 3], dtype=torch.int32, device="cuda")
@@ -32,13 +33,21 @@ def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64):
         q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
         v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    if poison:
+        with torch.no_grad():
+            q.view(-1, D)[5, 3] = float("nan")
+            k.view(-1, D)[70, 0] = float("inf")
+            v.view(-1, D)[130, 9] = float("-inf")
     out, lse = elastic_cuda.ops.attention(q, k, v, modes.to(device="cuda", dtype=torch.int32), **kw)
     (out.float().sum() + torch.nan_to_num(lse, neginf=0.0).sum()).backward()
     torch.cuda.synchronize()
-    print("ok", modes.tolist(), Sq, Skv, D, dtype, "varlen" if varlen else "dense", flush=True)
+    if poison:
+        assert torch.isnan(out).any() and not torch.isnan(out).all(), "non-finite rule: some rows NaN, not all"
+    print("ok", modes.tolist(), Sq, Skv, D, dtype, "varlen" if varlen else "dense", strategy,
+          "poisoned" if poison else "", flush=True)
 
 
-def decode(Sq, group, D, dtype, num_splits):
+def decode(Sq, group, D, dtype, num_splits, poison=False):
     """decode_attention over ragged pools: mixed modes, a wrapped ring, lengths 1 over Sq, non-identity slots."""
     torch.manual_seed(0)
     sink, window = 3, 37
@@ -48,10 +57,14 @@ def decode(Sq, group, D, dtype, num_splits):
     q = torch.randn(2, Sq, 3 * group, D, device="cuda", dtype=dtype)
     fk, fv = (torch.randn(3, 263, D, device="cuda", dtype=dtype) for _ in range(2))
     sk, sv = (torch.randn(3, sink + window + Sq - 1, D, device="cuda", dtype=dtype) for _ in range(2))
+    if poison:  # the non-finite rule in decode: a NaN key, an inf value in the ring, a -inf query element
+        fk[1, 0, 5] = float("nan")
+        sv[2, sink + 1, 0] = float("inf")
+        q[1, 0, 2, 1] = float("-inf")
     out = elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=sink, window=window,
                                             num_splits=num_splits)
     torch.cuda.synchronize()
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() if not poison else (torch.isnan(out).any() and not torch.isnan(out).all())
     print("ok decode", Sq, group, D, dtype, num_splits, flush=True)
 
 
@@ -81,4 +94,11 @@ if __name__ == "__main__":
                                         (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
                                         (1, 1, 64, torch.bfloat16, 2)):
         decode(Sq, group, D, dtype, splits)
+    # non-finite inputs: the rare paths of every kernel (sm80 and Hopper forward, backward, grouped, decode)
+    one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 77, 201, 128, torch.bfloat16, poison=True)
+    one(torch.tensor([[FULL, BLOCK], [STREAM, FULL]]), 77, 201, 64, torch.float16, bs=128, poison=True)
+    one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 128, torch.bfloat16, varlen=True, bs=128, poison=True)
+    one(torch.tensor([[FULL, FULL], [STREAM, FULL]]), 201, 201, 128, torch.bfloat16, bs=128, poison=True,
+        strategy="grouped")
+    decode(5, 3, 128, torch.bfloat16, 3, poison=True)
     print("sanitize run done")

@@ -572,7 +572,7 @@ def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["ELASTIC_SM90_DYNAMIC", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_LAZY_RESCALE",
-                                    "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_L2_ORDER"])
+                                    "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_L2_ORDER", "ELASTIC_NONFINITE_PREPASS"])
 def test_sm90_switches(switch, monkeypatch):
     # The tuning switches (static item stride, 2 K/V stages at D 128, eager O rescale, one CTA per item) on the
     # TMA path, for a few ragged / varlen / GQA cases.

@@ -261,7 +261,7 @@ def test_bad_arguments_backward_raw_op(name, change, pattern):
 def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
-                 "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA"):
+                 "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_NONFINITE_PREPASS"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -280,6 +280,9 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "1")
+        assert " nonfinite_prepass=1 " in default + " ", default
+        monkeypatch.setenv("ELASTIC_NONFINITE_PREPASS", "0")
+        assert " nonfinite_prepass=0 " in elastic_cuda.ops.reload_kernel_options() + " "
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

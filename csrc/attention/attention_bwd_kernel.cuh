@@ -18,6 +18,7 @@
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
 #include "attention/kernel_utils.cuh"
+#include "attention/nonfinite.cuh"
 
 namespace elastic {
 
@@ -31,6 +32,9 @@ struct BwdTraits {
 };
 
 // delta = rowsum(dO * O) - grad_lse; one warp per (query row, head). grid (ceil(max_len_q * Hq / 4), B).
+// Non-finite rule (nonfinite.cuh): a "bad" row (lse NaN: a NaN row of the forward; or a non-finite dO / grad_lse row,
+// which makes delta non-finite) gets delta = NaN, which the main kernel reads as the row's mark, and a NaN dq_accum
+// row (its dq is NaN even when it sees no key; the main kernel's atomics add to the NaN).
 template <typename T, int D>
 __global__ void __launch_bounds__(128) attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
   const int b = blockIdx.y;
@@ -49,9 +53,13 @@ __global__ void __launch_bounds__(128) attention_bwd_preprocess_kernel(const Att
   for (int c = lane; c < D; c += 32) sum += static_cast<float>(o[c]) * static_cast<float>(d_o[c]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) {
-    const int64_t at = b * p.lse_stride_b + h * p.lse_stride_h + seq.q_start + r;
-    p.delta[at] = sum - (p.grad_lse != nullptr ? p.grad_lse[at] : 0.f);
+  const int64_t at = b * p.lse_stride_b + h * p.lse_stride_h + seq.q_start + r;
+  const float delta = sum - (p.grad_lse != nullptr ? p.grad_lse[at] : 0.f);
+  const bool bad = isnan(p.lse[at]) || !isfinite(delta);
+  if (lane == 0) p.delta[at] = bad ? NAN : delta;
+  if (bad) {
+    float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r) * p.dqa_stride_r + h * p.dqa_stride_h;
+    for (int c = lane; c < D; c += 32) dqa[c] = NAN;
   }
 }
 
@@ -121,6 +129,30 @@ __global__ void __launch_bounds__(Tr::NTHREADS) attention_bwd_kernel(const Atten
     mma::load_tile_async<BN, D, NTHREADS>(sK, k, p.k_stride_r, valid_k);
     mma::load_tile_async<BN, D, NTHREADS>(sV, v, p.v_stride_r, valid_k);
     mma::cp_async_commit();
+    // Non-finite rule: zero the non-finite K / V rows of this key tile once (the rows that see them are the forward's
+    // NaN rows, whose P is NaN below; a zero row keeps 0 * inf out of every other gradient).
+    {
+      __shared__ uint32_t s_kv_bad[BN / 32];
+      if (threadIdx.x < BN / 32) s_kv_bad[threadIdx.x] = 0u;
+      mma::cp_async_wait_all();
+      __syncthreads();
+      constexpr int CH = D / 8;
+      for (int i = threadIdx.x; i < BN * CH; i += NTHREADS) {
+        const int r = i / CH, c = i % CH;
+        const uint32_t acc = nonfinite::absmax2(nonfinite::absmax2(0u, nonfinite::lds128(mma::smem_addr(sK + r * D + c * 8))),
+                                                nonfinite::lds128(mma::smem_addr(sV + r * D + c * 8)));
+        if (nonfinite::any_nonfinite<T>(acc)) atomicOr(&s_kv_bad[r / 32], 1u << (r % 32));
+      }
+      __syncthreads();
+      uint32_t m[BN / 32];
+#pragma unroll
+      for (int w = 0; w < BN / 32; ++w) m[w] = s_kv_bad[w];
+      if (nonfinite::any_bit(m)) {  // the same words in every thread: a uniform branch
+        nonfinite::zero_rows_dense<BN, D>(mma::smem_addr(sK), m, threadIdx.x, NTHREADS);
+        nonfinite::zero_rows_dense<BN, D>(mma::smem_addr(sV), m, threadIdx.x, NTHREADS);
+      }
+      // the loop's first __syncthreads orders these stores before any read
+    }
 
     const int j_last = j0 + valid_k - 1;
     const int num_m = (seq.len_q + BM - 1) / BM;
@@ -153,15 +185,28 @@ __global__ void __launch_bounds__(Tr::NTHREADS) attention_bwd_kernel(const Atten
         mma::load_tile_async<BM, D, NTHREADS>(sQ, q + int64_t(r0) * p.q_stride_r, p.q_stride_r, r_end - r0);
         mma::load_tile_async<BM, D, NTHREADS>(sdO, d_o + int64_t(r0) * p.do_stride_r, p.do_stride_r, r_end - r0);
         mma::cp_async_commit();
+        int bad_rows = 0;  // a row of this tile is bad (delta NaN, set by the preprocess)
         for (int rr = threadIdx.x; rr < BM; rr += NTHREADS) {
           const int r = r0 + rr;
           const bool in = r < r_end;
-          s_lse2[rr] = in ? lse[r] * kLog2e : INFINITY;
-          s_delta[rr] = in ? delta[r] : 0.f;
+          const float d = in ? delta[r] : 0.f;
+          bad_rows |= isnan(d);
+          s_lse2[rr] = in ? (isnan(d) ? NAN : lse[r] * kLog2e) : INFINITY;  // bad rows: visible P is NaN
+          s_delta[rr] = d;
           s_bit[rr] = (in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size)) ? 1.f : 0.f;
         }
         mma::cp_async_wait_all();
-        __syncthreads();
+        if (__syncthreads_or(bad_rows)) {  // rare path: zero the bad rows' Q and dO (0 * inf in masked products)
+          constexpr int CH = D / 8;
+          for (int i = threadIdx.x; i < BM * CH; i += NTHREADS) {
+            const int rr = i / CH, c = i % CH;
+            if (isnan(s_delta[rr])) {
+              nonfinite::sts128_zero(mma::smem_addr(sQ + rr * D + c * 8));
+              nonfinite::sts128_zero(mma::smem_addr(sdO + rr * D + c * 8));
+            }
+          }
+          __syncthreads();
+        }
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
         float acc_s[QB][4], acc_dp[QB][4];
@@ -201,9 +246,10 @@ __global__ void __launch_bounds__(Tr::NTHREADS) attention_bwd_kernel(const Atten
               vis = j < seq.len_k && r < r_end &&
                     key_visible(mode, r + seq.offset, j, p.sink, p.window, s_bit[qc] != 0.f);
             }
+            // masked P and dS are 0 by selection: a bad row's NaN lse / delta must not reach them
             const float pr = vis ? exp2f(acc_s[nb][c] * p.scale_log2 - s_lse2[qc]) : 0.f;
             acc_s[nb][c] = pr;
-            acc_dp[nb][c] = pr * (acc_dp[nb][c] - s_delta[qc]);
+            acc_dp[nb][c] = vis ? pr * (acc_dp[nb][c] - s_delta[qc]) : 0.f;
           }
 
         // dV += P^T dO and dK += dS^T Q (the query rows are the k dimension).

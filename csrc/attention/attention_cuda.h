@@ -21,10 +21,19 @@ struct AttentionArgs {
   KernelOptions options;     // tuning options in effect for this call (kernel_options.h), resolved once
 };
 
+// Non-finite rule (nonfinite.cuh): flags of the non-finite K / V rows of the call, from one prepass launch (no
+// sync). Layout: nonfinite::mask_words(B, Hkv, tiles) mask words, then one "any" word per (batch, KV head) pair
+// (pair b * Hkv + h) at offset nonfinite_any_offset(a).
+at::Tensor nonfinite_kv_flags(const AttentionArgs& a);
+int64_t nonfinite_any_offset(const AttentionArgs& a);
+
 // Fused strategy: one launch over all (q-tile, head, batch) work items, each branching on its head's
 // mode read from head_mode on the device. When skip_full_heads is true, work items of FULL heads exit
-// at once and leave out/lse untouched (the grouped strategy fills them).
-void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads);
+// at once and leave out/lse untouched (the grouped strategy fills them), except FULL heads whose K / V hold a
+// non-finite row (nf_flags' "any" word): the grouped strategy leaves those to this kernel. nf_flags: the call's
+// nonfinite_kv_flags, or undefined (computed here).
+void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads,
+                              const at::Tensor& nf_flags = at::Tensor());
 
 // Will the fused strategy run the Hopper wgmma kernel for these arguments (sm_90a build on a 9.x device, no
 // block mask, a.options.sm90)? The cost model of strategy="auto" asks (strategy.h).

@@ -9,6 +9,7 @@
 
 #include "attention/attention_cuda.h"
 #include "attention/attention_launch.h"
+#include "attention/nonfinite.cuh"
 #include "attention/static_switch.h"
 
 namespace elastic {
@@ -129,12 +130,48 @@ bool fused_forward_uses_sm90(const AttentionArgs& a) {
                                       [&] { return use_sm90_forward<T, D>(p, a.options); });
 }
 
-void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads) {
+namespace {
+int nonfinite_tiles(const AttentionArgs& a) {
+  return nonfinite::tiles_for(clamp_int(a.shape.seqlen_k));
+}
+// The fields of p that the non-finite prepass reads: sequence geometry and K / V.
+void fill_kv_params(AttentionFwdParams& p, const AttentionArgs& a) {
+  fill_seq_params(p, a);
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  strides3(a.k, a.shape.varlen, p.k_stride_b, p.k_stride_r, p.k_stride_h);
+  strides3(a.v, a.shape.varlen, p.v_stride_b, p.v_stride_r, p.v_stride_h);
+}
+}  // namespace
+
+at::Tensor nonfinite_kv_flags(const AttentionArgs& a) {
+  AttentionFwdParams p;
+  fill_kv_params(p, a);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D, [&] {
+    return launch_nonfinite_kv<T, D>(p, clamp_int(a.shape.seqlen_k), a.q, stream);
+  });
+}
+
+int64_t nonfinite_any_offset(const AttentionArgs& a) {
+  return nonfinite::mask_words(a.shape.batch, a.shape.heads_kv, nonfinite_tiles(a));
+}
+
+void attention_fwd_fused_cuda(const AttentionArgs& a, at::Tensor& out, at::Tensor& lse, bool skip_full_heads,
+                              const at::Tensor& nf_flags) {
   AttentionFwdParams p;
   fill_fwd_params(p, a, out, lse);
   p.skip_full_heads = skip_full_heads;
   const int num_q_tiles = clamp_int((a.shape.seqlen_q + kFwdBlockM - 1) / kFwdBlockM);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // The non-finite rule (nonfinite.cuh): flag the non-finite K / V rows first (one read of K and V, no sync), unless
+  // the caller did. ELASTIC_NONFINITE_PREPASS=0 (timing only) leaves p.nf_flags null: every key counts as finite.
+  const at::Tensor flags =
+      nf_flags.defined() ? nf_flags : a.options.nonfinite_prepass ? nonfinite_kv_flags(a) : at::Tensor();
+  if (flags.defined()) {
+    p.nf_flags = reinterpret_cast<const uint32_t*>(flags.data_ptr<int32_t>());
+    p.nf_tiles = nonfinite_tiles(a);
+  }
   ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D,
                                [&] { launch_fwd<T, D>(p, num_q_tiles, stream, a.q, a.options); });
 }

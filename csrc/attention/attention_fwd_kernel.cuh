@@ -13,6 +13,7 @@
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
 #include "attention/kernel_utils.cuh"
+#include "attention/nonfinite.cuh"
 
 namespace elastic {
 
@@ -26,6 +27,38 @@ struct FwdTraits {
   static constexpr int SMEM_BYTES = (BM + 2 * BN) * D * static_cast<int>(sizeof(T));
   static_assert(ROWS_PER_WARP % 16 == 0, "each warp owns whole m16 tiles");
 };
+
+// Non-finite rule, rare path (nonfinite.cuh): bit 2 mt + hf set when this thread's row (mt, hf), at absolute position
+// i0 + 16 mt + 8 hf, sees a flagged key of key tile n among its columns. Out of line, arguments by value: the key loop
+// keeps only the call's branch (the kernel is at its register limit).
+template <int MT, int BN>
+__device__ __noinline__ uint32_t fwd_rows_seeing_flagged(nonfinite::KvFlags kv, int n, int i0, int t4, int mode,
+                                                         int len_k, int sink, int window, BlockBits bb) {
+  uint32_t m[BN / 32];
+  kv.tile<BN>(n, m);
+  const int j0 = n * BN, cb = mode == kBlock ? j0 / bb.block_size : 0;
+  uint32_t rows = 0u;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = i0 + mt * 16 + hf * 8;
+      const bool bit = mode == kBlock && bb.bit_of_position(i, cb);
+      if (nonfinite::sees_flagged_key<BN>(m, i, j0, t4, mode, len_k, sink, window, bit)) rows |= 1u << (2 * mt + hf);
+    }
+  return rows;
+}
+
+// Rare path: zero the flagged V rows of key tile n in sV (shared address) before P V, then sync the CTA. Returns at
+// once (every thread: the same words) when the tile holds no flagged key.
+template <int BN, int D, int NTHREADS>
+__device__ __noinline__ void fwd_zero_flagged_v(const uint32_t* masks, int n, uint32_t sv) {
+  uint32_t m[BN / 32];
+  nonfinite::KvFlags{masks, true}.tile<BN>(n, m);
+  if (!nonfinite::any_bit(m)) return;
+  nonfinite::zero_rows_dense<BN, D>(sv, m, threadIdx.x, NTHREADS);
+  __syncthreads();
+}
 
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const AttentionFwdParams p) {
@@ -42,7 +75,8 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
   const int r0 = m_block * BM;
   if (r0 >= seq.len_q) return;
   const int mode = p.head_mode[b * p.head_mode_stride_b + kvh * p.head_mode_stride_h];
-  if (mode == kFull && p.skip_full_heads) return;
+  // (FULL heads with a non-finite K / V row are left to this kernel by the grouped strategy: nonfinite.cuh)
+  if (mode == kFull && p.skip_full_heads && !nonfinite::head_flagged(p, b, kvh)) return;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + int64_t(seq.q_start) * p.q_stride_r + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + int64_t(seq.k_start) * p.k_stride_r + kvh * p.k_stride_h;
@@ -62,10 +96,14 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
   KeyTileWalker<BN> walker;
   walker.init(mode, i_first, i_last, seq.len_k, p.sink, p.window, bb);
   int n = walker.first();
-  if (n < 0) {  // no visible key for any row of the tile
-    fill_rows<T, D>(out, p.o_stride_r, lse, r0, r_end, 0.f, -INFINITY, threadIdx.x, NTHREADS);
+  if (n < 0) {  // no visible key for any row of the tile: 0 and -inf (NaN for non-finite query rows)
+    nonfinite::fill_empty_rows<T, D>(out, p.o_stride_r, lse, q, p.q_stride_r, r0, r_end, threadIdx.x, NTHREADS);
     return;
   }
+  // Non-finite rule (nonfinite.cuh): the head's flags, and bit 2 mt + hf of nf_rows: this thread's row (mt, hf) is
+  // NaN (its query row, or a flagged key it sees; OR-ed over the quad in the epilogue).
+  const bool nf_any = nonfinite::KvFlags::load(p, b, kvh).any;  // (the masks pointer is not kept: registers)
+  uint32_t nf_rows = 0u;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -156,8 +194,15 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
         }
     }
 
+    if (nf_any)  // rare path: rows that see a flagged key of this tile are NaN
+      nf_rows |= fwd_rows_seeing_flagged<MT, BN>(nonfinite::KvFlags{nonfinite::KvFlags::masks_of(p, b, kvh), true}, n,
+                                                  r0 + warp_row0 + g + seq.offset, t4, mode, seq.len_k, p.sink,
+                                                  p.window, bb);
+
     mma::cp_async_wait_all();
     __syncthreads();  // V[n] visible; every warp is done reading K[n]
+    // rare path: zero the flagged V rows before P V (0 * NaN would reach rows that cannot see them)
+    if (nf_any) fwd_zero_flagged_v<BN, D, NTHREADS>(nonfinite::KvFlags::masks_of(p, b, kvh), n, mma::smem_addr(sV));
     if (n_next >= 0) {
       mma::load_tile_async<BN, D, NTHREADS>(sK, k + int64_t(n_next) * BN * p.k_stride_r, p.k_stride_r,
                                             seq.len_k - n_next * BN);
@@ -220,7 +265,16 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
     n = n_next;
   }
 
-  // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf.
+  // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf; rows the
+  // non-finite rule marked: NaN and NaN. Q is still in shared memory (never overwritten): its check runs here, once.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = warp_row0 + mt * 16 + g + hf * 8;
+      if (nonfinite::q_row_part_nonfinite<T, D>(mma::smem_addr(sQ + row * D), 128u, t4)) nf_rows |= 1u << (2 * mt + hf);
+    }
+  nf_rows = nonfinite::quad_or(nf_rows);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -230,14 +284,15 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 2) attention_fwd_kernel(const At
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int r = r0 + warp_row0 + mt * 16 + g + hf * 8;
       if (r >= r_end) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const bool nan_row = (nf_rows >> (2 * mt + hf)) & 1u;
+      const float inv = nan_row ? NAN : sum > 0.f ? 1.f / sum : 0.f;
       T* orow = out + int64_t(r) * p.o_stride_r;
 #pragma unroll
       for (int db = 0; db < DB; ++db) {
         const uint32_t packed = Op::pack(acc_o[mt][db][hf * 2] * inv, acc_o[mt][db][hf * 2 + 1] * inv);
         *reinterpret_cast<uint32_t*>(orow + db * 8 + t4 * 2) = packed;
       }
-      if (t4 == 0) lse[r] = sum > 0.f ? row_max[mt][hf] * p.scale + logf(sum) : -INFINITY;
+      if (t4 == 0) lse[r] = nan_row ? NAN : sum > 0.f ? row_max[mt][hf] * p.scale + logf(sum) : -INFINITY;
     }
 }
 

@@ -12,6 +12,12 @@
 //   4. attention_fwd_fused_cuda(skip_full_heads=true) for STREAM / BLOCK (and invalid-mode) heads.
 //   5. scatter_full_kernel writes each slot's output and lse back to its (b, heads) place.
 //
+// Non-finite inputs (the rule of head_mode.h; nonfinite.cuh): the library kernels let a non-finite V row reach rows
+// that cannot see it (0 * NaN in P V), so a FULL pair whose K / V hold a non-finite row (the prepass's "any" word,
+// computed once per call on the device) is not a FULL slot: step 1 counts it out and step 4 runs it in the fused
+// kernel, which implements the rule. A non-finite query row only meets its own row's arithmetic in the library
+// kernels; step 5 writes NaN to its out row and lse.
+//
 // Why FlashAttention-2 and not cuDNN: cuDNN's varlen entry point (at::_cudnn_attention_forward with cum_seq)
 // computes the right function (checked on the H200 with trailing empty sequences, GQA and ragged lengths,
 // lse laid out [T, Hq, 1]) but torch 2.11's nested-tensor path looks its graph up in the MHA graph cache and
@@ -32,6 +38,7 @@
 #include "attention/attention_cuda.h"
 #include "attention/check_msg.h"
 #include "attention/head_mode.h"
+#include "attention/nonfinite.cuh"
 #include "attention/strategy.h"
 
 namespace elastic {
@@ -48,14 +55,15 @@ constexpr int kIndexThreads = 1024;  // slot_index_kernel: one block, 32 warps
 // cu_seqlens: entry i is min(i, n_full) * len.
 __global__ void __launch_bounds__(kIndexThreads)
 slot_index_kernel(const int32_t* __restrict__ head_mode, int64_t mode_stride_b, int64_t mode_stride_h,
-                  int32_t n_heads_kv, int32_t n_pairs, int32_t* __restrict__ slot_of, int32_t* __restrict__ cu_q,
+                  const int32_t* __restrict__ kv_any, int32_t n_heads_kv, int32_t n_pairs, int32_t* __restrict__ slot_of, int32_t* __restrict__ cu_q,
                   int32_t* __restrict__ cu_k, int32_t* __restrict__ n_full_out, int32_t len_q, int32_t len_k) {
   __shared__ int32_t warp_total[kIndexThreads / 32];
   const int32_t per = (n_pairs + kIndexThreads - 1) / kIndexThreads;
   const int32_t lo = min(static_cast<int32_t>(threadIdx.x) * per, n_pairs);
   const int32_t hi = min(lo + per, n_pairs);
-  auto is_full = [&](int32_t p) {
-    return head_mode[(p / n_heads_kv) * mode_stride_b + (p % n_heads_kv) * mode_stride_h] == kFull;
+  auto is_full = [&](int32_t p) {  // FULL, and no non-finite K / V row (those pairs run in the fused kernel)
+    return head_mode[(p / n_heads_kv) * mode_stride_b + (p % n_heads_kv) * mode_stride_h] == kFull &&
+           (kv_any == nullptr || kv_any[p] == 0);
   };
   int32_t local = 0;
   for (int32_t p = lo; p < hi; ++p) local += is_full(p) ? 1 : 0;
@@ -151,6 +159,10 @@ struct ScatterParams {
   const int32_t* slot_of;
   int32_t n_heads_kv, group, len_q;
   int64_t d_bytes;                               // D * elem
+  const char* q;                                 // dense q (non-finite query rows), byte strides as out's
+  int64_t q_sb, q_ss, q_sh;
+  uint32_t exp2_mask;                            // exponent field of two packed elements (nonfinite::Bits16)
+  uint32_t nan2;                                 // two packed NaNs of the element type
 };
 
 // grid: (ceil(Sq / kTokensPerBlock), n_pairs)
@@ -174,6 +186,19 @@ __global__ void scatter_full_kernel(ScatterParams p) {
   for (int64_t i = threadIdx.x; i < n_tok * p.group; i += blockDim.x) {
     const int64_t g = i / n_tok, t = tok0 + i % n_tok;  // token fastest: coalesced on both sides' token stride
     p.lse[b * p.l_sb + (h * p.group + g) * p.l_sh + t * p.l_ss] = p.lse_p[slot * p.lp_slot + g * p.lp_head + t * p.lp_tok];
+  }
+  // Non-finite query rows: NaN out row and lse (the same thread wrote the row's lse above; other threads wrote its
+  // out chunks, hence the barrier).
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n_tok * p.group; i += blockDim.x) {
+    const int64_t g = i / n_tok, t = tok0 + i % n_tok;
+    const char* qrow = p.q + b * p.q_sb + t * p.q_ss + (h * p.group + g) * p.q_sh;
+    uint32_t acc = 0u;
+    for (int64_t v = 0; v < vec_per_head; ++v) acc = nonfinite::absmax2(acc, *reinterpret_cast<const uint4*>(qrow + v * 16));
+    if (__vcmpgeu2(acc, p.exp2_mask) == 0u) continue;
+    char* orow = p.out + b * p.o_sb + t * p.o_ss + (h * p.group + g) * p.o_sh;
+    for (int64_t v = 0; v < vec_per_head; ++v) *reinterpret_cast<uint4*>(orow + v * 16) = make_uint4(p.nan2, p.nan2, p.nan2, p.nan2);
+    p.lse[b * p.l_sb + (h * p.group + g) * p.l_sh + t * p.l_ss] = NAN;
   }
 }
 
@@ -215,6 +240,11 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   const int64_t es = q.element_size();
   const auto i32 = q.options().dtype(at::kInt);
 
+  // 0. non-finite K / V rows per (batch, KV head) pair: flagged FULL pairs run in the fused kernel (step 4)
+  // (ELASTIC_NONFINITE_PREPASS=0, timing only: no flags, every FULL pair is a library pair)
+  const at::Tensor nf_flags = a.options.nonfinite_prepass ? nonfinite_kv_flags(a) : at::Tensor();
+  const int32_t* kv_any = nf_flags.defined() ? nf_flags.data_ptr<int32_t>() + nonfinite_any_offset(a) : nullptr;
+
   // 1. slots and cu_seqlens (one small buffer: slot_of | cu_q | cu_k | n_full)
   at::Tensor index = at::empty({n_pairs + 2 * (n_pairs + 1) + 1}, i32);
   at::Tensor slot_of = index.narrow(0, 0, n_pairs);
@@ -222,7 +252,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   at::Tensor cu_k = index.narrow(0, 2 * n_pairs + 1, n_pairs + 1);
   at::Tensor n_full = index.narrow(0, 3 * n_pairs + 2, 1);
   slot_index_kernel<<<1, kIndexThreads, 0, stream>>>(a.head_mode.data_ptr<int32_t>(), a.head_mode.stride(0),
-                                           a.head_mode.stride(1), static_cast<int32_t>(Hkv),
+                                           a.head_mode.stride(1), kv_any, static_cast<int32_t>(Hkv),
                                            static_cast<int32_t>(n_pairs), slot_of.data_ptr<int32_t>(),
                                            cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(),
                                            n_full.data_ptr<int32_t>(), static_cast<int32_t>(Sq),
@@ -296,7 +326,7 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
   }
 
   // 4. sparse heads (STREAM / BLOCK / invalid -> NaN) with the fused kernel; FULL heads are left to us
-  attention_fwd_fused_cuda(a, out, lse, /*skip_full_heads=*/true);
+  attention_fwd_fused_cuda(a, out, lse, /*skip_full_heads=*/true, nf_flags);
 
   // 5. scatter the FULL heads back
   if (out_p.defined()) {
@@ -316,6 +346,11 @@ void attention_fwd_grouped_cuda(const AttentionArgs& a, at::Tensor& out, at::Ten
     p.n_heads_kv = static_cast<int32_t>(Hkv); p.group = static_cast<int32_t>(G);
     p.len_q = static_cast<int32_t>(Sq);
     p.d_bytes = D * es;
+    p.q = static_cast<const char*>(q.data_ptr());
+    p.q_sb = q.stride(0) * es; p.q_ss = q.stride(1) * es; p.q_sh = q.stride(2) * es;
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    p.exp2_mask = bf16 ? nonfinite::Bits16<__nv_bfloat16>::kExp2 : nonfinite::Bits16<__half>::kExp2;
+    p.nan2 = bf16 ? 0x7fc07fc0u : 0x7e007e00u;
     const dim3 grid(static_cast<unsigned>((Sq + kTokensPerBlock - 1) / kTokensPerBlock),
                     static_cast<unsigned>(n_pairs));
     scatter_full_kernel<<<grid, kCopyThreads, 0, stream>>>(p);

@@ -10,6 +10,10 @@
 #include "attention/attention_params.h"
 #include "attention/kernel_options.h"
 
+namespace at {
+class Tensor;
+}
+
 namespace elastic {
 
 template <typename T, int D>
@@ -31,6 +35,11 @@ constexpr int kFwdBlockM = 128;
 constexpr int kMaxBlockN = 64;
 // Key tile of the Hopper forward: it takes BLOCK masks with block_size % kSm90BlockN == 0 (others go to sm80).
 constexpr int kSm90BlockN = 128;
+
+// Non-finite prepass (nonfinite.cuh): allocates the flag buffer on the stream, launches the kernel that fills it
+// and points p.nf_flags / p.nf_tiles at it. The returned tensor owns the buffer: keep it until the forward launched.
+template <typename T, int D>
+at::Tensor launch_nonfinite_kv(AttentionFwdParams& p, int max_seqlen_k, const at::Tensor& like, cudaStream_t stream);
 
 template <typename T>
 void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, float scale, cudaStream_t stream);

@@ -38,6 +38,11 @@ struct AttentionFwdParams : AttentionSeqParams {
   int64_t rows_q = 0, rows_k = 0;  // rows of q and of k/v per batch slice: dense Sq / Skv, varlen total tokens
   bool skip_full_heads = false;
   int sched_kv_chunk = 0;  // sm90 work order: KV heads whose items run together (their K/V fit in L2); 0: all
+  // Non-finite K / V rows (attention/nonfinite.cuh): the prepass's flag words, masks [B, Hkv, nf_tiles, 2] of the
+  // 64-key tiles of each sequence, then one "any" word per (batch, KV head); nullptr: not computed (the forward
+  // kernels then treat every key as finite).
+  const uint32_t* nf_flags = nullptr;
+  int nf_tiles = 0;  // 64-key tiles per (batch, KV head), even
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

@@ -7,8 +7,8 @@
 // value row it can see (key_visible), is non-finite (NaN, +inf, -inf); keys and values it cannot see
 // never affect it. Backward: dq of a NaN row is NaN; dk / dv of a key are NaN iff a NaN row sees it.
 // A kernel must not let an invisible non-finite value in through arithmetic (a masked score of -inf
-// still meets 0 * NaN in P.V): the CPU kernels zero non-finite rows and apply the rule through flags. The CUDA
-// kernels do not meet the rule yet (README; tests/test_nonfinite.py's CUDA cases are xfail).
+// still meets 0 * NaN in P.V): the CPU kernels zero non-finite rows and apply the rule through flags; the CUDA
+// kernels flag non-finite K / V rows in a prepass and take a rare path only where one is (attention/nonfinite.cuh).
 #pragma once
 #include <cstdint>
 

@@ -21,6 +21,8 @@
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
 //   ELASTIC_DECODE_MMA=0         decode steps of one query run the FMA decode kernel instead of the tensor-core
 //                                one (csrc/decode/decode_mma_kernel.cuh)
+//   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
+//                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3) is an error naming
 // the variable, so that a typo never times the wrong kernel.
 #pragma once
@@ -42,6 +44,7 @@ struct KernelOptions {
   bool sm90_l2_order = true;
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
+  bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)

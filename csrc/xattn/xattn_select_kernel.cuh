@@ -6,7 +6,9 @@
 //   threshold >= 1 keeps every causal block.
 // The order comes from a bitonic sort of 64-bit keys (mass bits, then ~index) in shared memory: masses are
 // >= 0, so their IEEE bits order like the values, and the complemented index makes equal masses sort by index.
-// Rows of heads that are not BLOCK, and rows past a sequence's end, are written all False.
+// Rows of heads that are not BLOCK, and rows past a sequence's end, are written all False. A row whose masses are not
+// all finite (an inf / NaN of q or k reached it; then the fp64 total is not finite) keeps every causal block, as
+// select_blocks does.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -131,11 +133,12 @@ __global__ void __launch_bounds__(kSelectThreads) xattn_select_kernel(const Xatt
   double before = block_exclusive_scan(part, warp_sums, free_total);
   const double forced = double(forced_mass[0]) + double(forced_mass[1]);
   const double limit = p.threshold * (forced + free_total);
+  const bool unknown = !isfinite(forced + free_total);  // the same value in every thread
   before += forced;
   for (int i = lo; i < hi; ++i) {
     const unsigned long long key = keys[i];
     const double mass = double(__uint_as_float(static_cast<unsigned>(key >> 32)));
-    if (before < limit) keep[0xffffffffu - static_cast<unsigned>(key & 0xffffffffull)] = 1;
+    if (unknown || before < limit) keep[0xffffffffu - static_cast<unsigned>(key & 0xffffffffull)] = 1;
     before += mass;
   }
   if (threadIdx.x == 0) {

@@ -90,7 +90,9 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 128, strid
 
 def select_blocks(mass: torch.Tensor, threshold: float = XATTN_THRESHOLD) -> torch.Tensor:
     """[..., NB, NB] block mass -> bool [..., NB, NB]: per row r, blocks 0 and r always, then the causal blocks
-    (c <= r) in descending mass while the mass accumulated before each is < threshold x the row total."""
+    (c <= r) in descending mass while the mass accumulated before each is < threshold x the row total.
+    A row whose causal masses are not all finite (an inf / NaN of q or k reached its estimate) keeps every causal
+    block: the estimate says nothing there, and the attention itself then applies the non-finite rule to the data."""
     nb = mass.shape[-1]
     r = torch.arange(nb, device=mass.device)
     causal = r.view(1, -1) <= r.view(-1, 1)
@@ -105,7 +107,8 @@ def select_blocks(mass: torch.Tensor, threshold: float = XATTN_THRESHOLD) -> tor
     before = sorted_mass.cumsum(-1) - sorted_mass
     keep_sorted = before < threshold * total
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return (keep | forced) & causal
+    unknown = ~torch.isfinite(total)  # a non-finite mass makes the row total non-finite
+    return (keep | forced | unknown) & causal
 
 
 def _fused_op_applies(q, k, block_size: int, stride: int) -> bool:

@@ -25,6 +25,7 @@
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
 #include "attention/kernel_utils.cuh"
+#include "attention/nonfinite.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"
 #include "attention/sm90/wgmma.cuh"
 
@@ -57,6 +58,38 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[Tr::D / 2], const uint32
     if constexpr (Tr::D == 128) wgmma_rs_n128_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
     else wgmma_rs_n64_mn<T>(acc_o, p_frag[kk], v_desc.at(kk * 16 * 128u));
   }
+}
+
+// Non-finite rule, rare path (nonfinite.cuh): before P V reads the V tile of key tile n, zero its flagged rows.
+// Both consumer warpgroups read the slot and both zero it (each before its own P V; the second writes zeros over
+// zeros, and the producer refills the slot only after both released it). The generic stores are fenced into the
+// async proxy and the warpgroup syncs on its own named barrier (14 + wg) before any of its warps issues wgmma.
+// (Out of line, arguments by value: the finite path keeps only the call's branch in the key loop.)
+template <typename Tr>
+__device__ __noinline__ void nonfinite_zero_v(nonfinite::KvFlags kv, int n, uint32_t v_tile, int wg) {
+  uint32_t m[Tr::BN / 32];
+  kv.tile<Tr::BN>(n, m);
+  if (!nonfinite::any_bit(m)) return;  // same words in every thread: a uniform exit
+  nonfinite::zero_rows_sw128<Tr::BN, Tr::D>(v_tile, Tr::BN * 128u, m, threadIdx.x % Tr::WG_THREADS, Tr::WG_THREADS);
+  fence_proxy_async();
+  asm volatile("bar.sync %0, %1;\n" ::"r"(14 + wg), "n"(Tr::WG_THREADS) : "memory");
+}
+
+// Rare path: bit hf set when this thread's row pos0 + 8 hf sees a flagged key of key tile n among its columns;
+// block_bits: bit hf = the row's mask bit for this key tile (BLOCK heads).
+template <typename Tr>
+__device__ __noinline__ uint32_t nonfinite_rows_seeing(nonfinite::KvFlags kv, int n, int pos0, int t4, int mode,
+                                                       int len_k, int sink, int window, uint32_t block_bits) {
+  uint32_t m[Tr::BN / 32];
+  kv.tile<Tr::BN>(n, m);
+  uint32_t rows = 0u;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const bool hit = nonfinite::sees_flagged_key<Tr::BN>(m, pos0 + 8 * hf, n * Tr::BN, t4, mode, len_k, sink, window,
+                                                         (block_bits >> hf) & 1u);
+    if (hit) rows |= 1u << hf;
+  }
+  return rows;
 }
 
 // Ping-pong of the two consumer warpgroups (named barriers 1 and 2): a warpgroup issues its MMAs only
@@ -116,14 +149,26 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     T* out = static_cast<T*>(p.out) + w.b * p.o_stride_b + int64_t(w.seq.q_start) * p.o_stride_r +
              w.h * p.o_stride_h;
     float* lse = p.lse + w.b * p.lse_stride_b + w.h * p.lse_stride_h + w.seq.q_start;
-    if (w.kind != WorkItem::kCompute) {  // invalid mode: NaN; no visible key: 0 and -inf
-      const bool nan = w.kind == WorkItem::kFillNan;
-      fill_rows<T, D>(out, p.o_stride_r, lse, w.r0, w.r_end, nan ? NAN : 0.f, nan ? NAN : -INFINITY,
-                      threadIdx.x - Tr::WG_THREADS, Tr::CONSUMER_WGS * Tr::WG_THREADS);
+    if (w.kind == WorkItem::kFillNan) {  // invalid mode: NaN
+      fill_rows<T, D>(out, p.o_stride_r, lse, w.r0, w.r_end, NAN, NAN, threadIdx.x - Tr::WG_THREADS,
+                      Tr::CONSUMER_WGS * Tr::WG_THREADS);
+      continue;
+    }
+    if (w.kind == WorkItem::kFillEmpty) {  // no visible key: 0 and -inf (NaN for non-finite query rows)
+      nonfinite::fill_empty_rows<T, D>(out, p.o_stride_r, lse,
+                                       static_cast<const T*>(p.q) + w.b * p.q_stride_b +
+                                           int64_t(w.seq.q_start) * p.q_stride_r + w.h * p.q_stride_h,
+                                       p.q_stride_r, w.r0, w.r_end, threadIdx.x - Tr::WG_THREADS,
+                                       Tr::CONSUMER_WGS * Tr::WG_THREADS);
       continue;
     }
     const int mode = w.mode, len_k = w.seq.len_k;
     const int pos0 = w.r0 + row_in_tile + w.seq.offset;  // absolute query positions of the two rows
+    // Non-finite rule (nonfinite.cuh): the head's flags (one load per item), and bit hf of nf_rows: row hf of this
+    // thread is NaN (its query row, or a flagged key it sees; OR-ed over the quad in the epilogue).
+    const nonfinite::KvFlags kv = nonfinite::KvFlags::load(p, w.b, w.kvh);
+    uint32_t nf_rows = 0u;
+    int n_pv = 0;  // key tile of the P fragments (whose V the next P V reads)
 
     float acc_o[NO], acc_s[NS];
     uint32_t p_frag[BN / 16][4];
@@ -158,6 +203,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
               if (!(jc < hi && (jc < sink_hi || jc >= win_lo))) acc_s[nb * 4 + 2 * hf + c] = -INFINITY;
             }
         }
+      }
+      if (kv.any) {  // rare path (nonfinite.cuh): rows that see a flagged key of this tile are NaN
+        uint32_t block_bits = 0u;
+        if (Tr::BLOCK_MASK && mode == kBlock)
+          block_bits = uint32_t(bb.bit_of_position(pos0, j0 / bb.block_size)) |
+                       uint32_t(bb.bit_of_position(pos0 + 8, j0 / bb.block_size)) << 1;
+        nf_rows |= nonfinite_rows_seeing<Tr>(kv, n, pos0, t4, mode, len_k, p.sink, p.window, block_bits);
       }
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -202,6 +254,12 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
     wgmma_commit();
     turns.pass_turn();
+    {  // non-finite query rows, read from the Q tile while the first S = Q K^T runs (once per item)
+      const uint32_t q_row = sm.q + (64 * wg + 16 * warp + g) * 128u;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        if (nonfinite::q_row_part_nonfinite<T, D>(q_row + hf * 8 * 128u, BM * 128u, t4)) nf_rows |= 1u << hf;
+    }
     wgmma_wait<0>();
     fence_regs(acc_s);
     release(sm.k_empty(cur.slot));
@@ -211,6 +269,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       softmax_tile(n, alpha);
     }
     pack_p();
+    n_pv = n;
 
     RingPos<Tr::STAGES> prev = cur;
     cur.advance();
@@ -219,6 +278,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       turns.my_turn();
       mbar_wait(sm.k_full(cur.slot), cur.phase);
       mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
+      if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
       proxy_fence();
       fence_regs(acc_s);
       fence_regs(acc_o);
@@ -246,11 +306,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
         for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
       }
       pack_p();
+      n_pv = n;
       prev = cur;
       cur.advance();
     }
     turns.my_turn();
     mbar_wait(sm.v_full(prev.slot), prev.phase);
+    if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
     proxy_fence();
     fence_regs(acc_o);
     fence_regs(p_frag);
@@ -262,7 +324,9 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     fence_regs(acc_o);
     release(sm.v_empty(prev.slot));
 
-    // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf.
+    // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf; rows the
+    // non-finite rule marked: NaN and NaN.
+    nf_rows = nonfinite::quad_or(nf_rows);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float sum = row_sum[hf];
@@ -270,14 +334,15 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int r = w.r0 + row_in_tile + 8 * hf;
       if (r >= w.r_end) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const bool nan_row = (nf_rows >> hf) & 1u;
+      const float inv = nan_row ? NAN : sum > 0.f ? 1.f / sum : 0.f;
       T* orow = out + int64_t(r) * p.o_stride_r;
 #pragma unroll
       for (int nb = 0; nb < D / 8; ++nb) {
         const uint32_t packed = Op::pack(acc_o[nb * 4 + 2 * hf] * inv, acc_o[nb * 4 + 2 * hf + 1] * inv);
         *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t4) = packed;
       }
-      if (t4 == 0) lse[r] = sum > 0.f ? row_max[hf] * p.scale + logf(sum) : -INFINITY;
+      if (t4 == 0) lse[r] = nan_row ? NAN : sum > 0.f ? row_max[hf] * p.scale + logf(sum) : -INFINITY;
     }
   }
   if (wg == 0) turns.my_turn();  // consume warpgroup 1's last hand-over: named barriers end balanced

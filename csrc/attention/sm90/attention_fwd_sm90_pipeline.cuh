@@ -19,6 +19,7 @@
 #include "attention/attention_mma.cuh"
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
+#include "attention/nonfinite.cuh"
 #include "attention/sm90/tma.cuh"
 #include "attention/sm90/wgmma.cuh"
 
@@ -156,7 +157,8 @@ __device__ __forceinline__ WorkItem decode_item(const AttentionFwdParams& p, con
   w.kind = WorkItem::kSkip;
   if (w.r0 >= w.seq.len_q) return w;
   w.mode = item.mode;
-  if (w.mode == kFull && p.skip_full_heads) return w;
+  // (FULL heads with a non-finite K / V row are left to this kernel by the grouped strategy: nonfinite.cuh)
+  if (w.mode == kFull && p.skip_full_heads && !nonfinite::head_flagged(p, w.b, w.kvh)) return w;
   w.r_end = min(w.r0 + BM, w.seq.len_q);
   if (!(w.mode == kFull || w.mode == kStream || (kBlockMask && w.mode == kBlock))) {  // out of range, or no mask
     w.kind = WorkItem::kFillNan;
