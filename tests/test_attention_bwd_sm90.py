@@ -29,9 +29,9 @@ pytestmark = [
     pytest.mark.skipif(not elastic_cuda.has_cuda_kernels(), reason="extension built without CUDA kernels"),
 ]
 
-# sm90: the Hopper backward as shipped (dQ by vector atomics); sm90_dqtma: the same with ELASTIC_SM90_BWD_DQ_TMA=1
-# (dQ by TMA reduce-add); sm80: ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
-BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_dqtma", "sm80"])
+# sm90: the Hopper backward as shipped (dQ by TMA reduce-add); sm90_atomic: the same with ELASTIC_SM90_BWD_DQ_TMA=0
+# (dQ by vector atomics from registers); sm80: ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
+BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_atomic", "sm80"])
 GQA = ((1, 1), (3, 1), (4, 1), (8, 1), (6, 2), (12, 3), (8, 2), (4, 4))  # group sizes 1, 3, 4, 8
 SINK_WINDOW = ((4, 16), (64, 256), (128, 2048), (0, 130), (1, 1), (3, 64))
 
@@ -44,7 +44,7 @@ def _reload_switches_after_test():
 
 def _set_bwd(monkeypatch, bwd):
     monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0" if bwd == "sm80" else "1")
-    monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "1" if bwd == "sm90_dqtma" else "0")
+    monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0" if bwd == "sm90_atomic" else "1")
     desc = elastic_cuda.ops.reload_kernel_options()
     assert f"sm90_bwd={'0' if bwd == 'sm80' else '1'}" in desc, desc
 
@@ -194,7 +194,7 @@ def test_bwd_invalid_mode_nan_and_paths_agree(dtype, monkeypatch):
     # An invalid mode gives NaN dk / dv for that KV head (like its output) on both kernels, finite elsewhere; the two
     # backward kernels agree to rounding on the valid heads.
     grads = {}
-    for bwd in ("sm90", "sm90_dqtma", "sm80"):
+    for bwd in ("sm90", "sm90_atomic", "sm80"):
         _set_bwd(monkeypatch, bwd)
         torch.manual_seed(0)
         q = torch.randn(1, 200, 4, 64, device=DEV, dtype=dtype, requires_grad=True)
@@ -207,7 +207,7 @@ def test_bwd_invalid_mode_nan_and_paths_agree(dtype, monkeypatch):
         assert torch.isfinite(k.grad[:, :, 0]).all() and torch.isfinite(v.grad[:, :, 0]).all(), bwd
         assert torch.isfinite(q.grad[:, :, :2]).all(), bwd
         grads[bwd] = (q.grad[:, :, :2].float(), k.grad[:, :, 0].float(), v.grad[:, :, 0].float())
-    for path in ("sm90", "sm90_dqtma"):
+    for path in ("sm90", "sm90_atomic"):
         for a, b in zip(grads[path], grads["sm80"]):
             err = tac._rel(a, b.double())
             assert err < GRAD_TOL[dtype], (path, err)

@@ -272,10 +272,10 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
         now = elastic_cuda.ops.reload_kernel_options()
         assert "sm90=0 " in now and " tma=0 " in now and " verbose=0 " in now, now
-        assert " sm90_bwd=1 bwd_dq_tma=0 " in default + " ", default
+        assert " sm90_bwd=1 bwd_dq_tma=1 " in default + " ", default
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0")
-        monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "1")
-        assert " sm90_bwd=0 bwd_dq_tma=1 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0")
+        assert " sm90_bwd=0 bwd_dq_tma=0 " in elastic_cuda.ops.reload_kernel_options() + " "
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
