@@ -213,6 +213,35 @@ def test_bwd_invalid_mode_nan_and_paths_agree(dtype, monkeypatch):
             assert err < GRAD_TOL[dtype], (path, err)
 
 
+def test_bwd_early_release_experiment(monkeypatch):
+    # ELASTIC_SM90_BWD_EARLY_RELEASE=1 (ELASTIC_BUILD_EXPERIMENTS=1 builds): the Q/dO slot goes back before dQ's MMA
+    # completes; the gradients must equal the default instance's (dK / dV bit-identical: same MMA order; dQ to
+    # rounding: atomics / reduce-add order), with either dQ path.
+    if "experiments_built=1" not in elastic_cuda.ops.reload_kernel_options():
+        pytest.skip("not an ELASTIC_BUILD_EXPERIMENTS=1 build")
+    if not _is_hopper():
+        pytest.skip("not a compute capability 9.x device")
+    grads = {}
+    for dq_tma in ("0", "1"):
+        for early in ("0", "1"):
+            monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", dq_tma)
+            monkeypatch.setenv("ELASTIC_SM90_BWD_EARLY_RELEASE", early)
+            assert f" bwd_early_release={early} " in elastic_cuda.ops.reload_kernel_options() + " "
+            torch.manual_seed(0)
+            gen = torch.Generator(device=DEV).manual_seed(0)
+            q = torch.randn(2, 333, 8, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(2, 333, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(2, 333, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            out = elastic_cuda.ops.attention(q, k, v, _mixed(2, 2, 0).to(DEV), block_mask=_mask(2, 2, 333, gen),
+                                             block_size=128, sink=4, window=64, strategy="fused")
+            out.float().square().sum().backward()
+            grads[dq_tma, early] = (q.grad.double(), k.grad, v.grad)
+    for dq_tma in ("0", "1"):
+        (dq0, dk0, dv0), (dq1, dk1, dv1) = grads[dq_tma, "0"], grads[dq_tma, "1"]
+        assert torch.equal(dk0, dk1) and torch.equal(dv0, dv1), dq_tma
+        assert tac._rel(dq1, dq0) < GRAD_TOL[torch.bfloat16], dq_tma
+
+
 def test_zz_print_bwd_errors():
     """Prints the max relative errors of this file's cases (run last; pytest -s shows them)."""
     errs = {k: v for k, v in tac.MAX_ERR.items() if "bwd=" in k}

@@ -54,9 +54,12 @@ struct BwdTmaMaps {
 // DQ_TMA: dQ goes to dq_accum by TMA reduce-add of a shared-memory tile per warpgroup and stage (FlashAttention-3's
 // way; the default, kernel_options.h has the H200 numbers) instead of red.global.add.v2.f32 from registers (the A/B
 // alternative, ELASTIC_SM90_BWD_DQ_TMA=0); its 32 KiB of staging leave room for 2 Q/dO stages only.
-template <typename T, int D_, bool DQ_TMA_ = false>
+// EARLY_RELEASE (experiment, ELASTIC_SM90_BWD_EARLY_RELEASE=1 in ELASTIC_BUILD_EXPERIMENTS=1 builds): a stage's Q / dO
+// slot is released once dV and dK are done (wgmma_wait<1>), while dQ (which reads dS^T and K only) still runs, so that
+// the producer may refill the slot one dQ MMA earlier (2 stages with DQ_TMA). Untimed.
+template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_;
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
   static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
@@ -472,13 +475,24 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       }
       wgmma_commit();
     }
-    wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
-    fence_regs(acc_dv);
-    fence_regs(acc_dk);
-    fence_regs(acc_dq);
-    fence_regs(p_frag);
-    fence_regs(ds_frag);
-    release(sm.empty(pos.slot));
+    if constexpr (Tr::EARLY_RELEASE) {
+      wgmma_wait<1>();  // dV, dK done (groups complete in order; dQ, the last, may run on): Q and dO are not read
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+      release(sm.empty(pos.slot));
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+    } else {
+      wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(acc_dq);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+      release(sm.empty(pos.slot));
+    }
 
     // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
     if constexpr (Tr::DQ_TMA) {
