@@ -4,9 +4,10 @@ and Flex, with both of our backward kernels timed in one process.
 Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 KV heads STREAM, sink 128, window
 2048):
   ours_sm90     elastic_cuda.attention (strategy auto) forward + backward, the Hopper wgmma backward (the default on
-                an H200)
-  ours_sm90_dqtma  the same with ELASTIC_SM90_BWD_DQ_TMA=1 (dQ by TMA reduce-add instead of vector atomics)
+                an H200; dQ by TMA reduce-add)
+  ours_sm90_atomic  the same with ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by vector atomics instead of TMA reduce-add)
   ours_sm80     the same with ELASTIC_CUDA_SM90_BWD=0: the mma.sync backward (reload_kernel_options switches it)
+  ours_sm90_early  in ELASTIC_BUILD_EXPERIMENTS=1 builds only: ELASTIC_SM90_BWD_EARLY_RELEASE=1 (kernel_options.h)
   ours_bwd_<path>                 the backward alone (autograd.grad of a kept forward graph)
   cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
   flex_hybrid                     compiled flex_attention with the per-head analytic BlockMask of bench_attention
@@ -51,9 +52,11 @@ def section(S: int):
         one("fa4_dense", lambda: fa(*leaves, causal=True).backward(do))
     for msr in (0.0, 0.75):
         hm = routing(1, case.Hkv, msr, seed=11)
-        for path in ("sm90", "sm90_dqtma", "sm80"):
+        experiments = "experiments_built=1" in elastic_cuda.ops.reload_kernel_options()
+        for path in ("sm90", "sm90_atomic", "sm80") + (("sm90_early",) if experiments else ()):
             os.environ["ELASTIC_CUDA_SM90_BWD"] = "0" if path == "sm80" else "1"
-            os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1" if path == "sm90_dqtma" else "0"
+            os.environ["ELASTIC_SM90_BWD_EARLY_RELEASE"] = "1" if path == "sm90_early" else "0"
+            os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if path == "sm90_atomic" else "1"
             elastic_cuda.ops.reload_kernel_options()
 
             def ours_fb(hm=hm):
@@ -69,6 +72,7 @@ def section(S: int):
             del out
         os.environ.pop("ELASTIC_CUDA_SM90_BWD", None)
         os.environ.pop("ELASTIC_SM90_BWD_DQ_TMA", None)
+        os.environ.pop("ELASTIC_SM90_BWD_EARLY_RELEASE", None)
         elastic_cuda.ops.reload_kernel_options()
         try:
             bm = stream_block_mask(S, hm.repeat_interleave(case.G, 1))

@@ -81,10 +81,12 @@ if __name__ == "__main__":
         # The Hopper backward (bs 128 on a 9.x device): D 64 with Sq < Skv, D 128 varlen with tails inside the tensor.
         one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
         one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
-        os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "1"  # the same with dQ by TMA reduce-add (A/B switch)
+        os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0"  # the same with dQ by vector atomics (A/B switch)
         elastic_cuda.ops.reload_kernel_options()
         one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
         one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 128, torch.bfloat16, varlen=True, bs=128,
+            poison=True)  # the Hopper backward's non-finite rare paths with atomics (the default's are below)
         del os.environ["ELASTIC_SM90_BWD_DQ_TMA"]
         elastic_cuda.ops.reload_kernel_options()
     # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the

@@ -29,9 +29,9 @@ pytestmark = [
     pytest.mark.skipif(not elastic_cuda.has_cuda_kernels(), reason="extension built without CUDA kernels"),
 ]
 
-# sm90: the Hopper backward as shipped (dQ by vector atomics); sm90_dqtma: the same with ELASTIC_SM90_BWD_DQ_TMA=1
-# (dQ by TMA reduce-add); sm80: ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
-BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_dqtma", "sm80"])
+# sm90: the Hopper backward as shipped (dQ by TMA reduce-add); sm90_atomic: the same with ELASTIC_SM90_BWD_DQ_TMA=0
+# (dQ by vector atomics from registers); sm80: ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
+BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_atomic", "sm80"])
 GQA = ((1, 1), (3, 1), (4, 1), (8, 1), (6, 2), (12, 3), (8, 2), (4, 4))  # group sizes 1, 3, 4, 8
 SINK_WINDOW = ((4, 16), (64, 256), (128, 2048), (0, 130), (1, 1), (3, 64))
 
@@ -44,7 +44,7 @@ def _reload_switches_after_test():
 
 def _set_bwd(monkeypatch, bwd):
     monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0" if bwd == "sm80" else "1")
-    monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "1" if bwd == "sm90_dqtma" else "0")
+    monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0" if bwd == "sm90_atomic" else "1")
     desc = elastic_cuda.ops.reload_kernel_options()
     assert f"sm90_bwd={'0' if bwd == 'sm80' else '1'}" in desc, desc
 
@@ -194,7 +194,7 @@ def test_bwd_invalid_mode_nan_and_paths_agree(dtype, monkeypatch):
     # An invalid mode gives NaN dk / dv for that KV head (like its output) on both kernels, finite elsewhere; the two
     # backward kernels agree to rounding on the valid heads.
     grads = {}
-    for bwd in ("sm90", "sm90_dqtma", "sm80"):
+    for bwd in ("sm90", "sm90_atomic", "sm80"):
         _set_bwd(monkeypatch, bwd)
         torch.manual_seed(0)
         q = torch.randn(1, 200, 4, 64, device=DEV, dtype=dtype, requires_grad=True)
@@ -207,10 +207,39 @@ def test_bwd_invalid_mode_nan_and_paths_agree(dtype, monkeypatch):
         assert torch.isfinite(k.grad[:, :, 0]).all() and torch.isfinite(v.grad[:, :, 0]).all(), bwd
         assert torch.isfinite(q.grad[:, :, :2]).all(), bwd
         grads[bwd] = (q.grad[:, :, :2].float(), k.grad[:, :, 0].float(), v.grad[:, :, 0].float())
-    for path in ("sm90", "sm90_dqtma"):
+    for path in ("sm90", "sm90_atomic"):
         for a, b in zip(grads[path], grads["sm80"]):
             err = tac._rel(a, b.double())
             assert err < GRAD_TOL[dtype], (path, err)
+
+
+def test_bwd_early_release_experiment(monkeypatch):
+    # ELASTIC_SM90_BWD_EARLY_RELEASE=1 (ELASTIC_BUILD_EXPERIMENTS=1 builds): the Q/dO slot goes back before dQ's MMA
+    # completes; the gradients must equal the default instance's (dK / dV bit-identical: same MMA order; dQ to
+    # rounding: atomics / reduce-add order), with either dQ path.
+    if "experiments_built=1" not in elastic_cuda.ops.reload_kernel_options():
+        pytest.skip("not an ELASTIC_BUILD_EXPERIMENTS=1 build")
+    if not _is_hopper():
+        pytest.skip("not a compute capability 9.x device")
+    grads = {}
+    for dq_tma in ("0", "1"):
+        for early in ("0", "1"):
+            monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", dq_tma)
+            monkeypatch.setenv("ELASTIC_SM90_BWD_EARLY_RELEASE", early)
+            assert f" bwd_early_release={early} " in elastic_cuda.ops.reload_kernel_options() + " "
+            torch.manual_seed(0)
+            gen = torch.Generator(device=DEV).manual_seed(0)
+            q = torch.randn(2, 333, 8, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(2, 333, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(2, 333, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            out = elastic_cuda.ops.attention(q, k, v, _mixed(2, 2, 0).to(DEV), block_mask=_mask(2, 2, 333, gen),
+                                             block_size=128, sink=4, window=64, strategy="fused")
+            out.float().square().sum().backward()
+            grads[dq_tma, early] = (q.grad.double(), k.grad, v.grad)
+    for dq_tma in ("0", "1"):
+        (dq0, dk0, dv0), (dq1, dk1, dv1) = grads[dq_tma, "0"], grads[dq_tma, "1"]
+        assert torch.equal(dk0, dk1) and torch.equal(dv0, dv1), dq_tma
+        assert tac._rel(dq1, dq0) < GRAD_TOL[torch.bfloat16], dq_tma
 
 
 def test_zz_print_bwd_errors():

@@ -164,7 +164,13 @@ def test_nonfinite_rule_cpu_varlen(dtype, gen):
     check_varlen(dtype, "cpu", BLOCK_SIZE, gen)
 
 
-def check_varlen(dtype, device, block_size, gen):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_nonfinite_rule_cpu_varlen_backward(dtype, gen):
+    check_varlen_backward(dtype, "cpu", BLOCK_SIZE, gen)
+
+
+def varlen_case(dtype, device, block_size, gen):
+    """Three packed sequences (37, 300, 5 tokens) with a bad key, value and query element in different sequences."""
     lens = [37, 300, 5]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     T = int(cu[-1])
@@ -179,6 +185,37 @@ def check_varlen(dtype, device, block_size, gen):
     mask = torch.rand(3, HKV, nb, nb, generator=gen) < 0.5
     kw = {"sink": SINK, "window": WINDOW, "block_size": block_size}
     q, k, v, cu, head_mode, mask = (t.to(device) for t in (q, k, v, cu, head_mode, mask))
+    return lens, cu, q, k, v, head_mode, mask, kw
+
+
+def check_varlen_backward(dtype, device, block_size, gen):
+    """Packed sequences, backward: each sequence's dq / dk / dv equal its dense run's (NaN pattern and values); the
+    Hopper backward's zero-filled copies of bad query rows and of tails inside the packed tensor meet here."""
+    lens, cu, q, k, v, head_mode, mask, kw = varlen_case(dtype, device, block_size, gen)
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = elastic_cuda.ops.attention(qq, kk, vv, head_mode, block_mask=mask, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                     max_seqlen_q=max(lens), max_seqlen_k=max(lens), **kw)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    grad = grad.to(device)
+    grads = torch.autograd.grad(out, (qq, kk, vv), grad)
+    for b, n in enumerate(lens):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        nbb = -(-n // block_size)
+        q1, k1, v1 = (t[None, s].detach().requires_grad_(True) for t in (q, k, v))
+        o1 = elastic_cuda.ops.attention(q1, k1, v1, head_mode[b:b + 1], block_mask=mask[b:b + 1, :, :nbb, :nbb],
+                                        **kw)
+        ref = torch.autograd.grad(o1, (q1, k1, v1), grad[None, s])
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+            got, want = got[s].cpu().double(), want[0].cpu().double()
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), f"sequence {b}: NaN pattern of {name} differs"
+            assert torch.isnan(got).any() and not torch.isnan(got).all(), f"sequence {b}: {name} must mix NaN rows"
+            ok = ~torch.isnan(want)
+            e = rel_err(got[ok], want[ok])
+            assert e < TOL[dtype] * (10 if dtype != torch.float64 else 1e3), f"sequence {b}: {name} rel err {e}"
+
+
+def check_varlen(dtype, device, block_size, gen):
+    lens, cu, q, k, v, head_mode, mask, kw = varlen_case(dtype, device, block_size, gen)
     out, lse = elastic_cuda.ops.attention(q, k, v, head_mode, block_mask=mask, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                           max_seqlen_q=max(lens), max_seqlen_k=max(lens), return_lse=True, **kw)
     for b, n in enumerate(lens):
@@ -198,21 +235,26 @@ def check_varlen(dtype, device, block_size, gen):
 # ----------------------------------------------------------------------------- CUDA (the lead runs these on a GPU)
 # The rule on every CUDA path (nonfinite.cuh): the Hopper wgmma forward with its TMA producer and with its cp.async
 # producer (ELASTIC_SM90_TMA=0), and the sm80 forward (ELASTIC_CUDA_SM90=0: what other GPUs, and 64-wide BLOCK masks,
-# run). Block masks of 128-key blocks reach the wgmma kernel; 64-key blocks always run sm80. The backward is one kernel
-# family; it runs after each forward path (its lse marks the forward's NaN rows).
+# run). Block masks of 128-key blocks reach the wgmma kernel; 64-key blocks always run sm80. The backward runs after
+# each forward path (its lse marks the forward's NaN rows): on a 9.x device the Hopper backward (dQ by TMA reduce-add,
+# the default), and after the sm90 forward also its vector-atomic dQ (ELASTIC_SM90_BWD_DQ_TMA=0) and the mma.sync
+# backward (ELASTIC_CUDA_SM90_BWD=0, what other GPUs and 64-key blocks run): both backward kernels implement the rule.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not elastic_cuda.has_cuda_kernels(),
                                 reason="needs a CUDA device and the CUDA kernels")
 CUDA_DTYPES = [torch.bfloat16, torch.float16]
 PATHS = {"sm90": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1"},
          "sm90cp": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "0"},
          "sm80": {"ELASTIC_CUDA_SM90": "0", "ELASTIC_SM90_TMA": "1"}}
+BWD_PATHS = {"sm90_bwd_atomic": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_BWD_DQ_TMA": "0"},
+             "sm90_bwd_sm80": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_CUDA_SM90_BWD": "0"}}
+BWD_DEFAULTS = {"ELASTIC_CUDA_SM90_BWD": "1", "ELASTIC_SM90_BWD_DQ_TMA": "1"}
 CUDA_BLOCK = 128
 
 
 @pytest.fixture
 def kernel_path(request, monkeypatch):
-    """Parametrised by name (PATHS); the extension reads the switches again, and again after the test."""
-    for name, value in PATHS[request.param].items():
+    """Parametrised by name (PATHS, BWD_PATHS); the extension reads the switches again, and again after the test."""
+    for name, value in {**BWD_DEFAULTS, **{**PATHS, **BWD_PATHS}[request.param]}.items():
         monkeypatch.setenv(name, value)
     elastic_cuda.ops.reload_kernel_options()
     yield request.param
@@ -221,7 +263,9 @@ def kernel_path(request, monkeypatch):
 
 
 two_paths = pytest.mark.parametrize("kernel_path", ["sm90", "sm80"], indirect=True)
-all_paths = pytest.mark.parametrize("kernel_path", list(PATHS), indirect=True)
+# backward cases: every forward path (each followed by the default backward) and both backward alternatives
+bwd_paths = pytest.mark.parametrize("kernel_path", list(PATHS) + list(BWD_PATHS), indirect=True)
+bwd_two_paths = pytest.mark.parametrize("kernel_path", ["sm90", "sm80"] + list(BWD_PATHS), indirect=True)
 
 
 @pytest.mark.gpu
@@ -241,7 +285,7 @@ def test_cuda_nonfinite_rule_forward(kernel_path, dtype, mode, where, bad, gen):
 
 @pytest.mark.gpu
 @needs_cuda
-@all_paths
+@bwd_paths
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_nonfinite_rule_backward(kernel_path, d, mode, gen):
@@ -251,6 +295,28 @@ def test_cuda_nonfinite_rule_backward(kernel_path, d, mode, gen):
     q, k, v = poison(q, k, v, "v", float("nan"), MODES[mode])
     q, k, v = poison(q, k, v, "q", float("inf"), MODES[mode])
     check_rule(q, k, v, head_mode, kw, backward=True, label=f"cuda backward {kernel_path} D{d} {dtype} {mode}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernel_path", ["sm90", "sm90_bwd_sm80"], indirect=True)
+def test_cuda_nonfinite_backward_kernel_taken(kernel_path, gen):
+    """The backward cases above reach the kernel they name: on a 9.x device the Hopper backward by default (head_dim
+    64 / 128, 128-key blocks), the mma.sync one with ELASTIC_CUDA_SM90_BWD=0."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v, head_mode, kw = make_case(STREAM, torch.bfloat16, "cuda", gen, block_size=CUDA_BLOCK)
+    q, k, v = poison(q, k, v, "v", float("nan"), STREAM)
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = elastic_cuda.ops.attention(qq, kk, vv, head_mode, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "attention_bwd" in e.name]
+    if not names:
+        pytest.skip("profiler recorded no kernels")
+    assert any("attention_bwd_sm90" in n for n in names) == (kernel_path == "sm90"), names
 
 
 @pytest.mark.gpu
@@ -272,7 +338,7 @@ def test_cuda_nonfinite_tile_edges(kernel_path, key, which, gen):
 
 @pytest.mark.gpu
 @needs_cuda
-@all_paths
+@bwd_paths
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_nonfinite_rule_sq_lt_skv(kernel_path, mode, gen):
     """200 queries over 300 keys (queries are the last 200 positions), bad q, k and v at once, forward and backward."""
@@ -289,6 +355,14 @@ def test_cuda_nonfinite_rule_sq_lt_skv(kernel_path, mode, gen):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 def test_cuda_nonfinite_rule_varlen(kernel_path, dtype, gen):
     check_varlen(dtype, "cuda", CUDA_BLOCK, gen)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@bwd_two_paths
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+def test_cuda_nonfinite_rule_varlen_backward(kernel_path, dtype, gen):
+    check_varlen_backward(dtype, "cuda", CUDA_BLOCK, gen)
 
 
 @pytest.mark.gpu
@@ -472,7 +546,7 @@ def test_nonfinite_bad_grad_out_cpu(dtype, gen):
 
 @pytest.mark.gpu
 @needs_cuda
-@two_paths
+@bwd_two_paths
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 def test_cuda_nonfinite_bad_grad_out(kernel_path, dtype, gen):
     check_bad_grad_out("cuda", dtype, gen)

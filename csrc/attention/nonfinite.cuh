@@ -20,7 +20,8 @@
 //   * backward (attention_bwd_kernel.cuh): rows whose lse is NaN (the forward's NaN rows) or whose grad_out /
 //     grad_lse is non-finite are "bad": their visible P and dS are NaN, masked P and dS are exactly 0 by selection,
 //     and their Q / dO rows (and non-finite K / V rows) are zeroed in shared memory so that 0 * inf never reaches a
-//     clean gradient. The checks run once per K/V tile (a CTA) and per query tile (one __syncthreads_or).
+//     clean gradient. The checks run once per K/V tile (a CTA) and per query tile (one __syncthreads_or). The Hopper
+//     backward (sm90/attention_bwd_sm90_kernel.cuh) does the same; its producer zero-fills bad Q / dO rows.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

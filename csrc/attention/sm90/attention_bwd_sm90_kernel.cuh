@@ -7,7 +7,8 @@
 // tiles (which causal heads' queries see most) start first. It walks the (query head of the GQA group, query tile
 // of BM = 64 rows) pairs that can see its key tile (the transposed visibility walk of attention_tiles.cuh: FULL,
 // STREAM, BLOCK bits), keeping dK and dV of its keys in registers across the whole group (no atomics, K/V
-// never repeated), and adds dQ of each pair into the fp32 dq_accum with vector atomics (red.global.add.v2.f32).
+// never repeated), and adds dQ of each pair into the fp32 dq_accum by TMA reduce-add of a shared-memory tile (the
+// default) or, with ELASTIC_SM90_BWD_DQ_TMA=0, by vector atomics from registers (red.global.add.v2.f32).
 //
 // Warpgroup 0, warp 0: the producer. It loads K and V once, then per visited (head, query tile) the Q and dO
 // tiles (TMA boxes; a varlen tail tile that runs into the next sequence by cp.async with zero fill) and the
@@ -22,6 +23,13 @@
 //     atomic per dQ element and key tile), at head_dim 64 the whole row over its own 64 keys.
 // Masked entries are exactly 0 by selection (P = visible ? exp2(...) : 0, dS likewise), so that non-finite
 // values of rows or keys outside the pair never enter; rows with lse = -inf see no key and get P = 0.
+// Non-finite rule (README "Non-finite inputs", nonfinite.cuh), as in the mma.sync backward: a row is bad when the
+// preprocess wrote delta = NaN for it (its lse is NaN, or its grad_out / grad_lse row is non-finite; that kernel also
+// fills its dq_accum row with NaN). The producer stores lse = NaN for bad rows, so that their visible P and dS are
+// NaN, and on the rare stage with one copies Q and dO by cp.async with those rows zero-filled instead of by TMA
+// (0 * inf in a masked product would reach dK / dV of keys the row does not see). The consumers zero the non-finite
+// K / V rows of the tile once, before their loop (0 * inf in dQ = dS K and dP = dO V^T of other rows). Cost on
+// finite inputs: that check (at most 16 shared loads per consumer thread per CTA) and a ballot per producer stage.
 #pragma once
 #include <cmath>
 
@@ -29,6 +37,7 @@
 #include "attention/attention_params.h"
 #include "attention/attention_tiles.cuh"
 #include "attention/kernel_utils.cuh"
+#include "attention/nonfinite.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"  // load_tile_sw128, RingPos, FillPos
 #include "attention/sm90/tma.cuh"
 #include "attention/sm90/wgmma.cuh"
@@ -43,11 +52,14 @@ struct BwdTmaMaps {
 };
 
 // DQ_TMA: dQ goes to dq_accum by TMA reduce-add of a shared-memory tile per warpgroup and stage (FlashAttention-3's
-// way) instead of red.global.add.v2.f32 from registers; an A/B switch (ELASTIC_SM90_BWD_DQ_TMA), whose 32 KiB of
-// staging leave room for 2 Q/dO stages only.
-template <typename T, int D_, bool DQ_TMA_ = false>
+// way; the default, kernel_options.h has the H200 numbers) instead of red.global.add.v2.f32 from registers (the A/B
+// alternative, ELASTIC_SM90_BWD_DQ_TMA=0); its 32 KiB of staging leave room for 2 Q/dO stages only.
+// EARLY_RELEASE (experiment, ELASTIC_SM90_BWD_EARLY_RELEASE=1 in ELASTIC_BUILD_EXPERIMENTS=1 builds): a stage's Q / dO
+// slot is released once dV and dK are done (wgmma_wait<1>), while dQ (which reads dS^T and K only) still runs, so that
+// the producer may refill the slot one dQ MMA earlier (2 stages with DQ_TMA). Untimed.
+template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_;
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
   static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
@@ -92,11 +104,37 @@ struct StageInfo {
 
 constexpr float kBwdLog2e = 1.4426950408889634f;
 
+// OR of pred over the 256 consumer threads (named barrier 5, which the non-finite rule's rare paths use).
+__device__ __forceinline__ bool consumers_or(bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 5, 256, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(pred))
+      : "memory");
+  return any != 0u;
+}
+
 // Issue the box loads of one [ROWS, D] tile (D / 64 boxes of 64 columns); the caller arrives with the bytes.
 template <int ROWS, int D>
 __device__ __forceinline__ void tma_rows(uint32_t dst, const CUtensorMap* map, uint32_t bar, int row, int h, int bt) {
 #pragma unroll
   for (int c = 0; c < D / 64; ++c) tma_load_4d(dst + c * ROWS * 128, map, bar, c * 64, row, h, bt);
+}
+
+// One warp copies a [ROWS, D] tile into the 128-byte-swizzled layout (load_tile_sw128's) by cp.async, zero-filling
+// the rows >= valid_rows and the rows set in `zero` (bit r: row r).
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_rows_zero_fill(T* smem, const T* gmem, int64_t row_stride, int valid_rows,
+                                                    uint64_t zero, int lane) {
+  static_assert(ROWS <= 64, "one 64-bit row mask");
+  constexpr int CHUNKS = D / 8;
+  for (int i = lane; i < ROWS * CHUNKS; i += 32) {
+    const int r = i / CHUNKS, c = i % CHUNKS;
+    const bool valid = r < valid_rows && !((zero >> r) & 1u);
+    mma::cp_async16(smem + (c / 8) * (ROWS * 64) + r * 64 + (((c % 8) ^ (r & 7)) << 3),
+                    valid ? gmem + r * row_stride + c * 8 : gmem, valid);
+  }
 }
 
 // Producer warp: K/V of the tile, then one stage per visited (query head, query tile), then the end stage. Full
@@ -183,9 +221,13 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         const uint32_t meta = sm.meta_slot(pos.slot);
         float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
         float* s_delta = s_lse2 + BM;
+        // Non-finite rule: a bad row (delta NaN) gets lse NaN, so that its visible P is NaN too, and zero Q / dO rows
+        // (below). Tested after the wait, so that the loads' latency still overlaps it.
+        const uint64_t bad = (uint64_t(__ballot_sync(0xffffffffu, isnan(dlt[1]))) << 32) |
+                             __ballot_sync(0xffffffffu, isnan(dlt[0]));
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          s_lse2[lane + 32 * hf] = lse2[hf];
+          s_lse2[lane + 32 * hf] = (bad >> (lane + 32 * hf)) & 1u ? NAN : lse2[hf];
           s_delta[lane + 32 * hf] = dlt[hf];
         }
         if (lane == 0) {
@@ -197,7 +239,7 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           info->bits_hi = static_cast<int>(hi);
         }
         const uint32_t full_bar = sm.full(pos.slot);
-        if (r_end - r0 == BM || q_tail_by_tma) {
+        if (bad == 0 && (r_end - r0 == BM || q_tail_by_tma)) {
           if (lane == 0) {
             mbar_arrive_expect_tx(full_bar, 2 * Tr::QT_BYTES);
             tma_rows<BM, D>(sm.q_slot(pos.slot), &maps.q, full_bar, seq.q_start + r0, h, bt);
@@ -205,14 +247,18 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           } else {
             mbar_arrive(full_bar);
           }
-        } else {  // varlen tail rows of a sequence that does not end the tensor: zero-filled copies
-          const T* q = static_cast<const T*>(p.q) + int64_t(seq.q_start + r0) * p.q_stride_r + h * p.q_stride_h;
-          const T* d_o =
-              static_cast<const T*>(p.dout) + int64_t(seq.q_start + r0) * p.do_stride_r + h * p.do_stride_h;
-          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.q_slot(pos.slot))), q, p.q_stride_r, r_end - r0,
-                                     lane);
-          load_tile_sw128<BM, D, 32>(reinterpret_cast<T*>(gptr(sm.do_slot(pos.slot))), d_o, p.do_stride_r,
-                                     r_end - r0, lane);
+        } else {
+          // Zero-filled copies: varlen tail rows of a sequence that does not end the tensor, and (rare) the bad rows
+          // of the non-finite rule, whose Q / dO must be 0 in shared memory (0 * inf in the masked products would
+          // reach dK / dV of keys the row does not see). The consumers' hot loop does not change.
+          const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + int64_t(seq.q_start + r0) * p.q_stride_r +
+                       h * p.q_stride_h;
+          const T* d_o = static_cast<const T*>(p.dout) + b * p.do_stride_b +
+                         int64_t(seq.q_start + r0) * p.do_stride_r + h * p.do_stride_h;
+          load_rows_zero_fill<BM, D>(reinterpret_cast<T*>(gptr(sm.q_slot(pos.slot))), q, p.q_stride_r, r_end - r0,
+                                     bad, lane);
+          load_rows_zero_fill<BM, D>(reinterpret_cast<T*>(gptr(sm.do_slot(pos.slot))), d_o, p.do_stride_r,
+                                     r_end - r0, bad, lane);
           cp_async_wait_all_issued();
           fence_proxy_async();
           mbar_arrive(full_bar);
@@ -256,6 +302,35 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   };
 
   mbar_wait(sm.kv_full(), 0);
+  // Non-finite rule: zero the non-finite K / V rows of the tile (two threads per key row, each half of its 16-byte
+  // chunks of K and V; one barrier reduction decides whether any row needs it).
+  {
+    constexpr int CH = D / 8;
+    const int ct = threadIdx.x - Tr::WG_THREADS;  // 0 .. 255 over the consumer threads
+    const int r = ct / 2;
+    uint32_t acc = 0u;
+#pragma unroll
+    for (int k = 0; k < CH / 2; ++k) {
+      const int c = 2 * k + (ct & 1);
+      const uint32_t off = (c / 8) * (BN * 128) + r * 128 + (c % 8) * 16;  // swizzle permutes chunks within a row
+      acc = nonfinite::absmax2(nonfinite::absmax2(acc, nonfinite::lds128(sm.k + off)), nonfinite::lds128(sm.v + off));
+    }
+    bool bad = nonfinite::any_nonfinite<T>(acc);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, 1);  // the row's other half (ct ^ 1 is in the same warp)
+    if (consumers_or(bad)) {
+      if (bad) {
+#pragma unroll
+        for (int k = 0; k < CH / 2; ++k) {
+          const int c = 2 * k + (ct & 1);
+          const uint32_t off = (c / 8) * (BN * 128) + r * 128 + (c % 8) * 16;
+          nonfinite::sts128_zero(sm.k + off);
+          nonfinite::sts128_zero(sm.v + off);
+        }
+      }
+      fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
+      asm volatile("bar.sync 5, 256;\n" ::: "memory");
+    }
+  }
   RingPos<Tr::STAGES> pos;
   for (int it = 0;; ++it) {
     mbar_wait(sm.full(pos.slot), pos.phase);
@@ -400,13 +475,24 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       }
       wgmma_commit();
     }
-    wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
-    fence_regs(acc_dv);
-    fence_regs(acc_dk);
-    fence_regs(acc_dq);
-    fence_regs(p_frag);
-    fence_regs(ds_frag);
-    release(sm.empty(pos.slot));
+    if constexpr (Tr::EARLY_RELEASE) {
+      wgmma_wait<1>();  // dV, dK done (groups complete in order; dQ, the last, may run on): Q and dO are not read
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+      release(sm.empty(pos.slot));
+      wgmma_wait<0>();
+      fence_regs(acc_dq);
+    } else {
+      wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(acc_dq);
+      fence_regs(p_frag);
+      fence_regs(ds_frag);
+      release(sm.empty(pos.slot));
+    }
 
     // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
     if constexpr (Tr::DQ_TMA) {
