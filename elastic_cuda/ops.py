@@ -148,6 +148,18 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
             _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
 
 
+def _call_op(op, *args, **kwargs):
+    """op(*args, **kwargs); with grad mode off, dispatched below autograd directly. An op with a Python autograd
+    registration (torch.library.register_autograd) otherwise runs a Python autograd kernel on every call that, with
+    grad off, only does this same redispatch below autograd: ~15 us of host time per call measured on the CPU, twice
+    per layer of an elastic prefill (the attention and the router's boundary pool), where a GPU prefill is
+    launch-bound (#14 / #15). Not while torch.compile traces (it sees the plain call)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args, **kwargs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args, **kwargs)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -206,8 +218,9 @@ def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_
                             block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                             strategy=strategy)
-    out, lse = torch.ops.elastic.attention(
-        q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink=sink, window=window,
+    out, lse = _call_op(
+        torch.ops.elastic.attention, q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink=sink,
+        window=window,
         block_size=block_size, scale=None if scale is None else float(scale), max_seqlen_q=max_seqlen_q or 0,
         max_seqlen_k=max_seqlen_k or 0, strategy=strategy)
     return (out, lse) if return_lse else out
@@ -287,7 +300,7 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
             if cu[0] < 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > keys.shape[0]:
                 raise ValueError(f"elastic_cuda.boundary_pool: cu_seqlens must start at >= 0, be non-decreasing and "
                                  f"stay within the {keys.shape[0]} tokens of keys, got {cu}")
-    return torch.ops.elastic.boundary_pool(keys, cu_seqlens, n_first=n_first, n_last=n_last)
+    return _call_op(torch.ops.elastic.boundary_pool, keys, cu_seqlens, n_first=n_first, n_last=n_last)
 
 
 def check_xattn_args(block_size: int, stride: int, threshold: float, where: str = "xattn: "):

@@ -18,6 +18,7 @@ paper's architecture and on in the routers we train:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .attention.sparse_config import SPARSE_MODES, SparseConfig
 from .ops import BLOCK, FULL, STREAM, boundary_pool
@@ -65,6 +67,13 @@ def _sparsity_shift(shift, batch: int, device) -> torch.Tensor | float:
     if isinstance(shift, torch.Tensor):
         return shift.to(device=device, dtype=torch.float32)[:, None]
     return float(shift)
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_scalar(mode: int, device: torch.device) -> torch.Tensor:
+    """0-dim int32 tensor `mode` on `device`, made once (on CUDA one host-to-device copy per device and mode)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(mode, dtype=torch.int32, device=device)
 
 
 class AttentionRouter(nn.Module):
@@ -160,7 +169,19 @@ class AttentionRouter(nn.Module):
             self._calibration[2] += p.shape[0]
         if self.standardize_input:
             pooled = (pooled - self.input_mean) / self.input_std
-        logits = self.router_mlp(self.task_mlp(pooled))
+        # The two MLPs as functional calls on the [B * Hkv, D] rows: the same addmm / silu kernels as the modules
+        # (nn.Linear on a contiguous 3-D input folds it to this 2-D addmm), without 10 module calls and a view pair
+        # per Linear in every layer of a prefill: the router was ~45 ops of a ~56-op elastic layer on CUDA, where
+        # the prefill is launch-bound (#14 / #15, experiments/host_overhead_per_layer.py).
+        B, Hkv = pooled.shape[:2]
+        x = pooled.reshape(B * Hkv, pooled.shape[2])
+        for mlp in (self.task_mlp, self.router_mlp):
+            for layer in mlp:
+                if isinstance(layer, nn.Linear):
+                    x = F.linear(x, layer.weight, layer.bias)
+                else:
+                    x = F.silu(x) if isinstance(layer, nn.SiLU) else layer(x)
+        logits = x.view(B, Hkv, x.shape[1])
         return logits + self.head_bias if self.use_head_bias else logits
 
     def forward(self, keys: torch.Tensor, tau: float = 1.0, cu_seqlens: torch.Tensor | None = None,
@@ -191,9 +212,13 @@ class AttentionRouter(nn.Module):
             z = (hard + (probs - probs.detach()))[..., 1]
         else:
             gumbel_u = None
-            z = (logits[..., 1] - logits[..., 0] > shift).to(logits.dtype)
-        head_mode = torch.where(z.detach() > 0.5, torch.full_like(z, FULL), torch.full_like(z, sparse_mode))
-        return RouterOutput(logits=logits, z=z, head_mode=head_mode.to(torch.int32), gumbel_u=gumbel_u)
+            full = logits[..., 1] - logits[..., 0] > shift
+            z = full.to(logits.dtype)
+        if self.training:
+            full = z.detach() > 0.5
+        # int32 head modes in one where over cached 0-dim mode tensors (was full_like x 2, where and a cast).
+        head_mode = torch.where(full, _mode_scalar(FULL, full.device), _mode_scalar(sparse_mode, full.device))
+        return RouterOutput(logits=logits, z=z, head_mode=head_mode, gumbel_u=gumbel_u)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}, "

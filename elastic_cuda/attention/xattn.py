@@ -177,7 +177,10 @@ def _xattn_block_mask_torch(q, k, *, block_size, stride, threshold, scale, cu_se
 def block_visible_pairs(mask: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     """Causal (query, key) pairs a BLOCK head sees in a prefill of n tokens: mask [..., NB, NB] -> float [...]."""
     nb = -(-n // block_size)
-    return (mask[..., :nb, :nb].double() * _block_pair_counts(n, block_size, mask.device)).sum(dim=(-1, -2))
+    if mask.shape[-1] != nb or mask.shape[-2] != nb:  # (an unpadded prefill's mask is already nb x nb: no slices)
+        mask = mask[..., :nb, :nb]
+    # bool x float64 promotes to float64 in the one mul (0 or the block's count, as .double() * counts gave).
+    return torch.mul(mask, _block_pair_counts(n, block_size, mask.device)).sum(dim=(-1, -2))
 
 
 @functools.lru_cache(maxsize=16)

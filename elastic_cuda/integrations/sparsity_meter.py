@@ -4,7 +4,11 @@ MSR: the fraction of KV heads routed sparse (from the routing decision). ESR: th
 pairs the real masks skip, over all heads and every query processed since the prefill, decode steps included.
 The attention function adds each call's pairs; BLOCK heads count their estimated masks at prefill and every causal
 pair in decode (they run densely there). The masks' pair counts stay on the device until metrics() is asked for:
-reading them per layer would cost a host sync in every BLOCK layer of a prefill.
+reading them per layer would cost a host sync in every BLOCK layer of a prefill. A router's decision (a device
+tensor) is not counted on the device per call either: each call stores the tensor and its per-sample pair counts
+(python ints), and metrics() turns them into the same float64 sums with one read per decision. Counting on the
+device cost ~13 small ops per layer (a launch each on CUDA, where the elastic prefill is launch-bound: #14 / #15;
+experiments/host_overhead_per_layer.py).
 """
 from __future__ import annotations
 
@@ -16,26 +20,20 @@ from ..ops import BLOCK, FULL, STREAM
 __all__ = ["SparsityMeter"]
 
 
-def _column(values: list, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample python counts as a float64 tensor on like's device: one value (unpadded batches) stays a
-    broadcast scalar, so no host-to-device copy is made."""
-    if len(set(values)) == 1:
-        return torch.full((1,), float(values[0]), dtype=torch.float64, device=like.device)
-    return torch.tensor(values, dtype=torch.float64, device=like.device)
-
-
 class SparsityMeter:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self._pairs = [[0, 0] for _ in range(num_layers)]  # (visible, causal) pairs summed over heads since prefill
         self._block_pairs = [None] * num_layers  # BLOCK heads' visible prefill pairs per (sample, KV head), a tensor
-        self._block_visible = [[] for _ in range(num_layers)]  # device scalars: visible pairs counted on the device
+        # Per layer, in call order, what metrics() adds to the host-counted visible pairs: a BLOCK pair tensor
+        # (summed there) or a router decision's call (modes tensor, per-sample causal / STREAM pairs, BLOCK masked).
+        self._deferred = [[] for _ in range(num_layers)]
 
     def start_layer(self, layer_idx: int):
         """A new prefill of this layer: its counts restart."""
         self._pairs[layer_idx] = [0, 0]
         self._block_pairs[layer_idx] = None
-        self._block_visible[layer_idx] = []
+        self._deferred[layer_idx] = []
 
     def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor):
         """Visible prefill pairs of each sample's BLOCK heads, float [B, Hkv] (any device; 0 for the other heads),
@@ -49,11 +47,12 @@ class SparsityMeter:
     def count(self, layer_idx, modes, seqlen_q, seqlen_k, padding, sink, window):
         """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
         modes: the layer's head modes as lists [B][Hkv] (known on the host), or the int32 [B, Hkv] tensor of a
-        router's decision, counted on its device: reading a router's modes on the host would cost a device sync
-        in every layer of a prefill (measured on an H200: 30 of the 66 syncs of a SmolLM2 8K prefill)."""
+        router's decision, kept with this call's per-sample pair counts and counted at metrics(): reading a router's
+        modes on the host here would cost a device sync in every layer of a prefill (measured on an H200: 30 of the
+        66 syncs of a SmolLM2 8K prefill), counting them on the device ~13 small ops per layer."""
         block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
-        if block is not None:  # the BLOCK heads' pairs from the masks, summed on the device (no sync)
-            self._block_visible[layer_idx].append(block.double().sum())
+        if block is not None:  # the BLOCK heads' pairs from the masks, summed at metrics() (no sync, no op here)
+            self._deferred[layer_idx].append(block)
         n_q = padding.lengths_q if padding is not None else [seqlen_q] * len(modes)
         n_k = padding.lengths_k if padding is not None else [seqlen_k] * len(modes)
         causal = [causal_pairs(a, b) for a, b in zip(n_q, n_k)]
@@ -61,10 +60,7 @@ class SparsityMeter:
         Hkv = modes.shape[1] if isinstance(modes, torch.Tensor) else len(modes[0])
         self._pairs[layer_idx][1] += sum(causal) * Hkv
         if isinstance(modes, torch.Tensor):
-            full = (modes == FULL) | ((modes == BLOCK) & (block is None))
-            per_sample = full.sum(1, dtype=torch.float64) * _column(causal, modes) \
-                + (modes == STREAM).sum(1, dtype=torch.float64) * _column(stream, modes)
-            self._block_visible[layer_idx].append(per_sample.sum())
+            self._deferred[layer_idx].append((modes, causal, stream, block is not None))
             return
         visible = 0
         for b, row in enumerate(modes):
@@ -73,15 +69,15 @@ class SparsityMeter:
                     visible += causal[b]
                 elif mode == STREAM:
                     visible += stream[b]
-                # BLOCK with a mask: counted on the device above
+                # BLOCK with a mask: its mask's pairs, deferred above
         self._pairs[layer_idx][0] += visible
 
     def metrics(self, head_mode: torch.Tensor) -> dict:
         """head_mode [B, L, Hkv] of the current sequence -> MSR per sample / per layer / overall, ESR per layer and
         overall."""
         sparse = (head_mode != FULL).to(torch.float64).cpu()
-        visible = torch.tensor([p[0] + sum(float(x) for x in self._block_visible[i])
-                                for i, p in enumerate(self._pairs)], dtype=torch.float64)
+        visible = torch.tensor([p[0] + sum(self._deferred_values(i)) for i, p in enumerate(self._pairs)],
+                               dtype=torch.float64)
         total = torch.tensor([p[1] for p in self._pairs], dtype=torch.float64)
         esr_per_layer = torch.where(total > 0, 1 - visible / total.clamp_min(1), torch.zeros_like(total))
         return {
@@ -91,3 +87,22 @@ class SparsityMeter:
             "esr_per_layer": esr_per_layer,
             "esr": float(1 - visible.sum() / total.sum()) if float(total.sum()) > 0 else 0.0,
         }
+
+    def _deferred_values(self, layer_idx) -> list:
+        """The layer's deferred visible-pair counts as floats, in call order: each BLOCK pair tensor's float64 sum,
+        and each router call's sum over samples of (FULL heads, + BLOCK heads without a mask) x causal pairs +
+        STREAM heads x STREAM pairs. The per-call values are integers below 2**53, so these are exactly the float64
+        values the device used to sum per call (and they are added in the same order)."""
+        values, heads = [], {}
+        for entry in self._deferred[layer_idx]:
+            if isinstance(entry, torch.Tensor):
+                values.append(float(entry.double().sum()))
+                continue
+            modes, causal, stream, masked = entry
+            counts = heads.get(id(modes))
+            if counts is None:  # per sample: FULL, BLOCK, STREAM heads (one read per decision)
+                counts = torch.stack([(modes == m).sum(1) for m in (FULL, BLOCK, STREAM)], 1).tolist()
+                heads[id(modes)] = counts
+            values.append(float(sum((n_full + (0 if masked else n_block)) * c + n_stream * s
+                                    for (n_full, n_block, n_stream), c, s in zip(counts, causal, stream))))
+        return values

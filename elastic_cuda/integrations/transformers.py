@@ -58,6 +58,7 @@ class ElasticState:
         self._mask_cache = None
         self._cache_ref = None                          # weakref to the ElasticCache in use, if any
         self._checked_position_ids = None               # weakref to the last position_ids found unpacked
+        self._fixed_cache = None                        # fixed policies: every layer's decision (_fixed_decisions)
 
     def _reset_sequence(self):
         L = self.num_layers
@@ -154,7 +155,6 @@ class ElasticState:
 
     def decide(self, layer_idx, batch, device, padding, recomputing):
         """Routing decision of one layer at prefill: stores and returns (head_mode [B, Hkv], z [B, Hkv])."""
-        Hkv = self.num_kv_heads
         keys = self.pre_rope_keys[layer_idx]
         self.pre_rope_keys[layer_idx] = None
         if self.policy == "router":
@@ -172,19 +172,37 @@ class ElasticState:
             if not recomputing:
                 self._gumbel_u[layer_idx] = out.gumbel_u
         else:
-            if self.policy == "fixed":
-                sparse = self.fixed_table[layer_idx].to(device).unsqueeze(0).expand(batch, Hkv)
-            else:
-                sparse = torch.full((batch, Hkv), self.policy == "all_sparse", dtype=torch.bool, device=device)
-            head_mode = torch.where(sparse, self.sparse_mode_id, FULL).to(torch.int32)
-            z = (~sparse).to(torch.float32)
-            row = self._fixed_rows[layer_idx] if self.policy == "fixed" else [self.policy == "all_sparse"] * Hkv
-            host_modes = [[self.sparse_mode_id if s else FULL for s in row] for _ in range(batch)]
+            head_modes, zs, host = self._fixed_decisions(batch, device)
+            head_mode, z, host_modes = head_modes[layer_idx], zs[layer_idx], host[layer_idx]
         if not recomputing:
             self._head_mode[layer_idx], self._z[layer_idx] = head_mode, z
             self._mode_lists[layer_idx] = None if self.policy == "router" else host_modes
             self.meter.start_layer(layer_idx)
         return head_mode, z
+
+    def _fixed_decisions(self, batch, device):
+        """Every layer's (head_mode int32 [B, Hkv], z float [B, Hkv], modes as lists [B][Hkv]) under a fixed policy
+        (fixed table, all_full, all_sparse), made for all layers at once and kept while the batch size, device,
+        policy and table stay the same: made per layer they were ~10 ops per layer (and a host-to-device copy of
+        the table's row on CUDA), in a prefill that is launch-bound on a GPU (#14 / #15). The tensors are shared
+        by the forwards: nothing writes into a decision (the static cache and the meter copy or read them)."""
+        key = (batch, device, self.policy, self.sparse_mode_id, id(self.fixed_table), torch.is_inference_mode_enabled())
+        cache = self._fixed_cache
+        if cache is not None and cache[0] == key and cache[1] is self.fixed_table:
+            return cache[2]
+        L, Hkv = self.num_layers, self.num_kv_heads
+        if self.policy == "fixed":
+            sparse = self.fixed_table.to(device).unsqueeze(1).expand(L, batch, Hkv)
+            rows = self._fixed_rows
+        else:
+            sparse = torch.full((L, batch, Hkv), self.policy == "all_sparse", dtype=torch.bool, device=device)
+            rows = [[self.policy == "all_sparse"] * Hkv] * L
+        head_mode = torch.where(sparse, self.sparse_mode_id, FULL).to(torch.int32)
+        z = (~sparse).to(torch.float32)
+        host = [[[self.sparse_mode_id if s else FULL for s in row] for _ in range(batch)] for row in rows]
+        decisions = (head_mode.unbind(0), z.unbind(0), host)
+        self._fixed_cache = (key, self.fixed_table, decisions)
+        return decisions
 
     def mode_list(self, layer_idx) -> list:
         """The layer's prefill head modes as python lists [B][Hkv] (one device sync the first time for a router's
@@ -211,7 +229,10 @@ class ElasticState:
         else:
             vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
         vis = vis.view(B, k.shape[2], -1).mean(-1)
-        self.meter.set_block_pairs(layer_idx, vis * (self._head_mode[layer_idx] == BLOCK))  # kept on the device
+        if kw["head_mode"] is None:  # every head estimated: count the BLOCK heads' only
+            vis = vis * (self._head_mode[layer_idx] == BLOCK)
+        # (else the rows of the other heads are all False, so their pairs are already exactly 0: no mask op needed)
+        self.meter.set_block_pairs(layer_idx, vis)  # kept on the device
         return mask
 
 
