@@ -28,7 +28,8 @@ Sections:
 
 Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), TARGETS (default none: extra
 rows of ours with num_splits forced to each value, i.e. that many work items per launch), FMA_ROWS (default 1:
-rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), GEN_SEQ (default 32768),
+rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), PLAN_ROWS (default 1:
+rows ours_plan1_* with round 1's work plan, ELASTIC_DECODE_ONE_WAVE=0), GEN_SEQ (default 32768),
 GEN_BATCHES
 (default 8), GEN_TOKENS (default 32), GEN_SIDES (default dense,dense_nomask,dense_ours,elastic), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
 case that would start later is recorded as skipped). Writes decode.json, decode.md, decode.png under --out;
@@ -123,7 +124,7 @@ def pools(B, S, modes, gen):
     return (fk, fv, sk, sv, modes.to(DEV), slot.to(DEV)), 2 * keys_read * D * 2
 
 
-def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
+def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True, plan_rows=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
@@ -132,6 +133,8 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
 
     if os.environ.get("ELASTIC_DECODE_MMA"):
         sys.exit("bench_decode: unset ELASTIC_DECODE_MMA (the kernel section times both decode kernels itself)")
+    if os.environ.get("ELASTIC_DECODE_ONE_WAVE"):
+        sys.exit("bench_decode: unset ELASTIC_DECODE_ONE_WAVE (the kernel section times both work plans itself)")
     for S in seqs:
         for B in batches:
             if over_budget():
@@ -168,6 +171,14 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
                             row(f"ours_fma_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
                         finally:
                             os.environ.pop("ELASTIC_DECODE_MMA")
+                            elastic_cuda.ops.reload_kernel_options()
+                    if plan_rows:  # round 1's work plan on the same calls (ELASTIC_DECODE_ONE_WAVE=0, kernel_options.h)
+                        os.environ["ELASTIC_DECODE_ONE_WAVE"] = "0"
+                        elastic_cuda.ops.reload_kernel_options()
+                        try:
+                            row(f"ours_plan1_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
+                        finally:
+                            os.environ.pop("ELASTIC_DECODE_ONE_WAVE")
                             elastic_cuda.ops.reload_kernel_options()
                     for target in targets:  # forced work-item targets (tuning: the automatic one is one wave)
                         row(f"ours_msr{msr:g}_t{target}", *time_ms([lambda t=t: ours(t, target) for t in copies]))
@@ -383,7 +394,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_decode: needs a CUDA device (use --from-json to rebuild reports)")
     command = "python " + " ".join(sys.argv)
-    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "GEN_SEQ", "GEN_BATCHES",
+    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "PLAN_ROWS", "GEN_SEQ", "GEN_BATCHES",
                                       "GEN_TOKENS", "GEN_SIDES", "SECTIONS",
                                       "BENCH_BUDGET_S") if k in os.environ}
     if env:
@@ -393,7 +404,7 @@ def main():
         if "kernel" in sections:
             kernel_section(env_list("SEQS", "32768,131072"), env_list("BATCHES", "1,8"),
                            env_list("MSRS", "0,0.75", float), env_list("TARGETS", "", int),
-                           os.environ.get("FMA_ROWS", "1") == "1")
+                           os.environ.get("FMA_ROWS", "1") == "1", os.environ.get("PLAN_ROWS", "1") == "1")
         if "generate" in sections:
             generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "8"),
                              int(os.environ.get("GEN_TOKENS", "32")), env_list("GEN_SIDES", ",".join(GEN_SIDES), str))

@@ -131,6 +131,23 @@ def test_forced_splits_agree(gen, num_splits, decode_path):
     assert ((out.double() - auto.double()).abs().max() / auto.double().abs().max()).item() < 2e-2
 
 
+@pytest.mark.parametrize("one_wave", ["1", "0"])
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_one_wave_plan(gen, one_wave, Sq, decode_path, monkeypatch):
+    """The work plan's second pass (ELASTIC_DECODE_ONE_WAVE, default 1; plan_item in decode_kernel.cuh): 64 pairs
+    of ~4K keys at targets where chunk = total / target gives more items than the target (5 per pair at 264) and the
+    plan re-cuts with total / (target - pairs), spreading each pair's keys evenly over its items; both plans against
+    float64, mixed modes (ring wrap), several queries (the FMA kernel's causal edges inside items). decode_path's
+    teardown undoes the shared monkeypatch (this variable too) and reloads the options."""
+    monkeypatch.setenv("ELASTIC_DECODE_ONE_WAVE", one_wave)
+    assert f"decode_one_wave={one_wave}" in elastic_cuda.ops.reload_kernel_options()
+    lengths = [4099, 4096, 4000, 4131, 3001, 4099, 4097, 4099]
+    case = Case(gen, B=8, Hkv=8, group=4, Sq=Sq, D=128, dtype=torch.bfloat16, lengths=lengths, sink=7, window=1500)
+    outs = [case.check(f"one_wave={one_wave} target {t}", num_splits=t)[0] for t in (264, 200, 128, 0)]
+    for o in outs[1:]:
+        assert ((o.double() - outs[0].double()).abs().max() / outs[0].double().abs().max()).item() < 2e-2
+
+
 def test_many_pairs_and_items(gen, decode_path):
     """320 pairs (the device-side work plan walks several pairs per thread) of very different lengths, with the
     automatic item target and with forced ones (one chunk per pair; many small chunks: items >> pairs)."""
