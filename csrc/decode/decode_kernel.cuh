@@ -10,7 +10,8 @@
 //  - Every SM must get the same number of bytes. Batch 1 at 32K with 8 KV heads has only 8 pairs, and with 6 of 8
 //    heads STREAM the pairs differ 15x in length. So the work is cut into items of one chunk length for the whole
 //    launch, chosen on the device from the real lengths (chunk = total keys / target items, target = SMs x CTAs
-//    per SM): a pair of n keys gets ceil(n / chunk) items, the items of all pairs are numbered in pair order, and
+//    per SM; re-cut with total / (target - pairs) when that makes more than target items, see plan_item): a pair
+//    of n keys gets ceil(n / chunk) items (its keys spread evenly over them), numbered in pair order, and
 //    CTA i takes item i. No host read of the lengths, so a CUDA graph can capture the launch and replay it as the
 //    lengths grow; the grid is the static bound target + pairs and CTAs past the real item count exit at once.
 //  - Pairs of one item write their output directly; the others write normalised partials and a log2-sum-exp,
