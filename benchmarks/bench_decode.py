@@ -14,17 +14,24 @@ Sections:
   generate  greedy generation on a randomly initialised Llama-3.1-8B-shaped model, prompt S, batch B, N new
             tokens, each side's decode step captured once as a CUDA graph and replayed
             (elastic_cuda.integrations.generate.graphed_greedy_generate):
-              dense    attn sdpa + transformers' StaticCache
-              elastic  elastic_cuda.enable(policy fixed, 6 of 8 KV heads STREAM per layer) + ElasticStaticCache
+              dense          attn sdpa + transformers' StaticCache with a 2D mask over the static cache (the
+                             correct way through transformers; but with a mask transformers repeats K/V to the 32
+                             query heads per layer and SDPA runs a masked kernel: an unfair, slow peer)
+              dense_nomask   the same without a mask: SDPA's GQA flash / cuDNN kernels over every slot, empty ones
+                             included (timing bound of a dense SDPA decode; its tokens are not a correct decode)
+              dense_ours     elastic_cuda.enable(policy all_full) + ElasticStaticCache: our decode op, every head
+                             FULL (the same machinery as elastic, no STREAM head)
+              elastic        elastic_cuda.enable(policy fixed, 6 of 8 KV heads STREAM per layer) + ElasticStaticCache
             decode tokens/s over the replayed steps (prefill and capture timed apart), peak memory and the caches'
             bytes; plus the capacity at S and 128K (requests whose KV fits beside the weights, bytes per request
             from the caches' own allocation: see capacity()).
 
 Env: SEQS (default 32768,131072), BATCHES (default 1,8), MSRS (default 0,0.75), TARGETS (default none: extra
 rows of ours with num_splits forced to each value, i.e. that many work items per launch), FMA_ROWS (default 1:
-rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), GEN_SEQ (default 32768),
+rows ours_fma_* of the FMA decode kernel, ELASTIC_DECODE_MMA=0, beside the tensor-core one), PLAN_ROWS (default 1:
+rows ours_plan1_* with round 1's work plan, ELASTIC_DECODE_ONE_WAVE=0), GEN_SEQ (default 32768),
 GEN_BATCHES
-(default 8), GEN_TOKENS (default 32), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
+(default 8), GEN_TOKENS (default 32), GEN_SIDES (default dense,dense_nomask,dense_ours,elastic), SECTIONS (default kernel,generate), BENCH_BUDGET_S (default 240: a section
 case that would start later is recorded as skipped). Writes decode.json, decode.md, decode.png under --out;
 `--from-json FILE` rewrites the markdown and the plot from a saved run (no GPU).
 """
@@ -117,7 +124,7 @@ def pools(B, S, modes, gen):
     return (fk, fv, sk, sv, modes.to(DEV), slot.to(DEV)), 2 * keys_read * D * 2
 
 
-def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
+def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True, plan_rows=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
@@ -126,6 +133,8 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
 
     if os.environ.get("ELASTIC_DECODE_MMA"):
         sys.exit("bench_decode: unset ELASTIC_DECODE_MMA (the kernel section times both decode kernels itself)")
+    if os.environ.get("ELASTIC_DECODE_ONE_WAVE"):
+        sys.exit("bench_decode: unset ELASTIC_DECODE_ONE_WAVE (the kernel section times both work plans itself)")
     for S in seqs:
         for B in batches:
             if over_budget():
@@ -162,6 +171,14 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True):
                             row(f"ours_fma_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
                         finally:
                             os.environ.pop("ELASTIC_DECODE_MMA")
+                            elastic_cuda.ops.reload_kernel_options()
+                    if plan_rows:  # round 1's work plan on the same calls (ELASTIC_DECODE_ONE_WAVE=0, kernel_options.h)
+                        os.environ["ELASTIC_DECODE_ONE_WAVE"] = "0"
+                        elastic_cuda.ops.reload_kernel_options()
+                        try:
+                            row(f"ours_plan1_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
+                        finally:
+                            os.environ.pop("ELASTIC_DECODE_ONE_WAVE")
                             elastic_cuda.ops.reload_kernel_options()
                     for target in targets:  # forced work-item targets (tuning: the automatic one is one wave)
                         row(f"ours_msr{msr:g}_t{target}", *time_ms([lambda t=t: ours(t, target) for t in copies]))
@@ -227,10 +244,14 @@ def capacity(S, msr, weights_bytes, new_tokens=16):
                 dense_requests=int(free // dense), elastic_requests=int(free // elastic))
 
 
-def generate_section(S, batches, new_tokens):
+GEN_SIDES = ("dense", "dense_nomask", "dense_ours", "elastic")
+
+
+def generate_section(S, batches, new_tokens, sides=GEN_SIDES):
     """Decode tokens/s of the 8B-shaped model, each side's decode step captured once as a CUDA graph and replayed
     (elastic_cuda.integrations.generate.graphed_greedy_generate): dense = SDPA over transformers' StaticCache,
-    elastic = the decode op over ElasticStaticCache with 6 of 8 KV heads STREAM in every layer."""
+    elastic = the decode op over ElasticStaticCache with 6 of 8 KV heads STREAM in every layer; dense_nomask and
+    dense_ours: the fairer dense peers (module docstring)."""
     from transformers import StaticCache
 
     import elastic_cuda
@@ -249,20 +270,25 @@ def generate_section(S, batches, new_tokens):
             rec(section="generate", S=S, B=B, skipped="budget")
             continue
         ids = torch.randint(3, 128256, (B, S), device=DEV, generator=torch.Generator(DEV).manual_seed(B))
-        for side in ("dense", "elastic"):
+        for side in sides:
             cache = None
             try:
-                if side == "dense":
+                if side in ("dense", "dense_nomask"):
                     elastic_cuda.disable(model)
                     model.set_attn_implementation("sdpa")
                     cache = StaticCache(config=model.config, max_cache_len=S + new_tokens + 1)
-                else:
+                elif side == "dense_ours":
+                    elastic_cuda.enable(model, policy="all_full", sink=SINK, window=WINDOW)
+                    cache = ElasticStaticCache(model, max_batch_size=B, max_cache_len=S + new_tokens + 1)
+                elif side == "elastic":
                     elastic_cuda.enable(model, policy="fixed", fixed_table=table, sink=SINK, window=WINDOW)
                     cache = ElasticStaticCache(model, max_batch_size=B, max_cache_len=S + new_tokens + 1)
+                else:
+                    raise ValueError(f"GEN_SIDES: unknown side {side!r} (one of {GEN_SIDES})")
                 torch.cuda.reset_peak_memory_stats()
-                run = graphed_greedy_generate(model, ids, cache, new_tokens)
+                run = graphed_greedy_generate(model, ids, cache, new_tokens, dense_mask=side != "dense_nomask")
                 peak = torch.cuda.max_memory_allocated()
-                cache_bytes = (cache.memory_bytes() if side == "elastic" else
+                cache_bytes = (cache.memory_bytes() if isinstance(cache, ElasticStaticCache) else
                                sum(t.numel() * t.element_size() for layer in cache.layers
                                    for t in (layer.keys, layer.values) if t is not None))
                 rec(section="generate", side=side, S=S, B=B, new_tokens=new_tokens,
@@ -297,14 +323,22 @@ def write_markdown(path, results, command):
     if gen:
         lines += ["", "## generate (Llama-3.1-8B-shaped random model, greedy, each side's decode step one captured "
                   "CUDA graph)", "",
-                  "| S | B | side | decode tokens/s | ms/step | vs dense | peak GB | cache GB |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
-        dense = {(r["S"], r["B"]): r["tokens_per_s"] for r in gen if r["side"] == "dense"}
-        for r in sorted(gen, key=lambda r: (r["S"], r["B"], r["side"])):
-            base = dense.get((r["S"], r["B"]))
-            rel = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+                  "dense: SDPA through transformers with the static cache's mask (repeat_kv + masked kernel: slow); "
+                  "dense_nomask: SDPA's GQA kernel over every slot (timing only, tokens not a correct decode); "
+                  "dense_ours: our decode op, every head FULL.", "",
+                  "| S | B | side | decode tokens/s | ms/step | vs dense | vs dense_nomask | vs dense_ours | peak GB "
+                  "| cache GB |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        bases = {side: {(r["S"], r["B"]): r["tokens_per_s"] for r in gen if r["side"] == side}
+                 for side in ("dense", "dense_nomask", "dense_ours")}
+        order = {s: i for i, s in enumerate(GEN_SIDES)}
+        for r in sorted(gen, key=lambda r: (r["S"], r["B"], order.get(r["side"], len(order)))):
+            rels = []
+            for side in ("dense", "dense_nomask", "dense_ours"):
+                base = bases[side].get((r["S"], r["B"]))
+                rels.append(f"{r['tokens_per_s'] / base:.2f}x" if base else "")
             lines.append(f"| {r['S']} | {r['B']} | {r['side']} | {r['tokens_per_s']:.1f} | {r.get('step_ms', 0):.2f} | "
-                         f"{rel} | {r['peak_bytes'] / 1e9:.1f} | {r['cache_bytes'] / 1e9:.2f} |")
+                         f"{' | '.join(rels)} | {r['peak_bytes'] / 1e9:.1f} | {r['cache_bytes'] / 1e9:.2f} |")
     for r in results:
         if r.get("section") == "capacity":
             ratio = r["elastic_requests"] / max(r["dense_requests"], 1)
@@ -331,6 +365,8 @@ def write_plot(path, results):
         print("matplotlib missing: no plot", file=sys.stderr)
         return
     kern = [r for r in results if r.get("section") == "kernel" and "ms" in r]
+    if not kern:  # a generate-only run: nothing to plot (an empty figure's legend warned "No artists with labels")
+        return
     cases = sorted({(r["S"], r["B"]) for r in kern})
     methods = sorted({r["method"] for r in kern})
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
@@ -358,8 +394,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_decode: needs a CUDA device (use --from-json to rebuild reports)")
     command = "python " + " ".join(sys.argv)
-    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "GEN_SEQ", "GEN_BATCHES",
-                                      "GEN_TOKENS", "SECTIONS",
+    env = {k: os.environ[k] for k in ("SEQS", "BATCHES", "MSRS", "TARGETS", "FMA_ROWS", "PLAN_ROWS", "GEN_SEQ", "GEN_BATCHES",
+                                      "GEN_TOKENS", "GEN_SIDES", "SECTIONS",
                                       "BENCH_BUDGET_S") if k in os.environ}
     if env:
         command = " ".join(f"{k}={v}" for k, v in env.items()) + " " + command
@@ -368,10 +404,10 @@ def main():
         if "kernel" in sections:
             kernel_section(env_list("SEQS", "32768,131072"), env_list("BATCHES", "1,8"),
                            env_list("MSRS", "0,0.75", float), env_list("TARGETS", "", int),
-                           os.environ.get("FMA_ROWS", "1") == "1")
+                           os.environ.get("FMA_ROWS", "1") == "1", os.environ.get("PLAN_ROWS", "1") == "1")
         if "generate" in sections:
             generate_section(int(os.environ.get("GEN_SEQ", "32768")), env_list("GEN_BATCHES", "8"),
-                             int(os.environ.get("GEN_TOKENS", "32")))
+                             int(os.environ.get("GEN_TOKENS", "32")), env_list("GEN_SIDES", ",".join(GEN_SIDES), str))
     finally:
         meta = {"command": command, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                 "results": RESULTS}

@@ -90,8 +90,10 @@ if __name__ == "__main__":
         del os.environ["ELASTIC_SM90_BWD_DQ_TMA"]
         elastic_cuda.ops.reload_kernel_options()
     # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
-    # chunk floor and the tails of every pair run)
+    # chunk floor and the tails of every pair run; num_splits 12 = 2 x pairs: chunk total / 12 gives 16 items, so the
+    # plan's second pass re-cuts with total / 6, ELASTIC_DECODE_ONE_WAVE in plan_item)
     for Sq, group, D, dtype, splits in ((1, 4, 128, torch.bfloat16, 0), (5, 3, 64, torch.float16, 3),
+                                        (1, 4, 128, torch.bfloat16, 12), (5, 3, 64, torch.float16, 12),
                                         (16, 8, 128, torch.float16, 1), (1, 4, 128, torch.bfloat16, 500),
                                         (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
                                         (1, 1, 64, torch.bfloat16, 2)):

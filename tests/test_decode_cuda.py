@@ -131,6 +131,23 @@ def test_forced_splits_agree(gen, num_splits, decode_path):
     assert ((out.double() - auto.double()).abs().max() / auto.double().abs().max()).item() < 2e-2
 
 
+@pytest.mark.parametrize("one_wave", ["1", "0"])
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_one_wave_plan(gen, one_wave, Sq, decode_path, monkeypatch):
+    """The work plan's second pass (ELASTIC_DECODE_ONE_WAVE, default 1; plan_item in decode_kernel.cuh): 64 pairs
+    of ~4K keys at targets where chunk = total / target gives more items than the target (5 per pair at 264) and the
+    plan re-cuts with total / (target - pairs), spreading each pair's keys evenly over its items; both plans against
+    float64, mixed modes (ring wrap), several queries (the FMA kernel's causal edges inside items). decode_path's
+    teardown undoes the shared monkeypatch (this variable too) and reloads the options."""
+    monkeypatch.setenv("ELASTIC_DECODE_ONE_WAVE", one_wave)
+    assert f"decode_one_wave={one_wave}" in elastic_cuda.ops.reload_kernel_options()
+    lengths = [4099, 4096, 4000, 4131, 3001, 4099, 4097, 4099]
+    case = Case(gen, B=8, Hkv=8, group=4, Sq=Sq, D=128, dtype=torch.bfloat16, lengths=lengths, sink=7, window=1500)
+    outs = [case.check(f"one_wave={one_wave} target {t}", num_splits=t)[0] for t in (264, 200, 128, 0)]
+    for o in outs[1:]:
+        assert ((o.double() - outs[0].double()).abs().max() / outs[0].double().abs().max()).item() < 2e-2
+
+
 def test_many_pairs_and_items(gen, decode_path):
     """320 pairs (the device-side work plan walks several pairs per thread) of very different lengths, with the
     automatic item target and with forced ones (one chunk per pair; many small chunks: items >> pairs)."""
@@ -368,10 +385,11 @@ def test_generate_per_sample_routing_left_padding_matches_prefill_reference():
     assert cache.memory_bytes() < 0.9 * cache.dense_memory_bytes()
 
 
-@pytest.mark.parametrize("side", ["dense", "elastic"])
+@pytest.mark.parametrize("side", ["dense", "elastic", "all_full"])
 def test_graphed_greedy_generate_matches_eager(side):
     """graphed_greedy_generate (hand-captured decode step, benchmarks' generate rows) gives the logits of the same
-    model decoding eagerly step by step, for transformers' StaticCache (dense) and ElasticStaticCache."""
+    model decoding eagerly step by step, for transformers' StaticCache (dense), ElasticStaticCache and
+    ElasticStaticCache with every head FULL (bench_decode's dense_ours side)."""
     pytest.importorskip("transformers")
     from transformers import StaticCache
 
@@ -391,6 +409,8 @@ def test_graphed_greedy_generate_matches_eager(side):
 
     if side == "elastic":
         enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=4, window=32)
+    elif side == "all_full":
+        enable(model, policy="all_full", sink=4, window=32)
     run = graphed_greedy_generate(model, ids, make_cache(), new, keep_logits=True)
     assert run.replayed_steps == new - 3 and run.decode_tokens_per_s() > 0
     # Eager reference: the same steps without a graph, on a fresh cache, fed the graphed run's tokens.
@@ -415,3 +435,26 @@ def test_graphed_greedy_generate_matches_eager(side):
         err = ((run.logits[i] - want[i]).abs().max() / want[i].abs().max()).item()
         assert err < 1e-2, (i, err)
     assert torch.equal(run.tokens[:, 0], want[0].argmax(-1))
+
+
+def test_graphed_greedy_generate_dense_nomask_runs():
+    """dense_mask=False (bench_decode's dense_nomask timing row): the step captures and replays with SDPA's
+    mask-free GQA path over the static cache; its first token is the prefill's (the decode steps attend the empty
+    slots too, so only the shapes and finiteness of the later ones are checked)."""
+    pytest.importorskip("transformers")
+    from transformers import StaticCache
+
+    from elastic_cuda.integrations.generate import graphed_greedy_generate
+
+    model = _tiny_llama_sharp(torch.bfloat16, seed=4)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 256, (2, 150), device=DEV, generator=torch.Generator(DEV).manual_seed(6))
+    new = 8
+    masked = graphed_greedy_generate(model, ids, StaticCache(config=model.config, max_cache_len=150 + new + 1), new,
+                                     keep_logits=True)
+    bare = graphed_greedy_generate(model, ids, StaticCache(config=model.config, max_cache_len=150 + new + 1), new,
+                                   keep_logits=True, dense_mask=False)
+    assert bare.replayed_steps == new - 3 and bool(torch.isfinite(bare.logits).all())
+    assert torch.equal(bare.tokens[:, 0], masked.tokens[:, 0])
+    with pytest.raises(ValueError, match="dense_mask"):
+        graphed_greedy_generate(model, ids, StaticCache(config=model.config, max_cache_len=160), new, dense_mask=1)

@@ -55,6 +55,7 @@ KernelOptions read_env() {
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
+  o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   return o;
 }
@@ -88,7 +89,7 @@ std::string describe(const KernelOptions& o) {
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_early_release=", b(o.sm90_bwd_early_release),
-                           " decode_mma=", b(o.decode_mma),
+                           " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " nonfinite_prepass=", b(o.nonfinite_prepass));
 }
 

@@ -24,6 +24,9 @@
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
 //   ELASTIC_DECODE_MMA=0         decode steps of one query run the FMA decode kernel instead of the tensor-core
 //                                one (csrc/decode/decode_mma_kernel.cuh)
+//   ELASTIC_DECODE_ONE_WAVE=0    decode work plan of round 1: one chunk length total / target for every pair (up to
+//                                target + pairs items, i.e. a partial second wave) and chunk-long items, the last
+//                                one of a pair shorter (plan_item in csrc/decode/decode_kernel.cuh)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3) is an error naming
@@ -53,6 +56,7 @@ struct KernelOptions {
   bool sm90_l2_order = true;
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
+  bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };
 

@@ -150,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.plan = plan.data_ptr<int32_t>();
   p.items_max = static_cast<int32_t>(items_max);
   p.target_items = static_cast<int32_t>(target);
+  p.one_wave = kernel_options().decode_one_wave ? 1 : 0;
   p.batch = static_cast<int32_t>(B);
   p.sq = static_cast<int32_t>(Sq);
   p.hq = static_cast<int32_t>(Hq);

@@ -10,7 +10,8 @@
 //  - Every SM must get the same number of bytes. Batch 1 at 32K with 8 KV heads has only 8 pairs, and with 6 of 8
 //    heads STREAM the pairs differ 15x in length. So the work is cut into items of one chunk length for the whole
 //    launch, chosen on the device from the real lengths (chunk = total keys / target items, target = SMs x CTAs
-//    per SM): a pair of n keys gets ceil(n / chunk) items, the items of all pairs are numbered in pair order, and
+//    per SM; re-cut with total / (target - pairs) when that makes more than target items, see plan_item): a pair
+//    of n keys gets ceil(n / chunk) items (its keys spread evenly over them), numbered in pair order, and
 //    CTA i takes item i. No host read of the lengths, so a CUDA graph can capture the launch and replay it as the
 //    lengths grow; the grid is the static bound target + pairs and CTAs past the real item count exit at once.
 //  - Pairs of one item write their output directly; the others write normalised partials and a log2-sum-exp,
@@ -205,31 +206,47 @@ __device__ Item plan_item(const DecodeParams& p, int item) {
   long long total = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) total += s_warp[w];
-  // Chunk: the total spread over target_items, rounded up to whole tiles (a tile is >= 32 keys) and >= one tile.
+  // Chunk: the total spread over `slots` items, rounded up to whole tiles (a tile is >= 32 keys) and >= one tile.
   constexpr int kTileKeysMin = 32;
-  long long chunk = (total + p.target_items - 1) / p.target_items;
-  chunk = ((chunk + kTileKeysMin - 1) / kTileKeysMin) * kTileKeysMin;
-  const int32_t c = static_cast<int32_t>(chunk < kTileKeysMin ? kTileKeysMin : (chunk > (1 << 30) ? (1 << 30) : chunk));
+  auto chunk_for = [&](long long slots) {
+    long long chunk = (total + slots - 1) / slots;
+    chunk = ((chunk + kTileKeysMin - 1) / kTileKeysMin) * kTileKeysMin;
+    return static_cast<int32_t>(chunk < kTileKeysMin ? kTileKeysMin : (chunk > (1 << 30) ? (1 << 30) : chunk));
+  };
+  int32_t c = chunk_for(p.target_items);
 
-  int local = 0;
+  // Pass 0: chunk = total / target. Its items number up to target + pairs (each pair's last item is partial), and
+  // the ones past target run as a second, partial wave: at 32K / 128K batch 8 (64 pairs, 264 slots) all-FULL pairs
+  // get 5 items each = 320, so 56 chunk-long items ran after the first wave (measured 68% of HBM peak there, and
+  // 528 forced items no better: 576 items, 48 in a third wave). Pass 1 (one_wave, when pass 0 overflows and
+  // 2 x pairs <= target): chunk = total / (target - pairs), which bounds the items by sum(keys / chunk + 1) <=
+  // target, one wave; its chunk is at most twice pass 0's (pairs <= target / 2), so it never costs more than the
+  // two waves it replaces. The condition is the same in every thread (block-uniform), so the loop's barriers are.
+  int local = 0, incl = 0, before = 0, all = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    local = 0;
 #pragma unroll
-  for (int j = 0; j < kCached; ++j) local += lo + j < hi ? items_of(cached[j], c) : 0;
-  for (int q = lo + kCached; q < hi; ++q) local += items_of(pair_keys(p, q), c);
-  // Exclusive block scan of `local`.
-  int incl = local;
+    for (int j = 0; j < kCached; ++j) local += lo + j < hi ? items_of(cached[j], c) : 0;
+    for (int q = lo + kCached; q < hi; ++q) local += items_of(pair_keys(p, q), c);
+    // Exclusive block scan of `local`.
+    incl = local;
 #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += y;
-  }
-  __syncthreads();  // s_warp reads of the first pass are done
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  int before = 0, all = 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    __syncthreads();  // the previous reads of s_warp (the key sums, or pass 0's scan) are done
+    if (lane == 31) s_warp[warp] = incl;
+    __syncthreads();
+    before = 0;
+    all = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? static_cast<int>(s_warp[w]) : 0;
-    all += static_cast<int>(s_warp[w]);
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? static_cast<int>(s_warp[w]) : 0;
+      all += static_cast<int>(s_warp[w]);
+    }
+    if (pass == 1 || !p.one_wave || all <= p.target_items || 2 * P > p.target_items) break;
+    c = chunk_for(p.target_items - P);
   }
   int start = before + incl - local;
   if (item >= start && item < start + local) {
@@ -272,6 +289,17 @@ __device__ Item plan_item(const DecodeParams& p, int item) {
   it.count = s_item[3];
   it.chunk = c;
   return it;
+}
+
+// Keys of each item of a pair with n_keys keys: the plan's chunk, or with one_wave the pair's keys spread evenly over
+// its it.count items (rounded up to 32 keys, as the chunk), so that no item is longer than it must be (128K batch 8:
+// 4 items of 32768 keys instead of 3 of 41952 and a short one). Every item is non-empty and they cover the list:
+// count = ceil(n / chunk) gives ceil(n / count) <= chunk, so span <= chunk (a multiple of 32) and (count - 1) *
+// span <= (count - 1) * chunk < n, while count * span >= n. Items [index * span, min(n, (index + 1) * span)).
+__device__ __forceinline__ int32_t item_span(const DecodeParams& p, const Item& it, int32_t n_keys) {
+  if (!p.one_wave || it.count <= 1) return it.chunk;
+  const int32_t even = (n_keys + it.count - 1) / it.count;
+  return (even + 31) / 32 * 32;
 }
 
 // Passes [kPass0, kPass0 + kPasses) of one tile (K and V rows in shared memory) into the lane group's online-softmax
@@ -478,8 +506,9 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
 
   int32_t t_begin = 0, t_end = 0;
   if (pv.valid) {
-    t_begin = it.index * it.chunk;
-    t_end = min(pv.n_keys, t_begin + it.chunk);
+    const int32_t span = item_span(p, it, pv.n_keys);
+    t_begin = it.index * span;
+    t_end = min(pv.n_keys, t_begin + span);
   }
   const int n_tiles = (t_end - t_begin + kTileKeys - 1) / kTileKeys;
   constexpr int kRowBytes = D * static_cast<int>(sizeof(T));

@@ -87,8 +87,9 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
 
   int32_t t_begin = 0, t_end = 0;
   if (pv.valid) {
-    t_begin = it.index * it.chunk;
-    t_end = min(pv.n_keys, t_begin + it.chunk);
+    const int32_t span = item_span(p, it, pv.n_keys);
+    t_begin = it.index * span;
+    t_end = min(pv.n_keys, t_begin + span);
   }
   const int n_tiles = (t_end - t_begin + S::kTileKeys - 1) / S::kTileKeys;
   constexpr int kRowBytes = D * 2;

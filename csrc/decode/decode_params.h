@@ -32,6 +32,7 @@ struct DecodeParams {
   int32_t* plan;       // [B * Hkv, 2]: first item and item count of each pair (written by the split kernel)
   int32_t items_max;   // grid x: target_items + B * Hkv bounds the item count (chunk >= total keys / target)
   int32_t target_items;
+  int32_t one_wave;    // 1: the plan keeps to target_items items when it can, and splits a pair evenly (plan_item)
   int32_t batch, sq, hq, hkv, group;
   int32_t rows;        // group * Sq query rows per (sample, KV head): row = q_index * group + g
   int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid y

@@ -109,17 +109,23 @@ class GraphedGeneration:
 
 @torch.no_grad()
 def graphed_greedy_generate(model, input_ids, cache, new_tokens: int, *, eager_steps: int = 2,
-                            keep_logits: bool = False) -> GraphedGeneration:
+                            keep_logits: bool = False, dense_mask: bool = True) -> GraphedGeneration:
     """Greedy generation of B unpadded prompts input_ids [B, S] on a CUDA device into a static cache (`cache`:
     transformers' StaticCache or an ElasticStaticCache, fresh or reset): the prompt's forward eagerly, then
     eager_steps eager decode steps on a side stream (lazy initialisations happen outside the capture), then one
     decode step captured as a CUDA graph and replayed for the remaining new_tokens - 1 - eager_steps tokens. The step
     reads its token and position from static buffers and writes the next ones back, so a replay needs no host work
     but one copy of the token into the output. Every sample has the same length (no padding: a padded batch needs
-    per-sample positions, which this loop does not keep)."""
+    per-sample positions, which this loop does not keep).
+    dense_mask=False (StaticCache only; benchmarks): no mask, so transformers drops it and SDPA runs its GQA kernels
+    (flash / cuDNN, no repeat_kv copy) over every slot of the static cache, the empty ones past the sequence included:
+    the time of a dense decode at its best, but the tokens are NOT a correct decode (the zero keys of the <= new_tokens
+    + 1 empty slots take part in the softmax)."""
     if not isinstance(new_tokens, int) or new_tokens < eager_steps + 2:
         raise ValueError(f"graphed_greedy_generate: new_tokens must be an int >= eager_steps + 2 = {eager_steps + 2}, "
                          f"got {new_tokens!r}")
+    if not isinstance(dense_mask, bool):
+        raise ValueError(f"graphed_greedy_generate: dense_mask must be a bool, got {dense_mask!r}")
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2 or ids.device.type != "cuda":
         raise ValueError(f"graphed_greedy_generate: input_ids must be a CUDA tensor [B, S], got "
@@ -132,8 +138,11 @@ def graphed_greedy_generate(model, input_ids, cache, new_tokens: int, *, eager_s
     # attend the empty slots past the sequence: the dense side gets a 2D mask [B, max_cache_len] whose ones end at
     # the current position (set inside the step, so the graph keeps it current). The elastic decode op reads each
     # sample's length from the cache and takes no mask (its mask function would read the mask on the host).
+    # That mask is costly on the dense side (transformers 5.x): with a mask, sdpa_attention_forward repeats K/V to the
+    # query heads (repeat_kv: use_gqa_in_sdpa needs mask None on CUDA), i.e. writes and reads 4x the cache per layer
+    # at Llama-8B's GQA, and SDPA cannot use its flash / cuDNN kernels; dense_mask=False measures the other bound.
     mask = None
-    if not isinstance(cache, ElasticStaticCache):
+    if dense_mask and not isinstance(cache, ElasticStaticCache):
         mask = torch.zeros(B, cache.layers[0].max_cache_len, dtype=torch.long, device=dev)
         mask[:, :S] = 1
     sync = torch.cuda.synchronize
