@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "attention/attention_launch.h"
+#include "attention/sm90/sm90a_available.h"
 #include "attention/sm90/attention_fwd_sm90_kernel.cuh"
 
 namespace elastic {
@@ -92,27 +93,9 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
 
 template <typename T, int D>
 bool attention_fwd_sm90_available() {
-  using Tr = sm90::FwdSm90Config<T, D>;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> verdict[kMaxDevices];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  const int known = verdict[dev].load(std::memory_order_relaxed);
-  if (known != 0) return known == 1;
-  bool ok = false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9) {
-    cudaFuncAttributes attr;
-    // The sm_90a body uses no static shared memory; any other pass's body declares a marker array.
-    if (cudaFuncGetAttributes(&attr, sm90::attention_fwd_sm90_kernel<T, Tr>) == cudaSuccess)
-      ok = attr.binaryVersion >= 90 && attr.sharedSizeBytes == 0;
-  }
-  (void)cudaGetLastError();  // a failed query must not surface in a later launch check
-  verdict[dev].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
+  static std::atomic<int> verdict[sm90::kMaxDevices];
+  const void* kernel = reinterpret_cast<const void*>(&sm90::attention_fwd_sm90_kernel<T, sm90::FwdSm90Config<T, D>>);
+  return sm90::sm90a_body_runnable(kernel, verdict);
 }
 
 // counter: a zeroed device word for the dynamic item hand-out (nullptr: fixed stride).
