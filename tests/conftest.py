@@ -36,6 +36,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / max(scale, 1e-300)
 
 
+def cuda_kernel_names(fn, part: str) -> list[str]:
+    """Names of the CUDA kernels that fn() launched whose name contains `part` (torch.profiler): which kernel a
+    dispatch test reached."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if part in e.name]
+
+
 def seed_for(nodeid: str) -> int:
     return zlib.crc32(nodeid.encode())
 

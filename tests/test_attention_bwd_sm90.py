@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import cuda_kernel_names
 
 import elastic_cuda
 from elastic_cuda import BLOCK, FULL, STREAM
@@ -69,14 +70,6 @@ def _mask(B, Hm, Skv, gen, density=0.6):
     return torch.rand(B, Hm, max(1, -(-Skv // 128)), max(1, -(-Skv // 128)), generator=gen, device=DEV) < density
 
 
-def _bwd_kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "attention_bwd" in e.name]
-
-
 @BWD_PATHS
 def test_sm90_bwd_dispatch(bwd, monkeypatch):
     # On a Hopper device the default (and =1) backward is the wgmma kernel, =0 the mma.sync kernel; a block mask of
@@ -94,11 +87,11 @@ def test_sm90_bwd_dispatch(bwd, monkeypatch):
         out = elastic_cuda.ops.attention(q, k, k, hm, block_mask=bm, block_size=block_size, strategy="fused")
         return lambda: out.float().sum().backward()
 
-    names = _bwd_kernel_names(fwd_bwd(128))
+    names = cuda_kernel_names(fwd_bwd(128), "attention_bwd")
     if not names:
         pytest.skip("profiler recorded no kernels")
     assert any("attention_bwd_sm90" in n for n in names) == (bwd != "sm80"), names
-    names = _bwd_kernel_names(fwd_bwd(64))
+    names = cuda_kernel_names(fwd_bwd(64), "attention_bwd")
     assert names and not any("attention_bwd_sm90" in n for n in names), names
 
 

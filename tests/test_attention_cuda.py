@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import cuda_kernel_names
 
 import elastic_cuda
 from elastic_cuda import BLOCK, FULL, STREAM
@@ -371,14 +372,6 @@ def _fs_modes(B, Hkv, pattern):
     return torch.stack([base[(torch.arange(Hkv) + b) % 2] for b in range(B)])
 
 
-def _sm90_kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "attention_fwd" in e.name]
-
-
 @SM90_PATHS
 def test_sm90_dispatch(sm90, monkeypatch):
     # On a Hopper device the default (and =1) path must run the wgmma kernel, =0 the sm80 kernel.
@@ -388,17 +381,22 @@ def test_sm90_dispatch(sm90, monkeypatch):
     q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
     hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
-    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"))
+
+    def fused_names(*mask, **kw):
+        return cuda_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, *mask, strategy="fused", **kw),
+                                 "attention_fwd")
+
+    names = fused_names()
     if not names:
         pytest.skip("profiler recorded no kernels")
     assert any(("sm90" in n) == (sm90 != "0") for n in names), names
     # A block mask of 128-wide blocks (one mask column per 128-key tile) takes the wgmma kernel too; 64-wide
     # blocks straddle its key tiles and take the sm80 kernel.
     bm = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)
-    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, strategy="fused"))
+    names = fused_names(bm)
     assert names and any(("sm90" in n) == (sm90 != "0") for n in names), names
     bm = torch.ones(1, 2, 4, 4, dtype=torch.bool, device=DEV)
-    names = _sm90_kernel_names(lambda: torch.ops.elastic.attention(q, k, k, hm, bm, block_size=64, strategy="fused"))
+    names = fused_names(bm, block_size=64)
     assert names and not any("sm90" in n for n in names), names
 
 

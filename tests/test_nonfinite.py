@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BLOCK, FULL, STREAM, random_block_mask, rel_err
+from conftest import BLOCK, FULL, STREAM, cuda_kernel_names, random_block_mask, rel_err
 
 import elastic_cuda
 from elastic_cuda.reference import attention_reference, visible_mask
@@ -305,15 +305,11 @@ def test_cuda_nonfinite_backward_kernel_taken(kernel_path, gen):
     64 / 128, 128-key blocks), the mma.sync one with ELASTIC_CUDA_SM90_BWD=0."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a compute capability 9.x device")
-    from torch.profiler import ProfilerActivity, profile
     q, k, v, head_mode, kw = make_case(STREAM, torch.bfloat16, "cuda", gen, block_size=CUDA_BLOCK)
     q, k, v = poison(q, k, v, "v", float("nan"), STREAM)
     qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
     out = elastic_cuda.ops.attention(qq, kk, vv, head_mode, **kw)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out.float().sum().backward()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "attention_bwd" in e.name]
+    names = cuda_kernel_names(lambda: out.float().sum().backward(), "attention_bwd")
     if not names:
         pytest.skip("profiler recorded no kernels")
     assert any("attention_bwd_sm90" in n for n in names) == (kernel_path == "sm90"), names
