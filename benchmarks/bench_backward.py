@@ -24,7 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from benchmarks.bench_attention import SINK, WINDOW, stream_block_mask
-from benchmarks.harness import RESULTS, Case, bench, default_out, env_list, fa4, flex_fn, rec, routing, sdpa
+from benchmarks.harness import (RESULTS, Case, bench, default_out, env_list, fa4, flex_fn, kernel_switches, rec, routing,
+                                sdpa)
 
 
 def section(S: int):
@@ -54,26 +55,21 @@ def section(S: int):
         hm = routing(1, case.Hkv, msr, seed=11)
         experiments = "experiments_built=1" in elastic_cuda.ops.reload_kernel_options()
         for path in ("sm90", "sm90_atomic", "sm80") + (("sm90_early",) if experiments else ()):
-            os.environ["ELASTIC_CUDA_SM90_BWD"] = "0" if path == "sm80" else "1"
-            os.environ["ELASTIC_SM90_BWD_EARLY_RELEASE"] = "1" if path == "sm90_early" else "0"
-            os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if path == "sm90_atomic" else "1"
-            elastic_cuda.ops.reload_kernel_options()
+            with kernel_switches(ELASTIC_CUDA_SM90_BWD="0" if path == "sm80" else "1",
+                                 ELASTIC_SM90_BWD_EARLY_RELEASE="1" if path == "sm90_early" else "0",
+                                 ELASTIC_SM90_BWD_DQ_TMA="0" if path == "sm90_atomic" else "1"):
 
-            def ours_fb(hm=hm):
-                elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
+                def ours_fb(hm=hm):
+                    elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
 
-            one(f"ours_{path}", ours_fb, msr=msr)
-            out = elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto")
+                one(f"ours_{path}", ours_fb, msr=msr)
+                out = elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto")
 
-            def ours_b(out=out):
-                torch.autograd.grad(out, leaves, do, retain_graph=True)
+                def ours_b(out=out):
+                    torch.autograd.grad(out, leaves, do, retain_graph=True)
 
-            one(f"ours_bwd_{path}", ours_b, msr=msr)
-            del out
-        os.environ.pop("ELASTIC_CUDA_SM90_BWD", None)
-        os.environ.pop("ELASTIC_SM90_BWD_DQ_TMA", None)
-        os.environ.pop("ELASTIC_SM90_BWD_EARLY_RELEASE", None)
-        elastic_cuda.ops.reload_kernel_options()
+                one(f"ours_bwd_{path}", ours_b, msr=msr)
+                del out
         try:
             bm = stream_block_mask(S, hm.repeat_interleave(case.G, 1))
             one("flex_hybrid", lambda bm=bm: flex_fn()(*leaves_t, block_mask=bm, enable_gqa=True).backward(do_t),

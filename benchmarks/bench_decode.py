@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from benchmarks.harness import RESULTS, T0, env_list, event_median_ms, out_args, rec
+from benchmarks.harness import RESULTS, T0, env_list, event_median_ms, kernel_switches, out_args, rec
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
@@ -128,7 +128,6 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True, plan_rows=Tru
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
-    import elastic_cuda
     from elastic_cuda.ops import decode_attention
 
     if os.environ.get("ELASTIC_DECODE_MMA"):
@@ -165,21 +164,11 @@ def kernel_section(seqs, batches, msrs, targets=(), fma_rows=True, plan_rows=Tru
                     dense_ms = ms if msr == 0 else dense_ms
                     row(f"ours_msr{msr:g}", ms, how)
                     if fma_rows:  # the FMA kernel on the same calls (ELASTIC_DECODE_MMA=0, kernel_options.h)
-                        os.environ["ELASTIC_DECODE_MMA"] = "0"
-                        elastic_cuda.ops.reload_kernel_options()
-                        try:
+                        with kernel_switches(ELASTIC_DECODE_MMA="0"):
                             row(f"ours_fma_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
-                        finally:
-                            os.environ.pop("ELASTIC_DECODE_MMA")
-                            elastic_cuda.ops.reload_kernel_options()
                     if plan_rows:  # round 1's work plan on the same calls (ELASTIC_DECODE_ONE_WAVE=0, kernel_options.h)
-                        os.environ["ELASTIC_DECODE_ONE_WAVE"] = "0"
-                        elastic_cuda.ops.reload_kernel_options()
-                        try:
+                        with kernel_switches(ELASTIC_DECODE_ONE_WAVE="0"):
                             row(f"ours_plan1_msr{msr:g}", *time_ms([lambda t=t: ours(t) for t in copies]))
-                        finally:
-                            os.environ.pop("ELASTIC_DECODE_ONE_WAVE")
-                            elastic_cuda.ops.reload_kernel_options()
                     for target in targets:  # forced work-item targets (tuning: the automatic one is one wave)
                         row(f"ours_msr{msr:g}_t{target}", *time_ms([lambda t=t: ours(t, target) for t in copies]))
                     if msr == 0:

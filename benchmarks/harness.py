@@ -7,6 +7,7 @@ elastic_cuda (or the installed one) is imported; nothing here edits sys.path.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -92,6 +93,26 @@ def out_args(topic: str, description: str, outputs: str):
     args.out = args.out or default_out(topic)
     os.makedirs(args.out, exist_ok=True)
     return args
+
+
+@contextlib.contextmanager
+def kernel_switches(**env):
+    """The kernels' A/B switches (csrc/attention/kernel_options.h) set to `env` (name -> "0"/"1") for the block, then
+    restored to what they were (unset or the caller's value); the extension re-reads them on entry and on exit."""
+    import elastic_cuda
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    elastic_cuda.ops.reload_kernel_options()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        elastic_cuda.ops.reload_kernel_options()
 
 
 def rel_err(a, b):
