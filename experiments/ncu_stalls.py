@@ -1,0 +1,48 @@
+"""Driver for ncu's per-SASS-line stall sampling (issues #13, #16, #17): one kernel launch of a representative shape,
+run from the repository root under `tools/ncu_stalls.sh`, which profiles the launch after the warm-ups with
+`--section SourceCounters --section WarpStateStats` and exports the source page (stall samples per SASS line).
+Question: where do the warps of our three bandwidth- or tensor-bound kernels wait (Hopper forward, dense 32K; Hopper
+backward, dense 32K; decode, one query, 128K batch 1), since structural A/Bs within +-1% did not find it.
+
+  python -m experiments.ncu_stalls fwd|bwd|decode [S]
+"""
+import sys
+
+import torch
+
+import elastic_cuda  # noqa: F401  (registers torch.ops.elastic)
+from elastic_cuda.ops import FULL
+
+WHAT = sys.argv[1]
+S = int(sys.argv[2]) if len(sys.argv) > 2 else (131072 if WHAT == "decode" else 32768)
+HQ, HKV, D = 32, 8, 128  # Llama-3.1-8B attention shape
+g = torch.Generator(device="cuda").manual_seed(0)
+
+
+def randn(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+if WHAT in ("fwd", "bwd"):
+    q, k, v = randn(1, S, HQ, D), randn(1, S, HKV, D), randn(1, S, HKV, D)
+    hm = torch.full((1, HKV), FULL, dtype=torch.int32, device="cuda")
+    if WHAT == "bwd":
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    for _ in range(3):  # warm-ups; the shell script skips their launches
+        out, _ = torch.ops.elastic.attention(q, k, v, hm)
+        if WHAT == "bwd":
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+elif WHAT == "decode":
+    fk, fv = randn(HKV, S, D), randn(HKV, S, D)
+    sk, sv = randn(1, 8, D), randn(1, 8, D)
+    modes = torch.full((1, HKV), FULL, dtype=torch.int32, device="cuda")
+    slot = torch.arange(HKV, dtype=torch.int32, device="cuda").view(1, HKV)
+    lens = torch.full((1,), S, dtype=torch.int32, device="cuda")
+    q = randn(1, 1, HQ, D)
+    for _ in range(4):
+        elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=4, window=4)
+    torch.cuda.synchronize()
+else:
+    raise SystemExit(f"what must be fwd, bwd or decode, got {WHAT!r}")
+print("done", WHAT, S)
