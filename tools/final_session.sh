@@ -37,7 +37,11 @@ if [[ -f $W/cu13.part.02 && ! -f $W/site.ok ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/*.whl \
     && touch $W/site.ok
 fi
-[[ -f $W/site.ok ]] && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages"  # (its .pth is not read in a --target dir)
+if [[ ! -f $W/site.ok && ! -f $W/gguf.ok ]] && ls $W/gguf-*.whl > /dev/null 2>&1; then  # the model without FA4
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $W/gguf-*.whl \
+    && touch $W/gguf.ok
+fi
+[[ -f $W/site.ok || -f $W/gguf.ok ]] && export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages"  # (its .pth is not read in a --target dir)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -f $W/smol.part.ac && ! -f $W/smollm2.gguf ]]; then
   cat $W/smol.part.aa $W/smol.part.ab $W/smol.part.ac > $W/smollm2.gguf
