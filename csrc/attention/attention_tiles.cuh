@@ -183,10 +183,11 @@ struct KeyTileWalker {
     sink_tiles = (sink_keys + BN - 1) / BN;
     single_rb = mode == kBlock ? bb.single_row(i_first, i_last) : -1;
   }
-  // Largest visited tile index below n, or -1. cached: BLOCK uses single_rb and, for block_size == BN, key tile
-  // = mask column without dividing; false: both recomputed per call (the sm90 consumer before 2026-12-02; an
-  // A/B switch, ELASTIC_SM90_WALK_CACHED=0).
-  __device__ __forceinline__ int prev(int n, bool cached = true) const {
+  // Largest visited tile index below n, or -1. cached (the sm90 consumers' key loop, ELASTIC_SM90_WALK_CACHED):
+  // BLOCK uses single_rb and, for block_size == BN, key tile = mask column without dividing; false: both
+  // recomputed per call. The default stays false so that the sm90 producer (56 registers; holding single_rb
+  // spilled 20 more bytes) and the sm80 kernel are unchanged.
+  __device__ __forceinline__ int prev(int n, bool cached = false) const {
     int t = n - 1;
     if (mode == kFull) return t;
     if (mode == kStream) {
