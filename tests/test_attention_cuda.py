@@ -569,8 +569,13 @@ def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
     assert (out[377:] == 0).all() and torch.isneginf(lse[:, 377:]).all()  # padding rows: empty
 
 
-@pytest.mark.parametrize("switch", ["ELASTIC_SM90_DYNAMIC", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_LAZY_RESCALE",
-                                    "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_L2_ORDER", "ELASTIC_NONFINITE_PREPASS"])
+# The value each switch is timed / tested at (the non-default one).
+SM90_SWITCH_VALUES = {"ELASTIC_SM90_DYNAMIC": "0", "ELASTIC_SM90_STAGES": "2", "ELASTIC_SM90_LAZY_RESCALE": "0",
+                      "ELASTIC_SM90_PERSISTENT": "0", "ELASTIC_SM90_L2_ORDER": "0", "ELASTIC_NONFINITE_PREPASS": "0",
+                      "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "1", "ELASTIC_SM90_WALK_CACHED": "0"}
+
+
+@pytest.mark.parametrize("switch", list(SM90_SWITCH_VALUES))
 def test_sm90_switches(switch, monkeypatch):
     # The tuning switches (static item stride, 2 K/V stages at D 128, eager O rescale, one CTA per item) on the
     # TMA path, for a few ragged / varlen / GQA cases.
@@ -581,7 +586,7 @@ def test_sm90_switches(switch, monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_BUILD_EXPERIMENTS=1"):
             elastic_cuda.ops.reload_kernel_options()
         pytest.skip("the 2-stage sm90 instance is not built (ELASTIC_BUILD_EXPERIMENTS=1 builds it)")
-    _set_switches(monkeypatch, **{switch: "2" if switch == "ELASTIC_SM90_STAGES" else "0"})
+    _set_switches(monkeypatch, **{switch: SM90_SWITCH_VALUES[switch]})
     for idx, (S, D) in enumerate(((129, 128), (1000, 128), (300, 64), (2100, 128))):
         Hq, Hkv = GQA[(idx + 1) % len(GQA)]
         run_case(B=2, Sq=S, Skv=S, Hq=Hq, Hkv=Hkv, D=D, dtype=torch.bfloat16, modes=_fs_modes(2, Hkv, "mixfs"),
@@ -591,6 +596,47 @@ def test_sm90_switches(switch, monkeypatch):
                           [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
     run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=128, dtype=torch.bfloat16, modes=modes, sink=8, window=200,
              layout="varlen", lens=lens, key=f"sm90={switch}=off varlen")
+    # BLOCK heads beside FULL / STREAM: block 128 and 256, masks per query head, and Sq < Skv (query tiles that
+    # straddle two mask rows: the walker's multi-row path)
+    gen = torch.Generator(device=DEV).manual_seed(310)
+    for idx, (Sq, Skv, bs, Hq, Hkv) in enumerate(((1000, 1000, 128, 8, 2), (2100, 2100, 256, 12, 3),
+                                                   (300, 1000, 128, 4, 1))):
+        bm = _rand_block_mask(2, Hq, -(-Skv // bs), 0.35, gen)
+        run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=128, dtype=torch.bfloat16, modes=_mixed_modes(2, Hkv, gen),
+                 sink=16, window=256, block_mask=bm, block_size=bs, seed=310 + idx,
+                 key=f"sm90={switch}=off block Sq{Sq} Skv{Skv} bs{bs}")
+
+
+@pytest.mark.parametrize("rule", ["exact_alpha", "max_slack", "previous"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sm90_rising_row_max(rule, dtype, monkeypatch):
+    # The online softmax's rescale paths (softmax_tile in sm90/attention_fwd_sm90_kernel.cuh): key tiles are walked
+    # from the diagonal down, so keys whose scores grow toward key 0 raise each row's max again and again, by more
+    # than the max_slack rule's 8 (log2) in the first tiles and by less further on; a few rows get one huge score
+    # (a max jump of ~60 in log2 units) in the middle of the row. Every mode, ragged lengths, GQA; vs float64.
+    _set_path(monkeypatch, "tma")
+    _set_switches(monkeypatch, ELASTIC_SM90_EXACT_ALPHA="0" if rule == "previous" else "1",
+                  ELASTIC_SM90_MAX_SLACK="1" if rule == "max_slack" else "0")
+    gen = torch.Generator(device=DEV).manual_seed(41)
+    B, S, Hq, Hkv, D = 2, 1300, 4, 2, 128
+    q = torch.randn(B, S, Hq, D, generator=gen, device=DEV)
+    k = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
+    v = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
+    # A shared direction u in q and k whose weight in k grows toward key 0: q.k gains up to 3 x 60 (raw; x scale
+    # 0.088 x log2(e): ~23 in log2 units over the row, ~2.3 per 128-key tile); the spike adds ~23 at once.
+    u = torch.randn(D, generator=gen, device=DEV)
+    u = u / u.norm()
+    q = q + 3.0 * u
+    ramp = torch.linspace(60.0, 0.0, S, device=DEV).view(1, S, 1, 1)
+    k = k + ramp * u
+    k[:, 500, :, :] += 60.0 * u  # one key far above the rest, in the middle of the walk
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    modes = torch.tensor([[FULL, STREAM], [BLOCK, FULL]], dtype=torch.int32, device=DEV)
+    bm = _rand_block_mask(B, Hkv, -(-S // 128), 0.6, gen)
+    kw = dict(sink=16, window=400, block_mask=bm, block_size=128)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, **kw)
+    out, lse = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, **kw)
+    _check_forward(out, lse, ref, ref_lse, dtype, f"sm90 rising max {rule}")
 
 
 # ----------------------------------------------------------------------------- backward

@@ -144,9 +144,14 @@ __device__ __forceinline__ bool tile_fully_visible(int mode, int i_first, int i_
 // tile_fully_visible for a tile the KeyTileWalker visits: a visited BLOCK tile whose query rows lie in one mask row
 // has that row's bit set (the walker checked it), so only the causal / length bounds remain; no mask read, which
 // matters in the sm90 consumer, where this sits between the S wait and the softmax.
+// single_rb: the walker's KeyTileWalker::single_rb (the query tile's one mask row, computed once per item), or
+// kSingleRowUnknown to compute it here (two integer divisions by the block size per tile).
+constexpr int kSingleRowUnknown = -2;
 __device__ __forceinline__ bool visited_tile_fully_visible(int mode, int i_first, int i_last, int j_first, int j_last,
-                                                           int len_k, int sink, int window, const BlockBits& bb) {
-  if (mode == kBlock && bb.single_row(i_first, i_last) >= 0)
+                                                           int len_k, int sink, int window, const BlockBits& bb,
+                                                           int single_rb = kSingleRowUnknown) {
+  if (single_rb == kSingleRowUnknown && mode == kBlock) single_rb = bb.single_row(i_first, i_last);
+  if (mode == kBlock && single_rb >= 0)
     return j_last < len_k && j_last <= i_first && i_first >= 0;
   return tile_fully_visible(mode, i_first, i_last, j_first, j_last, len_k, sink, window, bb);
 }
@@ -156,6 +161,7 @@ __device__ __forceinline__ bool visited_tile_fully_visible(int mode, int i_first
 template <int BN>
 struct KeyTileWalker {
   int mode, n_end, win_lo_tile, sink_tiles, i_first, i_last;
+  int single_rb;  // BLOCK: bb.single_row(i_first, i_last), once per item instead of per tile; else -1
   BlockBits bb;
 
   __device__ __forceinline__ void init(int mode_, int i_first_, int i_last_, int len_k, int sink, int window,
@@ -175,9 +181,13 @@ struct KeyTileWalker {
     }
     const int sink_keys = sink < causal_keys ? sink : causal_keys;
     sink_tiles = (sink_keys + BN - 1) / BN;
+    single_rb = mode == kBlock ? bb.single_row(i_first, i_last) : -1;
   }
-  // Largest visited tile index below n, or -1.
-  __device__ __forceinline__ int prev(int n) const {
+  // Largest visited tile index below n, or -1. cached (the sm90 consumers' key loop, ELASTIC_SM90_WALK_CACHED):
+  // BLOCK uses single_rb and, for block_size == BN, key tile = mask column without dividing; false: both
+  // recomputed per call. The default stays false so that the sm90 producer (56 registers; holding single_rb
+  // spilled 20 more bytes) and the sm80 kernel are unchanged.
+  __device__ __forceinline__ int prev(int n, bool cached = false) const {
     int t = n - 1;
     if (mode == kFull) return t;
     if (mode == kStream) {
@@ -185,10 +195,12 @@ struct KeyTileWalker {
       return t < sink_tiles - 1 ? t : sink_tiles - 1;
     }
     if (t < 0) return -1;
-    const int rb = bb.single_row(i_first, i_last);
+    const int rb = cached ? single_rb : bb.single_row(i_first, i_last);
     if (rb >= 0) {  // one mask row: jump to the last tile of the nearest set column (vector loads)
-      const int c = bb.last_set_at_or_below(rb, (t * BN) / bb.block_size);
+      const bool one_tile_blocks = cached && bb.block_size == BN;
+      const int c = bb.last_set_at_or_below(rb, one_tile_blocks ? t : (t * BN) / bb.block_size);
       if (c < 0) return -1;
+      if (one_tile_blocks) return c;
       const int last_tile_of_c = ((c + 1) * bb.block_size) / BN - 1;  // block_size is a multiple of BN
       return t < last_tile_of_c ? t : last_tile_of_c;
     }

@@ -52,6 +52,9 @@ KernelOptions read_env() {
   o.sm90_persistent = env_bool("ELASTIC_SM90_PERSISTENT", o.sm90_persistent);
   o.sm90_dynamic = env_bool("ELASTIC_SM90_DYNAMIC", o.sm90_dynamic);
   o.sm90_lazy_rescale = env_bool("ELASTIC_SM90_LAZY_RESCALE", o.sm90_lazy_rescale);
+  o.sm90_exact_alpha = env_bool("ELASTIC_SM90_EXACT_ALPHA", o.sm90_exact_alpha);
+  o.sm90_max_slack = env_bool("ELASTIC_SM90_MAX_SLACK", o.sm90_max_slack);
+  o.sm90_walk_cached = env_bool("ELASTIC_SM90_WALK_CACHED", o.sm90_walk_cached);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
@@ -85,7 +88,9 @@ std::string describe(const KernelOptions& o) {
   return check_detail::msg("sm90=", b(o.sm90), " stages=", o.sm90_stages, " tma=", b(o.sm90_tma),
                            " pingpong=", b(o.sm90_pingpong), " proxy_fence=", b(o.sm90_proxy_fence),
                            " persistent=", b(o.sm90_persistent), " dynamic=", b(o.sm90_dynamic),
-                           " lazy_rescale=", b(o.sm90_lazy_rescale), " l2_order=", b(o.sm90_l2_order),
+                           " lazy_rescale=", b(o.sm90_lazy_rescale), " exact_alpha=", b(o.sm90_exact_alpha),
+                           " max_slack=", b(o.sm90_max_slack),
+                           " walk_cached=", b(o.sm90_walk_cached), " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_early_release=", b(o.sm90_bwd_early_release),

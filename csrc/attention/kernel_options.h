@@ -19,6 +19,12 @@
 //   ELASTIC_SM90_PERSISTENT=0    one CTA per work item instead of one per SM
 //   ELASTIC_SM90_DYNAMIC=0       work items walked with a fixed stride instead of taken from a global counter
 //   ELASTIC_SM90_LAZY_RESCALE=0  O rescaled after every key tile
+//   ELASTIC_SM90_EXACT_ALPHA=0   the rescale factor alpha of a row whose max did not move is exp2 of a rounding error
+//                                (often not exactly 1), as before 2026-12-02, so the lazy O rescale fires ~every tile
+//   ELASTIC_SM90_MAX_SLACK=1     a row keeps its max until a key tile's max exceeds it by more than 8 in exponent (log2)
+//                                units (P <= 256; FlashAttention-4's rule): O is rescaled almost never
+//   ELASTIC_SM90_WALK_CACHED=0   BLOCK heads, sm90 consumers: the query tile's mask row and mask column recomputed per
+//                                key tile (integer divisions by the block size) instead of taken from the walker
 //   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
 //                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
@@ -53,6 +59,10 @@ struct KernelOptions {
   bool sm90_persistent = true;
   bool sm90_dynamic = true;
   bool sm90_lazy_rescale = true;
+  // alpha exactly 1 for rows whose max stayed (makes the lazy rescale skip; measured on the H200: pending)
+  bool sm90_exact_alpha = true;
+  bool sm90_max_slack = false;    // keep a row's max while a tile exceeds it by <= 8 (log2); A/B pending
+  bool sm90_walk_cached = true;   // BLOCK: mask row once per item (same values, fewer instructions); A/B pending
   bool sm90_l2_order = true;
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)

@@ -126,7 +126,22 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   // O is rescaled only when some row of the warp raised its max (alpha != 1): skipping a product by exactly 1
   // changes no bit, and deep in a long row the max rarely moves.
   const bool lazy_rescale = (flags & kFlagLazyRescale) != 0;
+  // When a row's max counts as moved (softmax_tile): (m_new - m_old) * scale_log2 > max_slack.
+  //  0 (ELASTIC_SM90_EXACT_ALPHA=1, default): alpha is exactly 1 unless the max changed. Before, alpha was
+  //    exp2(m_old * c - round(m_new * c)), i.e. exp2 of the product's rounding error when m_new == m_old, not
+  //    exactly 1, so the lazy rescale above fired on ~every tile (ncu, 32K dense: 66 FMUL per tile and warp, 64
+  //    of them this rescale, as many as MUFU.EX2).
+  //  kMaxSlack (ELASTIC_SM90_MAX_SLACK=1): a row keeps its max until a tile's max exceeds it by more than
+  //    kMaxSlack in exponent (log2) units, so P <= 2^kMaxSlack and O is rescaled almost never (FlashAttention-4).
+  //  -inf (ELASTIC_SM90_EXACT_ALPHA=0): the previous rule, every row "moves" on every tile.
+  // One float rather than flag tests, so that ptxas does not unswitch the key loop into two copies of the softmax
+  // (it did with boolean flags: 132 MUFU.EX2 in the loop).
+  const float max_slack = (flags & kFlagMaxSlack) ? kMaxSlack : (flags & kFlagExactAlpha) ? 0.f : -INFINITY;
   const bool never = (flags & kFlagNever) != 0;
+  // BLOCK heads: the query tile's mask row from the walker (once per item) instead of two integer divisions by the
+  // block size per tile, twice (fully-visible test and walker.prev), and no division at all for block 128 (SASS:
+  // ~120 instructions and 3 MUFU.RCP per BLOCK tile skipped). The producer keeps the per-call walk (registers).
+  const bool walk_cached = (flags & kFlagWalkCached) != 0;
   auto proxy_fence = [&]() {
     if (with_proxy_fence) fence_proxy_async();
   };
@@ -181,7 +196,8 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     auto softmax_tile = [&](int n, float (&alpha)[2]) {
       const int j0 = n * BN;
       const BlockBits bb = Tr::BLOCK_MASK ? walker.bb : BlockBits();  // no mask state without a mask
-      if (!visited_tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb)) {
+      if (!visited_tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb,
+                                      walk_cached ? walker.single_rb : kSingleRowUnknown)) {
         // key_visible() as per-row column bounds (branch-free, no overflow): key j0 + 2 t4 + jc is visible iff
         // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key. BLOCK: the tile
         // is one mask column, so a row sees its causal keys iff its bit is set (sink_hi = BN or 0, no window).
@@ -218,8 +234,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
         for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(acc_s[nb * 4 + 2 * hf], acc_s[nb * 4 + 2 * hf + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // mx >= m_old. Both -inf (no visible key yet): NaN > slack is false, not moved; the exps of -inf are 0.
+        // A difference that flushes to 0 counts as not moved: P then exceeds 1 by a rounding error, harmless.
+        const float m_old = row_max[hf];
+        const bool moved = (mx - m_old) * p.scale_log2 > max_slack;
+        mx = moved ? mx : m_old;
         const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-        alpha[hf] = exp2f(row_max[hf] * p.scale_log2 - m_scaled);
+        alpha[hf] = moved ? exp2f(m_old * p.scale_log2 - m_scaled) : 1.f;
         row_max[hf] = mx;
         float sum = 0.f;
 #pragma unroll
@@ -246,7 +267,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     mbar_wait(sm.q_full(), q_phase);
     q_phase ^= 1;
     int n = walker.first();
-    int n_next = walker.prev(n);
+    int n_next = walker.prev(n, walk_cached);
     turns.my_turn();
     mbar_wait(sm.k_full(cur.slot), cur.phase);
     proxy_fence();
@@ -289,7 +310,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
       wgmma_commit();
       turns.pass_turn();
-      n_next = walker.prev(n);  // BLOCK heads read mask bits here: their latency hides under the MMAs
+      n_next = walker.prev(n, walk_cached);  // BLOCK heads read mask bits here: their latency hides under the MMAs
       wgmma_wait<1>();  // S(n) ready
       fence_regs(acc_s);
       release(sm.k_empty(cur.slot));

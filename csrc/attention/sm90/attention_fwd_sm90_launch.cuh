@@ -84,6 +84,9 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   if (opt.sm90_tma && build_tma_maps<T, Tr::D>(p, maps, opt.sm90_verbose)) flags |= kFlagTma;
   if (opt.sm90_dynamic && counter != nullptr) flags |= kFlagDynamic;
   if (opt.sm90_lazy_rescale) flags |= kFlagLazyRescale;
+  if (opt.sm90_exact_alpha) flags |= kFlagExactAlpha;
+  if (opt.sm90_max_slack) flags |= kFlagMaxSlack;
+  if (opt.sm90_walk_cached) flags |= kFlagWalkCached;
   kernel<<<static_cast<unsigned>(grid), Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p, maps, num_q_tiles_max, num_items,
                                                                                  flags, counter);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -28,6 +28,10 @@ namespace sm90 {
 
 // Kernel flags (host switches, see attention_fwd_sm90_launch.cuh).
 constexpr unsigned kFlagPingPong = 1, kFlagProxyFence = 2, kFlagTma = 4, kFlagDynamic = 8, kFlagLazyRescale = 16;
+constexpr unsigned kFlagExactAlpha = 32, kFlagMaxSlack = 64, kFlagWalkCached = 128;
+// max_slack: how far (log2 units) a tile's max may exceed a row's kept max before the row max and O move: P <= 2^8
+// keeps bf16 / fp16 P exact to the same relative precision and the fp32 sums far from overflow (FA4 uses 8 too).
+constexpr float kMaxSlack = 8.f;
 constexpr unsigned kFlagNever = 1u << 31;  // never set: a run-time false the compiler cannot fold (schedule_fence)
 
 // BLOCK_MASK: the instance for launches with a block mask (BLOCK heads walk their mask bits). Launches without
