@@ -211,10 +211,11 @@ def measure(s: dict) -> tuple[dict, list]:
     env_text = " ".join(f"{k}={os.environ[k]}" for k in ("LENGTHS", "BRANCHES", "STEPS", "WARMUP", "BATCH",
                                                         "MICRO_BATCH", "ROUTERS", "MODEL", "TASKS", "BUDGET_S")
                         if k in os.environ)
+    sparse = f"{probe.sparse_mode}, sink {probe.sink}, window {probe.window}" + \
+        (f", block {probe.block_size}" if probe.sparse_mode == "block" else "")
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                 torch=torch.__version__, dtype=str(dtype).replace("torch.", ""), model=s["model"],
-                routers=(f"shipped `{s['routers']}`" if s["model"] == "smollm2" else "fresh"), sparse=f"{probe.sparse_mode}, sink {probe.sink}, window {probe.window}"
-                + (f", block {probe.block_size}" if probe.sparse_mode == "block" else ""),
+                routers=f"shipped `{s['routers']}`" if s["model"] == "smollm2" else "fresh", sparse=sparse,
                 batch=s["batch"], micro_batch=s["micro_batch"], steps=s["steps"], warmup=s["warmup"],
                 budget_s=s["budget_s"], load_s=round(time.time() - T0, 1),
                 command=f"{env_text} python -m benchmarks.bench_router_training".strip())
