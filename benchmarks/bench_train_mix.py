@@ -10,7 +10,8 @@ forward + backward of the same shape: the elastic op with every head FULL and to
 
 Routing: z hard 0/1, round(MSR * Hkv) KV heads sparse (STREAM) per sample, chosen at random per sample, for each
 MSR of MSRS (default 0.25,0.5,0.75: the sweep that checks `auto`'s rule; MSR=x runs one; the trainer's z is a
-straight-through hard sample). The `auto` column says what full_branch="auto" picks for the row's call
+straight-through hard sample). SmolLM2 has 3 KV heads, so 0.5 and 0.75 both route 2 of 3 sparse: MSRS=0.34,0.67,1
+covers its 1, 2 and 3 (the table gives the count). The `auto` column says what full_branch="auto" picks for the row's call
 (attention.hybrid._resolve_branch). Timings: triton do_bench medians (CUDA-event medians without triton) of one
 layer, with a fixed random upstream gradient; fresh random inputs per shape. Errors: max |x - op| / max |op| of the
 output and the gradients of q, k, v and z. BUDGET_S (seconds from the start of the process, default none;
@@ -101,7 +102,9 @@ def table(meta, results):
     errs = lambda e: " / ".join(f"{x:.1e}" for x in e.values())  # noqa: E731
     for r in results:
         msr = r.get("msr", meta.get("msr"))
-        head = f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {msr:g} | {r.get('auto', '-')} |"
+        sparse_heads = f"{round(msr * meta['Hkv'])}/{meta['Hkv']}"  # what make() routes sparse per sample
+        head = f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {msr:g} ({sparse_heads}) | " \
+               f"{r.get('auto', '-')} |"
         if "skipped" in r:
             rows.append(head + f" {r['skipped']} |" + " |" * 9)
             continue
