@@ -8,20 +8,26 @@ forward + backward of the same shape: the elastic op with every head FULL and to
   MODEL=llama LENGTHS=8192,32768 PADDED=0 python -m benchmarks.bench_train_mix     Llama-3.1-8B attention shape
   python -m benchmarks.bench_train_mix --from-json <dir>/train_mix.json            rewrite the table and plot
 
-Routing: z hard 0/1, round(MSR * Hkv) KV heads sparse (STREAM) per sample, chosen at random per sample
-(MSR env, default 0.5; the trainer's z is a straight-through hard sample). Timings: triton do_bench medians
-(CUDA-event medians without triton) of one layer, with a fixed random upstream gradient; fresh random inputs per
-shape. Errors: max |x - op| / max |op| of the output and the gradients of q, k, v and z.
+Routing: z hard 0/1, round(MSR * Hkv) KV heads sparse (STREAM) per sample, chosen at random per sample, for each
+MSR of MSRS (default 0.25,0.5,0.75: the sweep that checks `auto`'s rule; MSR=x runs one; the trainer's z is a
+straight-through hard sample). SmolLM2 has 3 KV heads, so 0.5 and 0.75 both route 2 of 3 sparse: MSRS=0.34,0.67,1
+covers its 1, 2 and 3 (the table gives the count). The `auto` column says what full_branch="auto" picks for the row's call
+(attention.hybrid._resolve_branch). Timings: triton do_bench medians (CUDA-event medians without triton) of one
+layer, with a fixed random upstream gradient; fresh random inputs per shape. Errors: max |x - op| / max |op| of the
+output and the gradients of q, k, v and z. BUDGET_S (seconds from the start of the process, default none;
+harness.TimeBudget): a case that would end past it is not started and is listed as skipped.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
-from benchmarks.harness import MODELS, median_ms, out_args, sdpa
+from benchmarks.harness import MODELS, TimeBudget, env_list, median_ms, out_args, sdpa
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
+from elastic_cuda.attention.hybrid import _resolve_branch
 from elastic_cuda.ops import FULL, STREAM, attention
 
 BRANCHES = ("op", "sdpa", "train_mix")
@@ -73,27 +79,41 @@ def run_dense(kind, case):
     out.backward(grad)
 
 
+def _msr_text(meta) -> str:
+    msrs = meta.get("msrs", [meta.get("msr")])  # (files of the single-MSR version carry "msr")
+    return " / ".join(f"{m:g}" for m in msrs)
+
+
 def table(meta, results):
     rows = [f"# Training-mix attention, one layer, forward + backward ({meta['device']}, torch {meta['torch']}, "
             "bf16)", "",
             f"{meta['model_name']} attention shape: {meta['Hq']} query / {meta['Hkv']} KV heads, head_dim "
-            f"{meta['D']}; STREAM sink {meta['sink']}, window {meta['window']}; hard z with MSR {meta['msr']} "
+            f"{meta['D']}; STREAM sink {meta['sink']}, window {meta['window']}; hard z with MSR {_msr_text(meta)} "
             "(that fraction of each sample's KV heads sparse, random per sample). `op`: two elastic op calls with "
-            "autograd; `sdpa`: O_FA from torch SDPA; `train_mix`: the train_mix op. Dense: one causal forward + "
-            "backward with every head FULL (the elastic op; torch SDPA on cuDNN). Errors: max |x - op| / max |op| "
-            "of out / dq / dk / dv / dz.",
+            "autograd; `sdpa`: O_FA from torch SDPA; `train_mix`: the train_mix op; `auto`: what "
+            "full_branch=\"auto\" picks for the call. Dense: one causal forward + backward with every head FULL (the "
+            "elastic op; torch SDPA on cuDNN). Errors: max |x - op| / max |op| of out / dq / dk / dv / dz.",
             f"Command: `{meta['command']}`", "",
-            "| B | S | padded | op ms | sdpa ms | train_mix ms | dense elastic ms | dense cuDNN ms | "
-            "train_mix / dense elastic | train_mix / dense cuDNN | err sdpa | err train_mix |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| B | S | padded | MSR | auto | op ms | sdpa ms | train_mix ms | fastest mix | dense elastic ms | "
+            "dense cuDNN ms | train_mix / dense elastic | train_mix / dense cuDNN | err sdpa | err train_mix |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
+    errs = lambda e: " / ".join(f"{x:.1e}" for x in e.values())  # noqa: E731
     for r in results:
+        msr = r.get("msr", meta.get("msr"))
+        sparse_heads = f"{round(msr * meta['Hkv'])}/{meta['Hkv']}"  # what make() routes sparse per sample
+        head = f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {msr:g} ({sparse_heads}) | " \
+               f"{r.get('auto', '-')} |"
+        if "skipped" in r:
+            rows.append(head + f" {r['skipped']} |" + " |" * 9)
+            continue
         ms = r["ms"]
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
-        errs = lambda e: " / ".join(f"{x:.1e}" for x in e.values())  # noqa: E731
-        rows.append(f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {fmt(ms['op'])} | "
-                    f"{fmt(ms['sdpa'])} | {fmt(ms['train_mix'])} | {fmt(ms.get('dense_elastic'))} | "
-                    f"{fmt(ms.get('dense_cudnn'))} | {ratio(ms['train_mix'], ms.get('dense_elastic'))} | "
+        mixes = {b: ms[b] for b in BRANCHES if ms.get(b) is not None}
+        fastest = min(mixes, key=mixes.get) if mixes else "-"
+        rows.append(head + f" {fmt(ms['op'])} | {fmt(ms['sdpa'])} | {fmt(ms['train_mix'])} | {fastest} | "
+                    f"{fmt(ms.get('dense_elastic'))} | {fmt(ms.get('dense_cudnn'))} | "
+                    f"{ratio(ms['train_mix'], ms.get('dense_elastic'))} | "
                     f"{ratio(ms['train_mix'], ms.get('dense_cudnn'))} | {errs(r['err']['sdpa'])} | "
                     f"{errs(r['err']['train_mix'])} |")
     return "\n".join(rows) + "\n"
@@ -105,20 +125,39 @@ def plot(meta, results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if "ms" in r]
     series = list(BRANCHES) + ["dense_elastic", "dense_cudnn"]
-    labels = [f"B{r['B']} S{r['S']}{' pad' if r['padded'] else ''}" for r in results]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4))
+    labels = [f"B{r['B']} S{r['S']}{' pad' if r['padded'] else ''}\nMSR {r.get('msr', meta.get('msr')):g}"
+              for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4.4))
     width = 0.8 / len(series)
     for i, s in enumerate(series):
         xs = [j + i * width for j in range(len(results))]
         ax.bar(xs, [r["ms"].get(s) or 0 for r in results], width, label=s)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], labels)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("ms, forward + backward (log)")
-    ax.set_title(f"Training mix vs dense, {meta['model_name']} shape, MSR {meta['msr']}, {meta['device']}")
+    ax.set_title(f"Training mix vs dense, {meta['model_name']} shape, MSR {_msr_text(meta)}, {meta['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def measure_case(model, B, S, padded, msr, sink, window):
+    case = make(model, B, S, padded, msr, seed=S + B)
+    q, k, _, _, _, padding = case
+    auto = _resolve_branch("auto", q, k, padding)
+    grads = {b: run_mix(b, case, sink, window, want_grads=True) for b in BRANCHES}
+    err = {b: {n: float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
+               for n, a, r in zip(("out", "dq", "dk", "dv", "dz"), grads[b], grads["op"])}
+           for b in ("sdpa", "train_mix")}
+    del grads
+    ms = {b: median_ms(lambda b=b: run_mix(b, case, sink, window)) for b in BRANCHES}
+    if not padded:
+        ms["dense_elastic"] = median_ms(lambda: run_dense("elastic", case))
+        ms["dense_cudnn"] = median_ms(lambda: run_dense("cudnn", case))
+    return {"B": B, "S": S, "padded": padded, "msr": msr, "auto": auto, "ms": ms, "err": err}
 
 
 def main():
@@ -130,32 +169,33 @@ def main():
         meta, results = saved["meta"], saved["results"]
     else:
         model = os.environ.get("MODEL", "smollm2")
-        lengths = [int(x) for x in os.environ.get("LENGTHS", "1024,2048,4096,8192").split(",")]
-        msr = float(os.environ.get("MSR", "0.5"))
+        lengths = env_list("LENGTHS", "1024,2048,4096,8192")
+        msrs = env_list("MSRS", os.environ.get("MSR", "0.25,0.5,0.75"), float)
+        budget = TimeBudget.from_env()
         batches = ((1, False), (2, True)) if os.environ.get("PADDED", "1") == "1" else ((1, False),)
         sink, window = SINK_WINDOW[model]
         m = MODELS[model]
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=model, model_name=m["name"],
-                    Hq=m["Hq"], Hkv=m["Hkv"], D=m["D"], sink=sink, window=window, msr=msr,
-                    command=f"MODEL={model} LENGTHS={','.join(map(str, lengths))} MSR={msr} "
-                            f"PADDED={os.environ.get('PADDED', '1')} python -m benchmarks.bench_train_mix")
+                    Hq=m["Hq"], Hkv=m["Hkv"], D=m["D"], sink=sink, window=window, msrs=msrs,
+                    command=f"MODEL={model} LENGTHS={','.join(map(str, lengths))} "
+                            f"MSRS={','.join(f'{x:g}' for x in msrs)} PADDED={os.environ.get('PADDED', '1')} "
+                            f"python -m benchmarks.bench_train_mix")
         results = []
         for B, padded in batches:
             for S in lengths:
-                case = make(model, B, S, padded, msr, seed=S + B)
-                grads = {b: run_mix(b, case, sink, window, want_grads=True) for b in BRANCHES}
-                err = {b: {n: float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                           for n, a, r in zip(("out", "dq", "dk", "dv", "dz"), grads[b], grads["op"])}
-                       for b in ("sdpa", "train_mix")}
-                del grads
-                ms = {b: median_ms(lambda b=b: run_mix(b, case, sink, window)) for b in BRANCHES}
-                if not padded:
-                    ms["dense_elastic"] = median_ms(lambda: run_dense("elastic", case))
-                    ms["dense_cudnn"] = median_ms(lambda: run_dense("cudnn", case))
-                results.append({"B": B, "S": S, "padded": padded, "ms": ms, "err": err})
-                print(json.dumps(results[-1]), flush=True)
-                del case
-                torch.cuda.empty_cache()
+                for msr in msrs:
+                    if not budget.allows(S):
+                        results.append({"B": B, "S": S, "padded": padded, "msr": msr,
+                                        "skipped": f"skipped: BUDGET_S={budget.seconds:g}"})
+                        print(json.dumps(results[-1]), flush=True)
+                        continue
+                    start = time.time()
+                    results.append(measure_case(model, B, S, padded, msr, sink, window))
+                    budget.took(S, time.time() - start)
+                    print(json.dumps(results[-1]), flush=True)
+                    torch.cuda.empty_cache()
+                    with open(js, "w") as f:  # after every case: a run stopped from outside keeps what it measured
+                        json.dump({"meta": meta, "results": results}, f, indent=1)
         with open(js, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     text = table(meta, results)

@@ -95,6 +95,33 @@ def out_args(topic: str, description: str, outputs: str):
     return args
 
 
+class TimeBudget:
+    """A run's wall-clock budget in seconds from the start of the process (T0; None: no limit), so that a benchmark
+    the lead runs in a fixed device slot cannot overrun it: the next unit of work (a step, a case) starts only if it
+    ends in time by the longest unit seen at its size so far (twice the longest of any size at a new size)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.longest: dict = {}
+
+    @classmethod
+    def from_env(cls, name: str = "BUDGET_S", default: str | None = None) -> "TimeBudget":
+        raw = os.environ.get(name, default)
+        try:
+            return cls(float(raw) if raw else None)
+        except ValueError:
+            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+    def allows(self, size) -> bool:
+        if self.seconds is None:
+            return True
+        guess = self.longest.get(size, 2 * max(self.longest.values(), default=0.0))
+        return time.time() - T0 + guess <= self.seconds
+
+    def took(self, size, seconds: float):
+        self.longest[size] = max(self.longest.get(size, 0.0), seconds)
+
+
 @contextlib.contextmanager
 def kernel_switches(**env):
     """The kernels' A/B switches (csrc/attention/kernel_options.h) set to `env` (name -> "0"/"1") for the block, then

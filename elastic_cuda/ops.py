@@ -21,6 +21,7 @@ STRATEGIES = ("auto", "fused", "grouped", "grouped_cudnn")
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)
+_SM90_KEY_TILE = 128  # kSm90BlockN: the Hopper kernels' key tile, which a BLOCK mask's block_size must divide into
 
 __all__ = [
     "FULL",
@@ -30,6 +31,7 @@ __all__ = [
     "boundary_pool",
     "decode_attention",
     "has_cuda_kernels",
+    "hopper_backward_serves",
     "reload_kernel_options",
     "train_mix",
     "validate_attention_args",
@@ -57,6 +59,28 @@ def _check_device_kernels(q, head_dim, fail, what):
             fail(f"{what} on CPU must be float32, float64 or bfloat16, got {q.dtype}")
     else:
         fail(f"q must be on CPU or CUDA, got device {q.device}")
+
+
+def hopper_backward_serves(q, *, block_size: int | None = None) -> bool:
+    """Whether the attention backward of q's shape runs as the Hopper kernel (sm_90a wgmma + TMA,
+    csrc/attention/sm90/attention_bwd_sm90_*) rather than the mma.sync one. block_size: the BLOCK mask's block size
+    when the call has a mask (None: no mask).
+
+    The Python statement of use_sm90_backward (csrc/attention/attention_fused_cuda.cu), for callers that choose a
+    path by it: a CUDA build and a 16-bit q of head_dim 64 / 128 (the kernels' instances, ELASTIC_DTYPE_HEADDIM_SWITCH),
+    block_size % 128 == 0 with a mask (its 128-wide key tiles), and a device of compute capability 9.x
+    (sm90a_body_runnable; the default builds, TORCH_CUDA_ARCH_LIST "8.0;9.0a" / CMake "90a;80", carry the sm_90a body).
+    Not mirrored: the timing-only switch ELASTIC_CUDA_SM90_BWD=0 (an A/B of the kernel should keep the caller's path
+    fixed) and the launch's own fallbacks: a TMA tensor map that cannot be built (the C++ front copies rows that are not
+    16-byte aligned, rows_aligned in attention_cuda_api.cpp, so this needs > 2^32 rows) or > 65535 batches / key
+    tiles (> 8M keys)."""
+    if not isinstance(q, torch.Tensor) or q.device.type != "cuda" or not has_cuda_kernels():
+        return False
+    if q.dtype not in _CUDA_DTYPES or q.dim() == 0 or q.shape[-1] not in _CUDA_HEAD_DIMS:
+        return False
+    if block_size is not None and block_size % _SM90_KEY_TILE != 0:
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, block_size, scale,

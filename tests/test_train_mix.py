@@ -9,11 +9,13 @@ import math
 
 import pytest
 import torch
-from conftest import BLOCK, FULL, STREAM, random_block_mask, rel_err
+from conftest import BLOCK, FULL, STREAM, cuda_kernel_names, random_block_mask, rel_err
 from test_attention_cuda import _grad_floors, _rel
 
+import elastic_cuda
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
-from elastic_cuda.ops import attention, train_mix
+from elastic_cuda.attention.hybrid import _resolve_branch
+from elastic_cuda.ops import attention, has_cuda_kernels, hopper_backward_serves, train_mix
 
 SINK, WINDOW, BS = 3, 11, 16
 
@@ -194,3 +196,78 @@ def test_cuda_matches_float64_composition(dtype, sparse_mode, hq, hkv, s, gen):
     print(errs)
     for name, e in errs.items():
         assert e < tol, (name, errs)
+
+
+# ----------------------------------------------------------------------------- auto: which branch, by the backward
+def test_hopper_backward_serves_is_false_off_cuda():
+    q = torch.randn(1, 4, 2, 64, dtype=torch.bfloat16)
+    assert not hopper_backward_serves(q) and not hopper_backward_serves(None)
+    assert _resolve_branch("auto", q, q, None) == "op"
+
+
+NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or not has_cuda_kernels(),
+                                        reason="needs CUDA and the CUDA kernels")
+
+
+@pytest.mark.parametrize("dtype,D,block_size", [(torch.bfloat16, 128, None), (torch.float16, 64, None),
+                                                (torch.bfloat16, 64, 128), (torch.float16, 128, 256),
+                                                (torch.bfloat16, 128, 64), (torch.bfloat16, 64, 192)],
+                         ids=["bf16_d128", "fp16_d64", "block128", "block256", "block64", "block192"])
+@pytest.mark.gpu
+@NEEDS_CUDA_KERNELS
+def test_hopper_backward_serves_matches_the_dispatch(dtype, D, block_size):
+    """ops.hopper_backward_serves (the Python statement of use_sm90_backward, which `auto` decides by) names the
+    kernel the backward launches: the profiler's kernel names agree, on any CUDA device (true only on 9.x)."""
+    if "sm90_bwd=0" in elastic_cuda.ops.reload_kernel_options():
+        pytest.skip("ELASTIC_CUDA_SM90_BWD=0 is set (a timing switch the helper does not read)")
+    S, Hkv = 384, 2
+    q = torch.randn(1, S, 4, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(1, S, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(1, S, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    if block_size is None:
+        modes, mask, bs = torch.full((1, Hkv), FULL, dtype=torch.int32, device="cuda"), None, 128
+    else:
+        nb = -(-S // block_size)
+        modes = torch.full((1, Hkv), BLOCK, dtype=torch.int32, device="cuda")
+        mask, bs = torch.ones(1, Hkv, nb, nb, dtype=torch.bool, device="cuda"), block_size
+    out = attention(q, k, v, modes, block_mask=mask, block_size=bs, strategy="fused")
+    names = cuda_kernel_names(lambda: out.float().sum().backward(), "attention_bwd")
+    if not names:
+        pytest.skip("profiler recorded no kernels")
+    serves = hopper_backward_serves(q, block_size=block_size)
+    assert any("attention_bwd_sm90" in n for n in names) == serves, (serves, names)
+    assert serves == (torch.cuda.get_device_capability()[0] == 9 and (block_size or 128) % 128 == 0)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.gpu
+@NEEDS_CUDA_KERNELS
+def test_auto_branch_on_cuda_matches_float64(padded, gen):
+    """full_branch "auto" on CUDA: the train_mix op where the Hopper backward serves the call (and for padded
+    batches), SDPA's O_FA for an unpadded prefill elsewhere; its outputs and q / k / v / z gradients match the float64
+    composition of two op calls on the CPU (bf16 tolerance)."""
+    B, S, Hq, Hkv, D = 2, 300, 6, 2, 64
+    q, k, v = _inputs(B, S, S, Hq, Hkv, D, gen)
+    z = _z(B, Hkv, gen, hard=True)
+    weight = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    pad_cpu = pad_dev = None
+    if padded:
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[1, :40] = False  # sample 1 left-padded
+        pad_cpu, pad_dev = PaddingLayout.from_mask(mask, S, S), PaddingLayout.from_mask(mask.cuda(), S, S)
+        weight[1, :40] = 0.0   # padded rows carry no upstream gradient
+    dev = [t.to("cuda", torch.bfloat16) for t in (q, k, v)] + [z.cuda().float()]
+    expect = "train_mix" if padded or hopper_backward_serves(dev[0]) else "sdpa"
+    assert _resolve_branch("auto", dev[0], dev[1], pad_dev) == expect
+    kw = dict(sink=64, window=130)
+    ref = _run(lambda q, k, v, z: train_mix_attention(q, k, v, z, STREAM, full_branch="op", padding=pad_cpu, **kw),
+               (q, k, v, z), weight.float())
+    got = _run(lambda q, k, v, z: train_mix_attention(q, k, v, z, STREAM, full_branch="auto", padding=pad_dev, **kw),
+               dev, weight.float().cuda())
+    floors = _grad_floors(q, k, v, weight, None, 1.0 / math.sqrt(D))
+    floors["dz"] = 1e-3 * weight.abs().sum().item() * v.abs().max().item() / Hkv
+    errs = {name: _rel(a.double().cpu(), b.double(), floors.get(name, 1e-6))
+            for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), got, ref)}
+    print(expect, errs)
+    for name, e in errs.items():
+        assert e < 2e-2, (name, errs)

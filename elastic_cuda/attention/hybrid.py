@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import FULL, attention, train_mix
+from ..ops import FULL, attention, hopper_backward_serves, train_mix
 
 __all__ = ["FULL_BRANCHES", "PaddingLayout", "dense_causal_sdpa", "hybrid_attention", "train_mix_attention"]
 
@@ -108,8 +108,9 @@ def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLa
     return padding.unpack_queries(torch.cat(outs), q)
 
 
-def _resolve_branch(full_branch: str, q, k, padding: PaddingLayout | None) -> str:
-    """The way the training mix runs: "op", "sdpa" or "train_mix" (full_branch, with "auto" resolved)."""
+def _resolve_branch(full_branch: str, q, k, padding: PaddingLayout | None, block_size: int | None = None) -> str:
+    """The way the training mix runs: "op", "sdpa" or "train_mix" (full_branch, with "auto" resolved).
+    block_size: the sparse branch's BLOCK block size when it has a mask (None: no mask)."""
     if full_branch not in FULL_BRANCHES:
         raise ValueError(f"train_mix_attention: full_branch must be one of {FULL_BRANCHES}, got {full_branch!r}")
     same_len = q.shape[1] == k.shape[1] and (padding is None or padding.lengths_q == padding.lengths_k)
@@ -120,12 +121,19 @@ def _resolve_branch(full_branch: str, q, k, padding: PaddingLayout | None) -> st
         return full_branch
     if not q.is_cuda:
         return "op"  # the CPU path and the reference
-    # CUDA: SDPA's O_FA (cuDNN's backward) for an unpadded fp16/bf16 prefill, the train_mix op otherwise. One mix
-    # layer, forward + backward, hard z at MSR 0.5, SmolLM2's shape on an H200
-    # (benchmarks/results/train_mix/2026-12-02_h200/train_mix.md): padded micro-batches (B 2) train_mix 2.69 /
-    # 2.86 / 3.22 / 4.81 ms at 1K-8K against SDPA's 3.68 / 3.68 / 4.34 / 5.76 and two op calls' 3.11-6.36;
-    # unpadded, SDPA wins from 4K (1.80 vs 1.88 ms, 2.74 vs 4.12 at 8K): the train_mix op's FULL-head backward is
-    # the mma.sync kernel, about 3x cuDNN's time.
+    # CUDA, where the Hopper backward serves the call (ops.hopper_backward_serves: sm90, 16-bit, head_dim 64/128):
+    # the train_mix op. Its backward runs each head only in the branch its hard z picks, on the wgmma kernel. One mix
+    # layer fwd+bwd, Llama-3.1-8B shape, B 1 unpadded, MSR 0.75, one H200
+    # (benchmarks/results/train_mix/2026-12-02_h200_new_backward/train_mix.md), ms: 8K train_mix 5.67 vs SDPA's
+    # O_FA 6.49 vs two op calls 6.92; 32K 40.0 vs 64.9 vs 72.3. Padded micro-batches (B 2) already ran train_mix
+    # (SmolLM2 shape, MSR 0.5, mma.sync backward: 2.69-4.81 ms at 1K-8K vs SDPA's 3.68-5.76). The MSR 0.25 / 0.5 /
+    # 0.75 sweep of both shapes (`python -m benchmarks.bench_train_mix`, MSRS default) is the check of this rule.
+    if hopper_backward_serves(q, block_size=block_size):
+        return "train_mix"
+    # Elsewhere (sm80 mma.sync backward, about 3x cuDNN's time on FULL heads): SDPA's O_FA (cuDNN's backward) for
+    # an unpadded 16-bit prefill, train_mix otherwise. SmolLM2 shape, MSR 0.5, H200 with the mma.sync backward
+    # (benchmarks/results/train_mix/2026-12-02_h200/train_mix.md): unpadded SDPA wins from 4K (1.80 vs 1.88 ms,
+    # 2.74 vs 4.12 at 8K); padded train_mix wins at every length (above).
     if same_len and padding is None and q.dtype in (torch.float16, torch.bfloat16):
         return "sdpa"
     return "train_mix"
@@ -140,13 +148,14 @@ def train_mix_attention(q, k, v, z, sparse_mode: int, *, sink: int, window: int,
     <dO, O_FA - O_SA>. full_branch: "train_mix" runs the elastic train_mix op (both branches in one op whose
     backward runs each head only in the branch its hard z picks); "op" composes two elastic op calls with autograd
     (the CPU path and the test reference); "sdpa" takes O_FA from torch SDPA (dense_causal_sdpa); "auto" picks
-    SDPA for an unpadded CUDA fp16/bf16 prefill, the train_mix op for other CUDA calls and "op" on CPU.
+    the train_mix op where the Hopper backward serves the call (sm90, 16-bit, head_dim 64/128), else SDPA for an
+    unpadded CUDA fp16/bf16 prefill and the train_mix op for other CUDA calls; "op" on CPU.
     block_mask/block_size: for a BLOCK sparse mode."""
     B, Hkv = z.shape
     Hq = q.shape[2]
     if Hq % Hkv != 0:
         raise ValueError(f"train_mix_attention: q heads ({Hq}) must be a multiple of z heads ({Hkv})")
-    branch = _resolve_branch(full_branch, q, k, padding)
+    branch = _resolve_branch(full_branch, q, k, padding, block_size if block_mask is not None else None)
     if branch == "train_mix":
         if padding is None:
             return train_mix(q, k, v, z, sparse_mode, sink=sink, window=window, scale=scale, strategy=strategy,

@@ -170,8 +170,8 @@ def register(subparsers) -> None:
     t.add_argument("--full-branch", default="auto", choices=FULL_BRANCHES,
                    help="how the training mix runs: train_mix = the elastic train_mix op (both branches in one op, "
                         "each head's backward only in its routed branch), sdpa = O_FA from torch SDPA (cuDNN), op = "
-                        "two elastic op calls; auto = sdpa for unpadded CUDA fp16/bf16 prompts, train_mix for padded "
-                        "micro-batches, op on CPU")
+                        "two elastic op calls; auto = train_mix where the Hopper backward serves the call (sm90 GPUs), "
+                        "else sdpa for unpadded fp16/bf16 prompts and train_mix for padded micro-batches; op on CPU")
     t.add_argument("--num-workers", type=cli_args.nonnegative_int, default=4,
                    help="data-building worker processes per rank (0: build in the main process)")
     _common(t)
