@@ -16,14 +16,16 @@ namespace {
 
 // The split kernels take 64-96 KB of dynamic shared memory (above the 48 KB default): raised once per instance
 // (the first call normally runs before any graph capture; the attribute is not a stream operation either way).
-// kTma: the tensor-core kernel with TMA copies (ELASTIC_DECODE_COPY=tma), 1 KB more for the 1024-byte alignment.
-template <typename T, int D, int kRows, bool kMma, bool kTma = false>
+// kLayout: the tensor-core kernel's copy / shared-memory layout (decode_mma_kernel.cuh): 0 cp.async, 1 TMA
+// (ELASTIC_DECODE_COPY=tma; 1 KB more for the 1024-byte alignment), 2 the diagnostic pairs layout.
+template <typename T, int D, int kRows, bool kMma, int kLayout = 0>
 struct Split {
+  static constexpr bool kTma = kLayout == 1;
   static constexpr int kSmem = kMma ? (kTma ? decode::MmaShape<D>::kSmemBytesTma : decode::MmaShape<D>::kSmemBytes)
                                     : decode::kSmemBytes;
   static auto kernel() {
     if constexpr (kMma)
-      return decode::decode_mma_kernel<T, D, kRows, kTma>;
+      return decode::decode_mma_kernel<T, D, kRows, kLayout>;
     else
       return decode::decode_split_kernel<T, D, kRows>;
   }
@@ -98,9 +100,13 @@ struct Launch {
     DecodeMaps maps{};
     // TMA copies (ELASTIC_DECODE_COPY=tma) where the sm_90 body runs and every pool can be mapped; else zero-fill
     // cp.async (copy_mode 2 means zfill to the cp.async instance).
-    if (mma && p->copy_mode == 2 && Split<T, D, R, true, true>::runnable() &&
+    if (mma && p->copy_mode == 2 && Split<T, D, R, true, 1>::runnable() &&
         encode_decode_maps(*p, bf16, D, maps, nullptr)) {
-      Split<T, D, R, true, true>::launch(*p, maps, s);
+      Split<T, D, R, true, 1>::launch(*p, maps, s);
+      return 0;
+    }
+    if (mma && p->copy_mode == 3) {  // diagnostic: zero-fill cp.async into the 32-byte-unit layout
+      Split<T, D, R, true, 2>::launch(*p, maps, s);
       return 0;
     }
     if (mma)

@@ -61,10 +61,19 @@ struct MmaShape {
 // c ^ (key % 8). TMA layout: D / 64 column halves of [64 keys][128 bytes], chunk c % 8 of half c / 8 at
 // (c % 8) ^ (key % 8): the 128-byte swizzle of a box (the two agree at D 64). Either way ldmatrix's 8 lanes of one
 // chunk and 8 consecutive keys hit 8 different 16-byte bank groups.
-template <int D, bool kTma>
+// kLayout (kernel_options.h ELASTIC_DECODE_COPY): 0 the cp.async layout, 1 the TMA layout, 2 a diagnostic layout
+// (copy=pairs) that swizzles 32-byte units instead of 16-byte chunks, so that both halves of every 32-byte global
+// sector land side by side and in order in shared memory (in layout 0 an odd key's halves land swapped, and any
+// key's pair moves); the price is 2-way bank conflicts on ldmatrix at D 128 (8 keys of one chunk reach only the 4
+// bank groups of its parity). It isolates one hypothesis for the doubled L2 sectors of LDGSTS (ncu): that the
+// copy path coalesces a sector's two 16-byte halves only when their shared-memory destinations are adjacent.
+template <int D, int kLayout>
 __device__ __forceinline__ int mma_smem_offset(int key, int c) {
-  if constexpr (kTma) {
+  if constexpr (kLayout == 1) {
     return (c / 8) * (MmaShape<D>::kTileKeys * 128) + key * 128 + (((c % 8) ^ (key & 7)) * 16);
+  } else if constexpr (kLayout == 2) {
+    constexpr int kUnits = MmaShape<D>::kChunks / 2;  // 32-byte units per row: 8 at D 128, 4 at D 64
+    return (key * MmaShape<D>::kChunks + 2 * ((c / 2) ^ (key & (kUnits - 1))) + (c & 1)) * 16;
   } else {
     return (key * MmaShape<D>::kChunks + (c ^ (key & 7))) * 16;
   }
@@ -82,9 +91,11 @@ __device__ __forceinline__ uint32_t q_bits(const void* q, int64_t i) {
   return reinterpret_cast<const unsigned short*>(q)[i];
 }
 
-template <typename T, int D, int kRows, bool kTma>
+// kLayout: 0 cp.async (zfill / plain), 1 TMA, 2 cp.async into the diagnostic 32-byte-unit layout (mma_smem_offset).
+template <typename T, int D, int kRows, int kLayout>
 __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
     decode_mma_kernel(const DecodeParams p, const __grid_constant__ DecodeMaps maps) {
+  constexpr bool kTma = kLayout == 1;
   using S = MmaShape<D>;
   using Mma = mma::MmaOp<T>;
   static_assert(kRows <= 8, "the C fragment rows g < 8 hold the query rows");
@@ -150,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
       const int32_t t = t_begin + tile * S::kTileKeys + key;
       const bool in = t < t_end;
       const int64_t off = in ? static_cast<int64_t>(key_row(pv, t, p.sink)) * kRowBytes + c * 16 : 0;
-      const int soff = stage * S::kTileBytes + mma_smem_offset<D, kTma>(key, c);
+      const int soff = stage * S::kTileBytes + mma_smem_offset<D, kLayout>(key, c);
       if (plain) {
         cp_async16_l2(sk + soff, pv.k + off);
         cp_async16_l2(sv + soff, pv.v + off);
@@ -248,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
       for (int k = 0; k < S::kKSteps; ++k) {
         const int c = 2 * k + (mi % 2);
         uint32_t kb[4];
-        mma::ldsm_x4(kb, mma::smem_addr(ks + mma_smem_offset<D, kTma>(key, c)));
+        mma::ldsm_x4(kb, mma::smem_addr(ks + mma_smem_offset<D, kLayout>(key, c)));
         const uint32_t a[4] = {qa[k][0], 0u, qa[k][1], 0u};
         Mma::run(sc[0], a, kb[0], kb[1]);
         Mma::run(sc[1], a, kb[2], kb[3]);
@@ -296,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
       for (int jj = 0; jj < S::kNTiles / 2; ++jj) {
         const int c = 2 * jj + mi / 2;
         uint32_t vb[4];
-        mma::ldsm_x4_trans(vb, mma::smem_addr(vs + mma_smem_offset<D, kTma>(key, c)));
+        mma::ldsm_x4_trans(vb, mma::smem_addr(vs + mma_smem_offset<D, kLayout>(key, c)));
         Mma::run(o[2 * jj], pa, vb[0], vb[1]);
         Mma::run(o[2 * jj + 1], pa, vb[2], vb[3]);
       }
