@@ -20,7 +20,8 @@ import elastic_cuda
 from conftest import cuda_kernel_names
 from elastic_cuda import BLOCK, FULL, STREAM
 from elastic_cuda.ops import decode_attention
-from test_decode_cuda import DEV, OUT_TOL, Case, _poison_allocator
+from elastic_cuda._decode_cpu import decode_attention_cpu
+from test_decode_cuda import DEV, OUT_TOL, Case, _finite_copy, _poison_allocator
 from test_decode_cuda import test_forced_splits_agree as _forced_splits
 from test_decode_cuda import test_graph_capture_replays_with_new_lengths as _graph_replay
 from test_decode_cuda import test_nonfinite_rule as _nonfinite
@@ -110,6 +111,33 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_variant_nonfinite_rule(gen, variant, dtype):
     _nonfinite(gen, dtype, 1, variant)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_variant_nonfinite_in_tma_tiles(gen, variant, num_splits):
+    """The non-finite rule where the copies are TMA boxes: long items (1 or 2 per pair) of full tiles. An inf K
+    row in the middle of the FULL pair (a TMA tile) makes that pair's rows NaN; NaN rows past the pair's length
+    (never read: the last tile is partial, copied with zeros past the item) and a NaN unused STREAM pool row leave
+    every other row finite and equal to the reference."""
+    modes = torch.tensor([[FULL, STREAM]], dtype=torch.int32)
+    case = Case(gen, B=1, Hkv=2, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[1001], sink=70, window=200,
+                modes=modes, max_len=1100)
+    case.full_k[case.slot[0, 0], 500, 7] = float("inf")
+    case.full_k[case.slot[0, 0], 1001:] = float("nan")
+    case.full_v[case.slot[0, 0], 1001:] = float("nan")
+    unused = sorted(set(range(case.stream_k.shape[0])) - {int(case.slot[0, 1])})
+    case.stream_v[unused[0]] = float("nan")
+    args = case.tensors(DEV)
+    _poison_allocator(args[0])
+    out, lse = decode_attention(*args, sink=case.sink, window=case.window, num_splits=num_splits, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isnan(out[0, 0, :4]).all() and torch.isnan(lse[0, :4]).all(), "the inf key's rows must be NaN"
+    assert torch.isfinite(out[0, 0, 4:]).all() and torch.isfinite(lse[0, 4:]).all()
+    clean = [_finite_copy(x) for x in case.tensors("cpu", torch.float64)[:5]] + case.tensors("cpu")[5:]
+    ref, ref_lse = decode_attention_cpu(*clean, sink=case.sink, window=case.window)
+    err = ((out[0, 0, 4:].double() - ref[0, 0, 4:]).abs().max() / ref[0, 0, 4:].abs().max()).item()
+    assert err < OUT_TOL[torch.bfloat16], f"STREAM rows: max rel err {err:.3e}"
+    assert (lse[0, 4:].double() - ref_lse[0, 4:]).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 999])
