@@ -36,6 +36,7 @@ VARIANTS = {  # name -> switches (unset ones are the defaults)
     "tma": {"ELASTIC_DECODE_COPY": "tma"},
     "pairs": {"ELASTIC_DECODE_COPY": "pairs"},
     "fused": {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    "plain_fused": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
     "tma_fused": {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
 }
 SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE")
