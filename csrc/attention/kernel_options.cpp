@@ -98,7 +98,11 @@ std::string describe(const KernelOptions& o) {
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_early_release=", b(o.sm90_bwd_early_release),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
-                           " decode_copy=", (o.decode_copy == 0 ? "zfill" : o.decode_copy == 1 ? "plain" : o.decode_copy == 2 ? "tma" : "pairs"),
+                           " decode_copy=",
+                           (o.decode_copy == 0   ? "zfill"
+                            : o.decode_copy == 1 ? "plain"
+                            : o.decode_copy == 2 ? "tma"
+                                                 : "pairs"),
                            " decode_fused_combine=", b(o.decode_fused_combine),
                            " nonfinite_prepass=", b(o.nonfinite_prepass));
 }

@@ -68,8 +68,8 @@ struct KernelOptions {
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
-  int decode_copy = 0;            // tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B, 2 TMA,
-                                  // 3 pairs (diagnostic layout)
+  int decode_copy = 0;            // tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B,
+                                  // 2 TMA, 3 pairs (diagnostic layout)
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };

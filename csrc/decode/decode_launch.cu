@@ -154,5 +154,4 @@ void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int
   dispatch<Launch>(bf16, head_dim, rows_per_chunk, &p, mma, bf16, static_cast<cudaStream_t>(stream));
 }
 
-
 }  // namespace elastic

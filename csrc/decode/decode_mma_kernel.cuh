@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
 #endif
   extern __shared__ __align__(16) char smem_raw[];
   // The TMA layout's 128-byte swizzle is a function of the address bits 7-9: stages start 1024-byte aligned.
-  char* const smem = kTma ? smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023)
-                          : smem_raw;
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u;
+  char* const smem = kTma ? smem_raw + ((1024u - misalign) & 1023u) : smem_raw;
   const Item it = plan_item(p, blockIdx.x);
   if (!it.live) return;
   const int pair = it.pair;
