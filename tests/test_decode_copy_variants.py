@@ -6,7 +6,8 @@ runs, differs).
 Cases are built with test_decode_cuda's Case (fresh random pools, non-identity slots, poisoned outputs) at lengths
 that give every kind of tile: full FULL tiles (TMA), an item's partial last tile (cp.async with zeros), STREAM tiles
 inside the sink (sink 130 > one 64-key tile), across the sink / ring boundary and across the ring wrap (cp.async),
-and plain ring tiles (TMA). Several tests of test_decode_cuda are re-run under each variant.
+and plain ring tiles (TMA). Several tests of test_decode_cuda are re-run under each variant (non-finite rule,
+forced splits, graph replay with new lengths, 320 pairs).
 Run: pytest -s -m gpu tests/test_decode_copy_variants.py
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from elastic_cuda._decode_cpu import decode_attention_cpu
 from test_decode_cuda import DEV, OUT_TOL, Case, _finite_copy, _poison_allocator
 from test_decode_cuda import test_forced_splits_agree as _forced_splits
 from test_decode_cuda import test_graph_capture_replays_with_new_lengths as _graph_replay
+from test_decode_cuda import test_many_pairs_and_items as _many_pairs
 from test_decode_cuda import test_nonfinite_rule as _nonfinite
 
 pytestmark = [
@@ -146,6 +148,10 @@ def test_variant_forced_splits(gen, variant, num_splits):
 
 def test_variant_graph_replay(gen, variant):
     _graph_replay(gen, variant)
+
+
+def test_variant_many_pairs(gen, variant):
+    _many_pairs(gen, variant)
 
 
 def test_variant_launches_its_kernels(gen, variant):
