@@ -47,15 +47,14 @@ def one(modes, Sq, Skv, D, dtype, varlen=False, mask_heads="kv", bs=64, poison=F
           "poisoned" if poison else "", flush=True)
 
 
-def decode(Sq, group, D, dtype, num_splits, poison=False):
+def decode(Sq, group, D, dtype, num_splits, poison=False, sink=3, window=37, length=263):
     """decode_attention over ragged pools: mixed modes, a wrapped ring, lengths 1 over Sq, non-identity slots."""
     torch.manual_seed(0)
-    sink, window = 3, 37
     modes = torch.tensor([[FULL, STREAM, BLOCK], [STREAM, STREAM, FULL]], dtype=torch.int32, device="cuda")
     slot = torch.tensor([[1, 2, 0], [0, 1, 2]], dtype=torch.int32, device="cuda")
-    lens = torch.tensor([Sq + 1, 263], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([Sq + 1, length], dtype=torch.int32, device="cuda")
     q = torch.randn(2, Sq, 3 * group, D, device="cuda", dtype=dtype)
-    fk, fv = (torch.randn(3, 263, D, device="cuda", dtype=dtype) for _ in range(2))
+    fk, fv = (torch.randn(3, length, D, device="cuda", dtype=dtype) for _ in range(2))
     sk, sv = (torch.randn(3, sink + window + Sq - 1, D, device="cuda", dtype=dtype) for _ in range(2))
     if poison:  # the non-finite rule in decode: a NaN key, an inf value in the ring, a -inf query element
         fk[1, 0, 5] = float("nan")
@@ -65,7 +64,8 @@ def decode(Sq, group, D, dtype, num_splits, poison=False):
                                             num_splits=num_splits)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() if not poison else (torch.isnan(out).any() and not torch.isnan(out).all())
-    print("ok decode", Sq, group, D, dtype, num_splits, flush=True)
+    print("ok decode", Sq, group, D, dtype, num_splits, sink, window, length,
+          os.environ.get("ELASTIC_DECODE_COPY", ""), os.environ.get("ELASTIC_DECODE_FUSED_COMBINE", ""), flush=True)
 
 
 if __name__ == "__main__":
@@ -98,6 +98,21 @@ if __name__ == "__main__":
                                         (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
                                         (1, 1, 64, torch.bfloat16, 2)):
         decode(Sq, group, D, dtype, splits)
+    # The tensor-core kernel's A/B variants (kernel_options.h ELASTIC_DECODE_COPY / _FUSED_COMBINE): sink 70 and
+    # 1001 tokens give TMA tiles (FULL, sink, plain ring) and cp.async ones (sink / ring boundary, ring wrap, each
+    # item's partial last tile) in one pipeline; splits 1 / 3 / 0: long items, a few, the automatic plan's short
+    # ones; the fused combine's tickets and last-CTA merge.
+    for env in ({"ELASTIC_DECODE_COPY": "tma"}, {"ELASTIC_DECODE_COPY": "plain"}, {"ELASTIC_DECODE_COPY": "pairs"},
+                {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
+                {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}):
+        os.environ.update(env)
+        elastic_cuda.ops.reload_kernel_options()
+        for D, dtype, splits in ((128, torch.bfloat16, 1), (64, torch.float16, 3), (128, torch.bfloat16, 0)):
+            decode(1, 4, D, dtype, splits, sink=70, window=200, length=1001)
+        decode(1, 3, 128, torch.bfloat16, 3, poison=True, sink=70, window=200, length=1001)
+        for name in env:
+            del os.environ[name]
+        elastic_cuda.ops.reload_kernel_options()
     # non-finite inputs: the rare paths of every kernel (sm80 and Hopper forward, backward, grouped, decode)
     one(torch.tensor([[FULL, STREAM], [BLOCK, FULL]]), 77, 201, 128, torch.bfloat16, poison=True)
     one(torch.tensor([[FULL, BLOCK], [STREAM, FULL]]), 77, 201, 64, torch.float16, bs=128, poison=True)

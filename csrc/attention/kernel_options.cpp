@@ -59,6 +59,14 @@ KernelOptions read_env() {
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
+  if (const char* v = env_value("ELASTIC_DECODE_COPY")) {
+    const bool zfill = std::strcmp(v, "zfill") == 0, plain = std::strcmp(v, "plain") == 0,
+               tma = std::strcmp(v, "tma") == 0, pairs = std::strcmp(v, "pairs") == 0;
+    ELASTIC_CHECK(zfill || plain || tma || pairs, "elastic: environment variable ELASTIC_DECODE_COPY must be zfill, ",
+                  "plain, tma or pairs, got \"", v, "\"");
+    o.decode_copy = zfill ? 0 : (plain ? 1 : (tma ? 2 : 3));
+  }
+  o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   return o;
 }
@@ -95,6 +103,12 @@ std::string describe(const KernelOptions& o) {
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_early_release=", b(o.sm90_bwd_early_release),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
+                           " decode_copy=",
+                           (o.decode_copy == 0   ? "zfill"
+                            : o.decode_copy == 1 ? "plain"
+                            : o.decode_copy == 2 ? "tma"
+                                                 : "pairs"),
+                           " decode_fused_combine=", b(o.decode_fused_combine),
                            " nonfinite_prepass=", b(o.nonfinite_prepass));
 }
 

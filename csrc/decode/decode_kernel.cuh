@@ -592,21 +592,19 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
   write_rows<T, D, kRows, kStreams>(p, smem, pv, it, rchunk, b, h);
 }
 
-// One CTA of D threads per (pair, query row): merges the partials of the pair's items (pairs of one item were
-// written by the split kernel).
+// Merges element d of query row `row` of pair `pair` from the partials of the pair's `count` items (from `first`)
+// and writes the output (and the lse at d == 0). Partials are read through L2 (ld.global.cg): in the fused combine
+// they were written by other CTAs of the same launch, and this SM's L1 must not serve a stale line.
 template <typename T, int D, int kRows>
-__global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
-  const int pair = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
-  const int count = p.plan[2 * pair + 1];
-  if (count <= 1) return;
-  const int first = p.plan[2 * pair];
+__device__ __forceinline__ void combine_element(const DecodeParams& p, int pair, int first, int count, int row,
+                                                int d) {
   const int b = pair / p.hkv, h = pair % p.hkv;
   const int rchunk = row / kRows, r = row % kRows;
   const int64_t base = static_cast<int64_t>(rchunk) * p.items_max * kRows + r;  // + item * kRows
   float M = -INFINITY;
   bool bad = false;
   for (int s = 0; s < count; ++s) {
-    const float x = p.part_lse[base + static_cast<int64_t>(first + s) * kRows];
+    const float x = __ldcg(p.part_lse + base + static_cast<int64_t>(first + s) * kRows);
     bad |= isnan(x);
     M = fmaxf(M, x);
   }
@@ -615,11 +613,11 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
 #pragma unroll 4
     for (int s = 0; s < count; ++s) {
       const int64_t part = base + static_cast<int64_t>(first + s) * kRows;
-      const float x = p.part_lse[part];
+      const float x = __ldcg(p.part_lse + part);
       if (x == -INFINITY) continue;  // an item with no visible key for this row (0 * its zero output)
       const float w = exp2f(x - M);
       L += w;
-      o = fmaf(w, p.part_out[part * D + d], o);
+      o = fmaf(w, __ldcg(p.part_out + part * D + d), o);
     }
   }
   const float nan = __int_as_float(0x7fc00000);
@@ -629,6 +627,38 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
   T* out = static_cast<T*>(p.out);
   out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
   if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+}
+
+// One CTA of D threads per (pair, query row): merges the partials of the pair's items (pairs of one item were
+// written by the split kernel).
+template <typename T, int D, int kRows>
+__global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
+  const int pair = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+  const int count = p.plan[2 * pair + 1];
+  if (count <= 1) return;
+  combine_element<T, D, kRows>(p, pair, p.plan[2 * pair], count, row, d);
+}
+
+// The fused combine (p.fused_combine; tensor-core kernel, one row chunk): called by every CTA of a split pair after
+// it wrote its partials. Each CTA publishes its partials (__threadfence) and takes a ticket; the CTA that takes the
+// last one merges all rows of the pair and puts the ticket back to 0 (the launch zeroes the tickets anyway; the
+// reset keeps the counter right for anything that replays the kernel alone). Classic last-block reduction: the
+// fence before the ticket orders this CTA's partial writes before it, the fence after it orders the reads.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void combine_in_last_cta(const DecodeParams& p, const Item& it) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();  // every thread's partial writes are fenced before thread 0 takes the ticket
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(p.ticket + it.pair, 1) + 1;
+    s_last = done == it.count;
+    if (done == it.count) p.ticket[it.pair] = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < p.rows * D; idx += kThreads)
+    combine_element<T, D, kRows>(p, it.pair, it.first, it.count, idx / D, idx % D);
 }
 
 }  // namespace decode

@@ -38,6 +38,11 @@ struct DecodeParams {
   int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid y
   int32_t sink, window;
   float scale_log2;    // softmax scale * log2(e)
+  // Tensor-core kernel only (ELASTIC_DECODE_COPY / ELASTIC_DECODE_FUSED_COMBINE, kernel_options.h):
+  int32_t copy_mode;      // 0 cp.async with zero-fill, 1 plain cp.async + L2::256B on full tiles, 2 TMA (launch
+                          // falls back to 0 where TMA is not available), 3 zero-fill into the diagnostic layout
+  int32_t fused_combine;  // 1: the last CTA of each split pair merges its partials (no combine launch)
+  int32_t* ticket;        // [B * Hkv], zero at launch when fused_combine: CTAs of a pair that finished
 };
 
 // CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the

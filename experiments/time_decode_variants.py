@@ -1,0 +1,156 @@
+"""Interleaved A/B timing of the tensor-core decode kernel's variants (issue #13; kernel_options.h switches
+ELASTIC_DECODE_COPY and ELASTIC_DECODE_FUSED_COMBINE; csrc/decode/decode_mma_kernel.cuh), H200, bf16, Llama-3.1-8B
+shape (Hq 32, Hkv 8, D 128), one query per step, batch B at S tokens, a fraction MSR of each sample's KV heads STREAM
+(sink 128, window 2048), cuDNN SDPA beside on the same dense cache.
+
+Timing is bench_decode's time_ms (calls over enough cache copies to exceed L2, captured back to back in one CUDA
+graph, median of replays). Variants are interleaved: ROUNDS rounds, each times every variant once on the same
+copies in a rotated order, and a variant's time is the median over rounds (so clock / thermal drift spreads over all
+variants instead of biasing the one timed last). Per variant: ms, % of 4.8 TB/s HBM peak (KV bytes the case must
+read / time), ratio to the default (zfill) path, the STREAM time over the same variant's dense time; per case the
+output's relative error against cuDNN SDPA (dense) and the max |diff| against the default path (every variant must
+give the default's output: equal copies, same arithmetic), and which decode_mma_kernel instance ran.
+
+  python -m experiments.time_decode_variants [--out DIR]
+Env: SEQS (32768,131072), BATCHES (1,8), MSRS (0,0.75), VARIANTS (all of VARIANTS below), ROUNDS (3).
+Writes decode_variants.json and decode_variants.md under --out (default benchmarks/results/decode/variants).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+import torch
+
+from benchmarks.bench_decode import D, HBM_PEAK, HKV, HQ, L2_FLUSH_BYTES, SINK, WINDOW, pools, routing, time_ms
+from benchmarks.harness import env_list, kernel_switches
+
+VARIANTS = {  # name -> switches (unset ones are the defaults)
+    "zfill": {},
+    "plain": {"ELASTIC_DECODE_COPY": "plain"},
+    "tma": {"ELASTIC_DECODE_COPY": "tma"},
+    "pairs": {"ELASTIC_DECODE_COPY": "pairs"},
+    "fused": {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    "plain_fused": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    "tma_fused": {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
+}
+SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE")
+
+
+def kernel_instance(fn):
+    """'decode_mma_kernel<..., L>' layout L of the launched instance and whether a combine kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "decode_" in e.name]
+    layout = [m.group(1) for n in names for m in [re.search(r"decode_mma_kernel<[^>]*,\s*(\d+)>", n)] if m]
+    return {"layout": layout[0] if layout else None, "combine": any("decode_combine_kernel" in n for n in names)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/decode/variants")
+    args = ap.parse_args()
+    for name in SWITCHES + ("ELASTIC_DECODE_MMA", "ELASTIC_DECODE_ONE_WAVE"):
+        if os.environ.get(name):
+            sys.exit(f"time_decode_variants: unset {name} (the script sets the switches itself)")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from elastic_cuda.ops import decode_attention
+
+    seqs = env_list("SEQS", "32768,131072")
+    batches = env_list("BATCHES", "1,8")
+    msrs = env_list("MSRS", "0,0.75", float)
+    names = env_list("VARIANTS", ",".join(VARIANTS), str.strip)
+    rounds = int(os.environ.get("ROUNDS", "3"))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"time_decode_variants: VARIANTS has unknown names {unknown}; known: {list(VARIANTS)}")
+    base_name = "zfill" if "zfill" in names else names[0]  # the ratio column's reference
+    os.makedirs(args.out, exist_ok=True)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    rows = []
+    for S in seqs:
+        for B in batches:
+            gen = torch.Generator("cuda").manual_seed(S + B)
+            q = torch.randn(B, 1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+            dense = {}
+            for msr in msrs:
+                modes_cpu = routing(B, msr, seed=S + B)
+                tensors, nbytes = pools(B, S, modes_cpu, gen)
+                copies = [tensors] + [pools(B, S, modes_cpu, gen)[0]
+                                      for _ in range(math.ceil(L2_FLUSH_BYTES / nbytes) - 1)]
+
+                def ours(t):
+                    fk, fv, sk, sv, modes, slot = t
+                    return decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=SINK, window=WINDOW)
+
+                base = ours(copies[0]).float()
+                ref, cudnn_ms = None, None
+                if msr == 0:
+                    qt = q.transpose(1, 2)
+                    kv = [(t[0].view(B, HKV, S, D), t[1].view(B, HKV, S, D)) for t in copies]
+
+                    def peer(k4, v4):
+                        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                            return scaled_dot_product_attention(qt, k4, v4, enable_gqa=True)
+                    try:
+                        ref = peer(*kv[0]).transpose(1, 2).double()
+                        cudnn_ms, _ = time_ms([lambda k4=k4, v4=v4: peer(k4, v4) for k4, v4 in kv])
+                    except Exception as e:  # noqa: BLE001  (a build without cuDNN GQA decode)
+                        print(f"cudnn sdpa failed: {e!r:.200}", flush=True)
+                times = {n: [] for n in names}
+                info = {}
+                for r in range(rounds):
+                    for n in names[r % len(names):] + names[:r % len(names)]:
+                        with kernel_switches(**VARIANTS[n]):
+                            if r == 0:
+                                out = ours(copies[0])
+                                info[n] = kernel_instance(lambda: ours(copies[0]))
+                                info[n]["max_diff_vs_zfill"] = (out.float() - base).abs().max().item()
+                                if ref is not None:
+                                    info[n]["rel_err_vs_cudnn"] = ((out.double() - ref).norm() / ref.norm()).item()
+                            times[n].append(time_ms([lambda t=t: ours(t) for t in copies])[0])
+                for n in names:
+                    ms = statistics.median(times[n])
+                    if msr == 0:
+                        dense[n] = ms
+                    row = dict(S=S, B=B, msr=msr, variant=n, ms=ms, rounds_ms=times[n], kv_bytes=nbytes,
+                               hbm_frac=nbytes / (ms * 1e-3) / HBM_PEAK, copies=len(copies),
+                               vs_zfill=ms / statistics.median(times[base_name]),
+                               vs_own_dense=ms / dense[n] if msr > 0 and n in dense else None,
+                               cudnn_ms=cudnn_ms,
+                               cudnn_hbm_frac=None if cudnn_ms is None else nbytes / (cudnn_ms * 1e-3) / HBM_PEAK,
+                               **info[n])
+                    rows.append(row)
+                    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                                      if k != "rounds_ms"}), flush=True)
+                del tensors, copies
+                torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "decode_variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = ["| S | B | MSR | variant | ms | % HBM | vs base | vs own dense | cuDNN ms (% HBM) | err vs cuDNN | "
+             "max diff vs zfill | instance |", "|" + "---|" * 12]
+    for r in rows:
+        cud = "" if r["cudnn_ms"] is None or r["msr"] > 0 else f"{r['cudnn_ms']:.4f} ({100 * r['cudnn_hbm_frac']:.0f}%)"
+        own = "" if r["vs_own_dense"] is None else f"{r['vs_own_dense']:.3f}"
+        lines.append(
+            f"| {r['S']} | {r['B']} | {r['msr']:g} | {r['variant']} | {r['ms']:.4f} | {100 * r['hbm_frac']:.1f} | "
+            f"{r['vs_zfill']:.3f} | {own} | {cud} | {r.get('rel_err_vs_cudnn', float('nan')):.2e} | "
+            f"{r['max_diff_vs_zfill']:.2e} | L{r['layout']}{'' if r['combine'] else ' fused'} |")
+    with open(os.path.join(args.out, "decode_variants.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

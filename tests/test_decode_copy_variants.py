@@ -1,0 +1,180 @@
+"""The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=plain|tma|pairs,
+ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) against the float64 CPU reference, and against the
+default path bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where the combine
+runs, differs).
+
+Cases are built with test_decode_cuda's Case (fresh random pools, non-identity slots, poisoned outputs) at lengths
+that give every kind of tile: full FULL tiles (TMA), an item's partial last tile (cp.async with zeros), STREAM tiles
+inside the sink (sink 130 > one 64-key tile), across the sink / ring boundary and across the ring wrap (cp.async),
+and plain ring tiles (TMA). Several tests of test_decode_cuda are re-run under each variant (non-finite rule,
+forced splits, graph replay with new lengths, 320 pairs).
+Run: pytest -s -m gpu tests/test_decode_copy_variants.py
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import elastic_cuda
+from conftest import cuda_kernel_names
+from elastic_cuda import BLOCK, FULL, STREAM
+from elastic_cuda.ops import decode_attention
+from elastic_cuda._decode_cpu import decode_attention_cpu
+from test_decode_cuda import DEV, OUT_TOL, Case, _finite_copy, _poison_allocator
+from test_decode_cuda import test_forced_splits_agree as _forced_splits
+from test_decode_cuda import test_graph_capture_replays_with_new_lengths as _graph_replay
+from test_decode_cuda import test_many_pairs_and_items as _many_pairs
+from test_decode_cuda import test_nonfinite_rule as _nonfinite
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not elastic_cuda.has_cuda_kernels(), reason="extension built without CUDA kernels"),
+]
+
+# variant -> (switches, kLayout of the decode_mma_kernel instance it must launch on an sm_90 device, fused combine)
+VARIANTS = {
+    "plain": ({"ELASTIC_DECODE_COPY": "plain"}, 0, False),
+    "tma": ({"ELASTIC_DECODE_COPY": "tma"}, 1, False),
+    "pairs": ({"ELASTIC_DECODE_COPY": "pairs"}, 2, False),
+    "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1"}, 0, True),
+    "tma_fused": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}, 1, True),
+}
+SWITCHES = ("ELASTIC_DECODE_MMA", "ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_ONE_WAVE")
+
+
+def _set(monkeypatch, env):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return elastic_cuda.ops.reload_kernel_options()
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch):
+    desc = _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", **VARIANTS[request.param][0]})
+    assert "decode_mma=1" in desc
+    yield request.param
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
+
+
+def _mixed_case(gen, *, group, D, dtype, B=3, Hkv=3, lengths=(1, 777, 3001), sink=130, window=300):
+    modes = torch.tensor([FULL, STREAM, BLOCK], dtype=torch.int32)[torch.randint(3, (B, Hkv), generator=gen)]
+    modes[-1, 0], modes[-1, 1] = FULL, STREAM  # the longest sample has both kinds of pair whatever the draw
+    return Case(gen, B=B, Hkv=Hkv, group=group, Sq=1, D=D, dtype=dtype, lengths=list(lengths), sink=sink,
+                window=window, modes=modes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_variant_matches_float64_reference(gen, variant, dtype, D, group):
+    case = _mixed_case(gen, group=group, D=D, dtype=dtype)
+    for splits in (0, 1, 7, 999):  # automatic plan; one item per pair (long runs of full tiles); a few; chunk floor
+        case.check(f"{variant} {dtype} D{D} G{group} splits {splits}", num_splits=splits)
+
+
+def _run(case, num_splits):
+    args = case.tensors(DEV)
+    _poison_allocator(args[0])
+    out, lse = decode_attention(*args, sink=case.sink, window=case.window, num_splits=num_splits, return_lse=True)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+@pytest.mark.parametrize("num_splits", [0, 3, 999])
+def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
+    """The variant against the default path on the same inputs (the issue's routing, batch 2, ring wrapped): the copy
+    variants move the same bytes into the same MMAs, so the outputs are equal bit for bit; the fused combine runs the
+    combine kernel's arithmetic (combine_element) in another kernel: equal to the last bit expected too, allowed
+    one 16-bit rounding step."""
+    modes = torch.tensor([[STREAM, FULL, STREAM, STREAM, FULL, STREAM, STREAM, STREAM],
+                          [FULL, STREAM, STREAM, FULL, STREAM, STREAM, BLOCK, STREAM]], dtype=torch.int32)
+    case = Case(gen, B=2, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[20001, 9001], sink=128,
+                window=2048, modes=modes)
+    out, lse = _run(case, num_splits)
+    _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1"})  # the default path
+    base, base_lse = _run(case, num_splits)
+    _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", **VARIANTS[variant][0]})
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    if VARIANTS[variant][2]:
+        scale = base.float().abs().max().item()
+        assert (out.float() - base.float()).abs().max().item() <= 2 ** -7 * scale, "fused combine differs"
+        assert (lse - base_lse).abs().max().item() <= 1e-5
+    else:
+        assert torch.equal(out, base) and torch.equal(lse, base_lse), f"{variant} differs from the default path"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_variant_nonfinite_rule(gen, variant, dtype):
+    _nonfinite(gen, dtype, 1, variant)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_variant_nonfinite_in_tma_tiles(gen, variant, num_splits):
+    """The non-finite rule where the copies are TMA boxes: long items (1 or 2 per pair) of full tiles. An inf K
+    row in the middle of the FULL pair (a TMA tile) makes that pair's rows NaN; NaN rows past the pair's length
+    (never read: the last tile is partial, copied with zeros past the item) and a NaN unused STREAM pool row leave
+    every other row finite and equal to the reference."""
+    modes = torch.tensor([[FULL, STREAM]], dtype=torch.int32)
+    case = Case(gen, B=1, Hkv=2, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[1001], sink=70, window=200,
+                modes=modes, max_len=1100)
+    case.full_k[case.slot[0, 0], 500, 7] = float("inf")
+    case.full_k[case.slot[0, 0], 1001:] = float("nan")
+    case.full_v[case.slot[0, 0], 1001:] = float("nan")
+    unused = sorted(set(range(case.stream_k.shape[0])) - {int(case.slot[0, 1])})
+    case.stream_v[unused[0]] = float("nan")
+    args = case.tensors(DEV)
+    _poison_allocator(args[0])
+    out, lse = decode_attention(*args, sink=case.sink, window=case.window, num_splits=num_splits, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isnan(out[0, 0, :4]).all() and torch.isnan(lse[0, :4]).all(), "the inf key's rows must be NaN"
+    assert torch.isfinite(out[0, 0, 4:]).all() and torch.isfinite(lse[0, 4:]).all()
+    clean = [_finite_copy(x) for x in case.tensors("cpu", torch.float64)[:5]] + case.tensors("cpu")[5:]
+    ref, ref_lse = decode_attention_cpu(*clean, sink=case.sink, window=case.window)
+    err = ((out[0, 0, 4:].double() - ref[0, 0, 4:]).abs().max() / ref[0, 0, 4:].abs().max()).item()
+    assert err < OUT_TOL[torch.bfloat16], f"STREAM rows: max rel err {err:.3e}"
+    assert (lse[0, 4:].double() - ref_lse[0, 4:]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 999])
+def test_variant_forced_splits(gen, variant, num_splits):
+    _forced_splits(gen, num_splits, variant)
+
+
+def test_variant_graph_replay(gen, variant):
+    _graph_replay(gen, variant)
+
+
+def test_variant_many_pairs(gen, variant):
+    _many_pairs(gen, variant)
+
+
+def test_variant_launches_its_kernels(gen, variant):
+    """The switch reached the kernel: the decode_mma_kernel instance of the variant's layout (TMA on sm_90 devices
+    only; elsewhere the launch falls back to the cp.async instance), and a combine launch iff the combine is not
+    fused (the case's pairs are split: 32 items)."""
+    _, layout, fused = VARIANTS[variant]
+    if layout == 1 and torch.cuda.get_device_capability()[0] != 9:
+        layout = 0
+    case = _mixed_case(gen, group=4, D=128, dtype=torch.bfloat16)
+    args = case.tensors(DEV)
+    names = cuda_kernel_names(lambda: decode_attention(*args, sink=case.sink, window=case.window, num_splits=32),
+                              "decode_")
+    mma = [n for n in names if "decode_mma_kernel" in n]
+    assert len(mma) == 1, names
+    m = re.search(r"decode_mma_kernel<[^>]*,\s*(\d+)>", mma[0])
+    assert m is not None and int(m.group(1)) == layout, mma[0]
+    assert any("decode_combine_kernel" in n for n in names) == (not fused), names
+
+
+def test_copy_switch_rejects_typos(monkeypatch):
+    monkeypatch.setenv("ELASTIC_DECODE_COPY", "TMA")
+    with pytest.raises(RuntimeError, match="ELASTIC_DECODE_COPY"):
+        elastic_cuda.ops.reload_kernel_options()
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
