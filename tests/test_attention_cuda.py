@@ -572,7 +572,7 @@ def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
 # The value each switch is timed / tested at (the non-default one).
 SM90_SWITCH_VALUES = {"ELASTIC_SM90_DYNAMIC": "0", "ELASTIC_SM90_STAGES": "2", "ELASTIC_SM90_LAZY_RESCALE": "0",
                       "ELASTIC_SM90_PERSISTENT": "0", "ELASTIC_SM90_L2_ORDER": "0", "ELASTIC_NONFINITE_PREPASS": "0",
-                      "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "1", "ELASTIC_SM90_WALK_CACHED": "0"}
+                      "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0", "ELASTIC_SM90_WALK_CACHED": "0"}
 
 
 @pytest.mark.parametrize("switch", list(SM90_SWITCH_VALUES))
