@@ -137,6 +137,45 @@ __device__ __forceinline__ void load_rows_zero_fill(T* smem, const T* gmem, int6
   }
 }
 
+// P^T = exp2(S^T * scale_log2 - lse2) of this thread's 32 entries (entry 4 i + 2 hf + c: query column 8 i + 2 t4 + c),
+// entries whose bit in `vis` is clear exactly 0 (selected, so that nothing of them enters). exp2 runs for every
+// entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded the
+// scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS select
+// (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
+// A fully visible tile still runs the selects (vis = ~0): a branch around them (an unmasked instance) made ptxas
+// serialize the loop's wgmma for want of registers (C7512).
+__device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
+                                          uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2.y : l2.x)));
+      s[e] = (vis >> e) & 1u ? v : 0.f;
+    }
+  }
+}
+
+// dS^T = P^T (dP^T - delta) in place of dP^T; entries whose bit in `vis` is clear are exactly 0 (a masked entry's
+// dP - delta may be non-finite: the bad rows of the non-finite rule). Dropping this select (P is already 0 there,
+// and the producer could store delta = 0 for bad rows) was tried: ptxas then serialized the wgmma of the loop for
+// want of registers (C7512), so it stays.
+__device__ __forceinline__ void bwd_dscores(float (&dp)[32], const float (&pr)[32], const float* s_delta, int t4,
+                                            uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
+      dp[e] = (vis >> e) & 1u ? v : 0.f;
+    }
+  }
+}
+
 // Producer warp: K/V of the tile, then one stage per visited (query head, query tile), then the end stage. Full
 // barriers count the 32 lanes (lane 0's arrival carries the TMA bytes); empty barriers the 8 consumer warps.
 template <typename T, typename Tr>
@@ -291,11 +330,6 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
-  const SmemDesc k_desc = smem_desc_b128_split(sm.k + wg * 64 * 128, 16, 1024);
-  const SmemDesc v_desc = smem_desc_b128_split(sm.v + wg * 64 * 128, 16, 1024);
-  // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
-  // 64-column block, at 64 the only one.
-  const SmemDesc k_mn_desc = smem_desc_b128_split(sm.k + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
   auto release = [&](uint32_t bar) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
@@ -340,13 +374,25 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     const int h = info.h, r0 = info.r0, r_end = min(r0 + BM, seq.len_q);
     const float* s_lse2 = reinterpret_cast<const float*>(meta);
     const float* s_delta = s_lse2 + BM;
+    // Every wgmma descriptor is built from `ub`, a copy of the shared base that ptxas knows to be warp-uniform
+    // (a shuffle from lane 0, made per step so that it is not hoisted into the vector register that holds `base`
+    // for the per-thread addresses): the descriptors then live in uniform registers and a k-step is one uniform
+    // add. Built from `base` itself, every wgmma cost ~6 LOP3 / IMAD and 4 R2UR in the vector pipe (940 ->
+    // see NOTES "The Hopper backward, per-MMA overhead").
+    const uint32_t ub = __shfl_sync(0xffffffffu, base, 0);
+    auto uaddr = [&](uint32_t addr) { return ub + (addr - base); };
     const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
+    const SmemDesc k_desc = smem_desc_b128_split(uaddr(sm.k) + wg * 64 * 128, 16, 1024);
+    const SmemDesc v_desc = smem_desc_b128_split(uaddr(sm.v) + wg * 64 * 128, 16, 1024);
+    // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
+    // 64-column block, at 64 the only one.
+    const SmemDesc k_mn_desc = smem_desc_b128_split(uaddr(sm.k) + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
 
     // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x the tile's 64 queries).
     float acc_s[32], acc_dp[32];
     {
-      const SmemDesc q_desc = smem_desc_b128_split(q_tile, 16, 1024);
-      const SmemDesc do_desc = smem_desc_b128_split(do_tile, 16, 1024);
+      const SmemDesc q_desc = smem_desc_b128_split(uaddr(q_tile), 16, 1024);
+      const SmemDesc do_desc = smem_desc_b128_split(uaddr(do_tile), 16, 1024);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -387,21 +433,11 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 
     wgmma_wait<1>();  // S^T ready
     fence_regs(acc_s);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 4 * i + 2 * hf + c;
-          acc_s[e] = (vis >> e) & 1u ? exp2f(fmaf(acc_s[e], p.scale_log2, -(c ? l2.y : l2.x))) : 0.f;
-        }
-    }
+    bwd_probs(acc_s, s_lse2, t4, p.scale_log2, vis);
     // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
     // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
-    const SmemDesc do_mn = smem_desc_b128_split(do_tile, BM * 128, 1024);
-    const SmemDesc q_mn = smem_desc_b128_split(q_tile, BM * 128, 1024);
+    const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
+    const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
     uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
@@ -417,17 +453,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 
     wgmma_wait<1>();  // dP^T ready (dV still running)
     fence_regs(acc_dp);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 4 * i + 2 * hf + c;
-          acc_dp[e] = (vis >> e) & 1u ? acc_s[e] * (acc_dp[e] - (c ? dl.y : dl.x)) : 0.f;
-        }
-    }
+    bwd_dscores(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -465,7 +491,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     // dQ (= dS K, unscaled) for 64 query rows x 64 head-dim columns.
     float acc_dq[32];
     {
-      const SmemDesc ds_desc = smem_desc_b128_split(ds_tile, BN * 128, 1024);
+      const SmemDesc ds_desc = smem_desc_b128_split(uaddr(ds_tile), BN * 128, 1024);
       wgmma_fence();
       constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
 #pragma unroll
