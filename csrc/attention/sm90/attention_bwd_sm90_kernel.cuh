@@ -57,9 +57,12 @@ struct BwdTmaMaps {
 // EARLY_RELEASE (experiment, ELASTIC_SM90_BWD_EARLY_RELEASE=1 in ELASTIC_BUILD_EXPERIMENTS=1 builds): a stage's Q / dO
 // slot is released once dV and dK are done (wgmma_wait<1>), while dQ (which reads dS^T and K only) still runs, so that
 // the producer may refill the slot one dQ MMA earlier (2 stages with DQ_TMA). Untimed.
-template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false>
+// DET (deterministic mode, with the atomics dQ path only): the key-tile CTAs add their dQ tile of a (query head,
+// query tile) in key-tile order, one after another, through per-tile turn counters (p.dq_sem; see bwd_consumer).
+template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_;
+  static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
   static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
@@ -97,7 +100,8 @@ struct BwdSmem {
 
 // The ints after a stage's lse / delta rows.
 struct StageInfo {
-  int h, r0, full, pad, bits_lo, bits_hi, pad2, pad3;  // r0 < 0: end of the walk
+  int h, r0, full, prev_n, bits_lo, bits_hi, pad2, pad3;  // r0 < 0: end of the walk
+  // prev_n (DET only): the nearest lower key tile whose CTA also visits this (head, query tile), -1 if none
 };
 
 #if defined(ELASTIC_SM90A_ENABLED)
@@ -256,6 +260,19 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
         }
         const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
+        // Deterministic mode: the key tile added into this dQ tile just before ours. Key tile n' < n_block visits the
+        // tile exactly when tile_may_be_visible says so (its m_min is <= ours, and its walk stops only past tiles
+        // that are invisible): the same test, 32 key tiles per step, nearest first.
+        int prev_n = -1;
+        if constexpr (Tr::DET) {
+          for (int top = n_block - 1; top >= 0 && prev_n < 0; top -= 32) {
+            const int nn = top - lane;
+            const bool seen = nn >= 0 && tile_may_be_visible(mode, i_first, i_last, nn * BN, nn * BN + BN - 1, p.sink,
+                                                              p.window, bb);
+            const unsigned found = __ballot_sync(0xffffffffu, seen);
+            if (found != 0u) prev_n = top - (__ffs(found) - 1);
+          }
+        }
         if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
         const uint32_t meta = sm.meta_slot(pos.slot);
         float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
@@ -274,6 +291,7 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           info->h = h;
           info->r0 = r0;
           info->full = full ? 1 : 0;
+          info->prev_n = prev_n;
           info->bits_lo = static_cast<int>(lo);
           info->bits_hi = static_cast<int>(hi);
         }
@@ -377,8 +395,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     // Every wgmma descriptor is built from `ub`, a copy of the shared base that ptxas knows to be warp-uniform
     // (a shuffle from lane 0, made per step so that it is not hoisted into the vector register that holds `base`
     // for the per-thread addresses): the descriptors then live in uniform registers and a k-step is one uniform
-    // add. Built from `base` itself, every wgmma cost ~6 LOP3 / IMAD and 4 R2UR in the vector pipe (940 ->
-    // see NOTES "The Hopper backward, per-MMA overhead").
+    // add. Built from `base` itself, every wgmma cost ~6 LOP3 / IMAD / VIADD and 4 R2UR in the vector pipe (SASS of
+    // the bf16 D128 instance, per warp and fully visible stage: 940 instructions before, 806 after).
     const uint32_t ub = __shfl_sync(0xffffffffu, base, 0);
     auto uaddr = [&](uint32_t addr) { return ub + (addr - base); };
     const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
@@ -554,6 +572,29 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         bulk_commit_group();
       }
     } else {
+      // Deterministic mode: this warpgroup's turn on the tile's counter. Head_dim 128: warpgroup w owns columns
+      // [64 w, 64 w + 64) and counter w, whose writers are the visiting key tiles in order (token n + 1 after key tile
+      // n). Head_dim 64: both warpgroups add whole rows (each over its own 64 keys) on counter 0, warpgroup 0 then 1
+      // (tokens 2 n + 1, 2 n + 2). No deadlock: a CTA waits only for CTAs of lower key tiles, which the grid
+      // (blockIdx.z = key tile) starts earlier, so the lowest unfinished CTA never waits.
+      const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+      int* sem = nullptr;
+      int token = 0;
+      if constexpr (Tr::DET) {
+        sem = p.dq_sem + ((int64_t(b) * p.heads_q + h) * p.dq_sem_tiles + r0 / BM) * 2 + (D == 128 ? wg : 0);
+        const int want = D == 128 ? info.prev_n + 1 : (wg == 0 ? 2 * info.prev_n + 2 : 2 * n_block + 1);
+        token = D == 128 ? n_block + 1 : 2 * n_block + 1 + wg;
+        if (leader) {
+          int seen;
+          for (;;) {
+            asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem) : "memory");
+            if (seen == want) break;
+            __nanosleep(64);
+          }
+        }
+        if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+      }
       float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
                    (D == 128 ? 64 * wg : 0);
 #pragma unroll
@@ -566,6 +607,14 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
                        "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
                        : "memory");
+        }
+      }
+      if constexpr (Tr::DET) {
+        if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        if (leader) {
+          __threadfence();  // the warpgroup's adds (ordered before by the barrier) before the next writer's
+          asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(sem), "r"(token) : "memory");
         }
       }
     }
