@@ -585,11 +585,14 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         const int want = D == 128 ? info.prev_n + 1 : (wg == 0 ? 2 * info.prev_n + 2 : 2 * n_block + 1);
         token = D == 128 ? n_block + 1 : 2 * n_block + 1 + wg;
         if (leader) {
-          int seen;
-          for (;;) {
+          // A wait that never ends would mean a bug in the turn order (prev_n): fail loudly after ~10 s instead of
+          // hanging the device (a normal wait is a few microseconds: the previous key tile's CTA runs alongside).
+          for (uint32_t spins = 0;; ++spins) {
+            int seen;
             asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem) : "memory");
             if (seen == want) break;
-            __nanosleep(64);
+            if (spins == (1u << 26)) __trap();  // (a printf here made ptxas serialize the loop's wgmma)
+            __nanosleep(128);
           }
         }
         if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
