@@ -104,3 +104,37 @@ def test_sm80_backward_under_determinism_raises_or_warns(monkeypatch):
     with pytest.warns(UserWarning, match="mma.sync backward"):
         grads = _grads(q, k, v, go, head_mode, kw)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_unmasked_stage_same_bits(D, monkeypatch):
+    # ELASTIC_SM90_BWD_UNMASKED=0 sends fully visible tiles through the masked stage: same arithmetic, so the same
+    # bits (dq compared under determinism, dk / dv in the default mode too), and both against float64.
+    if not _hopper():
+        pytest.skip("the Hopper backward's switch")
+    B, S, Hq, Hkv = 1, 1500, 8, 2
+    head_mode = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
+    kw = dict(sink=64, window=512)
+    q, k, v, go = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, seed=11)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ref_out, _ = attention_reference(q64, k64, v64, head_mode, **kw)
+    ref = torch.autograd.grad(ref_out, (q64, k64, v64), go.double())
+    got = {}
+    for unmasked in ("1", "0"):
+        monkeypatch.setenv("ELASTIC_SM90_BWD_UNMASKED", unmasked)
+        assert f"bwd_unmasked={unmasked}" in elastic_cuda.ops.reload_kernel_options()
+        for det in (False, True):
+            torch.use_deterministic_algorithms(det)
+            got[(unmasked, det)] = _grads(q, k, v, go, head_mode, kw)
+    for det in (False, True):
+        a, b = got[("1", det)], got[("0", det)]
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]), f"dk / dv differ (deterministic={det})"
+        if det:
+            assert torch.equal(a[0], b[0]), "dq differs under determinism"
+        for g in a + b:
+            assert torch.isfinite(g).all()
+    for key, grads in got.items():
+        errs = [_rel(g.double(), r) for g, r in zip(grads, ref)]
+        print(f"unmasked={key[0]} deterministic={key[1]} D{D}: rel err dq {errs[0]:.2e} dk {errs[1]:.2e} "
+              f"dv {errs[2]:.2e}")
+        assert all(e < GRAD_TOL[torch.bfloat16] for e in errs), (key, errs)

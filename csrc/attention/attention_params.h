@@ -61,6 +61,8 @@ struct AttentionBwdParams : AttentionFwdParams {
   // (batch, query head, 64-row query tile), [B, Hq, dq_sem_tiles, 2]; nullptr: dQ tiles are added in any order.
   int* dq_sem = nullptr;
   int dq_sem_tiles = 0;
+  // Hopper backward: fully visible tiles run the unmasked stage (KernelOptions::sm90_bwd_unmasked; set by its launch)
+  int sm90_bwd_unmasked = 1;
 };
 
 }  // namespace elastic

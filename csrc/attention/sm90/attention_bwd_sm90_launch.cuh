@@ -86,7 +86,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
     const dim3 grid(static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch),
                     static_cast<unsigned>(num_k_tiles));
-    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p, maps);
+    AttentionBwdParams pk = p;
+    pk.sm90_bwd_unmasked = opt.sm90_bwd_unmasked ? 1 : 0;
+    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(pk, maps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
