@@ -1,8 +1,9 @@
 """Interleaved A/B of the Hopper backward (issue #17): fwd+bwd and backward alone, bf16, Llama-3.1-8B attention shape
 (Hq 32, Hkv 8, D 128, B 1), every head FULL and 6 of 8 KV heads STREAM (sink 128, window 2048), for
-  default   the shipped backward (TMA dQ)
+  default   the shipped backward (TMA dQ, fully visible tiles through the unmasked stage)
+  masked    ELASTIC_SM90_BWD_UNMASKED=0 (every tile through the masked stage: the code before that change)
   atomic    ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by atomics, the path the deterministic mode builds on)
-  determ    torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order
+  determ    torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order (atomics path)
 Rounds interleave the variants; the median of the rounds is printed (ms). usage: python -m experiments.time_bwd_det
 [S,S,...] [rounds]"""
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 import elastic_cuda
 from elastic_cuda import FULL, STREAM
 
-VARIANTS = ("default", "atomic", "determ")
+VARIANTS = ("default", "masked", "atomic", "determ")
 
 
 def _set(variant):
     os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
+    os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")
 
