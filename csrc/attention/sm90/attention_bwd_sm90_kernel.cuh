@@ -385,6 +385,9 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       asm volatile("bar.sync 5, 256;\n" ::: "memory");
     }
   }
+  // Deterministic mode: the counter (index into p.dq_sem, -1: none) of the dQ tile whose turn this warpgroup still
+  // holds, and its token; an index rather than a pointer, one register less in a loop at the edge of spilling.
+  int held_sem = -1, held_token = 0;
   RingPos<Tr::STAGES> pos;
   for (int it = 0;; ++it) {
     mbar_wait(sm.full(pos.slot), pos.phase);
@@ -423,14 +426,14 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         const SmemDesc q_desc = smem_desc_b128_split(uaddr(q_tile), 16, 1024);
         const SmemDesc do_desc = smem_desc_b128_split(uaddr(do_tile), 16, 1024);
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t step = (kk % 4) * 32u;  // 32-byte k-step inside the swizzled 128-byte row
           wgmma_ss_n64<T>(acc_s, k_desc.at((kk / 4) * (BN * 128u) + step), q_desc.at((kk / 4) * (BM * 128u) + step),
                           kk > 0);
         }
         wgmma_commit();
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t step = (kk % 4) * 32u;
           wgmma_ss_n64<T>(acc_dp, v_desc.at((kk / 4) * (BN * 128u) + step),
@@ -445,11 +448,11 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       if (MASKED && !info.full) {  // (a full tile reaches the MASKED instance only with the A/B switch off)
         vis = 0;
         const uint64_t bits = (uint64_t(uint32_t(info.bits_hi)) << 32) | uint32_t(info.bits_lo);
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 8; ++i)
-  #pragma unroll
+#pragma unroll
           for (int hf = 0; hf < 2; ++hf)
-  #pragma unroll
+#pragma unroll
             for (int c = 0; c < 2; ++c) {
               const int rr = 8 * i + 2 * t4 + c, r = r0 + rr, j = jkey + 8 * hf;
               const int ipos = r + seq.offset;
@@ -468,12 +471,12 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
       const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
       uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
-  #pragma unroll
+#pragma unroll
         for (int x = 0; x < 4; ++x) p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
       wgmma_fence();
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
         else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
@@ -483,13 +486,13 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       wgmma_wait<1>();  // dP^T ready (dV still running)
       fence_regs(acc_dp);
       bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
-  #pragma unroll
+#pragma unroll
         for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
       // dK += dS^T Q.
       wgmma_fence();
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk) {
         if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
         else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
@@ -500,9 +503,9 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
       // 2 kk / 2 kk + 1 (x >= 2).
       const uint32_t ds_tile = sm.ds_buf(it & 1);
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
-  #pragma unroll
+#pragma unroll
         for (int x = 0; x < 4; ++x) {
           const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
           const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
@@ -523,7 +526,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         const SmemDesc ds_desc = smem_desc_b128_split(uaddr(ds_tile), BN * 128, 1024);
         wgmma_fence();
         constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
           const int ka = D == 128 ? kk : 4 * wg + kk;  // key rows 16 ka .. 16 ka + 15
           wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
@@ -560,10 +563,10 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
         if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
         else asm volatile("bar.sync 4, 128;\n" ::: "memory");
-  #pragma unroll
+#pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = 16 * warp + g + 8 * hf;
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 8; ++i) {
             const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
             const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
@@ -578,7 +581,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if (leader) {
           const int col0 = D == 128 ? 64 * wg : 0;
           const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
-  #pragma unroll
+#pragma unroll
           for (int box = 0; box < 2; ++box)
             tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
           bulk_commit_group();
@@ -597,6 +600,16 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           const int want = D == 128 ? info.prev_n + 1 : (wg == 0 ? 2 * info.prev_n + 2 : 2 * n_block + 1);
           token = D == 128 ? n_block + 1 : 2 * n_block + 1 + wg;
           if (leader) {
+            // First hand on the tile of this warpgroup's previous stage (held since its adds were issued): those adds
+            // are ordered before this thread by the dS barrier of this stage (bar 1 over every thread that added),
+            // and by now they have mostly completed, so the fence rarely waits. Releasing a stage late instead of
+            // fencing right after its adds keeps the round trip of the adds off this warpgroup's critical path;
+            // releasing it before waiting for this stage's turn keeps the order deadlock-free.
+            if (held_sem >= 0) {
+              __threadfence();
+              asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p.dq_sem + held_sem), "r"(held_token)
+                           : "memory");
+            }
             // A wait that never ends would mean a bug in the turn order (prev_n): fail loudly after ~10 s instead of
             // hanging the device (a normal wait is a few microseconds: the previous key tile's CTA runs alongside).
             for (uint32_t spins = 0;; ++spins) {
@@ -612,12 +625,12 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         }
         float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
                      (D == 128 ? 64 * wg : 0);
-  #pragma unroll
+#pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = 16 * warp + g + 8 * hf;
           if (MASKED && r0 + row >= r_end) continue;
           float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 8; ++i) {
             asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
                          "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
@@ -625,12 +638,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           }
         }
         if constexpr (Tr::DET) {
-          if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
-          else asm volatile("bar.sync 4, 128;\n" ::: "memory");
-          if (leader) {
-            __threadfence();  // the warpgroup's adds (ordered before by the barrier) before the next writer's
-            asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(sem), "r"(token) : "memory");
-          }
+          held_sem = static_cast<int>(sem - p.dq_sem);  // handed on at the next stage, or after the walk
+          held_token = token;
         }
       }
     };
@@ -640,6 +649,14 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   }
   if constexpr (Tr::DQ_TMA) {
     if (threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();  // the staging tile outlives its last read
+  }
+  if constexpr (Tr::DET) {
+    if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");  // every thread's last adds before the release
+    else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+    if (threadIdx.x % Tr::WG_THREADS == 0 && held_sem >= 0) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p.dq_sem + held_sem), "r"(held_token) : "memory");
+    }
   }
 
   // dK (scaled) and dV of this thread's key rows.
