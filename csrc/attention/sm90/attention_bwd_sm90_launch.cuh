@@ -99,6 +99,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
 template <typename T, int D>
 bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
                                const KernelOptions& opt) {
+  if (p.dq_sem != nullptr)  // deterministic dQ (attention_fused_cuda.cu allocates the counters)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, false, false, true>>(p, max_seqlen_q, max_seqlen_k,
+                                                                                    stream, opt);
 #if defined(ELASTIC_EXPERIMENTS)
   // the early-release experiment (kernel_options.h; read_env rejects it in other builds)
   if (opt.sm90_bwd_early_release) {
@@ -109,9 +112,6 @@ bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, in
                                                                               opt);
   }
 #endif
-  if (p.dq_sem != nullptr)  // deterministic dQ (attention_fused_cuda.cu allocates the counters)
-    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, false, false, true>>(p, max_seqlen_q, max_seqlen_k,
-                                                                                    stream, opt);
   if (opt.sm90_bwd_dq_tma)
     return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true>>(p, max_seqlen_q, max_seqlen_k, stream, opt);
   return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D>>(p, max_seqlen_q, max_seqlen_k, stream, opt);
