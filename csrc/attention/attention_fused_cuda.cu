@@ -2,6 +2,7 @@
 // the (dtype, head_dim) instance. Arguments are already checked by attention_cuda_api.cpp; nothing here
 // reads device memory on the host or synchronises.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <climits>
@@ -198,10 +199,28 @@ void attention_bwd_cuda(const AttentionArgs& a, const at::Tensor& out, const at:
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int max_q = clamp_int(a.shape.seqlen_q), max_k = clamp_int(a.shape.seqlen_k);
+  // Determinism (torch.use_deterministic_algorithms, read here like PyTorch's own CUDA ops do, so that the autograd
+  // backward and direct calls of the op both honour it): only the dQ sum differs between runs (fp32 adds of the
+  // key tiles' dQ tiles in arrival order; dK / dV are summed inside one CTA). The Hopper backward then adds them in
+  // key-tile order through turn counters; the mma.sync backward has no such mode and is reported through
+  // alertNotDeterministic (an error, or a warning under warn_only=True, as for PyTorch's nondeterministic ops).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  at::Tensor dq_sem;
+  if (deterministic && max_q > 0) {
+    p.dq_sem_tiles = (max_q + 63) / 64;
+    dq_sem = at::zeros({int64_t(p.batch) * p.heads_q * p.dq_sem_tiles * 2}, dq.options().dtype(at::kInt));
+    p.dq_sem = dq_sem.data_ptr<int>();
+  }
   ELASTIC_DTYPE_HEADDIM_SWITCH(a.q.scalar_type(), a.shape.head_dim, T, D, [&] {
     if (!(use_sm90_backward<T, D>(p, a.options) &&
-          launch_attention_bwd_sm90<T, D>(p, max_q, max_k, stream, a.options)))
+          launch_attention_bwd_sm90<T, D>(p, max_q, max_k, stream, a.options))) {
+      if (deterministic)
+        at::globalContext().alertNotDeterministic(
+            "elastic.attention_backward on the mma.sync backward (GPUs before Hopper, ELASTIC_CUDA_SM90_BWD=0, or "
+            "arguments the Hopper backward does not take): its dQ is a sum of fp32 atomics in arrival order");
+      p.dq_sem = nullptr;
       launch_attention_bwd<T, D>(p, max_q, max_k, stream);
+    }
   });
   const float scale = static_cast<float>(a.shape.scale);
   ELASTIC_DTYPE_SWITCH(a.q.scalar_type(), T, [&] {

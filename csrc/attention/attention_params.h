@@ -57,6 +57,12 @@ struct AttentionBwdParams : AttentionFwdParams {
   int64_t dk_stride_b = 0, dk_stride_r = 0, dk_stride_h = 0;
   int64_t dv_stride_b = 0, dv_stride_r = 0, dv_stride_h = 0;
   int64_t total_rows_q = 0;         // number of rows of q (B*Sq dense, Tq varlen), for the preprocess grid
+  // Deterministic dQ (Hopper backward, torch.use_deterministic_algorithms): zeroed int32 turn counters, 2 per
+  // (batch, query head, 64-row query tile), [B, Hq, dq_sem_tiles, 2]; nullptr: dQ tiles are added in any order.
+  int* dq_sem = nullptr;
+  int dq_sem_tiles = 0;
+  // Hopper backward: fully visible tiles run the unmasked stage (KernelOptions::sm90_bwd_unmasked; set by its launch)
+  int sm90_bwd_unmasked = 1;
 };
 
 }  // namespace elastic

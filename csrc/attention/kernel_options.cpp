@@ -34,6 +34,7 @@ KernelOptions read_env() {
   o.sm90 = env_bool("ELASTIC_CUDA_SM90", o.sm90);
   o.sm90_bwd = env_bool("ELASTIC_CUDA_SM90_BWD", o.sm90_bwd);
   o.sm90_bwd_dq_tma = env_bool("ELASTIC_SM90_BWD_DQ_TMA", o.sm90_bwd_dq_tma);
+  o.sm90_bwd_unmasked = env_bool("ELASTIC_SM90_BWD_UNMASKED", o.sm90_bwd_unmasked);
   o.sm90_bwd_early_release = env_bool("ELASTIC_SM90_BWD_EARLY_RELEASE", o.sm90_bwd_early_release);
   ELASTIC_CHECK(!o.sm90_bwd_early_release || kExperimentsBuilt,
                 "elastic: ELASTIC_SM90_BWD_EARLY_RELEASE=1 selects a Hopper backward instance that is an A/B-timing ",
@@ -101,7 +102,8 @@ std::string describe(const KernelOptions& o) {
                            " walk_cached=", b(o.sm90_walk_cached), " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
-                           " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_early_release=", b(o.sm90_bwd_early_release),
+                           " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
+                           " bwd_early_release=", b(o.sm90_bwd_early_release),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",
                            (o.decode_copy == 0   ? "zfill"

@@ -32,6 +32,7 @@
 // finite inputs: that check (at most 16 shared loads per consumer thread per CTA) and a ballot per producer stage.
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #include "attention/attention_mma.cuh"
 #include "attention/attention_params.h"
@@ -57,9 +58,12 @@ struct BwdTmaMaps {
 // EARLY_RELEASE (experiment, ELASTIC_SM90_BWD_EARLY_RELEASE=1 in ELASTIC_BUILD_EXPERIMENTS=1 builds): a stage's Q / dO
 // slot is released once dV and dK are done (wgmma_wait<1>), while dQ (which reads dS^T and K only) still runs, so that
 // the producer may refill the slot one dQ MMA earlier (2 stages with DQ_TMA). Untimed.
-template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false>
+// DET (deterministic mode, with the atomics dQ path only): the key-tile CTAs add their dQ tile of a (query head,
+// query tile) in key-tile order, one after another, through per-tile turn counters (p.dq_sem; see bwd_consumer).
+template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_;
+  static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
   static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
@@ -76,7 +80,9 @@ struct BwdSm90Traits {
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Consumers hold dK and dV (D / 2 + D / 2 fp32 per thread), S^T and dP^T (32 + 32) and dQ (32). The sum must fit
   // the 168 per thread the CTA gets under __launch_bounds__(NTHREADS, 1), or setmaxnreg.inc waits forever.
-  static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+  // 24 / 240 (was 40 / 232): the consumers' two stage instances (bwd_consumer) need 240 to keep the wgmma
+  // asynchronous; the producer fits in 24 without spills (ptxas, nvcc 13.0: it uses 22).
+  static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
   static_assert(WG_THREADS * PRODUCER_REGS + CONSUMER_WGS * WG_THREADS * CONSUMER_REGS <= 168 * NTHREADS,
                 "register pool");
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
@@ -97,7 +103,8 @@ struct BwdSmem {
 
 // The ints after a stage's lse / delta rows.
 struct StageInfo {
-  int h, r0, full, pad, bits_lo, bits_hi, pad2, pad3;  // r0 < 0: end of the walk
+  int h, r0, full, prev_n, bits_lo, bits_hi, pad2, pad3;  // r0 < 0: end of the walk
+  // prev_n (DET only): the nearest lower key tile whose CTA also visits this (head, query tile), -1 if none
 };
 
 #if defined(ELASTIC_SM90A_ENABLED)
@@ -134,6 +141,44 @@ __device__ __forceinline__ void load_rows_zero_fill(T* smem, const T* gmem, int6
     const bool valid = r < valid_rows && !((zero >> r) & 1u);
     mma::cp_async16(smem + (c / 8) * (ROWS * 64) + r * 64 + (((c % 8) ^ (r & 7)) << 3),
                     valid ? gmem + r * row_stride + c * 8 : gmem, valid);
+  }
+}
+
+// P^T = exp2(S^T * scale_log2 - lse2) of this thread's 32 entries (entry 4 i + 2 hf + c: query column 8 i + 2 t4 + c);
+// MASKED: entries whose bit in `vis` is clear are exactly 0 (selected, so that nothing of them enters). exp2 runs for
+// every entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded
+// the scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS
+// select (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
+template <bool MASKED>
+__device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
+                                          uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2.y : l2.x)));
+      s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    }
+  }
+}
+
+// dS^T = P^T (dP^T - delta) in place of dP^T; MASKED: entries whose bit in `vis` is clear are exactly 0 (a masked
+// entry's dP - delta may be non-finite: the bad rows of the non-finite rule). Dropping this select (P is already 0
+// there, and the producer could store delta = 0 for bad rows) was tried: ptxas then serialized the wgmma (C7512).
+template <bool MASKED>
+__device__ __forceinline__ void bwd_dscores(float (&dp)[32], const float (&pr)[32], const float* s_delta, int t4,
+                                            uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
+      dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    }
   }
 }
 
@@ -217,6 +262,19 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           bit[hf] = in && mode == kBlock && bb.bit_of_position(r + seq.offset, j0 / bb.block_size);
         }
         const unsigned lo = __ballot_sync(0xffffffffu, bit[0]), hi = __ballot_sync(0xffffffffu, bit[1]);
+        // Deterministic mode: the key tile added into this dQ tile just before ours. Key tile n' < n_block visits the
+        // tile exactly when tile_may_be_visible says so (its m_min is <= ours, and its walk stops only past tiles
+        // that are invisible): the same test, 32 key tiles per step, nearest first.
+        int prev_n = -1;
+        if constexpr (Tr::DET) {
+          for (int top = n_block - 1; top >= 0 && prev_n < 0; top -= 32) {
+            const int nn = top - lane;
+            const bool seen = nn >= 0 && tile_may_be_visible(mode, i_first, i_last, nn * BN, nn * BN + BN - 1, p.sink,
+                                                              p.window, bb);
+            const unsigned found = __ballot_sync(0xffffffffu, seen);
+            if (found != 0u) prev_n = top - (__ffs(found) - 1);
+          }
+        }
         if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
         const uint32_t meta = sm.meta_slot(pos.slot);
         float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
@@ -235,6 +293,7 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           info->h = h;
           info->r0 = r0;
           info->full = full ? 1 : 0;
+          info->prev_n = prev_n;
           info->bits_lo = static_cast<int>(lo);
           info->bits_hi = static_cast<int>(hi);
         }
@@ -291,11 +350,6 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
-  const SmemDesc k_desc = smem_desc_b128_split(sm.k + wg * 64 * 128, 16, 1024);
-  const SmemDesc v_desc = smem_desc_b128_split(sm.v + wg * 64 * 128, 16, 1024);
-  // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
-  // 64-column block, at 64 the only one.
-  const SmemDesc k_mn_desc = smem_desc_b128_split(sm.k + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
   auto release = [&](uint32_t bar) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
@@ -331,222 +385,278 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       asm volatile("bar.sync 5, 256;\n" ::: "memory");
     }
   }
+  // Deterministic mode: the counter (index into p.dq_sem, -1: none) of the dQ tile whose turn this warpgroup still
+  // holds, and its token; an index rather than a pointer, one register less in a loop at the edge of spilling.
+  int held_sem = -1, held_token = 0;
   RingPos<Tr::STAGES> pos;
   for (int it = 0;; ++it) {
     mbar_wait(sm.full(pos.slot), pos.phase);
     const unsigned char* meta = gbase + (sm.meta_slot(pos.slot) - base);
     const StageInfo info = *reinterpret_cast<const StageInfo*>(meta + 2 * BM * 4);
     if (info.r0 < 0) break;
-    const int h = info.h, r0 = info.r0, r_end = min(r0 + BM, seq.len_q);
-    const float* s_lse2 = reinterpret_cast<const float*>(meta);
-    const float* s_delta = s_lse2 + BM;
-    const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
+    // One stage, in two instances: MASKED for tiles that are partly visible (diagonal, window edge, BLOCK bits,
+    // sequence tail), unmasked for fully visible ones (info.full: a whole tile all of whose (key, query) pairs are
+    // visible), which run no visibility bits, bit tests or selects. Chosen here, between stages, where no wgmma is
+    // in flight. SASS of the bf16 D128 TMA-dQ instance per warp and fully visible stage: 553 instructions (757 with
+    // the masked code, 940 before the descriptors went uniform). Both instances in one loop needed 240 registers per
+    // consumer thread: at 232 ptxas serialized the loop's wgmma (C7512). ELASTIC_SM90_BWD_UNMASKED=0 sends every
+    // stage through the MASKED instance (A/B; kernel_options.h).
+    auto stage = [&](auto masked_tag) {
+      constexpr bool MASKED = decltype(masked_tag)::value;
+      const int h = info.h, r0 = info.r0, r_end = min(r0 + BM, seq.len_q);
+      const float* s_lse2 = reinterpret_cast<const float*>(meta);
+      const float* s_delta = s_lse2 + BM;
+      // Every wgmma descriptor is built from `ub`, a copy of the shared base that ptxas knows to be warp-uniform
+      // (a shuffle from lane 0, made per step so that it is not hoisted into the vector register that holds `base`
+      // for the per-thread addresses): the descriptors then live in uniform registers and a k-step is one uniform
+      // add. Built from `base` itself, every wgmma cost ~6 LOP3 / IMAD / VIADD and 4 R2UR in the vector pipe (SASS of
+      // the bf16 D128 instance, per warp and fully visible stage: 940 instructions before, 806 after).
+      const uint32_t ub = __shfl_sync(0xffffffffu, base, 0);
+      auto uaddr = [&](uint32_t addr) { return ub + (addr - base); };
+      const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
+      const SmemDesc k_desc = smem_desc_b128_split(uaddr(sm.k) + wg * 64 * 128, 16, 1024);
+      const SmemDesc v_desc = smem_desc_b128_split(uaddr(sm.v) + wg * 64 * 128, 16, 1024);
+      // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
+      // 64-column block, at 64 the only one.
+      const SmemDesc k_mn_desc = smem_desc_b128_split(uaddr(sm.k) + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
 
-    // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x the tile's 64 queries).
-    float acc_s[32], acc_dp[32];
-    {
-      const SmemDesc q_desc = smem_desc_b128_split(q_tile, 16, 1024);
-      const SmemDesc do_desc = smem_desc_b128_split(do_tile, 16, 1024);
+      // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x the tile's 64 queries).
+      float acc_s[32], acc_dp[32];
+      {
+        const SmemDesc q_desc = smem_desc_b128_split(uaddr(q_tile), 16, 1024);
+        const SmemDesc do_desc = smem_desc_b128_split(uaddr(do_tile), 16, 1024);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t step = (kk % 4) * 32u;  // 32-byte k-step inside the swizzled 128-byte row
+          wgmma_ss_n64<T>(acc_s, k_desc.at((kk / 4) * (BN * 128u) + step), q_desc.at((kk / 4) * (BM * 128u) + step),
+                          kk > 0);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t step = (kk % 4) * 32u;
+          wgmma_ss_n64<T>(acc_dp, v_desc.at((kk / 4) * (BN * 128u) + step),
+                          do_desc.at((kk / 4) * (BM * 128u) + step), kk > 0);
+        }
+        wgmma_commit();
+      }
+
+      // Visibility of this thread's 32 (key, query) pairs, bit 4 i + 2 hf + c: key jkey + 8 hf, query row
+      // r0 + 8 i + 2 t4 + c (the accumulator layout of wgmma.cuh with keys as rows).
+      uint32_t vis = 0xffffffffu;
+      if (MASKED && !info.full) {  // (a full tile reaches the MASKED instance only with the A/B switch off)
+        vis = 0;
+        const uint64_t bits = (uint64_t(uint32_t(info.bits_hi)) << 32) | uint32_t(info.bits_lo);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int rr = 8 * i + 2 * t4 + c, r = r0 + rr, j = jkey + 8 * hf;
+              const int ipos = r + seq.offset;
+              bool v = j < len_k && r < r_end && j <= ipos;
+              if (mode == kStream) v = v && (j < p.sink || ipos - j < p.window);
+              else if (mode == kBlock) v = v && ((bits >> rr) & 1u);
+              vis |= v ? 1u << (4 * i + 2 * hf + c) : 0u;
+            }
+      }
+
+      wgmma_wait<1>();  // S^T ready
+      fence_regs(acc_s);
+      bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
+      // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
+      // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
+      const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
+      const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
+      uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t step = (kk % 4) * 32u;  // 32-byte k-step inside the swizzled 128-byte row
-        wgmma_ss_n64<T>(acc_s, k_desc.at((kk / 4) * (BN * 128u) + step), q_desc.at((kk / 4) * (BM * 128u) + step),
-                        kk > 0);
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
+        else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
       }
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t step = (kk % 4) * 32u;
-        wgmma_ss_n64<T>(acc_dp, v_desc.at((kk / 4) * (BN * 128u) + step),
-                        do_desc.at((kk / 4) * (BM * 128u) + step), kk > 0);
-      }
-      wgmma_commit();
-    }
 
-    // Visibility of this thread's 32 (key, query) pairs, bit 4 i + 2 hf + c: key jkey + 8 hf, query row
-    // r0 + 8 i + 2 t4 + c (the accumulator layout of wgmma.cuh with keys as rows).
-    uint32_t vis = 0xffffffffu;
-    if (!info.full) {
-      vis = 0;
-      const uint64_t bits = (uint64_t(uint32_t(info.bits_hi)) << 32) | uint32_t(info.bits_lo);
+      wgmma_wait<1>();  // dP^T ready (dV still running)
+      fence_regs(acc_dp);
+      bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
+        for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
+      // dK += dS^T Q.
+      wgmma_fence();
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int rr = 8 * i + 2 * t4 + c, r = r0 + rr, j = jkey + 8 * hf;
-            const int ipos = r + seq.offset;
-            bool v = j < len_k && r < r_end && j <= ipos;
-            if (mode == kStream) v = v && (j < p.sink || ipos - j < p.window);
-            else if (mode == kBlock) v = v && ((bits >> rr) & 1u);
-            vis |= v ? 1u << (4 * i + 2 * hf + c) : 0u;
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+        else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+      }
+      wgmma_commit();
+
+      // dS^T [128 keys x 64 queries] into the 128-byte-swizzled buffer of this step's parity (row = key: 128 bytes
+      // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
+      // 2 kk / 2 kk + 1 (x >= 2).
+      const uint32_t ds_tile = sm.ds_buf(it & 1);
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
+          const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][x]) : "memory");
+        }
+      fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
+      // Head_dim 128: both warpgroups' dS^T rows are read (named barrier 1 over the 256 consumer threads); 64: only
+      // this warpgroup's (barrier 1 + wg over its 128). The double buffer makes a second barrier unnecessary: a
+      // warpgroup rewrites buffer it & 1 only after the barrier of step it + 1, which the other passes after its
+      // step-it dQ MMAs completed.
+      if constexpr (D == 128) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      else if (wg == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+      else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+
+      // dQ (= dS K, unscaled) for 64 query rows x 64 head-dim columns.
+      float acc_dq[32];
+      {
+        const SmemDesc ds_desc = smem_desc_b128_split(uaddr(ds_tile), BN * 128, 1024);
+        wgmma_fence();
+        constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+          const int ka = D == 128 ? kk : 4 * wg + kk;  // key rows 16 ka .. 16 ka + 15
+          wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
+        }
+        wgmma_commit();
+      }
+      if constexpr (Tr::EARLY_RELEASE) {
+        wgmma_wait<1>();  // dV, dK done (groups complete in order; dQ, the last, may run on): Q and dO are not read
+        fence_regs(acc_dv);
+        fence_regs(acc_dk);
+        fence_regs(p_frag);
+        fence_regs(ds_frag);
+        release(sm.empty(pos.slot));
+        wgmma_wait<0>();
+        fence_regs(acc_dq);
+      } else {
+        wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
+        fence_regs(acc_dv);
+        fence_regs(acc_dk);
+        fence_regs(acc_dq);
+        fence_regs(p_frag);
+        fence_regs(ds_frag);
+        release(sm.empty(pos.slot));
+      }
+
+      // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
+      if constexpr (Tr::DQ_TMA) {
+        // Staging tile: two 128-byte-swizzled boxes of 32 columns x 64 rows (TMA reads the swizzle; a warp's float2
+        // stores then spread over all banks). Rows past the sequence (a varlen box runs into the next one) hold +-0
+        // without a select: their dS is masked to 0 and K is finite (non-finite rows zeroed), so dQ = dS K is a sum of
+        // zeros there, and x + (-0) == x for every x. (The select cost 32 FSEL per warp and stage.)
+        const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
+        const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+        if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
+        if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = 16 * warp + g + 8 * hf;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
+            const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                         "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                         : "memory");
           }
-    }
-
-    wgmma_wait<1>();  // S^T ready
-    fence_regs(acc_s);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 4 * i + 2 * hf + c;
-          acc_s[e] = (vis >> e) & 1u ? exp2f(fmaf(acc_s[e], p.scale_log2, -(c ? l2.y : l2.x))) : 0.f;
         }
-    }
-    // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
-    // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
-    const SmemDesc do_mn = smem_desc_b128_split(do_tile, BM * 128, 1024);
-    const SmemDesc q_mn = smem_desc_b128_split(q_tile, BM * 128, 1024);
-    uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+        fence_proxy_async();  // generic stores, read next by the copy engine
+        if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        if (leader) {
+          const int col0 = D == 128 ? 64 * wg : 0;
+          const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-      for (int x = 0; x < 4; ++x) p_frag[kk][x] = Op::pack(acc_s[8 * kk + 2 * x], acc_s[8 * kk + 2 * x + 1]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
-      else wgmma_rs_n64_mn<T>(acc_dv, p_frag[kk], do_mn.at(kk * 16 * 128u));
-    }
-    wgmma_commit();
-
-    wgmma_wait<1>();  // dP^T ready (dV still running)
-    fence_regs(acc_dp);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int e = 4 * i + 2 * hf + c;
-          acc_dp[e] = (vis >> e) & 1u ? acc_s[e] * (acc_dp[e] - (c ? dl.y : dl.x)) : 0.f;
+          for (int box = 0; box < 2; ++box)
+            tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
+          bulk_commit_group();
         }
-    }
+      } else {
+        // Deterministic mode: this warpgroup's turn on the tile's counter. Head_dim 128: warpgroup w owns columns
+        // [64 w, 64 w + 64) and counter w, whose writers are the visiting key tiles in order (token n + 1 after key tile
+        // n). Head_dim 64: both warpgroups add whole rows (each over its own 64 keys) on counter 0, warpgroup 0 then 1
+        // (tokens 2 n + 1, 2 n + 2). No deadlock: a CTA waits only for CTAs of lower key tiles, which the grid
+        // (blockIdx.z = key tile) starts earlier, so the lowest unfinished CTA never waits.
+        const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+        int* sem = nullptr;
+        int token = 0;
+        if constexpr (Tr::DET) {
+          sem = p.dq_sem + ((int64_t(b) * p.heads_q + h) * p.dq_sem_tiles + r0 / BM) * 2 + (D == 128 ? wg : 0);
+          const int want = D == 128 ? info.prev_n + 1 : (wg == 0 ? 2 * info.prev_n + 2 : 2 * n_block + 1);
+          token = D == 128 ? n_block + 1 : 2 * n_block + 1 + wg;
+          if (leader) {
+            // First hand on the tile of this warpgroup's previous stage (held since its adds were issued): those adds
+            // are ordered before this thread by the dS barrier of this stage (bar 1 over every thread that added),
+            // and by now they have mostly completed, so the fence rarely waits. Releasing a stage late instead of
+            // fencing right after its adds keeps the round trip of the adds off this warpgroup's critical path;
+            // releasing it before waiting for this stage's turn keeps the order deadlock-free.
+            if (held_sem >= 0) {
+              __threadfence();
+              asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p.dq_sem + held_sem), "r"(held_token)
+                           : "memory");
+            }
+            // A wait that never ends would mean a bug in the turn order (prev_n): fail loudly after ~10 s instead of
+            // hanging the device (a normal wait is a few microseconds: the previous key tile's CTA runs alongside).
+            for (uint32_t spins = 0;; ++spins) {
+              int seen;
+              asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(sem) : "memory");
+              if (seen == want) break;
+              if (spins == (1u << 26)) __trap();  // (a printf here made ptxas serialize the loop's wgmma)
+              __nanosleep(128);
+            }
+          }
+          if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+          else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        }
+        float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
+                     (D == 128 ? 64 * wg : 0);
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = 16 * warp + g + 8 * hf;
+          if (MASKED && r0 + row >= r_end) continue;
+          float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
 #pragma unroll
-      for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
-    // dK += dS^T Q.
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
-      else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
-    }
-    wgmma_commit();
-
-    // dS^T [128 keys x 64 queries] into the 128-byte-swizzled buffer of this step's parity (row = key: 128 bytes
-    // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
-    // 2 kk / 2 kk + 1 (x >= 2).
-    const uint32_t ds_tile = sm.ds_buf(it & 1);
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
-        const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][x]) : "memory");
-      }
-    fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
-    // Head_dim 128: both warpgroups' dS^T rows are read (named barrier 1 over the 256 consumer threads); 64: only
-    // this warpgroup's (barrier 1 + wg over its 128). The double buffer makes a second barrier unnecessary: a
-    // warpgroup rewrites buffer it & 1 only after the barrier of step it + 1, which the other passes after its
-    // step-it dQ MMAs completed.
-    if constexpr (D == 128) asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    else if (wg == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
-    else asm volatile("bar.sync 2, 128;\n" ::: "memory");
-
-    // dQ (= dS K, unscaled) for 64 query rows x 64 head-dim columns.
-    float acc_dq[32];
-    {
-      const SmemDesc ds_desc = smem_desc_b128_split(ds_tile, BN * 128, 1024);
-      wgmma_fence();
-      constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
-#pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const int ka = D == 128 ? kk : 4 * wg + kk;  // key rows 16 ka .. 16 ka + 15
-        wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
-      }
-      wgmma_commit();
-    }
-    if constexpr (Tr::EARLY_RELEASE) {
-      wgmma_wait<1>();  // dV, dK done (groups complete in order; dQ, the last, may run on): Q and dO are not read
-      fence_regs(acc_dv);
-      fence_regs(acc_dk);
-      fence_regs(p_frag);
-      fence_regs(ds_frag);
-      release(sm.empty(pos.slot));
-      wgmma_wait<0>();
-      fence_regs(acc_dq);
-    } else {
-      wgmma_wait<0>();  // dV, dK, dQ done: Q and dO of the stage are no longer read
-      fence_regs(acc_dv);
-      fence_regs(acc_dk);
-      fence_regs(acc_dq);
-      fence_regs(p_frag);
-      fence_regs(ds_frag);
-      release(sm.empty(pos.slot));
-    }
-
-    // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
-    if constexpr (Tr::DQ_TMA) {
-      // Staging tile: two 128-byte-swizzled boxes of 32 columns x 64 rows (TMA reads the swizzle; a warp's float2
-      // stores then spread over all banks). Rows past the sequence hold 0 (a varlen box runs into the next one).
-      const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
-      const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
-      if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
-      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
-      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = 16 * warp + g + 8 * hf;
-        const bool keep = r0 + row < r_end;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
-          const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
-          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
-                       "f"(keep ? acc_dq[4 * i + 2 * hf] : 0.f), "f"(keep ? acc_dq[4 * i + 2 * hf + 1] : 0.f)
-                       : "memory");
+          for (int i = 0; i < 8; ++i) {
+            asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
+                         "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                         : "memory");
+          }
+        }
+        if constexpr (Tr::DET) {
+          held_sem = static_cast<int>(sem - p.dq_sem);  // handed on at the next stage, or after the walk
+          held_token = token;
         }
       }
-      fence_proxy_async();  // generic stores, read next by the copy engine
-      if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
-      else asm volatile("bar.sync 4, 128;\n" ::: "memory");
-      if (leader) {
-        const int col0 = D == 128 ? 64 * wg : 0;
-        const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
-#pragma unroll
-        for (int box = 0; box < 2; ++box)
-          tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
-        bulk_commit_group();
-      }
-    } else {
-      float* dqa = p.dq_accum + b * p.dqa_stride_b + int64_t(seq.q_start + r0) * p.dqa_stride_r + h * p.dqa_stride_h +
-                   (D == 128 ? 64 * wg : 0);
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = 16 * warp + g + 8 * hf;
-        if (r0 + row >= r_end) continue;
-        float* drow = dqa + int64_t(row) * p.dqa_stride_r + 2 * t4;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(drow + 8 * i),
-                       "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
-                       : "memory");
-        }
-      }
-    }
+    };
+    if (info.full && p.sm90_bwd_unmasked) stage(std::false_type{});
+    else stage(std::true_type{});
     pos.advance();
   }
   if constexpr (Tr::DQ_TMA) {
     if (threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();  // the staging tile outlives its last read
+  }
+  if constexpr (Tr::DET) {
+    if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");  // every thread's last adds before the release
+    else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+    if (threadIdx.x % Tr::WG_THREADS == 0 && held_sem >= 0) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p.dq_sem + held_sem), "r"(held_token) : "memory");
+    }
   }
 
   // dK (scaled) and dV of this thread's key rows.

@@ -86,7 +86,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
     const dim3 grid(static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch),
                     static_cast<unsigned>(num_k_tiles));
-    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(p, maps);
+    AttentionBwdParams pk = p;
+    pk.sm90_bwd_unmasked = opt.sm90_bwd_unmasked ? 1 : 0;
+    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(pk, maps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
@@ -97,6 +99,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
 template <typename T, int D>
 bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream,
                                const KernelOptions& opt) {
+  if (p.dq_sem != nullptr)  // deterministic dQ (attention_fused_cuda.cu allocates the counters)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, false, false, true>>(p, max_seqlen_q, max_seqlen_k,
+                                                                                    stream, opt);
 #if defined(ELASTIC_EXPERIMENTS)
   // the early-release experiment (kernel_options.h; read_env rejects it in other builds)
   if (opt.sm90_bwd_early_release) {

@@ -1,0 +1,77 @@
+"""Interleaved A/B of the Hopper backward (issue #17): fwd+bwd and backward alone, bf16, Llama-3.1-8B attention shape
+(Hq 32, Hkv 8, D 128, B 1), every head FULL and 6 of 8 KV heads STREAM (sink 128, window 2048), for
+  default   the shipped backward (TMA dQ, fully visible tiles through the unmasked stage)
+  masked    ELASTIC_SM90_BWD_UNMASKED=0 (every tile through the masked stage: the code before that change)
+  atomic    ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by atomics, the path the deterministic mode builds on)
+  determ    torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order (atomics path)
+Rounds interleave the variants; the median of the rounds is printed (ms). usage: python -m experiments.time_bwd_det
+[S,S,...] [rounds]"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+import torch
+
+import elastic_cuda
+from elastic_cuda import FULL, STREAM
+
+VARIANTS = ("default", "masked", "atomic", "determ")
+
+
+def _set(variant):
+    os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
+    os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
+    elastic_cuda.ops.reload_kernel_options()
+    torch.use_deterministic_algorithms(variant == "determ")
+
+
+def _time(fn, iters):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def main():
+    seqs = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768").split(",")]
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    for S in seqs:
+        gen = torch.Generator(device="cuda").manual_seed(S)
+        q = torch.randn(1, S, 32, 128, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+        k = torch.randn(1, S, 8, 128, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+        v = torch.randn(1, S, 8, 128, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+        do = torch.randn(1, S, 32, 128, device="cuda", generator=gen).bfloat16()
+        iters = 20 if S <= 8192 else 4
+        for routing, modes in (("all FULL", [FULL] * 8), ("6/8 STREAM", [FULL, FULL] + [STREAM] * 6)):
+            hm = torch.tensor([modes], dtype=torch.int32, device="cuda")
+
+            def fwd_bwd():
+                out = elastic_cuda.ops.attention(q, k, v, hm, sink=128, window=2048, strategy="auto")
+                torch.autograd.grad(out, (q, k, v), do)
+
+            out = elastic_cuda.ops.attention(q, k, v, hm, sink=128, window=2048, strategy="auto")
+
+            def bwd():
+                torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+            res = {(v_, w): [] for v_ in VARIANTS for w in ("fwd+bwd", "bwd")}
+            for _ in range(rounds):
+                for variant in VARIANTS:
+                    _set(variant)
+                    res[(variant, "fwd+bwd")].append(_time(fwd_bwd, iters))
+                    res[(variant, "bwd")].append(_time(bwd, iters))
+            _set("default")
+            line = " | ".join(f"{v_} {statistics.median(res[(v_, 'fwd+bwd')]):.2f} / "
+                              f"{statistics.median(res[(v_, 'bwd')]):.2f}" for v_ in VARIANTS)
+            print(f"S {S} {routing}: fwd+bwd / bwd ms: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
