@@ -610,32 +610,45 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
   write_rows<T, D, kRows, kStreams>(p, smem, pv, it, rchunk, b, h);
 }
 
-// Combine: one CTA of D threads per (pair, query row) merges the partials of the pair's items (pairs of one item
-// were written by the split kernel); thread d owns output element d. Latency-light, because at batch 1 the combine
-// is on the critical path of every call (ncu, 128K B1: split kernel 165.5 us of a 179.4 us call): the items' lse
-// are loaded by all threads at once (one per thread, a block max), each thread keeps its items' weights in shared
-// memory, and the partial outputs are read with many loads in flight (unrolled; independent addresses). Items come
-// in rounds of D (a pair has more only with forced splits); the rounds merge as an online softmax. Partials are read
-// through L2 (ld.global.cg): they were written by the previous grid, which wait_for_prior_grid waited for.
+// Combine: one CTA of kCombineThreads per (pair, query row) merges the partials of the pair's items (pairs of one
+// item were written by the split kernel). Latency-light, because at batch 1 it is on the critical path of every call
+// and a pair has many items (32K B1 with 6/8 heads STREAM: ~100 items per FULL pair): round 1's combine read the
+// items' lse one after another in each thread (a chain of ~100 L2 round trips) and then the partials 4 at a time,
+// which is how a call of 40 MB of K/V (8 us at HBM peak) took 41 us. Here the items' lse are loaded by all threads
+// at once (one item per thread, a block max and sum), the weights go to shared memory, and the partial outputs are
+// read as float4: D / 4 threads cover one item's row, so kCombineThreads / (D / 4) items (4 at D 128, 8 at D 64) are
+// read side by side, each thread with 8 loads in flight; the item groups' sums meet in shared memory. Items come in
+// rounds of kCombineThreads (a pair has more only with forced splits); the rounds merge as an online softmax.
+// Partials are read through L2 (ld.global.cg): the previous grid wrote them, and wait_for_prior_grid waited for it.
+constexpr int kCombineThreads = 128;
+
 template <typename T, int D, int kRows>
-__global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
-  __shared__ float s_w[D];
-  __shared__ float s_red[D / 32];
-  __shared__ int s_bad[D / 32];
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p) {
+  constexpr int kVecs = D / 4;                        // threads per item row (float4 each)
+  constexpr int kGroups = kCombineThreads / kVecs;    // items read side by side
+  constexpr int kWarpsC = kCombineThreads / 32;
+  constexpr int kUnroll = 8;
+  __shared__ float s_w[kCombineThreads];
+  __shared__ float s_max[kWarpsC], s_sum[kWarpsC];
+  __shared__ int s_bad[kWarpsC];
+  __shared__ float4 s_acc[kGroups][kVecs];
   wait_for_prior_grid();  // the plan and the partials are the split grid's writes
-  const int pair = blockIdx.x, row = blockIdx.y, d = threadIdx.x, lane = d % 32, warp = d / 32;
+  const int pair = blockIdx.x, row = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int count = p.plan[2 * pair + 1];
   if (count <= 1) return;
   const int first = p.plan[2 * pair];
   const int b = pair / p.hkv, h = pair % p.hkv;
   const int rchunk = row / kRows, r = row % kRows;
+  const int vec = tid % kVecs, grp = tid / kVecs;
   const int64_t base = static_cast<int64_t>(rchunk) * p.items_max * kRows + r;  // + item * kRows
-  float M = -INFINITY, L = 0.f, o = 0.f;
+  constexpr int64_t kStep = static_cast<int64_t>(kRows) * D;                   // floats between items
+  float M = -INFINITY, L = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
   bool bad = false;
-  for (int s0 = 0; s0 < count; s0 += D) {
-    const int n = min(D, count - s0);
-    const float x = d < n ? __ldcg(p.part_lse + base + static_cast<int64_t>(first + s0 + d) * kRows) : -INFINITY;
-    // Block max of this round's lse and whether any is NaN (a marked item makes the row NaN).
+  for (int s0 = 0; s0 < count; s0 += kCombineThreads) {
+    const int n = min(kCombineThreads, count - s0);
+    const float x = tid < n ? __ldcg(p.part_lse + base + static_cast<int64_t>(first + s0 + tid) * kRows) : -INFINITY;
+    // Round max (fmaxf skips NaN) and whether any lse is NaN (a marked item makes the row NaN).
     float mx = x;
     int nan_here = isnan(x) ? 1 : 0;
 #pragma unroll
@@ -643,51 +656,83 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       nan_here |= __shfl_xor_sync(0xffffffffu, nan_here, off);
     }
-    __syncthreads();  // the previous round's reads of s_w / s_red are done
+    __syncthreads();  // the previous round's reads of the shared arrays are done
     if (lane == 0) {
-      s_red[warp] = mx;
+      s_max[warp] = mx;
       s_bad[warp] = nan_here;
     }
     __syncthreads();
     float round_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < D / 32; ++w) {
-      round_max = fmaxf(round_max, s_red[w]);
+    for (int w = 0; w < kWarpsC; ++w) {
+      round_max = fmaxf(round_max, s_max[w]);
       bad |= s_bad[w] != 0;
     }
     const float m_new = fmaxf(M, round_max);
-    // An item with no visible key for this row has lse -inf: weight 0 (0 times its zero output).
-    s_w[d] = d < n && x != -INFINITY && m_new != -INFINITY ? exp2f(x - m_new) : 0.f;
+    // An item with no visible key for this row has lse -inf: weight 0 (times its zero output).
+    const float w_mine = x != -INFINITY && m_new != -INFINITY && !isnan(x) ? exp2f(x - m_new) : 0.f;
+    s_w[tid] = w_mine;
+    const float wsum = warp_sum(w_mine);
+    if (lane == 0) s_sum[warp] = wsum;
     __syncthreads();
+    float round_sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsC; ++w) round_sum += s_sum[w];
     const float corr = M == -INFINITY ? 0.f : exp2f(M - m_new);
-    L *= corr;
-    o *= corr;
+    L = L * corr + round_sum;
+    o.x *= corr;
+    o.y *= corr;
+    o.z *= corr;
+    o.w *= corr;
     M = m_new;
-    const float* po = p.part_out + (base + static_cast<int64_t>(first + s0) * kRows) * D + d;
-    const int64_t step = static_cast<int64_t>(kRows) * D;
-    int s = 0;
-    for (; s + 8 <= n; s += 8) {
-      float v[8];
+    // This thread's items of the round: grp, grp + kGroups, ...; kUnroll float4 loads issued before they are used.
+    const float4* po = reinterpret_cast<const float4*>(p.part_out + (base + static_cast<int64_t>(first + s0) * kRows) * D) + vec;
+    int s = grp;
+    for (; s + (kUnroll - 1) * kGroups < n; s += kUnroll * kGroups) {
+      float4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = __ldcg(po + (s + u) * step);
+      for (int u = 0; u < kUnroll; ++u) v[u] = __ldcg(po + (s + u * kGroups) * (kStep / 4));
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        L += s_w[s + u];
-        o = fmaf(s_w[s + u], v[u], o);
+      for (int u = 0; u < kUnroll; ++u) {
+        const float w = s_w[s + u * kGroups];
+        o.x = fmaf(w, v[u].x, o.x);
+        o.y = fmaf(w, v[u].y, o.y);
+        o.z = fmaf(w, v[u].z, o.z);
+        o.w = fmaf(w, v[u].w, o.w);
       }
     }
-    for (; s < n; ++s) {
-      L += s_w[s];
-      o = fmaf(s_w[s], __ldcg(po + s * step), o);
+    for (; s < n; s += kGroups) {
+      const float4 v = __ldcg(po + s * (kStep / 4));
+      const float w = s_w[s];
+      o.x = fmaf(w, v.x, o.x);
+      o.y = fmaf(w, v.y, o.y);
+      o.z = fmaf(w, v.z, o.z);
+      o.w = fmaf(w, v.w, o.w);
     }
   }
+  // The item groups' sums (each over its items, all with the final M) meet in shared memory.
+  s_acc[grp][vec] = o;
+  __syncthreads();
+  if (grp != 0) return;
+#pragma unroll
+  for (int g2 = 1; g2 < kGroups; ++g2) {
+    const float4 y = s_acc[g2][vec];
+    o.x += y.x;
+    o.y += y.y;
+    o.z += y.z;
+    o.w += y.w;
+  }
   const float nan = __int_as_float(0x7fc00000);
-  o = bad ? nan : (L > 0.f ? o / L : 0.f);
-  const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  const float res[4] = {o.x * inv, o.y * inv, o.z * inv, o.w * inv};
   const int qi = row / p.group, hq = h * p.group + row % p.group;
-  T* out = static_cast<T*>(p.out);
-  out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
-  if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+  T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + 4 * vec;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = to_elem<T>(bad ? nan : res[e]);
+  if (vec == 0) {
+    const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
+    p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+  }
 }
 
 }  // namespace decode

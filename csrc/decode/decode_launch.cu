@@ -37,7 +37,7 @@ void launch_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.pdl && device_major() >= 9) {
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = grid;
-    cfg.blockDim = dim3(D);
+    cfg.blockDim = dim3(decode::kCombineThreads);
     cfg.dynamicSmemBytes = 0;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
@@ -47,7 +47,7 @@ void launch_combine(const DecodeParams& p, cudaStream_t stream) {
     cfg.numAttrs = 1;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_combine_kernel<T, D, kRows>, p));
   } else {
-    decode::decode_combine_kernel<T, D, kRows><<<grid, D, 0, stream>>>(p);
+    decode::decode_combine_kernel<T, D, kRows><<<grid, decode::kCombineThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
