@@ -35,14 +35,18 @@ class SparsityMeter:
         self._block_pairs[layer_idx] = None
         self._deferred[layer_idx] = []
 
-    def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor):
-        """Visible prefill pairs of each sample's BLOCK heads, float [B, Hkv] (any device; 0 for the other heads),
-        from the layer's estimated masks."""
-        self._block_pairs[layer_idx] = pairs
+    def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor, kv_heads: int | None = None,
+                        block_heads: torch.Tensor | None = None):
+        """Visible prefill pairs of each sample's BLOCK heads from the layer's estimated masks (any device; 0 for
+        the other heads): float [B, Hkv], or, with kv_heads, per query head [B, Hq], made per KV head (the mean over
+        its query heads, times block_heads == BLOCK when block_heads int32 [B, Hkv] is given) when first read
+        (block_pairs, metrics): the same ops on the same values, not in every BLOCK layer of a prefill, where each
+        costs a kernel launch (#15)."""
+        self._block_pairs[layer_idx] = pairs if kv_heads is None else _PerQueryHead(pairs, kv_heads, block_heads)
 
     def block_pairs(self, layer_idx: int):
-        """What set_block_pairs stored for this layer's current prefill, else None."""
-        return self._block_pairs[layer_idx]
+        """The BLOCK heads' visible pairs float [B, Hkv] of this layer's current prefill, else None."""
+        return _resolved(self._block_pairs[layer_idx])
 
     def count(self, layer_idx, modes, seqlen_q, seqlen_k, padding, sink, window):
         """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
@@ -95,8 +99,8 @@ class SparsityMeter:
         values the device used to sum per call (and they are added in the same order)."""
         values, heads = [], {}
         for entry in self._deferred[layer_idx]:
-            if isinstance(entry, torch.Tensor):
-                values.append(float(entry.double().sum()))
+            if isinstance(entry, (torch.Tensor, _PerQueryHead)):
+                values.append(float(_resolved(entry).double().sum()))
                 continue
             modes, causal, stream, masked = entry
             counts = heads.get(id(modes))
@@ -106,3 +110,23 @@ class SparsityMeter:
             values.append(float(sum((n_full + (0 if masked else n_block)) * c + n_stream * s
                                     for (n_full, n_block, n_stream), c, s in zip(counts, causal, stream))))
         return values
+
+
+class _PerQueryHead:
+    """BLOCK pairs per query head [B, Hq], waiting to be made per KV head (SparsityMeter.set_block_pairs)."""
+    __slots__ = ("pairs", "kv_heads", "block_heads", "per_kv_head")
+
+    def __init__(self, pairs, kv_heads, block_heads):
+        self.pairs, self.kv_heads, self.block_heads, self.per_kv_head = pairs, kv_heads, block_heads, None
+
+
+def _resolved(entry):
+    """A stored BLOCK pair count as float [B, Hkv] (made once from per-query-head pairs)."""
+    if not isinstance(entry, _PerQueryHead):
+        return entry
+    if entry.per_kv_head is None:
+        vis = entry.pairs.view(entry.pairs.shape[0], entry.kv_heads, -1).mean(-1)
+        if entry.block_heads is not None:
+            vis = vis * (entry.block_heads == BLOCK)
+        entry.per_kv_head = vis
+    return entry.per_kv_head

@@ -76,17 +76,27 @@ class ElasticState:
                                "(run a forward pass with the elastic attention enabled first)")
         return torch.stack(per_layer, dim=1)
 
+    def layer_z(self, layer_idx):
+        """The layer's z [B, Hkv] of the current sequence (None before its prefill). An eval router's decision
+        leaves z to be made here, on first use, as (head_mode == FULL) in the router's dtype: the values
+        forward() returns, without a kernel per layer in a prefill that nothing reads z of."""
+        z = self._z[layer_idx]
+        if isinstance(z, _ZFromModes):
+            z = self._z[layer_idx] = (self._head_mode[layer_idx] == FULL).to(z.dtype)
+        return z
+
     @property
     def last_z(self) -> torch.Tensor:
         """[B, L, Hkv] z of the current sequence (1 = FULL); differentiable when routers train."""
-        return self._stack(self._z, "last_z")
+        return self._stack([self.layer_z(i) for i in range(self.num_layers)], "last_z")
 
     @property
     def z_per_layer(self) -> list:
         """Each layer's z [B, Hkv] of the current sequence, as the forward made them (the tensors autograd reaches
         the routers through: pass them to torch.autograd.grad for per-layer gradients)."""
-        self._stack(self._z, "z_per_layer")  # raises when a layer has no decision yet
-        return list(self._z)
+        zs = [self.layer_z(i) for i in range(self.num_layers)]
+        self._stack(zs, "z_per_layer")  # raises when a layer has no decision yet
+        return zs
 
     @property
     def last_head_mode(self) -> torch.Tensor:
@@ -165,12 +175,19 @@ class ElasticState:
             cu = None
             if padding is not None:
                 keys, cu = padding.pack_keys(keys), padding.cu_seqlens_k
-            reuse = self._gumbel_u[layer_idx] if recomputing else None
-            out = router(keys, tau=self.mix.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
-                         sparsity_shift=0.0 if router.training else self.sparsity_shift)
-            head_mode, z = out.head_mode, out.z
-            if not recomputing:
-                self._gumbel_u[layer_idx] = out.gumbel_u
+            if router.training or self.mix.active or router._forward_hooks or router._forward_pre_hooks:
+                reuse = self._gumbel_u[layer_idx] if recomputing else None
+                out = router(keys, tau=self.mix.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
+                             sparsity_shift=0.0 if router.training else self.sparsity_shift)
+                head_mode, z = out.head_mode, out.z
+                if not recomputing:
+                    self._gumbel_u[layer_idx] = out.gumbel_u
+            else:  # inference: the decision alone; z (unused by the forward) is made from it when asked (layer_z)
+                head_mode, z_dtype = router.route(keys, cu_seqlens=cu, sparse_mode=self.sparse_mode_id,
+                                                  sparsity_shift=self.sparsity_shift)
+                z = _ZFromModes(z_dtype)
+                if not recomputing:
+                    self._gumbel_u[layer_idx] = None
         else:
             head_modes, zs, host = self._fixed_decisions(batch, device)
             head_mode, z, host_modes = head_modes[layer_idx], zs[layer_idx], host[layer_idx]
@@ -228,12 +245,21 @@ class ElasticState:
             vis = block_visible_pairs(mask, S, self.block_size)
         else:
             vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
-        vis = vis.view(B, k.shape[2], -1).mean(-1)
-        if kw["head_mode"] is None:  # every head estimated: count the BLOCK heads' only
-            vis = vis * (self._head_mode[layer_idx] == BLOCK)
-        # (else the rows of the other heads are all False, so their pairs are already exactly 0: no mask op needed)
-        self.meter.set_block_pairs(layer_idx, vis)  # kept on the device
+        # Pairs per query head [B, Hq], kept on the device; the meter makes them per KV head (the mean over its
+        # query heads) when they are read. When every head was estimated (the mix) only the BLOCK heads' count;
+        # else the rows of the other heads are all False, so their pairs are already exactly 0: no mask op needed.
+        block_heads = self._head_mode[layer_idx] if kw["head_mode"] is None else None
+        self.meter.set_block_pairs(layer_idx, vis, kv_heads=k.shape[2], block_heads=block_heads)
         return mask
+
+
+class _ZFromModes:
+    """Stands in ElasticState._z for an eval router's decision: z is (head_mode == FULL) in `dtype`, made by
+    ElasticState.layer_z when something reads it."""
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
 
 
 def _in_backward() -> bool:
@@ -272,7 +298,7 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
         head_mode, z = state.decide(layer_idx, B, query.device, padding, recomputing)
     else:          # decode / chunked continuation: reuse the prefill decision
         state.pre_rope_keys[layer_idx] = None
-        head_mode, z = state._head_mode[layer_idx], state._z[layer_idx]
+        head_mode, z = state._head_mode[layer_idx], state.layer_z(layer_idx)
         if head_mode is None or head_mode.shape[0] != B:
             raise RuntimeError(f"elastic attention: layer {layer_idx} got {Sq} new queries over {Skv} cached keys "
                                "but no prefill routing decision for this batch (run the prompt first)")
