@@ -162,7 +162,7 @@ def test_op_front_without_grad_equals_the_autograd_path():
 # ----------------------------------------------------------------------------- router layer at prefill (#15)
 def _random_router(B_heads=3, D=16, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    r = AttentionRouter(D, num_kv_heads=B_heads, standardize_input=True, head_bias=True, n_first=4, n_last=4)
+    r = AttentionRouter(D, num_kv_heads=B_heads, standardize_input=True, head_bias=True, n_first=100, n_last=100)
     with torch.no_grad():
         for p in r.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -177,17 +177,24 @@ def _reference_eval_decision(router, keys, sparse_mode, shift):
     shift_col = shift.to(torch.float32)[:, None] if isinstance(shift, torch.Tensor) else float(shift)
     full = logits[..., 1] - logits[..., 0] > shift_col
     z = full.to(logits.dtype)
-    return torch.where(full, FULL, sparse_mode).to(torch.int32), z
+    return torch.where(full, torch.tensor(FULL, device=full.device), sparse_mode).to(torch.int32), z
 
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_route_is_bitwise_the_eval_forward(dtype):
+def test_route_is_bitwise_the_eval_forward(dtype, device):
     """route() (the prefill's decision) and forward() give the reference decision on fresh inputs, including ties
-    (equal logits), +-inf and NaN logits, -0.0 / positive / per-request shifts."""
+    (equal logits), +-inf and NaN logits, -0.0 / positive / per-request shifts. On CUDA with bf16 keys (the real
+    model's) for the fp32 routers: the boundary pool's kernel, then the same torch ops."""
     B = 5
+    keys_dtype = torch.bfloat16 if device == "cuda" and dtype == torch.float32 else dtype
     for seed in range(6):
-        r = _random_router(seed=seed, dtype=dtype)
-        keys = torch.randn(B, 11, 3, 16, dtype=dtype) * (1 + seed)
+        r = _random_router(D=64 if device == "cuda" else 16, seed=seed, dtype=dtype).to(device)
+        keys = (torch.randn(B, 300, 3, r.head_dim, dtype=dtype) * (1 + seed)).to(device=device, dtype=keys_dtype)
         if seed == 1:  # ties: the last layer gives equal logits for both classes
             with torch.no_grad():
                 last = r.router_mlp[-1]
@@ -199,7 +206,7 @@ def test_route_is_bitwise_the_eval_forward(dtype):
             keys[1, 0, 1, 0] = float("inf")
             keys[2, 0, 2, :] = float("-inf")
         for sparse_mode in (STREAM, BLOCK):
-            for shift in (0.0, -0.0, 0.25, -0.5, torch.linspace(-1, 1, B, dtype=torch.float32)):
+            for shift in (0.0, -0.0, 0.25, -0.5, torch.linspace(-1, 1, B, dtype=torch.float32, device=device)):
                 want_mode, want_z = _reference_eval_decision(r, keys, sparse_mode, shift)
                 head_mode, z_dtype = r.route(keys, sparse_mode=sparse_mode, sparsity_shift=shift)
                 assert torch.equal(head_mode, want_mode) and head_mode.dtype == torch.int32
