@@ -175,6 +175,11 @@ class AttentionRouter(nn.Module):
 
     def logits(self, keys: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Routing logits [B, Hkv, 2] from pre-RoPE keys [B, S, Hkv, D] (or packed [T, Hkv, D] + cu_seqlens)."""
+        return self.logits_of_pooled(self.pooled(keys, cu_seqlens))
+
+    def pooled(self, keys: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's input before standardisation: boundary-pooled keys [B, Hkv, D] in the routers' dtype and
+        device (and, while calibrating, their statistics accumulated)."""
         if not isinstance(keys, torch.Tensor) or keys.shape[-1] != self.head_dim:
             got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"AttentionRouter: keys must end in head_dim={self.head_dim}, got {got}")
@@ -189,6 +194,10 @@ class AttentionRouter(nn.Module):
             self._calibration[0] += p.sum(0)
             self._calibration[1] += (p * p).sum(0)
             self._calibration[2] += p.shape[0]
+        return pooled
+
+    def logits_of_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Routing logits [B, Hkv, 2] of pooled keys [B, Hkv, D] (pooled()): standardisation, MLPs, head bias."""
         if self.standardize_input:
             pooled = (pooled - self.input_mean) / self.input_std
         # The two MLPs as functional calls on the [B * Hkv, D] rows: the same addmm / silu kernels as the modules

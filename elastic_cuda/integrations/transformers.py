@@ -22,6 +22,7 @@ from ..attention.sparse_config import SparseConfig
 from ..attention.xattn import block_visible_pairs, xattn_block_mask
 from ..ops import BLOCK, FULL
 from ..router import RouterSet, check_sparsity_shift, model_router_geometry
+from ..router_graph import RouterGraphs
 from .sparsity_meter import SparsityMeter
 from .static_cache import ElasticStaticLayer
 from .training_mix import TrainingMix
@@ -50,6 +51,7 @@ class ElasticState:
         self._fixed_rows = None if fixed_table is None else fixed_table.cpu().tolist()  # the same, on the host
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
+        self.router_graphs = None                       # RouterGraphs when enable(router_graphs=True)
         self.meter = SparsityMeter(num_layers)
         self.mix = TrainingMix()                        # on inside training_mix()
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
@@ -183,8 +185,13 @@ class ElasticState:
                 if not recomputing:
                     self._gumbel_u[layer_idx] = out.gumbel_u
             else:  # inference: the decision alone; z (unused by the forward) is made from it when asked (layer_z)
-                head_mode, z_dtype = router.route(keys, cu_seqlens=cu, sparse_mode=self.sparse_mode_id,
-                                                  sparsity_shift=self.sparsity_shift)
+                if self.router_graphs is not None:  # CUDA graphs of the decisions (router_graph.py)
+                    head_mode, z_dtype = self.router_graphs.route(router, keys, cu_seqlens=cu,
+                                                                  sparse_mode=self.sparse_mode_id,
+                                                                  sparsity_shift=self.sparsity_shift)
+                else:
+                    head_mode, z_dtype = router.route(keys, cu_seqlens=cu, sparse_mode=self.sparse_mode_id,
+                                                      sparsity_shift=self.sparsity_shift)
                 z = _ZFromModes(z_dtype)
                 if not recomputing:
                     self._gumbel_u[layer_idx] = None
@@ -396,7 +403,7 @@ def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
 def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
            sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
            strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
-           xattn_threshold: float | None = None) -> ElasticState:
+           xattn_threshold: float | None = None, router_graphs: bool = False) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window (and the BLOCK settings) default to the routers'
     config when routers are given, else to SparseConfig's (attention/sparse_config.py: "stream", 64, 512).
     fixed_table: int/bool [L, Hkv], 1 = sparse.
@@ -404,6 +411,9 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     request its own); also settable later as state.sparsity_shift, between requests.
     sparse_mode "block": BLOCK heads with XAttention masks estimated at prefill (block_size, xattn_stride,
     xattn_threshold; attention.xattn).
+    router_graphs: on CUDA, run each eval router's decision (after its boundary pool) as a CUDA graph, captured per
+    layer and batch size on first use (router_graph.py): the same bits with ~10 fewer launches per layer, for a
+    small model's prefill, which is launch-bound (#15). Off by default until timed on a GPU.
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -442,6 +452,10 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse=sparse, fixed_table=table,
                          strategy=strategy, routers=routers)
     check_sparsity_shift(sparsity_shift, where="enable: ")
+    if not isinstance(router_graphs, bool):
+        raise ValueError(f"enable: router_graphs must be True or False, got {router_graphs!r}")
+    if router_graphs:
+        state.router_graphs = RouterGraphs()
     state.sparsity_shift = sparsity_shift
     state._hooks = []
     for m in modules:
