@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import causal_pairs, visible_pairs
+from ..attention.xattn import block_visible_pairs
 from ..ops import BLOCK, FULL, STREAM
 
 __all__ = ["SparsityMeter"]
@@ -43,6 +44,20 @@ class SparsityMeter:
         (block_pairs, metrics): the same ops on the same values, not in every BLOCK layer of a prefill, where each
         costs a kernel launch (#15)."""
         self._block_pairs[layer_idx] = pairs if kv_heads is None else _PerQueryHead(pairs, kv_heads, block_heads)
+
+    def set_block_mask(self, layer_idx: int, mask: torch.Tensor, n: int, block_size: int, kv_heads: int,
+                       block_heads: torch.Tensor | None = None):
+        """The BLOCK masks bool [B, Hq, NB, NB] of an unpadded n-token prefill: their visible pairs are counted
+        (block_visible_pairs, then as set_block_pairs) when first read, if the masks are at most KEEP_MASK_BYTES;
+        larger ones are counted now. Counting them is 2 kernels (mul, sum) in every BLOCK layer of a prefill
+        that is launch-bound on a GPU (#15); keeping them holds <= KEEP_MASK_BYTES per layer (SmolLM2 at 8K:
+        37 KB) until the layer's next prefill."""
+        if mask.numel() * mask.element_size() > KEEP_MASK_BYTES:
+            self.set_block_pairs(layer_idx, block_visible_pairs(mask, n, block_size), kv_heads, block_heads)
+            return
+        entry = _PerQueryHead(None, kv_heads, block_heads)
+        entry.mask = (mask, n, block_size)
+        self._block_pairs[layer_idx] = entry
 
     def block_pairs(self, layer_idx: int):
         """The BLOCK heads' visible pairs float [B, Hkv] of this layer's current prefill, else None."""
@@ -112,12 +127,17 @@ class SparsityMeter:
         return values
 
 
+KEEP_MASK_BYTES = 1 << 20  # BLOCK masks up to this size per layer are kept and counted when read (set_block_mask)
+
+
 class _PerQueryHead:
-    """BLOCK pairs per query head [B, Hq], waiting to be made per KV head (SparsityMeter.set_block_pairs)."""
-    __slots__ = ("pairs", "kv_heads", "block_heads", "per_kv_head")
+    """BLOCK pairs per query head [B, Hq] (or the masks they come from: mask = (masks, n, block_size)), waiting
+    to be made per KV head (SparsityMeter.set_block_pairs / set_block_mask)."""
+    __slots__ = ("pairs", "mask", "kv_heads", "block_heads", "per_kv_head")
 
     def __init__(self, pairs, kv_heads, block_heads):
         self.pairs, self.kv_heads, self.block_heads, self.per_kv_head = pairs, kv_heads, block_heads, None
+        self.mask = None
 
 
 def _resolved(entry):
@@ -125,6 +145,9 @@ def _resolved(entry):
     if not isinstance(entry, _PerQueryHead):
         return entry
     if entry.per_kv_head is None:
+        if entry.pairs is None:
+            mask, n, block_size = entry.mask
+            entry.pairs, entry.mask = block_visible_pairs(mask, n, block_size), None
         vis = entry.pairs.view(entry.pairs.shape[0], entry.kv_heads, -1).mean(-1)
         if entry.block_heads is not None:
             vis = vis * (entry.block_heads == BLOCK)

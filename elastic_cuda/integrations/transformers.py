@@ -248,15 +248,17 @@ class ElasticState:
             mask = xattn_block_mask(padding.pack_queries(q), padding.pack_keys(k),
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
+        # Pairs per query head [B, Hq], kept on the device; the meter makes them per KV head (the mean over its
+        # query heads) when they are read, from the masks themselves when they are small (unpadded). When every
+        # head was estimated (the mix) only the BLOCK heads' count; else the rows of the other heads are all False,
+        # so their pairs are already exactly 0: no mask op needed.
+        block_heads = self._head_mode[layer_idx] if kw["head_mode"] is None else None
         if padding is None:  # one length: the whole batch in one reduction
-            vis = block_visible_pairs(mask, S, self.block_size)
+            self.meter.set_block_mask(layer_idx, mask, S, self.block_size, kv_heads=k.shape[2],
+                                      block_heads=block_heads)
         else:
             vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
-        # Pairs per query head [B, Hq], kept on the device; the meter makes them per KV head (the mean over its
-        # query heads) when they are read. When every head was estimated (the mix) only the BLOCK heads' count;
-        # else the rows of the other heads are all False, so their pairs are already exactly 0: no mask op needed.
-        block_heads = self._head_mode[layer_idx] if kw["head_mode"] is None else None
-        self.meter.set_block_pairs(layer_idx, vis, kv_heads=k.shape[2], block_heads=block_heads)
+            self.meter.set_block_pairs(layer_idx, vis, kv_heads=k.shape[2], block_heads=block_heads)
         return mask
 
 
