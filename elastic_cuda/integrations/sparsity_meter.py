@@ -12,6 +12,8 @@ experiments/host_overhead_per_layer.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..attention import causal_pairs, visible_pairs
@@ -72,10 +74,12 @@ class SparsityMeter:
         block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
         if block is not None:  # the BLOCK heads' pairs from the masks, summed at metrics() (no sync, no op here)
             self._deferred[layer_idx].append(block)
-        n_q = padding.lengths_q if padding is not None else [seqlen_q] * len(modes)
-        n_k = padding.lengths_k if padding is not None else [seqlen_k] * len(modes)
-        causal = [causal_pairs(a, b) for a, b in zip(n_q, n_k)]
-        stream = [visible_pairs(STREAM, a, b, sink, window) for a, b in zip(n_q, n_k)]
+        if padding is None:  # one length for the batch: its counts once (cached), per sample by reference
+            c, st = _pair_counts(seqlen_q, seqlen_k, sink, window)
+            causal, stream = [c] * len(modes), [st] * len(modes)
+        else:
+            counts = [_pair_counts(a, b, sink, window) for a, b in zip(padding.lengths_q, padding.lengths_k)]
+            causal, stream = [c for c, _ in counts], [st for _, st in counts]
         Hkv = modes.shape[1] if isinstance(modes, torch.Tensor) else len(modes[0])
         self._pairs[layer_idx][1] += sum(causal) * Hkv
         if isinstance(modes, torch.Tensor):
@@ -125,6 +129,13 @@ class SparsityMeter:
             values.append(float(sum((n_full + (0 if masked else n_block)) * c + n_stream * s
                                     for (n_full, n_block, n_stream), c, s in zip(counts, causal, stream))))
         return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _pair_counts(n_q: int, n_k: int, sink: int, window: int) -> tuple[int, int]:
+    """(causal, STREAM-visible) (query, key) pairs of n_q queries over n_k keys: python ints, made once per
+    lengths and settings (a decode step of every layer asks for the same ones)."""
+    return causal_pairs(n_q, n_k), visible_pairs(STREAM, n_q, n_k, sink, window)
 
 
 KEEP_MASK_BYTES = 1 << 20  # BLOCK masks up to this size per layer are kept and counted when read (set_block_mask)
