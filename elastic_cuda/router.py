@@ -358,6 +358,12 @@ class RouterSet(nn.Module):
         return counts[0]
 
     def __getitem__(self, layer_idx: int) -> AttentionRouter:
+        # The ModuleList's own dict ("0".."L-1") first: its __getitem__ costs len() and operator.index in Python, in
+        # every layer of a prefill (#15); negative indices and slices take the ModuleList's way.
+        if type(layer_idx) is int and layer_idx >= 0:
+            router = self.routers._modules.get(str(layer_idx))
+            if router is not None:
+                return router
         return self.routers[layer_idx]
 
     @classmethod

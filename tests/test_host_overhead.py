@@ -371,3 +371,14 @@ def test_ops_per_attention_layer_stay_cut(variant, monkeypatch):
         if variant != "all_full":
             assert "elastic.boundary_pool" in ops and ops.count("aten.addmm") == 5
         assert len(ops) <= MAX_OPS_PER_LAYER[variant], ops
+
+
+def test_routerset_indexing_is_the_module_lists():
+    routers = RouterSet({"num_layers": 4, "num_kv_heads": 2, "head_dim": 8})
+    assert all(routers[i] is routers.routers[i] for i in range(4))
+    assert routers[-1] is routers.routers[3] and list(routers[1:3]) == list(routers.routers[1:3])
+    replacement = AttentionRouter(8)
+    routers.routers[2] = replacement  # a replaced layer router is found (nothing cached)
+    assert routers[2] is replacement
+    with pytest.raises(IndexError):
+        routers[4]
