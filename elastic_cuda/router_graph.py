@@ -14,7 +14,8 @@ What a graph is keyed on, so that it never answers for another input: the router
 dtype / device, the sparse mode, the (float) sparsity shift, the data pointers of the router's parameters and
 buffers (an in-place weight update is seen by the graph; new storage, e.g. param.data = ..., gets a new graph), and
 the fp32 matmul precision. Everything else runs eagerly (route()): CPU tensors, routers in training mode or
-calibrating, a per-request shift tensor, autocast, torch.compile, an ongoing capture. Replacing a router's submodule
+calibrating, a per-request shift tensor, autocast, torch.compile, an ongoing capture, keys on a CUDA device other than
+the current one. Replacing a router's submodule
 (router.task_mlp[0] = ...) is not followed: call clear().
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ class RouterGraphs:
               sparsity_shift=0.0):
         """router.route(...)'s (head_mode, logits dtype), from a CUDA graph where one applies."""
         if (not keys.is_cuda or router.training or router._calibration is not None
-                or isinstance(sparsity_shift, torch.Tensor) or torch.is_autocast_enabled()
-                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+                or isinstance(sparsity_shift, torch.Tensor) or torch.is_autocast_enabled("cuda")
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+                or keys.device.index != torch.cuda.current_device()):  # (graphs capture / replay on the current one)
             return router.route(keys, cu_seqlens=cu_seqlens, sparse_mode=sparse_mode, sparsity_shift=sparsity_shift)
         head_mode, logits = self.decide(router, keys, cu_seqlens=cu_seqlens, sparse_mode=sparse_mode,
                                         sparsity_shift=sparsity_shift)
