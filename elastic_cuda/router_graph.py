@@ -17,6 +17,10 @@ the fp32 matmul precision. Everything else runs eagerly (route()): CPU tensors, 
 calibrating, a per-request shift tensor, autocast, torch.compile, an ongoing capture, keys on a CUDA device other than
 the current one. Replacing a router's submodule
 (router.task_mlp[0] = ...) is not followed: call clear().
+
+Cost: the first prefill per batch size captures one graph per layer (torch.cuda.graph synchronizes the device and
+empties the allocator's cache at each capture); the graphs share one memory pool per device (their intermediates
+are dead between replays, which run one at a time on the current stream; their outputs stay allocated).
 """
 from __future__ import annotations
 
