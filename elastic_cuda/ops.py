@@ -88,7 +88,11 @@ def validate_attention_args(q, k, v, head_mode, *, sink, window, block_mask, blo
     """Raise ValueError naming the offending argument, without a device sync: shapes, dtypes and devices
     always; head_mode and cu_seqlens values only when they live on the CPU (reading them there is free) and
     not while torch.compile traces (values are unknown then; the kernels check them at run time). On CUDA a
-    head with an invalid mode gets NaN output instead (README), so no host sync is ever needed."""
+    head with an invalid mode gets NaN output instead (README), so no host sync is ever needed.
+
+    Not cached per argument signature: measured on the CPU (SmolLM2 layer shapes), a hashable key of what these
+    checks read (type, shape, dtype, device, last stride of 4-7 tensors, the settings) costs ~3.2 us to build and
+    ~0.6 us to look up, the checks themselves ~4.7 us: no gain worth a cache that must never skip a new input."""
     for name, t in (("q", q), ("k", k), ("v", v), ("head_mode", head_mode)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -196,7 +200,8 @@ def _values_readable(t) -> bool:
 
 def _check_head_mode_values(head_mode, block_mask):
     """CPU head_mode: every value a mode, and a block_mask wherever a head is BLOCK (the CPU kernel's checks)."""
-    modes = head_mode.flatten().tolist()  # [B * Hkv] is small: a list is cheaper than tensor reductions
+    # [B, Hkv] is small: a list is cheaper than tensor reductions (flattened in Python: no view op)
+    modes = [m for row in head_mode.tolist() for m in row] if head_mode.dim() == 2 else head_mode.flatten().tolist()
     for i, m in enumerate(modes):
         if m not in MODE_NAMES:
             _fail(f"head_mode values must be 0 (FULL), 1 (STREAM) or 2 (BLOCK), got {m} at flat index {i}")

@@ -76,6 +76,22 @@ def _mode_scalar(mode: int, device: torch.device) -> torch.Tensor:
         return torch.tensor(mode, dtype=torch.int32, device=device)
 
 
+def _full_heads(logits: torch.Tensor, shift) -> torch.Tensor:
+    """bool [B, Hkv]: the eval decision logit_full - logit_sparse > shift. With the default shift 0.0 it is the
+    comparison logit_full > logit_sparse, one kernel instead of a subtraction and a comparison, and the same bits:
+    in IEEE arithmetic with subnormals a - b > 0 exactly when a > b (both False for a NaN, and for inf - inf). The
+    one exception is a CPU run with torch.set_flush_denormal(True) and two logits closer than 2**-126, i.e. both
+    within ~1e-30 of each other near 0."""
+    if isinstance(shift, float) and shift == 0.0:
+        return torch.gt(logits[..., 1], logits[..., 0])
+    return logits[..., 1] - logits[..., 0] > shift
+
+
+def _head_modes(full: torch.Tensor, sparse_mode: int) -> torch.Tensor:
+    """int32 head modes in one where over cached 0-dim mode tensors (was full_like x 2, where and a cast)."""
+    return torch.where(full, _mode_scalar(FULL, full.device), _mode_scalar(sparse_mode, full.device))
+
+
 class AttentionRouter(nn.Module):
     """Router of one decoder layer, shared by its KV heads (the weights do not depend on Hkv)."""
 
@@ -152,14 +168,25 @@ class AttentionRouter(nn.Module):
         self._calibration = None
         return int(n)
 
+    def _first_weight(self) -> torch.Tensor:
+        """task_mlp[0].weight (the routers' dtype and device), without Sequential.__getitem__'s Python."""
+        first = next(iter(self._modules["task_mlp"]._modules.values()))
+        return first._parameters["weight"] if type(first) is nn.Linear else first.weight
+
     def logits(self, keys: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Routing logits [B, Hkv, 2] from pre-RoPE keys [B, S, Hkv, D] (or packed [T, Hkv, D] + cu_seqlens)."""
+        return self.logits_of_pooled(self.pooled(keys, cu_seqlens))
+
+    def pooled(self, keys: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's input before standardisation: boundary-pooled keys [B, Hkv, D] in the routers' dtype and
+        device (and, while calibrating, their statistics accumulated)."""
         if not isinstance(keys, torch.Tensor) or keys.shape[-1] != self.head_dim:
             got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"AttentionRouter: keys must end in head_dim={self.head_dim}, got {got}")
         pooled = boundary_pool(keys, n_first=self.n_first, n_last=self.n_last, cu_seqlens=cu_seqlens)
-        weight = self.task_mlp[0].weight
-        pooled = pooled.to(device=weight.device, dtype=weight.dtype)
+        weight = self._first_weight()
+        if pooled.dtype != weight.dtype or pooled.device != weight.device:
+            pooled = pooled.to(device=weight.device, dtype=weight.dtype)
         if self.num_kv_heads is not None and pooled.shape[1] != self.num_kv_heads:
             raise ValueError(f"AttentionRouter: built for {self.num_kv_heads} KV heads, keys have {pooled.shape[1]}")
         if self._calibration is not None:
@@ -167,17 +194,29 @@ class AttentionRouter(nn.Module):
             self._calibration[0] += p.sum(0)
             self._calibration[1] += (p * p).sum(0)
             self._calibration[2] += p.shape[0]
+        return pooled
+
+    def logits_of_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Routing logits [B, Hkv, 2] of pooled keys [B, Hkv, D] (pooled()): standardisation, MLPs, head bias."""
         if self.standardize_input:
             pooled = (pooled - self.input_mean) / self.input_std
         # The two MLPs as functional calls on the [B * Hkv, D] rows: the same addmm / silu kernels as the modules
         # (nn.Linear on a contiguous 3-D input folds it to this 2-D addmm), without 10 module calls and a view pair
         # per Linear in every layer of a prefill: the router was ~45 ops of a ~56-op elastic layer on CUDA, where
         # the prefill is launch-bound (#14 / #15, experiments/host_overhead_per_layer.py).
+        # The submodules and parameters are read from the modules' own dicts (not through nn.Module.__getattr__ and
+        # Sequential's iterator): ~10 us less Python per layer, measured on the CPU (experiments/
+        # host_overhead_per_layer.py), and still whatever the modules hold now (no cached copy to go stale).
         B, Hkv = pooled.shape[:2]
         x = pooled.reshape(B * Hkv, pooled.shape[2])
-        for mlp in (self.task_mlp, self.router_mlp):
-            for layer in mlp:
-                if isinstance(layer, nn.Linear):
+        for mlp in (self._modules["task_mlp"], self._modules["router_mlp"]):
+            for layer in mlp._modules.values():
+                if type(layer) is nn.Linear:
+                    params = layer._parameters
+                    x = F.linear(x, params["weight"], params["bias"])
+                elif type(layer) is nn.SiLU:
+                    x = F.silu(x)
+                elif isinstance(layer, nn.Linear):
                     x = F.linear(x, layer.weight, layer.bias)
                 else:
                     x = F.silu(x) if isinstance(layer, nn.SiLU) else layer(x)
@@ -212,13 +251,27 @@ class AttentionRouter(nn.Module):
             z = (hard + (probs - probs.detach()))[..., 1]
         else:
             gumbel_u = None
-            full = logits[..., 1] - logits[..., 0] > shift
+            full = _full_heads(logits, shift)
             z = full.to(logits.dtype)
         if self.training:
             full = z.detach() > 0.5
-        # int32 head modes in one where over cached 0-dim mode tensors (was full_like x 2, where and a cast).
-        head_mode = torch.where(full, _mode_scalar(FULL, full.device), _mode_scalar(sparse_mode, full.device))
-        return RouterOutput(logits=logits, z=z, head_mode=head_mode, gumbel_u=gumbel_u)
+        return RouterOutput(logits=logits, z=z, head_mode=_head_modes(full, sparse_mode), gumbel_u=gumbel_u)
+
+    def route(self, keys: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sparse_mode: int = STREAM,
+              sparsity_shift: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.dtype]:
+        """The eval decision alone: (head_mode int32 [B, Hkv], bit for bit forward(...).head_mode of a router in eval
+        mode, and the logits' dtype: forward's z is (head_mode == FULL) in that dtype). For the prefill of an elastic
+        model, where every layer decides and nothing reads z or the logits: no z kernel, no RouterOutput, no module
+        call (hooks) in a prefill that is launch-bound on a GPU (#15). Routers in training mode use forward()."""
+        if self.training:
+            raise RuntimeError("AttentionRouter.route is the eval decision; a router in training mode samples its "
+                               "decision in forward()")
+        if sparse_mode not in (STREAM, BLOCK):
+            raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
+                             f"got {sparse_mode!r}")
+        logits = self.logits(keys, cu_seqlens)
+        full = _full_heads(logits, _sparsity_shift(sparsity_shift, logits.shape[0], logits.device))
+        return _head_modes(full, sparse_mode), logits.dtype
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}, "
@@ -305,6 +358,12 @@ class RouterSet(nn.Module):
         return counts[0]
 
     def __getitem__(self, layer_idx: int) -> AttentionRouter:
+        # The ModuleList's own dict ("0".."L-1") first: its __getitem__ costs len() and operator.index in Python, in
+        # every layer of a prefill (#15); negative indices and slices take the ModuleList's way.
+        if type(layer_idx) is int and layer_idx >= 0:
+            router = self.routers._modules.get(str(layer_idx))
+            if router is not None:
+                return router
         return self.routers[layer_idx]
 
     @classmethod

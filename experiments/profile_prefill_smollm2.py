@@ -8,6 +8,7 @@ PROFILE, a torch.profiler table of the top ops by self CUDA time and by self CPU
 (cudaStreamSynchronize / cudaDeviceSynchronize / DtoH copies) per prefill.
 
   LENGTHS=2048,8192 PROFILE=block_router,dense python -m experiments.profile_prefill_smollm2 > $OUT/profile.txt
+  VARIANTS=dense,all_full,stream_router,stream_router_graphs LENGTHS=8192 PROFILE= python -m ...  (a subset)
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def variants(model):
     for mode in ("block", "stream"):
         routers = RouterSet.load(SHIPPED_ROUTER_DIRS[mode], model=model, map_location="cuda")
         out[f"{mode}_router"] = dict(routers=routers, policy="router")
+        out[f"{mode}_router_graphs"] = dict(routers=routers, policy="router", router_graphs=True)  # router_graph.py
         out[f"{mode}_all_sparse"] = dict(routers=routers, policy="all_sparse")
     out["all_full"] = dict(policy="fixed", sparse_mode="stream", fixed_table=torch.zeros(L, Hkv, dtype=torch.int32))
     return out
@@ -111,7 +113,10 @@ def main():
     print(f"# SmolLM2-135M shape, random weights, bf16, B 1, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| variant | " + " | ".join(f"{s} ms" for s in lengths) + " | MSR | ESR |")
     print("|---|" + "---|" * (len(lengths) + 2))
+    names = os.environ.get("VARIANTS")
     for name, kw in variants(model).items():
+        if names and name not in names.split(","):
+            continue
         state = enable(model, **kw) if kw is not None else None
         ms = []
         for S in lengths:

@@ -157,3 +157,228 @@ def test_op_front_without_grad_equals_the_autograd_path():
     assert torch.equal(pooled, boundary_pool(k, n_first=2, n_last=2).detach())
     with torch.inference_mode():
         assert torch.equal(attention(q, k, v, modes, sink=1, window=3), no_grad)
+
+
+# ----------------------------------------------------------------------------- router layer at prefill (#15)
+def _random_router(B_heads=3, D=16, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    r = AttentionRouter(D, num_kv_heads=B_heads, standardize_input=True, head_bias=True, n_first=100, n_last=100)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        r.input_mean.normal_()
+        r.input_std.uniform_(0.5, 2.0)
+    return r.to(dtype).eval()
+
+
+def _reference_eval_decision(router, keys, sparse_mode, shift):
+    """forward()'s eval decision as it was written before route(): subtraction, comparison, z cast, where."""
+    logits = router.logits(keys)
+    shift_col = shift.to(torch.float32)[:, None] if isinstance(shift, torch.Tensor) else float(shift)
+    full = logits[..., 1] - logits[..., 0] > shift_col
+    z = full.to(logits.dtype)
+    return torch.where(full, torch.tensor(FULL, device=full.device), sparse_mode).to(torch.int32), z
+
+
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_is_bitwise_the_eval_forward(dtype, device):
+    """route() (the prefill's decision) and forward() give the reference decision on fresh inputs, including ties
+    (equal logits), +-inf and NaN logits, -0.0 / positive / per-request shifts. On CUDA with bf16 keys (the real
+    model's) for the fp32 routers: the boundary pool's kernel, then the same torch ops."""
+    B = 5
+    keys_dtype = torch.bfloat16 if device == "cuda" and dtype == torch.float32 else dtype
+    for seed in range(6):
+        r = _random_router(D=64 if device == "cuda" else 16, seed=seed, dtype=dtype).to(device)
+        keys = (torch.randn(B, 300, 3, r.head_dim, dtype=dtype) * (1 + seed)).to(device=device, dtype=keys_dtype)
+        if seed == 1:  # ties: the last layer gives equal logits for both classes
+            with torch.no_grad():
+                last = r.router_mlp[-1]
+                last.weight[1].copy_(last.weight[0])
+                last.bias[1] = last.bias[0]
+                r.head_bias[:, 1] = r.head_bias[:, 0]
+        if seed == 2:  # non-finite keys: NaN / inf logits
+            keys[0, 0, 0, 0] = float("nan")
+            keys[1, 0, 1, 0] = float("inf")
+            keys[2, 0, 2, :] = float("-inf")
+        for sparse_mode in (STREAM, BLOCK):
+            for shift in (0.0, -0.0, 0.25, -0.5, torch.linspace(-1, 1, B, dtype=torch.float32, device=device)):
+                want_mode, want_z = _reference_eval_decision(r, keys, sparse_mode, shift)
+                head_mode, z_dtype = r.route(keys, sparse_mode=sparse_mode, sparsity_shift=shift)
+                assert torch.equal(head_mode, want_mode) and head_mode.dtype == torch.int32
+                assert z_dtype == want_z.dtype == dtype
+                out = r(keys, sparse_mode=sparse_mode, sparsity_shift=shift)
+                assert torch.equal(out.head_mode, want_mode) and torch.equal(out.z, want_z)
+                assert out.z.dtype == want_z.dtype
+        if seed == 1:  # a tie is sparse at shift 0 (logit_full - logit_sparse > 0 is False)
+            assert (r.route(keys, sparse_mode=STREAM)[0] == STREAM).all()
+    with pytest.raises(RuntimeError, match="training"):
+        r.train().route(keys)
+    with pytest.raises(ValueError, match="sparse_mode"):
+        r.eval().route(keys, sparse_mode=FULL)
+
+
+@pytest.mark.parametrize("sparse_mode", ["stream", "block"])
+def test_prefill_decisions_and_z_equal_the_router_forward(sparse_mode):
+    """The elastic forward's per-layer decisions (route(), z made when read) equal each router's forward() on the
+    layer's pre-RoPE keys; z keeps the routers' dtype."""
+    model = make_model("llama", dtype=torch.float64, seed=4)
+    routers = decisive(RouterSet.for_model(model, standardize_input=True, head_bias=True,
+                                          sparse_mode=sparse_mode).double())
+    state = enable(model, routers, policy="router", sink=SINK, window=WINDOW, block_size=16)
+    keys = {}
+    hooks = [m.k_proj.register_forward_hook(lambda mod, i, o, idx=idx: keys.__setitem__(idx, o))
+             for idx, m in enumerate(model.model.layers[i].self_attn for i in range(2))]
+    ids = _ids(3, 40, seed=4)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    mode_id = BLOCK if sparse_mode == "block" else STREAM
+    for i in range(2):
+        out = routers[i](keys[i].view(3, 40, 2, 16), sparse_mode=mode_id)
+        assert torch.equal(state._head_mode[i], out.head_mode)
+        assert torch.equal(state.layer_z(i), out.z) and state.layer_z(i).dtype == torch.float64
+    assert torch.equal(state.last_z, torch.stack([routers[i](keys[i].view(3, 40, 2, 16)).z for i in range(2)], 1))
+    assert [z.dtype for z in state.z_per_layer] == [torch.float64] * 2
+
+
+def test_block_pairs_made_when_read_equal_the_eager_counts():
+    """The meter's per-query-head BLOCK pairs, made per KV head when read, equal the per-layer computation they
+    replaced (mean over the query heads, times the BLOCK heads in the mix), to the bit, and so do the metrics."""
+    from elastic_cuda.attention.xattn import block_visible_pairs
+    from elastic_cuda.integrations import sparsity_meter
+    from elastic_cuda.integrations.sparsity_meter import SparsityMeter
+
+    torch.manual_seed(0)
+    B, Hkv, G, S, bs = 2, 3, 3, 100, 16
+    nb = -(-S // bs)
+    mask = torch.rand(B, Hkv * G, nb, nb) < 0.6
+    head_mode = torch.tensor([[BLOCK, FULL, BLOCK], [FULL, BLOCK, BLOCK]], dtype=torch.int32)
+    per_q = block_visible_pairs(mask, S, bs)
+    for block_heads in (None, head_mode):
+        eager = per_q.view(B, Hkv, -1).mean(-1)
+        if block_heads is not None:
+            eager = eager * (head_mode == BLOCK)
+        meters = [SparsityMeter(1) for _ in range(4)]
+        for m in meters:
+            m.start_layer(0)
+        meters[0].set_block_pairs(0, eager)
+        meters[1].set_block_pairs(0, per_q, kv_heads=Hkv, block_heads=block_heads)
+        meters[2].set_block_mask(0, mask, S, bs, kv_heads=Hkv, block_heads=block_heads)  # kept, counted when read
+        keep = sparsity_meter.KEEP_MASK_BYTES
+        sparsity_meter.KEEP_MASK_BYTES = mask.numel() - 1  # too large to keep: counted at once
+        try:
+            meters[3].set_block_mask(0, mask, S, bs, kv_heads=Hkv, block_heads=block_heads)
+        finally:
+            sparsity_meter.KEEP_MASK_BYTES = keep
+        assert meters[2]._block_pairs[0].mask is not None and meters[3]._block_pairs[0].mask is None
+        for m in meters:
+            m.count(0, head_mode, S, S, None, SINK, WINDOW)
+        want = meters[0].metrics(head_mode[:, None])
+        for m in meters[1:]:
+            assert torch.equal(m.block_pairs(0), eager)
+            got = m.metrics(head_mode[:, None])
+            assert torch.equal(want["esr_per_layer"], got["esr_per_layer"]) and want["esr"] == got["esr"]
+
+
+# ----------------------------------------------------------------------------- op counts per attention layer
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.on = [], True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_ops_per_layer(model, ids, monkeypatch):
+    """ops dispatched by the elastic attention calls of one prefill, per layer (the BLOCK estimate counted as the
+    one fused op it is on CUDA, as experiments/host_overhead_per_layer.py does)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from elastic_cuda.attention import xattn
+
+    counter = _OpCounter()
+
+    def stand_in(q, k, head_mode, *, cu_seqlens=None, max_seqlen=None, block_size, stride, threshold, scale):
+        counter.ops.append("elastic::xattn_block_mask")
+        counter.on = False
+        try:
+            mask = xattn._xattn_block_mask_torch(q, k, block_size=block_size, stride=stride, threshold=threshold,
+                                                 scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            heads = (head_mode == BLOCK).repeat_interleave(q.shape[-2] // k.shape[-2], dim=1)
+            return mask & heads[:, :, None, None]
+        finally:
+            counter.on = True
+
+    monkeypatch.setattr(xattn, "_fused_op_applies", lambda *a, **k: True)
+    monkeypatch.setattr(xattn, "xattn_block_mask_op", stand_in)
+    original = ALL_ATTENTION_FUNCTIONS["elastic"]
+    per_call = []
+
+    def counted(*args, **kwargs):
+        start = len(counter.ops)
+        with counter:
+            out = original(*args, **kwargs)
+        per_call.append(counter.ops[start:])
+        return out
+
+    AttentionInterface.register("elastic", counted)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+            per_call.clear()
+            model(ids, use_cache=False)
+    finally:
+        AttentionInterface.register("elastic", original)
+    return per_call
+
+
+# Ops one elastic attention layer dispatches at prefill (unpadded, B 1, eval routers with standardisation and head
+# bias, as the shipped ones, without router graphs), measured after the #15 cuts; before them: 5, 30 and 35
+# (benchmarks/results/host_overhead/2026-12-02_cpu_router_layer.md). Exact: one more op fails. Each op
+# is a kernel launch or at least dispatcher time on a GPU, where the prefill of a small model is launch-bound: a
+# change that adds one back fails here. Views (transpose, t, view, select) included; on CUDA the all_full call
+# has no CPU value check.
+MAX_OPS_PER_LAYER = {"all_full": 4, "stream_router": 27, "block_router": 28}
+
+
+@pytest.mark.parametrize("variant", list(MAX_OPS_PER_LAYER))
+def test_ops_per_attention_layer_stay_cut(variant, monkeypatch):
+    model = make_model("llama", seed=4)
+    sparse_mode = "block" if variant == "block_router" else "stream"
+    if variant == "all_full":
+        enable(model, policy="all_full", sink=SINK, window=WINDOW)
+    else:
+        routers = decisive(RouterSet.for_model(model, standardize_input=True, head_bias=True,
+                                              sparse_mode=sparse_mode))
+        enable(model, routers, policy="router", sink=SINK, window=WINDOW, block_size=16)
+    ids = _ids(1, 40, seed=4)
+    per_call = _attention_ops_per_layer(model, ids, monkeypatch)
+    assert len(per_call) == 2
+    # the first layer also checks once per forward that position_ids are not packed (5 ops, one host sync)
+    assert per_call[0][:5] == ["aten.slice", "aten.slice", "aten.le", "aten.any", "aten._local_scalar_dense"]
+    for ops in (per_call[0][5:], per_call[1]):
+        assert "elastic.attention" in ops
+        if variant != "all_full":
+            assert "elastic.boundary_pool" in ops and ops.count("aten.addmm") == 5
+        assert len(ops) <= MAX_OPS_PER_LAYER[variant], ops
+
+
+def test_routerset_indexing_is_the_module_lists():
+    routers = RouterSet({"num_layers": 4, "num_kv_heads": 2, "head_dim": 8})
+    assert all(routers[i] is routers.routers[i] for i in range(4))
+    assert routers[-1] is routers.routers[3] and list(routers[1:3]) == list(routers.routers[1:3])
+    replacement = AttentionRouter(8)
+    routers.routers[2] = replacement  # a replaced layer router is found (nothing cached)
+    assert routers[2] is replacement
+    with pytest.raises(IndexError):
+        routers[4]

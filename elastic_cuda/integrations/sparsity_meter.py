@@ -12,9 +12,12 @@ experiments/host_overhead_per_layer.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..attention import causal_pairs, visible_pairs
+from ..attention.xattn import block_visible_pairs
 from ..ops import BLOCK, FULL, STREAM
 
 __all__ = ["SparsityMeter"]
@@ -35,14 +38,32 @@ class SparsityMeter:
         self._block_pairs[layer_idx] = None
         self._deferred[layer_idx] = []
 
-    def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor):
-        """Visible prefill pairs of each sample's BLOCK heads, float [B, Hkv] (any device; 0 for the other heads),
-        from the layer's estimated masks."""
-        self._block_pairs[layer_idx] = pairs
+    def set_block_pairs(self, layer_idx: int, pairs: torch.Tensor, kv_heads: int | None = None,
+                        block_heads: torch.Tensor | None = None):
+        """Visible prefill pairs of each sample's BLOCK heads from the layer's estimated masks (any device; 0 for
+        the other heads): float [B, Hkv], or, with kv_heads, per query head [B, Hq], made per KV head (the mean over
+        its query heads, times block_heads == BLOCK when block_heads int32 [B, Hkv] is given) when first read
+        (block_pairs, metrics): the same ops on the same values, not in every BLOCK layer of a prefill, where each
+        costs a kernel launch (#15)."""
+        self._block_pairs[layer_idx] = pairs if kv_heads is None else _PerQueryHead(pairs, kv_heads, block_heads)
+
+    def set_block_mask(self, layer_idx: int, mask: torch.Tensor, n: int, block_size: int, kv_heads: int,
+                       block_heads: torch.Tensor | None = None):
+        """The BLOCK masks bool [B, Hq, NB, NB] of an unpadded n-token prefill: their visible pairs are counted
+        (block_visible_pairs, then as set_block_pairs) when first read, if the masks are at most KEEP_MASK_BYTES;
+        larger ones are counted now. Counting them is 2 kernels (mul, sum) in every BLOCK layer of a prefill
+        that is launch-bound on a GPU (#15); keeping them holds <= KEEP_MASK_BYTES per layer (SmolLM2 at 8K:
+        37 KB) until the layer's next prefill."""
+        if mask.numel() * mask.element_size() > KEEP_MASK_BYTES:
+            self.set_block_pairs(layer_idx, block_visible_pairs(mask, n, block_size), kv_heads, block_heads)
+            return
+        entry = _PerQueryHead(None, kv_heads, block_heads)
+        entry.mask = (mask, n, block_size)
+        self._block_pairs[layer_idx] = entry
 
     def block_pairs(self, layer_idx: int):
-        """What set_block_pairs stored for this layer's current prefill, else None."""
-        return self._block_pairs[layer_idx]
+        """The BLOCK heads' visible pairs float [B, Hkv] of this layer's current prefill, else None."""
+        return _resolved(self._block_pairs[layer_idx])
 
     def count(self, layer_idx, modes, seqlen_q, seqlen_k, padding, sink, window):
         """Add this call's visible and causal (query, key) pairs, over all KV heads, to the layer's ESR counts.
@@ -53,10 +74,12 @@ class SparsityMeter:
         block = self._block_pairs[layer_idx] if seqlen_q == seqlen_k else None
         if block is not None:  # the BLOCK heads' pairs from the masks, summed at metrics() (no sync, no op here)
             self._deferred[layer_idx].append(block)
-        n_q = padding.lengths_q if padding is not None else [seqlen_q] * len(modes)
-        n_k = padding.lengths_k if padding is not None else [seqlen_k] * len(modes)
-        causal = [causal_pairs(a, b) for a, b in zip(n_q, n_k)]
-        stream = [visible_pairs(STREAM, a, b, sink, window) for a, b in zip(n_q, n_k)]
+        if padding is None:  # one length for the batch: its counts once (cached), per sample by reference
+            c, st = _pair_counts(seqlen_q, seqlen_k, sink, window)
+            causal, stream = [c] * len(modes), [st] * len(modes)
+        else:
+            counts = [_pair_counts(a, b, sink, window) for a, b in zip(padding.lengths_q, padding.lengths_k)]
+            causal, stream = [c for c, _ in counts], [st for _, st in counts]
         Hkv = modes.shape[1] if isinstance(modes, torch.Tensor) else len(modes[0])
         self._pairs[layer_idx][1] += sum(causal) * Hkv
         if isinstance(modes, torch.Tensor):
@@ -95,8 +118,8 @@ class SparsityMeter:
         values the device used to sum per call (and they are added in the same order)."""
         values, heads = [], {}
         for entry in self._deferred[layer_idx]:
-            if isinstance(entry, torch.Tensor):
-                values.append(float(entry.double().sum()))
+            if isinstance(entry, (torch.Tensor, _PerQueryHead)):
+                values.append(float(_resolved(entry).double().sum()))
                 continue
             modes, causal, stream, masked = entry
             counts = heads.get(id(modes))
@@ -106,3 +129,38 @@ class SparsityMeter:
             values.append(float(sum((n_full + (0 if masked else n_block)) * c + n_stream * s
                                     for (n_full, n_block, n_stream), c, s in zip(counts, causal, stream))))
         return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _pair_counts(n_q: int, n_k: int, sink: int, window: int) -> tuple[int, int]:
+    """(causal, STREAM-visible) (query, key) pairs of n_q queries over n_k keys: python ints, made once per
+    lengths and settings (a decode step of every layer asks for the same ones)."""
+    return causal_pairs(n_q, n_k), visible_pairs(STREAM, n_q, n_k, sink, window)
+
+
+KEEP_MASK_BYTES = 1 << 20  # BLOCK masks up to this size per layer are kept and counted when read (set_block_mask)
+
+
+class _PerQueryHead:
+    """BLOCK pairs per query head [B, Hq] (or the masks they come from: mask = (masks, n, block_size)), waiting
+    to be made per KV head (SparsityMeter.set_block_pairs / set_block_mask)."""
+    __slots__ = ("pairs", "mask", "kv_heads", "block_heads", "per_kv_head")
+
+    def __init__(self, pairs, kv_heads, block_heads):
+        self.pairs, self.kv_heads, self.block_heads, self.per_kv_head = pairs, kv_heads, block_heads, None
+        self.mask = None
+
+
+def _resolved(entry):
+    """A stored BLOCK pair count as float [B, Hkv] (made once from per-query-head pairs)."""
+    if not isinstance(entry, _PerQueryHead):
+        return entry
+    if entry.per_kv_head is None:
+        if entry.pairs is None:
+            mask, n, block_size = entry.mask
+            entry.pairs, entry.mask = block_visible_pairs(mask, n, block_size), None
+        vis = entry.pairs.view(entry.pairs.shape[0], entry.kv_heads, -1).mean(-1)
+        if entry.block_heads is not None:
+            vis = vis * (entry.block_heads == BLOCK)
+        entry.per_kv_head = vis
+    return entry.per_kv_head

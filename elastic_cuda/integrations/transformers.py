@@ -22,6 +22,7 @@ from ..attention.sparse_config import SparseConfig
 from ..attention.xattn import block_visible_pairs, xattn_block_mask
 from ..ops import BLOCK, FULL
 from ..router import RouterSet, check_sparsity_shift, model_router_geometry
+from ..router_graph import RouterGraphs
 from .sparsity_meter import SparsityMeter
 from .static_cache import ElasticStaticLayer
 from .training_mix import TrainingMix
@@ -50,6 +51,7 @@ class ElasticState:
         self._fixed_rows = None if fixed_table is None else fixed_table.cpu().tolist()  # the same, on the host
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
+        self.router_graphs = None                       # RouterGraphs when enable(router_graphs=True)
         self.meter = SparsityMeter(num_layers)
         self.mix = TrainingMix()                        # on inside training_mix()
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
@@ -76,17 +78,27 @@ class ElasticState:
                                "(run a forward pass with the elastic attention enabled first)")
         return torch.stack(per_layer, dim=1)
 
+    def layer_z(self, layer_idx):
+        """The layer's z [B, Hkv] of the current sequence (None before its prefill). An eval router's decision
+        leaves z to be made here, on first use, as (head_mode == FULL) in the router's dtype: the values
+        forward() returns, without a kernel per layer in a prefill that nothing reads z of."""
+        z = self._z[layer_idx]
+        if isinstance(z, _ZFromModes):
+            z = self._z[layer_idx] = (self._head_mode[layer_idx] == FULL).to(z.dtype)
+        return z
+
     @property
     def last_z(self) -> torch.Tensor:
         """[B, L, Hkv] z of the current sequence (1 = FULL); differentiable when routers train."""
-        return self._stack(self._z, "last_z")
+        return self._stack([self.layer_z(i) for i in range(self.num_layers)], "last_z")
 
     @property
     def z_per_layer(self) -> list:
         """Each layer's z [B, Hkv] of the current sequence, as the forward made them (the tensors autograd reaches
         the routers through: pass them to torch.autograd.grad for per-layer gradients)."""
-        self._stack(self._z, "z_per_layer")  # raises when a layer has no decision yet
-        return list(self._z)
+        zs = [self.layer_z(i) for i in range(self.num_layers)]
+        self._stack(zs, "z_per_layer")  # raises when a layer has no decision yet
+        return zs
 
     @property
     def last_head_mode(self) -> torch.Tensor:
@@ -165,12 +177,24 @@ class ElasticState:
             cu = None
             if padding is not None:
                 keys, cu = padding.pack_keys(keys), padding.cu_seqlens_k
-            reuse = self._gumbel_u[layer_idx] if recomputing else None
-            out = router(keys, tau=self.mix.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
-                         sparsity_shift=0.0 if router.training else self.sparsity_shift)
-            head_mode, z = out.head_mode, out.z
-            if not recomputing:
-                self._gumbel_u[layer_idx] = out.gumbel_u
+            if router.training or self.mix.active or router._forward_hooks or router._forward_pre_hooks:
+                reuse = self._gumbel_u[layer_idx] if recomputing else None
+                out = router(keys, tau=self.mix.tau, cu_seqlens=cu, sparse_mode=self.sparse_mode_id, gumbel_u=reuse,
+                             sparsity_shift=0.0 if router.training else self.sparsity_shift)
+                head_mode, z = out.head_mode, out.z
+                if not recomputing:
+                    self._gumbel_u[layer_idx] = out.gumbel_u
+            else:  # inference: the decision alone; z (unused by the forward) is made from it when asked (layer_z)
+                if self.router_graphs is not None:  # CUDA graphs of the decisions (router_graph.py)
+                    head_mode, z_dtype = self.router_graphs.route(router, keys, cu_seqlens=cu,
+                                                                  sparse_mode=self.sparse_mode_id,
+                                                                  sparsity_shift=self.sparsity_shift)
+                else:
+                    head_mode, z_dtype = router.route(keys, cu_seqlens=cu, sparse_mode=self.sparse_mode_id,
+                                                      sparsity_shift=self.sparsity_shift)
+                z = _ZFromModes(z_dtype)
+                if not recomputing:
+                    self._gumbel_u[layer_idx] = None
         else:
             head_modes, zs, host = self._fixed_decisions(batch, device)
             head_mode, z, host_modes = head_modes[layer_idx], zs[layer_idx], host[layer_idx]
@@ -224,16 +248,27 @@ class ElasticState:
             mask = xattn_block_mask(padding.pack_queries(q), padding.pack_keys(k),
                                     cu_seqlens=padding.cu_seqlens_q, max_seqlen=padding.max_seqlen_k, **kw)
             lengths = padding.lengths_q
+        # Pairs per query head [B, Hq], kept on the device; the meter makes them per KV head (the mean over its
+        # query heads) when they are read, from the masks themselves when they are small (unpadded). When every
+        # head was estimated (the mix) only the BLOCK heads' count; else the rows of the other heads are all False,
+        # so their pairs are already exactly 0: no mask op needed.
+        block_heads = self._head_mode[layer_idx] if kw["head_mode"] is None else None
         if padding is None:  # one length: the whole batch in one reduction
-            vis = block_visible_pairs(mask, S, self.block_size)
+            self.meter.set_block_mask(layer_idx, mask, S, self.block_size, kv_heads=k.shape[2],
+                                      block_heads=block_heads)
         else:
             vis = torch.stack([block_visible_pairs(mask[b], n, self.block_size) for b, n in enumerate(lengths)])
-        vis = vis.view(B, k.shape[2], -1).mean(-1)
-        if kw["head_mode"] is None:  # every head estimated: count the BLOCK heads' only
-            vis = vis * (self._head_mode[layer_idx] == BLOCK)
-        # (else the rows of the other heads are all False, so their pairs are already exactly 0: no mask op needed)
-        self.meter.set_block_pairs(layer_idx, vis)  # kept on the device
+            self.meter.set_block_pairs(layer_idx, vis, kv_heads=k.shape[2], block_heads=block_heads)
         return mask
+
+
+class _ZFromModes:
+    """Stands in ElasticState._z for an eval router's decision: z is (head_mode == FULL) in `dtype`, made by
+    ElasticState.layer_z when something reads it."""
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
 
 
 def _in_backward() -> bool:
@@ -272,7 +307,7 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
         head_mode, z = state.decide(layer_idx, B, query.device, padding, recomputing)
     else:          # decode / chunked continuation: reuse the prefill decision
         state.pre_rope_keys[layer_idx] = None
-        head_mode, z = state._head_mode[layer_idx], state._z[layer_idx]
+        head_mode, z = state._head_mode[layer_idx], state.layer_z(layer_idx)
         if head_mode is None or head_mode.shape[0] != B:
             raise RuntimeError(f"elastic attention: layer {layer_idx} got {Sq} new queries over {Skv} cached keys "
                                "but no prefill routing decision for this batch (run the prompt first)")
@@ -370,7 +405,7 @@ def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
 def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
            sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
            strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
-           xattn_threshold: float | None = None) -> ElasticState:
+           xattn_threshold: float | None = None, router_graphs: bool = False) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window (and the BLOCK settings) default to the routers'
     config when routers are given, else to SparseConfig's (attention/sparse_config.py: "stream", 64, 512).
     fixed_table: int/bool [L, Hkv], 1 = sparse.
@@ -378,6 +413,9 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     request its own); also settable later as state.sparsity_shift, between requests.
     sparse_mode "block": BLOCK heads with XAttention masks estimated at prefill (block_size, xattn_stride,
     xattn_threshold; attention.xattn).
+    router_graphs: on CUDA, run each eval router's decision (after its boundary pool) as a CUDA graph, captured per
+    layer and batch size on first use (router_graph.py): the same bits with ~10 fewer launches per layer, for a
+    small model's prefill, which is launch-bound (#15). Off by default until timed on a GPU.
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -416,6 +454,10 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     state = ElasticState(num_layers=L, num_kv_heads=Hkv, policy=policy, sparse=sparse, fixed_table=table,
                          strategy=strategy, routers=routers)
     check_sparsity_shift(sparsity_shift, where="enable: ")
+    if not isinstance(router_graphs, bool):
+        raise ValueError(f"enable: router_graphs must be True or False, got {router_graphs!r}")
+    if router_graphs:
+        state.router_graphs = RouterGraphs()
     state.sparsity_shift = sparsity_shift
     state._hooks = []
     for m in modules:
