@@ -6,7 +6,9 @@ Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 K
   ours_sm90     elastic_cuda.attention (strategy auto) forward + backward, the Hopper wgmma backward (the default on
                 an H200; dQ by TMA reduce-add)
   ours_sm90_atomic  the same with ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by vector atomics instead of TMA reduce-add)
+  ours_sm90_det the same under torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order
   ours_sm80     the same with ELASTIC_CUDA_SM90_BWD=0: the mma.sync backward (reload_kernel_options switches it)
+  (BWD_PATHS picks among sm90, sm90_atomic, sm90_det, sm80; default all four)
   ours_sm90_early  in ELASTIC_BUILD_EXPERIMENTS=1 builds only: ELASTIC_SM90_BWD_EARLY_RELEASE=1 (kernel_options.h)
   ours_bwd_<path>                 the backward alone (autograd.grad of a kept forward graph)
   cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
@@ -17,6 +19,7 @@ table. Run from the repository root: `python -m benchmarks.bench_backward`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -26,6 +29,17 @@ from torch.nn.attention import SDPBackend
 from benchmarks.bench_attention import SINK, WINDOW, stream_block_mask
 from benchmarks.harness import (RESULTS, Case, bench, default_out, env_list, fa4, flex_fn, kernel_switches, rec, routing,
                                 sdpa)
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """torch.use_deterministic_algorithms for the block (the Hopper backward's deterministic dQ order), restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def section(S: int):
@@ -54,8 +68,9 @@ def section(S: int):
     for msr in (0.0, 0.75):
         hm = routing(1, case.Hkv, msr, seed=11)
         experiments = "experiments_built=1" in elastic_cuda.ops.reload_kernel_options()
-        for path in ("sm90", "sm90_atomic", "sm80") + (("sm90_early",) if experiments else ()):
-            with kernel_switches(ELASTIC_CUDA_SM90_BWD="0" if path == "sm80" else "1",
+        paths = env_list("BWD_PATHS", "sm90,sm90_atomic,sm90_det,sm80", str.strip)
+        for path in paths + (["sm90_early"] if experiments and "sm90_early" not in paths else []):
+            with deterministic(path == "sm90_det"), kernel_switches(ELASTIC_CUDA_SM90_BWD="0" if path == "sm80" else "1",
                                  ELASTIC_SM90_BWD_EARLY_RELEASE="1" if path == "sm90_early" else "0",
                                  ELASTIC_SM90_BWD_DQ_TMA="0" if path == "sm90_atomic" else "1"):
 
