@@ -1,19 +1,15 @@
-"""Interleaved A/B timing of the decode kernels' variants (kernel_options.h switches ELASTIC_DECODE_COPY,
-ELASTIC_DECODE_PDL, ELASTIC_DECODE_MIN_CHUNK; csrc/decode/), H200, bf16, Llama-3.1-8B shape (Hq 32, Hkv 8, D 128),
-one query per step, batch B at S tokens, a fraction MSR of each sample's KV heads STREAM (sink 128, window 2048),
-cuDNN SDPA beside on the same dense cache.
-
-Variants: default (plain copies, the combine as a programmatic dependent launch, no chunk floor), zfill (round 1's
-copies), no_pdl (the combine launched after the split kernel), min_chunk_512 / min_chunk_1024 (no item shorter than
-that many keys: fewer, longer items where total / target is a few tiles, i.e. batch 1 with STREAM heads).
+"""Interleaved A/B timing of the tensor-core decode kernel's variants (issue #13; kernel_options.h switches
+ELASTIC_DECODE_COPY and ELASTIC_DECODE_FUSED_COMBINE; csrc/decode/decode_mma_kernel.cuh), H200, bf16, Llama-3.1-8B
+shape (Hq 32, Hkv 8, D 128), one query per step, batch B at S tokens, a fraction MSR of each sample's KV heads STREAM
+(sink 128, window 2048), cuDNN SDPA beside on the same dense cache.
 
 Timing is bench_decode's time_ms (calls over enough cache copies to exceed L2, captured back to back in one CUDA
 graph, median of replays). Variants are interleaved: ROUNDS rounds, each times every variant once on the same
 copies in a rotated order, and a variant's time is the median over rounds (so clock / thermal drift spreads over all
 variants instead of biasing the one timed last). Per variant: ms, % of 4.8 TB/s HBM peak (KV bytes the case must
-read / time), ratio to the default, the STREAM time over the same variant's dense time; per case the output's
-relative error against cuDNN SDPA (dense) and the max |diff| against the default (0 expected for zfill and no_pdl:
-same arithmetic; a chunk floor changes the items, so rounding-level), and whether a combine kernel ran.
+read / time), ratio to the default (zfill) path, the STREAM time over the same variant's dense time; per case the
+output's relative error against cuDNN SDPA (dense) and the max |diff| against the default path (every variant must
+give the default's output: equal copies, same arithmetic), and which decode_mma_kernel instance ran.
 
   python -m experiments.time_decode_variants [--out DIR]
 Env: SEQS (32768,131072), BATCHES (1,8), MSRS (0,0.75), VARIANTS (all of VARIANTS below), ROUNDS (3).
@@ -35,26 +31,27 @@ from benchmarks.bench_decode import D, HBM_PEAK, HKV, HQ, L2_FLUSH_BYTES, SINK, 
 from benchmarks.harness import env_list, kernel_switches
 
 VARIANTS = {  # name -> switches (unset ones are the defaults)
-    "default": {},
-    "zfill": {"ELASTIC_DECODE_COPY": "zfill"},
-    "no_pdl": {"ELASTIC_DECODE_PDL": "0"},
-    "min_chunk_512": {"ELASTIC_DECODE_MIN_CHUNK": "512"},
-    "min_chunk_1024": {"ELASTIC_DECODE_MIN_CHUNK": "1024"},
+    "zfill": {},
+    "plain": {"ELASTIC_DECODE_COPY": "plain"},
+    "tma": {"ELASTIC_DECODE_COPY": "tma"},
+    "pairs": {"ELASTIC_DECODE_COPY": "pairs"},
+    "fused": {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    "plain_fused": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    "tma_fused": {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
 }
-SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_PDL", "ELASTIC_DECODE_MIN_CHUNK")
+SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE")
 
 
 def kernel_instance(fn):
-    """Which decode kernels fn() launched: the split kernel's name and whether a combine kernel ran."""
+    """'decode_mma_kernel<..., L>' layout L of the launched instance and whether a combine kernel ran."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "decode_" in e.name]
-    split = [n for n in names if "decode_mma_kernel" in n or "decode_split_kernel" in n]
-    return {"split": "mma" if split and "decode_mma_kernel" in split[0] else ("fma" if split else None),
-            "combine": any("decode_combine_kernel" in n for n in names)}
+    layout = [m.group(1) for n in names for m in [re.search(r"decode_mma_kernel<[^>]*,\s*(\d+)>", n)] if m]
+    return {"layout": layout[0] if layout else None, "combine": any("decode_combine_kernel" in n for n in names)}
 
 
 def main():
@@ -77,7 +74,7 @@ def main():
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"time_decode_variants: VARIANTS has unknown names {unknown}; known: {list(VARIANTS)}")
-    base_name = "default" if "default" in names else names[0]  # the ratio column's reference
+    base_name = "zfill" if "zfill" in names else names[0]  # the ratio column's reference
     os.makedirs(args.out, exist_ok=True)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     rows = []
@@ -119,7 +116,7 @@ def main():
                             if r == 0:
                                 out = ours(copies[0])
                                 info[n] = kernel_instance(lambda: ours(copies[0]))
-                                info[n]["max_diff_vs_default"] = (out.float() - base).abs().max().item()
+                                info[n]["max_diff_vs_zfill"] = (out.float() - base).abs().max().item()
                                 if ref is not None:
                                     info[n]["rel_err_vs_cudnn"] = ((out.double() - ref).norm() / ref.norm()).item()
                             times[n].append(time_ms([lambda t=t: ours(t) for t in copies])[0])
@@ -129,7 +126,7 @@ def main():
                         dense[n] = ms
                     row = dict(S=S, B=B, msr=msr, variant=n, ms=ms, rounds_ms=times[n], kv_bytes=nbytes,
                                hbm_frac=nbytes / (ms * 1e-3) / HBM_PEAK, copies=len(copies),
-                               vs_default=ms / statistics.median(times[base_name]),
+                               vs_zfill=ms / statistics.median(times[base_name]),
                                vs_own_dense=ms / dense[n] if msr > 0 and n in dense else None,
                                cudnn_ms=cudnn_ms,
                                cudnn_hbm_frac=None if cudnn_ms is None else nbytes / (cudnn_ms * 1e-3) / HBM_PEAK,
@@ -142,14 +139,14 @@ def main():
     with open(os.path.join(args.out, "decode_variants.json"), "w") as f:
         json.dump(rows, f, indent=1)
     lines = ["| S | B | MSR | variant | ms | % HBM | vs base | vs own dense | cuDNN ms (% HBM) | err vs cuDNN | "
-             "max diff vs default | kernels |", "|" + "---|" * 12]
+             "max diff vs zfill | instance |", "|" + "---|" * 12]
     for r in rows:
         cud = "" if r["cudnn_ms"] is None or r["msr"] > 0 else f"{r['cudnn_ms']:.4f} ({100 * r['cudnn_hbm_frac']:.0f}%)"
         own = "" if r["vs_own_dense"] is None else f"{r['vs_own_dense']:.3f}"
         lines.append(
             f"| {r['S']} | {r['B']} | {r['msr']:g} | {r['variant']} | {r['ms']:.4f} | {100 * r['hbm_frac']:.1f} | "
-            f"{r['vs_default']:.3f} | {own} | {cud} | {r.get('rel_err_vs_cudnn', float('nan')):.2e} | "
-            f"{r['max_diff_vs_default']:.2e} | {r['split']}{' + combine' if r['combine'] else ''} |")
+            f"{r['vs_zfill']:.3f} | {own} | {cud} | {r.get('rel_err_vs_cudnn', float('nan')):.2e} | "
+            f"{r['max_diff_vs_zfill']:.2e} | L{r['layout']}{'' if r['combine'] else ' fused'} |")
     with open(os.path.join(args.out, "decode_variants.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

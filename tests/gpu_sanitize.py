@@ -65,8 +65,7 @@ def decode(Sq, group, D, dtype, num_splits, poison=False, sink=3, window=37, len
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() if not poison else (torch.isnan(out).any() and not torch.isnan(out).all())
     print("ok decode", Sq, group, D, dtype, num_splits, sink, window, length,
-          *(f"{k}={os.environ[k]}" for k in ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_PDL", "ELASTIC_DECODE_MIN_CHUNK")
-            if os.environ.get(k)), flush=True)
+          os.environ.get("ELASTIC_DECODE_COPY", ""), os.environ.get("ELASTIC_DECODE_FUSED_COMBINE", ""), flush=True)
 
 
 if __name__ == "__main__":
@@ -99,18 +98,18 @@ if __name__ == "__main__":
                                         (2, 1, 64, torch.bfloat16, 0), (1, 8, 64, torch.float16, 0),
                                         (1, 1, 64, torch.bfloat16, 2)):
         decode(Sq, group, D, dtype, splits)
-    # The decode A/B variants (kernel_options.h ELASTIC_DECODE_COPY / _PDL / _MIN_CHUNK) beside the default (plain
-    # copies, combine as a programmatic dependent launch): sink 70 and 1001 tokens give full plain-copied tiles and
-    # zero-filled ones (each item's partial last tile) in one pipeline, sink / ring boundary and ring wrap; splits
-    # 1 / 3 / 0: long items, a few, the automatic plan's short ones (a chunk floor of 128 keys re-cuts those); Sq 5:
-    # the FMA kernel with the same combine launch and plan.
-    for env in ({"ELASTIC_DECODE_COPY": "zfill"}, {"ELASTIC_DECODE_PDL": "0"}, {"ELASTIC_DECODE_MIN_CHUNK": "128"}):
+    # The tensor-core kernel's A/B variants (kernel_options.h ELASTIC_DECODE_COPY / _FUSED_COMBINE): sink 70 and
+    # 1001 tokens give TMA tiles (FULL, sink, plain ring) and cp.async ones (sink / ring boundary, ring wrap, each
+    # item's partial last tile) in one pipeline; splits 1 / 3 / 0: long items, a few, the automatic plan's short
+    # ones; the fused combine's tickets and last-CTA merge.
+    for env in ({"ELASTIC_DECODE_COPY": "tma"}, {"ELASTIC_DECODE_COPY": "plain"}, {"ELASTIC_DECODE_COPY": "pairs"},
+                {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
+                {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}):
         os.environ.update(env)
         elastic_cuda.ops.reload_kernel_options()
         for D, dtype, splits in ((128, torch.bfloat16, 1), (64, torch.float16, 3), (128, torch.bfloat16, 0)):
             decode(1, 4, D, dtype, splits, sink=70, window=200, length=1001)
         decode(1, 3, 128, torch.bfloat16, 3, poison=True, sink=70, window=200, length=1001)
-        decode(5, 3, 64, torch.float16, 0, sink=70, window=200, length=1001)
         for name in env:
             del os.environ[name]
         elastic_cuda.ops.reload_kernel_options()

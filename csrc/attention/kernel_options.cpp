@@ -61,20 +61,13 @@ KernelOptions read_env() {
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
   if (const char* v = env_value("ELASTIC_DECODE_COPY")) {
-    const bool zfill = std::strcmp(v, "zfill") == 0, plain = std::strcmp(v, "plain") == 0;
-    ELASTIC_CHECK(zfill || plain, "elastic: environment variable ELASTIC_DECODE_COPY must be plain or zfill, got \"",
-                  v, "\"");
-    o.decode_copy_zfill = zfill;
+    const bool zfill = std::strcmp(v, "zfill") == 0, plain = std::strcmp(v, "plain") == 0,
+               tma = std::strcmp(v, "tma") == 0, pairs = std::strcmp(v, "pairs") == 0;
+    ELASTIC_CHECK(zfill || plain || tma || pairs, "elastic: environment variable ELASTIC_DECODE_COPY must be zfill, ",
+                  "plain, tma or pairs, got \"", v, "\"");
+    o.decode_copy = zfill ? 0 : (plain ? 1 : (tma ? 2 : 3));
   }
-  o.decode_pdl = env_bool("ELASTIC_DECODE_PDL", o.decode_pdl);
-  if (const char* v = env_value("ELASTIC_DECODE_MIN_CHUNK")) {
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    ELASTIC_CHECK(end != v && *end == '\0' && n >= 0 && n <= 65536 && n % 64 == 0,
-                  "elastic: environment variable ELASTIC_DECODE_MIN_CHUNK must be a multiple of 64 in [0, 65536], "
-                  "got \"", v, "\"");
-    o.decode_min_chunk = static_cast<int>(n);
-  }
+  o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   return o;
 }
@@ -112,8 +105,12 @@ std::string describe(const KernelOptions& o) {
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
                            " bwd_early_release=", b(o.sm90_bwd_early_release),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
-                           " decode_copy=", o.decode_copy_zfill ? "zfill" : "plain", " decode_pdl=", b(o.decode_pdl),
-                           " decode_min_chunk=", o.decode_min_chunk,
+                           " decode_copy=",
+                           (o.decode_copy == 0   ? "zfill"
+                            : o.decode_copy == 1 ? "plain"
+                            : o.decode_copy == 2 ? "tma"
+                                                 : "pairs"),
+                           " decode_fused_combine=", b(o.decode_fused_combine),
                            " nonfinite_prepass=", b(o.nonfinite_prepass));
 }
 

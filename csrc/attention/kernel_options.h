@@ -35,19 +35,21 @@
 //   ELASTIC_DECODE_ONE_WAVE=0    decode work plan of round 1: one chunk length total / target for every pair (up to
 //                                target + pairs items, i.e. a partial second wave) and chunk-long items, the last
 //                                one of a pair shorter (plan_item in csrc/decode/decode_kernel.cuh)
-//   ELASTIC_DECODE_COPY=zfill    tensor-core decode kernel: every K/V copy a 16-byte cp.async with the src-size
-//                                (zero-fill) operand, as before 2026-12-02, instead of plain cp.async with the
-//                                .L2::256B hint on full tiles (the default, "plain"; decode_mma_kernel.cuh records
-//                                the measured reason)
-//   ELASTIC_DECODE_PDL=0         decode: the combine kernel as an ordinary launch after the split kernel instead of a
-//                                programmatic dependent launch overlapping it (sm_90; decode_launch.cu)
-//   ELASTIC_DECODE_MIN_CHUNK=N   decode work plan: no item shorter than N keys (a multiple of 64, <= 65536; 0, the
-//                                default, no floor): fewer, longer items where the total / target chunk is a few
-//                                tiles (batch 1, STREAM-heavy), each item paying one pipeline fill and one partial
+//   ELASTIC_DECODE_COPY=zfill    tensor-core decode kernel: how K/V tiles reach shared memory. zfill (default): 16-byte
+//                                cp.async with the src-size (zero-fill) operand on every copy; plain: full tiles by
+//                                plain 16-byte cp.async with the .L2::256B prefetch hint (zero-fill only on an
+//                                item's last, partial tile); tma: TMA boxes (128-byte swizzle) completing on one
+//                                mbarrier per stage for full tiles of contiguous pool rows, cp.async for the rest
+//                                (sm_90 devices; elsewhere, or if a map cannot be encoded, zfill); pairs: diagnostic,
+//                                zfill copies into a shared layout that keeps each 32-byte sector's halves together
+//                                (2-way ldmatrix bank conflicts; decode_mma_kernel.cuh mma_smem_offset)
+//   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
+//                                partials (an atomic ticket per pair) instead of a second, combine launch
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
-// Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain,
-// MIN_CHUNK as stated) is an error naming the variable, so that a typo never times the wrong kernel.
+// Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
+// tma / pairs) is an error naming
+// the variable, so that a typo never times the wrong kernel.
 #pragma once
 #include <string>
 
@@ -88,9 +90,9 @@ struct KernelOptions {
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
-  bool decode_copy_zfill = false;  // tensor-core decode: zero-fill copies on every tile (plain measured 0.81-0.92x)
-  bool decode_pdl = true;         // decode combine as a programmatic dependent launch (sm_90); A/B pending
-  int decode_min_chunk = 0;       // decode plan: chunk floor in keys (0 none); A/B pending
+  int decode_copy = 0;            // tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B,
+                                  // 2 TMA, 3 pairs (diagnostic layout)
+  bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };
 

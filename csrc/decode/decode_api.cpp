@@ -161,12 +161,17 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.sink = static_cast<int32_t>(sink);
   p.window = static_cast<int32_t>(window);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  // A/B switches (kernel_options.h): the K/V copy form of the tensor-core kernel, the combine as a programmatic
-  // dependent launch, the plan's chunk floor.
-  const KernelOptions opts = kernel_options();
-  p.copy_zfill = mma && opts.decode_copy_zfill ? 1 : 0;
-  p.pdl = opts.decode_pdl ? 1 : 0;
-  p.min_chunk = opts.decode_min_chunk;
+  // Tensor-core kernel's A/B switches (kernel_options.h): K/V copy form, and the combine fused into the last CTA of
+  // each split pair. The tickets are zeroed by a memset on the stream (a graph captures it as a memset node).
+  p.copy_mode = mma ? kernel_options().decode_copy : 0;
+  p.fused_combine = mma && kernel_options().decode_fused_combine ? 1 : 0;
+  at::Tensor ticket;
+  if (p.fused_combine) {
+    ticket = at::empty({B * Hkv}, q.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(ticket.data_ptr(), 0, ticket.numel() * sizeof(int32_t),
+                                   c10::cuda::getCurrentCUDAStream().stream()));
+    p.ticket = ticket.data_ptr<int32_t>();
+  }
   launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk, mma,
                           c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};

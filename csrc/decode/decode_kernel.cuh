@@ -97,22 +97,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Programmatic dependent launch (sm_90; launch_decode_attention sets the launch attribute there when
-// ELASTIC_DECODE_PDL is on): the split kernel lets the combine grid launch at once (its CTAs then wait in
-// wait_for_prior_grid, which returns when the split grid has completed and its writes are visible), so the combine's
-// launch latency and the gap between the kernels overlap the split kernel's work instead of following it. Without
-// the attribute, or below sm_90, both are no-ops.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // What one pair reads: its pool row base pointers, key-list geometry, and whether its values are in range.
 struct PairView {
   const char* k;
@@ -226,7 +210,6 @@ __device__ Item plan_item(const DecodeParams& p, int item) {
   constexpr int kTileKeysMin = 32;
   auto chunk_for = [&](long long slots) {
     long long chunk = (total + slots - 1) / slots;
-    chunk = chunk < p.min_chunk ? p.min_chunk : chunk;  // ELASTIC_DECODE_MIN_CHUNK (0: none)
     chunk = ((chunk + kTileKeysMin - 1) / kTileKeysMin) * kTileKeysMin;
     return static_cast<int32_t>(chunk < kTileKeysMin ? kTileKeysMin : (chunk > (1 << 30) ? (1 << 30) : chunk));
   };
@@ -482,7 +465,6 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
   // Grid (items_max, row_chunks). Rows beyond one chunk (Sq x group > 8) re-read the item's K/V, from L2 when
   // the launch is one wave (the automatic target divides the SM slots among the row chunks).
   const int rchunk = blockIdx.y;
-  allow_dependent_launch();
   const Item it = plan_item(p, blockIdx.x);
   if (!it.live) return;
   const int pair = it.pair;
@@ -610,129 +592,73 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
   write_rows<T, D, kRows, kStreams>(p, smem, pv, it, rchunk, b, h);
 }
 
-// Combine: one CTA of kCombineThreads per (pair, query row) merges the partials of the pair's items (pairs of one
-// item were written by the split kernel). Latency-light, because at batch 1 it is on the critical path of every call
-// and a pair has many items (32K B1 with 6/8 heads STREAM: ~100 items per FULL pair): round 1's combine read the
-// items' lse one after another in each thread (a chain of ~100 L2 round trips) and then the partials 4 at a time,
-// which is how a call of 40 MB of K/V (8 us at HBM peak) took 41 us. Here the items' lse are loaded by all threads
-// at once (one item per thread, a block max and sum), the weights go to shared memory, and the partial outputs are
-// read as float4: D / 4 threads cover one item's row, so kCombineThreads / (D / 4) items (4 at D 128, 8 at D 64) are
-// read side by side, each thread with 8 loads in flight; the item groups' sums meet in shared memory. Items come in
-// rounds of kCombineThreads (a pair has more only with forced splits); the rounds merge as an online softmax.
-// Partials are read through L2 (ld.global.cg): the previous grid wrote them, and wait_for_prior_grid waited for it.
-constexpr int kCombineThreads = 128;
-
+// Merges element d of query row `row` of pair `pair` from the partials of the pair's `count` items (from `first`)
+// and writes the output (and the lse at d == 0). Partials are read through L2 (ld.global.cg): in the fused combine
+// they were written by other CTAs of the same launch, and this SM's L1 must not serve a stale line.
 template <typename T, int D, int kRows>
-__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p) {
-  constexpr int kVecs = D / 4;                        // threads per item row (float4 each)
-  constexpr int kGroups = kCombineThreads / kVecs;    // items read side by side
-  constexpr int kWarpsC = kCombineThreads / 32;
-  constexpr int kUnroll = 8;
-  __shared__ float s_w[kCombineThreads];
-  __shared__ float s_max[kWarpsC], s_sum[kWarpsC];
-  __shared__ int s_bad[kWarpsC];
-  __shared__ float4 s_acc[kGroups][kVecs];
-  wait_for_prior_grid();  // the plan and the partials are the split grid's writes
-  const int pair = blockIdx.x, row = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int count = p.plan[2 * pair + 1];
-  if (count <= 1) return;
-  const int first = p.plan[2 * pair];
+__device__ __forceinline__ void combine_element(const DecodeParams& p, int pair, int first, int count, int row,
+                                                int d) {
   const int b = pair / p.hkv, h = pair % p.hkv;
   const int rchunk = row / kRows, r = row % kRows;
-  const int vec = tid % kVecs, grp = tid / kVecs;
   const int64_t base = static_cast<int64_t>(rchunk) * p.items_max * kRows + r;  // + item * kRows
-  constexpr int64_t kStep = static_cast<int64_t>(kRows) * D;                   // floats between items
-  float M = -INFINITY, L = 0.f;
-  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  float M = -INFINITY;
   bool bad = false;
-  for (int s0 = 0; s0 < count; s0 += kCombineThreads) {
-    const int n = min(kCombineThreads, count - s0);
-    const float x = tid < n ? __ldcg(p.part_lse + base + static_cast<int64_t>(first + s0 + tid) * kRows) : -INFINITY;
-    // Round max (fmaxf skips NaN) and whether any lse is NaN (a marked item makes the row NaN).
-    float mx = x;
-    int nan_here = isnan(x) ? 1 : 0;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      nan_here |= __shfl_xor_sync(0xffffffffu, nan_here, off);
-    }
-    __syncthreads();  // the previous round's reads of the shared arrays are done
-    if (lane == 0) {
-      s_max[warp] = mx;
-      s_bad[warp] = nan_here;
-    }
-    __syncthreads();
-    float round_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarpsC; ++w) {
-      round_max = fmaxf(round_max, s_max[w]);
-      bad |= s_bad[w] != 0;
-    }
-    const float m_new = fmaxf(M, round_max);
-    // An item with no visible key for this row has lse -inf: weight 0 (times its zero output).
-    const float w_mine = x != -INFINITY && m_new != -INFINITY && !isnan(x) ? exp2f(x - m_new) : 0.f;
-    s_w[tid] = w_mine;
-    const float wsum = warp_sum(w_mine);
-    if (lane == 0) s_sum[warp] = wsum;
-    __syncthreads();
-    float round_sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarpsC; ++w) round_sum += s_sum[w];
-    const float corr = M == -INFINITY ? 0.f : exp2f(M - m_new);
-    L = L * corr + round_sum;
-    o.x *= corr;
-    o.y *= corr;
-    o.z *= corr;
-    o.w *= corr;
-    M = m_new;
-    // This thread's items of the round: grp, grp + kGroups, ...; kUnroll float4 loads issued before they are used.
-    const float4* po = reinterpret_cast<const float4*>(p.part_out + (base + static_cast<int64_t>(first + s0) * kRows) * D) + vec;
-    int s = grp;
-    for (; s + (kUnroll - 1) * kGroups < n; s += kUnroll * kGroups) {
-      float4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = __ldcg(po + (s + u * kGroups) * (kStep / 4));
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const float w = s_w[s + u * kGroups];
-        o.x = fmaf(w, v[u].x, o.x);
-        o.y = fmaf(w, v[u].y, o.y);
-        o.z = fmaf(w, v[u].z, o.z);
-        o.w = fmaf(w, v[u].w, o.w);
-      }
-    }
-    for (; s < n; s += kGroups) {
-      const float4 v = __ldcg(po + s * (kStep / 4));
-      const float w = s_w[s];
-      o.x = fmaf(w, v.x, o.x);
-      o.y = fmaf(w, v.y, o.y);
-      o.z = fmaf(w, v.z, o.z);
-      o.w = fmaf(w, v.w, o.w);
-    }
+  for (int s = 0; s < count; ++s) {
+    const float x = __ldcg(p.part_lse + base + static_cast<int64_t>(first + s) * kRows);
+    bad |= isnan(x);
+    M = fmaxf(M, x);
   }
-  // The item groups' sums (each over its items, all with the final M) meet in shared memory.
-  s_acc[grp][vec] = o;
-  __syncthreads();
-  if (grp != 0) return;
-#pragma unroll
-  for (int g2 = 1; g2 < kGroups; ++g2) {
-    const float4 y = s_acc[g2][vec];
-    o.x += y.x;
-    o.y += y.y;
-    o.z += y.z;
-    o.w += y.w;
+  float L = 0.f, o = 0.f;
+  if (M != -INFINITY && !bad) {
+#pragma unroll 4
+    for (int s = 0; s < count; ++s) {
+      const int64_t part = base + static_cast<int64_t>(first + s) * kRows;
+      const float x = __ldcg(p.part_lse + part);
+      if (x == -INFINITY) continue;  // an item with no visible key for this row (0 * its zero output)
+      const float w = exp2f(x - M);
+      L += w;
+      o = fmaf(w, __ldcg(p.part_out + part * D + d), o);
+    }
   }
   const float nan = __int_as_float(0x7fc00000);
-  const float inv = L > 0.f ? 1.f / L : 0.f;
-  const float res[4] = {o.x * inv, o.y * inv, o.z * inv, o.w * inv};
+  o = bad ? nan : (L > 0.f ? o / L : 0.f);
+  const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
   const int qi = row / p.group, hq = h * p.group + row % p.group;
-  T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + 4 * vec;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) out[e] = to_elem<T>(bad ? nan : res[e]);
-  if (vec == 0) {
-    const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
-    p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+  T* out = static_cast<T*>(p.out);
+  out[((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + d] = to_elem<T>(o);
+  if (d == 0) p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+}
+
+// One CTA of D threads per (pair, query row): merges the partials of the pair's items (pairs of one item were
+// written by the split kernel).
+template <typename T, int D, int kRows>
+__global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
+  const int pair = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+  const int count = p.plan[2 * pair + 1];
+  if (count <= 1) return;
+  combine_element<T, D, kRows>(p, pair, p.plan[2 * pair], count, row, d);
+}
+
+// The fused combine (p.fused_combine; tensor-core kernel, one row chunk): called by every CTA of a split pair after
+// it wrote its partials. Each CTA publishes its partials (__threadfence) and takes a ticket; the CTA that takes the
+// last one merges all rows of the pair and puts the ticket back to 0 (the launch zeroes the tickets anyway; the
+// reset keeps the counter right for anything that replays the kernel alone). Classic last-block reduction: the
+// fence before the ticket orders this CTA's partial writes before it, the fence after it orders the reads.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void combine_in_last_cta(const DecodeParams& p, const Item& it) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();  // every thread's partial writes are fenced before thread 0 takes the ticket
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(p.ticket + it.pair, 1) + 1;
+    s_last = done == it.count;
+    if (done == it.count) p.ticket[it.pair] = 0;
   }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < p.rows * D; idx += kThreads)
+    combine_element<T, D, kRows>(p, it.pair, it.first, it.count, idx / D, idx % D);
 }
 
 }  // namespace decode

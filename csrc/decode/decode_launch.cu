@@ -7,59 +7,25 @@
 
 #include <atomic>
 
+#include "attention/sm90/tma.cuh"
 #include "decode/decode_mma_kernel.cuh"
+#include "decode/decode_tma.h"
 
 namespace elastic {
 namespace {
 
-// Compute capability major of the current device, cached per device (an attribute read, no synchronisation).
-int device_major() {
-  static std::atomic<int> cached[64] = {};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>& slot = cached[dev >= 0 && dev < 64 ? dev : 0];
-  int major = slot.load(std::memory_order_relaxed);
-  if (major == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    slot.store(major, std::memory_order_relaxed);
-  }
-  return major;
-}
-
-// The combine kernel. With p.pdl on an sm_90+ device it is a programmatic dependent launch: it may start while the
-// split grid runs (the split kernel allows it at its start, decode_kernel.cuh allow_dependent_launch) and its CTAs
-// wait in griddepcontrol.wait until the split grid completed. Why: at batch 1 the call is short (32K B1 with 6/8
-// heads STREAM: 0.041 ms for 40 MB of K/V, 8 us at HBM peak) and ncu put ~14 us per call in the combine launch and
-// the gap before it (128K B1). A CUDA graph captures the attribute as a programmatic edge.
-template <typename T, int D, int kRows>
-void launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.batch * p.hkv, p.rows);
-  if (p.pdl && device_major() >= 9) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(decode::kCombineThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_combine_kernel<T, D, kRows>, p));
-  } else {
-    decode::decode_combine_kernel<T, D, kRows><<<grid, decode::kCombineThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 // The split kernels take 64-96 KB of dynamic shared memory (above the 48 KB default): raised once per instance
 // (the first call normally runs before any graph capture; the attribute is not a stream operation either way).
-template <typename T, int D, int kRows, bool kMma>
+// kLayout: the tensor-core kernel's copy / shared-memory layout (decode_mma_kernel.cuh): 0 cp.async, 1 TMA
+// (ELASTIC_DECODE_COPY=tma; 1 KB more for the 1024-byte alignment), 2 the diagnostic pairs layout.
+template <typename T, int D, int kRows, bool kMma, int kLayout = 0>
 struct Split {
-  static constexpr int kSmem = kMma ? decode::MmaShape<D>::kSmemBytes : decode::kSmemBytes;
+  static constexpr bool kTma = kLayout == 1;
+  static constexpr int kSmem = kMma ? (kTma ? decode::MmaShape<D>::kSmemBytesTma : decode::MmaShape<D>::kSmemBytes)
+                                    : decode::kSmemBytes;
   static auto kernel() {
     if constexpr (kMma)
-      return decode::decode_mma_kernel<T, D, kRows>;
+      return decode::decode_mma_kernel<T, D, kRows, kLayout>;
     else
       return decode::decode_split_kernel<T, D, kRows>;
   }
@@ -68,6 +34,25 @@ struct Split {
     if (done.load(std::memory_order_acquire)) return;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     done.store(true, std::memory_order_release);
+  }
+  // Whether this instance's sm_90 body (kTma) runs on the current device: built for compute 9.x (ptxVersion; a
+  // body JIT-compiled from sm_80 PTX has the TMA path compiled out and traps). Cached per instance (one device kind
+  // per process is the case served; a mixed-device process asks the first device).
+  static bool runnable() {
+    static std::atomic<int> verdict{0};  // 0 unknown, 1 yes, 2 no
+    int v = verdict.load(std::memory_order_relaxed);
+    if (v == 0) {
+      cudaFuncAttributes attr;
+      int dev = 0, major = 0;
+      const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                      major == 9 && cudaFuncGetAttributes(&attr, kernel()) == cudaSuccess && attr.ptxVersion >= 90 &&
+                      attr.binaryVersion >= 90;
+      (void)cudaGetLastError();
+      v = ok ? 1 : 2;
+      verdict.store(v, std::memory_order_relaxed);
+    }
+    return v == 1;
   }
   static int ctas_per_sm() {
     static std::atomic<int> cached{0};
@@ -80,11 +65,16 @@ struct Split {
     }
     return n;
   }
-  static void launch(const DecodeParams& p, cudaStream_t stream) {
+  static void launch(const DecodeParams& p, const DecodeMaps& maps, cudaStream_t stream) {
     prepare();
-    kernel()<<<dim3(p.items_max, p.row_chunks), decode::kThreads, kSmem, stream>>>(p);
+    if constexpr (kMma)
+      kernel()<<<dim3(p.items_max, p.row_chunks), decode::kThreads, kSmem, stream>>>(p, maps);
+    else
+      kernel()<<<dim3(p.items_max, p.row_chunks), decode::kThreads, kSmem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_combine<T, D, kRows>(p, stream);
+    if (kMma && p.fused_combine) return;  // the last CTA of each split pair merged it
+    decode::decode_combine_kernel<T, D, kRows><<<dim3(p.batch * p.hkv, p.rows), D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
@@ -106,16 +96,54 @@ struct Occupancy {
 };
 template <typename T, int D, int R>
 struct Launch {
-  static int run(const DecodeParams* p, bool mma, cudaStream_t s) {
+  static int run(const DecodeParams* p, bool mma, bool bf16, cudaStream_t s) {
+    DecodeMaps maps{};
+    // TMA copies (ELASTIC_DECODE_COPY=tma) where the sm_90 body runs and every pool can be mapped; else zero-fill
+    // cp.async (copy_mode 2 means zfill to the cp.async instance).
+    if (mma && p->copy_mode == 2 && Split<T, D, R, true, 1>::runnable() &&
+        encode_decode_maps(*p, bf16, D, maps, nullptr)) {
+      Split<T, D, R, true, 1>::launch(*p, maps, s);
+      return 0;
+    }
+    if (mma && p->copy_mode == 3) {  // diagnostic: zero-fill cp.async into the 32-byte-unit layout
+      Split<T, D, R, true, 2>::launch(*p, maps, s);
+      return 0;
+    }
     if (mma)
-      Split<T, D, R, true>::launch(*p, s);
+      Split<T, D, R, true>::launch(*p, maps, s);
     else
-      Split<T, D, R, false>::launch(*p, s);
+      Split<T, D, R, false>::launch(*p, maps, s);
     return 0;
   }
 };
 
+// One pool's map: [pairs, tokens, D] as (D, tokens, 1, pairs), 64 x 64 boxes (decode_tma.h). An empty pool is
+// never read: a zeroed map stands in.
+const char* encode_pool_map(CUtensorMap* map, const void* base, int64_t stride_pair, int32_t pairs, int32_t tokens,
+                            bool bf16, int head_dim) {
+  if (pairs == 0 || tokens == 0) {
+    *map = CUtensorMap{};
+    return nullptr;
+  }
+  return sm90_host::encode_rows_map(map, base, bf16, head_dim, tokens, 1, pairs, head_dim, head_dim, stride_pair, 64);
+}
+
 }  // namespace
+
+bool encode_decode_maps(const DecodeParams& p, bool bf16, int head_dim, DecodeMaps& maps, const char** why) {
+  const char* e = encode_pool_map(&maps.full_k, p.full_k, p.full_k_stride_pair, p.full_pairs, p.full_tokens, bf16,
+                                  head_dim);
+  if (e == nullptr)
+    e = encode_pool_map(&maps.full_v, p.full_v, p.full_v_stride_pair, p.full_pairs, p.full_tokens, bf16, head_dim);
+  if (e == nullptr)
+    e = encode_pool_map(&maps.stream_k, p.stream_k, p.stream_k_stride_pair, p.stream_pairs, p.stream_tokens, bf16,
+                        head_dim);
+  if (e == nullptr)
+    e = encode_pool_map(&maps.stream_v, p.stream_v, p.stream_v_stride_pair, p.stream_pairs, p.stream_tokens, bf16,
+                        head_dim);
+  if (why != nullptr) *why = e;
+  return e == nullptr;
+}
 
 int decode_ctas_per_sm(bool bf16, int head_dim, int rows_per_chunk, bool mma) {
   return dispatch<Occupancy>(bf16, head_dim, rows_per_chunk, mma);
@@ -123,7 +151,7 @@ int decode_ctas_per_sm(bool bf16, int head_dim, int rows_per_chunk, bool mma) {
 
 void launch_decode_attention(const DecodeParams& p, bool bf16, int head_dim, int rows_per_chunk, bool mma,
                              void* stream) {
-  dispatch<Launch>(bf16, head_dim, rows_per_chunk, &p, mma, static_cast<cudaStream_t>(stream));
+  dispatch<Launch>(bf16, head_dim, rows_per_chunk, &p, mma, bf16, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace elastic

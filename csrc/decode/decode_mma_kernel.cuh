@@ -18,23 +18,26 @@
 // c ^ (k & 7), attention_mma.cuh), so that ldmatrix reads 8 keys of one chunk without bank conflicts. 3 stages at
 // D 128 (96 KB, 2 CTAs per SM: 4 tiles of 32 KB in flight per SM), 4 at D 64 (64 KB, 3 CTAs per SM).
 //
-// How the tiles are copied (ELASTIC_DECODE_COPY, kernel_options.h; p.copy_zfill): every thread issues 16-byte
-// cp.async, 16 lanes per 256-byte key row, commit / wait groups per tile.
-//  - plain (the default): full tiles without the src-size operand and with the .L2::256B prefetch hint; only the
-//    item's last, partial tile uses the zero-fill form (zeros for keys past the item).
-//  - zfill (A/B fallback): the src-size (zero-fill) operand on every copy, as before 2026-12-02.
-// Measured on one H200 (2026-12-02, benchmarks/results/decode/2026-12-02_h200_copy_variants; bf16 Llama-3.1-8B
-// shape, every head FULL, ms and % of 4.8 TB/s): 32K B1 zfill 0.0536 (52%) / plain 0.0494 (57%); 32K B8 0.3264
-// (69%) / 0.2676 (84%); 128K B1 0.1794 (62%) / 0.1483 (75%); 128K B8 1.2597 (71%) / 1.0182 (88%). ncu had counted
-// 32 L2 sectors per LDGSTS.E.BYPASS.128 of zfill where its 512 contiguous bytes need 16 (L2 86.7% busy at 67.7%
-// DRAM): the zero-fill form doubled the sectors. Variants measured and removed: TMA boxes (128-byte swizzle, one
-// mbarrier per stage) equal to plain within 1% at 228 instead of 188 registers plus four tensor maps encoded on the
-// host per call; a shared layout keeping each 32-byte sector's halves together ("pairs") equal to zfill, so the
-// swizzle was not the cause; the combine fused into the last CTA of each split pair (atomic ticket) slower in every
-// case, up to 1.86x at 32K B1 with 6/8 heads STREAM (0.0772 vs 0.0414 ms).
+// How the tiles are copied (ELASTIC_DECODE_COPY, kernel_options.h; p.copy_mode, kTma):
+//  - zfill (the proven default): every thread issues 16-byte cp.async with the src-size operand (zeros for keys past
+//    the item), 16 lanes per 256-byte key row, commit / wait groups per tile.
+//  - plain: full tiles without the src-size operand and with the .L2::256B prefetch hint; the item's last tile as
+//    zfill. Why: ncu on H200 (128K B1, benchmarks/results/ncu/2026-12-02_h200_stalls) counts 32 L2 sectors per
+//    LDGSTS.E.BYPASS.128 where its 512 contiguous bytes need 16, L2 hit rate 49% and L2 throughput 86.7% (the
+//    limiter) at 67.7% DRAM: every K/V sector is requested twice. The zero-fill form (the !P operand) is the one
+//    thing in the instruction that differs from the textbook copy, and an L2 prefetch of whole 256-byte rows gives
+//    the L2 one request per row pair; whether either removes the doubling is what the A/B measures.
+//  - tma (kTma, sm_90): a full tile whose 64 pool rows are contiguous (every FULL / BLOCK tile; STREAM tiles except
+//    those across the sink / ring boundary or the ring wrap) is 2 x D / 64 TMA boxes issued by one thread: no per-
+//    thread address math, line-sized L2 requests, and no LDGSTS at all. Other tiles (the item's last, partial one:
+//    zeros past the item; STREAM boundary tiles) are cp.async into the same swizzled layout. Both complete on one
+//    mbarrier per stage with 128 arrivals: the TMA tile's thread 0 by arrive.expect_tx, the others by a plain
+//    arrive; a cp.async tile's threads by cp.async.mbarrier.arrive.noinc.
 #pragma once
 #include "attention/attention_mma.cuh"
+#include "attention/sm90/tma.cuh"
 #include "decode/decode_kernel.cuh"
+#include "decode/decode_tma.h"
 
 namespace elastic {
 namespace decode {
@@ -47,17 +50,33 @@ struct MmaShape {
   static constexpr int kTileBytes = kTileKeys * D * 2;           // of K (and of V): 16 KB at D 128, 8 KB at D 64
   static constexpr int kStages = D == 128 ? 3 : 4;
   static constexpr int kSmemBytes = kStages * 2 * kTileBytes;    // 96 KB / 64 KB
+  static constexpr int kSmemBytesTma = kSmemBytes + 1024;        // + alignment of the base to 1024 bytes (swizzle)
   static constexpr int kCtasPerSm = D == 128 ? 2 : 3;
   static constexpr int kCopies = kTileKeys * kChunks / kThreads; // 16-byte copies per thread per tile (K and V each)
   static constexpr int kKSteps = D / 16;                         // k-steps of Q K^T
   static constexpr int kNTiles = D / 8;                          // n-tiles of P V (8 output columns each)
 };
 
-// Byte offset of 16-byte chunk c of key `key` in a K or V tile: rows of D / 8 chunks, chunk c at c ^ (key % 8), so
-// that ldmatrix's 8 lanes of one chunk and 8 consecutive keys hit 8 different 16-byte bank groups.
-template <int D>
+// Byte offset of 16-byte chunk c of key `key` in a K or V tile. cp.async layout: rows of D / 8 chunks, chunk c at
+// c ^ (key % 8). TMA layout: D / 64 column halves of [64 keys][128 bytes], chunk c % 8 of half c / 8 at
+// (c % 8) ^ (key % 8): the 128-byte swizzle of a box (the two agree at D 64). Either way ldmatrix's 8 lanes of one
+// chunk and 8 consecutive keys hit 8 different 16-byte bank groups.
+// kLayout (kernel_options.h ELASTIC_DECODE_COPY): 0 the cp.async layout, 1 the TMA layout, 2 a diagnostic layout
+// (copy=pairs) that swizzles 32-byte units instead of 16-byte chunks, so that both halves of every 32-byte global
+// sector land side by side and in order in shared memory (in layout 0 an odd key's halves land swapped, and any
+// key's pair moves); the price is 2-way bank conflicts on ldmatrix at D 128 (8 keys of one chunk reach only the 4
+// bank groups of its parity). It isolates one hypothesis for the doubled L2 sectors of LDGSTS (ncu): that the
+// copy path coalesces a sector's two 16-byte halves only when their shared-memory destinations are adjacent.
+template <int D, int kLayout>
 __device__ __forceinline__ int mma_smem_offset(int key, int c) {
-  return (key * MmaShape<D>::kChunks + (c ^ (key & 7))) * 16;
+  if constexpr (kLayout == 1) {
+    return (c / 8) * (MmaShape<D>::kTileKeys * 128) + key * 128 + (((c % 8) ^ (key & 7)) * 16);
+  } else if constexpr (kLayout == 2) {
+    constexpr int kUnits = MmaShape<D>::kChunks / 2;  // 32-byte units per row: 8 at D 128, 4 at D 64
+    return (key * MmaShape<D>::kChunks + 2 * ((c / 2) ^ (key & (kUnits - 1))) + (c & 1)) * 16;
+  } else {
+    return (key * MmaShape<D>::kChunks + (c ^ (key & 7))) * 16;
+  }
 }
 
 // 16-byte global -> shared copy without the src-size operand, with an L2 prefetch of the surrounding 256 bytes.
@@ -72,15 +91,23 @@ __device__ __forceinline__ uint32_t q_bits(const void* q, int64_t i) {
   return reinterpret_cast<const unsigned short*>(q)[i];
 }
 
-template <typename T, int D, int kRows>
-__global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_kernel(const DecodeParams p) {
+// kLayout: 0 cp.async (zfill / plain), 1 TMA, 2 cp.async into the diagnostic 32-byte-unit layout (mma_smem_offset).
+template <typename T, int D, int kRows, int kLayout>
+__global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
+    decode_mma_kernel(const DecodeParams p, const __grid_constant__ DecodeMaps maps) {
+  constexpr bool kTma = kLayout == 1;
   using S = MmaShape<D>;
   using Mma = mma::MmaOp<T>;
   static_assert(kRows <= 8, "the C fragment rows g < 8 hold the query rows");
   static_assert(kWarps * kRows * (D + 2) * 4 <= S::kSmemBytes, "merge buffers fit in the pipeline's memory");
 
-  extern __shared__ __align__(16) char smem[];
-  allow_dependent_launch();  // the combine launch may start now and wait for this grid (decode_kernel.cuh)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+  if constexpr (kTma) __trap();  // the host launches the TMA instance on sm_90 devices only
+#endif
+  extern __shared__ __align__(16) char smem_raw[];
+  // The TMA layout's 128-byte swizzle is a function of the address bits 7-9: stages start 1024-byte aligned.
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u;
+  char* const smem = kTma ? smem_raw + ((1024u - misalign) & 1023u) : smem_raw;
   const Item it = plan_item(p, blockIdx.x);
   if (!it.live) return;
   const int pair = it.pair;
@@ -91,6 +118,22 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
   if (it.index == 0 && tid == 0) {
     p.plan[2 * pair] = it.first;
     p.plan[2 * pair + 1] = it.count;
+  }
+
+  // A fragments of Q (row g = query head h * group + g, Sq == 1): per k-step, reg0 = dims 16k + 2t4 .. +1 and
+  // reg2 = dims 16k + 8 + 2t4 .. +1; reg1 / reg3 (rows g + 8) are zero. Rows past the group are zero too.
+  uint32_t qa[S::kKSteps][2];
+  const bool row_ok = g < p.rows && pv.valid;
+  {
+    const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
+#pragma unroll
+    for (int k = 0; k < S::kKSteps; ++k) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = base + 16 * k + 8 * half + 2 * t4;
+        qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
+      }
+    }
   }
 
   float o[S::kNTiles][4];
@@ -118,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
       const int32_t t = t_begin + tile * S::kTileKeys + key;
       const bool in = t < t_end;
       const int64_t off = in ? static_cast<int64_t>(key_row(pv, t, p.sink)) * kRowBytes + c * 16 : 0;
-      const int soff = stage * S::kTileBytes + mma_smem_offset<D>(key, c);
+      const int soff = stage * S::kTileBytes + mma_smem_offset<D, kLayout>(key, c);
       if (plain) {
         cp_async16_l2(sk + soff, pv.k + off);
         cp_async16_l2(sv + soff, pv.v + off);
@@ -128,41 +171,82 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
       }
     }
   };
-  const bool full_plain = !p.copy_zfill;
+  const bool full_plain = p.copy_mode == 1;
   auto tile_full = [&](int tile) { return t_begin + (tile + 1) * S::kTileKeys <= t_end; };
 
-  auto load_tile = [&](int tile, int stage) { copy_tile(tile, stage, full_plain && tile_full(tile)); };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // TMA: the first pool row of tile `tile` when its 64 rows are a contiguous run of a full tile, else -1.
+  __shared__ __align__(8) uint64_t s_full_bar[kTma ? S::kStages : 1];
+  const int slot = pv.valid ? p.slot[pair] : 0;
+  auto tma_row0 = [&](int tile) -> int32_t {
+    const int32_t t0 = t_begin + tile * S::kTileKeys;
+    if (!tile_full(tile)) return -1;
+    if (pv.whole || t0 + S::kTileKeys <= pv.n_sink) return t0;
+    if (t0 < pv.n_sink) return -1;                     // across the sink / ring boundary
+    const int32_t r = pv.rlo_row + (t0 - pv.n_sink);   // ring row of t0 before the (single) wrap
+    if (r >= pv.ring) return p.sink + (r - pv.ring);   // already wrapped: no second wrap follows
+    return r + S::kTileKeys <= pv.ring ? p.sink + r : -1;
+  };
+  const CUtensorMap* const map_k = pv.whole ? &maps.full_k : &maps.stream_k;
+  const CUtensorMap* const map_v = pv.whole ? &maps.full_v : &maps.stream_v;
+  auto bar_of = [&](int stage) { return static_cast<uint32_t>(__cvta_generic_to_shared(&s_full_bar[stage])); };
+  if constexpr (kTma) {
+    if (tid == 0) {
+      for (int s = 0; s < S::kStages; ++s) sm90::mbar_init(bar_of(s), kThreads);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine too
+    }
+    __syncthreads();
+  }
+#endif
+
+  auto load_tile = [&](int tile, int stage) {
+    if constexpr (kTma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      const uint32_t bar = bar_of(stage);
+      const int32_t row0 = tma_row0(tile);
+      if (row0 >= 0) {
+        if (tid == 0) {
+          sm90::mbar_arrive_expect_tx(bar, 2 * S::kTileBytes);
+          const uint32_t dk = static_cast<uint32_t>(__cvta_generic_to_shared(sk + stage * S::kTileBytes));
+          const uint32_t dv = static_cast<uint32_t>(__cvta_generic_to_shared(sv + stage * S::kTileBytes));
+#pragma unroll
+          for (int half = 0; half < D / 64; ++half) {
+            sm90::tma_load_4d(dk + half * S::kTileKeys * 128, map_k, bar, 64 * half, row0, 0, slot);
+            sm90::tma_load_4d(dv + half * S::kTileKeys * 128, map_v, bar, 64 * half, row0, 0, slot);
+          }
+        } else {
+          sm90::mbar_arrive(bar);
+        }
+      } else {
+        copy_tile(tile, stage, false);
+        sm90::mbar_arrive_on_cp_async(bar);
+      }
+#endif
+    } else {
+      copy_tile(tile, stage, full_plain && tile_full(tile));
+    }
+  };
 
 #pragma unroll
   for (int s = 0; s < S::kStages - 1; ++s) {
     if (s < n_tiles) load_tile(s, s);
-    cp_async_commit();
+    if constexpr (!kTma) cp_async_commit();
   }
-  // Q after the first tiles' copies are issued: its loads then wait beside them instead of before them (the
-  // prologue is on the critical path of every call at batch 1).
-  // A fragments of Q (row g = query head h * group + g, Sq == 1): per k-step, reg0 = dims 16k + 2t4 .. +1 and
-  // reg2 = dims 16k + 8 + 2t4 .. +1; reg1 / reg3 (rows g + 8) are zero. Rows past the group are zero too.
-  uint32_t qa[S::kKSteps][2];
-  const bool row_ok = g < p.rows && pv.valid;
-  {
-    const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
-#pragma unroll
-    for (int k = 0; k < S::kKSteps; ++k) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t i = base + 16 * k + 8 * half + 2 * t4;
-        qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
-      }
-    }
-  }
-
   const int key0 = warp * S::kKeysPerWarp;
   const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane gives the address of row mr of matrix mi
   for (int tile = 0; tile < n_tiles; ++tile) {
-    cp_async_wait<S::kStages - 2>();
+    if constexpr (kTma) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      sm90::mbar_wait(bar_of(tile % S::kStages), (tile / S::kStages) & 1);
+      // A stage cp.async wrote (generic proxy) may be refilled by TMA (async proxy) after the barrier below.
+      if (tma_row0(tile) < 0) sm90::fence_proxy_async();
+#endif
+    } else {
+      cp_async_wait<S::kStages - 2>();
+    }
     __syncthreads();
     if (tile + S::kStages - 1 < n_tiles) load_tile(tile + S::kStages - 1, (tile + S::kStages - 1) % S::kStages);
-    cp_async_commit();
+    if constexpr (!kTma) cp_async_commit();
     const char* const ks = sk + (tile % S::kStages) * S::kTileBytes;
     const char* const vs = sv + (tile % S::kStages) * S::kTileBytes;
 
@@ -175,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
       for (int k = 0; k < S::kKSteps; ++k) {
         const int c = 2 * k + (mi % 2);
         uint32_t kb[4];
-        mma::ldsm_x4(kb, mma::smem_addr(ks + mma_smem_offset<D>(key, c)));
+        mma::ldsm_x4(kb, mma::smem_addr(ks + mma_smem_offset<D, kLayout>(key, c)));
         const uint32_t a[4] = {qa[k][0], 0u, qa[k][1], 0u};
         Mma::run(sc[0], a, kb[0], kb[1]);
         Mma::run(sc[1], a, kb[2], kb[3]);
@@ -223,13 +307,13 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
       for (int jj = 0; jj < S::kNTiles / 2; ++jj) {
         const int c = 2 * jj + mi / 2;
         uint32_t vb[4];
-        mma::ldsm_x4_trans(vb, mma::smem_addr(vs + mma_smem_offset<D>(key, c)));
+        mma::ldsm_x4_trans(vb, mma::smem_addr(vs + mma_smem_offset<D, kLayout>(key, c)));
         Mma::run(o[2 * jj], pa, vb[0], vb[1]);
         Mma::run(o[2 * jj + 1], pa, vb[2], vb[3]);
       }
     }
   }
-  cp_async_wait<0>();
+  if constexpr (!kTma) cp_async_wait<0>();  // (TMA: every issued tile was waited for in the loop)
   __syncthreads();  // the pipeline's memory becomes the merge buffers
 
   // Row g's stream of this warp: l and dsum summed over its 4 lanes; marked (m = NaN) if the visible scores or
@@ -254,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm) decode_mma_
   }
   __syncthreads();
   write_rows<T, D, kRows, kWarps>(p, smem, pv, it, 0, b, h);
+  if (p.fused_combine && it.count > 1) combine_in_last_cta<T, D, kRows>(p, it);
 }
 
 }  // namespace decode

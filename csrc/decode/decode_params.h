@@ -38,10 +38,11 @@ struct DecodeParams {
   int32_t row_chunks;  // ceil(rows / rows_per_chunk): grid y
   int32_t sink, window;
   float scale_log2;    // softmax scale * log2(e)
-  int32_t min_chunk;   // ELASTIC_DECODE_MIN_CHUNK: the plan's chunk is at least this many keys (0: no floor)
-  int32_t copy_zfill;  // tensor-core kernel: 1 zero-fill cp.async on every tile (ELASTIC_DECODE_COPY=zfill), 0
-                       // plain cp.async + L2::256B on full tiles (the default)
-  int32_t pdl;         // 1: the combine is a programmatic dependent launch (sm_90; ELASTIC_DECODE_PDL)
+  // Tensor-core kernel only (ELASTIC_DECODE_COPY / ELASTIC_DECODE_FUSED_COMBINE, kernel_options.h):
+  int32_t copy_mode;      // 0 cp.async with zero-fill, 1 plain cp.async + L2::256B on full tiles, 2 TMA (launch
+                          // falls back to 0 where TMA is not available), 3 zero-fill into the diagnostic layout
+  int32_t fused_combine;  // 1: the last CTA of each split pair merges its partials (no combine launch)
+  int32_t* ticket;        // [B * Hkv], zero at launch when fused_combine: CTAs of a pair that finished
 };
 
 // CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the
