@@ -102,7 +102,7 @@ if __name__ == "__main__":
     # 1001 tokens give TMA tiles (FULL, sink, plain ring) and cp.async ones (sink / ring boundary, ring wrap, each
     # item's partial last tile) in one pipeline; splits 1 / 3 / 0: long items, a few, the automatic plan's short
     # ones; the fused combine's tickets and last-CTA merge.
-    for env in ({"ELASTIC_DECODE_COPY": "tma"}, {"ELASTIC_DECODE_COPY": "plain"}, {"ELASTIC_DECODE_COPY": "pairs"},
+    for env in ({"ELASTIC_DECODE_COPY": "tma"}, {"ELASTIC_DECODE_COPY": "zfill"}, {"ELASTIC_DECODE_COPY": "pairs"},
                 {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
                 {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}):
         os.environ.update(env)

@@ -1,4 +1,4 @@
-"""The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=plain|tma|pairs,
+"""The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=zfill|tma|pairs (the default: plain),
 ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) against the float64 CPU reference, and against the
 default path bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where the combine
 runs, differs).
@@ -36,7 +36,7 @@ pytestmark = [
 
 # variant -> (switches, kLayout of the decode_mma_kernel instance it must launch on an sm_90 device, fused combine)
 VARIANTS = {
-    "plain": ({"ELASTIC_DECODE_COPY": "plain"}, 0, False),
+    "zfill": ({"ELASTIC_DECODE_COPY": "zfill"}, 0, False),
     "tma": ({"ELASTIC_DECODE_COPY": "tma"}, 1, False),
     "pairs": ({"ELASTIC_DECODE_COPY": "pairs"}, 2, False),
     "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1"}, 0, True),

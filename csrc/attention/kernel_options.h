@@ -35,16 +35,17 @@
 //   ELASTIC_DECODE_ONE_WAVE=0    decode work plan of round 1: one chunk length total / target for every pair (up to
 //                                target + pairs items, i.e. a partial second wave) and chunk-long items, the last
 //                                one of a pair shorter (plan_item in csrc/decode/decode_kernel.cuh)
-//   ELASTIC_DECODE_COPY=zfill    tensor-core decode kernel: how K/V tiles reach shared memory. zfill (default): 16-byte
-//                                cp.async with the src-size (zero-fill) operand on every copy; plain: full tiles by
-//                                plain 16-byte cp.async with the .L2::256B prefetch hint (zero-fill only on an
-//                                item's last, partial tile); tma: TMA boxes (128-byte swizzle) completing on one
+//   ELASTIC_DECODE_COPY=zfill    tensor-core decode kernel: how K/V tiles reach shared memory. plain (default): full
+//                                tiles by plain 16-byte cp.async with the .L2::256B prefetch hint (zero-fill only on
+//                                an item's last, partial tile); zfill: 16-byte cp.async with the src-size (zero-fill)
+//                                operand on every copy (before 2026-12-02); tma: TMA boxes (128-byte swizzle) completing on one
 //                                mbarrier per stage for full tiles of contiguous pool rows, cp.async for the rest
 //                                (sm_90 devices; elsewhere, or if a map cannot be encoded, zfill); pairs: diagnostic,
 //                                zfill copies into a shared layout that keeps each 32-byte sector's halves together
 //                                (2-way ldmatrix bank conflicts; decode_mma_kernel.cuh mma_smem_offset)
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
-//                                partials (an atomic ticket per pair) instead of a second, combine launch
+//                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
+//                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
@@ -90,8 +91,12 @@ struct KernelOptions {
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
-  int decode_copy = 0;            // tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B,
-                                  // 2 TMA, 3 pairs (diagnostic layout)
+  // Tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B (the default), 2 TMA, 3 pairs.
+  // H200, bf16, Llama-3.1-8B shape, every head FULL, ms (% of 4.8 TB/s), zfill -> plain (-> tma):
+  // 32K B1 0.0536 (52%) -> 0.0494 (57%); 32K B8 0.3264 (69%) -> 0.2676 (84%) (0.2667); 128K B1 0.1794 (62%) ->
+  // 0.1483 (75%) (0.1472); 128K B8 1.2597 (71%) -> 1.0182 (88%) (1.0217) (results/decode/2026-12-02_h200_copy_
+  // variants/). The zero-fill operand on every copy made ncu count 32 L2 sectors per 512 contiguous bytes.
+  int decode_copy = 1;
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };

@@ -19,20 +19,23 @@
 // D 128 (96 KB, 2 CTAs per SM: 4 tiles of 32 KB in flight per SM), 4 at D 64 (64 KB, 3 CTAs per SM).
 //
 // How the tiles are copied (ELASTIC_DECODE_COPY, kernel_options.h; p.copy_mode, kTma):
-//  - zfill (the proven default): every thread issues 16-byte cp.async with the src-size operand (zeros for keys past
-//    the item), 16 lanes per 256-byte key row, commit / wait groups per tile.
-//  - plain: full tiles without the src-size operand and with the .L2::256B prefetch hint; the item's last tile as
-//    zfill. Why: ncu on H200 (128K B1, benchmarks/results/ncu/2026-12-02_h200_stalls) counts 32 L2 sectors per
-//    LDGSTS.E.BYPASS.128 where its 512 contiguous bytes need 16, L2 hit rate 49% and L2 throughput 86.7% (the
-//    limiter) at 67.7% DRAM: every K/V sector is requested twice. The zero-fill form (the !P operand) is the one
-//    thing in the instruction that differs from the textbook copy, and an L2 prefetch of whole 256-byte rows gives
-//    the L2 one request per row pair; whether either removes the doubling is what the A/B measures.
+//  - plain (the default): full tiles by 16-byte cp.async without the src-size operand and with the .L2::256B
+//    prefetch hint, 16 lanes per 256-byte key row; only the item's last, partial tile as zfill.
+//  - zfill (before 2026-12-02, kept as the A/B fallback): the src-size (zero-fill) operand on every copy.
 //  - tma (kTma, sm_90): a full tile whose 64 pool rows are contiguous (every FULL / BLOCK tile; STREAM tiles except
-//    those across the sink / ring boundary or the ring wrap) is 2 x D / 64 TMA boxes issued by one thread: no per-
-//    thread address math, line-sized L2 requests, and no LDGSTS at all. Other tiles (the item's last, partial one:
-//    zeros past the item; STREAM boundary tiles) are cp.async into the same swizzled layout. Both complete on one
-//    mbarrier per stage with 128 arrivals: the TMA tile's thread 0 by arrive.expect_tx, the others by a plain
-//    arrive; a cp.async tile's threads by cp.async.mbarrier.arrive.noinc.
+//    those across the sink / ring boundary or the ring wrap) is 2 x D / 64 TMA boxes issued by one thread; other
+//    tiles are cp.async into the same swizzled layout; both complete on one mbarrier per stage (128 arrivals: the TMA
+//    tile's thread 0 by arrive.expect_tx, the others by a plain arrive; a cp.async tile's threads by
+//    cp.async.mbarrier.arrive.noinc).
+//  - pairs (diagnostic): zfill into a layout that keeps each 32-byte sector's two halves together.
+// Why plain: ncu on the H200 (128K B1 every head FULL, results/ncu/2026-12-02_h200_stalls) counted 32 L2 sectors per
+// zfill LDGSTS.E.BYPASS.128 whose 512 contiguous bytes need 16 (L2 hit rate 49%, L2 86.7% busy, the limiter, at
+// 67.7% DRAM): every K/V sector was requested twice. Measured (results/decode/2026-12-02_h200_copy_variants, bf16
+// Llama-3.1-8B shape, ms and % of 4.8 TB/s), zfill -> plain: 32K B1 0.0536 (52%) -> 0.0494 (57%), 32K B8 0.3264
+// (69%) -> 0.2676 (84%), 128K B1 0.1794 (62%) -> 0.1483 (75%), 128K B8 1.2597 (71%) -> 1.0182 (88%); tma equal to
+// plain within 1% (228 instead of 188 registers, tensor maps encoded per call); pairs equal to zfill, so the
+// shared-memory swizzle was not the cause, the zero-fill form was; the fused combine (ELASTIC_DECODE_FUSED_COMBINE)
+// slower in every case (up to 1.86x at 32K B1 with 6/8 heads STREAM).
 #pragma once
 #include "attention/attention_mma.cuh"
 #include "attention/sm90/tma.cuh"
