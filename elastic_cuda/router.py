@@ -61,7 +61,7 @@ def check_sparsity_shift(shift, batch: int | None = None, where: str = ""):
         raise ValueError(f"{where}sparsity_shift must be a float or a float tensor [B], got {shift!r}")
 
 
-def _sparsity_shift(shift, batch: int, device) -> torch.Tensor | float:
+def sparsity_shift_column(shift, batch: int, device) -> torch.Tensor | float:
     """A float, or the [B, 1] column of a per-request tensor [B] (broadcast over the KV heads)."""
     check_sparsity_shift(shift, batch)
     if isinstance(shift, torch.Tensor):
@@ -76,7 +76,7 @@ def _mode_scalar(mode: int, device: torch.device) -> torch.Tensor:
         return torch.tensor(mode, dtype=torch.int32, device=device)
 
 
-def _full_heads(logits: torch.Tensor, shift) -> torch.Tensor:
+def full_heads_of(logits: torch.Tensor, shift) -> torch.Tensor:
     """bool [B, Hkv]: the eval decision logit_full - logit_sparse > shift. With the default shift 0.0 it is the
     comparison logit_full > logit_sparse, one kernel instead of a subtraction and a comparison, and the same bits:
     in IEEE arithmetic with subnormals a - b > 0 exactly when a > b (both False for a NaN, and for inf - inf). The
@@ -87,7 +87,7 @@ def _full_heads(logits: torch.Tensor, shift) -> torch.Tensor:
     return logits[..., 1] - logits[..., 0] > shift
 
 
-def _head_modes(full: torch.Tensor, sparse_mode: int) -> torch.Tensor:
+def head_modes_of(full: torch.Tensor, sparse_mode: int) -> torch.Tensor:
     """int32 head modes in one where over cached 0-dim mode tensors (was full_like x 2, where and a cast)."""
     return torch.where(full, _mode_scalar(FULL, full.device), _mode_scalar(sparse_mode, full.device))
 
@@ -234,7 +234,7 @@ class AttentionRouter(nn.Module):
             raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
                              f"got {sparse_mode!r}")
         logits = self.logits(keys, cu_seqlens)
-        shift = _sparsity_shift(sparsity_shift, logits.shape[0], logits.device)
+        shift = sparsity_shift_column(sparsity_shift, logits.shape[0], logits.device)
         if self.training:
             if not (isinstance(tau, (int, float)) and tau > 0):
                 raise ValueError(f"AttentionRouter: tau must be a positive number, got {tau!r}")
@@ -251,11 +251,11 @@ class AttentionRouter(nn.Module):
             z = (hard + (probs - probs.detach()))[..., 1]
         else:
             gumbel_u = None
-            full = _full_heads(logits, shift)
+            full = full_heads_of(logits, shift)
             z = full.to(logits.dtype)
         if self.training:
             full = z.detach() > 0.5
-        return RouterOutput(logits=logits, z=z, head_mode=_head_modes(full, sparse_mode), gumbel_u=gumbel_u)
+        return RouterOutput(logits=logits, z=z, head_mode=head_modes_of(full, sparse_mode), gumbel_u=gumbel_u)
 
     def route(self, keys: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sparse_mode: int = STREAM,
               sparsity_shift: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.dtype]:
@@ -270,8 +270,8 @@ class AttentionRouter(nn.Module):
             raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
                              f"got {sparse_mode!r}")
         logits = self.logits(keys, cu_seqlens)
-        full = _full_heads(logits, _sparsity_shift(sparsity_shift, logits.shape[0], logits.device))
-        return _head_modes(full, sparse_mode), logits.dtype
+        full = full_heads_of(logits, sparsity_shift_column(sparsity_shift, logits.shape[0], logits.device))
+        return head_modes_of(full, sparse_mode), logits.dtype
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}, "

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .ops import BLOCK, STREAM
-from .router import AttentionRouter, _full_heads, _head_modes, _sparsity_shift
+from .router import AttentionRouter, full_heads_of, head_modes_of, sparsity_shift_column
 
 __all__ = ["RouterGraphs"]
 
@@ -67,7 +67,7 @@ class RouterGraphs:
             raise ValueError(f"RouterGraphs: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
                              f"got {sparse_mode!r}")
         pooled = router.pooled(keys, cu_seqlens)
-        shift = _sparsity_shift(sparsity_shift, pooled.shape[0], pooled.device)
+        shift = sparsity_shift_column(sparsity_shift, pooled.shape[0], pooled.device)
         known = self._tensors.get(id(router))
         if known is None or known[0] is not router:
             known = self._tensors[id(router)] = (router, _router_tensors(router))
@@ -104,7 +104,7 @@ class RouterGraphs:
 
 def _decision(router, pooled, sparse_mode, shift):
     logits = router.logits_of_pooled(pooled)
-    return logits, _head_modes(_full_heads(logits, shift), sparse_mode)
+    return logits, head_modes_of(full_heads_of(logits, shift), sparse_mode)
 
 
 def _router_tensors(router) -> list:
