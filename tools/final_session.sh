@@ -9,7 +9,8 @@
 #   run STEP...      assemble what has arrived, install the wheels, wait for the build, then the steps in order:
 #                    gputests   pytest -m gpu over tests/ (PYTEST_K), then memcheck of the new kernels' small runs
 #                    attention  benchmarks.bench_attention (FA4 rows), block  benchmarks.bench_block_prefill,
-#                    decode     benchmarks.bench_decode, e2e  benchmarks.bench_e2e_prefill, demo  the demo on cuda
+#                    decode     benchmarks.bench_decode, e2e  benchmarks.bench_e2e_prefill, demo  the demo on cuda,
+#                    routertrain  benchmarks.bench_router_training (ROUTERTRAIN_ENV="LENGTHS=4096,8192 BUDGET_S=240")
 #                    Each step's own environment: <STEP>_ENV="VAR=value ..." (e.g. BLOCK_ENV="SEQS=8192 MSRS=1").
 # Results under $OUT (8 files come back at most: each step writes one log, the benchmarks' outputs are tarred).
 set -uo pipefail
@@ -72,6 +73,12 @@ for step in "$@"; do
     env "${step_env[@]}" timeout "${BENCH_S:-300}" python3 -m benchmarks.$mod --out $W/$step > "$OUT/$step.log" 2>&1
     echo "$mod rc=$?"; tail -40 "$OUT/$step.log" | grep -v "^{" | tail -30
     (cd $W && tar czf "$OUT/$step.tar.gz" $step 2> /dev/null)
+    ;;
+  routertrain)  # issue #17: the trainer's step per full_branch on the real model (needs the staged GGUF)
+    env "${step_env[@]}" timeout "${BENCH_S:-300}" python3 -m benchmarks.bench_router_training --out $W/routertrain \
+      > "$OUT/routertrain.log" 2>&1
+    echo "bench_router_training rc=$?"; grep "^|" "$OUT/routertrain.log" | tail -12
+    (cd $W && tar czf "$OUT/routertrain.tar.gz" routertrain 2> /dev/null)
     ;;
   demo)
     env "${step_env[@]}" timeout "${DEMO_S:-200}" python3 -m elastic_cuda demo --device cuda ${DEMO_ARGS:-} > "$OUT/demo.log" 2>&1
