@@ -40,6 +40,7 @@
 #include "attention/kernel_utils.cuh"
 #include "attention/nonfinite.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"  // load_tile_sw128, RingPos, FillPos
+#include "attention/sm90/sm90a_available.h"
 #include "attention/sm90/tma.cuh"
 #include "attention/sm90/wgmma.cuh"
 
@@ -735,10 +736,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     bwd_consumer<T, Tr>(p, maps, sm, gbase, base, b, kvh, n_block, mode, seq);
   }
 #else
-  // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks
-  // cudaFuncAttributes::sharedSizeBytes == 0) never launches it.
-  __shared__ int sm90a_missing[32];
-  reinterpret_cast<volatile int*>(sm90a_missing)[threadIdx.x % 32] = 1;
+  mark_not_sm90a();  // not an sm_90a pass: no wgmma (sm90a_available.h)
 #endif
 }
 

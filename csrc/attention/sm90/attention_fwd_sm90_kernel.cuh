@@ -27,6 +27,7 @@
 #include "attention/kernel_utils.cuh"
 #include "attention/nonfinite.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"
+#include "attention/sm90/sm90a_available.h"
 #include "attention/sm90/wgmma.cuh"
 
 namespace elastic {
@@ -422,10 +423,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, flags);
   }
 #else
-  // Not an sm_90a pass: no wgmma. The static shared array marks this body, so that the host (which checks
-  // cudaFuncAttributes::sharedSizeBytes == 0) never launches it.
-  __shared__ int sm90a_missing[32];
-  reinterpret_cast<volatile int*>(sm90a_missing)[threadIdx.x % 32] = 1;
+  mark_not_sm90a();  // not an sm_90a pass: no wgmma (sm90a_available.h)
 #endif
 }
 
