@@ -95,3 +95,19 @@ def random_block_mask(B, H, seqlen_k, block_size, gen, density=0.4, diagonal=Tru
     mask = torch.rand((B, H, nb, nb), generator=gen) < density
     eye = torch.eye(nb, dtype=torch.bool).expand(B, H, nb, nb)
     return mask | eye if diagonal else mask & ~eye
+
+
+def random_router(D, Hkv=3, seed=0, **router_kwargs):
+    """An eval AttentionRouter (fp32, CPU) with input standardisation and a head bias, every weight random (x 0.5)
+    and a random standardisation (mean ~ N(0, 1), std in [0.5, 2]): decisions that are neither all FULL nor all
+    sparse, for the routers' bit-equality tests. router_kwargs go to AttentionRouter (e.g. n_first / n_last)."""
+    from elastic_cuda.router import AttentionRouter
+
+    torch.manual_seed(seed)
+    r = AttentionRouter(D, num_kv_heads=Hkv, standardize_input=True, head_bias=True, **router_kwargs)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        r.input_mean.normal_()
+        r.input_std.uniform_(0.5, 2.0)
+    return r.eval()

@@ -12,6 +12,7 @@ from elastic_cuda.integrations.transformers import enable  # noqa: E402
 from elastic_cuda.ops import BLOCK, FULL, STREAM  # noqa: E402
 from elastic_cuda.router import AttentionRouter, RouterSet  # noqa: E402
 
+from conftest import random_router  # noqa: E402
 from test_transformers import SINK, WINDOW, _ids, decisive, make_model, mixed_table  # noqa: E402
 
 
@@ -160,17 +161,6 @@ def test_op_front_without_grad_equals_the_autograd_path():
 
 
 # ----------------------------------------------------------------------------- router layer at prefill (#15)
-def _random_router(B_heads=3, D=16, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    r = AttentionRouter(D, num_kv_heads=B_heads, standardize_input=True, head_bias=True, n_first=100, n_last=100)
-    with torch.no_grad():
-        for p in r.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        r.input_mean.normal_()
-        r.input_std.uniform_(0.5, 2.0)
-    return r.to(dtype).eval()
-
-
 def _reference_eval_decision(router, keys, sparse_mode, shift):
     """forward()'s eval decision as it was written before route(): subtraction, comparison, z cast, where."""
     logits = router.logits(keys)
@@ -193,7 +183,7 @@ def test_route_is_bitwise_the_eval_forward(dtype, device):
     B = 5
     keys_dtype = torch.bfloat16 if device == "cuda" and dtype == torch.float32 else dtype
     for seed in range(6):
-        r = _random_router(D=64 if device == "cuda" else 16, seed=seed, dtype=dtype).to(device)
+        r = random_router(64 if device == "cuda" else 16, seed=seed, n_first=100, n_last=100).to(device, dtype)
         keys = (torch.randn(B, 300, 3, r.head_dim, dtype=dtype) * (1 + seed)).to(device=device, dtype=keys_dtype)
         if seed == 1:  # ties: the last layer gives equal logits for both classes
             with torch.no_grad():

@@ -10,19 +10,14 @@ transformers = pytest.importorskip("transformers")
 
 from elastic_cuda.integrations.transformers import enable  # noqa: E402
 from elastic_cuda.ops import BLOCK, FULL, STREAM  # noqa: E402
-from elastic_cuda.router import AttentionRouter, RouterSet  # noqa: E402
+from elastic_cuda.router import RouterSet  # noqa: E402
 from elastic_cuda.router_graph import RouterGraphs  # noqa: E402
+
+from conftest import random_router  # noqa: E402
 
 
 def _router(seed, device, Hkv=3, D=64):
-    torch.manual_seed(seed)
-    r = AttentionRouter(D, num_kv_heads=Hkv, standardize_input=True, head_bias=True)
-    with torch.no_grad():
-        for p in r.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        r.input_mean.normal_()
-        r.input_std.uniform_(0.5, 2.0)
-    return r.to(device).eval()
+    return random_router(D, Hkv, seed).to(device)
 
 
 def _same_bits(a, b):
