@@ -35,8 +35,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, fa4, flex_fn, out_args, rec, rel_err, routing,
-                                sdpa, try_bench, write_with_errors)
+from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, fa4, flex_fn, grouped_bars, out_args, rec, rel_err,
+                                routing, sdpa, try_bench, write_with_errors)
 
 BLK = 128
 
@@ -239,17 +239,13 @@ def write_plot(path):
         rows = [r for r in RESULTS if (r.get("model"), r.get("S")) == (model, S) and "ms" in r]
         cases = sorted({(r["density"], r["msr"]) for r in rows if "density" in r})
         methods = sorted({r["method"] for r in rows if "density" in r}, key=lambda m: (not m.startswith("ours"), m))
-        width = 0.8 / max(1, len(methods))
-        for i, m in enumerate(methods):
-            ms = [next((r["ms"] for r in rows if r["method"] == m and (r["density"], r["msr"]) == c), float("nan"))
-                  for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], ms, width, label=m)
+        grouped_bars(ax, [f"d{d:g}\nMSR {m:g}" for d, m in cases],
+                     {m: [next((r["ms"] for r in rows if r["method"] == m and (r["density"], r["msr"]) == c),
+                               float("nan")) for c in cases] for m in methods}, fontsize=8)
         for name, style in (("cudnn_dense", "k--"), ("xattn_estimate", "r:")):
             t = next((r["ms"] for r in rows if r["method"] == name), None)
             if t is not None:
                 ax.axhline(t, color=style[0], linestyle=style[1:], label=name)
-        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(cases))])
-        ax.set_xticklabels([f"d{d:g}\nMSR {m:g}" for d, m in cases], fontsize=8)
         ax.set_title(f"{MODELS[model]['name']} shape, S={S}", fontsize=9)
         ax.set_ylabel("ms (median)")
     axes[0][0].legend(fontsize=7)

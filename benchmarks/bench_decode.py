@@ -45,7 +45,8 @@ import time
 
 import torch
 
-from benchmarks.harness import RESULTS, T0, env_list, event_median_ms, kernel_switches, out_args, rec
+from benchmarks.harness import (RESULTS, T0, env_list, event_median_ms, grouped_bars, kernel_switches, out_args,
+                                rec)
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
@@ -359,12 +360,10 @@ def write_plot(path, results):
     cases = sorted({(r["S"], r["B"]) for r in kern})
     methods = sorted({r["method"] for r in kern})
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
-    width = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        ys = [next((r["hbm_frac"] for r in kern if (r["S"], r["B"]) == c and r["method"] == m), 0) for c in cases]
-        ax.bar([j + i * width for j in range(len(cases))], ys, width, label=m)
+    grouped_bars(ax, [f"S={s // 1024}K B={b}" for s, b in cases],
+                 {m: [next((r["hbm_frac"] for r in kern if (r["S"], r["B"]) == c and r["method"] == m), 0)
+                      for c in cases] for m in methods})
     ax.axhline(0.75, color="k", ls="--", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"S={s // 1024}K B={b}" for s, b in cases])
     ax.set_ylabel("KV bytes / time, fraction of 4.8 TB/s")
     ax.set_title("Decode attention, one layer, Llama-3.1-8B shape, bf16")
     ax.legend(fontsize=7)

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from benchmarks.harness import T0, TimeBudget, env_list, out_args
+from benchmarks.harness import T0, TimeBudget, env_list, grouped_bars, out_args
 
 BRANCHES = ("op", "sdpa", "train_mix", "auto")
 
@@ -173,12 +173,9 @@ def plot(meta, results, path):
     lengths = sorted({r["length"] for r in results})
     branches = [b for b in BRANCHES if any(r["branch"] == b for r in results)]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(lengths)), 4))
-    width = 0.8 / max(1, len(branches))
-    for i, b in enumerate(branches):
-        ms = [next((r.get("median_ms") or 0 for r in results if r["length"] == n and r["branch"] == b), 0)
-              for n in lengths]
-        ax.bar([j + i * width for j in range(len(lengths))], ms, width, label=b)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lengths))], [str(n) for n in lengths])
+    grouped_bars(ax, [str(n) for n in lengths],
+                 {b: [next((r.get("median_ms") or 0 for r in results if r["length"] == n and r["branch"] == b), 0)
+                      for n in lengths] for b in branches})
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"ms per optimizer step ({meta['batch']} samples)")
     ax.set_title(f"Router training step, {meta['model']}, {meta['device']}")

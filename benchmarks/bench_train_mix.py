@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.harness import MODELS, TimeBudget, env_list, median_ms, out_args, sdpa
+from benchmarks.harness import MODELS, TimeBudget, env_list, grouped_bars, median_ms, out_args, sdpa
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
 from elastic_cuda.attention.hybrid import _resolve_branch
 from elastic_cuda.ops import FULL, STREAM, attention
@@ -130,11 +130,7 @@ def plot(meta, results, path):
     labels = [f"B{r['B']} S{r['S']}{' pad' if r['padded'] else ''}\nMSR {r.get('msr', meta.get('msr')):g}"
               for r in results]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4.4))
-    width = 0.8 / len(series)
-    for i, s in enumerate(series):
-        xs = [j + i * width for j in range(len(results))]
-        ax.bar(xs, [r["ms"].get(s) or 0 for r in results], width, label=s)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], labels, fontsize=7)
+    grouped_bars(ax, labels, {s: [r["ms"].get(s) or 0 for r in results] for s in series}, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("ms, forward + backward (log)")
     ax.set_title(f"Training mix vs dense, {meta['model_name']} shape, MSR {_msr_text(meta)}, {meta['device']}")

@@ -249,3 +249,13 @@ def write_with_errors(path, lines):
         lines = lines + ["## Errors (peers skipped)", "", "```"] + [json.dumps(r)[:400] for r in errors] + ["```"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def grouped_bars(ax, labels, series, fontsize=None):
+    """One group of bars per x label and one bar per series in every group (series: name -> values in label order),
+    each label ticked under its group's middle: the bar charts of the benchmarks' plots."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels,
+                  **({} if fontsize is None else {"fontsize": fontsize}))
