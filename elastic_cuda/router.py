@@ -50,6 +50,12 @@ class RouterOutput:
     gumbel_u: torch.Tensor | None = None
 
 
+def check_sparse_mode_id(sparse_mode, where: str):
+    """ValueError unless `sparse_mode` is the STREAM or BLOCK head-mode id (what a router routes sparse heads to)."""
+    if sparse_mode not in (STREAM, BLOCK):
+        raise ValueError(f"{where}sparse_mode must be {STREAM} (stream) or {BLOCK} (block), got {sparse_mode!r}")
+
+
 def check_sparsity_shift(shift, batch: int | None = None, where: str = ""):
     """ValueError unless `shift` is a float (not NaN) or a 1-D float tensor [B] (of `batch` rows when given)."""
     if isinstance(shift, torch.Tensor):
@@ -230,9 +236,7 @@ class AttentionRouter(nn.Module):
         gumbel_u (training only): reuse this uniform noise instead of drawing new (activation recomputation).
         sparsity_shift (inference only): a head goes FULL iff logit_full - logit_sparse > shift; > 0 routes more
         heads sparse, < 0 fewer, 0 is the trained decision. A float, or a tensor [B] (one budget per request)."""
-        if sparse_mode not in (STREAM, BLOCK):
-            raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
-                             f"got {sparse_mode!r}")
+        check_sparse_mode_id(sparse_mode, "AttentionRouter: ")
         logits = self.logits(keys, cu_seqlens)
         shift = sparsity_shift_column(sparsity_shift, logits.shape[0], logits.device)
         if self.training:
@@ -266,9 +270,7 @@ class AttentionRouter(nn.Module):
         if self.training:
             raise RuntimeError("AttentionRouter.route is the eval decision; a router in training mode samples its "
                                "decision in forward()")
-        if sparse_mode not in (STREAM, BLOCK):
-            raise ValueError(f"AttentionRouter: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
-                             f"got {sparse_mode!r}")
+        check_sparse_mode_id(sparse_mode, "AttentionRouter: ")
         logits = self.logits(keys, cu_seqlens)
         full = full_heads_of(logits, sparsity_shift_column(sparsity_shift, logits.shape[0], logits.device))
         return head_modes_of(full, sparse_mode), logits.dtype

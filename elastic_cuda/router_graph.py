@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import BLOCK, STREAM
-from .router import AttentionRouter, full_heads_of, head_modes_of, sparsity_shift_column
+from .router import AttentionRouter, check_sparse_mode_id, full_heads_of, head_modes_of, sparsity_shift_column
 
 __all__ = ["RouterGraphs"]
 
@@ -63,9 +62,7 @@ class RouterGraphs:
     def decide(self, router, keys, *, cu_seqlens=None, sparse_mode: int, sparsity_shift=0.0):
         """(head_mode int32 [B, Hkv], logits [B, Hkv, 2]) from the graph (captured on first use); both are copies
         owned by the caller, except logits, which the next replay of this graph overwrites (tests read it)."""
-        if sparse_mode not in (STREAM, BLOCK):
-            raise ValueError(f"RouterGraphs: sparse_mode must be {STREAM} (stream) or {BLOCK} (block), "
-                             f"got {sparse_mode!r}")
+        check_sparse_mode_id(sparse_mode, "RouterGraphs: ")
         pooled = router.pooled(keys, cu_seqlens)
         shift = sparsity_shift_column(sparsity_shift, pooled.shape[0], pooled.device)
         known = self._tensors.get(id(router))
