@@ -4,7 +4,10 @@ run from the repository root under `tools/ncu_stalls.sh`, which profiles the lau
 Question: where do the warps of our three bandwidth- or tensor-bound kernels wait (Hopper forward, dense 32K; Hopper
 backward, dense 32K; decode, one query, 128K batch 1), since structural A/Bs within +-1% did not find it.
 
-  python -m experiments.ncu_stalls fwd|bwd|decode [S]
+  python -m experiments.ncu_stalls fwd|bwd|decode|fa4_fwd|fa4_bwd [S]
+
+fa4_fwd / fa4_bwd: the same dense 32K shape through FlashAttention-4 (flash_attn.cute, its Hopper path), the peer
+#16 / #17 measure against, so that its instruction mix and stalls sit beside ours from the same ncu settings.
 """
 import sys
 
@@ -23,7 +26,19 @@ def randn(*shape):
     return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
 
-if WHAT in ("fwd", "bwd"):
+if WHAT in ("fa4_fwd", "fa4_bwd"):
+    from flash_attn.cute.interface import flash_attn_func
+
+    q, k, v = randn(1, S, HQ, D), randn(1, S, HKV, D), randn(1, S, HKV, D)
+    if WHAT == "fa4_bwd":
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    for _ in range(3):  # warm-ups (the first compiles); the shell script skips their launches
+        out = flash_attn_func(q, k, v, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        if WHAT == "fa4_bwd":
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+elif WHAT in ("fwd", "bwd"):
     q, k, v = randn(1, S, HQ, D), randn(1, S, HKV, D), randn(1, S, HKV, D)
     hm = torch.full((1, HKV), FULL, dtype=torch.int32, device="cuda")
     if WHAT == "bwd":
@@ -44,5 +59,13 @@ elif WHAT == "decode":
         elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=4, window=4)
     torch.cuda.synchronize()
 else:
-    raise SystemExit(f"what must be fwd, bwd or decode, got {WHAT!r}")
+    raise SystemExit(f"what must be fwd, bwd, decode, fa4_fwd or fa4_bwd, got {WHAT!r}")
+if WHAT.startswith("fa4") and len(sys.argv) > 3 and sys.argv[3] == "names":  # the kernel names, for ncu's filter
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = flash_attn_func(q, k, v, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        if WHAT == "fa4_bwd":
+            out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    print("\n".join(sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})))
 print("done", WHAT, S)

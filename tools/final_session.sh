@@ -11,6 +11,7 @@
 #                    attention  benchmarks.bench_attention (FA4 rows), block  benchmarks.bench_block_prefill,
 #                    decode     benchmarks.bench_decode, e2e  benchmarks.bench_e2e_prefill, demo  the demo on cuda,
 #                    routertrain  benchmarks.bench_router_training (ROUTERTRAIN_ENV="LENGTHS=4096,8192 BUDGET_S=240")
+#                    shell      bash -c "$SHELL_CMD" with this environment (PYTHONPATH, the GGUF), output in $OUT/shell.log
 #                    Each step's own environment: <STEP>_ENV="VAR=value ..." (e.g. BLOCK_ENV="SEQS=8192 MSRS=1").
 # Results under $OUT (8 files come back at most: each step writes one log, the benchmarks' outputs are tarred).
 set -uo pipefail
@@ -83,6 +84,10 @@ for step in "$@"; do
   demo)
     env "${step_env[@]}" timeout "${DEMO_S:-200}" python3 -m elastic_cuda demo --device cuda ${DEMO_ARGS:-} > "$OUT/demo.log" 2>&1
     echo "demo rc=$?"; tail -45 "$OUT/demo.log"
+    ;;
+  shell)
+    env "${step_env[@]}" timeout "${SHELL_S:-400}" bash -c "${SHELL_CMD:?SHELL_CMD names the commands}" > "$OUT/shell.log" 2>&1
+    echo "shell rc=$?"; tail -${SHELL_TAIL:-40} "$OUT/shell.log"
     ;;
   *) echo "unknown step $step" ;;
   esac

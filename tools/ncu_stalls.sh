@@ -3,7 +3,7 @@
 # (driver: experiments/ncu_stalls.py). Per kernel: OUT_DIR/<what>.ncu-rep, <what>_details.txt (SpeedOfLight,
 # memory, warp states), <what>_sass.csv (the source page: instruction mix and stall samples per SASS line) and
 # <what>_stalls.txt (its summary, experiments/ncu_stall_summary.py).
-# usage: tools/ncu_stalls.sh OUT_DIR fwd bwd decode        (clocks left alone: --clock-control none)
+# usage: tools/ncu_stalls.sh OUT_DIR fwd bwd decode fa4_fwd fa4_bwd        (clocks left alone: --clock-control none)
 set -uo pipefail
 OUT_DIR=$1; shift
 mkdir -p "$OUT_DIR"
@@ -14,6 +14,10 @@ for what in "$@"; do
     fwd) name=attention_fwd_sm90_kernel skip=2 ;;
     bwd) name=attention_bwd_sm90_kernel skip=2 ;;
     decode) name=decode_mma_kernel skip=3 ;;
+    # FlashAttention-4's CuTe DSL kernels: the forward is the only launch of its call; the backward's main kernel
+    # is named after its class (its pre- and post-processing kernels are not matched)
+    fa4_fwd) name="[Ff]orward" skip=2 ;;
+    fa4_bwd) name="[Bb]ackward[A-Za-z_]*[Ss]m90|bwd_sm90" skip=2 ;;
     *) echo "unknown $what"; continue ;;
   esac
   ncu --clock-control none --kernel-name regex:"$name" --launch-skip $skip --launch-count 1 \
