@@ -20,6 +20,7 @@ for what in "$@"; do
     fa4_bwd) name="[Bb]ackward[A-Za-z_]*[Ss]m90|bwd_sm90" skip=2 ;;
     *) echo "unknown $what"; continue ;;
   esac
+  name=${NCU_NAME:-$name}  # a caller's own kernel-name regex (e.g. one read from the peer's profiler names)
   ncu --clock-control none --kernel-name regex:"$name" --launch-skip $skip --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SourceCounters \
       --section Occupancy --section LaunchStats --import-source no -f -o "$OUT_DIR/$what" \
