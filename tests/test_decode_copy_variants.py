@@ -113,7 +113,7 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
     combine kernel's arithmetic (combine_element) in another kernel: equal to the last bit expected too, allowed
     one 16-bit rounding step; a PDL launch of round 1's combine changes only when it starts: equal bit for bit; the
     v2 combine sums the same fp32 terms in another order (item groups, then 1 / L): each output element within one
-    16-bit rounding step of the default's, lse within fp32 rounding. num_splits 999 gives ~200 items to a FULL pair
+    16-bit rounding step of the default's (or 1e-4 of the largest element), lse within fp32 rounding. num_splits 999 gives ~200 items to a FULL pair
     (the v2 combine's rounds of 128 items, merged as an online softmax)."""
     modes = torch.tensor([[STREAM, FULL, STREAM, STREAM, FULL, STREAM, STREAM, STREAM],
                           [FULL, STREAM, STREAM, FULL, STREAM, STREAM, BLOCK, STREAM]], dtype=torch.int32)
@@ -130,7 +130,9 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
         assert (lse - base_lse).abs().max().item() <= 1e-5
     elif _combine_v2(variant):
         diff = (out.float() - base.float()).abs()
-        bound = 2 ** -7 * base.float().abs() + 1e-6 * base.float().abs().max()
+        # One bf16 step of the element, or 1e-4 of the largest: fp32 sums of ~200 mixed-sign terms near an element
+        # close to 0 can straddle more than one step of that element (a wrong weight gives ~1e-2 of the largest).
+        bound = 2 ** -7 * base.float().abs() + 1e-4 * base.float().abs().max()
         rel = (diff.max() / base.float().abs().max()).item()
         print(f"{variant} splits {num_splits}: max |v2 - v1| / max |v1| {rel:.3e}, "
               f"elements differing {int((diff > 0).sum())} of {diff.numel()}, "
