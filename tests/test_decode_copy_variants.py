@@ -113,8 +113,8 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
     combine kernel's arithmetic (combine_element) in another kernel: equal to the last bit expected too, allowed
     one 16-bit rounding step; a PDL launch of round 1's combine changes only when it starts: equal bit for bit; the
     v2 combine sums the same fp32 terms in another order (item groups, then 1 / L): each output element within one
-    16-bit rounding step of the default's (or 1e-4 of the largest element), lse within fp32 rounding. num_splits 999 gives ~200 items to a FULL pair
-    (the v2 combine's rounds of 128 items, merged as an online softmax)."""
+    16-bit rounding step of the default's (or 1e-4 of the largest element), lse within fp32 rounding. num_splits
+    999 gives ~200 items to a FULL pair (the v2 combine's rounds of 128 items, merged as an online softmax)."""
     modes = torch.tensor([[STREAM, FULL, STREAM, STREAM, FULL, STREAM, STREAM, STREAM],
                           [FULL, STREAM, STREAM, FULL, STREAM, STREAM, BLOCK, STREAM]], dtype=torch.int32)
     case = Case(gen, B=2, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[20001, 9001], sink=128,
