@@ -58,7 +58,7 @@ SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECO
 
 
 def kernel_instance(fn):
-    """decode_mma_kernel<T, D, rows, L, T> of the launched instance: layout L and PDL trigger T (None, None if the
+    """decode_mma_kernel<dtype, D, rows, L, T> of the launched instance: layout L and PDL trigger T (None, None if the
     FMA kernel ran), and which combine kernel ran (v1, v2, or None: fused)."""
     from torch.profiler import ProfilerActivity, profile
 
