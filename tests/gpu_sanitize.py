@@ -65,7 +65,8 @@ def decode(Sq, group, D, dtype, num_splits, poison=False, sink=3, window=37, len
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() if not poison else (torch.isnan(out).any() and not torch.isnan(out).all())
     print("ok decode", Sq, group, D, dtype, num_splits, sink, window, length,
-          os.environ.get("ELASTIC_DECODE_COPY", ""), os.environ.get("ELASTIC_DECODE_FUSED_COMBINE", ""), flush=True)
+          os.environ.get("ELASTIC_DECODE_COPY", ""), os.environ.get("ELASTIC_DECODE_FUSED_COMBINE", ""),
+          os.environ.get("ELASTIC_DECODE_COMBINE", ""), os.environ.get("ELASTIC_DECODE_PDL", ""), flush=True)
 
 
 if __name__ == "__main__":
@@ -109,6 +110,19 @@ if __name__ == "__main__":
         elastic_cuda.ops.reload_kernel_options()
         for D, dtype, splits in ((128, torch.bfloat16, 1), (64, torch.float16, 3), (128, torch.bfloat16, 0)):
             decode(1, 4, D, dtype, splits, sink=70, window=200, length=1001)
+        decode(1, 3, 128, torch.bfloat16, 3, poison=True, sink=70, window=200, length=1001)
+        for name in env:
+            del os.environ[name]
+        elastic_cuda.ops.reload_kernel_options()
+    # The combine's variants (ELASTIC_DECODE_COMBINE / _PDL): round 2's combine (float4 partial reads, item rounds of
+    # 128 at splits 500) behind both split kernels, launched plainly and as a programmatic dependent launch.
+    for env in ({"ELASTIC_DECODE_COMBINE": "v2"}, {"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "1"},
+                {"ELASTIC_DECODE_PDL": "early"}):
+        os.environ.update(env)
+        elastic_cuda.ops.reload_kernel_options()
+        for Sq, group, D, dtype, splits in ((1, 4, 128, torch.bfloat16, 0), (1, 4, 128, torch.bfloat16, 500),
+                                            (5, 3, 64, torch.float16, 3), (1, 8, 64, torch.float16, 0)):
+            decode(Sq, group, D, dtype, splits)
         decode(1, 3, 128, torch.bfloat16, 3, poison=True, sink=70, window=200, length=1001)
         for name in env:
             del os.environ[name]

@@ -1,7 +1,9 @@
-"""The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=zfill|tma|pairs (the default: plain),
-ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) against the float64 CPU reference, and against the
-default path bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where the combine
-runs, differs).
+"""The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=zfill|tma|pairs (the default:
+plain), ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) and the combine's (ELASTIC_DECODE_COMBINE=v2,
+ELASTIC_DECODE_PDL=1|early; csrc/decode/decode_combine_v2.cuh, decode_pdl.cuh) against the float64 CPU reference, and
+against the default path bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where
+and how the combine is launched, differs) or, for the v2 combine (another fp32 summation order), within one 16-bit
+rounding step.
 
 Cases are built with test_decode_cuda's Case (fresh random pools, non-identity slots, poisoned outputs) at lengths
 that give every kind of tile: full FULL tiles (TMA), an item's partial last tile (cp.async with zeros), STREAM tiles
@@ -41,8 +43,26 @@ VARIANTS = {
     "pairs": ({"ELASTIC_DECODE_COPY": "pairs"}, 2, False),
     "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1"}, 0, True),
     "tma_fused": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}, 1, True),
+    # The combine's variants (round 2's kernel and launch form on round 1's split kernel):
+    "combine_v2": ({"ELASTIC_DECODE_COMBINE": "v2"}, 0, False),
+    "v1_pdl": ({"ELASTIC_DECODE_PDL": "1"}, 0, False),
+    "v2_pdl": ({"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "1"}, 0, False),
+    "v2_pdl_early": ({"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "early"}, 0, False),
 }
-SWITCHES = ("ELASTIC_DECODE_MMA", "ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_ONE_WAVE")
+COMBINE_VARIANTS = ("combine_v2", "v1_pdl", "v2_pdl", "v2_pdl_early")
+SWITCHES = ("ELASTIC_DECODE_MMA", "ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_ONE_WAVE",
+            "ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL")
+
+
+def _combine_v2(variant):
+    return VARIANTS[variant][0].get("ELASTIC_DECODE_COMBINE") == "v2"
+
+
+def _trigger(variant):
+    """kTrigger of the decode_mma_kernel instance the variant launches (decode_pdl.cuh): PDL only on sm_90+."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        return 0
+    return {"0": 0, "1": 1, "early": 2}[VARIANTS[variant][0].get("ELASTIC_DECODE_PDL", "0")]
 
 
 def _set(monkeypatch, env):
@@ -91,7 +111,10 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
     """The variant against the default path on the same inputs (the issue's routing, batch 2, ring wrapped): the copy
     variants move the same bytes into the same MMAs, so the outputs are equal bit for bit; the fused combine runs the
     combine kernel's arithmetic (combine_element) in another kernel: equal to the last bit expected too, allowed
-    one 16-bit rounding step."""
+    one 16-bit rounding step; a PDL launch of round 1's combine changes only when it starts: equal bit for bit; the
+    v2 combine sums the same fp32 terms in another order (item groups, then 1 / L): each output element within one
+    16-bit rounding step of the default's (or 1e-4 of the largest element), lse within fp32 rounding. num_splits
+    999 gives ~200 items to a FULL pair (the v2 combine's rounds of 128 items, merged as an online softmax)."""
     modes = torch.tensor([[STREAM, FULL, STREAM, STREAM, FULL, STREAM, STREAM, STREAM],
                           [FULL, STREAM, STREAM, FULL, STREAM, STREAM, BLOCK, STREAM]], dtype=torch.int32)
     case = Case(gen, B=2, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[20001, 9001], sink=128,
@@ -105,6 +128,17 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
         scale = base.float().abs().max().item()
         assert (out.float() - base.float()).abs().max().item() <= 2 ** -7 * scale, "fused combine differs"
         assert (lse - base_lse).abs().max().item() <= 1e-5
+    elif _combine_v2(variant):
+        diff = (out.float() - base.float()).abs()
+        # One bf16 step of the element, or 1e-4 of the largest: fp32 sums of ~200 mixed-sign terms near an element
+        # close to 0 can straddle more than one step of that element (a wrong weight gives ~1e-2 of the largest).
+        bound = 2 ** -7 * base.float().abs() + 1e-4 * base.float().abs().max()
+        rel = (diff.max() / base.float().abs().max()).item()
+        print(f"{variant} splits {num_splits}: max |v2 - v1| / max |v1| {rel:.3e}, "
+              f"elements differing {int((diff > 0).sum())} of {diff.numel()}, "
+              f"max lse diff {(lse - base_lse).abs().max().item():.3e}")
+        assert bool((diff <= bound).all()), f"{variant}: an element differs by more than one 16-bit rounding step"
+        assert (lse - base_lse).abs().max().item() <= 1e-5 * max(1.0, base_lse.abs().max().item())
     else:
         assert torch.equal(out, base) and torch.equal(lse, base_lse), f"{variant} differs from the default path"
 
@@ -156,8 +190,8 @@ def test_variant_many_pairs(gen, variant):
 
 def test_variant_launches_its_kernels(gen, variant):
     """The switch reached the kernel: the decode_mma_kernel instance of the variant's layout (TMA on sm_90 devices
-    only; elsewhere the launch falls back to the cp.async instance), and a combine launch iff the combine is not
-    fused (the case's pairs are split: 32 items)."""
+    only; elsewhere the launch falls back to the cp.async instance) and PDL trigger (sm_90+ only), and a combine
+    launch iff the combine is not fused (the case's pairs are split: 32 items), of the variant's combine kernel."""
     _, layout, fused = VARIANTS[variant]
     if layout == 1 and torch.cuda.get_device_capability()[0] != 9:
         layout = 0
@@ -167,9 +201,38 @@ def test_variant_launches_its_kernels(gen, variant):
                               "decode_")
     mma = [n for n in names if "decode_mma_kernel" in n]
     assert len(mma) == 1, names
-    m = re.search(r"decode_mma_kernel<[^>]*,\s*(\d+)>", mma[0])
+    # decode_mma_kernel<T, D, kRows, kLayout, kTrigger>
+    m = re.search(r"decode_mma_kernel<[^,<>]+,\s*\d+,\s*\d+,\s*(\d+),\s*(\d+)>", mma[0])
     assert m is not None and int(m.group(1)) == layout, mma[0]
-    assert any("decode_combine_kernel" in n for n in names) == (not fused), names
+    assert int(m.group(2)) == _trigger(variant), mma[0]
+    v1 = [n for n in names if "decode_combine_kernel<" in n]
+    v2 = [n for n in names if "decode_combine_v2_kernel<" in n]
+    assert len(v1) + len(v2) == (0 if fused else 1), names
+    assert bool(v2) == (_combine_v2(variant) and not fused), names
+
+
+@pytest.fixture(params=list(COMBINE_VARIANTS))
+def combine_variant(request, monkeypatch):
+    """The combine's variants alone (the tensor-core / FMA choice left to the test)."""
+    _set(monkeypatch, VARIANTS[request.param][0])
+    yield request.param
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
+
+
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("Sq", [1, 2, 5])
+def test_combine_variant_fma_and_mma_paths(gen, combine_variant, Sq, mma, monkeypatch):
+    """Both split kernels feed the combine (steps of several queries always run the FMA kernel, whose partials hold
+    rows of several query positions and row chunks at group 8): float64 reference for automatic and forced plans."""
+    monkeypatch.setenv("ELASTIC_DECODE_MMA", mma)
+    assert f"decode_mma={mma}" in elastic_cuda.ops.reload_kernel_options()
+    for group, D in ((4, 128), (8, 64)):
+        lengths = [max(Sq, n) for n in (Sq, 700, 2900)]
+        case = Case(gen, B=3, Hkv=2, group=group, Sq=Sq, D=D, dtype=torch.bfloat16, lengths=lengths, sink=9,
+                    window=333)
+        for splits in (0, 5, 999):
+            case.check(f"{combine_variant} mma={mma} Sq{Sq} G{group} D{D} splits {splits}", num_splits=splits)
 
 
 def test_copy_switch_rejects_typos(monkeypatch):

@@ -68,6 +68,17 @@ KernelOptions read_env() {
     o.decode_copy = zfill ? 0 : (plain ? 1 : (tma ? 2 : 3));
   }
   o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
+  if (const char* v = env_value("ELASTIC_DECODE_COMBINE")) {
+    const bool v1 = std::strcmp(v, "v1") == 0, v2 = std::strcmp(v, "v2") == 0;
+    ELASTIC_CHECK(v1 || v2, "elastic: environment variable ELASTIC_DECODE_COMBINE must be v1 or v2, got \"", v, "\"");
+    o.decode_combine = v1 ? 1 : 2;
+  }
+  if (const char* v = env_value("ELASTIC_DECODE_PDL")) {
+    const bool off = std::strcmp(v, "0") == 0, end = std::strcmp(v, "1") == 0, early = std::strcmp(v, "early") == 0;
+    ELASTIC_CHECK(off || end || early, "elastic: environment variable ELASTIC_DECODE_PDL must be 0, 1 or early, got \"",
+                  v, "\"");
+    o.decode_pdl = off ? 0 : (end ? 1 : 2);
+  }
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   return o;
 }
@@ -111,6 +122,8 @@ std::string describe(const KernelOptions& o) {
                             : o.decode_copy == 2 ? "tma"
                                                  : "pairs"),
                            " decode_fused_combine=", b(o.decode_fused_combine),
+                           " decode_combine=", o.decode_combine == 2 ? "v2" : "v1",
+                           " decode_pdl=", (o.decode_pdl == 0 ? "0" : o.decode_pdl == 1 ? "1" : "early"),
                            " nonfinite_prepass=", b(o.nonfinite_prepass));
 }
 

@@ -46,10 +46,18 @@
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
 //                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
 //                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
+//   ELASTIC_DECODE_COMBINE=v2    decode: round 2's latency-light combine kernel (csrc/decode/decode_combine_v2.cuh:
+//                                lse of all items loaded at once with a block max / sum, float4 partial reads, 8
+//                                loads in flight) instead of round 1's (v1, the default: each thread walks the
+//                                items' lse one after another)
+//   ELASTIC_DECODE_PDL=1         decode: the combine as a programmatic dependent launch (sm_90+; elsewhere ignored),
+//                                the split kernel (tensor-core, cp.async copies) signalling it as each CTA's last
+//                                instruction; PDL=early: diagnostic, the signal as the split CTA's first instruction,
+//                                as in round 2 (whose split kernel ran 10-30% slower at batch 8; decode_pdl.cuh)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
-// tma / pairs) is an error naming
+// tma / pairs, COMBINE v1 / v2, PDL 0 / 1 / early) is an error naming
 // the variable, so that a typo never times the wrong kernel.
 #pragma once
 #include <string>
@@ -98,6 +106,13 @@ struct KernelOptions {
   // variants/). The zero-fill operand on every copy made ncu count 32 L2 sectors per 512 contiguous bytes.
   int decode_copy = 1;
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
+  // Decode combine kernel: 1 round 1's, 2 round 2's latency-light one. Round 2 (combine v2 + PDL) measured on the
+  // H200 at batch 1 with 6/8 heads STREAM: 32K 0.0414 -> 0.0266 ms, 128K 0.0681 -> 0.0610 (results/decode/
+  // 2026-12-02_h200_round2/; PDL alone was worth <= 1% there); default stays v1 until measured on round 1's split.
+  int decode_combine = 1;
+  // Decode combine as a programmatic dependent launch: 0 off, 1 signalled at the end of each split CTA, 2 ("early")
+  // signalled at its start (round 2's placement, diagnostic).
+  int decode_pdl = 0;
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
 };
 

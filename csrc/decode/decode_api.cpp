@@ -172,6 +172,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
                                    c10::cuda::getCurrentCUDAStream().stream()));
     p.ticket = ticket.data_ptr<int32_t>();
   }
+  // Combine kernel and launch form (ELASTIC_DECODE_COMBINE / ELASTIC_DECODE_PDL; decode_launch.cu).
+  p.combine_v2 = kernel_options().decode_combine == 2 ? 1 : 0;
+  p.pdl = kernel_options().decode_pdl;
   launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk, mma,
                           c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};

@@ -43,6 +43,7 @@
 
 #include "attention/kernel_utils.cuh"
 #include "decode/decode_params.h"
+#include "decode/decode_pdl.cuh"
 
 namespace elastic {
 namespace decode {
@@ -630,9 +631,11 @@ __device__ __forceinline__ void combine_element(const DecodeParams& p, int pair,
 }
 
 // One CTA of D threads per (pair, query row): merges the partials of the pair's items (pairs of one item were
-// written by the split kernel).
-template <typename T, int D, int kRows>
+// written by the split kernel). kPdl: the instance launched as a programmatic dependent launch
+// (ELASTIC_DECODE_PDL, decode_pdl.cuh) first waits for the split grid; the default instance has no wait.
+template <typename T, int D, int kRows, bool kPdl = false>
 __global__ void __launch_bounds__(D) decode_combine_kernel(const DecodeParams p) {
+  if constexpr (kPdl) wait_for_prior_grid();  // the plan and the partials are the split grid's writes
   const int pair = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
   const int count = p.plan[2 * pair + 1];
   if (count <= 1) return;

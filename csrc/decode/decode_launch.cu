@@ -1,31 +1,79 @@
 // Instantiates and launches the decode attention kernels for fp16/bf16, D 64/128 and 4 or 8 query rows per CTA (4
 // covers one query of a GQA group of <= 4 heads without idle rows; 8 halves the re-reads of K/V for bigger groups or
 // speculative steps): the tensor-core split kernel (decode_mma_kernel.cuh) for one query per step, the FMA split
-// kernel (decode_kernel.cuh) otherwise, then the combine kernel.
+// kernel (decode_kernel.cuh) otherwise, then the combine kernel (round 1's, or round 2's decode_combine_v2.cuh under
+// ELASTIC_DECODE_COMBINE=v2; as a programmatic dependent launch under ELASTIC_DECODE_PDL, decode_pdl.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
 
 #include "attention/sm90/tma.cuh"
+#include "decode/decode_combine_v2.cuh"
 #include "decode/decode_mma_kernel.cuh"
 #include "decode/decode_tma.h"
 
 namespace elastic {
 namespace {
 
+// Compute capability major of the current device, cached per device (an attribute read, no synchronisation).
+int device_major() {
+  static std::atomic<int> cached[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>& slot = cached[dev >= 0 && dev < 64 ? dev : 0];
+  int major = slot.load(std::memory_order_relaxed);
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    slot.store(major, std::memory_order_relaxed);
+  }
+  return major;
+}
+
+// The combine kernel after the split kernel: round 1's (D threads per CTA) or the latency-light one
+// (ELASTIC_DECODE_COMBINE=v2, decode_combine_v2.cuh). With pdl, a programmatic dependent launch (decode_pdl.cuh):
+// it may be scheduled before the split grid completes and waits for it in griddepcontrol.wait; a CUDA graph
+// captures the attribute as a programmatic edge.
+template <typename T, int D, int kRows>
+void launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream) {
+  const dim3 grid(p.batch * p.hkv, p.rows);
+  if (!pdl) {
+    if (p.combine_v2)
+      decode::decode_combine_v2_kernel<T, D, kRows><<<grid, decode::kCombineV2Threads, 0, stream>>>(p);
+    else
+      decode::decode_combine_kernel<T, D, kRows><<<grid, D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(p.combine_v2 ? decode::kCombineV2Threads : D);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (p.combine_v2)
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_combine_v2_kernel<T, D, kRows>, p));
+  else
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode::decode_combine_kernel<T, D, kRows, true>, p));
+}
+
 // The split kernels take 64-96 KB of dynamic shared memory (above the 48 KB default): raised once per instance
 // (the first call normally runs before any graph capture; the attribute is not a stream operation either way).
 // kLayout: the tensor-core kernel's copy / shared-memory layout (decode_mma_kernel.cuh): 0 cp.async, 1 TMA
-// (ELASTIC_DECODE_COPY=tma; 1 KB more for the 1024-byte alignment), 2 the diagnostic pairs layout.
-template <typename T, int D, int kRows, bool kMma, int kLayout = 0>
+// (ELASTIC_DECODE_COPY=tma; 1 KB more for the 1024-byte alignment), 2 the diagnostic pairs layout. kTrigger: where
+// the tensor-core kernel signals a programmatic dependent combine (decode_pdl.cuh; instances of layout 0 only).
+template <typename T, int D, int kRows, bool kMma, int kLayout = 0, int kTrigger = decode::kTriggerNone>
 struct Split {
   static constexpr bool kTma = kLayout == 1;
   static constexpr int kSmem = kMma ? (kTma ? decode::MmaShape<D>::kSmemBytesTma : decode::MmaShape<D>::kSmemBytes)
                                     : decode::kSmemBytes;
   static auto kernel() {
     if constexpr (kMma)
-      return decode::decode_mma_kernel<T, D, kRows, kLayout>;
+      return decode::decode_mma_kernel<T, D, kRows, kLayout, kTrigger>;
     else
       return decode::decode_split_kernel<T, D, kRows>;
   }
@@ -65,7 +113,9 @@ struct Split {
     }
     return n;
   }
-  static void launch(const DecodeParams& p, const DecodeMaps& maps, cudaStream_t stream) {
+  // pdl: the combine as a programmatic dependent launch. An instance without a trigger is still correct under it
+  // (the split grid then signals implicitly when it completes).
+  static void launch(const DecodeParams& p, const DecodeMaps& maps, bool pdl, cudaStream_t stream) {
     prepare();
     if constexpr (kMma)
       kernel()<<<dim3(p.items_max, p.row_chunks), decode::kThreads, kSmem, stream>>>(p, maps);
@@ -73,8 +123,7 @@ struct Split {
       kernel()<<<dim3(p.items_max, p.row_chunks), decode::kThreads, kSmem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (kMma && p.fused_combine) return;  // the last CTA of each split pair merged it
-    decode::decode_combine_kernel<T, D, kRows><<<dim3(p.batch * p.hkv, p.rows), D, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_combine<T, D, kRows>(p, pdl, stream);
   }
 };
 
@@ -98,21 +147,27 @@ template <typename T, int D, int R>
 struct Launch {
   static int run(const DecodeParams* p, bool mma, bool bf16, cudaStream_t s) {
     DecodeMaps maps{};
+    // Programmatic dependent combine launch (ELASTIC_DECODE_PDL) where the device has it (sm_90+).
+    const bool pdl = p->pdl != 0 && device_major() >= 9;
     // TMA copies (ELASTIC_DECODE_COPY=tma) where the sm_90 body runs and every pool can be mapped; else zero-fill
     // cp.async (copy_mode 2 means zfill to the cp.async instance).
     if (mma && p->copy_mode == 2 && Split<T, D, R, true, 1>::runnable() &&
         encode_decode_maps(*p, bf16, D, maps, nullptr)) {
-      Split<T, D, R, true, 1>::launch(*p, maps, s);
+      Split<T, D, R, true, 1>::launch(*p, maps, pdl, s);
       return 0;
     }
     if (mma && p->copy_mode == 3) {  // diagnostic: zero-fill cp.async into the 32-byte-unit layout
-      Split<T, D, R, true, 2>::launch(*p, maps, s);
+      Split<T, D, R, true, 2>::launch(*p, maps, pdl, s);
       return 0;
     }
-    if (mma)
-      Split<T, D, R, true>::launch(*p, maps, s);
+    if (mma && pdl && p->pdl == 1)
+      Split<T, D, R, true, 0, decode::kTriggerEnd>::launch(*p, maps, pdl, s);
+    else if (mma && pdl && p->pdl == 2)
+      Split<T, D, R, true, 0, decode::kTriggerStart>::launch(*p, maps, pdl, s);
+    else if (mma)
+      Split<T, D, R, true>::launch(*p, maps, pdl, s);
     else
-      Split<T, D, R, false>::launch(*p, maps, s);
+      Split<T, D, R, false>::launch(*p, maps, pdl, s);
     return 0;
   }
 };

@@ -95,7 +95,9 @@ __device__ __forceinline__ uint32_t q_bits(const void* q, int64_t i) {
 }
 
 // kLayout: 0 cp.async (zfill / plain), 1 TMA, 2 cp.async into the diagnostic 32-byte-unit layout (mma_smem_offset).
-template <typename T, int D, int kRows, int kLayout>
+// kTrigger (decode_pdl.cuh): where the instance signals a programmatic dependent combine launch; none in the
+// default instance (ELASTIC_DECODE_PDL=0), so that its code is round 1's.
+template <typename T, int D, int kRows, int kLayout, int kTrigger = kTriggerNone>
 __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
     decode_mma_kernel(const DecodeParams p, const __grid_constant__ DecodeMaps maps) {
   constexpr bool kTma = kLayout == 1;
@@ -111,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
   // The TMA layout's 128-byte swizzle is a function of the address bits 7-9: stages start 1024-byte aligned.
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u;
   char* const smem = kTma ? smem_raw + ((1024u - misalign) & 1023u) : smem_raw;
+  if constexpr (kTrigger == kTriggerStart) signal_dependents();  // ELASTIC_DECODE_PDL=early (round 2's place)
   const Item it = plan_item(p, blockIdx.x);
   if (!it.live) return;
   const int pair = it.pair;
@@ -342,6 +345,8 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
   __syncthreads();
   write_rows<T, D, kRows, kWarps>(p, smem, pv, it, 0, b, h);
   if (p.fused_combine && it.count > 1) combine_in_last_cta<T, D, kRows>(p, it);
+  // ELASTIC_DECODE_PDL=1: this CTA's outputs are stored; the combine may launch once every CTA got here (or exited).
+  if constexpr (kTrigger == kTriggerEnd) signal_dependents();
 }
 
 }  // namespace decode

@@ -43,6 +43,11 @@ struct DecodeParams {
                           // falls back to 0 where TMA is not available), 3 zero-fill into the diagnostic layout
   int32_t fused_combine;  // 1: the last CTA of each split pair merges its partials (no combine launch)
   int32_t* ticket;        // [B * Hkv], zero at launch when fused_combine: CTAs of a pair that finished
+  // Combine launch (ELASTIC_DECODE_COMBINE / ELASTIC_DECODE_PDL, kernel_options.h; decode_launch.cu). Last in the
+  // struct so that the split kernels' parameter offsets stay those of round 1.
+  int32_t combine_v2;     // 1: the latency-light combine kernel (decode_combine_v2.cuh)
+  int32_t pdl;            // 0 off; a programmatic dependent launch signalled 1 at the end of each split CTA,
+                          // 2 at its start (decode_pdl.cuh)
 };
 
 // CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the
