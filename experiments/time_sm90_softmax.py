@@ -13,6 +13,7 @@ Variants (csrc/attention/kernel_options.h; the defaults since this study: exact 
 Variant set "order" (issue #16, the key-loop order after the ncu comparison with FlashAttention-4):
   default     the proven kernel (whole softmax beside P V(n-1); persistent grid, dynamic items)
   pv_first    ELASTIC_SM90_PV_WAIT_FIRST=1: FA4's order (max phase beside P V, then its wait, exp2 with the P packing)
+  pv_first_eager  and ELASTIC_SM90_LAZY_RESCALE=0: the O rescale branch-free among the exp2 (FA4's choice too)
   grid        ELASTIC_SM90_PERSISTENT=0: one CTA per work item (FA4's non-persistent grid), default order
   pv_first_grid  both
   with FlashAttention-4 (flash_attn.cute; dense causal, and block-sparse on the all-BLOCK case) beside when installed.
@@ -39,10 +40,11 @@ VARIANTS = {"exact": {"ELASTIC_SM90_MAX_SLACK": "0"},
             "previous": {"ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0"}, "slack": {},
             "uncached": {"ELASTIC_SM90_WALK_CACHED": "0"}}
 ORDER_VARIANTS = {"default": {}, "pv_first": {"ELASTIC_SM90_PV_WAIT_FIRST": "1"},
+                  "pv_first_eager": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0"},
                   "grid": {"ELASTIC_SM90_PERSISTENT": "0"},
                   "pv_first_grid": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_PERSISTENT": "0"}}
 SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
-            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT")
+            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE")
 
 
 def set_variant(env):
