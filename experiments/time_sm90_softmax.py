@@ -114,15 +114,14 @@ def main_order(dense, rounds, extra):
                 res[var].append(bench(fn, S))
         set_variant({})
         # every variant computes the same function: the orders differ only in when O is rescaled and P packed
-        diff = max(max((a.float() - b.float()).abs().max().item() for a, b in zip(outs[var], outs["default"]))
-                   for var in outs)  # over out and lse
+        same = all(torch.equal(a, b) for var in outs for a, b in zip(outs[var], outs["default"]))  # out and lse
         med = {var: statistics.median(t) for var, t in res.items()}
         fa = fa4_ms(q, k, v, None, S) if kind == "full" else fa4_ms(q, k, v, mask, S) if kind == "block" else \
             float("nan")
         best = min(med.values())
         print(f"{name} | " + " | ".join(f"{med[v_]:.3f}" for v_ in ORDER_VARIANTS) + f" | {fa:.3f} | "
               + " | ".join(f"{med['default'] / med[v_]:.3f}x" for v_ in list(ORDER_VARIANTS)[1:])
-              + f" | {med['default'] / fa:.3f} | {best / fa:.3f}   (max |out, lse - default| {diff:.2e}; rounds: "
+              + f" | {med['default'] / fa:.3f} | {best / fa:.3f}   (out and lse bit-equal to default: {same}; rounds: "
               + "; ".join(f"{v_} " + " ".join(f"{t:.3f}" for t in res[v_]) for v_ in ORDER_VARIANTS) + ")", flush=True)
         del q, k, v, mask, outs
         torch.cuda.empty_cache()
