@@ -645,6 +645,25 @@ def test_sm90_pv_wait_first(combo, dtype, monkeypatch):
                  key=f"pv_wait_first {combo} block Sq{Sq} Skv{Skv} bs{bs} density{density}")
 
 
+def test_sm90_pv_wait_first_dispatch(monkeypatch):
+    # ELASTIC_SM90_PV_WAIT_FIRST=1 (and with LAZY_RESCALE=0) must launch kernel instances of their own (kLoop 1 / 2),
+    # otherwise the bit-equality below would hold trivially.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    _set_path(monkeypatch, "tma")
+    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
+    names = {}
+    for order, lazy in (("0", "1"), ("1", "1"), ("1", "0")):
+        _set_switches(monkeypatch, ELASTIC_SM90_PV_WAIT_FIRST=order, ELASTIC_SM90_LAZY_RESCALE=lazy)
+        names[order, lazy] = frozenset(cuda_kernel_names(
+            lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"), "attention_fwd_sm90"))
+    if not all(names.values()):
+        pytest.skip(f"profiler recorded no sm90 forward kernel: {names}")
+    assert len(set(names.values())) == 3, names
+
+
 def test_sm90_pv_wait_first_bitwise(monkeypatch):
     # Both key-loop orders compute the same arithmetic (O rescaled by alpha(n) after P V(n-1) and before P V(n); P
     # packed from the same exp2 values), so out and lse must agree bit for bit: FULL / STREAM / BLOCK mix, ragged,
