@@ -10,10 +10,18 @@ Variants (csrc/attention/kernel_options.h; the defaults since this study: exact 
   uncached  ELASTIC_SM90_WALK_CACHED=0 (with slack): BLOCK heads' mask row / column recomputed per key tile in the
             consumers (divisions by the block size) as before; for FULL / STREAM the same kernel path as slack, i.e.
             a null A/B that shows the run-to-run spread
+Variant set "order" (issue #16, the key-loop order after the ncu comparison with FlashAttention-4):
+  default     the proven kernel (whole softmax beside P V(n-1); persistent grid, dynamic items)
+  pv_first    ELASTIC_SM90_PV_WAIT_FIRST=1: FA4's order (max phase beside P V, then its wait, exp2 with the P packing)
+  pv_first_eager  and ELASTIC_SM90_LAZY_RESCALE=0: the O rescale branch-free among the exp2 (FA4's choice too)
+  grid        ELASTIC_SM90_PERSISTENT=0: one CTA per work item (FA4's non-persistent grid), default order
+  pv_first_grid  both
+  with FlashAttention-4 (flash_attn.cute; dense causal, and block-sparse on the all-BLOCK case) beside when installed.
 Cases: dense (every head FULL) at the lengths given (default 8K, 32K, 128K), 6/8 STREAM at 32K (2 FULL + 6 STREAM
 KV heads, sink 128, window 2048), all-BLOCK at 32K (experiments/block_inputs.py, density 0.3, mask per query head).
 Interleaved rounds (every variant once per round), median over rounds of do_bench medians.
-usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds]"""
+usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds] [softmax|order]
+       [extra case lengths for 6/8 STREAM and all-BLOCK, default 32768]"""
 import os
 import statistics
 import sys
@@ -31,7 +39,12 @@ from experiments.block_inputs import llama_block_inputs
 VARIANTS = {"exact": {"ELASTIC_SM90_MAX_SLACK": "0"},
             "previous": {"ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0"}, "slack": {},
             "uncached": {"ELASTIC_SM90_WALK_CACHED": "0"}}
-SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED")
+ORDER_VARIANTS = {"default": {}, "pv_first": {"ELASTIC_SM90_PV_WAIT_FIRST": "1"},
+                  "pv_first_eager": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0"},
+                  "grid": {"ELASTIC_SM90_PERSISTENT": "0"},
+                  "pv_first_grid": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_PERSISTENT": "0"}}
+SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
+            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE")
 
 
 def set_variant(env):
@@ -50,9 +63,76 @@ def bench(fn, S):
     return do_bench(fn, warmup=30, rep=rep, return_mode="median")
 
 
+def fa4_block_sparse(mask):
+    """FA4's block-sparse description of a bool block mask [B, H, NB, NB]: off-diagonal kept blocks unmasked,
+    diagonal blocks masked (causal=True); per query block the kept key blocks' count and indices, first."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    nb = mask.shape[-1]
+    r = torch.arange(nb, device=mask.device)
+    diag = (r.view(1, -1) == r.view(-1, 1)).expand_as(mask)
+
+    def kv_blocks(sel):
+        order = (~sel).to(torch.int8).argsort(dim=-1, stable=True).to(torch.int32)
+        return sel.sum(-1).to(torch.int32).contiguous(), order.contiguous()
+
+    mc, mi = kv_blocks(mask & diag)
+    fc, fi = kv_blocks(mask & ~diag)
+    return BlockSparseTensorsTorch(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
+                                   block_size=(128, 128))
+
+
+def fa4_ms(q, k, v, mask, S):
+    """FlashAttention-4 on the same inputs (dense causal, or block-sparse when mask is given); nan if unavailable."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+        kw = {} if mask is None else {"block_sparse_tensors": fa4_block_sparse(mask)}
+        return bench(lambda: flash_attn_func(q, k, v, causal=True, **kw), S)
+    except Exception as e:  # not installed, or this version lacks an argument
+        print(f"  FA4 failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}", flush=True)
+        return float("nan")
+
+
+def main_order(dense, rounds, extra):
+    cases = [(f"dense {S // 1024}K", S, "full") for S in dense]
+    cases += [(f"6/8 STREAM {S // 1024}K", S, "stream") for S in extra]
+    cases += [(f"all-BLOCK {S // 1024}K", S, "block") for S in extra]
+    print("case | " + " | ".join(f"{v} ms" for v in ORDER_VARIANTS) + " | FA4 ms | "
+          + " | ".join(f"speed {v} vs default" for v in list(ORDER_VARIANTS)[1:]) + " | default / FA4 time | "
+          "best / FA4 time", flush=True)
+    for name, S, kind in cases:
+        q, k, v, mask = llama_block_inputs(S, seed=S)
+        hm = {"full": [FULL] * HKV, "stream": [FULL, FULL] + [STREAM] * 6, "block": [BLOCK] * HKV}[kind]
+        hm = torch.tensor([hm], dtype=torch.int32, device="cuda")
+        bm = mask if kind == "block" else None
+        fn = lambda: torch.ops.elastic.attention(q, k, v, hm, bm, sink=128, window=2048, strategy="fused")  # noqa
+        outs, res = {}, {v_: [] for v_ in ORDER_VARIANTS}
+        for r in range(rounds):
+            for var, env in ORDER_VARIANTS.items():
+                set_variant(env)
+                if r == 0:
+                    outs[var] = fn()
+                res[var].append(bench(fn, S))
+        set_variant({})
+        # every variant computes the same function: the orders differ only in when O is rescaled and P packed
+        same = all(torch.equal(a, b) for var in outs for a, b in zip(outs[var], outs["default"]))  # out and lse
+        med = {var: statistics.median(t) for var, t in res.items()}
+        fa = fa4_ms(q, k, v, None, S) if kind == "full" else fa4_ms(q, k, v, mask, S) if kind == "block" else \
+            float("nan")
+        best = min(med.values())
+        print(f"{name} | " + " | ".join(f"{med[v_]:.3f}" for v_ in ORDER_VARIANTS) + f" | {fa:.3f} | "
+              + " | ".join(f"{med['default'] / med[v_]:.3f}x" for v_ in list(ORDER_VARIANTS)[1:])
+              + f" | {med['default'] / fa:.3f} | {best / fa:.3f}   (out and lse bit-equal to default: {same}; rounds: "
+              + "; ".join(f"{v_} " + " ".join(f"{t:.3f}" for t in res[v_]) for v_ in ORDER_VARIANTS) + ")", flush=True)
+        del q, k, v, mask, outs
+        torch.cuda.empty_cache()
+
+
 def main():
     dense = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    if len(sys.argv) > 3 and sys.argv[3] == "order":
+        extra = [int(x) for x in (sys.argv[4] if len(sys.argv) > 4 else "32768").split(",") if x]
+        return main_order(dense, rounds, extra)
     cases = [(f"dense {S // 1024}K", S, "full") for S in dense]
     cases += [("6/8 STREAM 32K", 32768, "stream"), ("all-BLOCK 32K", 32768, "block")]
     print("case | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | cuDNN ms | speed exact vs previous | slack vs "

@@ -572,7 +572,8 @@ def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
 # The value each switch is timed / tested at (the non-default one).
 SM90_SWITCH_VALUES = {"ELASTIC_SM90_DYNAMIC": "0", "ELASTIC_SM90_STAGES": "2", "ELASTIC_SM90_LAZY_RESCALE": "0",
                       "ELASTIC_SM90_PERSISTENT": "0", "ELASTIC_SM90_L2_ORDER": "0", "ELASTIC_NONFINITE_PREPASS": "0",
-                      "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0", "ELASTIC_SM90_WALK_CACHED": "0"}
+                      "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0", "ELASTIC_SM90_WALK_CACHED": "0",
+                      "ELASTIC_SM90_PV_WAIT_FIRST": "1"}
 
 
 @pytest.mark.parametrize("switch", list(SM90_SWITCH_VALUES))
@@ -607,16 +608,102 @@ def test_sm90_switches(switch, monkeypatch):
                  key=f"sm90={switch}=off block Sq{Sq} Skv{Skv} bs{bs}")
 
 
+# ELASTIC_SM90_PV_WAIT_FIRST (FlashAttention-4's key-loop order, its own kernel instance) with the switches it meets
+# in a launch: default, one CTA per item, eager O rescale, the cp.async producer; both dtypes, D 64 / 128, odd
+# lengths, GQA, Sq < Skv, varlen, FULL / STREAM / BLOCK mixes; outputs in NaN-poisoned memory, vs float64.
+@pytest.mark.parametrize("combo", ["alone", "persistent0", "eager_rescale", "cp_async"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sm90_pv_wait_first(combo, dtype, monkeypatch):
+    _set_path(monkeypatch, "cp" if combo == "cp_async" else "tma")
+    env = {"ELASTIC_SM90_PV_WAIT_FIRST": "1"}
+    if combo == "persistent0":
+        env["ELASTIC_SM90_PERSISTENT"] = "0"
+    if combo == "eager_rescale":
+        env["ELASTIC_SM90_LAZY_RESCALE"] = "0"
+    assert " pv_wait_first=1 " in _set_switches(monkeypatch, **env) + " "
+    for idx, (Sq, Skv, D) in enumerate(((1, 1, 128), (129, 129, 128), (1000, 1000, 128), (300, 777, 64),
+                                        (2100, 2100, 128), (511, 1500, 128))):
+        Hq, Hkv = GQA[idx % len(GQA)]
+        for pattern in ("full", "stream", "mixfs"):
+            run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=_fs_modes(2, Hkv, pattern),
+                     sink=16, window=256, seed=500 + idx, poison=True,
+                     key=f"pv_wait_first {combo} {pattern} Sq{Sq} Skv{Skv} D{D} Hq{Hq} Hkv{Hkv}")
+    lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
+    modes = torch.tensor([[FULL, STREAM, FULL], [STREAM, FULL, STREAM], [STREAM, STREAM, FULL], [FULL, FULL, FULL],
+                          [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
+    run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=128, dtype=dtype, modes=modes, sink=8, window=200, layout="varlen",
+             lens=lens, poison=True, key=f"pv_wait_first {combo} varlen")
+    gen = torch.Generator(device=DEV).manual_seed(510)
+    for idx, (Sq, Skv, bs, Hq, Hkv, density) in enumerate(((1000, 1000, 128, 8, 2, 0.35), (2100, 2100, 256, 12, 3,
+                                                                                             0.35),
+                                                            (300, 1000, 128, 4, 1, 0.35), (1500, 1500, 128, 8, 2,
+                                                                                           1.0))):
+        bm = _rand_block_mask(2, Hq, -(-Skv // bs), density, gen)
+        modes = _mixed_modes(2, Hkv, gen) if idx < 3 else torch.full((2, Hkv), BLOCK, dtype=torch.int32)
+        run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=128, dtype=dtype, modes=modes, sink=16, window=256,
+                 block_mask=bm, block_size=bs, seed=510 + idx, poison=True,
+                 key=f"pv_wait_first {combo} block Sq{Sq} Skv{Skv} bs{bs} density{density}")
+
+
+def test_sm90_pv_wait_first_dispatch(monkeypatch):
+    # ELASTIC_SM90_PV_WAIT_FIRST=1 (and with LAZY_RESCALE=0) must launch kernel instances of their own (kLoop 1 / 2),
+    # otherwise the bit-equality below would hold trivially.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    _set_path(monkeypatch, "tma")
+    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
+    names = {}
+    for order, lazy in (("0", "1"), ("1", "1"), ("1", "0")):
+        _set_switches(monkeypatch, ELASTIC_SM90_PV_WAIT_FIRST=order, ELASTIC_SM90_LAZY_RESCALE=lazy)
+        names[order, lazy] = frozenset(cuda_kernel_names(
+            lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"), "attention_fwd_sm90"))
+    if not all(names.values()):
+        pytest.skip(f"profiler recorded no sm90 forward kernel: {names}")
+    assert len(set(names.values())) == 3, names
+
+
+def test_sm90_pv_wait_first_bitwise(monkeypatch):
+    # Both key-loop orders compute the same arithmetic (O rescaled by alpha(n) after P V(n-1) and before P V(n); P
+    # packed from the same exp2 values), so out and lse must agree bit for bit: FULL / STREAM / BLOCK mix, ragged,
+    # GQA, a max that keeps rising (the rescale path taken).
+    _set_path(monkeypatch, "tma")
+    gen = torch.Generator(device=DEV).manual_seed(520)
+    B, S, Hq, Hkv, D = 2, 1700, 8, 2, 128
+    q = torch.randn(B, S, Hq, D, generator=gen, device=DEV)
+    k = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
+    v = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
+    u = torch.randn(D, generator=gen, device=DEV)
+    u = u / u.norm()  # a shared direction: scores grow toward key 0 by ~20 (log2) over the row, so maxima move
+    q = q + 2.0 * u
+    k = k + torch.linspace(80.0, 0.0, S, device=DEV).view(1, S, 1, 1) * u
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    modes = torch.tensor([[FULL, STREAM], [BLOCK, FULL]], dtype=torch.int32, device=DEV)
+    kw = dict(sink=16, window=300, block_mask=_rand_block_mask(B, Hq, -(-S // 128), 0.5, gen), block_size=128)
+    res = {}
+    for order in ("0", "1"):
+        _set_switches(monkeypatch, ELASTIC_SM90_PV_WAIT_FIRST=order)
+        res[order] = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, **kw)
+    assert torch.equal(res["0"][0], res["1"][0]), "out differs between the key-loop orders"
+    assert torch.equal(res["0"][1], res["1"][1]), "lse differs between the key-loop orders"
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, **kw)
+    _check_forward(res["1"][0], res["1"][1], ref, ref_lse, torch.bfloat16, "pv_wait_first bitwise")
+
+
+@pytest.mark.parametrize("order", ["default", "pv_wait_first"])
 @pytest.mark.parametrize("rule", ["exact_alpha", "max_slack", "previous"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_sm90_rising_row_max(rule, dtype, monkeypatch):
-    # The online softmax's rescale paths (softmax_tile in sm90/attention_fwd_sm90_kernel.cuh): key tiles are walked
+def test_sm90_rising_row_max(rule, dtype, order, monkeypatch):
+    # The online softmax's rescale paths (softmax_max / rescale_o in sm90/attention_fwd_sm90_kernel.cuh, in both key
+    # loop orders: with ELASTIC_SM90_PV_WAIT_FIRST=1 O is rescaled before the exps of the tile): key tiles are walked
     # from the diagonal down, so keys whose scores grow toward key 0 raise each row's max again and again, by more
     # than the max_slack rule's 8 (log2) in the first tiles and by less further on; a few rows get one huge score
     # (a max jump of ~60 in log2 units) in the middle of the row. Every mode, ragged lengths, GQA; vs float64.
     _set_path(monkeypatch, "tma")
     _set_switches(monkeypatch, ELASTIC_SM90_EXACT_ALPHA="0" if rule == "previous" else "1",
-                  ELASTIC_SM90_MAX_SLACK="1" if rule == "max_slack" else "0")
+                  ELASTIC_SM90_MAX_SLACK="1" if rule == "max_slack" else "0",
+                  ELASTIC_SM90_PV_WAIT_FIRST="1" if order == "pv_wait_first" else "0")
     gen = torch.Generator(device=DEV).manual_seed(41)
     B, S, Hq, Hkv, D = 2, 1300, 4, 2, 128
     q = torch.randn(B, S, Hq, D, generator=gen, device=DEV)
@@ -636,7 +723,7 @@ def test_sm90_rising_row_max(rule, dtype, monkeypatch):
     kw = dict(sink=16, window=400, block_mask=bm, block_size=128)
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, **kw)
     out, lse = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, **kw)
-    _check_forward(out, lse, ref, ref_lse, dtype, f"sm90 rising max {rule}")
+    _check_forward(out, lse, ref, ref_lse, dtype, f"sm90 rising max {rule} {order}")
 
 
 # ----------------------------------------------------------------------------- backward

@@ -244,7 +244,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not elastic_cud
 CUDA_DTYPES = [torch.bfloat16, torch.float16]
 PATHS = {"sm90": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1"},
          "sm90cp": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "0"},
-         "sm80": {"ELASTIC_CUDA_SM90": "0", "ELASTIC_SM90_TMA": "1"}}
+         "sm80": {"ELASTIC_CUDA_SM90": "0", "ELASTIC_SM90_TMA": "1"},
+         # the Hopper forward's key loop in FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST, its own instance)
+         "sm90pvfirst": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_PV_WAIT_FIRST": "1"}}
+FWD_DEFAULTS = {"ELASTIC_SM90_PV_WAIT_FIRST": "0"}
 BWD_PATHS = {"sm90_bwd_atomic": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_BWD_DQ_TMA": "0"},
              "sm90_bwd_sm80": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_CUDA_SM90_BWD": "0"}}
 BWD_DEFAULTS = {"ELASTIC_CUDA_SM90_BWD": "1", "ELASTIC_SM90_BWD_DQ_TMA": "1"}
@@ -254,7 +257,7 @@ CUDA_BLOCK = 128
 @pytest.fixture
 def kernel_path(request, monkeypatch):
     """Parametrised by name (PATHS, BWD_PATHS); the extension reads the switches again, and again after the test."""
-    for name, value in {**BWD_DEFAULTS, **{**PATHS, **BWD_PATHS}[request.param]}.items():
+    for name, value in {**FWD_DEFAULTS, **BWD_DEFAULTS, **{**PATHS, **BWD_PATHS}[request.param]}.items():
         monkeypatch.setenv(name, value)
     elastic_cuda.ops.reload_kernel_options()
     yield request.param
@@ -270,7 +273,7 @@ bwd_two_paths = pytest.mark.parametrize("kernel_path", ["sm90", "sm80"] + list(B
 
 @pytest.mark.gpu
 @needs_cuda
-@two_paths
+@pytest.mark.parametrize("kernel_path", ["sm90", "sm90pvfirst", "sm80"], indirect=True)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("where", ["q", "k", "v", "k-sink", "v-sink"])

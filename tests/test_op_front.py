@@ -263,7 +263,7 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
-                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED"):
+                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -287,6 +287,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         assert " nonfinite_prepass=1 " in default + " ", default
         monkeypatch.setenv("ELASTIC_NONFINITE_PREPASS", "0")
         assert " nonfinite_prepass=0 " in elastic_cuda.ops.reload_kernel_options() + " "
+        assert " pv_wait_first=0 " in default + " ", default  # the Hopper forward's key-loop order: the proven one
+        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "1")
+        assert " pv_wait_first=1 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "yes")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_PV_WAIT_FIRST must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

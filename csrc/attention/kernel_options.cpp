@@ -57,6 +57,7 @@ KernelOptions read_env() {
   o.sm90_max_slack = env_bool("ELASTIC_SM90_MAX_SLACK", o.sm90_max_slack);
   o.sm90_walk_cached = env_bool("ELASTIC_SM90_WALK_CACHED", o.sm90_walk_cached);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
+  o.sm90_pv_wait_first = env_bool("ELASTIC_SM90_PV_WAIT_FIRST", o.sm90_pv_wait_first);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
@@ -115,6 +116,7 @@ std::string describe(const KernelOptions& o) {
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
                            " bwd_early_release=", b(o.sm90_bwd_early_release),
+                           " pv_wait_first=", b(o.sm90_pv_wait_first),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",
                            (o.decode_copy == 0   ? "zfill"

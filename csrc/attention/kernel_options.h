@@ -27,6 +27,10 @@
 //                                until a tile exceeds it by more than 8 in log2 units (P <= 256; FlashAttention-4's rule)
 //   ELASTIC_SM90_WALK_CACHED=0   BLOCK heads, sm90 consumers: the query tile's mask row and mask column recomputed per
 //                                key tile (integer divisions by the block size) instead of taken from the walker
+//   ELASTIC_SM90_PV_WAIT_FIRST=1  Hopper forward key loop in FlashAttention-4's order: the softmax's max phase beside
+//                                P V(n-1), then its wait, then exp2 with the P packing between the MUFU.EX2
+//                                (fwd_consumer in sm90/attention_fwd_sm90_kernel.cuh); with ELASTIC_SM90_LAZY_RESCALE=0
+//                                the O rescale there too, branch-free (its own instance); untimed when written
 //   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
 //                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
@@ -96,6 +100,9 @@ struct KernelOptions {
   // all-BLOCK 32K 6.25 -> 5.63 ms (1.11x) in the same run; FULL / STREAM unchanged.
   bool sm90_walk_cached = true;
   bool sm90_l2_order = true;
+  // Key loop order of the Hopper forward consumers: false = whole softmax beside P V(n-1), then rescale and P
+  // packing after its wait (the proven path); true = FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST).
+  bool sm90_pv_wait_first = false;
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair

@@ -107,10 +107,24 @@ struct PingPong {
   }
 };
 
-template <typename T, typename Tr>
+// Key-loop orders of the consumers (a kernel instance each, see attention_fwd_sm90_kernel):
+//  kLoopDefault: the whole softmax of tile n overlaps P V(n-1); the O rescale (lazy: only when a row of the warp
+//    moved its max) and the P packing follow P V's wait in series. The proven path.
+//  kLoopPvFirst (ELASTIC_SM90_PV_WAIT_FIRST=1, FlashAttention-4's order): the max phase (mask, row max, alpha,
+//    x = s * c - m) overlaps P V(n-1), then the loop waits for P V(n-1), and the exp2 stretch writes the P fragments
+//    as it goes: the 32 F2FP fill gaps between the MUFU.EX2, which issue one per ~8 cycles per warp.
+//  kLoopPvFirstEager (and ELASTIC_SM90_LAZY_RESCALE=0): the same with the O rescale unconditional and branch-free,
+//    so ptxas can put its 64 FMUL into the same gaps (FA4 does; no vote and branch on the path). alpha is exactly 1
+//    for rows whose max stayed (exact alpha), so every order gives the same bits.
+// ncu, 32K dense (2026-12-02): FA4's loop has as many warp instructions per tile as ours (469 vs 471) but 11% fewer
+// stall samples; its exp stretch holds the 32 F2FP and 64 FMUL; ours had 19.7K "wait" samples on the F2FP after the
+// exps against FA4's 2.0K. (The constants are in attention_fwd_sm90_pipeline.cuh, beside the kernel flags.)
+
+template <typename T, typename Tr, int kLoop>
 __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, int num_q_tiles,
                              int64_t num_items, unsigned flags) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
+  constexpr bool kPvWaitFirst = kLoop != kLoopDefault, kEagerRescale = kLoop == kLoopPvFirstEager;
   using Op = mma::MmaOp<T>;
   // Consumer warpgroup: rows [64 wg, 64 wg + 64); read through a shuffle so the compiler sees a warp-uniform
   // value and keeps the Q descriptor in uniform registers.
@@ -127,7 +141,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
   // O is rescaled only when some row of the warp raised its max (alpha != 1): skipping a product by exactly 1
   // changes no bit, and deep in a long row the max rarely moves.
   const bool lazy_rescale = (flags & kFlagLazyRescale) != 0;
-  // When a row's max counts as moved (softmax_tile): (m_new - m_old) * scale_log2 > max_slack.
+  // When a row's max counts as moved (softmax_max): (m_new - m_old) * scale_log2 > max_slack.
   //  0 (ELASTIC_SM90_EXACT_ALPHA=1, default): alpha is exactly 1 unless the max changed. Before, alpha was
   //    exp2(m_old * c - round(m_new * c)), i.e. exp2 of the product's rounding error when m_new == m_old, not
   //    exactly 1, so the lazy rescale above fired on ~every tile (ncu, 32K dense: 66 FMUL per tile and warp, 64
@@ -192,13 +206,20 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 #pragma unroll
     for (int i = 0; i < NO; ++i) acc_o[i] = 0.f;
 
-    // Masks S of key tile n element-wise when the tile is not fully visible, then folds it into the online
-    // softmax (base 2); alpha: the rescale factor of the rows' previous O and sum.
-    auto softmax_tile = [&](int n, float (&alpha)[2]) {
+    // Does key tile n need no element mask?
+    auto tile_visible = [&](int n) {
       const int j0 = n * BN;
       const BlockBits bb = Tr::BLOCK_MASK ? walker.bb : BlockBits();  // no mask state without a mask
-      if (!visited_tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb,
-                                      walk_cached ? walker.single_rb : kSingleRowUnknown)) {
+      return visited_tile_fully_visible(mode, w.i_first, w.i_last, j0, j0 + BN - 1, len_k, p.sink, p.window, bb,
+                                        walk_cached ? walker.single_rb : kSingleRowUnknown);
+    };
+    // Max phase of the online softmax (base 2) of key tile n: masks S element-wise unless fully_visible, moves the
+    // row maxima, sets alpha (the rescale factor of the rows' previous O and sum) and leaves x = s * scale_log2 - m
+    // in acc_s (softmax_exp takes exp2 of it).
+    auto softmax_max = [&](int n, bool fully_visible, float (&alpha)[2]) {
+      const int j0 = n * BN;
+      const BlockBits bb = Tr::BLOCK_MASK ? walker.bb : BlockBits();  // no mask state without a mask
+      if (!fully_visible) {
         // key_visible() as per-row column bounds (branch-free, no overflow): key j0 + 2 t4 + jc is visible iff
         // jc < hi && (jc < sink_hi || jc >= win_lo); FULL: win_lo <= 0 keeps every causal key. BLOCK: the tile
         // is one mask column, so a row sees its causal keys iff its bit is set (sink_hi = BN or 0, no window).
@@ -243,16 +264,35 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
         const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
         alpha[hf] = moved ? exp2f(m_old * p.scale_log2 - m_scaled) : 1.f;
         row_max[hf] = mx;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& s = acc_s[nb * 4 + 2 * hf + c];
+            s = fmaf(s, p.scale_log2, -m_scaled);
+          }
+      }
+    };
+    // Exp phase: P = exp2(x) in acc_s, row sums folded in with alpha.
+    auto softmax_exp = [&](const float (&alpha)[2]) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
         float sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             float& s = acc_s[nb * 4 + 2 * hf + c];
-            s = exp2f(fmaf(s, p.scale_log2, -m_scaled));
+            s = exp2f(s);
             sum += s;
           }
         row_sum[hf] = row_sum[hf] * alpha[hf] + sum;
+      }
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+      if (kEagerRescale || !lazy_rescale || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
       }
     };
     auto pack_p = [&]() {
@@ -288,7 +328,8 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     if (n_next < 0) release(sm.q_empty());  // last Q K^T of this item: the producer may load the next Q
     {
       float alpha[2];
-      softmax_tile(n, alpha);
+      softmax_max(n, tile_visible(n), alpha);
+      softmax_exp(alpha);
     }
     pack_p();
     n_pv = n;
@@ -312,20 +353,38 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       wgmma_commit();
       turns.pass_turn();
       n_next = walker.prev(n, walk_cached);  // BLOCK heads read mask bits here: their latency hides under the MMAs
-      wgmma_wait<1>();  // S(n) ready
-      fence_regs(acc_s);
-      release(sm.k_empty(cur.slot));
-      if (n_next < 0) release(sm.q_empty());
       float alpha[2];
-      softmax_tile(n, alpha);
-      schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
-      wgmma_wait<0>();  // P V done: O and the P fragments are free again
-      fence_regs(acc_o);
-      fence_regs(p_frag);
-      release(sm.v_empty(prev.slot));
-      if (!lazy_rescale || __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
+      if constexpr (kPvWaitFirst) {
+        // Nothing between S's wait and the row max but the mask: tile n's visibility test runs under the MMAs (the
+        // empty volatile asm keeps it before the wait; SASS of the default order: ~80 stall cycles of uniform
+        // tests and a jump table there), and the K / Q slots go back after the max phase.
+        int visible = tile_visible(n);
+        asm volatile("" : "+r"(visible));
+        wgmma_wait<1>();  // S(n) ready
+        fence_regs(acc_s);
+        softmax_max(n, visible != 0, alpha);
+        schedule_fence(never, row_max[0], row_max[1]);  // the max phase above overlaps P V
+        release(sm.k_empty(cur.slot));
+        if (n_next < 0) release(sm.q_empty());
+        wgmma_wait<0>();  // P V done: O and the P fragments are free again
+        fence_regs(acc_o);
+        fence_regs(p_frag);
+        release(sm.v_empty(prev.slot));
+        rescale_o(alpha);
+        softmax_exp(alpha);
+      } else {
+        wgmma_wait<1>();  // S(n) ready
+        fence_regs(acc_s);
+        release(sm.k_empty(cur.slot));
+        if (n_next < 0) release(sm.q_empty());
+        softmax_max(n, tile_visible(n), alpha);
+        softmax_exp(alpha);
+        schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
+        wgmma_wait<0>();  // P V done: O and the P fragments are free again
+        fence_regs(acc_o);
+        fence_regs(p_frag);
+        release(sm.v_empty(prev.slot));
+        rescale_o(alpha);
       }
       pack_p();
       n_pv = n;
@@ -375,7 +434,11 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 // grid.x CTAs walk the work items (a fixed stride, or taking the next one from `counter` with kFlagDynamic;
 // one each when grid.x is the item count; a persistent grid of one CTA per SM overlaps an item's epilogue
 // with the next item's loads). `maps` is read only with kFlagTma.
-template <typename T, typename Tr>
+// kLoop: the consumers' key-loop order (kLoopDefault etc. above fwd_consumer), a kernel instance each: with two
+// orders behind a run-time flag in one kernel, ptxas moved the default loop's descriptor and walker values out of
+// uniform registers (SASS of the key loop 844 -> 821 instructions, UMOV 41 -> 18, ISETP 166 -> 180), i.e. the
+// proven path would no longer be the one measured.
+template <typename T, typename Tr, int kLoop = kLoopDefault>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p, const __grid_constant__ TmaMaps maps,
                               int num_q_tiles, int64_t num_items, unsigned flags, unsigned long long* counter) {
@@ -420,7 +483,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
     fwd_producer<T, Tr>(p, maps, sm, sQ, sK, sV, num_q_tiles, num_items, flags, counter);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
-    fwd_consumer<T, Tr>(p, sm, num_q_tiles, num_items, flags);
+    fwd_consumer<T, Tr, kLoop>(p, sm, num_q_tiles, num_items, flags);
   }
 #else
   mark_not_sm90a();  // not an sm_90a pass: no wgmma (sm90a_available.h)

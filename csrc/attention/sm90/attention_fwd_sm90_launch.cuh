@@ -63,7 +63,11 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
                    unsigned long long* counter, const KernelOptions& opt) {
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
   static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
-  auto kernel = attention_fwd_sm90_kernel<T, Tr>;
+  // ELASTIC_SM90_PV_WAIT_FIRST: the instances with FlashAttention-4's key-loop order (fwd_consumer), the O rescale
+  // lazy or (ELASTIC_SM90_LAZY_RESCALE=0) branch-free
+  auto kernel = !opt.sm90_pv_wait_first ? attention_fwd_sm90_kernel<T, Tr>
+                : opt.sm90_lazy_rescale ? attention_fwd_sm90_kernel<T, Tr, kLoopPvFirst>
+                                        : attention_fwd_sm90_kernel<T, Tr, kLoopPvFirstEager>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
