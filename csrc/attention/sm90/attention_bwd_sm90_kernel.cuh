@@ -189,6 +189,24 @@ __device__ __forceinline__ void bwd_probs_pre(float (&s)[32], const float2 (&l2)
     }
 }
 
+// bwd_dscores with the first half of the rows' delta already in registers (OVERLAP: read before the wait for dP, as
+// lse before S's; the second half is read after it and arrives while the first is used: preloading all 8 pairs made
+// ptxas spill in the loop, 20 bytes).
+template <bool MASKED>
+__device__ __forceinline__ void bwd_dscores_pre(float (&dp)[32], const float (&pr)[32], const float2 (&dl_lo)[4],
+                                                const float* s_delta, int t4, uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 dl = i < 4 ? dl_lo[i % 4] : *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
+      dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    }
+  }
+}
+
 // Four 8x8 b16 matrices to shared memory (register x: matrix x, the accumulator-fragment layout; lane 8 x + r gives
 // the address of row r of matrix x): one instruction for what took four 32-bit stores.
 __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
@@ -613,9 +631,15 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       }
       wgmma_commit();
 
+      float2 delta_pre[4];
+      if constexpr (Tr::OVERLAP) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) delta_pre[i] = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+      }
       wgmma_wait<1>();  // dP^T ready (dV still running)
       fence_regs(acc_dp);
-      bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
+      if constexpr (Tr::OVERLAP) bwd_dscores_pre<MASKED>(acc_dp, acc_s, delta_pre, s_delta, t4, vis);
+      else bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
