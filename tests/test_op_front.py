@@ -280,9 +280,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0")
         monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0")
         monkeypatch.setenv("ELASTIC_SM90_BWD_UNMASKED", "0")
-        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "1")
-        assert " sm90_bwd=0 bwd_dq_tma=0 bwd_unmasked=0 bwd_early_release=0 bwd_overlap=1 " in (
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "2")
+        assert " sm90_bwd=0 bwd_dq_tma=0 bwd_unmasked=0 bwd_early_release=0 bwd_overlap=2 " in (
             elastic_cuda.ops.reload_kernel_options() + " ")
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "3")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "0")
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

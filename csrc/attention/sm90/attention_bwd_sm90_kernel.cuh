@@ -67,17 +67,24 @@ struct BwdTmaMaps {
 // staging needs no named barrier; the rows' lse * log2(e) is read before the wait for S. The default order ends a
 // stage with dQ and waits for every MMA before the staging (ncu, 32K dense: that wait and the staging's barriers
 // were ~12% of the consumers' stall samples, with the tensor cores of both warpgroups idle).
+// DEFER (ELASTIC_SM90_BWD_OVERLAP=2, on top of OVERLAP): a stage's dK MMA is still running when the next stage
+// starts; the next stage's wait for S (wgmma groups complete in order) also covers it, and releases its Q / dO slot
+// then. The loop head (full-barrier wait, stage info, descriptors) and the issue of S and dP overlap dK, and the tensor
+// cores' queue does not drain between stages. A slot then comes back one wait later, so 3 Q/dO stages (the smem
+// budget just holds them: 232,088 of 232,448 bytes).
 template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false,
-          bool OVERLAP_ = false>
+          bool OVERLAP_ = false, bool DEFER_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_, OVERLAP = OVERLAP_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_, OVERLAP = OVERLAP_,
+                        DEFER = DEFER_;
   static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
   static_assert(!OVERLAP || (DQ_TMA && !EARLY_RELEASE), "the overlapped order stages dQ for the TMA reduce-add");
+  static_assert(!DEFER || OVERLAP, "the deferred dK wait builds on the overlapped order");
   // Rows of one dQ reduce-add box: a warpgroup's 64 rows (one leader, named barriers), or a warp's 16 (OVERLAP).
   static constexpr int DQ_BOX_ROWS = OVERLAP ? 16 : 64;
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
-  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
+  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA && !DEFER ? 2 : 3;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
   static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
@@ -386,7 +393,8 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 
 // OVERLAP: the end of a stage after dS^T is in registers (ds_frag) and dV += P^T dO was issued (p_frag). dS^T to
 // shared memory by stmatrix, the dS barrier, dQ = dS K then dK += dS^T Q issued, dQ staged and reduce-added per warp
-// while dK runs; returns once every MMA of the stage has completed (the caller releases the Q / dO slot).
+// while dK runs; returns once every MMA of the stage has completed (the caller releases the Q / dO slot), or with DEFER
+// while dK still runs (the next stage's wait for S covers it).
 template <typename T, typename Tr>
 __device__ __forceinline__ void bwd_stage_tail_overlap(const AttentionBwdParams& p, const BwdTmaMaps& maps,
                                                        const BwdSmem<Tr>& sm, uint32_t ub, uint32_t base, int b,
@@ -425,14 +433,27 @@ __device__ __forceinline__ void bwd_stage_tail_overlap(const AttentionBwdParams&
     wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
   }
   wgmma_commit();
+  if constexpr (Tr::DEFER) {
+    // A = this warpgroup's 64 rows of the dS^T tile just stored (K-major: query columns, 32-byte k-steps inside the
+    // swizzled 128-byte row), so that no dS^T register outlives the stage: with dS^T fragments kept for a register-A
+    // dK across stages, ptxas serialized every wgmma of the loop (C7512, insufficient registers).
+    const SmemDesc dst_desc = smem_desc_b128_split(ub + (ds_tile - base) + wg * 64 * 128, 16, 1024);
 #pragma unroll
-  for (int kk = 0; kk < BM / 16; ++kk) {
-    if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
-    else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_ss_n128_kmn<T>(acc_dk, dst_desc.at(kk * 32u), q_mn.at(kk * 16 * 128u));
+      else wgmma_ss_n64_kmn<T>(acc_dk, dst_desc.at(kk * 32u), q_mn.at(kk * 16 * 128u));
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+    }
   }
   wgmma_commit();
 
   wgmma_wait<1>();  // dV and dQ done (groups complete in order); dK runs on during the staging
+  if constexpr (Tr::DEFER) fence_regs(ds_frag);  // dQ read dS^T from shared memory, dK too: free
   fence_regs(acc_dv);
   fence_regs(acc_dq);
   fence_regs(p_frag);
@@ -470,9 +491,11 @@ __device__ __forceinline__ void bwd_stage_tail_overlap(const AttentionBwdParams&
     bulk_commit_group();
   }
 
-  wgmma_wait<0>();  // dK done: Q and dO of the stage are no longer read
-  fence_regs(acc_dk);
-  fence_regs(ds_frag);
+  if constexpr (!Tr::DEFER) {
+    wgmma_wait<0>();  // dK done: Q and dO of the stage are no longer read
+    fence_regs(acc_dk);
+    fence_regs(ds_frag);
+  }
 }
 
 template <typename T, typename Tr>
@@ -530,6 +553,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   // Deterministic mode: the counter (index into p.dq_sem, -1: none) of the dQ tile whose turn this warpgroup still
   // holds, and its token; an index rather than a pointer, one register less in a loop at the edge of spilling.
   int held_sem = -1, held_token = 0;
+  // DEFER: the slot whose stage's dK MMA may still run (-1: none).
+  int held_slot = -1;
   RingPos<Tr::STAGES> pos;
   for (int it = 0;; ++it) {
     mbar_wait(sm.full(pos.slot), pos.phase);
@@ -605,20 +630,25 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
             }
       }
 
+      uint32_t ds_frag[BM / 16][4];
       float2 lse_pre[8];
-      if constexpr (Tr::OVERLAP) {
+      if constexpr (Tr::OVERLAP && !Tr::DEFER) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) lse_pre[i] = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
       }
-      wgmma_wait<1>();  // S^T ready
+      wgmma_wait<1>();  // S^T ready (DEFER: and the previous stage's dK, an older group)
       fence_regs(acc_s);
-      if constexpr (Tr::OVERLAP) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
+      if constexpr (Tr::DEFER) {
+        fence_regs(acc_dk);
+        if (held_slot >= 0) release(sm.empty(held_slot));
+      }
+      if constexpr (Tr::OVERLAP && !Tr::DEFER) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
       else bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
       // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
       // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
       const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
       const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
-      uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+      uint32_t p_frag[BM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -647,7 +677,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       if constexpr (Tr::OVERLAP) {
         bwd_stage_tail_overlap<T, Tr>(p, maps, sm, ub, base, b, seq, wg, warp, lane, it, h, r0, ds_frag, p_frag,
                                       acc_dk, acc_dv, q_mn, k_mn_desc);
-        release(sm.empty(pos.slot));
+        if constexpr (Tr::DEFER) held_slot = pos.slot;  // released at the next stage's wait for S
+        else release(sm.empty(pos.slot));
         return;
       }
       // dK += dS^T Q.
@@ -806,6 +837,10 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     if (info.full && p.sm90_bwd_unmasked) stage(std::false_type{});
     else stage(std::true_type{});
     pos.advance();
+  }
+  if constexpr (Tr::DEFER) {  // the last stage's dK (its slot is not released: the producer has finished)
+    wgmma_wait<0>();
+    fence_regs(acc_dk);
   }
   if constexpr (Tr::DQ_TMA) {  // the staging tile outlives its last read (OVERLAP: every warp's lane 0 issued some)
     if (Tr::OVERLAP ? lane == 0 : threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();

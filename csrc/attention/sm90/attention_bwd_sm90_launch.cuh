@@ -112,7 +112,10 @@ bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, in
                                                                               opt);
   }
 #endif
-  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap)
+  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap == 2)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, true, true>>(
+        p, max_seqlen_q, max_seqlen_k, stream, opt);
+  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap == 1)
     return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, true>>(p, max_seqlen_q,
                                                                                           max_seqlen_k, stream, opt);
   if (opt.sm90_bwd_dq_tma)
