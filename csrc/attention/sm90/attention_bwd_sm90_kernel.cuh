@@ -632,7 +632,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 
       uint32_t ds_frag[BM / 16][4];
       float2 lse_pre[8];
-      if constexpr (Tr::OVERLAP && !Tr::DEFER) {
+      if constexpr (Tr::OVERLAP) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) lse_pre[i] = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
       }
@@ -642,7 +642,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         fence_regs(acc_dk);
         if (held_slot >= 0) release(sm.empty(held_slot));
       }
-      if constexpr (Tr::OVERLAP && !Tr::DEFER) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
+      if constexpr (Tr::OVERLAP) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
       else bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
       // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
       // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
