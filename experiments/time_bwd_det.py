@@ -4,8 +4,11 @@
   masked    ELASTIC_SM90_BWD_UNMASKED=0 (every tile through the masked stage: the code before that change)
   atomic    ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by atomics, the path the deterministic mode builds on)
   determ    torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order (atomics path)
-Rounds interleave the variants; the median of the rounds is printed (ms). usage: python -m experiments.time_bwd_det
-[S,S,...] [rounds]"""
+  overlap   ELASTIC_SM90_BWD_OVERLAP=1 (FlashAttention-4's stage order: dQ staged while dK's MMAs run, per-warp dQ
+            reduce-add, dS by stmatrix)
+  overlap2  ELASTIC_SM90_BWD_OVERLAP=2 (and each stage's dK MMA runs into the next stage; 3 Q/dO stages)
+Rounds interleave the variants; the median of the rounds is printed (ms). usage: [BWD_VARIANTS=default,overlap]
+python -m experiments.time_bwd_det [S,S,...] [rounds]"""
 from __future__ import annotations
 
 import os
@@ -17,12 +20,15 @@ import torch
 import elastic_cuda
 from elastic_cuda import FULL, STREAM
 
-VARIANTS = ("default", "masked", "atomic", "determ")
+ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2")
+VARIANTS = tuple(os.environ.get("BWD_VARIANTS", ",".join(ALL_VARIANTS)).split(","))
+assert all(v in ALL_VARIANTS for v in VARIANTS), f"BWD_VARIANTS: pick from {ALL_VARIANTS}, got {VARIANTS}"
 
 
 def _set(variant):
     os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
     os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
+    os.environ["ELASTIC_SM90_BWD_OVERLAP"] = {"overlap": "1", "overlap2": "2"}.get(variant, "0")
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")
 

@@ -89,6 +89,12 @@ if __name__ == "__main__":
         one(torch.tensor([[BLOCK, STREAM], [FULL, BLOCK]]), 130, 130, 128, torch.bfloat16, varlen=True, bs=128,
             poison=True)  # the Hopper backward's non-finite rare paths with atomics (the default's are below)
         del os.environ["ELASTIC_SM90_BWD_DQ_TMA"]
+        for level in ("1", "2"):  # the overlapped stage orders (per-warp dQ reduce-add; 2: dK into the next stage)
+            os.environ["ELASTIC_SM90_BWD_OVERLAP"] = level
+            elastic_cuda.ops.reload_kernel_options()
+            one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
+            one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        del os.environ["ELASTIC_SM90_BWD_OVERLAP"]
         elastic_cuda.ops.reload_kernel_options()
     # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
     # chunk floor and the tails of every pair run; num_splits 12 = 2 x pairs: chunk total / 12 gives 16 items, so the

@@ -262,6 +262,7 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
+                 "ELASTIC_SM90_BWD_OVERLAP",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
                  "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
@@ -275,11 +276,17 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         monkeypatch.setenv("ELASTIC_SM90_VERBOSE", "")  # empty: the default
         now = elastic_cuda.ops.reload_kernel_options()
         assert "sm90=0 " in now and " tma=0 " in now and " verbose=0 " in now, now
-        assert " sm90_bwd=1 bwd_dq_tma=1 bwd_unmasked=1 bwd_early_release=0 " in default + " ", default
+        assert " sm90_bwd=1 bwd_dq_tma=1 bwd_unmasked=1 bwd_early_release=0 bwd_overlap=0 " in default + " ", default
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0")
         monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0")
         monkeypatch.setenv("ELASTIC_SM90_BWD_UNMASKED", "0")
-        assert " sm90_bwd=0 bwd_dq_tma=0 bwd_unmasked=0 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "2")
+        assert " sm90_bwd=0 bwd_dq_tma=0 bwd_unmasked=0 bwd_early_release=0 bwd_overlap=2 " in (
+            elastic_cuda.ops.reload_kernel_options() + " ")
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "3")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "0")
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

@@ -35,6 +35,11 @@ KernelOptions read_env() {
   o.sm90_bwd = env_bool("ELASTIC_CUDA_SM90_BWD", o.sm90_bwd);
   o.sm90_bwd_dq_tma = env_bool("ELASTIC_SM90_BWD_DQ_TMA", o.sm90_bwd_dq_tma);
   o.sm90_bwd_unmasked = env_bool("ELASTIC_SM90_BWD_UNMASKED", o.sm90_bwd_unmasked);
+  if (const char* v = env_value("ELASTIC_SM90_BWD_OVERLAP")) {
+    ELASTIC_CHECK((v[0] == '0' || v[0] == '1' || v[0] == '2') && v[1] == '\0',
+                  "elastic: environment variable ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2, got \"", v, "\"");
+    o.sm90_bwd_overlap = v[0] - '0';
+  }
   o.sm90_bwd_early_release = env_bool("ELASTIC_SM90_BWD_EARLY_RELEASE", o.sm90_bwd_early_release);
   ELASTIC_CHECK(!o.sm90_bwd_early_release || kExperimentsBuilt,
                 "elastic: ELASTIC_SM90_BWD_EARLY_RELEASE=1 selects a Hopper backward instance that is an A/B-timing ",
@@ -115,7 +120,7 @@ std::string describe(const KernelOptions& o) {
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
-                           " bwd_early_release=", b(o.sm90_bwd_early_release),
+                           " bwd_early_release=", b(o.sm90_bwd_early_release), " bwd_overlap=", o.sm90_bwd_overlap,
                            " pv_wait_first=", b(o.sm90_pv_wait_first),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",

@@ -11,6 +11,9 @@
 //                                reduce-add of shared-memory tiles (2 stages)
 //   ELASTIC_SM90_BWD_UNMASKED=0  Hopper backward: fully visible tiles run the masked stage too (bit tests and selects
 //                                per entry) instead of its unmasked instance
+//   ELASTIC_SM90_BWD_OVERLAP=1   Hopper backward (TMA dQ): FlashAttention-4's stage order (dS by stmatrix, dQ's MMA
+//                                before dK's, dQ staged and reduce-added per warp while dK runs); =2 also leaves
+//                                each stage's dK MMA running into the next stage (3 Q/dO stages); untimed A/B
 //   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
 //   ELASTIC_SM90_BWD_EARLY_RELEASE=1  Hopper backward: a stage's Q/dO slot goes back to the producer once dV and dK
 //                                are done, while dQ's MMA still runs (untimed experiment; only in
@@ -80,6 +83,8 @@ struct KernelOptions {
   // Hopper backward: fully visible (query tile x key tile) stages run an instance without visibility bits and
   // selects (553 instead of 757 SASS instructions per warp and stage, bf16 D128); untimed when written.
   bool sm90_bwd_unmasked = true;
+  // Hopper backward with TMA dQ: the overlapped stage order (BwdSm90Traits::OVERLAP); untimed when written.
+  int sm90_bwd_overlap = 0;  // 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;

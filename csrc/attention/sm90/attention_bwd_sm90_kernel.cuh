@@ -61,13 +61,30 @@ struct BwdTmaMaps {
 // the producer may refill the slot one dQ MMA earlier (2 stages with DQ_TMA). Untimed.
 // DET (deterministic mode, with the atomics dQ path only): the key-tile CTAs add their dQ tile of a (query head,
 // query tile) in key-tile order, one after another, through per-tile turn counters (p.dq_sem; see bwd_consumer).
-template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false>
+// OVERLAP (ELASTIC_SM90_BWD_OVERLAP=1, with DQ_TMA): FlashAttention-4's order of a stage's last MMAs. dS^T is stored
+// by stmatrix before the dS barrier, then dQ = dS K is issued before dK += dS^T Q, so that dQ's staging (fp32 stores,
+// proxy fence, reduce-add) runs while dK's MMAs do; each warp reduce-adds its own 16 dQ rows (16-row boxes), so the
+// staging needs no named barrier; the rows' lse * log2(e) is read before the wait for S. The default order ends a
+// stage with dQ and waits for every MMA before the staging (ncu, 32K dense: that wait and the staging's barriers
+// were ~12% of the consumers' stall samples, with the tensor cores of both warpgroups idle).
+// DEFER (ELASTIC_SM90_BWD_OVERLAP=2, on top of OVERLAP): a stage's dK MMA is still running when the next stage
+// starts; the next stage's wait for S (wgmma groups complete in order) also covers it, and releases its Q / dO slot
+// then. The loop head (full-barrier wait, stage info, descriptors) and the issue of S and dP overlap dK, and the tensor
+// cores' queue does not drain between stages. A slot then comes back one wait later, so 3 Q/dO stages (the smem
+// budget just holds them: 232,088 of 232,448 bytes).
+template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false,
+          bool OVERLAP_ = false, bool DEFER_ = false>
 struct BwdSm90Traits {
-  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_;
+  static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_, OVERLAP = OVERLAP_,
+                        DEFER = DEFER_;
   static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
+  static_assert(!OVERLAP || (DQ_TMA && !EARLY_RELEASE), "the overlapped order stages dQ for the TMA reduce-add");
+  static_assert(!DEFER || OVERLAP, "the deferred dK wait builds on the overlapped order");
+  // Rows of one dQ reduce-add box: a warpgroup's 64 rows (one leader, named barriers), or a warp's 16 (OVERLAP).
+  static constexpr int DQ_BOX_ROWS = OVERLAP ? 16 : 64;
   // 3 stages: a stage's loads (lse / delta by plain loads, then Q / dO by TMA) take about as long as the two
   // warpgroups' MMAs of one stage (~10 MFLOP per CTA); head_dim 128 then needs 195 KiB of shared memory.
-  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA ? 2 : 3;
+  static constexpr int D = D_, BM = 64, BN = 128, STAGES = DQ_TMA && !DEFER ? 2 : 3;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
   static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
@@ -163,6 +180,46 @@ __device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, i
       s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
     }
   }
+}
+
+// bwd_probs with the rows' lse * log2(e) already in registers (OVERLAP: read before the wait for S, whose "memory"
+// clobber otherwise keeps the shared loads after it, and the first FFMA waited on them: ~5% of the stall samples).
+template <bool MASKED>
+__device__ __forceinline__ void bwd_probs_pre(float (&s)[32], const float2 (&l2)[8], float scale_log2, uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2[i].y : l2[i].x)));
+      s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    }
+}
+
+// bwd_dscores with the first half of the rows' delta already in registers (OVERLAP: read before the wait for dP, as
+// lse before S's; the second half is read after it and arrives while the first is used: preloading all 8 pairs made
+// ptxas spill in the loop, 20 bytes).
+template <bool MASKED>
+__device__ __forceinline__ void bwd_dscores_pre(float (&dp)[32], const float (&pr)[32], const float2 (&dl_lo)[4],
+                                                const float* s_delta, int t4, uint32_t vis) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 dl = i < 4 ? dl_lo[i % 4] : *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+#pragma unroll
+    for (int e2 = 0; e2 < 4; ++e2) {
+      const int e = 4 * i + e2;
+      const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
+      dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    }
+  }
+}
+
+// Four 8x8 b16 matrices to shared memory (register x: matrix x, the accumulator-fragment layout; lane 8 x + r gives
+// the address of row r of matrix x): one instruction for what took four 32-bit stores.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
 }
 
 // dS^T = P^T (dP^T - delta) in place of dP^T; MASKED: entries whose bit in `vis` is clear are exactly 0 (a masked
@@ -334,6 +391,113 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   mbar_arrive(sm.full(pos.slot));
 }
 
+// OVERLAP: the end of a stage after dS^T is in registers (ds_frag) and dV += P^T dO was issued (p_frag). dS^T to
+// shared memory by stmatrix, the dS barrier, dQ = dS K then dK += dS^T Q issued, dQ staged and reduce-added per warp
+// while dK runs; returns once every MMA of the stage has completed (the caller releases the Q / dO slot), or with DEFER
+// while dK still runs (the next stage's wait for S covers it).
+template <typename T, typename Tr>
+__device__ __forceinline__ void bwd_stage_tail_overlap(const AttentionBwdParams& p, const BwdTmaMaps& maps,
+                                                       const BwdSmem<Tr>& sm, uint32_t ub, uint32_t base, int b,
+                                                       const SeqInfo& seq, int wg, int warp, int lane, int it, int h,
+                                                       int r0, uint32_t (&ds_frag)[Tr::BM / 16][4],
+                                                       uint32_t (&p_frag)[Tr::BM / 16][4], float (&acc_dk)[Tr::D / 2],
+                                                       float (&acc_dv)[Tr::D / 2], const SmemDesc& q_mn,
+                                                       const SmemDesc& k_mn_desc) {
+  constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D;
+  // dS^T [128 keys x 64 queries], 128-byte-swizzled rows of query columns (chunk c of row r at c ^ (r % 8)).
+  // stmatrix kk stores ds_frag[kk]: matrix x is rows 8 (x & 1) .. + 7 of this warp's 16 keys, 16-byte chunk
+  // 2 kk + (x >> 1). Lane 8 x + r addresses row r of matrix x; since 2 kk and x >> 1 share no bit, its chunk
+  // (2 kk + (x >> 1)) ^ r is ((x >> 1) ^ r) ^ 2 kk: one XOR of the byte offset by kk << 5 per kk. Each matrix's 8
+  // rows land in 8 different chunks, so the stores are free of bank conflicts.
+  const uint32_t ds_tile = sm.ds_buf(it & 1);
+  {
+    const int mx = lane >> 3, r = lane & 7;
+    const uint32_t lane_off = uint32_t(64 * wg + 16 * warp + 8 * (mx & 1) + r) * 128u + uint32_t(((mx >> 1) ^ r) << 4);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) stmatrix_x4(ds_tile + (lane_off ^ uint32_t(kk << 5)), ds_frag[kk]);
+  }
+  fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
+  // The dS barrier and the double buffer as in the default order (bwd_consumer): a warpgroup rewrites buffer it & 1
+  // only after the barrier of step it + 1, which the other passes after waiting for its step-it dQ MMAs.
+  if constexpr (D == 128) asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  else if (wg == 0) asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  else asm volatile("bar.sync 2, 128;\n" ::: "memory");
+
+  float acc_dq[32];
+  const SmemDesc ds_desc = smem_desc_b128_split(ub + (ds_tile - base), BN * 128, 1024);
+  wgmma_fence();
+  constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    const int ka = D == 128 ? kk : 4 * wg + kk;  // key rows 16 ka .. 16 ka + 15
+    wgmma_ss_n64_tt<T>(acc_dq, ds_desc.at(ka * 16 * 128u), k_mn_desc.at(ka * 16 * 128u), kk > 0);
+  }
+  wgmma_commit();
+  if constexpr (Tr::DEFER) {
+    // A = this warpgroup's 64 rows of the dS^T tile just stored (K-major: query columns, 32-byte k-steps inside the
+    // swizzled 128-byte row), so that no dS^T register outlives the stage: with dS^T fragments kept for a register-A
+    // dK across stages, ptxas serialized every wgmma of the loop (C7512, insufficient registers).
+    const SmemDesc dst_desc = smem_desc_b128_split(ub + (ds_tile - base) + wg * 64 * 128, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_ss_n128_kmn<T>(acc_dk, dst_desc.at(kk * 32u), q_mn.at(kk * 16 * 128u));
+      else wgmma_ss_n64_kmn<T>(acc_dk, dst_desc.at(kk * 32u), q_mn.at(kk * 16 * 128u));
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      if constexpr (D == 128) wgmma_rs_n128_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+      else wgmma_rs_n64_mn<T>(acc_dk, ds_frag[kk], q_mn.at(kk * 16 * 128u));
+    }
+  }
+  wgmma_commit();
+
+  wgmma_wait<1>();  // dV and dQ done (groups complete in order); dK runs on during the staging
+  if constexpr (Tr::DEFER) fence_regs(ds_frag);  // dQ read dS^T from shared memory, dK too: free
+  fence_regs(acc_dv);
+  fence_regs(acc_dq);
+  fence_regs(p_frag);
+
+  // This warp's 16 dQ rows into its part of the warpgroup's staging tile (the default path's swizzled layout; rows
+  // 16 warp .. + 15 of each 64-row box are 2 KiB at a 1 KiB boundary, so the swizzle phase is unchanged) and one
+  // reduce-add per 32-column box of 16 rows. Only this warp's lanes write these rows, so __syncwarp orders the reuse
+  // (after lane 0's wait for its previous reduce) and the issue (after every lane's proxy fence). Rows past the
+  // sequence hold +-0 (see the default path).
+  const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
+  const int g = lane / 4, t4 = lane % 4;
+  if (lane == 0) bulk_wait_group_read0();
+  __syncwarp();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = 16 * warp + g + 8 * hf;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int chunk = 2 * (i % 4) + t4 / 2;
+      const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(acc_dq[4 * i + 2 * hf]),
+                   "f"(acc_dq[4 * i + 2 * hf + 1])
+                   : "memory");
+    }
+  }
+  fence_proxy_async();  // generic stores, read next by the copy engine
+  __syncwarp();
+  if (lane == 0) {
+    const int col0 = D == 128 ? 64 * wg : 0;
+    const int bt = p.cu_seqlens_q != nullptr ? 0 : b;
+#pragma unroll
+    for (int box = 0; box < 2; ++box)
+      tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128) + warp * (16 * 128), col0 + 32 * box,
+                        seq.q_start + r0 + 16 * warp, h, bt);
+    bulk_commit_group();
+  }
+
+  if constexpr (!Tr::DEFER) {
+    wgmma_wait<0>();  // dK done: Q and dO of the stage are no longer read
+    fence_regs(acc_dk);
+    fence_regs(ds_frag);
+  }
+}
+
 template <typename T, typename Tr>
 __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps, const BwdSmem<Tr>& sm,
                              const unsigned char* gbase, uint32_t base, int b, int kvh, int n_block, int mode,
@@ -389,6 +553,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   // Deterministic mode: the counter (index into p.dq_sem, -1: none) of the dQ tile whose turn this warpgroup still
   // holds, and its token; an index rather than a pointer, one register less in a loop at the edge of spilling.
   int held_sem = -1, held_token = 0;
+  // DEFER: the slot whose stage's dK MMA may still run (-1: none).
+  int held_slot = -1;
   RingPos<Tr::STAGES> pos;
   for (int it = 0;; ++it) {
     mbar_wait(sm.full(pos.slot), pos.phase);
@@ -464,14 +630,25 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
             }
       }
 
-      wgmma_wait<1>();  // S^T ready
+      uint32_t ds_frag[BM / 16][4];
+      float2 lse_pre[8];
+      if constexpr (Tr::OVERLAP) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) lse_pre[i] = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
+      }
+      wgmma_wait<1>();  // S^T ready (DEFER: and the previous stage's dK, an older group)
       fence_regs(acc_s);
-      bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
+      if constexpr (Tr::DEFER) {
+        fence_regs(acc_dk);
+        if (held_slot >= 0) release(sm.empty(held_slot));
+      }
+      if constexpr (Tr::OVERLAP) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
+      else bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
       // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
       // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
       const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
       const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
-      uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+      uint32_t p_frag[BM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -484,13 +661,26 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       }
       wgmma_commit();
 
+      float2 delta_pre[4];
+      if constexpr (Tr::OVERLAP) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) delta_pre[i] = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+      }
       wgmma_wait<1>();  // dP^T ready (dV still running)
       fence_regs(acc_dp);
-      bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
+      if constexpr (Tr::OVERLAP) bwd_dscores_pre<MASKED>(acc_dp, acc_s, delta_pre, s_delta, t4, vis);
+      else bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
         for (int x = 0; x < 4; ++x) ds_frag[kk][x] = Op::pack(acc_dp[8 * kk + 2 * x], acc_dp[8 * kk + 2 * x + 1]);
+      if constexpr (Tr::OVERLAP) {
+        bwd_stage_tail_overlap<T, Tr>(p, maps, sm, ub, base, b, seq, wg, warp, lane, it, h, r0, ds_frag, p_frag,
+                                      acc_dk, acc_dv, q_mn, k_mn_desc);
+        if constexpr (Tr::DEFER) held_slot = pos.slot;  // released at the next stage's wait for S
+        else release(sm.empty(pos.slot));
+        return;
+      }
       // dK += dS^T Q.
       wgmma_fence();
 #pragma unroll
@@ -648,8 +838,12 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     else stage(std::true_type{});
     pos.advance();
   }
-  if constexpr (Tr::DQ_TMA) {
-    if (threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();  // the staging tile outlives its last read
+  if constexpr (Tr::DEFER) {  // the last stage's dK (its slot is not released: the producer has finished)
+    wgmma_wait<0>();
+    fence_regs(acc_dk);
+  }
+  if constexpr (Tr::DQ_TMA) {  // the staging tile outlives its last read (OVERLAP: every warp's lane 0 issued some)
+    if (Tr::OVERLAP ? lane == 0 : threadIdx.x % Tr::WG_THREADS == 0) bulk_wait_group_read0();
   }
   if constexpr (Tr::DET) {
     if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");  // every thread's last adds before the release

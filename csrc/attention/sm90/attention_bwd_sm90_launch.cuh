@@ -46,7 +46,7 @@ bool build_bwd_tma_maps(const AttentionBwdParams& p, BwdTmaMaps& maps, bool verb
   if (why == nullptr && Tr::DQ_TMA) {
     which = "dq_accum";
     why = sm90_host::encode_rows_map_f32(&maps.dq, p.dq_accum, Tr::D, p.rows_q, p.heads_q, batch, p.dqa_stride_r,
-                                         p.dqa_stride_h, p.dqa_stride_b, Tr::BM);
+                                         p.dqa_stride_h, p.dqa_stride_b, Tr::DQ_BOX_ROWS);
   }
   if (why != nullptr && verbose)
     std::fprintf(stderr, "elastic sm90 backward: no tensor map for %s (%s): mma.sync backward\n", which, why);
@@ -112,6 +112,12 @@ bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, in
                                                                               opt);
   }
 #endif
+  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap == 2)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, true, true>>(
+        p, max_seqlen_q, max_seqlen_k, stream, opt);
+  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap == 1)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, true>>(p, max_seqlen_q,
+                                                                                          max_seqlen_k, stream, opt);
   if (opt.sm90_bwd_dq_tma)
     return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true>>(p, max_seqlen_q, max_seqlen_k, stream, opt);
   return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D>>(p, max_seqlen_q, max_seqlen_k, stream, opt);

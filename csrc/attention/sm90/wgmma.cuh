@@ -149,6 +149,26 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t desc_a, u
   else ELASTIC_WGMMA_SS_N128("f16");
 }
 
+// D[64 x N] += A[64 x 16] B[16 x N], A K-major and B MN-major in shared memory: the backward's dK += dS^T Q with
+// dS^T read back from its shared-memory tile (ELASTIC_SM90_BWD_OVERLAP=2, which keeps no dS^T registers).
+#define ELASTIC_WGMMA_SS_KMN(N, TY, REGS, ACC, IA, IB)                                                  \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", %" #IA ", %" #IB \
+               ", 1, 1, 1, 0, 1;\n"                                                                     \
+               : ACC                                                                                   \
+               : "l"(desc_a), "l"(desc_b))
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128_kmn(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    ELASTIC_WGMMA_SS_KMN(128, "bf16", ELASTIC_WGMMA_REGS64, ELASTIC_WGMMA_ACC64, 64, 65);
+  else ELASTIC_WGMMA_SS_KMN(128, "f16", ELASTIC_WGMMA_REGS64, ELASTIC_WGMMA_ACC64, 64, 65);
+}
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n64_kmn(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    ELASTIC_WGMMA_SS_KMN(64, "bf16", ELASTIC_WGMMA_REGS32, ELASTIC_WGMMA_ACC32, 32, 33);
+  else ELASTIC_WGMMA_SS_KMN(64, "f16", ELASTIC_WGMMA_REGS32, ELASTIC_WGMMA_ACC32, 32, 33);
+}
+
 // D[64 x 128] += A[64 x 16] B[16 x 128], A in registers (m16k16 A fragment per warp), B MN-major in shared
 // memory (transposed read: V rows are keys, its columns the output's head dims).
 #define ELASTIC_WGMMA_RS_N128(TY)                                                                       \
