@@ -69,6 +69,7 @@ KernelOptions read_env() {
   }
   o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
+  o.train_mix_fused = env_bool("ELASTIC_TRAIN_MIX_FUSED", o.train_mix_fused);
   return o;
 }
 
@@ -76,6 +77,7 @@ std::mutex g_mutex;
 std::optional<KernelOptions> g_options;  // unset until the first successful read
 
 std::string reload_kernel_options_op() { return describe(reload_kernel_options()); }
+std::string kernel_options_op() { return describe(kernel_options()); }
 
 }  // namespace
 
@@ -111,12 +113,14 @@ std::string describe(const KernelOptions& o) {
                             : o.decode_copy == 2 ? "tma"
                                                  : "pairs"),
                            " decode_fused_combine=", b(o.decode_fused_combine),
-                           " nonfinite_prepass=", b(o.nonfinite_prepass));
+                           " nonfinite_prepass=", b(o.nonfinite_prepass),
+                           " train_mix_fused=", b(o.train_mix_fused));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.
 TORCH_LIBRARY_IMPL(elastic, CompositeExplicitAutograd, m) {
   m.impl("reload_kernel_options", &reload_kernel_options_op);
+  m.impl("kernel_options", &kernel_options_op);
 }
 
 }  // namespace elastic

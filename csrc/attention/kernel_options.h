@@ -46,6 +46,9 @@
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
 //                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
 //                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
+//   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops.py) computes its output mix,
+//                                dz and the branch-gradient sums with torch elementwise ops (weighted dO per branch)
+//                                instead of the fused train_mix_combine / train_mix_dz kernels (csrc/train_mix/)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
@@ -99,6 +102,10 @@ struct KernelOptions {
   int decode_copy = 1;
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
+  // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
+  // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'
+  // gradients are combined). Read by Python (elastic_cuda/ops.py _mix_fused) through kernel_options().
+  bool train_mix_fused = true;
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)
