@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from conftest import BLOCK, STREAM, random_block_mask, rel_err
-from test_attention_cuda import _grad_floors, _poison_allocator, _rel
+from test_attention_cuda import _grad_floors, _rel
 
 import elastic_cuda
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
@@ -32,6 +32,16 @@ def _leaves_run(fn, leaves, weight):
     out = fn(*leaves)
     (out.to(weight.dtype) * weight).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
+
+
+def _poison_allocator():
+    """Leave the caching allocator's free blocks full of 0xFF bytes, NaN in every float dtype (fp16, bf16, fp32, fp64),
+    so that an output element the kernels fail to write reads NaN."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    small = [torch.full((1 << 20,), 255, dtype=torch.uint8, device="cuda") for _ in range(32)]  # small pool
+    large = torch.full((64 << 20,), 255, dtype=torch.uint8, device="cuda")
+    del small, large
 
 
 def _z_values(B, Hz, gen):
