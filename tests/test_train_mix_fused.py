@@ -243,7 +243,9 @@ def test_cuda_kernels_match_float64(dtype, varlen, h, hz, D, S, gen):
     print(f"out {err_out:.2e} dz/sum|terms| {err_dz:.2e}")
     assert out.dtype == dtype and dz.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(dz).all()
     assert err_out <= 1.01 * ROUND[dtype]
-    assert err_dz < 1e-5
+    # fp32 accumulation: a lane adds up to 256 products in sequence (gamma_256 ~ 1.5e-5 of sum |terms| at worst; the
+    # typical error is ~1e-6), then fixed trees; a lost or doubled row would be O(1)
+    assert err_dz < 4e-5
     zc = z.cuda()
     hard = (zc == 0) | (zc == 1)   # hard z picks its branch bit for bit
     hz_rows = hard.repeat_interleave(h // hz, dim=1)
