@@ -15,7 +15,9 @@ covers its 1, 2 and 3 (the table gives the count). The `auto` column says what f
 (attention.hybrid._resolve_branch). Timings: triton do_bench medians (CUDA-event medians without triton) of one
 layer, with a fixed random upstream gradient; fresh random inputs per shape. Errors: max |x - op| / max |op| of the
 output and the gradients of q, k, v and z. BUDGET_S (seconds from the start of the process, default none;
-harness.TimeBudget): a case that would end past it is not started and is listed as skipped.
+harness.TimeBudget): a case that would end past it is not started and is listed as skipped. `train_mix torch`: the
+train_mix op with ELASTIC_TRAIN_MIX_FUSED=0 (its output mix, dz and gradient sums as torch elementwise ops instead of
+the fused kernels of csrc/train_mix/), the A/B of those kernels; CUDA fp16/bf16 runs them by default.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.harness import MODELS, TimeBudget, env_list, grouped_bars, median_ms, out_args, sdpa
+from benchmarks.harness import MODELS, TimeBudget, env_list, grouped_bars, kernel_switches, median_ms, out_args, sdpa
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
 from elastic_cuda.attention.hybrid import _resolve_branch
 from elastic_cuda.ops import FULL, STREAM, attention
@@ -94,9 +96,10 @@ def table(meta, results):
             "full_branch=\"auto\" picks for the call. Dense: one causal forward + backward with every head FULL (the "
             "elastic op; torch SDPA on cuDNN). Errors: max |x - op| / max |op| of out / dq / dk / dv / dz.",
             f"Command: `{meta['command']}`", "",
-            "| B | S | padded | MSR | auto | op ms | sdpa ms | train_mix ms | fastest mix | dense elastic ms | "
-            "dense cuDNN ms | train_mix / dense elastic | train_mix / dense cuDNN | err sdpa | err train_mix |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| B | S | padded | MSR | auto | op ms | sdpa ms | train_mix ms | train_mix torch ms | fastest mix | "
+            "dense elastic ms | dense cuDNN ms | train_mix / dense elastic | train_mix / dense cuDNN | err sdpa | "
+            "err train_mix |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
     errs = lambda e: " / ".join(f"{x:.1e}" for x in e.values())  # noqa: E731
@@ -106,12 +109,13 @@ def table(meta, results):
         head = f"| {r['B']} | {r['S']} | {'yes' if r['padded'] else 'no'} | {msr:g} ({sparse_heads}) | " \
                f"{r.get('auto', '-')} |"
         if "skipped" in r:
-            rows.append(head + f" {r['skipped']} |" + " |" * 9)
+            rows.append(head + f" {r['skipped']} |" + " |" * 10)
             continue
         ms = r["ms"]
         mixes = {b: ms[b] for b in BRANCHES if ms.get(b) is not None}
         fastest = min(mixes, key=mixes.get) if mixes else "-"
-        rows.append(head + f" {fmt(ms['op'])} | {fmt(ms['sdpa'])} | {fmt(ms['train_mix'])} | {fastest} | "
+        rows.append(head + f" {fmt(ms['op'])} | {fmt(ms['sdpa'])} | {fmt(ms['train_mix'])} | "
+                    f"{fmt(ms.get('train_mix_torch'))} | {fastest} | "
                     f"{fmt(ms.get('dense_elastic'))} | {fmt(ms.get('dense_cudnn'))} | "
                     f"{ratio(ms['train_mix'], ms.get('dense_elastic'))} | "
                     f"{ratio(ms['train_mix'], ms.get('dense_cudnn'))} | {errs(r['err']['sdpa'])} | "
@@ -126,7 +130,7 @@ def plot(meta, results, path):
     import matplotlib.pyplot as plt
 
     results = [r for r in results if "ms" in r]
-    series = list(BRANCHES) + ["dense_elastic", "dense_cudnn"]
+    series = list(BRANCHES) + ["train_mix_torch", "dense_elastic", "dense_cudnn"]
     labels = [f"B{r['B']} S{r['S']}{' pad' if r['padded'] else ''}\nMSR {r.get('msr', meta.get('msr')):g}"
               for r in results]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(results)), 4.4))
@@ -150,6 +154,8 @@ def measure_case(model, B, S, padded, msr, sink, window):
            for b in ("sdpa", "train_mix")}
     del grads
     ms = {b: median_ms(lambda b=b: run_mix(b, case, sink, window)) for b in BRANCHES}
+    with kernel_switches(ELASTIC_TRAIN_MIX_FUSED="0"):  # the A/B of the fused elementwise kernels
+        ms["train_mix_torch"] = median_ms(lambda: run_mix("train_mix", case, sink, window))
     if not padded:
         ms["dense_elastic"] = median_ms(lambda: run_dense("elastic", case))
         ms["dense_cudnn"] = median_ms(lambda: run_dense("cudnn", case))

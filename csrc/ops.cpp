@@ -26,12 +26,28 @@ TORCH_LIBRARY(elastic, m) {
   // with block_mask). Returns out (like q) and both branches with their lse (fp32; the branches are not
   // differentiable). Its autograd (elastic_cuda/ops.py) gives dq, dk, dv and dz = sum(dO * (O_FA - O_SA)) per
   // (sample, KV head), and runs a head's backward only in the branch its z weighs (z == 0 or 1 skips the other).
-  // Composite: the same Python implementation over elastic::attention serves CPU and CUDA.
+  // Composite: the same Python implementation over elastic::attention serves CPU and CUDA (on CUDA fp16/bf16 its
+  // elementwise work runs as train_mix_combine / train_mix_dz below).
   m.def(
       "train_mix(Tensor q, Tensor k, Tensor v, Tensor z, Tensor? block_mask=None, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, *, int sparse_mode, int sink=128, int window=2048, int block_size=128, "
       "float? scale=None, int max_seqlen_q=0, int max_seqlen_k=0, str strategy=\"auto\") -> (Tensor out, "
       "Tensor out_full, Tensor lse_full, Tensor out_sparse, Tensor lse_sparse)");
+  // The training mix's elementwise work as fused kernels (CUDA; CPU kernels are the spec), used by train_mix's
+  // forward and backward for fp16/bf16 CUDA tensors (elastic_cuda/ops.py; A/B switch ELASTIC_TRAIN_MIX_FUSED,
+  // csrc/attention/kernel_options.h). Rows of [B, S, H, D] or packed [T, H, D] with cu_seqlens int32 [B+1]; a row in
+  // no sequence (varlen) gets out 0 and no share of dz. Semantics and limits: csrc/train_mix/train_mix_checks.h.
+  // train_mix_combine: out = z * full + (1 - z) * sparse, z [B, Hz] weighing head h by z[b, h / (H / Hz)], each
+  // value computed in fp32 (fp64 for fp64) and rounded once to the tensors' dtype (0 * NaN stays NaN).
+  m.def(
+      "train_mix_combine(Tensor full, Tensor sparse, Tensor z, Tensor? cu_seqlens=None) -> Tensor");
+  // train_mix_dz: dz [B, kv_heads] = sum over the rows of batch b, the query heads of KV head h's group and the head
+  // dims of grad_out * (out_full - out_sparse), fp32 (fp64 for fp64 inputs); deterministic (no atomics: per-tile
+  // partials summed in a fixed order). max_seqlen_q (varlen): the longest sequence (sizes the CUDA grid; a longer
+  // one gives NaN for its batch).
+  m.def(
+      "train_mix_dz(Tensor grad_out, Tensor out_full, Tensor out_sparse, Tensor? cu_seqlens_q=None, *, "
+      "int kv_heads, int max_seqlen_q=0) -> Tensor");
   // XAttention block masks of a prefill (CUDA only; the torch rule in elastic_cuda/attention/xattn.py is the CPU
   // path and the reference): q [B, S, Hq, D], k [B, S, Hkv, D] (queries = keys), or packed [T, H, D] with
   // cu_seqlens int32 [B+1] and max_seqlen -> bool [B, Hq, NB, NB], NB = ceil((S or max_seqlen) / block_size).
@@ -60,4 +76,7 @@ TORCH_LIBRARY(elastic, m) {
   // the extension otherwise reads them once per process. Returns the options now in effect. Tests and
   // benchmarks only.
   m.def("reload_kernel_options() -> str");
+  // The options in effect (read from the environment at the first use, like the kernels do), in the format of
+  // reload_kernel_options; Python reads the switches it needs (train_mix_fused) from it once.
+  m.def("kernel_options() -> str");
 }

@@ -300,7 +300,27 @@ def reload_kernel_options() -> str:
     The extension reads them once per process, at its first CUDA attention call; tests and benchmarks that
     change them call this afterwards. A value other than the documented ones raises RuntimeError naming the
     variable. Not needed (and not meant) for normal use: the defaults are the product."""
-    return torch.ops.elastic.reload_kernel_options()
+    global _KERNEL_OPTIONS
+    described = torch.ops.elastic.reload_kernel_options()
+    _KERNEL_OPTIONS = _parse_options(described)
+    return described
+
+
+_KERNEL_OPTIONS: dict | None = None  # the switches in effect as Python reads them (_kernel_option)
+
+
+def _parse_options(described: str) -> dict:
+    return dict(item.split("=", 1) for item in described.split())
+
+
+def _kernel_option(name: str) -> str:
+    """The value of one switch of csrc/attention/kernel_options.h as the extension holds it ("0" / "1" ...), read
+    from the extension once per process (the C++ side reads the environment once, too) and again by
+    reload_kernel_options()."""
+    global _KERNEL_OPTIONS
+    if _KERNEL_OPTIONS is None:
+        _KERNEL_OPTIONS = _parse_options(torch.ops.elastic.kernel_options())
+    return _KERNEL_OPTIONS[name]
 
 
 def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=None):
@@ -648,8 +668,12 @@ def _train_mix_impl(q, k, v, z, block_mask=None, cu_seqlens_q=None, cu_seqlens_k
                                                      block_size=block_size, **kw)
     out_sparse, lse_sparse = torch.ops.elastic.attention(q, k, v, sparse, block_mask, cu_seqlens_q, cu_seqlens_k,
                                                          block_size=block_size, **kw)
-    zr = _z_rows(z, out_full, cu_seqlens_q)
-    return zr * out_full + (1 - zr) * out_sparse, out_full, lse_full, out_sparse, lse_sparse
+    if _mix_fused(out_full):  # one pass: reads both branches once, z in fp32
+        out = torch.ops.elastic.train_mix_combine(out_full, out_sparse, z, cu_seqlens_q)
+    else:
+        zr = _z_rows(z, out_full, cu_seqlens_q)
+        out = zr * out_full + (1 - zr) * out_sparse
+    return out, out_full, lse_full, out_sparse, lse_sparse
 
 
 for _device in ("cpu", "cuda"):
@@ -665,6 +689,27 @@ def _train_mix_fake(q, k, v, z, block_mask=None, cu_seqlens_q=None, cu_seqlens_k
     lse_shape = _lse_shape(q, cu_seqlens_q)
     return (torch.empty_like(q), torch.empty_like(q), q.new_empty(lse_shape, dtype=lse_dtype), torch.empty_like(q),
             q.new_empty(lse_shape, dtype=lse_dtype))
+
+
+@torch.library.register_fake("elastic::train_mix_combine")
+def _train_mix_combine_fake(full, sparse, z, cu_seqlens=None):
+    _check_one_device("train_mix_combine", full, sparse=sparse, z=z, cu_seqlens=cu_seqlens)
+    return torch.empty_like(full, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("elastic::train_mix_dz")
+def _train_mix_dz_fake(grad_out, out_full, out_sparse, cu_seqlens_q=None, *, kv_heads, max_seqlen_q=0):
+    _check_one_device("train_mix_dz", grad_out, out_full=out_full, out_sparse=out_sparse, cu_seqlens_q=cu_seqlens_q)
+    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else grad_out.shape[0]
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return grad_out.new_empty((B, kv_heads), dtype=dtype)
+
+
+def _mix_fused(t) -> bool:
+    """Whether the training mix's elementwise work on t's device and dtype runs as the fused kernels
+    (elastic::train_mix_combine / train_mix_dz, csrc/train_mix/): CUDA fp16/bf16 unless ELASTIC_TRAIN_MIX_FUSED=0
+    (kernel_options.h). CPU and float64 keep the torch expressions (the fused ops' CPU kernels are their spec)."""
+    return t.device.type == "cuda" and t.dtype in _CUDA_DTYPES and _kernel_option("train_mix_fused") == "1"
 
 
 _MIX_KW = ("sink", "window", "block_size", "scale", "max_seqlen_q", "max_seqlen_k")
@@ -703,8 +748,12 @@ def _train_mix_backward(ctx, grad_out, _g_out_full, _g_lse_full, _g_out_sparse, 
         return None, None, None, None, None, None, None
     grad_out = grad_out.contiguous()
     B, Hkv = z.shape
+    fused = _mix_fused(grad_out)
     dz = None
-    if ctx.needs_input_grad[3]:
+    if ctx.needs_input_grad[3] and fused:  # one read of dO, O_FA and O_SA; per-tile partials, no atomics
+        dz = torch.ops.elastic.train_mix_dz(grad_out, out_full, out_sparse, cu_q, kv_heads=Hkv,
+                                            max_seqlen_q=ctx.kw.get("max_seqlen_q", 0)).to(z.dtype)
+    elif ctx.needs_input_grad[3]:
         # dz[b, h] = sum over the rows, query heads of h's group and head dims of dO * (O_FA - O_SA)
         acc = torch.promote_types(grad_out.dtype, torch.float32)  # fp32 for 16-bit outputs, fp64 stays fp64
         prod = (grad_out.to(acc) * (out_full.to(acc) - out_sparse.to(acc))).sum(-1)  # [B, Sq, Hq] / [Tq, Hq]
@@ -716,16 +765,28 @@ def _train_mix_backward(ctx, grad_out, _g_out_full, _g_lse_full, _g_out_sparse, 
         dz = dz.to(z.dtype)
     dq = dk = dv = None
     if needs_qkv:
-        zr = _z_rows(z, grad_out, cu_q)
+        # Fused: each branch's backward takes dO unweighted and train_mix_combine weighs the two branches' gradients
+        # (z * g_FA + (1 - z) * g_SA per (sample, KV head), one pass per gradient). The backward is linear in dO (with
+        # O and lse fixed), and z is constant over a KV head's query heads, rows and keys, so this is the gradient of
+        # the weighted dO; a head a branch skips has exact zero gradients there, weighed by its z of 0 or 1.
+        zr = None if fused else _z_rows(z, grad_out, cu_q)
         kw = dict(ctx.kw)
         block_size = kw.pop("block_size", 128)
         skv = k.shape[1] if cu_q is None else kw.get("max_seqlen_k", 0)
+        grads = []
         for mode, weight, keep, out, lse in ((FULL, zr, z != 0, out_full, lse_full),
-                                             (ctx.sparse_mode, 1 - zr, z != 1, out_sparse, lse_sparse)):
+                                             (ctx.sparse_mode, None if fused else 1 - zr, z != 1, out_sparse,
+                                              lse_sparse)):
             modes, mask, bs = _skipping(mode, keep, block_mask, block_size, skv)
-            g = torch.ops.elastic.attention_backward((weight * grad_out).contiguous(), None, q, k, v, out, lse,
-                                                     modes, mask, cu_q, cu_k, block_size=bs, **kw)
-            dq, dk, dv = g if dq is None else (dq + g[0], dk + g[1], dv + g[2])
+            g_out = grad_out if fused else (weight * grad_out).contiguous()
+            grads.append(torch.ops.elastic.attention_backward(g_out, None, q, k, v, out, lse, modes, mask, cu_q, cu_k,
+                                                              block_size=bs, **kw))
+        (dq_f, dk_f, dv_f), (dq_s, dk_s, dv_s) = grads
+        if fused:
+            combine = torch.ops.elastic.train_mix_combine
+            dq, dk, dv = (combine(dq_f, dq_s, z, cu_q), combine(dk_f, dk_s, z, cu_k), combine(dv_f, dv_s, z, cu_k))
+        else:
+            dq, dk, dv = dq_f + dq_s, dk_f + dk_s, dv_f + dv_s
     return dq, dk, dv, dz, None, None, None
 
 

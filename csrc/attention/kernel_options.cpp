@@ -86,6 +86,7 @@ KernelOptions read_env() {
     o.decode_pdl = off ? 0 : (end ? 1 : 2);
   }
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
+  o.train_mix_fused = env_bool("ELASTIC_TRAIN_MIX_FUSED", o.train_mix_fused);
   return o;
 }
 
@@ -93,6 +94,7 @@ std::mutex g_mutex;
 std::optional<KernelOptions> g_options;  // unset until the first successful read
 
 std::string reload_kernel_options_op() { return describe(reload_kernel_options()); }
+std::string kernel_options_op() { return describe(kernel_options()); }
 
 }  // namespace
 
@@ -131,12 +133,14 @@ std::string describe(const KernelOptions& o) {
                            " decode_fused_combine=", b(o.decode_fused_combine),
                            " decode_combine=", o.decode_combine == 2 ? "v2" : "v1",
                            " decode_pdl=", (o.decode_pdl == 0 ? "0" : o.decode_pdl == 1 ? "1" : "early"),
-                           " nonfinite_prepass=", b(o.nonfinite_prepass));
+                           " nonfinite_prepass=", b(o.nonfinite_prepass),
+                           " train_mix_fused=", b(o.train_mix_fused));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.
 TORCH_LIBRARY_IMPL(elastic, CompositeExplicitAutograd, m) {
   m.impl("reload_kernel_options", &reload_kernel_options_op);
+  m.impl("kernel_options", &kernel_options_op);
 }
 
 }  // namespace elastic

@@ -61,6 +61,9 @@
 //                                the split kernel (tensor-core, cp.async copies) signalling it as each CTA's last
 //                                instruction; PDL=early: diagnostic, the signal as the split CTA's first instruction,
 //                                as in round 2 (whose split kernel ran 10-30% slower at batch 8; decode_pdl.cuh)
+//   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops.py) computes its output mix,
+//                                dz and the branch-gradient sums with torch elementwise ops (weighted dO per branch)
+//                                instead of the fused train_mix_combine / train_mix_dz kernels (csrc/train_mix/)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
@@ -126,6 +129,10 @@ struct KernelOptions {
   // signalled at its start (round 2's placement, diagnostic).
   int decode_pdl = 0;
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
+  // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
+  // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'
+  // gradients are combined). Read by Python (elastic_cuda/ops.py _mix_fused) through kernel_options().
+  bool train_mix_fused = true;
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)
