@@ -69,6 +69,7 @@ KernelOptions read_env() {
   }
   o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
+  o.router_kernel = env_bool("ELASTIC_ROUTER_KERNEL", o.router_kernel);
   return o;
 }
 
@@ -111,7 +112,7 @@ std::string describe(const KernelOptions& o) {
                             : o.decode_copy == 2 ? "tma"
                                                  : "pairs"),
                            " decode_fused_combine=", b(o.decode_fused_combine),
-                           " nonfinite_prepass=", b(o.nonfinite_prepass));
+                           " nonfinite_prepass=", b(o.nonfinite_prepass), " router_kernel=", b(o.router_kernel));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.

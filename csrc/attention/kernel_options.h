@@ -46,6 +46,9 @@
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
 //                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
 //                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
+//   ELASTIC_ROUTER_KERNEL=0      elastic::router_decision on CUDA runs the eager router's kernels (boundary pool, addmm,
+//                                silu, ...: its bits, ~14 launches) instead of its one fused kernel
+//                                (csrc/router/router_decision_cuda.cu: the same decisions away from near-ties)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
@@ -99,6 +102,9 @@ struct KernelOptions {
   int decode_copy = 1;
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
+  // elastic::router_decision on CUDA: its one fused kernel (fp32 routers) instead of the eager decision's kernels.
+  // Only reached with enable(..., fused_router=True), itself off by default until timed on a GPU.
+  bool router_kernel = true;
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)
