@@ -84,8 +84,13 @@ __global__ void __launch_bounds__(kThreads) router_decision_kernel(const RouterD
   for (int layer = 0; layer < kRouterLayers; ++layer) {
     const int n_in = p.width[layer], n_out = p.width[layer + 1];
     const float* __restrict__ w = p.weight[layer];
+    // Unrolled so that several rows' (and k steps') weight loads are in flight at once: 3 CTAs for the whole
+    // decision at B 1, so the kernel is bound by the latency of its ~256 KB of weights (L2, or DRAM when a prefill
+    // evicted them), not by its FMAs.
+#pragma unroll 4
     for (int row = warp; row < n_out; row += kWarps) {
       float acc = 0.f;
+#pragma unroll 8
       for (int k = lane; k < n_in; k += 32) acc = fmaf(w[static_cast<int64_t>(row) * n_in + k], act[in][k], acc);
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
