@@ -49,6 +49,22 @@ __device__ inline acc_t pool_partial(const scalar_t* __restrict__ base, int64_t 
   return acc;
 }
 
+// pool_partial for kDims dims at once (base + j * dim_step for dim j): the same per-dim summation order (so the same
+// bits) with the loads of all dims in flight together, for a kernel that pools a whole head in one CTA.
+template <typename scalar_t, typename acc_t, int kDims>
+__device__ inline void pool_partial_dims(const scalar_t* __restrict__ base, int64_t stride_s, int64_t dim_step,
+                                         int n_dims, const PoolRange& r, int token_lane, acc_t (&acc)[kDims]) {
+#pragma unroll
+  for (int j = 0; j < kDims; ++j) acc[j] = 0;
+  for (int64_t i = token_lane; i < r.count; i += kPoolTokenLanes) {
+    const int64_t t = i < r.head ? i : r.tail_start + (i - r.head);
+#pragma unroll
+    for (int j = 0; j < kDims; ++j) {
+      if (j < n_dims) acc[j] += static_cast<acc_t>(base[t * stride_s + j * dim_step]);
+    }
+  }
+}
+
 // The pooled value of one dim from the token lanes' partial sums (partial[y][dim_lane], y in lane order).
 template <typename acc_t>
 __device__ inline acc_t pool_finish(const acc_t (*partial)[kPoolDimLanes], int dim_lane, const PoolRange& r) {

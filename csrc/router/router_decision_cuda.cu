@@ -11,7 +11,7 @@
 // eager ones by rounding (the GPU tests bound them against a float64 reference), so a decision can differ from the
 // eager one only where logit_full - logit_sparse is within that rounding of the shift (a near-tie).
 //
-// Where the kernel does not apply (routers not fp32, head_dim > kMaxWidth or a hidden layer wider than kMaxWidth,
+// Where the kernel does not apply (routers not fp32, head_dim > 128 or a hidden layer wider than kMaxWidth,
 // ELASTIC_ROUTER_KERNEL=0) the CUDA op runs the composite formulation: the eager decision's kernels, same bits.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,6 +33,7 @@ namespace {
 constexpr int kThreads = kPoolDimLanes * kPoolTokenLanes;  // 8 warps: the pool's token lanes, then MLP rows
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxWidth = 1024;  // widest layer (input or output) the shared activations hold: 8 KB
+constexpr int kMaxPoolChunks = 4;  // head_dim <= 4 x 32 = 128 (the routers' 64 / 128): pooled in one pass
 
 struct RouterDecisionParams {
   const void* keys;
@@ -59,24 +60,30 @@ __global__ void __launch_bounds__(kThreads) router_decision_kernel(const RouterD
   const int64_t bh = blockIdx.x;
   const int64_t b = bh / p.heads, h = bh % p.heads;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __shared__ float partial[kPoolTokenLanes][kPoolDimLanes];
+  __shared__ float partial[kMaxPoolChunks][kPoolTokenLanes][kPoolDimLanes];
   __shared__ float act[2][kMaxWidth];
 
-  // Boundary pool: warp w is token lane w, lane l dim lane l, over chunks of 32 dims (boundary_pool_kernel's order).
+  // Boundary pool: warp w is token lane w, lane l dim lane l of each chunk of 32 dims, every chunk's loads in flight
+  // together; per dim boundary_pool_kernel's summation order (the same pooled bits).
   const PoolRange r = pool_range(p.cu_seqlens, b, p.dense_len, p.total_tokens, p.n_first, p.n_last);
   const scalar_t* keys = static_cast<const scalar_t*>(p.keys) +
                          (p.cu_seqlens != nullptr ? r.start * p.stride_s : b * p.stride_b) + h * p.stride_h;
-  for (int64_t chunk = 0; chunk < p.dim; chunk += kPoolDimLanes) {
-    const int64_t d = chunk + lane;
-    partial[warp][lane] = d < p.dim ? pool_partial<scalar_t, float>(keys + d * p.stride_d, p.stride_s, r, warp) : 0.f;
-    __syncthreads();
-    if (warp == 0 && d < p.dim) {
-      float x = pool_finish<float>(partial, lane, r);
+  const int n_chunks = static_cast<int>((p.dim - lane + kPoolDimLanes - 1) / kPoolDimLanes);  // chunks with dim lane
+  float acc[kMaxPoolChunks];
+  pool_partial_dims<scalar_t, float, kMaxPoolChunks>(keys + lane * p.stride_d, p.stride_s,
+                                                     kPoolDimLanes * p.stride_d, n_chunks, r, warp, acc);
+#pragma unroll
+  for (int c = 0; c < kMaxPoolChunks; ++c) partial[c][warp][lane] = acc[c];
+  __syncthreads();
+  if (warp < kMaxPoolChunks) {  // warp c finishes chunk c
+    const int64_t d = static_cast<int64_t>(warp) * kPoolDimLanes + lane;
+    if (d < p.dim) {
+      float x = pool_finish<float>(partial[warp], lane, r);
       if (p.input_mean != nullptr) x = __fdiv_rn(__fsub_rn(x, p.input_mean[h * p.dim + d]), p.input_std[h * p.dim + d]);
       act[0][d] = x;
     }
-    __syncthreads();
   }
+  __syncthreads();
 
   // The Linear layers: warp w computes output rows w, w + 8, ...; its lanes read a row's weights coalesced.
   int in = 0;
@@ -130,7 +137,7 @@ bool kernel_applies(const at::Tensor& keys, at::TensorList mlp) {
   if (!kernel_options().router_kernel) return false;
   const auto kt = keys.scalar_type();
   if (kt != at::kFloat && kt != at::kHalf && kt != at::kBFloat16) return false;
-  if (mlp[0].scalar_type() != at::kFloat || keys.size(-1) > kMaxWidth) return false;
+  if (mlp[0].scalar_type() != at::kFloat || keys.size(-1) > kMaxPoolChunks * kPoolDimLanes) return false;
   for (const at::Tensor& t : mlp) {
     if (t.size(0) > kMaxWidth) return false;
   }
