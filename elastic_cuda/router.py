@@ -282,7 +282,8 @@ class AttentionRouter(nn.Module):
                     sparsity_shift: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.dtype]:
         """route(...) as one operator (ops.router_decision: the boundary pool, the MLPs and the decision in one
         dispatch, one kernel on CUDA for fp32 routers), for the prefill of a small model, whose elastic layer is
-        host-bound on a GPU (#15: route() is ~14 ops and their Python per layer).
+        host-bound on a GPU (#15: route() is ~23 ops per layer, a boundary pool and ~13 kernels among them, and their
+        Python).
 
         On the CPU, and on CUDA for routers that are not fp32 or with ELASTIC_ROUTER_KERNEL=0, the op runs route()'s
         own ATen ops: the same bits. The CUDA kernel sums the Linear layers in its own order: its logits differ by

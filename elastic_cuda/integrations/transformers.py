@@ -422,7 +422,7 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     layer and batch size on first use (router_graph.py): the same bits with ~10 fewer launches per layer, for a
     small model's prefill, which is launch-bound (#15). Off by default until timed on a GPU.
     fused_router: each eval router's decision as one operator (AttentionRouter.route_fused, ops.router_decision):
-    one dispatch instead of ~14 ops and their Python per layer, one kernel on CUDA for fp32 routers, for the same
+    one dispatch instead of ~23 ops and their Python per layer, one kernel on CUDA for fp32 routers, for the same
     small-model prefill (#15). Same bits on the CPU; on CUDA the kernel's logits differ from the eager ones by
     rounding, so a head can route differently only at a near-tie (ELASTIC_ROUTER_KERNEL=0: the eager kernels, same
     bits). Takes precedence over router_graphs. Off by default until timed on a GPU.
