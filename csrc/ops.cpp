@@ -72,6 +72,17 @@ TORCH_LIBRARY(elastic, m) {
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
   // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).
   m.def("boundary_pool(Tensor keys, Tensor? cu_seqlens=None, *, int n_first=100, int n_last=100) -> Tensor");
+  // An eval router's whole decision (csrc/router/router_decision.h): the boundary pool of keys (as boundary_pool),
+  // optional standardisation ((x - input_mean) / input_std, [Hkv, D]), the router's five Linear layers (mlp: weight,
+  // bias of each, SiLU after layers 0, 2, 3), optional head_bias [Hkv, 2], then FULL (0) where
+  // logit_full - logit_sparse > shift (shift [B] float32, else shift_value; at shift_value 0 the comparison
+  // logit_full > logit_sparse), else sparse_mode. -> head_mode int32 [B, Hkv], logits [B, Hkv, 2] (index 1 = FULL,
+  // the mlp's dtype). No autograd (an inference decision). CPU: the eager router's ATen ops (its bits); CUDA: one
+  // kernel for fp32 routers (tolerance in router_decision_cuda.cu), else the same ATen ops.
+  m.def(
+      "router_decision(Tensor keys, Tensor? cu_seqlens, Tensor[] mlp, Tensor? input_mean=None, "
+      "Tensor? input_std=None, Tensor? head_bias=None, Tensor? shift=None, *, int n_first=100, int n_last=100, "
+      "float shift_value=0.0, int sparse_mode=1) -> (Tensor head_mode, Tensor logits)");
   // Reads the A/B-timing environment switches of the CUDA kernels (csrc/attention/kernel_options.h) again;
   // the extension otherwise reads them once per process. Returns the options now in effect. Tests and
   // benchmarks only.

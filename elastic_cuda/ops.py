@@ -33,6 +33,7 @@ __all__ = [
     "has_cuda_kernels",
     "hopper_backward_serves",
     "reload_kernel_options",
+    "router_decision",
     "train_mix",
     "validate_attention_args",
     "xattn_block_mask",
@@ -352,6 +353,23 @@ def boundary_pool(keys, *, n_first: int = 100, n_last: int = 100, cu_seqlens=Non
     return _call_op(torch.ops.elastic.boundary_pool, keys, cu_seqlens, n_first=n_first, n_last=n_last)
 
 
+def router_decision(keys, mlp, *, cu_seqlens=None, input_mean=None, input_std=None, head_bias=None, shift=None,
+                    n_first: int = 100, n_last: int = 100, shift_value: float = 0.0, sparse_mode: int = STREAM):
+    """An eval router's whole decision in one op (schema: csrc/ops.cpp; AttentionRouter.route_fused builds the
+    arguments): boundary pool of keys [B, S, Hkv, D] (or [T, Hkv, D] with cu_seqlens), optional standardisation,
+    the five Linear layers in mlp (weight, bias of each), optional head_bias, then FULL where
+    logit_full - logit_sparse > shift ([B] float32) or shift_value, else sparse_mode. Returns (head_mode int32
+    [B, Hkv], logits [B, Hkv, 2]).
+
+    A decision, not differentiable: dispatched below autograd whatever the grad mode (the router's parameters may
+    require grad; the outputs never do). Arguments are checked in C++ (RuntimeError naming the argument): this
+    front stays a dispatch, for the prefill of a small model, which is host-bound on a GPU (#15)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.elastic.router_decision(keys, cu_seqlens, mlp, input_mean, input_std, head_bias, shift,
+                                                 n_first=n_first, n_last=n_last, shift_value=shift_value,
+                                                 sparse_mode=sparse_mode)
+
+
 def check_xattn_args(block_size: int, stride: int, threshold: float, where: str = "xattn: "):
     """The XAttention estimate's settings (the torch rule in attention/xattn.py and the CUDA op both take them):
     ValueError naming the setting, prefixed by `where`."""
@@ -556,6 +574,14 @@ def _boundary_pool_fake(keys, cu_seqlens=None, *, n_first=100, n_last=100):
     B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else keys.shape[0]
     dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
     return keys.new_empty((B, keys.shape[-2], keys.shape[-1]), dtype=dtype)
+
+
+@torch.library.register_fake("elastic::router_decision")
+def _router_decision_fake(keys, cu_seqlens, mlp, input_mean=None, input_std=None, head_bias=None, shift=None, *,
+                          n_first=100, n_last=100, shift_value=0.0, sparse_mode=STREAM):
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else keys.shape[0]
+    H = keys.shape[-2]
+    return keys.new_empty((B, H), dtype=torch.int32), keys.new_empty((B, H, 2), dtype=mlp[0].dtype)
 
 
 @torch.library.register_fake("elastic::xattn_block_mask")

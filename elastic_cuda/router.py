@@ -29,12 +29,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attention.sparse_config import SPARSE_MODES, SparseConfig
-from .ops import BLOCK, FULL, STREAM, boundary_pool
+from .ops import BLOCK, FULL, STREAM, boundary_pool, router_decision
 
 ROUTER_FORMAT_VERSION = 1
 WEIGHTS_FILE = "routers.safetensors"
 CONFIG_FILE = "router_config.json"
 _GUMBEL_EPS = 1e-8
+# The module types of the MLPs as AttentionRouter builds them (what ops.router_decision computes).
+_TASK_KINDS = (nn.Linear, nn.SiLU, nn.Linear)
+_ROUTER_KINDS = (nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear)
 
 __all__ = ["AttentionRouter", "RouterOutput", "RouterSet", "SPARSE_MODES", "check_sparsity_shift", "model_router_geometry"]
 
@@ -274,6 +277,63 @@ class AttentionRouter(nn.Module):
         logits = self.logits(keys, cu_seqlens)
         full = full_heads_of(logits, sparsity_shift_column(sparsity_shift, logits.shape[0], logits.device))
         return head_modes_of(full, sparse_mode), logits.dtype
+
+    def route_fused(self, keys: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, sparse_mode: int = STREAM,
+                    sparsity_shift: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.dtype]:
+        """route(...) as one operator (ops.router_decision: the boundary pool, the MLPs and the decision in one
+        dispatch, one kernel on CUDA for fp32 routers), for the prefill of a small model, whose elastic layer is
+        host-bound on a GPU (#15: route() is ~23 ops per layer, a boundary pool and ~13 kernels among them, and their
+        Python).
+
+        On the CPU, and on CUDA for routers that are not fp32 or with ELASTIC_ROUTER_KERNEL=0, the op runs route()'s
+        own ATen ops: the same bits. The CUDA kernel sums the Linear layers in its own order: its logits differ by
+        rounding, so a decision can differ from route()'s only at a near-tie (csrc/router/router_decision_cuda.cu).
+        What the op does not model runs route() itself: a router calibrating its input, a replaced submodule (an MLP
+        that is not Linear / SiLU as built), keys on another device than the router, torch.compile tracing."""
+        if self.training:
+            raise RuntimeError("AttentionRouter.route_fused is the eval decision; a router in training mode samples "
+                               "its decision in forward()")
+        mlp = self._fused_mlp()
+        if (mlp is None or self._calibration is not None or not isinstance(keys, torch.Tensor)
+                or keys.device != mlp[0].device or torch.compiler.is_compiling()):
+            return self.route(keys, cu_seqlens=cu_seqlens, sparse_mode=sparse_mode, sparsity_shift=sparsity_shift)
+        check_sparse_mode_id(sparse_mode, "AttentionRouter: ")
+        if keys.shape[-1] != self.head_dim:
+            raise ValueError(f"AttentionRouter: keys must end in head_dim={self.head_dim}, got {tuple(keys.shape)}")
+        if self.num_kv_heads is not None and keys.dim() >= 2 and keys.shape[-2] != self.num_kv_heads:
+            raise ValueError(f"AttentionRouter: built for {self.num_kv_heads} KV heads, keys have {keys.shape[-2]}")
+        shift, shift_value = None, 0.0
+        if isinstance(sparsity_shift, torch.Tensor):
+            batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else keys.shape[0]
+            check_sparsity_shift(sparsity_shift, batch)
+            shift = sparsity_shift.to(device=keys.device, dtype=torch.float32)  # what sparsity_shift_column makes
+        else:
+            check_sparsity_shift(sparsity_shift)
+            shift_value = float(sparsity_shift)
+        buffers, params = self._buffers, self._parameters
+        head_mode, logits = router_decision(
+            keys, mlp, cu_seqlens=cu_seqlens, input_mean=buffers["input_mean"] if self.standardize_input else None,
+            input_std=buffers["input_std"] if self.standardize_input else None,
+            head_bias=params["head_bias"] if self.use_head_bias else None, shift=shift, n_first=self.n_first,
+            n_last=self.n_last, shift_value=shift_value, sparse_mode=sparse_mode)
+        return head_mode, logits.dtype
+
+    def _fused_mlp(self) -> list | None:
+        """The weight and bias of the five Linear layers, in order, when the MLPs are as built (Linear, SiLU, Linear
+        and Linear, SiLU, Linear, SiLU, Linear), else None. Read from the modules each call (nothing to go stale)."""
+        tensors = []
+        for mlp, kinds in ((self._modules["task_mlp"], _TASK_KINDS), (self._modules["router_mlp"], _ROUTER_KINDS)):
+            layers = mlp._modules.values()
+            if tuple(type(m) for m in layers) != kinds:
+                return None
+            for m in layers:
+                if type(m) is nn.Linear:
+                    params = m._parameters
+                    if params["bias"] is None:
+                        return None
+                    tensors.append(params["weight"])
+                    tensors.append(params["bias"])
+        return tensors
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, hidden_mult={self.hidden_mult}, n_first={self.n_first}, n_last={self.n_last}, "

@@ -2,7 +2,7 @@
 study for #14 / #15: on a GPU the elastic prefill is launch-bound, ~75 kernel launches per layer against ~33 for
 dense sdpa). A short prefill (S tokens, default 32) keeps the kernels' own time small, so what is left per layer is
 the host cost that the GPU run pays in front of its kernels. Host times leave out the time inside the attention
-kernels (elastic op, boundary pool, torch SDPA) and the BLOCK estimate's torch rule; the steadiest figure is one
+kernels (elastic op, boundary pool, the fused router decision, torch SDPA) and the BLOCK estimate's torch rule; the steadiest figure is one
 attention call replayed alone (layer 0's arguments), the in-forward one is noisier (cache, other processes).
 
 Per variant: the aten ops one attention call dispatches (a TorchDispatchMode: every op below autograd that reaches
@@ -89,8 +89,10 @@ def variants(model):
         "all_full": dict(policy="fixed", sparse_mode="stream", fixed_table=torch.zeros(L, Hkv, dtype=torch.int32)),
         "stream_all_sparse": dict(routers=stream, policy="all_sparse"),
         "stream_router": dict(routers=stream, policy="router"),
+        "stream_router_fused": dict(routers=stream, policy="router", fused_router=True),
         "block_all_sparse": dict(routers=block, policy="all_sparse"),
         "block_router": dict(routers=block, policy="router"),
+        "block_router_fused": dict(routers=block, policy="router", fused_router=True),
     }
 
 
@@ -106,7 +108,7 @@ def _excluding(fn):
 
 
 def exclude_kernel_time():
-    """The attention kernels (elastic op, boundary pool, torch SDPA) run on the CPU here and take far longer than
+    """The attention kernels (elastic op, boundary pool, router decision, torch SDPA) run on the CPU here and take far longer than
     their launch on a GPU: leave their time out of the host-time figures (their dispatch stays in the op counts)."""
     import torch.nn.functional as F
     import transformers.integrations.sdpa_attention as hf_sdpa
@@ -121,7 +123,7 @@ def exclude_kernel_time():
         def __getattr__(self, name):
             return getattr(self._packet, name)
 
-    for name in ("attention", "boundary_pool"):
+    for name in ("attention", "boundary_pool", "router_decision"):
         setattr(torch.ops.elastic, name, ExcludedOp(getattr(torch.ops.elastic, name)))
     hf_sdpa.torch.nn.functional.scaled_dot_product_attention = _excluding(F.scaled_dot_product_attention)
 

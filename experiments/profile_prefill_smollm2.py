@@ -3,16 +3,23 @@ for #14 / #15: "on a GPU the demo shows elastic faster than dense at 8K"). Rando
 router sets (BLOCK and STREAM) loaded onto the random model, plus fixed all-FULL / all-sparse tables: the weights
 change what the routers and the XAttention estimate decide, not the per-layer overheads this looks for.
 
-For each variant: median prefill ms (CUDA events, after a warm-up) at each length; then, for the variants named in
-PROFILE, a torch.profiler table of the top ops by self CUDA time and by self CPU time, and the count of host syncs
-(cudaStreamSynchronize / cudaDeviceSynchronize / DtoH copies) per prefill.
+For each variant: the prefill ms (CUDA events around one forward, median of REPS after a warm-up) in ROUNDS rounds
+that interleave the variants (each round in a rotated order: the dense time moves between calls, so a variant timed
+in one block against another timed minutes later compares the machine's state, not the variants), reported as the
+median over the rounds (and min, and every round); the host ms of one forward (perf_counter from the call to its
+return, before the sync: when it is close to the CUDA-event time the prefill is host-bound); MSR / ESR. With both
+<mode>_router and <mode>_router_fused timed, how many (layer, KV head) decisions differ between them (the fused
+kernel may differ from route() only at a near-tie). Then, for the variants named in PROFILE, a torch.profiler table
+of the top ops by self CUDA time and by self CPU time, and the host syncs (cudaStreamSynchronize /
+cudaDeviceSynchronize / DtoH copies) per prefill.
 
   LENGTHS=2048,8192 PROFILE=block_router,dense python -m experiments.profile_prefill_smollm2 > $OUT/profile.txt
-  VARIANTS=dense,all_full,stream_router,stream_router_graphs LENGTHS=8192 PROFILE= python -m ...  (a subset)
+  VARIANTS=dense,all_full,stream_router,stream_router_fused LENGTHS=8192 PROFILE= ROUNDS=5 python -m ...  (a subset)
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -33,18 +40,27 @@ def smollm2_random():
     return model.eval()
 
 
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
 def median_prefill_ms(model, ids, reps=5):
-    times = []
+    """(median CUDA-event ms, median host ms until the forward returned) of reps prefills after one warm-up."""
+    times, host = [], []
     with torch.no_grad():
         for i in range(reps + 1):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             a.record()
             model(ids, logits_to_keep=1)
             b.record()
+            t1 = time.perf_counter()
             torch.cuda.synchronize()
             if i:
                 times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+                host.append(1e3 * (t1 - t0))
+    return _median(times), _median(host)
 
 
 def variants(model):
@@ -54,6 +70,7 @@ def variants(model):
         routers = RouterSet.load(SHIPPED_ROUTER_DIRS[mode], model=model, map_location="cuda")
         out[f"{mode}_router"] = dict(routers=routers, policy="router")
         out[f"{mode}_router_graphs"] = dict(routers=routers, policy="router", router_graphs=True)  # router_graph.py
+        out[f"{mode}_router_fused"] = dict(routers=routers, policy="router", fused_router=True)  # route_fused
         out[f"{mode}_all_sparse"] = dict(routers=routers, policy="all_sparse")
     out["all_full"] = dict(policy="fixed", sparse_mode="stream", fixed_table=torch.zeros(L, Hkv, dtype=torch.int32))
     return out
@@ -109,23 +126,52 @@ def sync_sites(model, ids, name):
 def main():
     lengths = [int(x) for x in os.environ.get("LENGTHS", "2048,8192").split(",")]
     to_profile = os.environ.get("PROFILE", "block_router,dense").split(",")
+    rounds, reps = int(os.environ.get("ROUNDS", "3")), int(os.environ.get("REPS", "5"))
     model = smollm2_random()
-    print(f"# SmolLM2-135M shape, random weights, bf16, B 1, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| variant | " + " | ".join(f"{s} ms" for s in lengths) + " | MSR | ESR |")
-    print("|---|" + "---|" * (len(lengths) + 2))
+    all_variants = variants(model)
     names = os.environ.get("VARIANTS")
-    for name, kw in variants(model).items():
-        if names and name not in names.split(","):
-            continue
-        state = enable(model, **kw) if kw is not None else None
-        ms = []
+    names = [n for n in all_variants if not names or n in names.split(",")]
+    print(f"# SmolLM2-135M shape, random weights, bf16, B 1, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+          f"{rounds} interleaved rounds (rotated order) of {reps} prefills each")
+    torch.manual_seed(1)
+    ids_of = {S: torch.randint(0, model.config.vocab_size, (1, S), device="cuda") for S in lengths}
+    ms = {(n, S): [] for n in names for S in lengths}
+    host = {(n, S): [] for n in names for S in lengths}
+    meters, modes = {}, {}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            kw = all_variants[name]
+            state = enable(model, **kw) if kw is not None else None
+            for S in lengths:
+                t, h = median_prefill_ms(model, ids_of[S], reps)
+                ms[name, S].append(t)
+                host[name, S].append(h)
+            if state is not None:
+                meters[name] = state.metrics()
+                modes[name] = state.last_head_mode.clone()  # of the last length's prefill
+                disable(model)
+    print("| variant | " + " | ".join(f"{S} ms (median / min) | {S} host ms | {S} rounds" for S in lengths)
+          + " | MSR | ESR |")
+    print("|---|" + "---|" * (3 * len(lengths) + 2))
+    for name in names:
+        cells = []
         for S in lengths:
-            ids = torch.randint(0, model.config.vocab_size, (1, S), device="cuda")
-            ms.append(median_prefill_ms(model, ids))
-        m = state.metrics() if state is not None else {}
+            t = ms[name, S]
+            cells.append(f"{_median(t):.1f} / {min(t):.1f} | {_median(host[name, S]):.1f} | "
+                         + " ".join(f"{x:.1f}" for x in t))
+        m = meters.get(name, {})
         meter = " | ".join(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-" for k in ("msr", "esr"))
-        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {meter} |", flush=True)
-        ids = torch.randint(0, model.config.vocab_size, (1, lengths[-1]), device="cuda")
+        print(f"| {name} | " + " | ".join(cells) + f" | {meter} |", flush=True)
+    for mode in ("block", "stream"):
+        a, b = modes.get(f"{mode}_router"), modes.get(f"{mode}_router_fused")
+        if a is not None and b is not None:
+            print(f"{mode}: (layer, KV head) decisions that differ between {mode}_router and {mode}_router_fused "
+                  f"at S = {lengths[-1]}: {int((a != b).sum())} of {a.numel()}")
+    for name in names:
+        kw = all_variants[name]
+        state = enable(model, **kw) if kw is not None else None
+        ids = ids_of[lengths[-1]]
         sync_sites(model, ids, name)
         if name in to_profile:
             profile(model, ids, name)

@@ -87,6 +87,7 @@ KernelOptions read_env() {
   }
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   o.train_mix_fused = env_bool("ELASTIC_TRAIN_MIX_FUSED", o.train_mix_fused);
+  o.router_kernel = env_bool("ELASTIC_ROUTER_KERNEL", o.router_kernel);
   return o;
 }
 
@@ -134,7 +135,7 @@ std::string describe(const KernelOptions& o) {
                            " decode_combine=", o.decode_combine == 2 ? "v2" : "v1",
                            " decode_pdl=", (o.decode_pdl == 0 ? "0" : o.decode_pdl == 1 ? "1" : "early"),
                            " nonfinite_prepass=", b(o.nonfinite_prepass),
-                           " train_mix_fused=", b(o.train_mix_fused));
+                           " train_mix_fused=", b(o.train_mix_fused), " router_kernel=", b(o.router_kernel));
 }
 
 // No tensor arguments: CompositeExplicitAutograd is also the kernel for an empty dispatch key set.

@@ -64,6 +64,9 @@
 //   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops.py) computes its output mix,
 //                                dz and the branch-gradient sums with torch elementwise ops (weighted dO per branch)
 //                                instead of the fused train_mix_combine / train_mix_dz kernels (csrc/train_mix/)
+//   ELASTIC_ROUTER_KERNEL=0      elastic::router_decision on CUDA runs the eager router's kernels (boundary pool, addmm,
+//                                silu, ...: its bits, ~14 launches) instead of its one fused kernel
+//                                (csrc/router/router_decision_cuda.cu: the same decisions away from near-ties)
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
@@ -133,6 +136,9 @@ struct KernelOptions {
   // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'
   // gradients are combined). Read by Python (elastic_cuda/ops.py _mix_fused) through kernel_options().
   bool train_mix_fused = true;
+  // elastic::router_decision on CUDA: its one fused kernel (fp32 routers) instead of the eager decision's kernels.
+  // Only reached with enable(..., fused_router=True), itself off by default until timed on a GPU.
+  bool router_kernel = true;
 };
 
 // Is the A/B-timing experiment code (the 2-stage head_dim-128 sm90 instance, csrc/attention/sm90/experiments/)

@@ -35,4 +35,11 @@ inline PoolShape check_boundary_pool_args(const at::Tensor& keys, int64_t n_firs
   return s;
 }
 
+// The kernels (boundary_pool_cpu.cpp / boundary_pool_cuda.cu), also called by the fused router decision
+// (csrc/router/), which pools its keys exactly as elastic::boundary_pool does.
+at::Tensor boundary_pool_cpu(const at::Tensor& keys, const c10::optional<at::Tensor>& cu_seqlens, int64_t n_first,
+                             int64_t n_last);
+at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Tensor>& cu_seqlens, int64_t n_first,
+                              int64_t n_last);
+
 }  // namespace elastic

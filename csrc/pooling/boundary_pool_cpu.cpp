@@ -9,7 +9,6 @@
 #include "pooling/boundary_pool.h"
 
 namespace elastic {
-namespace {
 
 at::Tensor boundary_pool_cpu(const at::Tensor& keys, const c10::optional<at::Tensor>& cu_seqlens, int64_t n_first,
                              int64_t n_last) {
@@ -38,8 +37,6 @@ at::Tensor boundary_pool_cpu(const at::Tensor& keys, const c10::optional<at::Ten
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(elastic, CPU, m) { m.impl("boundary_pool", &boundary_pool_cpu); }
 

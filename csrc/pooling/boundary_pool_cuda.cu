@@ -15,12 +15,13 @@
 #include <limits>
 
 #include "pooling/boundary_pool.h"
+#include "pooling/boundary_pool_device.cuh"
 
 namespace elastic {
 namespace {
 
-constexpr int kDimLanes = 32;    // threadIdx.x: head_dim lanes (consecutive d: coalesced loads)
-constexpr int kTokenLanes = 8;   // threadIdx.y: tokens split across warps, reduced in shared memory
+constexpr int kDimLanes = kPoolDimLanes;      // threadIdx.x: head_dim lanes (consecutive d: coalesced loads)
+constexpr int kTokenLanes = kPoolTokenLanes;  // threadIdx.y: tokens split across warps, reduced in shared memory
 
 template <typename scalar_t, typename acc_t>
 __global__ void boundary_pool_kernel(const scalar_t* __restrict__ keys, int64_t stride_b, int64_t stride_s,
@@ -30,43 +31,20 @@ __global__ void boundary_pool_kernel(const scalar_t* __restrict__ keys, int64_t 
   const int64_t bh = blockIdx.x;
   const int64_t b = bh / n_heads, h = bh % n_heads;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kDimLanes + threadIdx.x;
-
-  int64_t start = 0, len = dense_len;
-  bool valid = true;
-  if (cu_seqlens != nullptr) {
-    const int64_t lo = cu_seqlens[b], hi = cu_seqlens[b + 1];
-    valid = lo >= 0 && lo <= hi && hi <= total_tokens;
-    start = lo;
-    len = valid ? hi - lo : 0;
-  }
-  const int64_t head = len < n_first ? len : n_first;
-  const int64_t tail_start = (len - n_last) > head ? (len - n_last) : head;
-  const int64_t count = head + (len - tail_start);
+  const PoolRange r = pool_range(cu_seqlens, b, dense_len, total_tokens, n_first, n_last);
 
   acc_t acc = 0;
   if (d < dim) {
-    const scalar_t* base = keys + (cu_seqlens != nullptr ? start * stride_s : b * stride_b) + h * stride_h + d * stride_d;
-    for (int64_t i = threadIdx.y; i < count; i += kTokenLanes) {
-      const int64_t t = i < head ? i : tail_start + (i - head);
-      acc += static_cast<acc_t>(base[t * stride_s]);
-    }
+    const scalar_t* base = keys + (cu_seqlens != nullptr ? r.start * stride_s : b * stride_b) + h * stride_h + d * stride_d;
+    acc = pool_partial<scalar_t, acc_t>(base, stride_s, r, threadIdx.y);
   }
   __shared__ acc_t partial[kTokenLanes][kDimLanes];
   partial[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
-  if (threadIdx.y == 0 && d < dim) {
-    acc_t sum = 0;
-#pragma unroll
-    for (int y = 0; y < kTokenLanes; ++y) sum += partial[y][threadIdx.x];
-    acc_t result;
-    if (!valid) {
-      result = std::numeric_limits<acc_t>::quiet_NaN();
-    } else {
-      result = count > 0 ? sum / static_cast<acc_t>(count) : acc_t(0);  // empty sequence pools to zeros
-    }
-    out[bh * dim + d] = result;
-  }
+  if (threadIdx.y == 0 && d < dim) out[bh * dim + d] = pool_finish<acc_t>(partial, threadIdx.x, r);
 }
+
+}  // namespace
 
 at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Tensor>& cu_seqlens, int64_t n_first,
                               int64_t n_last) {
@@ -95,8 +73,6 @@ at::Tensor boundary_pool_cuda(const at::Tensor& keys, const c10::optional<at::Te
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(elastic, CUDA, m) { m.impl("boundary_pool", &boundary_pool_cuda); }
 

@@ -52,6 +52,7 @@ class ElasticState:
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
         self.router_graphs = None                       # RouterGraphs when enable(router_graphs=True)
+        self.fused_router = False                       # enable(fused_router=True): eval decisions by route_fused
         self.meter = SparsityMeter(num_layers)
         self.mix = TrainingMix()                        # on inside training_mix()
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
@@ -185,7 +186,10 @@ class ElasticState:
                 if not recomputing:
                     self._gumbel_u[layer_idx] = out.gumbel_u
             else:  # inference: the decision alone; z (unused by the forward) is made from it when asked (layer_z)
-                if self.router_graphs is not None:  # CUDA graphs of the decisions (router_graph.py)
+                if self.fused_router:  # the whole decision as one op (one kernel on CUDA): AttentionRouter.route_fused
+                    head_mode, z_dtype = router.route_fused(keys, cu_seqlens=cu, sparse_mode=self.sparse_mode_id,
+                                                            sparsity_shift=self.sparsity_shift)
+                elif self.router_graphs is not None:  # CUDA graphs of the decisions (router_graph.py)
                     head_mode, z_dtype = self.router_graphs.route(router, keys, cu_seqlens=cu,
                                                                   sparse_mode=self.sparse_mode_id,
                                                                   sparsity_shift=self.sparsity_shift)
@@ -405,7 +409,8 @@ def _make_key_hook(state, layer_idx, num_kv_heads, head_dim):
 def enable(model, routers: RouterSet | None = None, policy: str = "router", sparse_mode: str | None = None,
            sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
            strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
-           xattn_threshold: float | None = None, router_graphs: bool = False) -> ElasticState:
+           xattn_threshold: float | None = None, router_graphs: bool = False,
+           fused_router: bool = False) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window (and the BLOCK settings) default to the routers'
     config when routers are given, else to SparseConfig's (attention/sparse_config.py: "stream", 64, 512).
     fixed_table: int/bool [L, Hkv], 1 = sparse.
@@ -416,6 +421,11 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
     router_graphs: on CUDA, run each eval router's decision (after its boundary pool) as a CUDA graph, captured per
     layer and batch size on first use (router_graph.py): the same bits with ~10 fewer launches per layer, for a
     small model's prefill, which is launch-bound (#15). Off by default until timed on a GPU.
+    fused_router: each eval router's decision as one operator (AttentionRouter.route_fused, ops.router_decision):
+    one dispatch instead of ~23 ops and their Python per layer, one kernel on CUDA for fp32 routers, for the same
+    small-model prefill (#15). Same bits on the CPU; on CUDA the kernel's logits differ from the eager ones by
+    rounding, so a head can route differently only at a near-tie (ELASTIC_ROUTER_KERNEL=0: the eager kernels, same
+    bits). Takes precedence over router_graphs. Off by default until timed on a GPU.
     The routers become model.elastic_routers, moved to the model's device and put in its train/eval mode."""
     if policy not in POLICIES:
         raise ValueError(f"enable: policy must be one of {POLICIES}, got {policy!r}")
@@ -458,6 +468,9 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
         raise ValueError(f"enable: router_graphs must be True or False, got {router_graphs!r}")
     if router_graphs:
         state.router_graphs = RouterGraphs()
+    if not isinstance(fused_router, bool):
+        raise ValueError(f"enable: fused_router must be True or False, got {fused_router!r}")
+    state.fused_router = fused_router
     state.sparsity_shift = sparsity_shift
     state._hooks = []
     for m in modules:
