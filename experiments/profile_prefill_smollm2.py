@@ -68,8 +68,8 @@ def variants(model):
     out = {"dense": None}
     for mode in ("block", "stream"):
         routers = RouterSet.load(SHIPPED_ROUTER_DIRS[mode], model=model, map_location="cuda")
-        out[f"{mode}_router"] = dict(routers=routers, policy="router")
-        out[f"{mode}_router_graphs"] = dict(routers=routers, policy="router", router_graphs=True)  # router_graph.py
+        out[f"{mode}_router"] = dict(routers=routers, policy="router", fused_router=False)  # the eager route()
+        out[f"{mode}_router_graphs"] = dict(routers=routers, policy="router", router_graphs=True, fused_router=False)  # router_graph.py
         out[f"{mode}_router_fused"] = dict(routers=routers, policy="router", fused_router=True)  # route_fused
         out[f"{mode}_all_sparse"] = dict(routers=routers, policy="all_sparse")
     out["all_full"] = dict(policy="fixed", sparse_mode="stream", fixed_table=torch.zeros(L, Hkv, dtype=torch.int32))

@@ -39,13 +39,14 @@ from benchmarks.bench_decode import D, HBM_PEAK, HKV, HQ, L2_FLUSH_BYTES, SINK, 
 from benchmarks.harness import env_list, kernel_switches
 
 VARIANTS = {  # name -> switches (unset ones are the defaults)
-    "default": {},
-    "zfill": {"ELASTIC_DECODE_COPY": "zfill"},
-    "combine_v2": {"ELASTIC_DECODE_COMBINE": "v2"},
-    "v2_pdl": {"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "1"},
-    "v2_pdl_early": {"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "early"},
-    "v1_pdl": {"ELASTIC_DECODE_PDL": "1"},
-    "v2_zfill": {"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_COPY": "zfill"},
+    # each variant names every switch it depends on (copy, combine, PDL), whatever the build's defaults are
+    "default": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v1", "ELASTIC_DECODE_PDL": "0"},
+    "zfill": {"ELASTIC_DECODE_COPY": "zfill", "ELASTIC_DECODE_COMBINE": "v1", "ELASTIC_DECODE_PDL": "0"},
+    "combine_v2": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "0"},
+    "v2_pdl": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "1"},
+    "v2_pdl_early": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "early"},
+    "v1_pdl": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v1", "ELASTIC_DECODE_PDL": "1"},
+    "v2_zfill": {"ELASTIC_DECODE_COPY": "zfill", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "0"},
     "plain": {"ELASTIC_DECODE_COPY": "plain"},
     "tma": {"ELASTIC_DECODE_COPY": "tma"},
     "pairs": {"ELASTIC_DECODE_COPY": "pairs"},

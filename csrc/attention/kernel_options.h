@@ -90,7 +90,7 @@ struct KernelOptions {
   // selects (553 instead of 757 SASS instructions per warp and stage, bf16 D128); untimed when written.
   bool sm90_bwd_unmasked = true;
   // Hopper backward with TMA dQ: the overlapped stage order (BwdSm90Traits::OVERLAP); untimed when written.
-  int sm90_bwd_overlap = 0;  // 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
+  int sm90_bwd_overlap = 1;  // candidate; 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;
@@ -98,7 +98,7 @@ struct KernelOptions {
   bool sm90_proxy_fence = true;
   bool sm90_persistent = true;
   bool sm90_dynamic = true;
-  bool sm90_lazy_rescale = true;
+  bool sm90_lazy_rescale = false;  // candidate: with pv_wait_first, the branch-free rescale in the MUFU gaps
   // alpha exactly 1 for rows whose max stayed, so the lazy rescale really skips (it fired on ~every tile), and
   // FA4's slack rule on top: a row keeps its max while a tile exceeds it by <= 8 (log2), P <= 256 in fp32.
   // H200, Llama shape, bf16, B 1, medians of 3 interleaved rounds (experiments/time_sm90_softmax.py,
@@ -113,7 +113,7 @@ struct KernelOptions {
   bool sm90_l2_order = true;
   // Key loop order of the Hopper forward consumers: false = whole softmax beside P V(n-1), then rescale and P
   // packing after its wait (the proven path); true = FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST).
-  bool sm90_pv_wait_first = false;
+  bool sm90_pv_wait_first = true;  // candidate default for the session-4 GPU run (A/B beside the old order)
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
@@ -127,10 +127,10 @@ struct KernelOptions {
   // Decode combine kernel: 1 round 1's, 2 round 2's latency-light one. Round 2 (combine v2 + PDL) measured on the
   // H200 at batch 1 with 6/8 heads STREAM: 32K 0.0414 -> 0.0266 ms, 128K 0.0681 -> 0.0610 (results/decode/
   // 2026-12-02_h200_round2/; PDL alone was worth <= 1% there); default stays v1 until measured on round 1's split.
-  int decode_combine = 1;
+  int decode_combine = 2;  // candidate
   // Decode combine as a programmatic dependent launch: 0 off, 1 signalled at the end of each split CTA, 2 ("early")
   // signalled at its start (round 2's placement, diagnostic).
-  int decode_pdl = 0;
+  int decode_pdl = 1;  // candidate
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
   // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
   // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'

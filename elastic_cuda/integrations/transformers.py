@@ -52,7 +52,7 @@ class ElasticState:
         self.strategy = strategy
         self.routers = routers                          # RouterSet or None (also model.elastic_routers)
         self.router_graphs = None                       # RouterGraphs when enable(router_graphs=True)
-        self.fused_router = False                       # enable(fused_router=True): eval decisions by route_fused
+        self.fused_router = True                        # enable(fused_router=True): eval decisions by route_fused
         self.meter = SparsityMeter(num_layers)
         self.mix = TrainingMix()                        # on inside training_mix()
         self.sparsity_shift = 0.0                       # inference budget knob (router.py); float or tensor [B]
@@ -410,7 +410,7 @@ def enable(model, routers: RouterSet | None = None, policy: str = "router", spar
            sink: int | None = None, window: int | None = None, block_size: int | None = None, fixed_table=None,
            strategy: str = "auto", sparsity_shift: float | torch.Tensor = 0.0, xattn_stride: int | None = None,
            xattn_threshold: float | None = None, router_graphs: bool = False,
-           fused_router: bool = False) -> ElasticState:
+           fused_router: bool = True) -> ElasticState:
     """Switch `model` to elastic attention. sparse_mode/sink/window (and the BLOCK settings) default to the routers'
     config when routers are given, else to SparseConfig's (attention/sparse_config.py: "stream", 64, 512).
     fixed_table: int/bool [L, Hkv], 1 = sparse.
