@@ -1,7 +1,7 @@
 """The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=zfill|tma|pairs (the default:
 plain), ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) and the combine's (ELASTIC_DECODE_COMBINE=v2,
 ELASTIC_DECODE_PDL=1|early; csrc/decode/decode_combine_v2.cuh, decode_pdl.cuh) against the float64 CPU reference, and
-against the default path bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where
+against round 1's path (plain copies, v1 combine) bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where
 and how the combine is launched, differs) or, for the v2 combine (another fp32 summation order), within one 16-bit
 rounding step.
 
@@ -37,15 +37,16 @@ pytestmark = [
 ]
 
 # variant -> (switches, kLayout of the decode_mma_kernel instance it must launch on an sm_90 device, fused combine)
-VARIANTS = {
-    "zfill": ({"ELASTIC_DECODE_COPY": "zfill"}, 0, False),
-    "tma": ({"ELASTIC_DECODE_COPY": "tma"}, 1, False),
-    "pairs": ({"ELASTIC_DECODE_COPY": "pairs"}, 2, False),
-    "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1"}, 0, True),
-    "tma_fused": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}, 1, True),
-    # The combine's variants (round 2's kernel and launch form on round 1's split kernel):
+VARIANTS = {  # every variant names its combine: the base below is round 1's combine launched plainly
+    "zfill": ({"ELASTIC_DECODE_COPY": "zfill", "ELASTIC_DECODE_COMBINE": "v1"}, 0, False),
+    "tma": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_COMBINE": "v1"}, 1, False),
+    "pairs": ({"ELASTIC_DECODE_COPY": "pairs", "ELASTIC_DECODE_COMBINE": "v1"}, 2, False),
+    "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1", "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
+    "tma_fused": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1", "ELASTIC_DECODE_COMBINE": "v1"},
+                  1, True),
+    # The combine's variants (round 2's kernel, the default, and launch forms on round 1's split kernel):
     "combine_v2": ({"ELASTIC_DECODE_COMBINE": "v2"}, 0, False),
-    "v1_pdl": ({"ELASTIC_DECODE_PDL": "1"}, 0, False),
+    "v1_pdl": ({"ELASTIC_DECODE_COMBINE": "v1", "ELASTIC_DECODE_PDL": "1"}, 0, False),
     "v2_pdl": ({"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "1"}, 0, False),
     "v2_pdl_early": ({"ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "early"}, 0, False),
 }
@@ -108,7 +109,7 @@ def _run(case, num_splits):
 
 @pytest.mark.parametrize("num_splits", [0, 3, 999])
 def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
-    """The variant against the default path on the same inputs (the issue's routing, batch 2, ring wrapped): the copy
+    """The variant against round 1's path (plain copies, v1 combine) on the same inputs (the issue's routing, batch 2, ring wrapped): the copy
     variants move the same bytes into the same MMAs, so the outputs are equal bit for bit; the fused combine runs the
     combine kernel's arithmetic (combine_element) in another kernel: equal to the last bit expected too, allowed
     one 16-bit rounding step; a PDL launch of round 1's combine changes only when it starts: equal bit for bit; the
@@ -120,7 +121,7 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
     case = Case(gen, B=2, Hkv=8, group=4, Sq=1, D=128, dtype=torch.bfloat16, lengths=[20001, 9001], sink=128,
                 window=2048, modes=modes)
     out, lse = _run(case, num_splits)
-    _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1"})  # the default path
+    _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", "ELASTIC_DECODE_COMBINE": "v1"})  # round 1's path, plain copies
     base, base_lse = _run(case, num_splits)
     _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", **VARIANTS[variant][0]})
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -140,7 +141,7 @@ def test_variant_equals_default(gen, variant, num_splits, monkeypatch):
         assert bool((diff <= bound).all()), f"{variant}: an element differs by more than one 16-bit rounding step"
         assert (lse - base_lse).abs().max().item() <= 1e-5 * max(1.0, base_lse.abs().max().item())
     else:
-        assert torch.equal(out, base) and torch.equal(lse, base_lse), f"{variant} differs from the default path"
+        assert torch.equal(out, base) and torch.equal(lse, base_lse), f"{variant} differs from round 1's path"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

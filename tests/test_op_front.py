@@ -327,19 +327,19 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
 
 
 def test_decode_combine_switches_default_and_reject_bad_values(monkeypatch):
-    # The decode combine's A/B switches (kernel_options.h): round 1's combine, launched plainly, by default;
+    # The decode combine's A/B switches (kernel_options.h): round 2's combine (v2), launched plainly, by default;
     # COMBINE takes v1 / v2, PDL 0 / 1 / early; anything else is an error naming the variable.
     for name in ("ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL", "ELASTIC_DECODE_COPY", "ELASTIC_DECODE_MMA",
                  "ELASTIC_DECODE_FUSED_COMBINE"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options() + " "
-        assert " decode_copy=plain decode_fused_combine=0 decode_combine=v1 decode_pdl=0 " in default, default
+        assert " decode_copy=plain decode_fused_combine=0 decode_combine=v2 decode_pdl=0 " in default, default
         for combine, pdl in (("v2", "1"), ("v1", "early"), ("v2", "0"), ("", "")):
             monkeypatch.setenv("ELASTIC_DECODE_COMBINE", combine)
             monkeypatch.setenv("ELASTIC_DECODE_PDL", pdl)
             now = elastic_cuda.ops.reload_kernel_options() + " "
-            assert f" decode_combine={combine or 'v1'} decode_pdl={pdl or '0'} " in now, now
+            assert f" decode_combine={combine or 'v2'} decode_pdl={pdl or '0'} " in now, now
         for name, bad in (("ELASTIC_DECODE_COMBINE", "2"), ("ELASTIC_DECODE_COMBINE", "V2"),
                           ("ELASTIC_DECODE_PDL", "2"), ("ELASTIC_DECODE_PDL", "late"), ("ELASTIC_DECODE_PDL", "on")):
             monkeypatch.setenv(name, bad)

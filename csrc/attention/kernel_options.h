@@ -53,10 +53,10 @@
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
 //                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
 //                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
-//   ELASTIC_DECODE_COMBINE=v2    decode: round 2's latency-light combine kernel (csrc/decode/decode_combine_v2.cuh:
-//                                lse of all items loaded at once with a block max / sum, float4 partial reads, 8
-//                                loads in flight) instead of round 1's (v1, the default: each thread walks the
-//                                items' lse one after another)
+//   ELASTIC_DECODE_COMBINE=v1    decode: round 1's combine kernel (each thread walks the items' lse one after
+//                                another) instead of round 2's latency-light one (v2, the default: csrc/decode/
+//                                decode_combine_v2.cuh, lse of all items loaded at once with a block max / sum, float4
+//                                partial reads, 8 loads in flight)
 //   ELASTIC_DECODE_PDL=1         decode: the combine as a programmatic dependent launch (sm_90+; elsewhere ignored),
 //                                the split kernel (tensor-core, cp.async copies) signalling it as each CTA's last
 //                                instruction; PDL=early: diagnostic, the signal as the split CTA's first instruction,
@@ -90,7 +90,10 @@ struct KernelOptions {
   // selects (553 instead of 757 SASS instructions per warp and stage, bf16 D128); untimed when written.
   bool sm90_bwd_unmasked = true;
   // Hopper backward with TMA dQ: the overlapped stage order (BwdSm90Traits::OVERLAP); untimed when written.
-  int sm90_bwd_overlap = 1;  // candidate; 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
+  // A/B on the H200 (experiments/time_bwd_det.py, 3 interleaved rounds, results/attention/2026-12-02_h200_bwd_overlap/),
+  // backward ms default | 1 | 2: 8K dense 3.20 | 3.16 | 3.20, 32K dense 47.05 | 47.05 | 47.43, 32K 6/8 STREAM 19.40 |
+  // 19.04 | 19.41: no gain beyond the spread, so 0 stays.
+  int sm90_bwd_overlap = 0;  // 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;
@@ -98,7 +101,7 @@ struct KernelOptions {
   bool sm90_proxy_fence = true;
   bool sm90_persistent = true;
   bool sm90_dynamic = true;
-  bool sm90_lazy_rescale = false;  // candidate: with pv_wait_first, the branch-free rescale in the MUFU gaps
+  bool sm90_lazy_rescale = true;
   // alpha exactly 1 for rows whose max stayed, so the lazy rescale really skips (it fired on ~every tile), and
   // FA4's slack rule on top: a row keeps its max while a tile exceeds it by <= 8 (log2), P <= 256 in fp32.
   // H200, Llama shape, bf16, B 1, medians of 3 interleaved rounds (experiments/time_sm90_softmax.py,
@@ -113,7 +116,10 @@ struct KernelOptions {
   bool sm90_l2_order = true;
   // Key loop order of the Hopper forward consumers: false = whole softmax beside P V(n-1), then rescale and P
   // packing after its wait (the proven path); true = FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST).
-  bool sm90_pv_wait_first = true;  // candidate default for the session-4 GPU run (A/B beside the old order)
+  // A/B on the H200 (experiments/time_sm90_softmax.py ... order, 2 interleaved rounds, results/sm90_kernel/
+  // 2026-12-02_h200_order/): pv_first 1.01x / 1.01x / 1.02x at dense 8K / 32K / 128K but 0.97x at all-BLOCK 32K;
+  // the branch-free rescale form 1.04x / 1.01x / 1.00x and 0.98x: within the rounds' spread, so the proven order stays.
+  bool sm90_pv_wait_first = false;
   bool sm90_verbose = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
@@ -124,13 +130,15 @@ struct KernelOptions {
   // variants/). The zero-fill operand on every copy made ncu count 32 L2 sectors per 512 contiguous bytes.
   int decode_copy = 1;
   bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
-  // Decode combine kernel: 1 round 1's, 2 round 2's latency-light one. Round 2 (combine v2 + PDL) measured on the
-  // H200 at batch 1 with 6/8 heads STREAM: 32K 0.0414 -> 0.0266 ms, 128K 0.0681 -> 0.0610 (results/decode/
-  // 2026-12-02_h200_round2/; PDL alone was worth <= 1% there); default stays v1 until measured on round 1's split.
-  int decode_combine = 2;  // candidate
-  // Decode combine as a programmatic dependent launch: 0 off, 1 signalled at the end of each split CTA, 2 ("early")
-  // signalled at its start (round 2's placement, diagnostic).
-  int decode_pdl = 1;  // candidate
+  // Decode combine kernel: 1 round 1's, 2 round 2's latency-light one (the default). On round 1's split kernel, H200,
+  // bf16, Llama-3.1-8B shape (experiments/time_decode_variants.py, results/decode/2026-12-02_h200_combine_v2/), ms
+  // v1 -> v2: 32K B1 FULL 0.0485 -> 0.0427, 32K B1 6/8 STREAM 0.0413 -> 0.0221, 128K B1 FULL 0.1471 -> 0.1402,
+  // 128K B1 6/8 STREAM 0.0691 -> 0.0472; batch 8 within +-0.5% (32K 0.2664 -> 0.2651, 128K 1.0096 -> 1.0115).
+  int decode_combine = 2;
+  // Decode combine as a programmatic dependent launch: 0 off (the default), 1 signalled at the end of each split CTA,
+  // 2 ("early") at its start (round 2's placement). Same run: 1 and early within +-1% of 0 in every case (and early
+  // not slower at batch 8, so round 2's batch-8 loss is not explained by it), so no PDL.
+  int decode_pdl = 0;
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
   // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
   // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'
