@@ -338,19 +338,22 @@ def _attention_ops_per_layer(model, ids, monkeypatch):
 # is a kernel launch or at least dispatcher time on a GPU, where the prefill of a small model is launch-bound: a
 # change that adds one back fails here. Views (transpose, t, view, select) included; on CUDA the all_full call
 # has no CPU value check.
-MAX_OPS_PER_LAYER = {"all_full": 4, "stream_router": 27, "block_router": 28}
+# ops per attention call: the eager route() (fused_router=False) and the default, the whole decision as one op
+MAX_OPS_PER_LAYER = {"all_full": 4, "stream_router": 27, "block_router": 28, "stream_router_fused": 5,
+                     "block_router_fused": 6}
 
 
 @pytest.mark.parametrize("variant", list(MAX_OPS_PER_LAYER))
 def test_ops_per_attention_layer_stay_cut(variant, monkeypatch):
     model = make_model("llama", seed=4)
-    sparse_mode = "block" if variant == "block_router" else "stream"
+    sparse_mode = "block" if variant.startswith("block") else "stream"
+    fused = variant.endswith("_fused")
     if variant == "all_full":
         enable(model, policy="all_full", sink=SINK, window=WINDOW)
     else:
         routers = decisive(RouterSet.for_model(model, standardize_input=True, head_bias=True,
                                               sparse_mode=sparse_mode))
-        enable(model, routers, policy="router", sink=SINK, window=WINDOW, block_size=16)
+        enable(model, routers, policy="router", sink=SINK, window=WINDOW, block_size=16, fused_router=fused)
     ids = _ids(1, 40, seed=4)
     per_call = _attention_ops_per_layer(model, ids, monkeypatch)
     assert len(per_call) == 2
@@ -358,8 +361,10 @@ def test_ops_per_attention_layer_stay_cut(variant, monkeypatch):
     assert per_call[0][:5] == ["aten.slice", "aten.slice", "aten.le", "aten.any", "aten._local_scalar_dense"]
     for ops in (per_call[0][5:], per_call[1]):
         assert "elastic.attention" in ops
-        if variant != "all_full":
+        if variant != "all_full" and not fused:
             assert "elastic.boundary_pool" in ops and ops.count("aten.addmm") == 5
+        if fused:
+            assert ops.count("elastic.router_decision") == 1 and "aten.addmm" not in ops, ops
         assert len(ops) <= MAX_OPS_PER_LAYER[variant], ops
 
 
