@@ -456,10 +456,36 @@ def test_train_mix_full_branch_arguments():
     z = torch.ones(1, 2)
     with pytest.raises(ValueError, match="full_branch must be one of"):
         train_mix_attention(q, k, v, z, STREAM, sink=1, window=2, full_branch="flash")
-    with pytest.raises(ValueError, match="needs queries = keys"):
-        train_mix_attention(q, k, v, z, STREAM, sink=1, window=2, full_branch="sdpa")
     # auto on CPU (and for a continuation) is the op: no error
     assert train_mix_attention(q, k, v, z, STREAM, sink=1, window=2).shape == q.shape
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_train_mix_sdpa_branch_on_a_continuation_equals_the_op(padded):
+    # Sq < Skv (the trainer's continuation over a cache): SDPA's O_FA with the causal mask aligned to the bottom
+    # right, as the op's; out and every gradient (dz too) equal the op branch's in float64, padded or not
+    from elastic_cuda.attention import PaddingLayout, train_mix_attention
+
+    g = torch.Generator().manual_seed(11)
+    B, Sq, Skv, Hq, Hkv, D = 2, 5, 13, 4, 2, 8
+    q, k, v = (torch.randn(B, s_, h, D, dtype=torch.float64, generator=g)
+               for s_, h in ((Sq, Hq), (Skv, Hkv), (Skv, Hkv)))
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    padding = None
+    if padded:
+        mask = torch.ones(B, Skv, dtype=torch.bool)
+        mask[1, :4] = False  # sample 1 left-padded by 4 keys, its 5 queries all real
+        padding = PaddingLayout.from_mask(mask, Sq, Skv)
+    grads = []
+    for branch in ("op", "sdpa"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, z)]
+        out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=1, window=3, scale=0.4, padding=padding,
+                                  full_branch=branch)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), grads[0], grads[1]):
+        assert rel_err(b, a) < 1e-10, name
+    assert grads[0][4].abs().sum() > 0
 
 
 def test_train_mix_with_gradient_checkpointing_reuses_noise():

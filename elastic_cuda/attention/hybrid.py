@@ -86,25 +86,35 @@ FULL_BRANCHES = ("auto", "op", "sdpa", "train_mix")
 
 
 def dense_causal_sdpa(q, k, v, *, scale: float | None = None, padding: PaddingLayout | None = None):
-    """Causal attention of every head through torch SDPA, in the op's layout and semantics (q [B, S, Hq, D],
-    k/v [B, S, Hkv, D], queries = keys; padded batches per sample over their valid tokens, padded rows 0).
+    """Causal attention of every head through torch SDPA, in the op's layout and semantics (q [B, Sq, Hq, D],
+    k/v [B, Skv, Hkv, D], Sq <= Skv: the queries are the last Sq positions, so the causal mask is aligned to the
+    bottom right; padded batches per sample over their valid tokens, padded rows 0).
 
     The training mix needs O_FA of every head with its backward; on CUDA SDPA runs it on cuDNN / FlashAttention,
     whose backward is faster than the elastic op's at long lengths (the op's grouped strategy makes the same
-    choice for its FULL group). A padded batch runs one SDPA call per sample."""
+    choice for its FULL group). A padded batch runs one SDPA call per sample. A continuation (Sq < Skv, the
+    trainer's second forward over a cache) passes torch's lower-right CausalBias, which SDPA dispatches itself."""
+    from torch.nn.attention.bias import causal_lower_right
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     gqa = q.shape[2] != k.shape[2]
+
+    def causal(qh, kh, vh):  # [B, H, S, D]
+        sq, skv = qh.shape[-2], kh.shape[-2]
+        if sq == skv:
+            return sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        return sdpa(qh, kh, vh, attn_mask=causal_lower_right(sq, skv), scale=scale, enable_gqa=gqa)
+
     if padding is None:
-        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
-                   enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     q_packed, k_packed, v_packed = padding.pack_queries(q), padding.pack_keys(k), padding.pack_keys(v)
     outs = []
     for b in range(q.shape[0]):
-        sl = slice(int(padding.cu_seqlens_q[b]), int(padding.cu_seqlens_q[b + 1]))
-        qb, kb, vb = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q_packed, k_packed, v_packed))
-        outs.append(sdpa(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
+        sq = slice(int(padding.cu_seqlens_q[b]), int(padding.cu_seqlens_q[b + 1]))
+        sk = slice(int(padding.cu_seqlens_k[b]), int(padding.cu_seqlens_k[b + 1]))
+        qb = q_packed[sq].transpose(0, 1).unsqueeze(0)
+        kb, vb = (t[sk].transpose(0, 1).unsqueeze(0) for t in (k_packed, v_packed))
+        outs.append(causal(qb, kb, vb)[0].transpose(0, 1))
     return padding.unpack_queries(torch.cat(outs), q)
 
 
@@ -114,9 +124,6 @@ def _resolve_branch(full_branch: str, q, k, padding: PaddingLayout | None, block
     if full_branch not in FULL_BRANCHES:
         raise ValueError(f"train_mix_attention: full_branch must be one of {FULL_BRANCHES}, got {full_branch!r}")
     same_len = q.shape[1] == k.shape[1] and (padding is None or padding.lengths_q == padding.lengths_k)
-    if full_branch == "sdpa" and not same_len:
-        raise ValueError("train_mix_attention: full_branch 'sdpa' needs queries = keys (a prefill), got "
-                         f"{q.shape[1]} queries over {k.shape[1]} keys")
     if full_branch != "auto":
         return full_branch
     if not q.is_cuda:
