@@ -71,6 +71,20 @@ def event_median_ms(fn, reps: int = 30, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def event_mean_ms(fn, iters: int) -> float:
+    """Mean ms of `iters` back-to-back fn() calls between two CUDA events, after one warm-up call (the interleaved
+    A/B studies' timer: the queue stays full, so launch gaps between calls are not counted)."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
 def median_ms(fn, reps: int = 30) -> float:
     """Median ms of fn on the current CUDA stream: triton do_bench when available, else CUDA events."""
     try:

@@ -18,6 +18,7 @@ import sys
 import torch
 
 import elastic_cuda
+from benchmarks.harness import event_mean_ms
 from elastic_cuda import FULL, STREAM
 
 ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2")
@@ -31,18 +32,6 @@ def _set(variant):
     os.environ["ELASTIC_SM90_BWD_OVERLAP"] = {"overlap": "1", "overlap2": "2"}.get(variant, "0")
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")
-
-
-def _time(fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def main():
@@ -71,8 +60,8 @@ def main():
             for _ in range(rounds):
                 for variant in VARIANTS:
                     _set(variant)
-                    res[(variant, "fwd+bwd")].append(_time(fwd_bwd, iters))
-                    res[(variant, "bwd")].append(_time(bwd, iters))
+                    res[(variant, "fwd+bwd")].append(event_mean_ms(fwd_bwd, iters))
+                    res[(variant, "bwd")].append(event_mean_ms(bwd, iters))
             _set("default")
             line = " | ".join(f"{v_} {statistics.median(res[(v_, 'fwd+bwd')]):.2f} / "
                               f"{statistics.median(res[(v_, 'bwd')]):.2f}" for v_ in VARIANTS)

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import elastic_cuda
+from benchmarks.bench_block_prefill import fa4_block_tensors
 from elastic_cuda import BLOCK, FULL, STREAM
 from experiments.block_inputs import HKV, HQ, D
 from experiments.block_inputs import llama_block_inputs
@@ -67,29 +68,22 @@ def bench(fn, S):
     return do_bench(fn, warmup=30, rep=rep, return_mode="median")
 
 
-def fa4_block_sparse(mask):
-    """FA4's block-sparse description of a bool block mask [B, H, NB, NB]: off-diagonal kept blocks unmasked,
-    diagonal blocks masked (causal=True); per query block the kept key blocks' count and indices, first."""
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    nb = mask.shape[-1]
-    r = torch.arange(nb, device=mask.device)
-    diag = (r.view(1, -1) == r.view(-1, 1)).expand_as(mask)
-
-    def kv_blocks(sel):
-        order = (~sel).to(torch.int8).argsort(dim=-1, stable=True).to(torch.int32)
-        return sel.sum(-1).to(torch.int32).contiguous(), order.contiguous()
-
-    mc, mi = kv_blocks(mask & diag)
-    fc, fi = kv_blocks(mask & ~diag)
-    return BlockSparseTensorsTorch(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
-                                   block_size=(128, 128))
+def case_call(S, kind):
+    """The inputs of one case (kind: full, stream = 6/8 KV heads STREAM, block = every head BLOCK) and the fused op
+    call that the variants time on them."""
+    q, k, v, mask = llama_block_inputs(S, seed=S)
+    hm = {"full": [FULL] * HKV, "stream": [FULL, FULL] + [STREAM] * 6, "block": [BLOCK] * HKV}[kind]
+    hm = torch.tensor([hm], dtype=torch.int32, device="cuda")
+    bm = mask if kind == "block" else None
+    return q, k, v, mask, lambda: torch.ops.elastic.attention(q, k, v, hm, bm, sink=128, window=2048, strategy="fused")
 
 
 def fa4_ms(q, k, v, mask, S):
     """FlashAttention-4 on the same inputs (dense causal, or block-sparse when mask is given); nan if unavailable."""
     try:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
         from flash_attn.cute.interface import flash_attn_func
-        kw = {} if mask is None else {"block_sparse_tensors": fa4_block_sparse(mask)}
+        kw = {} if mask is None else {"block_sparse_tensors": fa4_block_tensors(mask, BlockSparseTensorsTorch)}
         return bench(lambda: flash_attn_func(q, k, v, causal=True, **kw), S)
     except Exception as e:  # not installed, or this version lacks an argument
         print(f"  FA4 failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}", flush=True)
@@ -104,11 +98,7 @@ def main_order(dense, rounds, extra):
           + " | ".join(f"speed {v} vs default" for v in list(ORDER_VARIANTS)[1:]) + " | default / FA4 time | "
           "best / FA4 time", flush=True)
     for name, S, kind in cases:
-        q, k, v, mask = llama_block_inputs(S, seed=S)
-        hm = {"full": [FULL] * HKV, "stream": [FULL, FULL] + [STREAM] * 6, "block": [BLOCK] * HKV}[kind]
-        hm = torch.tensor([hm], dtype=torch.int32, device="cuda")
-        bm = mask if kind == "block" else None
-        fn = lambda: torch.ops.elastic.attention(q, k, v, hm, bm, sink=128, window=2048, strategy="fused")  # noqa
+        q, k, v, mask, fn = case_call(S, kind)
         outs, res = {}, {v_: [] for v_ in ORDER_VARIANTS}
         for r in range(rounds):
             for var, env in ORDER_VARIANTS.items():
@@ -142,11 +132,7 @@ def main():
     print("case | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | cuDNN ms | speed exact vs previous | slack vs "
           "previous | slack vs uncached | TFLOP/s slack (dense) | TFLOP/s cuDNN", flush=True)
     for name, S, kind in cases:
-        q, k, v, mask = llama_block_inputs(S, seed=S)
-        hm = {"full": [FULL] * HKV, "stream": [FULL, FULL] + [STREAM] * 6, "block": [BLOCK] * HKV}[kind]
-        hm = torch.tensor([hm], dtype=torch.int32, device="cuda")
-        bm = mask if kind == "block" else None
-        fn = lambda: torch.ops.elastic.attention(q, k, v, hm, bm, sink=128, window=2048, strategy="fused")  # noqa
+        q, k, v, mask, fn = case_call(S, kind)
         res = {v_: [] for v_ in VARIANTS}
         for _ in range(rounds):
             for var, env in VARIANTS.items():

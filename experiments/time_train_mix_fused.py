@@ -17,22 +17,10 @@ import statistics
 
 import torch
 
-from benchmarks.harness import default_out, kernel_switches, sdpa
+from benchmarks.harness import default_out, event_mean_ms, kernel_switches, sdpa
 from elastic_cuda.ops import FULL, STREAM, _z_rows, attention, train_mix
 
 HQ, HKV, D, SINK, WINDOW = 32, 8, 128, 128, 2048
-
-
-def _time(fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def _case(S, msr):
@@ -114,7 +102,7 @@ def main():
             for _ in range(args.rounds):
                 for name, (fused, fn) in variants.items():
                     with kernel_switches(ELASTIC_TRAIN_MIX_FUSED=fused):
-                        times[name].append(_time(fn, iters if "train_mix" in name or "dense" in name else 50))
+                        times[name].append(event_mean_ms(fn, iters if "train_mix" in name or "dense" in name else 50))
             ms = {name: statistics.median(t) for name, t in times.items()}
             results.append({"S": S, "msr": msr, "ms": ms, "rounds": times})
             print(json.dumps({"S": S, "msr": msr, "ms": ms}), flush=True)

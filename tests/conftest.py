@@ -111,3 +111,18 @@ def random_router(D, Hkv=3, seed=0, **router_kwargs):
         r.input_mean.normal_()
         r.input_std.uniform_(0.5, 2.0)
     return r.eval()
+
+
+def router_edge_case(r, keys, seed):
+    """The routers' decision tests' edge cases, by seed, in place: 1 makes the last layer give equal logits for both
+    classes (ties); 2 puts NaN / +inf / -inf into keys [B >= 3, S, Hkv >= 3, D] (non-finite logits)."""
+    if seed == 1:  # ties: the last layer gives equal logits for both classes
+        with torch.no_grad():
+            last = r.router_mlp[-1]
+            last.weight[1].copy_(last.weight[0])
+            last.bias[1] = last.bias[0]
+            r.head_bias[:, 1] = r.head_bias[:, 0]
+    if seed == 2:  # non-finite keys: NaN / inf logits
+        keys[0, 0, 0, 0] = float("nan")
+        keys[1, 0, 1, 0] = float("inf")
+        keys[2, 0, 2, :] = float("-inf")

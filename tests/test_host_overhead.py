@@ -12,7 +12,7 @@ from elastic_cuda.integrations.transformers import enable  # noqa: E402
 from elastic_cuda.ops import BLOCK, FULL, STREAM  # noqa: E402
 from elastic_cuda.router import AttentionRouter, RouterSet  # noqa: E402
 
-from conftest import random_router  # noqa: E402
+from conftest import random_router, router_edge_case  # noqa: E402
 from test_transformers import SINK, WINDOW, _ids, decisive, make_model, mixed_table  # noqa: E402
 
 
@@ -185,16 +185,7 @@ def test_route_is_bitwise_the_eval_forward(dtype, device):
     for seed in range(6):
         r = random_router(64 if device == "cuda" else 16, seed=seed, n_first=100, n_last=100).to(device, dtype)
         keys = (torch.randn(B, 300, 3, r.head_dim, dtype=dtype) * (1 + seed)).to(device=device, dtype=keys_dtype)
-        if seed == 1:  # ties: the last layer gives equal logits for both classes
-            with torch.no_grad():
-                last = r.router_mlp[-1]
-                last.weight[1].copy_(last.weight[0])
-                last.bias[1] = last.bias[0]
-                r.head_bias[:, 1] = r.head_bias[:, 0]
-        if seed == 2:  # non-finite keys: NaN / inf logits
-            keys[0, 0, 0, 0] = float("nan")
-            keys[1, 0, 1, 0] = float("inf")
-            keys[2, 0, 2, :] = float("-inf")
+        router_edge_case(r, keys, seed)  # seed 1: tied logits, seed 2: non-finite keys
         for sparse_mode in (STREAM, BLOCK):
             for shift in (0.0, -0.0, 0.25, -0.5, torch.linspace(-1, 1, B, dtype=torch.float32, device=device)):
                 want_mode, want_z = _reference_eval_decision(r, keys, sparse_mode, shift)

@@ -10,7 +10,7 @@ import torch
 from elastic_cuda.ops import BLOCK, FULL, STREAM, boundary_pool, reload_kernel_options, router_decision
 from elastic_cuda.router import AttentionRouter
 
-from conftest import random_router, rel_err
+from conftest import random_router, rel_err, router_edge_case
 
 _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                           reason="needs CUDA")])
@@ -38,16 +38,7 @@ def _cases(device, dtype, D):
                     p.copy_(torch.randn_like(p) * 0.5)
         keys = (torch.randn(B, 300, 3, D, dtype=torch.float64) * (1 + seed)).to(device=device, dtype=keys_dtype)
         cu = None
-        if seed == 1:  # ties: the last layer gives equal logits for both classes
-            with torch.no_grad():
-                last = r.router_mlp[-1]
-                last.weight[1].copy_(last.weight[0])
-                last.bias[1] = last.bias[0]
-                r.head_bias[:, 1] = r.head_bias[:, 0]
-        if seed == 2:  # non-finite keys: NaN / inf logits
-            keys[0, 0, 0, 0] = float("nan")
-            keys[1, 0, 1, 0] = float("inf")
-            keys[2, 0, 2, :] = float("-inf")
+        router_edge_case(r, keys, seed)  # seed 1: tied logits, seed 2: non-finite keys
         if seed == 4:  # packed sequences of different lengths (one shorter than the pooled windows, one empty)
             keys = keys.reshape(-1, 3, D)[:700]
             cu = torch.tensor([0, 150, 150, 190, 600, 700], dtype=torch.int32, device=device)

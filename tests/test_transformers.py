@@ -419,12 +419,28 @@ def test_train_mix_gradients_reach_routers_only():
     assert rel_err(out.logits[:1].detach(), hard) < 1e-4
 
 
+def _assert_sdpa_branch_equals_op(q, k, v, z, padding, **kw):
+    """The training mix with O_FA from SDPA against the op branch, float64: out and the gradients of q, k, v and z
+    agree to 1e-10, and the router gradient <dO, O_FA - O_SA> is not trivially 0."""
+    from elastic_cuda.attention import train_mix_attention
+
+    grads = []
+    for branch in ("op", "sdpa"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, z)]
+        out = train_mix_attention(*leaves[:3], leaves[3], STREAM, padding=padding, full_branch=branch, **kw)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), grads[0], grads[1]):
+        assert rel_err(b, a) < 1e-10, name
+    assert grads[0][4].abs().sum() > 0
+
+
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 2)], ids=["mha", "gqa3", "gqa4"])
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 def test_train_mix_sdpa_full_branch_equals_op(hq, hkv, padded):
     """O_FA through torch SDPA (the CUDA training default) gives the op's outputs and gradients (q, k, v and the
     router's z), dense and padded (left-padded prompts, right-padded answers: valid tokens mid-row)."""
-    from elastic_cuda.attention import PaddingLayout, train_mix_attention
+    from elastic_cuda.attention import PaddingLayout
 
     torch.manual_seed(hq + hkv + padded)
     B, S, D = 3, 37, 16
@@ -437,16 +453,7 @@ def test_train_mix_sdpa_full_branch_equals_op(hq, hkv, padded):
         mask[0, :5] = False                      # left padding
         mask[1, :3], mask[1, -4:] = False, False  # left and right padding
         padding = PaddingLayout.from_mask(mask, S, S)
-    grads = []
-    for branch in ("op", "sdpa"):
-        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, z)]
-        out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=2, window=5, scale=0.3, padding=padding,
-                                  full_branch=branch)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append([out.detach()] + [t.grad for t in leaves])
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), grads[0], grads[1]):
-        assert rel_err(b, a) < 1e-10, name
-    assert grads[0][4].abs().sum() > 0  # the router gradient <dO, O_FA - O_SA> is not trivially 0
+    _assert_sdpa_branch_equals_op(q, k, v, z, padding, sink=2, window=5, scale=0.3)
 
 
 def test_train_mix_full_branch_arguments():
@@ -464,7 +471,7 @@ def test_train_mix_full_branch_arguments():
 def test_train_mix_sdpa_branch_on_a_continuation_equals_the_op(padded):
     # Sq < Skv (the trainer's continuation over a cache): SDPA's O_FA with the causal mask aligned to the bottom
     # right, as the op's; out and every gradient (dz too) equal the op branch's in float64, padded or not
-    from elastic_cuda.attention import PaddingLayout, train_mix_attention
+    from elastic_cuda.attention import PaddingLayout
 
     g = torch.Generator().manual_seed(11)
     B, Sq, Skv, Hq, Hkv, D = 2, 5, 13, 4, 2, 8
@@ -476,16 +483,7 @@ def test_train_mix_sdpa_branch_on_a_continuation_equals_the_op(padded):
         mask = torch.ones(B, Skv, dtype=torch.bool)
         mask[1, :4] = False  # sample 1 left-padded by 4 keys, its 5 queries all real
         padding = PaddingLayout.from_mask(mask, Sq, Skv)
-    grads = []
-    for branch in ("op", "sdpa"):
-        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, z)]
-        out = train_mix_attention(*leaves[:3], leaves[3], STREAM, sink=1, window=3, scale=0.4, padding=padding,
-                                  full_branch=branch)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append([out.detach()] + [t.grad for t in leaves])
-    for name, a, b in zip(("out", "dq", "dk", "dv", "dz"), grads[0], grads[1]):
-        assert rel_err(b, a) < 1e-10, name
-    assert grads[0][4].abs().sum() > 0
+    _assert_sdpa_branch_equals_op(q, k, v, z, padding, sink=1, window=3, scale=0.4)
 
 
 def test_train_mix_with_gradient_checkpointing_reuses_noise():
