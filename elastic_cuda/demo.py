@@ -448,8 +448,10 @@ def run_demo(args, log=print):
 
     plural = "s" if len(prompts) > 1 else ""
     log(f"\n=== cost at prefill ({length} tokens; medians over the {len(prompts)} prompt{plural})\n"
-        "attention time: summed over the layers' attention calls, routing and BLOCK mask estimate included; "
-        "ESR and MSR: means")
+        "attention time: summed over the layers' attention calls, routing and BLOCK mask estimate included"
+        + ("; on CUDA the elastic rows' calls also write the prompt into their static KV cache (dense's cache "
+           "update runs outside its call)" if device.type == "cuda" else "")
+        + "; prefill: the whole prompt forward, after an untimed warm-up prefill for every row; ESR and MSR: means")
     for line in cost_table(variants, runs, len(prompts), device.type):
         log(line)
     if any(v.enable_kwargs and v.enable_kwargs["sparse_mode"] == "block" for v in variants):

@@ -234,6 +234,38 @@ def _check_cu_seqlens_values(cu_q, cu_k, total_q, total_k, max_seqlen_q, max_seq
             _fail(f"sequence {b} has {len_k} keys, more than max_seqlen_k = {max_seqlen_k}")
 
 
+# Signatures (_attention_signature) of attention() calls whose argument checks passed: a call with one of them runs
+# only the checks that read values (a CPU head_mode's). Bounded: cleared when full (shapes of a serving mix).
+_VALIDATED_SIGNATURES: set = set()
+_VALIDATED_SIGNATURES_MAX = 256
+
+
+def _attention_signature(q, k, v, head_mode, block_mask, sink, window, block_size, scale, strategy):
+    """Everything validate_attention_args reads of an unpadded call except tensor values, as a hashable key; None
+    for what it does not cover (tensor subclasses such as fake tensors, a non-tensor block_mask).
+
+    Why a cache, measured on the CPU (SmolLM2-135M layer, all_full, attention kernel stubbed): the checks are ~6 us
+    of an ~18 us call replayed alone, but inside a forward, where the model's other work evicts this code from the
+    CPU caches, the call costs ~150-200 us and every line of Python counts several times over; a prefill on a GPU
+    is host-bound on the same code (#15). The key (~25 attribute reads and one hash) replaces ~60 lines of checks.
+    Types are part of the key (sink=1.0 must not pass as a validated sink=1)."""
+    T = torch.Tensor
+    if type(q) is not T or type(k) is not T or type(v) is not T or type(head_mode) is not T:
+        return None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:  # (stride(-1) of a 0-d tensor raises: validate names it)
+        return None
+    if block_mask is None:
+        mask_key = None
+    elif type(block_mask) is T:
+        mask_key = (block_mask.shape, block_mask.dtype, block_mask.device)
+    else:
+        return None
+    return (q.shape, k.shape, v.shape, q.stride(-1), k.stride(-1), v.stride(-1), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, head_mode.shape, head_mode.dtype, head_mode.device, mask_key,
+            type(sink), sink, type(window), window, type(block_size), block_size, type(scale), scale,
+            type(strategy), strategy)
+
+
 def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_mask=None,
               block_size: int = 128, scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, strategy: str = "auto",
@@ -244,10 +276,20 @@ def attention(q, k, v, head_mode, *, sink: int = 128, window: int = 2048, block_
     head_mode int32 [B, Hkv] with 0 FULL / 1 STREAM / 2 BLOCK. Returns out (like q), and lse
     (float32 [B, Hq, Sq] or [Hq, Tq]; float64 for float64 inputs) when return_lse=True.
     """
-    validate_attention_args(q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask,
-                            block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                            strategy=strategy)
+    signature = None
+    if cu_seqlens_q is None and cu_seqlens_k is None and not torch.compiler.is_compiling():
+        signature = _attention_signature(q, k, v, head_mode, block_mask, sink, window, block_size, scale, strategy)
+    if signature is None or signature not in _VALIDATED_SIGNATURES:
+        validate_attention_args(q, k, v, head_mode, sink=sink, window=window, block_mask=block_mask,
+                                block_size=block_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                strategy=strategy)
+        if signature is not None:
+            if len(_VALIDATED_SIGNATURES) >= _VALIDATED_SIGNATURES_MAX:
+                _VALIDATED_SIGNATURES.clear()
+            _VALIDATED_SIGNATURES.add(signature)
+    elif q.device.type == "cpu":  # the values of a CPU head_mode change between calls: checked on every call
+        _check_head_mode_values(head_mode, block_mask)
     out, lse = _call_op(
         torch.ops.elastic.attention, q, k, v, head_mode, block_mask, cu_seqlens_q, cu_seqlens_k, sink=sink,
         window=window,

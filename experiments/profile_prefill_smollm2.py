@@ -15,6 +15,11 @@ cudaDeviceSynchronize / DtoH copies) per prefill.
 
   LENGTHS=2048,8192 PROFILE=block_router,dense python -m experiments.profile_prefill_smollm2 > $OUT/profile.txt
   VARIANTS=dense,all_full,stream_router,stream_router_fused LENGTHS=8192 PROFILE= ROUNDS=5 python -m ...  (a subset)
+
+A variant named `<name>+static` is <name> prefilling into a fresh ElasticStaticCache (made before the timed
+region, sized for the prompt plus 33 tokens), as the demo's GPU runs do: its pools are allocated and the prompt
+committed into them inside the forward (integrations/static_cache.py). Without the suffix the forward makes
+transformers' DynamicCache (nothing to commit), as does dense always.
 """
 from __future__ import annotations
 
@@ -44,16 +49,29 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def median_prefill_ms(model, ids, reps=5):
+def _cache_kw(model, ids, name):
+    """past_key_values for one prefill of variant `name`: a fresh ElasticStaticCache for `<name>+static`."""
+    if not name.endswith("+static"):
+        return {}
+    from elastic_cuda.integrations.generate import static_cache_for
+
+    cache = static_cache_for(model, ids.shape[1] + 33)
+    if cache is None:
+        raise RuntimeError(f"{name}: no ElasticStaticCache for this model (elastic not enabled, or not CUDA bf16)")
+    return {"past_key_values": cache, "use_cache": True}
+
+
+def median_prefill_ms(model, ids, reps=5, name=""):
     """(median CUDA-event ms, median host ms until the forward returned) of reps prefills after one warm-up."""
     times, host = [], []
     with torch.no_grad():
         for i in range(reps + 1):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            kw = _cache_kw(model, ids, name)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             a.record()
-            model(ids, logits_to_keep=1)
+            model(ids, logits_to_keep=1, **kw)
             b.record()
             t1 = time.perf_counter()
             torch.cuda.synchronize()
@@ -80,10 +98,11 @@ def profile(model, ids, name):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     with torch.no_grad():
-        model(ids, logits_to_keep=1)
+        model(ids, logits_to_keep=1, **_cache_kw(model, ids, name))
         torch.cuda.synchronize()
+        kw = _cache_kw(model, ids, name)
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(ids, logits_to_keep=1)
+            model(ids, logits_to_keep=1, **kw)
             torch.cuda.synchronize()
     events = prof.key_averages()
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")
@@ -114,7 +133,7 @@ def sync_sites(model, ids, name):
         warnings.showwarning = hook
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(ids, logits_to_keep=1)
+            model(ids, logits_to_keep=1, **_cache_kw(model, ids, name))
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -130,7 +149,14 @@ def main():
     model = smollm2_random()
     all_variants = variants(model)
     names = os.environ.get("VARIANTS")
-    names = [n for n in all_variants if not names or n in names.split(",")]
+    if names:
+        names = names.split(",")
+        unknown = [n for n in names if n.removesuffix("+static") not in all_variants or n == "dense+static"]
+        if unknown:
+            raise ValueError(f"VARIANTS: unknown {unknown}; known: {list(all_variants)} (elastic ones also "
+                             "as <name>+static)")
+    else:
+        names = list(all_variants)
     print(f"# SmolLM2-135M shape, random weights, bf16, B 1, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
           f"{rounds} interleaved rounds (rotated order) of {reps} prefills each")
     torch.manual_seed(1)
@@ -141,10 +167,10 @@ def main():
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            kw = all_variants[name]
+            kw = all_variants[name.removesuffix("+static")]
             state = enable(model, **kw) if kw is not None else None
             for S in lengths:
-                t, h = median_prefill_ms(model, ids_of[S], reps)
+                t, h = median_prefill_ms(model, ids_of[S], reps, name)
                 ms[name, S].append(t)
                 host[name, S].append(h)
             if state is not None:
@@ -169,7 +195,7 @@ def main():
             print(f"{mode}: (layer, KV head) decisions that differ between {mode}_router and {mode}_router_fused "
                   f"at S = {lengths[-1]}: {int((a != b).sum())} of {a.numel()}")
     for name in names:
-        kw = all_variants[name]
+        kw = all_variants[name.removesuffix("+static")]
         state = enable(model, **kw) if kw is not None else None
         ids = ids_of[lengths[-1]]
         sync_sites(model, ids, name)

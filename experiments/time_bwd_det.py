@@ -7,6 +7,8 @@
   overlap   ELASTIC_SM90_BWD_OVERLAP=1 (FlashAttention-4's stage order: dQ staged while dK's MMAs run, per-warp dQ
             reduce-add, dS by stmatrix)
   overlap2  ELASTIC_SM90_BWD_OVERLAP=2 (and each stage's dK MMA runs into the next stage; 3 Q/dO stages)
+  lean      ELASTIC_SM90_BWD_LEAN=1 (default order; dS^T by stmatrix, the consumer loop unrolled over the 2 ring slots,
+            double-buffered dQ staging without its first named barrier)
 Rounds interleave the variants; the median of the rounds is printed (ms). usage: [BWD_VARIANTS=default,overlap]
 python -m experiments.time_bwd_det [S,S,...] [rounds]"""
 from __future__ import annotations
@@ -21,7 +23,7 @@ import elastic_cuda
 from benchmarks.harness import event_mean_ms
 from elastic_cuda import FULL, STREAM
 
-ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2")
+ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2", "lean")
 VARIANTS = tuple(os.environ.get("BWD_VARIANTS", ",".join(ALL_VARIANTS)).split(","))
 assert all(v in ALL_VARIANTS for v in VARIANTS), f"BWD_VARIANTS: pick from {ALL_VARIANTS}, got {VARIANTS}"
 
@@ -30,6 +32,7 @@ def _set(variant):
     os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
     os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
     os.environ["ELASTIC_SM90_BWD_OVERLAP"] = {"overlap": "1", "overlap2": "2"}.get(variant, "0")
+    os.environ["ELASTIC_SM90_BWD_LEAN"] = "1" if variant == "lean" else "0"
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")
 

@@ -1,13 +1,16 @@
 """Interleaved A/B timing of the decode kernels' variants (issue #13; kernel_options.h switches ELASTIC_DECODE_COPY,
-ELASTIC_DECODE_FUSED_COMBINE, ELASTIC_DECODE_COMBINE, ELASTIC_DECODE_PDL; csrc/decode/), H200, bf16, Llama-3.1-8B
-shape (Hq 32, Hkv 8, D 128), one query per step, batch B at S tokens, a fraction MSR of each sample's KV heads STREAM
+ELASTIC_DECODE_FUSED_COMBINE, ELASTIC_DECODE_COMBINE, ELASTIC_DECODE_PDL, ELASTIC_DECODE_LATE_Q; csrc/decode/), H200,
+bf16, Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), one query per step, batch B at S tokens, a fraction MSR of each sample's KV heads STREAM
 (sink 128, window 2048), cuDNN SDPA beside on the same dense cache.
 
 Variants timed unless VARIANTS names others (DEFAULT_NAMES): default (round 1: plain copies, round 1's combine,
 plain launch), zfill (zero-fill copies), combine_v2 (round 2's latency-light combine on round 1's split kernel),
 v2_pdl (+ the combine as a programmatic dependent launch, signalled at the end of each split CTA), v2_pdl_early (the
 signal as each split CTA's first instruction, round 2's placement: does it alone bring back round 2's 10-30% loss
-at batch 8?), v1_pdl (PDL with round 1's combine), v2_zfill (the v2 combine with zero-fill copies).
+at batch 8?), v1_pdl (PDL with round 1's combine), v2_zfill (the v2 combine with zero-fill copies); main (the build's
+defaults named in full) and fused_v2 (one launch: each pair's last split CTA merges the partials with all its threads,
+ELASTIC_DECODE_FUSED_COMBINE=v2), fused_v2_keep (the same without the tickets' memset per call, diagnostic), late_q
+(main with Q loaded after the split kernel's prologue copies, ELASTIC_DECODE_LATE_Q=1), fused_v2_late_q (both).
 
 Timing is bench_decode's time_ms (calls over enough cache copies to exceed L2, captured back to back in one CUDA
 graph, median of replays). Variants are interleaved: ROUNDS rounds, each times every variant once on the same
@@ -53,9 +56,23 @@ VARIANTS = {  # name -> switches (unset ones are the defaults)
     "fused": {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
     "plain_fused": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
     "tma_fused": {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
+    # the build's defaults named in full (plain copies, v2 combine launched plainly, no fused combine)
+    "main": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "0",
+             "ELASTIC_DECODE_FUSED_COMBINE": "0", "ELASTIC_DECODE_LATE_Q": "0"},
+    # the defaults with Q loaded after the split kernel's prologue copies (ELASTIC_DECODE_LATE_Q)
+    "late_q": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_COMBINE": "v2", "ELASTIC_DECODE_PDL": "0",
+               "ELASTIC_DECODE_FUSED_COMBINE": "0", "ELASTIC_DECODE_LATE_Q": "1"},
+    # one launch: the pair's last split CTA merges its partials with all its threads (decode_fused_merge.cuh)
+    "fused_v2": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_PDL": "0", "ELASTIC_DECODE_FUSED_COMBINE": "v2"},
+    # the same without the per-call memset of the tickets (diagnostic: what that graph node costs)
+    "fused_v2_keep": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_PDL": "0",
+                      "ELASTIC_DECODE_FUSED_COMBINE": "v2_keep"},
+    "fused_v2_late_q": {"ELASTIC_DECODE_COPY": "plain", "ELASTIC_DECODE_PDL": "0",
+                        "ELASTIC_DECODE_FUSED_COMBINE": "v2", "ELASTIC_DECODE_LATE_Q": "1"},
 }
 DEFAULT_NAMES = ("default", "zfill", "combine_v2", "v2_pdl", "v2_pdl_early", "v1_pdl")
-SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL")
+SWITCHES = ("ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL",
+            "ELASTIC_DECODE_LATE_Q")
 
 
 def kernel_instance(fn):
@@ -67,8 +84,8 @@ def kernel_instance(fn):
         fn()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "decode_" in e.name]
-    inst = [m.groups() for n in names
-            for m in [re.search(r"decode_mma_kernel<[^,<>]+,\s*\d+,\s*\d+,\s*(\d+),\s*(\d+)>", n)] if m]
+    inst = [m.groups() for n in names  # decode_mma_kernel<T, D, kRows, kLayout, kTrigger, kVariant>
+            for m in [re.search(r"decode_mma_kernel<[^,<>]+,\s*\d+,\s*\d+,\s*(\d+),\s*(\d+),\s*\d+>", n)] if m]
     combine = ("v2" if any("decode_combine_v2_kernel<" in n for n in names)
                else "v1" if any("decode_combine_kernel<" in n for n in names) else None)
     return {"layout": inst[0][0] if inst else None, "trigger": inst[0][1] if inst else None, "combine": combine}

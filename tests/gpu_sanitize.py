@@ -95,6 +95,11 @@ if __name__ == "__main__":
             one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
             one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
         del os.environ["ELASTIC_SM90_BWD_OVERLAP"]
+        os.environ["ELASTIC_SM90_BWD_LEAN"] = "0"  # the plain tail (the default is the lean one)
+        elastic_cuda.ops.reload_kernel_options()
+        one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
+        one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        del os.environ["ELASTIC_SM90_BWD_LEAN"]
         elastic_cuda.ops.reload_kernel_options()
     # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
     # chunk floor and the tails of every pair run; num_splits 12 = 2 x pairs: chunk total / 12 gives 16 items, so the
@@ -108,10 +113,12 @@ if __name__ == "__main__":
     # The tensor-core kernel's A/B variants (kernel_options.h ELASTIC_DECODE_COPY / _FUSED_COMBINE): sink 70 and
     # 1001 tokens give TMA tiles (FULL, sink, plain ring) and cp.async ones (sink / ring boundary, ring wrap, each
     # item's partial last tile) in one pipeline; splits 1 / 3 / 0: long items, a few, the automatic plan's short
-    # ones; the fused combine's tickets and last-CTA merge.
+    # ones; the fused combine's tickets and last-CTA merge (serial, and v2: all threads, decode_fused_merge.cuh).
     for env in ({"ELASTIC_DECODE_COPY": "tma"}, {"ELASTIC_DECODE_COPY": "zfill"}, {"ELASTIC_DECODE_COPY": "pairs"},
                 {"ELASTIC_DECODE_FUSED_COMBINE": "1"},
-                {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"}):
+                {"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1"},
+                {"ELASTIC_DECODE_FUSED_COMBINE": "v2"}, {"ELASTIC_DECODE_FUSED_COMBINE": "v2_keep"},
+                {"ELASTIC_DECODE_LATE_Q": "1"}, {"ELASTIC_DECODE_FUSED_COMBINE": "v2", "ELASTIC_DECODE_LATE_Q": "1"}):
         os.environ.update(env)
         elastic_cuda.ops.reload_kernel_options()
         for D, dtype, splits in ((128, torch.bfloat16, 1), (64, torch.float16, 3), (128, torch.bfloat16, 0)):

@@ -1,5 +1,6 @@
 """The tensor-core decode kernel's A/B variants (kernel_options.h: ELASTIC_DECODE_COPY=zfill|tma|pairs (the default:
-plain), ELASTIC_DECODE_FUSED_COMBINE=1; csrc/decode/decode_mma_kernel.cuh) and the combine's (ELASTIC_DECODE_COMBINE=v2,
+plain), ELASTIC_DECODE_FUSED_COMBINE=1|v2|v2_keep, ELASTIC_DECODE_LATE_Q=1; csrc/decode/decode_mma_kernel.cuh,
+decode_fused_merge.cuh) and the combine's (ELASTIC_DECODE_COMBINE=v2,
 ELASTIC_DECODE_PDL=1|early; csrc/decode/decode_combine_v2.cuh, decode_pdl.cuh) against the float64 CPU reference, and
 against round 1's path (plain copies, v1 combine) bit for bit (same data, same arithmetic order: only how K/V reach shared memory, or where
 and how the combine is launched, differs) or, for the v2 combine (another fp32 summation order), within one 16-bit
@@ -44,6 +45,16 @@ VARIANTS = {  # every variant names its combine: the base below is round 1's com
     "fused": ({"ELASTIC_DECODE_FUSED_COMBINE": "1", "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
     "tma_fused": ({"ELASTIC_DECODE_COPY": "tma", "ELASTIC_DECODE_FUSED_COMBINE": "1", "ELASTIC_DECODE_COMBINE": "v1"},
                   1, True),
+    # The fused combine merged by all threads of the pair's last CTA (decode_fused_merge.cuh), plain and zfill copies:
+    "fused_v2": ({"ELASTIC_DECODE_FUSED_COMBINE": "v2", "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
+    "fused_v2_zfill": ({"ELASTIC_DECODE_COPY": "zfill", "ELASTIC_DECODE_FUSED_COMBINE": "v2",
+                        "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
+    # the same with the tickets kept at zero across calls instead of a memset per call (diagnostic)
+    "fused_v2_keep": ({"ELASTIC_DECODE_FUSED_COMBINE": "v2_keep", "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
+    # Q loaded after the prologue's copies (ELASTIC_DECODE_LATE_Q): alone (bit-equal to round 1's path) and fused
+    "late_q": ({"ELASTIC_DECODE_LATE_Q": "1", "ELASTIC_DECODE_COMBINE": "v1"}, 0, False),
+    "fused_v2_late_q": ({"ELASTIC_DECODE_FUSED_COMBINE": "v2", "ELASTIC_DECODE_LATE_Q": "1",
+                         "ELASTIC_DECODE_COMBINE": "v1"}, 0, True),
     # The combine's variants (round 2's kernel, the default, and launch forms on round 1's split kernel):
     "combine_v2": ({"ELASTIC_DECODE_COMBINE": "v2"}, 0, False),
     "v1_pdl": ({"ELASTIC_DECODE_COMBINE": "v1", "ELASTIC_DECODE_PDL": "1"}, 0, False),
@@ -52,7 +63,7 @@ VARIANTS = {  # every variant names its combine: the base below is round 1's com
 }
 COMBINE_VARIANTS = ("combine_v2", "v1_pdl", "v2_pdl", "v2_pdl_early")
 SWITCHES = ("ELASTIC_DECODE_MMA", "ELASTIC_DECODE_COPY", "ELASTIC_DECODE_FUSED_COMBINE", "ELASTIC_DECODE_ONE_WAVE",
-            "ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL")
+            "ELASTIC_DECODE_COMBINE", "ELASTIC_DECODE_PDL", "ELASTIC_DECODE_LATE_Q")
 
 
 def _combine_v2(variant):
@@ -64,6 +75,14 @@ def _trigger(variant):
     if torch.cuda.get_device_capability()[0] < 9:
         return 0
     return {"0": 0, "1": 1, "early": 2}[VARIANTS[variant][0].get("ELASTIC_DECODE_PDL", "0")]
+
+
+def _variant_flags(variant):
+    """kVariant of the decode_mma_kernel instance the variant launches (decode_mma_kernel.cuh MmaVariant): 1 the
+    all-thread fused merge, 2 Q loaded late."""
+    env = VARIANTS[variant][0]
+    return ((1 if env.get("ELASTIC_DECODE_FUSED_COMBINE", "0").startswith("v2") else 0)
+            | (2 if env.get("ELASTIC_DECODE_LATE_Q") == "1" else 0))
 
 
 def _set(monkeypatch, env):
@@ -202,14 +221,39 @@ def test_variant_launches_its_kernels(gen, variant):
                               "decode_")
     mma = [n for n in names if "decode_mma_kernel" in n]
     assert len(mma) == 1, names
-    # decode_mma_kernel<T, D, kRows, kLayout, kTrigger>
-    m = re.search(r"decode_mma_kernel<[^,<>]+,\s*\d+,\s*\d+,\s*(\d+),\s*(\d+)>", mma[0])
+    # decode_mma_kernel<T, D, kRows, kLayout, kTrigger, kVariant>
+    m = re.search(r"decode_mma_kernel<[^,<>]+,\s*\d+,\s*\d+,\s*(\d+),\s*(\d+),\s*(\d+)>", mma[0])
     assert m is not None and int(m.group(1)) == layout, mma[0]
     assert int(m.group(2)) == _trigger(variant), mma[0]
+    assert int(m.group(3)) == _variant_flags(variant), mma[0]
     v1 = [n for n in names if "decode_combine_kernel<" in n]
     v2 = [n for n in names if "decode_combine_v2_kernel<" in n]
     assert len(v1) + len(v2) == (0 if fused else 1), names
     assert bool(v2) == (_combine_v2(variant) and not fused), names
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("group", [3, 4, 8])
+def test_fused_merge_many_rounds(gen, D, group, monkeypatch):
+    """ELASTIC_DECODE_FUSED_COMBINE=v2 where a pair has more items than one round of the merge (kMergeRound 256):
+    a FULL pair of 20001 keys cut into ~625 items of 32 keys (3 rounds merged as an online softmax), a wrapped STREAM
+    pair and a BLOCK pair beside it, every column mapping of the merge (D 64 / 128 x 4 / 8 rows, group 3 with an idle
+    row), against float64; and against the v2 combine kernel on the same inputs (same weights, another fp32 order)."""
+    _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", "ELASTIC_DECODE_FUSED_COMBINE": "v2"})
+    modes = torch.tensor([[FULL, STREAM, BLOCK]], dtype=torch.int32)
+    case = Case(gen, B=1, Hkv=3, group=group, Sq=1, D=D, dtype=torch.bfloat16, lengths=[20001], sink=37,
+                window=700, modes=modes)
+    for splits in (1500, 0):
+        out, lse = case.check(f"fused_v2 D{D} G{group} splits {splits}", num_splits=splits)
+        _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", "ELASTIC_DECODE_COMBINE": "v2"})
+        base, base_lse = _run(case, splits)
+        _set(monkeypatch, {"ELASTIC_DECODE_MMA": "1", "ELASTIC_DECODE_FUSED_COMBINE": "v2"})
+        diff = (out.float().to(DEV) - base.float()).abs()
+        bound = 2 ** -7 * base.float().abs() + 1e-4 * base.float().abs().max()
+        assert bool((diff <= bound).all()), f"fused_v2 D{D} G{group} splits {splits}: differs from the v2 combine"
+        assert (lse.to(DEV) - base_lse).abs().max().item() <= 1e-5 * max(1.0, base_lse.abs().max().item())
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
 
 
 @pytest.fixture(params=list(COMBINE_VARIANTS))
@@ -234,6 +278,14 @@ def test_combine_variant_fma_and_mma_paths(gen, combine_variant, Sq, mma, monkey
                     window=333)
         for splits in (0, 5, 999):
             case.check(f"{combine_variant} mma={mma} Sq{Sq} G{group} D{D} splits {splits}", num_splits=splits)
+
+
+def test_fused_combine_switch_rejects_typos(monkeypatch):
+    monkeypatch.setenv("ELASTIC_DECODE_FUSED_COMBINE", "2")
+    with pytest.raises(RuntimeError, match="ELASTIC_DECODE_FUSED_COMBINE"):
+        elastic_cuda.ops.reload_kernel_options()
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
 
 
 def test_copy_switch_rejects_typos(monkeypatch):

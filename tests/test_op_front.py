@@ -262,9 +262,10 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
-                 "ELASTIC_SM90_BWD_OVERLAP",
+                 "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
-                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
+                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST",
+                 "ELASTIC_SM90_PACK_EARLY"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -287,6 +288,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "0")
+        assert " bwd_overlap=0 bwd_lean=1 " in default + " ", default  # the lean backward tail is the default
+        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "0")
+        assert " bwd_lean=0 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "2")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_LEAN must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "0")
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
@@ -301,6 +309,17 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_PV_WAIT_FIRST must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
+        assert " pack_early=0 " in default + " ", default  # P packed after P V's wait: the proven loop
+        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "1")
+        assert " pv_wait_first=0 pack_early=1 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "1")  # two different loop orders: refused together
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_PACK_EARLY=1 and ELASTIC_SM90_PV_WAIT_FIRST=1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
+        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "2")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_PACK_EARLY must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
@@ -349,3 +368,34 @@ def test_decode_combine_switches_default_and_reject_bad_values(monkeypatch):
     finally:
         monkeypatch.undo()
         elastic_cuda.ops.reload_kernel_options()
+
+
+def test_validated_signature_still_checks_what_differs():
+    """attention() skips the argument checks for a signature it has validated (ops._attention_signature): a call
+    that differs in anything a check reads must still fail with the argument's name, and a CPU head_mode's values
+    are checked on every call."""
+    from elastic_cuda import ops
+
+    q, k, v = make_qkv(1, 16, 16, 4, 2, 32, torch.Generator().manual_seed(3), torch.float32)
+    good = torch.full((1, 2), FULL, dtype=torch.int32)
+    kw = dict(sink=2, window=4)
+    ops._VALIDATED_SIGNATURES.clear()
+    ops.attention(q, k, v, good, **kw)
+    assert len(ops._VALIDATED_SIGNATURES) == 1
+    ops.attention(q, k, v, good, **kw)  # cached: no second entry
+    assert len(ops._VALIDATED_SIGNATURES) == 1
+    with pytest.raises(ValueError, match="head_mode values"):
+        ops.attention(q, k, v, torch.tensor([[FULL, 7]], dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match="block_mask is None"):
+        ops.attention(q, k, v, torch.tensor([[FULL, BLOCK]], dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match="sink must be an int"):
+        ops.attention(q, k, v, good, sink=2.0, window=4)
+    with pytest.raises(ValueError, match="head_mode must be int32"):
+        ops.attention(q, k, v, good.long(), **kw)
+    strided = torch.empty(*q.shape[:-1], 2 * q.shape[-1])[..., ::2]
+    strided.copy_(q)
+    with pytest.raises(ValueError, match="q must be contiguous in the last"):
+        ops.attention(strided, k, v, good, **kw)
+    with pytest.raises(ValueError, match="scale must be"):
+        ops.attention(q, k, v, good, scale=float("nan"), **kw)
+    assert len(ops._VALIDATED_SIGNATURES) == 1

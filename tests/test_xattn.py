@@ -185,7 +185,28 @@ def _cuda_op_available():
     return has_cuda_kernels() and torch._C._dispatch_has_kernel_for_dispatch_key("elastic::xattn_block_mask", "CUDA")
 
 
-cuda_only = pytest.mark.skipif(not _cuda_op_available(), reason="needs a GPU and the CUDA build of elastic_cuda")
+_needs_cuda_op = pytest.mark.skipif(not _cuda_op_available(), reason="needs a GPU and the CUDA build of elastic_cuda")
+
+
+@pytest.fixture(params=["wgmma", "mma_sync"])
+def xattn_kernel(request, monkeypatch):
+    """Every CUDA test runs kernel 1 both ways: its wgmma body (the default; a Hopper runs it, other GPUs fall back
+    to mma.sync, so there the two ids run the same kernel) and mma.sync (ELASTIC_XATTN_SM90=0, kernel_options.h)."""
+    import elastic_cuda.ops
+
+    monkeypatch.setenv("ELASTIC_XATTN_SM90", "1" if request.param == "wgmma" else "0")
+    described = elastic_cuda.ops.reload_kernel_options()
+    assert f"xattn_sm90={1 if request.param == 'wgmma' else 0}" in described, described
+    yield request.param
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
+
+
+def cuda_only(test):
+    """A GPU test (marker gpu), skipped without the CUDA op, run on both kernel-1 paths (xattn_kernel)."""
+    return pytest.mark.gpu(_needs_cuda_op(pytest.mark.usefixtures("xattn_kernel")(test)))
+
+
 TIE_TOL = 1e-3  # a differing block must be a tie within this fraction of its row's total mass
 
 
@@ -300,6 +321,62 @@ def test_cuda_op_matches_the_rule_at_odd_lengths(n, dtype):
 def test_cuda_op_gqa_and_head_dims(hq, hkv, D):
     run_case(1, [1000], hq, hkv, D, torch.bfloat16, 128, 16, 0.9, torch.full((1, hkv), BLOCK), varlen=False,
              seed=hq * D)
+
+
+@cuda_only
+@pytest.mark.parametrize("n,hq,hkv,D", [(4500, 3, 1, 128), (4500, 2, 2, 64), (2300, 8, 1, 128), (3000, 24, 8, 64),
+                                         (2049, 4, 1, 128)])
+def test_cuda_op_gqa_groups_over_several_key_tiles(n, hq, hkv, D):
+    """GQA 1 / 3 / 4 / 8 over 2-3 key tiles (128 key groups each): row tiles that end inside a warpgroup (rows not
+    a multiple of 64), warpgroups with no live column in the CTA's last tile (their MMAs skipped)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        run_case(1, [n], hq, hkv, D, dtype, 128, 16, 0.9, torch.full((1, hkv), BLOCK), varlen=False, seed=n + hq)
+
+
+@_needs_cuda_op
+@pytest.mark.gpu
+def test_cuda_kernel_paths_agree_on_the_llama_shape(monkeypatch):
+    """The wgmma and mma.sync bodies of kernel 1 on the Llama-3.1-8B shape (Hq 32, Hkv 8, D 128) at 8K, 6 of 8 KV
+    heads BLOCK: the same selection up to fp32 summation-order ties (the float64 rule is too slow on the CPU here;
+    the rule itself is checked at smaller shapes above)."""
+    import elastic_cuda.ops
+    from elastic_cuda.ops import xattn_block_mask as op
+
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, 8192, 32, 128, generator=g) * 1.5).to(torch.bfloat16).cuda()
+    k = torch.randn(1, 8192, 8, 128, generator=g).to(torch.bfloat16).cuda()
+    hm = torch.tensor([[0, 1] + [BLOCK] * 6], dtype=torch.int32, device="cuda")
+    masks = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("ELASTIC_XATTN_SM90", path)
+        elastic_cuda.ops.reload_kernel_options()
+        poison_cuda_cache(32 * 64 * 64)
+        masks[path] = op(q, k, hm, threshold=0.9)
+    monkeypatch.undo()
+    elastic_cuda.ops.reload_kernel_options()
+    a, b = masks["1"], masks["0"]
+    assert int(a.view(torch.uint8).max()) <= 1 and int(b.view(torch.uint8).max()) <= 1, "mask bytes left unwritten"
+    assert not a[:, :8].any() and not b[:, :8].any(), "FULL / STREAM heads got mask bits"
+    differ = float((a != b).float().sum()) / float(b[:, 8:].sum())
+    print(f"wgmma vs mma.sync, 8K Llama shape: {differ:.2e} of the kept blocks differ")
+    assert differ < 1e-3
+
+
+def test_xattn_switch_default_and_bad_value(monkeypatch):
+    """ELASTIC_XATTN_SM90 (kernel_options.h): wgmma by default, 0 / 1 only, anything else an error naming it."""
+    import elastic_cuda.ops
+
+    monkeypatch.delenv("ELASTIC_XATTN_SM90", raising=False)
+    try:
+        if "xattn_sm90=" not in elastic_cuda.ops.reload_kernel_options():
+            pytest.skip("extension built before the ELASTIC_XATTN_SM90 switch")
+        assert "xattn_sm90=1" in elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_XATTN_SM90", "yes")
+        with pytest.raises(RuntimeError, match="ELASTIC_XATTN_SM90"):
+            elastic_cuda.ops.reload_kernel_options()
+    finally:
+        monkeypatch.undo()
+        elastic_cuda.ops.reload_kernel_options()
 
 
 @cuda_only

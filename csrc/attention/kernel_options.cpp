@@ -40,6 +40,7 @@ KernelOptions read_env() {
                   "elastic: environment variable ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2, got \"", v, "\"");
     o.sm90_bwd_overlap = v[0] - '0';
   }
+  o.sm90_bwd_lean = env_bool("ELASTIC_SM90_BWD_LEAN", o.sm90_bwd_lean);
   o.sm90_bwd_early_release = env_bool("ELASTIC_SM90_BWD_EARLY_RELEASE", o.sm90_bwd_early_release);
   ELASTIC_CHECK(!o.sm90_bwd_early_release || kExperimentsBuilt,
                 "elastic: ELASTIC_SM90_BWD_EARLY_RELEASE=1 selects a Hopper backward instance that is an A/B-timing ",
@@ -63,7 +64,11 @@ KernelOptions read_env() {
   o.sm90_walk_cached = env_bool("ELASTIC_SM90_WALK_CACHED", o.sm90_walk_cached);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_pv_wait_first = env_bool("ELASTIC_SM90_PV_WAIT_FIRST", o.sm90_pv_wait_first);
+  o.sm90_pack_early = env_bool("ELASTIC_SM90_PACK_EARLY", o.sm90_pack_early);
+  ELASTIC_CHECK(!(o.sm90_pack_early && o.sm90_pv_wait_first), "elastic: ELASTIC_SM90_PACK_EARLY=1 and ",
+                "ELASTIC_SM90_PV_WAIT_FIRST=1 are two different key-loop orders of the Hopper forward; set one");
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
+  o.xattn_sm90 = env_bool("ELASTIC_XATTN_SM90", o.xattn_sm90);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
   if (const char* v = env_value("ELASTIC_DECODE_COPY")) {
@@ -73,7 +78,13 @@ KernelOptions read_env() {
                   "plain, tma or pairs, got \"", v, "\"");
     o.decode_copy = zfill ? 0 : (plain ? 1 : (tma ? 2 : 3));
   }
-  o.decode_fused_combine = env_bool("ELASTIC_DECODE_FUSED_COMBINE", o.decode_fused_combine);
+  if (const char* v = env_value("ELASTIC_DECODE_FUSED_COMBINE")) {
+    const bool off = std::strcmp(v, "0") == 0, serial = std::strcmp(v, "1") == 0, par = std::strcmp(v, "v2") == 0,
+               keep = std::strcmp(v, "v2_keep") == 0;
+    ELASTIC_CHECK(off || serial || par || keep, "elastic: environment variable ELASTIC_DECODE_FUSED_COMBINE must be 0, ",
+                  "1, v2 or v2_keep, got \"", v, "\"");
+    o.decode_fused_combine = off ? 0 : (serial ? 1 : (par ? 2 : 3));
+  }
   if (const char* v = env_value("ELASTIC_DECODE_COMBINE")) {
     const bool v1 = std::strcmp(v, "v1") == 0, v2 = std::strcmp(v, "v2") == 0;
     ELASTIC_CHECK(v1 || v2, "elastic: environment variable ELASTIC_DECODE_COMBINE must be v1 or v2, got \"", v, "\"");
@@ -85,6 +96,7 @@ KernelOptions read_env() {
                   v, "\"");
     o.decode_pdl = off ? 0 : (end ? 1 : 2);
   }
+  o.decode_late_q = env_bool("ELASTIC_DECODE_LATE_Q", o.decode_late_q);
   o.nonfinite_prepass = env_bool("ELASTIC_NONFINITE_PREPASS", o.nonfinite_prepass);
   o.train_mix_fused = env_bool("ELASTIC_TRAIN_MIX_FUSED", o.train_mix_fused);
   o.router_kernel = env_bool("ELASTIC_ROUTER_KERNEL", o.router_kernel);
@@ -124,16 +136,21 @@ std::string describe(const KernelOptions& o) {
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
                            " bwd_early_release=", b(o.sm90_bwd_early_release), " bwd_overlap=", o.sm90_bwd_overlap,
-                           " pv_wait_first=", b(o.sm90_pv_wait_first),
-                           " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
+                           " bwd_lean=", b(o.sm90_bwd_lean),
+                           " pv_wait_first=", b(o.sm90_pv_wait_first), " pack_early=", b(o.sm90_pack_early),
+                           " xattn_sm90=", b(o.xattn_sm90), " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",
                            (o.decode_copy == 0   ? "zfill"
                             : o.decode_copy == 1 ? "plain"
                             : o.decode_copy == 2 ? "tma"
                                                  : "pairs"),
-                           " decode_fused_combine=", b(o.decode_fused_combine),
+                           " decode_fused_combine=", (o.decode_fused_combine == 0   ? "0"
+                                                            : o.decode_fused_combine == 1 ? "1"
+                                                            : o.decode_fused_combine == 2 ? "v2"
+                                                                                          : "v2_keep"),
                            " decode_combine=", o.decode_combine == 2 ? "v2" : "v1",
                            " decode_pdl=", (o.decode_pdl == 0 ? "0" : o.decode_pdl == 1 ? "1" : "early"),
+                           " decode_late_q=", b(o.decode_late_q),
                            " nonfinite_prepass=", b(o.nonfinite_prepass),
                            " train_mix_fused=", b(o.train_mix_fused), " router_kernel=", b(o.router_kernel));
 }

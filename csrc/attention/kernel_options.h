@@ -14,6 +14,11 @@
 //   ELASTIC_SM90_BWD_OVERLAP=1   Hopper backward (TMA dQ): FlashAttention-4's stage order (dS by stmatrix, dQ's MMA
 //                                before dK's, dQ staged and reduce-added per warp while dK runs); =2 also leaves
 //                                each stage's dK MMA running into the next stage (3 Q/dO stages); untimed A/B
+//   ELASTIC_SM90_BWD_LEAN=0      Hopper backward (TMA dQ, default stage order): the plain stage tail instead of the
+//                                lean one (lean: dS^T stored by stmatrix, the dQ staging addressed by XOR of one base
+//                                and double-buffered (one named barrier less), the ring unrolled over its 2 slots
+//                                (descriptors = base + constants), lse / delta read by LDS.128); same results (dK, dV
+//                                bit-equal)
 //   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
 //   ELASTIC_SM90_BWD_EARLY_RELEASE=1  Hopper backward: a stage's Q/dO slot goes back to the producer once dV and dK
 //                                are done, while dQ's MMA still runs (untimed experiment; only in
@@ -34,9 +39,16 @@
 //                                P V(n-1), then its wait, then exp2 with the P packing between the MUFU.EX2
 //                                (fwd_consumer in sm90/attention_fwd_sm90_kernel.cuh); with ELASTIC_SM90_LAZY_RESCALE=0
 //                                the O rescale there too, branch-free (its own instance); untimed when written
+//   ELASTIC_SM90_PACK_EARLY=1    Hopper forward key loop: the default order, but P(n) packed (F2FP) into a second
+//                                register buffer among the exp2 of the softmax, before P V(n-1)'s wait, instead of
+//                                after it (kLoopPackEarly in sm90/attention_fwd_sm90_kernel.cuh, its own instance;
+//                                launches without a block mask only, not together with ELASTIC_SM90_PV_WAIT_FIRST=1);
+//                                untimed when written
 //   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
 //                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
+//   ELASTIC_XATTN_SM90=0         XAttention estimate (csrc/xattn/): kernel 1 (scores, block partials) on mma.sync on
+//                                Hopper too, instead of its wgmma body (xattn_scores_sm90_kernel.cuh)
 //   ELASTIC_DECODE_MMA=0         decode steps of one query run the FMA decode kernel instead of the tensor-core
 //                                one (csrc/decode/decode_mma_kernel.cuh)
 //   ELASTIC_DECODE_ONE_WAVE=0    decode work plan of round 1: one chunk length total / target for every pair (up to
@@ -53,6 +65,16 @@
 //   ELASTIC_DECODE_FUSED_COMBINE=1  tensor-core decode kernel: the last CTA of each split pair merges the pair's
 //                                partials (an atomic ticket per pair) instead of a second, combine launch (measured
 //                                slower in every case on the H200, up to 1.86x at 32K B1 with 6/8 heads STREAM)
+//   ELASTIC_DECODE_FUSED_COMBINE=v2  the same one launch, but the last CTA of a split pair merges the partials with
+//                                all its threads at once (every item's lse in one load per thread, per-row max / sum
+//                                by warps, float4 partial reads with 8 in flight per thread; release / acquire ticket
+//                                by one atomic after a barrier; csrc/decode/decode_fused_merge.cuh). Why the first
+//                                fused combine lost: its merge walked the items serially per output element (two
+//                                chains of ~33-100 dependent L2 loads per thread, 4 elements per thread) on the
+//                                critical path of the call's last CTA
+//   ELASTIC_DECODE_FUSED_COMBINE=v2_keep  diagnostic: v2 without the per-call memset of the tickets (a per-device ticket
+//                                buffer zeroed once and left at 0 by each call's last CTAs; not safe for decode calls
+//                                running concurrently on several streams; decode_api.cpp kept_tickets)
 //   ELASTIC_DECODE_COMBINE=v1    decode: round 1's combine kernel (each thread walks the items' lse one after
 //                                another) instead of round 2's latency-light one (v2, the default: csrc/decode/
 //                                decode_combine_v2.cuh, lse of all items loaded at once with a block max / sum, float4
@@ -61,6 +83,9 @@
 //                                the split kernel (tensor-core, cp.async copies) signalling it as each CTA's last
 //                                instruction; PDL=early: diagnostic, the signal as the split CTA's first instruction,
 //                                as in round 2 (whose split kernel ran 10-30% slower at batch 8; decode_pdl.cuh)
+//   ELASTIC_DECODE_LATE_Q=1      tensor-core decode kernel: Q's fragments loaded after the pipeline prologue's K/V
+//                                copies are issued (default: before; the SASS packs Q's halves right after its loads,
+//                                so the first LDGSTS waits one memory round trip; decode_mma_kernel.cuh kLateQ)
 //   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops.py) computes its output mix,
 //                                dz and the branch-gradient sums with torch elementwise ops (weighted dO per branch)
 //                                instead of the fused train_mix_combine / train_mix_dz kernels (csrc/train_mix/)
@@ -70,7 +95,7 @@
 //   ELASTIC_NONFINITE_PREPASS=0  skip the non-finite K / V prepass (nonfinite.cuh): times the forward without it;
 //                                the non-finite rule then fails for non-finite K / V rows (timing only)
 // Unset or empty means the default; any other value than those listed (0 / 1, STAGES 2 / 3, COPY zfill / plain /
-// tma / pairs, COMBINE v1 / v2, PDL 0 / 1 / early) is an error naming
+// tma / pairs, COMBINE v1 / v2, FUSED_COMBINE 0 / 1 / v2 / v2_keep, PDL 0 / 1 / early) is an error naming
 // the variable, so that a typo never times the wrong kernel.
 #pragma once
 #include <string>
@@ -94,6 +119,12 @@ struct KernelOptions {
   // backward ms default | 1 | 2: 8K dense 3.20 | 3.16 | 3.20, 32K dense 47.05 | 47.05 | 47.43, 32K 6/8 STREAM 19.40 |
   // 19.04 | 19.41: no gain beyond the spread, so 0 stays.
   int sm90_bwd_overlap = 0;  // 0, 1 (overlapped order) or 2 (and dK deferred into the next stage)
+  // Hopper backward with TMA dQ and the default order: the lean stage tail (BwdSm90Traits::LEAN; same shared-memory
+  // bytes, so the same results): static SASS of the bf16 D128 unmasked stage per warp 556 -> 468 / 417 (ring slot
+  // 0 / 1; benchmarks/NOTES.md "The lean stage tail"). Default since the A/B on the H200 (experiments/time_bwd_det.py,
+  // 3 interleaved rounds, backward ms plain -> lean): 8K dense 3.07 -> 3.03, 32K dense 46.36 -> 43.94 (-5.2%), 32K 6/8
+  // STREAM 18.50 -> 17.66 (-4.5%); memcheck clean (tests/gpu_sanitize.py runs the plain tail too).
+  bool sm90_bwd_lean = true;
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;
@@ -120,7 +151,16 @@ struct KernelOptions {
   // 2026-12-02_h200_order/): pv_first 1.01x / 1.01x / 1.02x at dense 8K / 32K / 128K but 0.97x at all-BLOCK 32K;
   // the branch-free rescale form 1.04x / 1.01x / 1.00x and 0.98x: within the rounds' spread, so the proven order stays.
   bool sm90_pv_wait_first = false;
+  // ncu, 32K dense (results/ncu/2026-12-02_h200_fa4_vs_ours/): the consumers' turn wait (the bar.sync before the
+  // k_full TRYWAIT at smem 0x38010) is 2.2x FA4's, i.e. the other warpgroup is late from its S wait to its next
+  // issue; the 32 F2FP of the P packing after P V's wait are part of that path. true = pack into a second buffer
+  // among the exps (ELASTIC_SM90_PACK_EARLY); untimed when written.
+  bool sm90_pack_early = false;
   bool sm90_verbose = false;
+  // XAttention estimate, kernel 1 on Hopper: wgmma (two 64-row warpgroups, m64n128k16 from the swizzled cp.async
+  // ring) instead of mma.sync; elsewhere (or in a build without a 9.0a pass) always mma.sync. Untimed when written
+  // (mma.sync: 0.290 / 1.430 / 24.4 ms at 8K / 32K / 128K, every head BLOCK, Llama shape, H200).
+  bool xattn_sm90 = true;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
   // Tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B (the default), 2 TMA, 3 pairs.
@@ -129,7 +169,11 @@ struct KernelOptions {
   // 0.1483 (75%) (0.1472); 128K B8 1.2597 (71%) -> 1.0182 (88%) (1.0217) (results/decode/2026-12-02_h200_copy_
   // variants/). The zero-fill operand on every copy made ncu count 32 L2 sectors per 512 contiguous bytes.
   int decode_copy = 1;
-  bool decode_fused_combine = false;  // tensor-core decode: the last CTA of a split pair merges its partials
+  // Tensor-core decode, combine fused into the split kernel: 0 off (a combine launch), 1 the last CTA of a split pair
+  // merges its partials one element per thread (combine_element: serial over the items; measured slower everywhere),
+  // 2 ("v2") the last CTA merges them across all its threads (decode_fused_merge.cuh; untimed when written), 3
+  // ("v2_keep") v2 with tickets kept zero across calls instead of a memset per call (diagnostic).
+  int decode_fused_combine = 0;
   // Decode combine kernel: 1 round 1's, 2 round 2's latency-light one (the default). On round 1's split kernel, H200,
   // bf16, Llama-3.1-8B shape (experiments/time_decode_variants.py, results/decode/2026-12-02_h200_combine_v2/), ms
   // v1 -> v2: 32K B1 FULL 0.0485 -> 0.0427, 32K B1 6/8 STREAM 0.0413 -> 0.0221, 128K B1 FULL 0.1471 -> 0.1402,
@@ -139,6 +183,7 @@ struct KernelOptions {
   // 2 ("early") at its start (round 2's placement). Same run: 1 and early within +-1% of 0 in every case (and early
   // not slower at batch 8, so round 2's batch-8 loss is not explained by it), so no PDL.
   int decode_pdl = 0;
+  bool decode_late_q = false;  // tensor-core decode: Q loaded after the prologue's K/V copies (untimed when written)
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
   // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
   // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'

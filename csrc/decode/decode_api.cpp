@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <mutex>
 
 #include "attention/check_msg.h"
 #include "attention/kernel_options.h"
@@ -57,6 +58,27 @@ int sm_count(int device) {
     cached[device].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// ELASTIC_DECODE_FUSED_COMBINE=v2_keep (diagnostic: what the per-call ticket memset costs): one ticket buffer per
+// device, zeroed when it is allocated, outside any capture (a capture would record the zeroing instead of running
+// it); every call's last CTA of each split pair puts its ticket back to 0 (decode_fused_merge.cuh), so calls ordered
+// on one stream (or one graph's replays) find zeros. Calls running concurrently on several streams would share the
+// tickets: not safe there, which is why the default keeps the memset.
+int32_t* kept_tickets(int device, int64_t pairs, const at::TensorOptions& options) {
+  static std::mutex mutex;
+  static at::Tensor buffers[64];
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& t = buffers[device >= 0 && device < 64 ? device : 0];
+  if (!t.defined() || t.numel() < pairs) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status));
+    ELASTIC_CHECK(status == cudaStreamCaptureStatusNone, kOp,
+                  "ELASTIC_DECODE_FUSED_COMBINE=v2_keep allocates its ticket buffer outside graph capture: call ",
+                  "decode_attention once (with at least as many sample x KV head pairs) before capturing");
+    t = at::zeros({std::max<int64_t>(pairs, 4096)}, options.dtype(at::kInt));
+  }
+  return t.data_ptr<int32_t>();
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& full_k,
@@ -162,11 +184,15 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   p.window = static_cast<int32_t>(window);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   // Tensor-core kernel's A/B switches (kernel_options.h): K/V copy form, and the combine fused into the last CTA of
-  // each split pair. The tickets are zeroed by a memset on the stream (a graph captures it as a memset node).
+  // each split pair. The tickets are zeroed by a memset on the stream (a graph captures it as a memset node), except
+  // under ELASTIC_DECODE_FUSED_COMBINE=v2_keep (kept_tickets: zeroed once, left at 0 by every call's last CTAs).
   p.copy_mode = mma ? kernel_options().decode_copy : 0;
-  p.fused_combine = mma && kernel_options().decode_fused_combine ? 1 : 0;
+  const int fused = mma ? kernel_options().decode_fused_combine : 0;  // 0 off, 1 serial, 2 all-thread, 3 + kept
+  p.fused_combine = fused == 3 ? 2 : fused;
   at::Tensor ticket;
-  if (p.fused_combine) {
+  if (fused == 3) {
+    p.ticket = kept_tickets(device.index(), B * Hkv, q.options());
+  } else if (fused != 0) {
     ticket = at::empty({B * Hkv}, q.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(ticket.data_ptr(), 0, ticket.numel() * sizeof(int32_t),
                                    c10::cuda::getCurrentCUDAStream().stream()));
@@ -175,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   // Combine kernel and launch form (ELASTIC_DECODE_COMBINE / ELASTIC_DECODE_PDL; decode_launch.cu).
   p.combine_v2 = kernel_options().decode_combine == 2 ? 1 : 0;
   p.pdl = kernel_options().decode_pdl;
+  p.late_q = mma && kernel_options().decode_late_q ? 1 : 0;
   launch_decode_attention(p, bf16, static_cast<int>(D), rows_per_chunk, mma,
                           c10::cuda::getCurrentCUDAStream().stream());
   return {out, lse};

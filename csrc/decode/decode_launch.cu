@@ -66,14 +66,17 @@ void launch_combine(const DecodeParams& p, bool pdl, cudaStream_t stream) {
 // kLayout: the tensor-core kernel's copy / shared-memory layout (decode_mma_kernel.cuh): 0 cp.async, 1 TMA
 // (ELASTIC_DECODE_COPY=tma; 1 KB more for the 1024-byte alignment), 2 the diagnostic pairs layout. kTrigger: where
 // the tensor-core kernel signals a programmatic dependent combine (decode_pdl.cuh; instances of layout 0 only).
-template <typename T, int D, int kRows, bool kMma, int kLayout = 0, int kTrigger = decode::kTriggerNone>
+// kVariant: the tensor-core instance's batch-1 variant flags (decode_mma_kernel.cuh MmaVariant): kFusedMerge
+// (ELASTIC_DECODE_FUSED_COMBINE=v2, decode_fused_merge.cuh), kLateQ (ELASTIC_DECODE_LATE_Q=1).
+template <typename T, int D, int kRows, bool kMma, int kLayout = 0, int kTrigger = decode::kTriggerNone,
+          int kVariant = 0>
 struct Split {
   static constexpr bool kTma = kLayout == 1;
   static constexpr int kSmem = kMma ? (kTma ? decode::MmaShape<D>::kSmemBytesTma : decode::MmaShape<D>::kSmemBytes)
                                     : decode::kSmemBytes;
   static auto kernel() {
     if constexpr (kMma)
-      return decode::decode_mma_kernel<T, D, kRows, kLayout, kTrigger>;
+      return decode::decode_mma_kernel<T, D, kRows, kLayout, kTrigger, kVariant>;
     else
       return decode::decode_split_kernel<T, D, kRows>;
   }
@@ -151,6 +154,19 @@ struct Launch {
     const bool pdl = p->pdl != 0 && device_major() >= 9;
     // TMA copies (ELASTIC_DECODE_COPY=tma) where the sm_90 body runs and every pool can be mapped; else zero-fill
     // cp.async (copy_mode 2 means zfill to the cp.async instance).
+    // The batch-1 variants (ELASTIC_DECODE_FUSED_COMBINE=v2, ELASTIC_DECODE_LATE_Q=1): their own cp.async instances
+    // (copy plain or zfill by p.copy_mode; tma falls back to zfill there), without a PDL trigger (a PDL combine after
+    // the late-Q instance is still correct: the split grid signals when it completes); the fused one launches no
+    // combine.
+    if (mma && (p->fused_combine == 2 || p->late_q)) {
+      if (p->fused_combine == 2 && p->late_q)
+        Split<T, D, R, true, 0, decode::kTriggerNone, decode::kFusedMerge | decode::kLateQ>::launch(*p, maps, pdl, s);
+      else if (p->fused_combine == 2)
+        Split<T, D, R, true, 0, decode::kTriggerNone, decode::kFusedMerge>::launch(*p, maps, pdl, s);
+      else
+        Split<T, D, R, true, 0, decode::kTriggerNone, decode::kLateQ>::launch(*p, maps, pdl, s);
+      return 0;
+    }
     if (mma && p->copy_mode == 2 && Split<T, D, R, true, 1>::runnable() &&
         encode_decode_maps(*p, bf16, D, maps, nullptr)) {
       Split<T, D, R, true, 1>::launch(*p, maps, pdl, s);

@@ -39,6 +39,7 @@
 #pragma once
 #include "attention/attention_mma.cuh"
 #include "attention/sm90/tma.cuh"
+#include "decode/decode_fused_merge.cuh"
 #include "decode/decode_kernel.cuh"
 #include "decode/decode_tma.h"
 
@@ -97,7 +98,13 @@ __device__ __forceinline__ uint32_t q_bits(const void* q, int64_t i) {
 // kLayout: 0 cp.async (zfill / plain), 1 TMA, 2 cp.async into the diagnostic 32-byte-unit layout (mma_smem_offset).
 // kTrigger (decode_pdl.cuh): where the instance signals a programmatic dependent combine launch; none in the
 // default instance (ELASTIC_DECODE_PDL=0), so that its code is round 1's.
-template <typename T, int D, int kRows, int kLayout, int kTrigger = kTriggerNone>
+// kVariant: bit flags of the batch-1 fixed-cost variants (0 in every other instance, whose code stays round 1's):
+// kFusedMerge, ELASTIC_DECODE_FUSED_COMBINE=v2 (the pair's last CTA merges the partials with all its threads,
+// decode_fused_merge.cuh); kLateQ, ELASTIC_DECODE_LATE_Q=1 (Q's fragments loaded after the prologue's copies are
+// issued: in the default instance the PRMTs that pack Q's 16-bit halves wait for Q's loads before the first LDGSTS,
+// so every CTA starts streaming K/V one L2 / HBM round trip late, on the critical path of a batch-1 call).
+enum MmaVariant : int { kFusedMerge = 1, kLateQ = 2 };
+template <typename T, int D, int kRows, int kLayout, int kTrigger = kTriggerNone, int kVariant = 0>
 __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
     decode_mma_kernel(const DecodeParams p, const __grid_constant__ DecodeMaps maps) {
   constexpr bool kTma = kLayout == 1;
@@ -130,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
   // reg2 = dims 16k + 8 + 2t4 .. +1; reg1 / reg3 (rows g + 8) are zero. Rows past the group are zero too.
   uint32_t qa[S::kKSteps][2];
   const bool row_ok = g < p.rows && pv.valid;
-  {
+  if constexpr ((kVariant & kLateQ) == 0) {  // the default instance: this block as in round 1
     const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
 #pragma unroll
     for (int k = 0; k < S::kKSteps; ++k) {
@@ -238,6 +245,17 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
     if (s < n_tiles) load_tile(s, s);
     if constexpr (!kTma) cp_async_commit();
   }
+  if constexpr ((kVariant & kLateQ) != 0) {  // ELASTIC_DECODE_LATE_Q: the same loads after the first copies are issued
+    const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
+#pragma unroll
+    for (int k = 0; k < S::kKSteps; ++k) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = base + 16 * k + 8 * half + 2 * t4;
+        qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
+      }
+    }
+  }
   const int key0 = warp * S::kKeysPerWarp;
   const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane gives the address of row mr of matrix mi
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -344,7 +362,11 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
   }
   __syncthreads();
   write_rows<T, D, kRows, kWarps>(p, smem, pv, it, 0, b, h);
-  if (p.fused_combine && it.count > 1) combine_in_last_cta<T, D, kRows>(p, it);
+  if constexpr ((kVariant & kFusedMerge) != 0) {
+    if (it.count > 1) merge_in_last_cta<T, D, kRows>(p, it, smem);
+  } else {
+    if (p.fused_combine && it.count > 1) combine_in_last_cta<T, D, kRows>(p, it);
+  }
   // ELASTIC_DECODE_PDL=1: this CTA's outputs are stored; the combine may launch once every CTA got here (or exited).
   if constexpr (kTrigger == kTriggerEnd) signal_dependents();
 }

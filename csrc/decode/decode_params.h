@@ -41,13 +41,15 @@ struct DecodeParams {
   // Tensor-core kernel only (ELASTIC_DECODE_COPY / ELASTIC_DECODE_FUSED_COMBINE, kernel_options.h):
   int32_t copy_mode;      // 0 cp.async with zero-fill, 1 plain cp.async + L2::256B on full tiles, 2 TMA (launch
                           // falls back to 0 where TMA is not available), 3 zero-fill into the diagnostic layout
-  int32_t fused_combine;  // 1: the last CTA of each split pair merges its partials (no combine launch)
+  int32_t fused_combine;  // the last CTA of each split pair merges its partials (no combine launch): 1 one element
+                          // per thread (combine_element), 2 all threads at once (decode_fused_merge.cuh)
   int32_t* ticket;        // [B * Hkv], zero at launch when fused_combine: CTAs of a pair that finished
   // Combine launch (ELASTIC_DECODE_COMBINE / ELASTIC_DECODE_PDL, kernel_options.h; decode_launch.cu). Last in the
   // struct so that the split kernels' parameter offsets stay those of round 1.
   int32_t combine_v2;     // 1: the latency-light combine kernel (decode_combine_v2.cuh)
   int32_t pdl;            // 0 off; a programmatic dependent launch signalled 1 at the end of each split CTA,
                           // 2 at its start (decode_pdl.cuh)
+  int32_t late_q;         // 1: the tensor-core kernel loads Q after its prologue copies (ELASTIC_DECODE_LATE_Q)
 };
 
 // CTAs of the split kernel one SM holds (occupancy query, cached): the automatic item target is this times the

@@ -68,7 +68,6 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// log2-sum-exp of a block from its sum of exp2(x - m_use); an empty (all underflowed) block is -inf.
 // Zero an accumulator array (fully unrolled: it stays in registers).
 template <int A, int B, int C>
 __device__ __forceinline__ void zero_fragments(float (&acc)[A][B][C]) {
@@ -80,8 +79,88 @@ __device__ __forceinline__ void zero_fragments(float (&acc)[A][B][C]) {
       for (int c = 0; c < C; ++c) acc[a][b][c] = 0.f;
 }
 
+// log2-sum-exp of a block from its sum of exp2(x - m_use); an empty (all underflowed) block is -inf.
 __device__ __forceinline__ float block_lse2(float m_use, float sum) {
   return sum > 0.f ? m_use + log2f(sum) : -INFINITY;
+}
+
+// One accumulator row slot of a finished key tile (columns col0 .. col0 + kCols - 1; this thread holds columns
+// nb * 8 + 2 * t4 + c of the row, the other three lanes of its quad the rest, as in the mma.sync m16n8 C layout
+// and the wgmma accumulator layout alike): causal mask, online softmax, block sums. `at(nb, c)` is the
+// accumulator entry; m is the row's query group (-1: a row past the CTA's rows, every column masked, the row
+// stays empty without NaN through m_use); hq its query head. Registers and global stores only, so the next
+// tile's slices keep loading meanwhile. Each branch is uniform over the warp (per is a launch constant), so
+// the quad shuffles inside are safe.
+template <typename At>
+__device__ __forceinline__ void tile_row_stats(const XattnParams& p, At&& at, int m, int b, int hq, int col0, int t4,
+                                               float& run_max, float& run_sum) {
+  constexpr int NB8 = kCols / 8;
+  const int per = p.per;
+  float mx = run_max;
+#pragma unroll
+  for (int nb = 0; nb < NB8; ++nb)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = col0 + nb * 8 + 2 * t4 + c;
+      const float x = col <= m ? at(nb, c) * p.scale_log2 : -INFINITY;
+      at(nb, c) = x;
+      mx = fmaxf(mx, x);
+    }
+  mx = quad_max(mx);
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  const float alpha = exp2f(run_max - m_use);  // 0 on the first tile (run_max -inf)
+  run_max = mx;
+  float tile_sum = 0.f;
+#pragma unroll
+  for (int nb = 0; nb < NB8; ++nb)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float e = exp2f(at(nb, c) - m_use);
+      at(nb, c) = e;
+      tile_sum += e;
+    }
+  run_sum = run_sum * alpha + quad_sum(tile_sum);
+
+  // Block sums. Blocks are `per` key groups and never straddle a key tile (per divides kCols).
+  const int r = m >= 0 ? m / per : -1;  // causal blocks of the row: 0 .. r
+  float* ws = p.ws_block + (int64_t(b) * p.heads_q + hq) * p.ws_head_stride +
+              int64_t(per) * (tri(r) - tri(p.r0)) + int64_t(m - r * per) * (r + 1);  // row m's entries
+  if (per >= 8) {
+    const int chunks = per / 8;  // n8 blocks per key block
+    float bsum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NB8; ++nb) {
+      bsum += quad_sum(at(nb, 0) + at(nb, 1));
+      if (((nb + 1) & (chunks - 1)) == 0) {
+        const int bi = nb / chunks;  // block within the tile
+        const int cb = (col0 + nb * 8) / per;
+        if ((bi & 3) == t4 && cb <= r) ws[cb] = block_lse2(m_use, bsum);
+        bsum = 0.f;
+      }
+    }
+  } else if (per == 4) {
+#pragma unroll
+    for (int nb = 0; nb < NB8; ++nb) {
+      float v = at(nb, 0) + at(nb, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      const int cb = (col0 + nb * 8 + 2 * t4) / 4;
+      if ((t4 & 1) == 0 && cb <= r) ws[cb] = block_lse2(m_use, v);
+    }
+  } else if (per == 2) {
+#pragma unroll
+    for (int nb = 0; nb < NB8; ++nb) {
+      const int cb = (col0 + nb * 8 + 2 * t4) / 2;
+      if (cb <= r) ws[cb] = block_lse2(m_use, at(nb, 0) + at(nb, 1));
+    }
+  } else {  // per == 1
+#pragma unroll
+    for (int nb = 0; nb < NB8; ++nb)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int cb = col0 + nb * 8 + 2 * t4 + c;
+        if (cb <= r) ws[cb] = block_lse2(m_use, at(nb, c));
+      }
+  }
 }
 
 template <typename T, int D>
@@ -224,80 +303,13 @@ __global__ void __launch_bounds__(kThreads, 2) xattn_scores_kernel(const XattnPa
     }
 
     if (++kc < NK) continue;
-    // ---- key tile kt complete: causal mask, online softmax, block sums (registers and global stores only,
-    // so the next tile's slices keep loading meanwhile).
-    const int col0 = kt * kCols;
+    // ---- key tile kt complete: causal mask, online softmax, block sums (tile_row_stats).
 #pragma unroll
     for (int ri = 0; ri < 4; ++ri) {
       const int mt = ri / 2, hf = ri % 2;
-      const int m = row_m[ri];  // -1: every column masked, the row stays empty (no NaN: m_use below)
-      float mx = run_max[ri];
-#pragma unroll
-      for (int nb = 0; nb < NB8; ++nb)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = col0 + nb * 8 + 2 * t4 + c;
-          const float x = col <= m ? acc[mt][nb][hf * 2 + c] * p.scale_log2 : -INFINITY;
-          acc[mt][nb][hf * 2 + c] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(run_max[ri] - m_use);  // 0 on the first tile (run_max -inf)
-      run_max[ri] = mx;
-      float tile_sum = 0.f;
-#pragma unroll
-      for (int nb = 0; nb < NB8; ++nb)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float e = exp2f(acc[mt][nb][hf * 2 + c] - m_use);
-          acc[mt][nb][hf * 2 + c] = e;
-          tile_sum += e;
-        }
-      run_sum[ri] = run_sum[ri] * alpha + quad_sum(tile_sum);
-
-      // Block sums. Blocks are `per` key groups and never straddle a key tile (per divides kCols). Each
-      // branch is uniform over the warp (per is a launch constant), so the shuffles inside are safe.
-      const int r = m >= 0 ? m / per : -1;  // causal blocks of the row: 0 .. r
       const int hq = kvh * group + (row0 + warp_row0 + mt * 16 + hf * 8 + g8) % group;
-      float* ws = p.ws_block + (int64_t(b) * p.heads_q + hq) * p.ws_head_stride +
-                  int64_t(per) * (tri(r) - tri(p.r0)) + int64_t(m - r * per) * (r + 1);  // row m's entries
-      if (per >= 8) {
-        const int chunks = per / 8;  // n8 blocks per key block
-        float bsum = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < NB8; ++nb) {
-          bsum += quad_sum(acc[mt][nb][hf * 2] + acc[mt][nb][hf * 2 + 1]);
-          if (((nb + 1) & (chunks - 1)) == 0) {
-            const int bi = nb / chunks;  // block within the tile
-            const int cb = (col0 + nb * 8) / per;
-            if ((bi & 3) == t4 && cb <= r) ws[cb] = block_lse2(m_use, bsum);
-            bsum = 0.f;
-          }
-        }
-      } else if (per == 4) {
-#pragma unroll
-        for (int nb = 0; nb < NB8; ++nb) {
-          float v = acc[mt][nb][hf * 2] + acc[mt][nb][hf * 2 + 1];
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          const int cb = (col0 + nb * 8 + 2 * t4) / 4;
-          if ((t4 & 1) == 0 && cb <= r) ws[cb] = block_lse2(m_use, v);
-        }
-      } else if (per == 2) {
-#pragma unroll
-        for (int nb = 0; nb < NB8; ++nb) {
-          const int cb = (col0 + nb * 8 + 2 * t4) / 2;
-          if (cb <= r) ws[cb] = block_lse2(m_use, acc[mt][nb][hf * 2] + acc[mt][nb][hf * 2 + 1]);
-        }
-      } else {  // per == 1
-#pragma unroll
-        for (int nb = 0; nb < NB8; ++nb)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int cb = col0 + nb * 8 + 2 * t4 + c;
-            if (cb <= r) ws[cb] = block_lse2(m_use, acc[mt][nb][hf * 2 + c]);
-          }
-      }
+      tile_row_stats(p, [&](int nb, int c) -> float& { return acc[mt][nb][hf * 2 + c]; }, row_m[ri], b, hq,
+                     kt * kCols, t4, run_max[ri], run_sum[ri]);
     }
     zero_fragments(acc);
     kc = 0;

@@ -289,21 +289,29 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
                            "was not called on this model")
     if dropout:
         raise NotImplementedError(f"elastic attention does not implement attention dropout (got {dropout})")
+    layer_idx = module.layer_idx
     # The cache layer that returned `key`, looked up once: an ElasticStaticCache layer or an ElasticCache one.
-    layer = None if state.mix.active else state.elastic_cache_layer(module.layer_idx, key)
-    static_layer = layer if isinstance(layer, ElasticStaticLayer) else None
-    cache_layer = None if static_layer is not None else layer
-    if static_layer is not None and static_layer.prefilled:  # decode step over an ElasticStaticCache
-        state.pre_rope_keys[module.layer_idx] = None
-        return static_layer.attend(query, scaling), None
+    # (The hot path of a prefill without one, e.g. transformers' DynamicCache, skips the calls: this function's
+    # host time is what a small model's GPU prefill waits on, #15.)
+    mix_active = state.mix.active
+    layer = None if mix_active or state._cache_ref is None else state.elastic_cache_layer(layer_idx, key)
+    static_layer = cache_layer = None
+    if layer is not None:
+        if isinstance(layer, ElasticStaticLayer):
+            static_layer = layer
+            if static_layer.prefilled:  # decode step over an ElasticStaticCache
+                state.pre_rope_keys[layer_idx] = None
+                return static_layer.attend(query, scaling), None
+        else:
+            cache_layer = layer
     B, Hq, Sq, D = query.shape
     Skv = key.shape[2]
-    sliding = kwargs.get("sliding_window")
-    if sliding is not None and Skv > sliding:
-        raise NotImplementedError(f"layer {module.layer_idx} uses the model's own sliding window ({sliding}) and the "
-                                  f"sequence ({Skv}) is longer; elastic attention does not combine with it")
-    layer_idx = module.layer_idx
-    padding = state.padding_layout(attention_mask, Sq, Skv)
+    if kwargs:
+        sliding = kwargs.get("sliding_window")
+        if sliding is not None and Skv > sliding:
+            raise NotImplementedError(f"layer {layer_idx} uses the model's own sliding window ({sliding}) and the "
+                                      f"sequence ({Skv}) is longer; elastic attention does not combine with it")
+    padding = None if attention_mask is None else state.padding_layout(attention_mask, Sq, Skv)
     recomputing = _in_backward()
     if Sq == Skv:  # prefill of a new sequence (no cache, or an empty one)
         if attention_mask is None:
@@ -324,21 +332,24 @@ def elastic_attention_forward(module, query, key, value, attention_mask, scaling
         # A router's modes stay on the device: its layers always run the estimate, which skips the heads that are
         # not BLOCK on the device; a fixed table's layers without a BLOCK head skip it on the host.
         modes = state._mode_lists[layer_idx]
-        if state.mix.active or modes is None or any(BLOCK in row for row in modes):
+        if mix_active or modes is None or any(BLOCK in row for row in modes):
             block_mask = state.block_mask(layer_idx, q, k, padding, scaling)
     elif block_sparse:  # the prefill's block masks do not cover new queries: BLOCK heads attend densely
         head_mode = torch.where(head_mode == BLOCK, FULL, head_mode)
-    kw = dict(sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
     if cache_layer is not None and cache_layer.compacted:
         out = _attention_over_compacted_cache(q, k, v, cache_layer, scaling, state.strategy)
-    elif state.mix.active and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
+    elif mix_active and not (block_sparse and Sq != Skv):  # (a BLOCK continuation is dense, as at inference)
         out = train_mix_attention(q, k, v, z, state.sparse_mode_id, full_branch=state.mix.full_branch,
-                                  block_mask=block_mask, block_size=state.block_size, **kw)
+                                  block_mask=block_mask, block_size=state.block_size, sink=state.sink,
+                                  window=state.window, scale=scaling, strategy=state.strategy, padding=padding)
     else:
-        out = hybrid_attention(q, k, v, head_mode, block_mask=block_mask, block_size=state.block_size, **kw)
+        out = hybrid_attention(q, k, v, head_mode, block_mask=block_mask, block_size=state.block_size,
+                               sink=state.sink, window=state.window, scale=scaling, strategy=state.strategy,
+                               padding=padding)
     if not recomputing:
-        if static_layer is not None:  # the prompt of an ElasticStaticCache goes into its pools with its routing
-            static_layer.commit_prefill(head_mode, padding, sink=state.sink, window=state.window)
+        if static_layer is not None:  # the prompt of an ElasticStaticCache goes into its pools with its routing,
+            # pipelined one layer behind (no host read of this layer's routing now: ElasticStaticCache.stage_commit)
+            state._cache_ref().stage_commit(static_layer, head_mode, padding, sink=state.sink, window=state.window)
         modes = state._mode_lists[layer_idx]
         state.meter.count(layer_idx, state._head_mode[layer_idx] if modes is None else modes, Sq, Skv, padding,
                           state.sink, state.window)

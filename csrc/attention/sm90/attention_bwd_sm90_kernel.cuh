@@ -72,11 +72,21 @@ struct BwdTmaMaps {
 // then. The loop head (full-barrier wait, stage info, descriptors) and the issue of S and dP overlap dK, and the tensor
 // cores' queue does not drain between stages. A slot then comes back one wait later, so 3 Q/dO stages (the smem
 // budget just holds them: 232,088 of 232,448 bytes).
+// LEAN (ELASTIC_SM90_BWD_LEAN=1, the default stage order): fewer instructions for the same shared-memory bytes. dS^T
+// goes to shared memory by 4 stmatrix.x4 (was 16 st.shared.b32 and ~30 address instructions per stage and thread), and
+// the dQ staging addresses are one base per thread XOR-ed with compile-time offsets (the tiles are 1024-byte aligned,
+// so the swizzle's XOR can act on the whole address) instead of ~20 IMAD / LOP3 recomputed each stage; the stage's
+// lse and delta rows are stored in the order the consumer threads read them (stage_row_pos). The consumer
+// loop is unrolled over the 2 ring slots (slot, phase and dS^T buffer compile-time). The dQ staging tile is
+// double-buffered (the last 32 KiB of shared memory) so that its named barrier before the stores goes: a warpgroup's
+// leader waits for the reduce-add of the step before (wait_group.read 1) right after issuing its own, and the next
+// step's dS barrier, which the leader reaches only after that wait, tells the other threads that the buffer is free.
 template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false,
-          bool OVERLAP_ = false, bool DEFER_ = false>
+          bool OVERLAP_ = false, bool DEFER_ = false, bool LEAN_ = false>
 struct BwdSm90Traits {
   static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_, OVERLAP = OVERLAP_,
-                        DEFER = DEFER_;
+                        DEFER = DEFER_, LEAN = LEAN_;
+  static_assert(!LEAN || !OVERLAP, "the overlapped order has its own stmatrix tail");
   static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
   static_assert(!OVERLAP || (DQ_TMA && !EARLY_RELEASE), "the overlapped order stages dQ for the TMA reduce-add");
   static_assert(!DEFER || OVERLAP, "the deferred dK wait builds on the overlapped order");
@@ -88,12 +98,13 @@ struct BwdSm90Traits {
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BN / 64, NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
   static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
+  static constexpr int DQ_BUFS = LEAN ? 2 : 1;     // staging tiles per warpgroup
   // Per stage: lse * log2(e) and delta of the BM rows (floats), then the stage's info (8 ints, StageInfo).
   static constexpr int META_BYTES = 2 * BM * 4 + 32;
   static constexpr int NUM_BARRIERS = 1 + 2 * STAGES;  // K/V full; per stage full and empty
   // 1024: alignment slack of the 128-byte swizzle; K, V; Q and dO per stage; dS^T twice; stage meta; barriers.
   static constexpr int SMEM_BYTES =
-      1024 + 2 * KV_BYTES + STAGES * 2 * QT_BYTES + 2 * DS_BYTES + (DQ_TMA ? CONSUMER_WGS * DQ_WG_BYTES : 0) +
+      1024 + 2 * KV_BYTES + STAGES * 2 * QT_BYTES + 2 * DS_BYTES + (DQ_TMA ? CONSUMER_WGS * DQ_WG_BYTES * DQ_BUFS : 0) +
       STAGES * META_BYTES + NUM_BARRIERS * 8;
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Consumers hold dK and dV (D / 2 + D / 2 fp32 per thread), S^T and dP^T (32 + 32) and dQ (32). The sum must fit
@@ -162,22 +173,47 @@ __device__ __forceinline__ void load_rows_zero_fill(T* smem, const T* gmem, int6
   }
 }
 
+// The rows' lse * log2(e) or delta of query columns 8 i + 2 t4 + {0, 1} (i = 0 .. 7), as float2 pairs. ROWS_BY_T4
+// (LEAN): the producer stores row r = 8 i + 2 t4 + c at 16 t4 + 2 i + c, so that a thread's 16 values are contiguous
+// and arrive by 4 LDS.128 instead of 8 LDS.64 per array and stage.
+template <bool ROWS_BY_T4>
+__device__ __forceinline__ int stage_row_pos(int r) {
+  return ROWS_BY_T4 ? ((r >> 1) & 3) * 16 + (r >> 3) * 2 + (r & 1) : r;
+}
+template <bool ROWS_BY_T4>
+__device__ __forceinline__ void load_row_pairs(float2 (&out)[2], const float* rows, int j, int t4) {
+  if constexpr (ROWS_BY_T4) {
+    const float4 v = *reinterpret_cast<const float4*>(rows + 16 * t4 + 4 * j);
+    out[0] = make_float2(v.x, v.y);
+    out[1] = make_float2(v.z, v.w);
+  } else {
+    out[0] = *reinterpret_cast<const float2*>(rows + 8 * (2 * j) + 2 * t4);
+    out[1] = *reinterpret_cast<const float2*>(rows + 8 * (2 * j + 1) + 2 * t4);
+  }
+}
+
 // P^T = exp2(S^T * scale_log2 - lse2) of this thread's 32 entries (entry 4 i + 2 hf + c: query column 8 i + 2 t4 + c);
 // MASKED: entries whose bit in `vis` is clear are exactly 0 (selected, so that nothing of them enters). exp2 runs for
 // every entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded
 // the scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS
 // select (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
-template <bool MASKED>
+template <bool MASKED, bool ROWS_BY_T4 = false>
 __device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
                                           uint32_t vis) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float2 l2 = *reinterpret_cast<const float2*>(s_lse2 + 8 * i + 2 * t4);
+  for (int j = 0; j < 4; ++j) {
+    float2 l2p[2];
+    load_row_pairs<ROWS_BY_T4>(l2p, s_lse2, j, t4);
 #pragma unroll
-    for (int e2 = 0; e2 < 4; ++e2) {
-      const int e = 4 * i + e2;
-      const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2.y : l2.x)));
-      s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    for (int ii = 0; ii < 2; ++ii) {
+      const int i = 2 * j + ii;
+      const float2 l2 = l2p[ii];
+#pragma unroll
+      for (int e2 = 0; e2 < 4; ++e2) {
+        const int e = 4 * i + e2;
+        const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2.y : l2.x)));
+        s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+      }
     }
   }
 }
@@ -225,17 +261,23 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
 // dS^T = P^T (dP^T - delta) in place of dP^T; MASKED: entries whose bit in `vis` is clear are exactly 0 (a masked
 // entry's dP - delta may be non-finite: the bad rows of the non-finite rule). Dropping this select (P is already 0
 // there, and the producer could store delta = 0 for bad rows) was tried: ptxas then serialized the wgmma (C7512).
-template <bool MASKED>
+template <bool MASKED, bool ROWS_BY_T4 = false>
 __device__ __forceinline__ void bwd_dscores(float (&dp)[32], const float (&pr)[32], const float* s_delta, int t4,
                                             uint32_t vis) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float2 dl = *reinterpret_cast<const float2*>(s_delta + 8 * i + 2 * t4);
+  for (int j = 0; j < 4; ++j) {
+    float2 dlp[2];
+    load_row_pairs<ROWS_BY_T4>(dlp, s_delta, j, t4);
 #pragma unroll
-    for (int e2 = 0; e2 < 4; ++e2) {
-      const int e = 4 * i + e2;
-      const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
-      dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+    for (int ii = 0; ii < 2; ++ii) {
+      const int i = 2 * j + ii;
+      const float2 dl = dlp[ii];
+#pragma unroll
+      for (int e2 = 0; e2 < 4; ++e2) {
+        const int e = 4 * i + e2;
+        const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
+        dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+      }
     }
   }
 }
@@ -343,8 +385,9 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
                              __ballot_sync(0xffffffffu, isnan(dlt[0]));
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          s_lse2[lane + 32 * hf] = (bad >> (lane + 32 * hf)) & 1u ? NAN : lse2[hf];
-          s_delta[lane + 32 * hf] = dlt[hf];
+          const int at = stage_row_pos<Tr::LEAN>(lane) + (Tr::LEAN ? 8 : 32) * hf;  // (row lane + 32 hf)
+          s_lse2[at] = (bad >> (lane + 32 * hf)) & 1u ? NAN : lse2[hf];
+          s_delta[at] = dlt[hf];
         }
         if (lane == 0) {
           StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
@@ -555,12 +598,13 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   int held_sem = -1, held_token = 0;
   // DEFER: the slot whose stage's dK MMA may still run (-1: none).
   int held_slot = -1;
-  RingPos<Tr::STAGES> pos;
-  for (int it = 0;; ++it) {
-    mbar_wait(sm.full(pos.slot), pos.phase);
-    const unsigned char* meta = gbase + (sm.meta_slot(pos.slot) - base);
+  // One step of the walk: wait for ring slot `slot` (its fill of parity `phase`) and run its stage, whose dS^T goes to
+  // buffer it & 1; false at the end stage.
+  auto step = [&](const int slot, const int phase, const int it) -> bool {
+    mbar_wait(sm.full(slot), phase);
+    const unsigned char* meta = gbase + (sm.meta_slot(slot) - base);
     const StageInfo info = *reinterpret_cast<const StageInfo*>(meta + 2 * BM * 4);
-    if (info.r0 < 0) break;
+    if (info.r0 < 0) return false;
     // One stage, in two instances: MASKED for tiles that are partly visible (diagonal, window edge, BLOCK bits,
     // sequence tail), unmasked for fully visible ones (info.full: a whole tile all of whose (key, query) pairs are
     // visible), which run no visibility bits, bit tests or selects. Chosen here, between stages, where no wgmma is
@@ -580,18 +624,31 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       // the bf16 D128 instance, per warp and fully visible stage: 940 instructions before, 806 after).
       const uint32_t ub = __shfl_sync(0xffffffffu, base, 0);
       auto uaddr = [&](uint32_t addr) { return ub + (addr - base); };
-      const uint32_t q_tile = sm.q_slot(pos.slot), do_tile = sm.do_slot(pos.slot);
-      const SmemDesc k_desc = smem_desc_b128_split(uaddr(sm.k) + wg * 64 * 128, 16, 1024);
-      const SmemDesc v_desc = smem_desc_b128_split(uaddr(sm.v) + wg * 64 * 128, 16, 1024);
+      // The descriptor of the 128-byte-swizzled tile at shared address `addr` (sbo 1024). LEAN: its start field is
+      // (ub >> 4) plus a constant (the stage's slot is compile-time there, and shared addresses stay below 256 KiB, so
+      // the 14-bit field needs no mask: the assumption of SmemDesc::at), one uniform add instead of add, shift, and,
+      // or per descriptor and stage.
+      auto desc_of = [&](uint32_t addr, uint32_t lbo) -> SmemDesc {
+        if constexpr (Tr::LEAN) {
+          const uint64_t fields = smem_desc_b128(0u, lbo, 1024u);  // lbo, sbo and swizzle; start address 0
+          return {(ub >> 4) + ((addr - base) >> 4) + static_cast<uint32_t>(fields),
+                  static_cast<uint32_t>(fields >> 32)};
+        } else {
+          return smem_desc_b128_split(uaddr(addr), lbo, 1024);
+        }
+      };
+      const uint32_t q_tile = sm.q_slot(slot), do_tile = sm.do_slot(slot);
+      const SmemDesc k_desc = desc_of(sm.k + wg * 64 * 128, 16);
+      const SmemDesc v_desc = desc_of(sm.v + wg * 64 * 128, 16);
       // dQ's B operand: the K tile read MN-major (head-dim columns contiguous); at head_dim 128 this warpgroup's
       // 64-column block, at 64 the only one.
-      const SmemDesc k_mn_desc = smem_desc_b128_split(uaddr(sm.k) + (D == 128 ? wg : 0) * BN * 128, BN * 128, 1024);
+      const SmemDesc k_mn_desc = desc_of(sm.k + (D == 128 ? wg : 0) * BN * 128, BN * 128);
 
       // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x the tile's 64 queries).
       float acc_s[32], acc_dp[32];
       {
-        const SmemDesc q_desc = smem_desc_b128_split(uaddr(q_tile), 16, 1024);
-        const SmemDesc do_desc = smem_desc_b128_split(uaddr(do_tile), 16, 1024);
+        const SmemDesc q_desc = desc_of(q_tile, 16);
+        const SmemDesc do_desc = desc_of(do_tile, 16);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -643,11 +700,11 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if (held_slot >= 0) release(sm.empty(held_slot));
       }
       if constexpr (Tr::OVERLAP) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
-      else bwd_probs<MASKED>(acc_s, s_lse2, t4, p.scale_log2, vis);
+      else bwd_probs<MASKED, Tr::LEAN>(acc_s, s_lse2, t4, p.scale_log2, vis);
       // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
       // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
-      const SmemDesc do_mn = smem_desc_b128_split(uaddr(do_tile), BM * 128, 1024);
-      const SmemDesc q_mn = smem_desc_b128_split(uaddr(q_tile), BM * 128, 1024);
+      const SmemDesc do_mn = desc_of(do_tile, BM * 128);
+      const SmemDesc q_mn = desc_of(q_tile, BM * 128);
       uint32_t p_frag[BM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
@@ -669,7 +726,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       wgmma_wait<1>();  // dP^T ready (dV still running)
       fence_regs(acc_dp);
       if constexpr (Tr::OVERLAP) bwd_dscores_pre<MASKED>(acc_dp, acc_s, delta_pre, s_delta, t4, vis);
-      else bwd_dscores<MASKED>(acc_dp, acc_s, s_delta, t4, vis);
+      else bwd_dscores<MASKED, Tr::LEAN>(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -677,8 +734,8 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       if constexpr (Tr::OVERLAP) {
         bwd_stage_tail_overlap<T, Tr>(p, maps, sm, ub, base, b, seq, wg, warp, lane, it, h, r0, ds_frag, p_frag,
                                       acc_dk, acc_dv, q_mn, k_mn_desc);
-        if constexpr (Tr::DEFER) held_slot = pos.slot;  // released at the next stage's wait for S
-        else release(sm.empty(pos.slot));
+        if constexpr (Tr::DEFER) held_slot = slot;  // released at the next stage's wait for S
+        else release(sm.empty(slot));
         return;
       }
       // dK += dS^T Q.
@@ -694,14 +751,25 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       // of query columns, 16-byte chunk q / 8 XOR-ed with row % 8). Fragment x: rows g / g + 8 (x odd), chunks
       // 2 kk / 2 kk + 1 (x >= 2).
       const uint32_t ds_tile = sm.ds_buf(it & 1);
+      if constexpr (Tr::LEAN) {
+        // stmatrix kk stores ds_frag[kk] (matrix x: rows 8 (x & 1) .. + 7 of this warp's 16 keys, 16-byte chunk
+        // 2 kk + (x >> 1); lane 8 x + r addresses row r of matrix x). The chunk (2 kk + (x >> 1)) ^ r is
+        // ((x >> 1) ^ r) ^ 2 kk, and ds_tile is 1024-byte aligned: one XOR of the lane's address by kk << 5 per kk.
+        const int mx = lane >> 3, r = lane & 7;
+        const uint32_t lane_addr =
+            ds_tile + uint32_t(64 * wg + 16 * warp + 8 * (mx & 1) + r) * 128u + uint32_t(((mx >> 1) ^ r) << 4);
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk)
+        for (int kk = 0; kk < BM / 16; ++kk) stmatrix_x4(lane_addr ^ uint32_t(kk << 5), ds_frag[kk]);
+      } else {
 #pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
-          const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][x]) : "memory");
-        }
+        for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            const int row = key_row + 8 * (x & 1), chunk = 2 * kk + (x >> 1);
+            const uint32_t addr = ds_tile + row * 128 + ((chunk ^ (row & 7)) << 4) + t4 * 4;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][x]) : "memory");
+          }
+      }
       fence_proxy_async();  // generic stores, read next by wgmma (async proxy)
       // Head_dim 128: both warpgroups' dS^T rows are read (named barrier 1 over the 256 consumer threads); 64: only
       // this warpgroup's (barrier 1 + wg over its 128). The double buffer makes a second barrier unnecessary: a
@@ -714,7 +782,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       // dQ (= dS K, unscaled) for 64 query rows x 64 head-dim columns.
       float acc_dq[32];
       {
-        const SmemDesc ds_desc = smem_desc_b128_split(uaddr(ds_tile), BN * 128, 1024);
+        const SmemDesc ds_desc = desc_of(ds_tile, BN * 128);
         wgmma_fence();
         constexpr int KSTEPS = D == 128 ? BN / 16 : 4;
 #pragma unroll
@@ -730,7 +798,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         fence_regs(acc_dk);
         fence_regs(p_frag);
         fence_regs(ds_frag);
-        release(sm.empty(pos.slot));
+        release(sm.empty(slot));
         wgmma_wait<0>();
         fence_regs(acc_dq);
       } else {
@@ -740,7 +808,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         fence_regs(acc_dq);
         fence_regs(p_frag);
         fence_regs(ds_frag);
-        release(sm.empty(pos.slot));
+        release(sm.empty(slot));
       }
 
       // dQ rows 16 warp + g (+ 8), columns 8 i + 2 t4 (+1) of this warpgroup's block.
@@ -749,21 +817,44 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         // stores then spread over all banks). Rows past the sequence (a varlen box runs into the next one) hold +-0
         // without a select: their dS is masked to 0 and K is finite (non-finite rows zeroed), so dQ = dS K is a sum of
         // zeros there, and x + (-0) == x for every x. (The select cost 32 FSEL per warp and stage.)
-        const uint32_t stage = sm.dq + wg * Tr::DQ_WG_BYTES;
+        const uint32_t stage = sm.dq + ((Tr::DQ_BUFS == 2 ? (it & 1) * Tr::CONSUMER_WGS : 0) + wg) * Tr::DQ_WG_BYTES;
         const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
-        if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
-        if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
-        else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        if constexpr (!Tr::LEAN) {
+          if (leader) bulk_wait_group_read0();  // the previous step's reduce has read the tile
+          if (wg == 0) asm volatile("bar.sync 3, 128;\n" ::: "memory");
+          else asm volatile("bar.sync 4, 128;\n" ::: "memory");
+        }
+        if constexpr (Tr::LEAN) {
+          // The same addresses: row & 7 == g for both halves, chunk ^ g = (2 (i % 4)) ^ (t4 / 2 ^ g), and `stage` is
+          // 1024-byte aligned, so the XOR by (i % 4) << 5 acts on the whole address; box i / 4 and half hf are adds.
+          const uint32_t thread_addr =
+              stage + uint32_t(16 * warp + g) * 128u + uint32_t(((t4 / 2) ^ g) << 4) + uint32_t(t4 & 1) * 8u;
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int row = 16 * warp + g + 8 * hf;
+          for (int i4 = 0; i4 < 4; ++i4) {
+            const uint32_t col_addr = thread_addr ^ uint32_t(i4 << 5);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
-            const uint32_t addr = stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
-                         "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
-                         : "memory");
+            for (int box = 0; box < 2; ++box)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const int i = 4 * box + i4;
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(col_addr + uint32_t(box * BM * 128 + hf * 1024)),
+                             "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                             : "memory");
+              }
+          }
+        } else {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = 16 * warp + g + 8 * hf;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              const int chunk = 2 * (i % 4) + t4 / 2;  // 16-byte chunk of columns 8 (i % 4) + 2 t4 inside the box
+              const uint32_t addr =
+                  stage + (i / 4) * (BM * 128) + row * 128 + ((chunk ^ (row & 7)) << 4) + (t4 & 1) * 8;
+              asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                           "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                           : "memory");
+            }
           }
         }
         fence_proxy_async();  // generic stores, read next by the copy engine
@@ -776,6 +867,9 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
           for (int box = 0; box < 2; ++box)
             tma_reduce_add_4d(&maps.dq, stage + box * (BM * 128), col0 + 32 * box, seq.q_start + r0, h, bt);
           bulk_commit_group();
+          // LEAN: the other buffer's reduce (the step before) has read it once this returns; the next step's dS
+          // barrier passes that on to the warpgroup (see BwdSm90Traits).
+          if constexpr (Tr::LEAN) bulk_wait_group_read<1>();
         }
       } else {
         // Deterministic mode: this warpgroup's turn on the tile's counter. Head_dim 128: warpgroup w owns columns
@@ -836,7 +930,23 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
     };
     if (info.full && p.sm90_bwd_unmasked) stage(std::false_type{});
     else stage(std::true_type{});
-    pos.advance();
+    return true;
+  };
+  if constexpr (Tr::LEAN) {
+    // The ring's slots unrolled: slot, its phase's parity and the dS^T buffer (it & 1 == slot with 2 slots) are
+    // compile-time in each copy, so the stage's descriptors are the shared base plus constants instead of being
+    // rebuilt from a run-time slot index (IMAD / LOP3 / R2UR per stage), and the ring advance disappears.
+    static_assert(Tr::STAGES == 2, "the unrolled ring of the lean stage has 2 slots (TMA dQ)");
+    for (int phase = 0;; phase ^= 1) {
+      if (!step(0, phase, 0)) break;
+      if (!step(1, phase, 1)) break;
+    }
+  } else {
+    RingPos<Tr::STAGES> pos;
+    for (int it = 0;; ++it) {
+      if (!step(pos.slot, pos.phase, it)) break;
+      pos.advance();
+    }
   }
   if constexpr (Tr::DEFER) {  // the last stage's dK (its slot is not released: the producer has finished)
     wgmma_wait<0>();
@@ -910,7 +1020,7 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
   sm.qdo = sm.v + Tr::KV_BYTES;
   sm.ds = sm.qdo + Tr::STAGES * 2 * Tr::QT_BYTES;
   sm.dq = sm.ds + 2 * Tr::DS_BYTES;
-  sm.meta = sm.dq + (Tr::DQ_TMA ? Tr::CONSUMER_WGS * Tr::DQ_WG_BYTES : 0);
+  sm.meta = sm.dq + (Tr::DQ_TMA ? Tr::CONSUMER_WGS * Tr::DQ_WG_BYTES * Tr::DQ_BUFS : 0);
   sm.bar = sm.meta + Tr::STAGES * Tr::META_BYTES;
   if (threadIdx.x == 0) {
     mbar_init(sm.kv_full(), 32);
