@@ -280,17 +280,10 @@ def test_combine_variant_fma_and_mma_paths(gen, combine_variant, Sq, mma, monkey
             case.check(f"{combine_variant} mma={mma} Sq{Sq} G{group} D{D} splits {splits}", num_splits=splits)
 
 
-def test_fused_combine_switch_rejects_typos(monkeypatch):
-    monkeypatch.setenv("ELASTIC_DECODE_FUSED_COMBINE", "2")
-    with pytest.raises(RuntimeError, match="ELASTIC_DECODE_FUSED_COMBINE"):
-        elastic_cuda.ops.reload_kernel_options()
-    monkeypatch.undo()
-    elastic_cuda.ops.reload_kernel_options()
-
-
-def test_copy_switch_rejects_typos(monkeypatch):
-    monkeypatch.setenv("ELASTIC_DECODE_COPY", "TMA")
-    with pytest.raises(RuntimeError, match="ELASTIC_DECODE_COPY"):
+@pytest.mark.parametrize("switch, typo", [("ELASTIC_DECODE_FUSED_COMBINE", "2"), ("ELASTIC_DECODE_COPY", "TMA")])
+def test_decode_switch_rejects_typos(switch, typo, monkeypatch):
+    monkeypatch.setenv(switch, typo)
+    with pytest.raises(RuntimeError, match=switch):
         elastic_cuda.ops.reload_kernel_options()
     monkeypatch.undo()
     elastic_cuda.ops.reload_kernel_options()

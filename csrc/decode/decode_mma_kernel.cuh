@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
   // reg2 = dims 16k + 8 + 2t4 .. +1; reg1 / reg3 (rows g + 8) are zero. Rows past the group are zero too.
   uint32_t qa[S::kKSteps][2];
   const bool row_ok = g < p.rows && pv.valid;
-  if constexpr ((kVariant & kLateQ) == 0) {  // the default instance: this block as in round 1
+  auto load_q = [&]() {
     const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
 #pragma unroll
     for (int k = 0; k < S::kKSteps; ++k) {
@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
         qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
       }
     }
-  }
+  };
+  if constexpr ((kVariant & kLateQ) == 0) load_q();  // the default instance: Q before the first K/V copies
 
   float o[S::kNTiles][4];
 #pragma unroll
@@ -245,17 +246,7 @@ __global__ void __launch_bounds__(kThreads, MmaShape<D>::kCtasPerSm)
     if (s < n_tiles) load_tile(s, s);
     if constexpr (!kTma) cp_async_commit();
   }
-  if constexpr ((kVariant & kLateQ) != 0) {  // ELASTIC_DECODE_LATE_Q: the same loads after the first copies are issued
-    const int64_t base = b * p.q_stride_b + static_cast<int64_t>(h * p.group + (row_ok ? g : 0)) * p.q_stride_h;
-#pragma unroll
-    for (int k = 0; k < S::kKSteps; ++k) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t i = base + 16 * k + 8 * half + 2 * t4;
-        qa[k][half] = row_ok ? (q_bits<T>(p.q, i) | (q_bits<T>(p.q, i + 1) << 16)) : 0u;
-      }
-    }
-  }
+  if constexpr ((kVariant & kLateQ) != 0) load_q();  // ELASTIC_DECODE_LATE_Q: after the first copies are issued
   const int key0 = warp * S::kKeysPerWarp;
   const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane gives the address of row mr of matrix mi
   for (int tile = 0; tile < n_tiles; ++tile) {
