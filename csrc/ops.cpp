@@ -68,6 +68,19 @@ TORCH_LIBRARY(elastic, m) {
       "decode_attention(Tensor q, Tensor full_k, Tensor full_v, Tensor stream_k, Tensor stream_v, "
       "Tensor head_mode, Tensor slot, Tensor seq_lens, *, int sink, int window, float? scale=None, "
       "int num_splits=0) -> (Tensor out, Tensor lse)");
+  // A prefill's keys and values into that cache's pools and tables, in one launch with the routing read on the device:
+  // keys/values [B, Hkv, S, D] (transformers' layout, head dims contiguous), head_mode int32 [B, Hkv]. Pair (b, h)
+  // gets slot = its rank among the pairs of its kind (STREAM, or FULL/BLOCK: whole history) in (b, h) order; a whole
+  // pair's tokens 0..n-1 go to full_k/v[slot, 0..n-1], a STREAM pair's sink tokens and last (stream_k.shape[1] -
+  // sink) tokens to their ring rows (as decode_attention reads them). Without padding every sample has n = S
+  // tokens; with it, cu_seqlens int32 [B+1] and token_index int64 [T] (flat indices into [B * S] of each sample's
+  // valid tokens in order) give them. Writes the tables mode_table (= head_mode), slot (int32 [B, Hkv]), is_whole
+  // (bool [B, Hkv]) and seq_lens (int32 [B], n). The pools must hold the routing's pairs (the caller sizes them).
+  // CPU kernel and reference: elastic_cuda/_decode_cpu.py.
+  m.def(
+      "static_cache_commit(Tensor keys, Tensor values, Tensor head_mode, Tensor? cu_seqlens, Tensor? token_index, "
+      "Tensor(a!) full_k, Tensor(b!) full_v, Tensor(c!) stream_k, Tensor(d!) stream_v, Tensor(e!) mode_table, "
+      "Tensor(f!) slot, Tensor(g!) is_whole, Tensor(h!) seq_lens, *, int sink) -> ()");
   // Router input: mean of the keys of the first n_first and last n_last tokens of each sequence,
   // per KV head, with overlapping tokens counted once. keys [B, S, Hkv, D] (or [T, Hkv, D] with
   // cu_seqlens) -> pooled [B, Hkv, D] in fp32 (fp64 for fp64 keys).

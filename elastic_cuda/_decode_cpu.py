@@ -72,3 +72,59 @@ def decode_attention_cpu(q, full_k, full_v, stream_k, stream_v, head_mode, slot,
             out[b, :, h * groups:(h + 1) * groups] = o.to(q.dtype)
             lse[b, h * groups:(h + 1) * groups] = row_lse.masked_fill(nan_rows, float("nan"))
     return out, lse
+
+
+def static_cache_commit_cpu(keys, values, head_mode, cu_seqlens, token_index, full_k, full_v, stream_k, stream_v,
+                            mode_table, slot, is_whole, seq_lens, *, sink):
+    """CPU kernel of elastic::static_cache_commit (schema: csrc/ops.cpp), the reference of the CUDA one: a prefill's
+    keys/values [B, H, S, D] into the pools of a static elastic cache. Pair (b, h) takes slot = its rank among the
+    pairs of its kind (STREAM, or FULL/BLOCK: whole history) in (b, h) order; a whole pair's n tokens go to
+    full[slot, :n], a STREAM pair's sink tokens and last stream_len - sink tokens to their ring rows. Tables:
+    mode_table = head_mode, slot, is_whole, seq_lens (n per sample)."""
+    B, H, S, _ = keys.shape
+    whole = (head_mode != _STREAM).reshape(-1)
+    rank_whole = torch.cumsum(whole.to(torch.int64), 0) - 1
+    rank_stream = torch.cumsum((~whole).to(torch.int64), 0) - 1
+    slots = torch.where(whole, rank_whole, rank_stream).view(B, H)
+    whole = whole.view(B, H)
+    n_whole = int(whole.sum())
+    if n_whole > full_k.shape[0] or B * H - n_whole > stream_k.shape[0]:
+        raise ValueError(f"elastic_cuda.static_cache_commit: the routing has {n_whole} whole-history and "
+                         f"{B * H - n_whole} STREAM pairs; the pools hold {full_k.shape[0]} and {stream_k.shape[0]}")
+    if cu_seqlens is None:
+        starts, lengths = [0] * B, [S] * B
+    else:
+        cu = cu_seqlens.tolist()
+        starts, lengths = cu[:-1], [cu[b + 1] - cu[b] for b in range(B)]
+    stream_len = stream_k.shape[1]
+    ring = stream_len - sink
+    for b in range(B):
+        n = lengths[b]
+        if not 0 <= n <= S:
+            raise ValueError(f"elastic_cuda.static_cache_commit: sample {b} has {n} tokens; keys hold {S}")
+        if cu_seqlens is None:
+            kb, vb = keys[b, :, :n], values[b, :, :n]                        # [H, n, D]
+        else:  # this sample's valid tokens, in order (left or right padding alike)
+            rows = token_index[starts[b]:starts[b] + n] - b * S
+            if n and not (0 <= int(rows.min()) and int(rows.max()) < S):
+                raise ValueError(f"elastic_cuda.static_cache_commit: token_index of sample {b} leaves its {S} rows")
+            kb, vb = keys[b].index_select(1, rows), values[b].index_select(1, rows)
+        heads_w = whole[b].nonzero().squeeze(1)
+        heads_s = (~whole[b]).nonzero().squeeze(1)
+        if heads_w.numel():
+            if n > full_k.shape[1]:
+                raise ValueError(f"elastic_cuda.static_cache_commit: sample {b} has {n} tokens; the whole-history "
+                                 f"pool holds {full_k.shape[1]}")
+            dst = slots[b, heads_w]
+            full_k[dst, :n] = kb[heads_w]
+            full_v[dst, :n] = vb[heads_w]
+        if heads_s.numel():
+            keep = torch.cat([torch.arange(min(sink, n)), torch.arange(min(max(sink, n - ring), n), n)])  # (n < sink too)
+            at = stream_ring_index(keep, sink, stream_len)
+            dst = slots[b, heads_s]
+            stream_k[dst[:, None], at[None, :]] = kb[heads_s][:, keep]
+            stream_v[dst[:, None], at[None, :]] = vb[heads_s][:, keep]
+    mode_table.copy_(head_mode)
+    slot.copy_(slots)
+    is_whole.copy_(whole)
+    seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))

@@ -11,7 +11,7 @@ import math
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ._decode_cpu import decode_attention_cpu
+from ._decode_cpu import decode_attention_cpu, static_cache_commit_cpu
 from ._ext import has_cuda_kernels
 
 FULL, STREAM, BLOCK = 0, 1, 2
@@ -34,6 +34,7 @@ __all__ = [
     "hopper_backward_serves",
     "reload_kernel_options",
     "router_decision",
+    "static_cache_commit",
     "train_mix",
     "validate_attention_args",
     "xattn_block_mask",
@@ -563,6 +564,45 @@ def decode_attention(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq
     return (out, lse) if return_lse else out
 
 
+def static_cache_commit(keys, values, head_mode, cu_seqlens, token_index, full_k, full_v, stream_k, stream_v,
+                        mode_table, slot, is_whole, seq_lens, *, sink: int) -> None:
+    """A prefill's keys/values [B, Hkv, S, D] into the pools of a static elastic KV cache (semantics: csrc/ops.cpp;
+    elastic_cuda/integrations/static_cache.py sizes the pools and calls it): writes the pools and the tables
+    mode_table / slot (int32 [B, Hkv]), is_whole (bool [B, Hkv]), seq_lens (int32 [B]) in place. cu_seqlens int32
+    [B+1] and token_index int64 [T] give a padded prompt's valid tokens."""
+    def fail(msg):
+        raise ValueError("elastic_cuda.static_cache_commit: " + msg)
+
+    named = (("keys", keys), ("values", values), ("head_mode", head_mode), ("full_k", full_k), ("full_v", full_v),
+             ("stream_k", stream_k), ("stream_v", stream_v), ("mode_table", mode_table), ("slot", slot),
+             ("is_whole", is_whole), ("seq_lens", seq_lens), ("cu_seqlens", cu_seqlens), ("token_index", token_index))
+    for name, t in named:
+        if t is None and name in ("cu_seqlens", "token_index"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != keys.device:
+            fail(f"{name} must be on the device of keys ({keys.device}), got {t.device}")
+    if keys.dim() != 4 or values.shape != keys.shape or values.dtype != keys.dtype:
+        fail(f"keys and values must have one shape [B, Hkv, S, D] and dtype, got {tuple(keys.shape)} "
+             f"{keys.dtype} and {tuple(values.shape)} {values.dtype}")
+    B, H, S, D = keys.shape
+    for name, t in (("full_k", full_k), ("full_v", full_v), ("stream_k", stream_k), ("stream_v", stream_v)):
+        if t.dim() != 3 or t.shape[2] != D or t.dtype != keys.dtype:
+            fail(f"{name} must be a [pairs, tokens, D={D}] pool of {keys.dtype}, got {t.dtype} {tuple(t.shape)}")
+    for name, t, shape, dtype in (("head_mode", head_mode, (B, H), torch.int32),
+                                  ("mode_table", mode_table, (B, H), torch.int32), ("slot", slot, (B, H), torch.int32),
+                                  ("is_whole", is_whole, (B, H), torch.bool), ("seq_lens", seq_lens, (B,), torch.int32)):
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            fail(f"{name} must be {str(dtype)[6:]} {list(shape)}, got {t.dtype} {tuple(t.shape)}")
+    if (cu_seqlens is None) != (token_index is None):
+        fail("cu_seqlens and token_index come together (a padded prompt) or not at all")
+    if not isinstance(sink, int) or not 0 <= sink < stream_k.shape[1]:
+        fail(f"sink must be an int in [0, stream_k.shape[1]={stream_k.shape[1]}), got {sink!r}")
+    torch.ops.elastic.static_cache_commit(keys, values, head_mode, cu_seqlens, token_index, full_k, full_v,
+                                          stream_k, stream_v, mode_table, slot, is_whole, seq_lens, sink=sink)
+
+
 # ----------------------------------------------------------------------------- fake kernels
 def _lse_shape(q, cu_seqlens_q):
     if cu_seqlens_q is not None:
@@ -609,6 +649,16 @@ def _decode_attention_fake(q, full_k, full_v, stream_k, stream_v, head_mode, slo
 
 
 torch.library.register_kernel("elastic::decode_attention", "cpu", decode_attention_cpu)
+
+
+@torch.library.register_fake("elastic::static_cache_commit")
+def _static_cache_commit_fake(keys, values, head_mode, cu_seqlens, token_index, full_k, full_v, stream_k, stream_v,
+                              mode_table, slot, is_whole, seq_lens, *, sink):
+    _check_one_device("static_cache_commit", keys, values=values, head_mode=head_mode, full_k=full_k,
+                      stream_k=stream_k, mode_table=mode_table, slot=slot, is_whole=is_whole, seq_lens=seq_lens)
+
+
+torch.library.register_kernel("elastic::static_cache_commit", "cpu", static_cache_commit_cpu)
 
 
 @torch.library.register_fake("elastic::boundary_pool")

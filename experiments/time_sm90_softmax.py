@@ -16,17 +16,13 @@ Variant set "order" (issue #16, the key-loop order after the ncu comparison with
   pv_first_eager  and ELASTIC_SM90_LAZY_RESCALE=0: the O rescale branch-free among the exp2 (FA4's choice too)
   grid        ELASTIC_SM90_PERSISTENT=0: one CTA per work item (FA4's non-persistent grid), default order
   pv_first_grid  both
-Variant set "pack" (issue #16, after the ncu stall lines: the consumers' turn wait is 2.2x FA4's):
-  default     the proven kernel
-  pack_early  ELASTIC_SM90_PACK_EARLY=1: default order, P(n) packed into a second register buffer among the exp2 (before
-              P V(n-1)'s wait) instead of after it; launches with a block mask keep the default loop, so its all-BLOCK
-              row is a null A/B (the run-to-run spread)
-  pv_first    ELASTIC_SM90_PV_WAIT_FIRST=1 (the other way to get the F2FP among the exps), for reference
+(Variant set "pack", ELASTIC_SM90_PACK_EARLY: P packed into a second buffer among the exps, measured 1-4% slower
+and removed with its switch on 2026-12-03; results/sm90_kernel/2026-12-03_h200_xattn_wgmma/time_sm90_pack_early.txt.)
   with FlashAttention-4 (flash_attn.cute; dense causal, and block-sparse on the all-BLOCK case) beside when installed.
 Cases: dense (every head FULL) at the lengths given (default 8K, 32K, 128K), 6/8 STREAM at 32K (2 FULL + 6 STREAM
 KV heads, sink 128, window 2048), all-BLOCK at 32K (experiments/block_inputs.py, density 0.3, mask per query head).
 Interleaved rounds (every variant once per round), median over rounds of do_bench medians.
-usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds] [softmax|order|pack]
+usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds] [softmax|order]
        [extra case lengths for 6/8 STREAM and all-BLOCK, default 32768] [case kinds of the extra lengths, default
        stream,block]"""
 import os
@@ -48,19 +44,15 @@ VARIANTS = {"exact": {"ELASTIC_SM90_MAX_SLACK": "0"},
             "previous": {"ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0"}, "slack": {},
             "uncached": {"ELASTIC_SM90_WALK_CACHED": "0"}}
 # Every variant names each switch it depends on, so the set measures the same kernels whatever the defaults are.
-_OLD_ORDER = {"ELASTIC_SM90_PV_WAIT_FIRST": "0", "ELASTIC_SM90_LAZY_RESCALE": "1", "ELASTIC_SM90_PACK_EARLY": "0"}
+_OLD_ORDER = {"ELASTIC_SM90_PV_WAIT_FIRST": "0", "ELASTIC_SM90_LAZY_RESCALE": "1"}
 ORDER_VARIANTS = {"default": dict(_OLD_ORDER),
                   "pv_first": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "1"},
                   "pv_first_eager": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0"},
                   "grid": {**_OLD_ORDER, "ELASTIC_SM90_PERSISTENT": "0"},
                   "pv_first_grid": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0",
                                     "ELASTIC_SM90_PERSISTENT": "0"}}
-PACK_VARIANTS = {"default": dict(_OLD_ORDER),
-                 "pack_early": {**_OLD_ORDER, "ELASTIC_SM90_PACK_EARLY": "1"},
-                 "pv_first": {**_OLD_ORDER, "ELASTIC_SM90_PV_WAIT_FIRST": "1"}}
 SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
-            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE",
-            "ELASTIC_SM90_PACK_EARLY")
+            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE")
 
 
 def set_variant(env):
@@ -138,10 +130,10 @@ def main_order(dense, rounds, extra, variants=ORDER_VARIANTS, extra_kinds=("stre
 def main():
     dense = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    if len(sys.argv) > 3 and sys.argv[3] in ("order", "pack"):
+    if len(sys.argv) > 3 and sys.argv[3] == "order":
         extra = [int(x) for x in (sys.argv[4] if len(sys.argv) > 4 else "32768").split(",") if x]
         kinds = tuple((sys.argv[5] if len(sys.argv) > 5 else "stream,block").split(","))
-        return main_order(dense, rounds, extra, ORDER_VARIANTS if sys.argv[3] == "order" else PACK_VARIANTS, kinds)
+        return main_order(dense, rounds, extra, ORDER_VARIANTS, kinds)
     cases = [(f"dense {S // 1024}K", S, "full") for S in dense]
     cases += [("6/8 STREAM 32K", 32768, "stream"), ("all-BLOCK 32K", 32768, "block")]
     print("case | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | cuDNN ms | speed exact vs previous | slack vs "

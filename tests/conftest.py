@@ -126,3 +126,31 @@ def router_edge_case(r, keys, seed):
         keys[0, 0, 0, 0] = float("nan")
         keys[1, 0, 1, 0] = float("inf")
         keys[2, 0, 2, :] = float("-inf")
+
+
+def static_commit_case(B, H, S, D, lengths, gen, *, sink, ring, dtype=torch.float64, device="cpu", modes=None):
+    """Arguments of elastic::static_cache_commit for a random prompt: keys/values in transformers' [B, H, S, D] view
+    of a [B, S, H, D] buffer (non-contiguous, as the model hands them), random per-pair modes, left padding to
+    `lengths` when they are not all S, NaN-poisoned pools sized from the routing with one spare row each (rows the
+    commit must not touch stay NaN) and poisoned tables. Returns (args, kwargs) of the op; its outputs are
+    args[5:13]: full_k, full_v, stream_k, stream_v, mode_table, slot, is_whole, seq_lens."""
+    from elastic_cuda.attention import PaddingLayout
+
+    if modes is None:
+        modes = random_head_mode(B, H, gen)
+    keys = randn((B, S, H, D), gen).to(dtype).transpose(1, 2)
+    values = randn((B, S, H, D), gen).to(dtype).transpose(1, 2)
+    n_whole = int((modes != STREAM).sum())
+    nan = float("nan")
+    full_k = torch.full((n_whole + 1, S + 3, D), nan, dtype=dtype)
+    stream_k = torch.full((B * H - n_whole + 1, sink + ring, D), nan, dtype=dtype)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, S - n:] = True
+    padding = PaddingLayout.from_mask(mask, S, S)
+    cu, index = (None, None) if padding is None else (padding.cu_seqlens_k, padding.k_index)
+    tables = [torch.full((B, H), -7, dtype=torch.int32), torch.full((B, H), -7, dtype=torch.int32),
+              torch.zeros(B, H, dtype=torch.bool), torch.full((B,), -7, dtype=torch.int32)]
+    args = [keys, values, modes.to(torch.int32), cu, index, full_k, full_k.clone(), stream_k, stream_k.clone(), *tables]
+    args = [None if a is None else a.to(device) for a in args]
+    return args, {"sink": sink}

@@ -7,6 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's input helpers
 import torch  # noqa: E402
 
 import elastic_cuda  # noqa: E402
@@ -69,7 +70,29 @@ def decode(Sq, group, D, dtype, num_splits, poison=False, sink=3, window=37, len
           os.environ.get("ELASTIC_DECODE_COMBINE", ""), os.environ.get("ELASTIC_DECODE_PDL", ""), flush=True)
 
 
+def commit(lengths, H, D, dtype, sink, ring):
+    """static_cache_commit of a left-padded prompt into exactly-sized pools (mixed modes, a wrapped ring)."""
+    from conftest import static_commit_case
+
+    gen = torch.Generator().manual_seed(len(lengths) + sink)
+    args, kw = static_commit_case(len(lengths), H, max(lengths), D, lengths, gen, sink=sink, ring=ring, dtype=dtype,
+                                  device="cuda")
+    for i in (5, 6, 7, 8):  # no spare row: a write past the routing's rows would leave the allocation
+        args[i] = args[i][:-1].contiguous()
+    elastic_cuda.ops.static_cache_commit(*args, **kw)
+    torch.cuda.synchronize()
+    print("ok commit", lengths, H, D, dtype, sink, ring, flush=True)
+
+
+def commits():
+    commit([201, 77, 1], 3, 128, torch.bfloat16, 4, 50)
+    commit([130, 130], 8, 64, torch.float16, 128, 40)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["commit"]:  # `python tests/gpu_sanitize.py commit`: the static-cache commit alone
+        commits()
+        sys.exit(0)
     only_decode = sys.argv[1:] == ["decode"]  # `python tests/gpu_sanitize.py decode`: the decode cases alone
     for mode in () if only_decode else (FULL, STREAM, BLOCK):
         one(torch.full((2, 2), mode), 77, 201, 128, torch.bfloat16)
@@ -147,4 +170,5 @@ if __name__ == "__main__":
     one(torch.tensor([[FULL, FULL], [STREAM, FULL]]), 201, 201, 128, torch.bfloat16, bs=128, poison=True,
         strategy="grouped")
     decode(5, 3, 128, torch.bfloat16, 3, poison=True)
+    commits()
     print("sanitize run done")

@@ -573,7 +573,7 @@ def test_sm90_varlen_tail_keys_never_leak(sm90, D, monkeypatch):
 SM90_SWITCH_VALUES = {"ELASTIC_SM90_DYNAMIC": "0", "ELASTIC_SM90_STAGES": "2", "ELASTIC_SM90_LAZY_RESCALE": "0",
                       "ELASTIC_SM90_PERSISTENT": "0", "ELASTIC_SM90_L2_ORDER": "0", "ELASTIC_NONFINITE_PREPASS": "0",
                       "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0", "ELASTIC_SM90_WALK_CACHED": "0",
-                      "ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_PACK_EARLY": "1"}
+                      "ELASTIC_SM90_PV_WAIT_FIRST": "1"}
 
 
 @pytest.mark.parametrize("switch", list(SM90_SWITCH_VALUES))
@@ -691,73 +691,7 @@ def test_sm90_pv_wait_first_bitwise(monkeypatch):
     _check_forward(res["1"][0], res["1"][1], ref, ref_lse, torch.bfloat16, "pv_wait_first bitwise")
 
 
-# ELASTIC_SM90_PACK_EARLY (the default order with P packed into a second register buffer among the exps, the key
-# loop unrolled by two; its own instance, 40 / 232 registers): key-tile counts odd and even per item (1, 2, 8, 17, ...
-# tiles: the loop's exit in either half and the last P V from either buffer), with the switches it meets; both dtypes,
-# D 64 / 128, GQA, Sq < Skv, varlen; BLOCK mixes (a mask: those launches keep the default loop); NaN-poisoned, float64.
-@pytest.mark.parametrize("combo", ["alone", "persistent0", "eager_rescale", "cp_async"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_sm90_pack_early(combo, dtype, monkeypatch):
-    _set_path(monkeypatch, "cp" if combo == "cp_async" else "tma")
-    env = {"ELASTIC_SM90_PACK_EARLY": "1", "ELASTIC_SM90_PV_WAIT_FIRST": "0"}
-    if combo == "persistent0":
-        env["ELASTIC_SM90_PERSISTENT"] = "0"
-    if combo == "eager_rescale":
-        env["ELASTIC_SM90_LAZY_RESCALE"] = "0"
-    assert " pack_early=1 " in _set_switches(monkeypatch, **env) + " "
-    for idx, (Sq, Skv, D) in enumerate(((1, 1, 128), (129, 129, 128), (256, 256, 128), (1000, 1000, 128),
-                                        (300, 777, 64), (2100, 2100, 128), (511, 1500, 128), (640, 640, 64))):
-        Hq, Hkv = GQA[idx % len(GQA)]
-        for pattern in ("full", "stream", "mixfs"):
-            run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=_fs_modes(2, Hkv, pattern),
-                     sink=16, window=256, seed=600 + idx, poison=True,
-                     key=f"pack_early {combo} {pattern} Sq{Sq} Skv{Skv} D{D} Hq{Hq} Hkv{Hkv}")
-    lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
-    modes = torch.tensor([[FULL, STREAM, FULL], [STREAM, FULL, STREAM], [STREAM, STREAM, FULL], [FULL, FULL, FULL],
-                          [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
-    run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=128, dtype=dtype, modes=modes, sink=8, window=200, layout="varlen",
-             lens=lens, poison=True, key=f"pack_early {combo} varlen")
-    gen = torch.Generator(device=DEV).manual_seed(610)
-    for idx, (Sq, Skv, bs, Hq, Hkv) in enumerate(((1000, 1000, 128, 8, 2), (300, 1000, 128, 4, 1))):
-        bm = _rand_block_mask(2, Hq, -(-Skv // bs), 0.35, gen)
-        run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=128, dtype=dtype, modes=_mixed_modes(2, Hkv, gen), sink=16,
-                 window=256, block_mask=bm, block_size=bs, seed=610 + idx, poison=True,
-                 key=f"pack_early {combo} block Sq{Sq} Skv{Skv} bs{bs}")
-
-
-def test_sm90_pack_early_dispatch_and_bitwise(monkeypatch):
-    # ELASTIC_SM90_PACK_EARLY=1 must launch an instance of its own (kLoop 3) for launches without a mask, and compute
-    # the same bits as the default loop (the same exp2 values packed, O rescaled at the same point): FULL / STREAM,
-    # ragged, GQA, maxima that keep rising (the rescale path taken), 1 to 14 key tiles per item.
-    _set_path(monkeypatch, "tma")
-    gen = torch.Generator(device=DEV).manual_seed(620)
-    B, S, Hq, Hkv, D = 2, 1700, 8, 2, 128
-    q = torch.randn(B, S, Hq, D, generator=gen, device=DEV)
-    k = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
-    v = torch.randn(B, S, Hkv, D, generator=gen, device=DEV)
-    u = torch.randn(D, generator=gen, device=DEV)
-    u = u / u.norm()
-    q = q + 2.0 * u
-    k = k + torch.linspace(80.0, 0.0, S, device=DEV).view(1, S, 1, 1) * u
-    q, k, v = (t.bfloat16() for t in (q, k, v))
-    modes = torch.tensor([[FULL, STREAM], [STREAM, FULL]], dtype=torch.int32, device=DEV)
-    res, names = {}, {}
-    for flag in ("0", "1"):
-        _set_switches(monkeypatch, ELASTIC_SM90_PACK_EARLY=flag, ELASTIC_SM90_PV_WAIT_FIRST="0")
-        call = lambda: elastic_cuda.ops.attention(q, k, v, modes, sink=16, window=300, strategy="fused",
-                                                  return_lse=True)
-        res[flag] = call()
-        if torch.cuda.get_device_capability()[0] == 9:
-            names[flag] = frozenset(cuda_kernel_names(call, "attention_fwd_sm90"))
-    assert torch.equal(res["0"][0], res["1"][0]), "out differs between the default loop and pack_early"
-    assert torch.equal(res["0"][1], res["1"][1]), "lse differs between the default loop and pack_early"
-    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, sink=16, window=300)
-    _check_forward(res["1"][0], res["1"][1], ref, ref_lse, torch.bfloat16, "pack_early bitwise")
-    if names and all(names.values()):
-        assert names["0"] != names["1"], names
-
-
-@pytest.mark.parametrize("order", ["default", "pv_wait_first", "pack_early"])
+@pytest.mark.parametrize("order", ["default", "pv_wait_first"])
 @pytest.mark.parametrize("rule", ["exact_alpha", "max_slack", "previous"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_sm90_rising_row_max(rule, dtype, order, monkeypatch):
@@ -769,8 +703,7 @@ def test_sm90_rising_row_max(rule, dtype, order, monkeypatch):
     _set_path(monkeypatch, "tma")
     _set_switches(monkeypatch, ELASTIC_SM90_EXACT_ALPHA="0" if rule == "previous" else "1",
                   ELASTIC_SM90_MAX_SLACK="1" if rule == "max_slack" else "0",
-                  ELASTIC_SM90_PV_WAIT_FIRST="1" if order == "pv_wait_first" else "0",
-                  ELASTIC_SM90_PACK_EARLY="1" if order == "pack_early" else "0")
+                  ELASTIC_SM90_PV_WAIT_FIRST="1" if order == "pv_wait_first" else "0")
     gen = torch.Generator(device=DEV).manual_seed(41)
     B, S, Hq, Hkv, D = 2, 1300, 4, 2, 128
     q = torch.randn(B, S, Hq, D, generator=gen, device=DEV)

@@ -509,3 +509,56 @@ def test_static_cache_prefill_commits_without_host_syncs():
     err = ((step - ref_dyn).abs().max() / ref_dyn.abs().max()).item()
     print(f"static (pipelined) vs dynamic elastic cache, next-step logits rel err {err:.2e}")
     assert err < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H", [1, 3, 8])
+@pytest.mark.parametrize("lengths,sink,ring", [([1], 4, 8), ([3, 2, 1], 4, 8), ([64, 64], 128, 2048),
+                                               ([65, 17, 64], 8, 16), ([300, 129, 1, 300], 128, 40),
+                                               ([777], 0, 100)])
+def test_static_cache_commit_matches_cpu_kernel(gen, dtype, D, H, lengths, sink, ring):
+    """elastic::static_cache_commit on CUDA against its CPU kernel on the same inputs: pools, slots and lengths
+    bit-equal (a commit copies), with NaN-poisoned pools (rows it must not touch stay NaN, rows it forgot fail);
+    transformers' strided [B, H, S, D] keys, left padding, S < sink, S < ring, tile edges (64 tokens a CTA), rings
+    that wrap, per-sample routing, GQA-agnostic head counts 1/3/8."""
+    from conftest import static_commit_case
+
+    from elastic_cuda.ops import static_cache_commit
+
+    args, kw = static_commit_case(len(lengths), H, max(lengths), D, lengths, gen, sink=sink, ring=ring, dtype=dtype)
+    gpu = [None if a is None else a.to(DEV) for a in args]
+    static_cache_commit(*args, **kw)
+    static_cache_commit(*gpu, **kw)
+    torch.cuda.synchronize()
+    names = ["full_k", "full_v", "stream_k", "stream_v", "mode_table", "slot", "is_whole", "seq_lens"]
+    for name, want, got in zip(names, args[5:13], gpu[5:13], strict=True):
+        got = got.cpu()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), name
+
+
+def test_static_cache_commit_odd_alignment(gen):
+    """Keys whose rows start at an odd element offset (a 2-byte word copy instead of 16-byte ones) and fp32 (CUDA
+    decode does not take it, the commit does any dtype)."""
+    from conftest import static_commit_case
+
+    from elastic_cuda.ops import static_cache_commit
+
+    for dtype, cut in ((torch.bfloat16, 1), (torch.float32, 0)):
+        args, kw = static_commit_case(2, 3, 70, 64, [70, 33], gen, sink=4, ring=20, dtype=dtype)
+        if cut:  # keys and values as views one element into a wider buffer
+            k = torch.zeros(2, 70, 3, 64 + cut, dtype=dtype)
+            k[..., cut:] = args[0].transpose(1, 2)
+            args[0] = k[..., cut:].transpose(1, 2)
+            v = torch.zeros_like(k)
+            v[..., cut:] = args[1].transpose(1, 2)
+            args[1] = v[..., cut:].transpose(1, 2)
+        gpu = [None if a is None else a.to(DEV) for a in args]
+        if cut:  # .to() keeps strides but not the offset: rebuild the views on the device
+            gpu[0] = k.to(DEV)[..., cut:].transpose(1, 2)
+            gpu[1] = v.to(DEV)[..., cut:].transpose(1, 2)
+        static_cache_commit(*args, **kw)
+        static_cache_commit(*gpu, **kw)
+        for want, got in zip(args[5:13], gpu[5:13], strict=True):
+            got = got.cpu()
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())

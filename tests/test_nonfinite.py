@@ -246,11 +246,8 @@ PATHS = {"sm90": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1"},
          "sm90cp": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "0"},
          "sm80": {"ELASTIC_CUDA_SM90": "0", "ELASTIC_SM90_TMA": "1"},
          # the Hopper forward's key loop in FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST, its own instance)
-         "sm90pvfirst": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_PV_WAIT_FIRST": "1"},
-         # the default order with P packed into a second buffer among the exps (ELASTIC_SM90_PACK_EARLY; no-mask
-         # launches only, BLOCK heads with a mask keep the default loop)
-         "sm90packearly": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_PACK_EARLY": "1"}}
-FWD_DEFAULTS = {"ELASTIC_SM90_PV_WAIT_FIRST": "0", "ELASTIC_SM90_PACK_EARLY": "0"}
+         "sm90pvfirst": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_PV_WAIT_FIRST": "1"}}
+FWD_DEFAULTS = {"ELASTIC_SM90_PV_WAIT_FIRST": "0"}
 BWD_PATHS = {"sm90_bwd_atomic": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_SM90_BWD_DQ_TMA": "0"},
              "sm90_bwd_sm80": {"ELASTIC_CUDA_SM90": "1", "ELASTIC_SM90_TMA": "1", "ELASTIC_CUDA_SM90_BWD": "0"}}
 BWD_DEFAULTS = {"ELASTIC_CUDA_SM90_BWD": "1", "ELASTIC_SM90_BWD_DQ_TMA": "1"}
@@ -276,7 +273,7 @@ bwd_two_paths = pytest.mark.parametrize("kernel_path", ["sm90", "sm80"] + list(B
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kernel_path", ["sm90", "sm90pvfirst", "sm90packearly", "sm80"], indirect=True)
+@pytest.mark.parametrize("kernel_path", ["sm90", "sm90pvfirst", "sm80"], indirect=True)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("where", ["q", "k", "v", "k-sink", "v-sink"])

@@ -264,8 +264,7 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
                  "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
-                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST",
-                 "ELASTIC_SM90_PACK_EARLY"):
+                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -309,17 +308,6 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_PV_WAIT_FIRST must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
-        assert " pack_early=0 " in default + " ", default  # P packed after P V's wait: the proven loop
-        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "1")
-        assert " pv_wait_first=0 pack_early=1 " in elastic_cuda.ops.reload_kernel_options() + " "
-        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "1")  # two different loop orders: refused together
-        with pytest.raises(RuntimeError, match="ELASTIC_SM90_PACK_EARLY=1 and ELASTIC_SM90_PV_WAIT_FIRST=1"):
-            elastic_cuda.ops.reload_kernel_options()
-        monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
-        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "2")
-        with pytest.raises(RuntimeError, match="ELASTIC_SM90_PACK_EARLY must be 0 or 1"):
-            elastic_cuda.ops.reload_kernel_options()
-        monkeypatch.setenv("ELASTIC_SM90_PACK_EARLY", "0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

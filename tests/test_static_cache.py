@@ -6,7 +6,7 @@ Llama models in fp64 (transformers returns fp32 logits: < 1e-6).
 """
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, static_commit_case
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,7 +15,7 @@ from test_transformers import SINK, WINDOW, _ids, decisive, make_model, referenc
 from elastic_cuda.attention import PaddingLayout, causal_pairs, visible_pairs  # noqa: E402
 from elastic_cuda.integrations.static_cache import ElasticStaticCache, ElasticStaticLayer  # noqa: E402
 from elastic_cuda.integrations.transformers import enable  # noqa: E402
-from elastic_cuda.ops import BLOCK, FULL, STREAM, attention, decode_attention  # noqa: E402
+from elastic_cuda.ops import BLOCK, FULL, STREAM, attention, decode_attention, static_cache_commit  # noqa: E402
 from elastic_cuda.router import RouterSet  # noqa: E402
 
 H, D, G = 3, 8, 2  # KV heads, head dim, query heads per KV head
@@ -77,6 +77,14 @@ def test_decode_steps_match_recompute_with_padding_and_ring_wraparound():
     assert layer.slot.tolist() == [[0, 0, 1], [1, 2, 2], [3, 3, 4]]
 
 
+def test_prompts_shorter_than_the_sink():
+    """Prompts of 1..3 tokens under a sink of 4 (the commit used to build an empty-range arange and raise); the
+    decode steps then fill the sink and wrap the ring."""
+    hist = History(MODES, [1, 3, 2], sink=4, window=3)
+    for Sq in [1, 2, 4, 1, 3, 4, 4]:
+        hist.step(Sq)
+
+
 def test_crop_and_reorder_keep_every_visible_key():
     hist = History(MODES, [7, 4, 11], max_full_frac=1.0)  # pools for any routing: the reorder duplicates rows
     for Sq in (4, 1, 3):
@@ -124,6 +132,65 @@ def test_memory_is_what_the_routing_keeps():
     assert layer.dense_memory_bytes() == 2 * 4 * H * 100 * D * elem  # max_batch_size 4
     fixed = History(MODES, [6, 6, 6], max_cache_len=100, max_full_frac=0.5)
     assert fixed.layer.full.pairs == 6 and fixed.layer.stream.pairs == 12
+
+
+def expected_commit(args, sink):
+    """The pools, slots and lengths static_cache_commit must leave, token by token: pairs of each kind numbered in
+    (sample, head) order; sample b's valid tokens are the last n of its row (left padding); a STREAM pair keeps its
+    first `sink` tokens and its last (rows - sink) at sink + (p - sink) % (rows - sink)."""
+    keys, values, modes, cu = args[0], args[1], args[2], args[3]
+    full_k, full_v, stream_k, stream_v = (a.clone() for a in args[5:9])
+    B, H, S, _ = keys.shape
+    ring = stream_k.shape[1] - sink
+    slot = torch.zeros(B, H, dtype=torch.int32)
+    lengths = [S] * B if cu is None else [int(cu[b + 1] - cu[b]) for b in range(B)]
+    ranks = {True: 0, False: 0}
+    for b in range(B):
+        n = lengths[b]
+        for h in range(H):
+            whole = int(modes[b, h]) != STREAM
+            slot[b, h] = r = ranks[whole]
+            ranks[whole] += 1
+            for p in range(n):
+                src = S - n + p
+                if whole:
+                    full_k[r, p], full_v[r, p] = keys[b, h, src], values[b, h, src]
+                elif p < sink or p >= n - ring:
+                    row = p if p < sink else sink + (p - sink) % ring
+                    stream_k[r, row], stream_v[r, row] = keys[b, h, src], values[b, h, src]
+    return (full_k, full_v, stream_k, stream_v, modes, slot, modes != STREAM,
+            torch.tensor(lengths, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("lengths,sink,ring", [([9, 3, 6], 2, 4), ([5, 5], 8, 3), ([1, 2, 3], 0, 2),
+                                               ([4], 2, 9), ([7, 7, 1, 6], 3, 3)])
+def test_commit_op_places_every_token(lengths, sink, ring):
+    """elastic::static_cache_commit's CPU kernel against a token-by-token placement: left padding, S < sink, S <
+    ring, lengths 1..3, sink 0, rings that wrap; NaN-poisoned pools, so a stray or missing write fails."""
+    gen = torch.Generator().manual_seed(len(lengths) * 100 + sink * 10 + ring)
+    args, kw = static_commit_case(len(lengths), H, max(lengths), D, lengths, gen, sink=sink, ring=ring)
+    want = expected_commit(args, sink)
+    static_cache_commit(*args, **kw)
+    for got, exp in zip(args[5:13], want, strict=True):
+        assert torch.equal(got.isnan(), exp.isnan()) and torch.equal(got.nan_to_num(), exp.nan_to_num())
+
+
+def test_commit_op_checks_arguments():
+    gen = torch.Generator().manual_seed(0)
+    args, kw = static_commit_case(2, H, 5, D, [5, 3], gen, sink=2, ring=3, modes=torch.tensor([[0, 1, 1]] * 2))
+    with pytest.raises(ValueError, match="2 whole-history and 4 STREAM pairs; the pools hold 1 and 5"):
+        static_cache_commit(*args[:5], args[5][:1], args[6][:1], *args[7:], **kw)
+    with pytest.raises(ValueError, match="slot must be int32"):
+        static_cache_commit(*args[:10], args[10].long(), *args[11:], **kw)
+    with pytest.raises(ValueError, match="is_whole must be bool"):
+        static_cache_commit(*args[:11], args[11].int(), args[12], **kw)
+    with pytest.raises(ValueError, match="cu_seqlens and token_index come together"):
+        static_cache_commit(*args[:4], None, *args[5:], **kw)
+    with pytest.raises(ValueError, match="sink must be an int in \\[0, stream_k.shape\\[1\\]=5\\)"):
+        static_cache_commit(*args, sink=5)
+    with pytest.raises(ValueError, match="stream_v must be a \\[pairs, tokens, D=8\\] pool"):
+        static_cache_commit(*args[:8], args[8][..., :4], *args[9:], **kw)
+    static_cache_commit(*args, **kw)  # (and the arguments as given are right)
 
 
 def test_decode_op_checks_arguments():

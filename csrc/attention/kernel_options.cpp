@@ -64,9 +64,6 @@ KernelOptions read_env() {
   o.sm90_walk_cached = env_bool("ELASTIC_SM90_WALK_CACHED", o.sm90_walk_cached);
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_pv_wait_first = env_bool("ELASTIC_SM90_PV_WAIT_FIRST", o.sm90_pv_wait_first);
-  o.sm90_pack_early = env_bool("ELASTIC_SM90_PACK_EARLY", o.sm90_pack_early);
-  ELASTIC_CHECK(!(o.sm90_pack_early && o.sm90_pv_wait_first), "elastic: ELASTIC_SM90_PACK_EARLY=1 and ",
-                "ELASTIC_SM90_PV_WAIT_FIRST=1 are two different key-loop orders of the Hopper forward; set one");
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.xattn_sm90 = env_bool("ELASTIC_XATTN_SM90", o.xattn_sm90);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
@@ -137,7 +134,7 @@ std::string describe(const KernelOptions& o) {
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
                            " bwd_early_release=", b(o.sm90_bwd_early_release), " bwd_overlap=", o.sm90_bwd_overlap,
                            " bwd_lean=", b(o.sm90_bwd_lean),
-                           " pv_wait_first=", b(o.sm90_pv_wait_first), " pack_early=", b(o.sm90_pack_early),
+                           " pv_wait_first=", b(o.sm90_pv_wait_first),
                            " xattn_sm90=", b(o.xattn_sm90), " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",
                            (o.decode_copy == 0   ? "zfill"

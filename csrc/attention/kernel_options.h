@@ -39,11 +39,6 @@
 //                                P V(n-1), then its wait, then exp2 with the P packing between the MUFU.EX2
 //                                (fwd_consumer in sm90/attention_fwd_sm90_kernel.cuh); with ELASTIC_SM90_LAZY_RESCALE=0
 //                                the O rescale there too, branch-free (its own instance); untimed when written
-//   ELASTIC_SM90_PACK_EARLY=1    Hopper forward key loop: the default order, but P(n) packed (F2FP) into a second
-//                                register buffer among the exp2 of the softmax, before P V(n-1)'s wait, instead of
-//                                after it (kLoopPackEarly in sm90/attention_fwd_sm90_kernel.cuh, its own instance;
-//                                launches without a block mask only, not together with ELASTIC_SM90_PV_WAIT_FIRST=1);
-//                                untimed when written
 //   ELASTIC_SM90_L2_ORDER=0      every head's work items handed out together instead of in L2-sized chunks of KV
 //                                heads (item_coord in sm90/attention_fwd_sm90_pipeline.cuh)
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
@@ -151,11 +146,6 @@ struct KernelOptions {
   // 2026-12-02_h200_order/): pv_first 1.01x / 1.01x / 1.02x at dense 8K / 32K / 128K but 0.97x at all-BLOCK 32K;
   // the branch-free rescale form 1.04x / 1.01x / 1.00x and 0.98x: within the rounds' spread, so the proven order stays.
   bool sm90_pv_wait_first = false;
-  // ncu, 32K dense (results/ncu/2026-12-02_h200_fa4_vs_ours/): the consumers' turn wait (the bar.sync before the
-  // k_full TRYWAIT at smem 0x38010) is 2.2x FA4's, i.e. the other warpgroup is late from its S wait to its next
-  // issue; the 32 F2FP of the P packing after P V's wait are part of that path. true = pack into a second buffer
-  // among the exps (ELASTIC_SM90_PACK_EARLY); untimed when written.
-  bool sm90_pack_early = false;
   bool sm90_verbose = false;
   // XAttention estimate, kernel 1 on Hopper: wgmma (two 64-row warpgroups, m64n128k16 from the swizzled cp.async
   // ring) instead of mma.sync; elsewhere (or in a build without a 9.0a pass) always mma.sync. Untimed when written

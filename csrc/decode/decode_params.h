@@ -3,7 +3,16 @@
 #pragma once
 #include <cstdint>
 
+#include "attention/head_mode.h"
+
 namespace elastic {
+
+// Pool row of logical position `pos` of a STREAM pair: the sink tokens at rows 0..sink-1, every later position in
+// a ring of `ring` rows after them (elastic_cuda/_decode_cpu.py: stream_ring_index). The decode kernel walks the
+// ring incrementally (decode_kernel.cuh: key_row); the prefill's commit (static_cache_commit.cu) places each token.
+ELASTIC_HD int32_t stream_ring_row(int32_t pos, int32_t sink, int32_t ring) {
+  return pos < sink ? pos : sink + (pos - sink) % ring;
+}
 
 struct DecodeParams {
   // q [B, Sq, Hq, D], any strides with d contiguous (elements).

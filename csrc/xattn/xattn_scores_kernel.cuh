@@ -163,6 +163,41 @@ __device__ __forceinline__ void tile_row_stats(const XattnParams& p, At&& at, in
   }
 }
 
+// The global -> shared copies of one pipeline step, for both score kernels (this one and the wgmma one,
+// xattn_scores_sm90_kernel.cuh): token slice i and head dims [d0, d0 + kSlice) of the CTA's kRows A rows (query
+// token a_tok0[it] - i at head offset a_hoff(it, r)) and of key tile key_tile's kCols B rows (key token
+// (key_tile * kCols + r) * s + i) into one stage, rows swizzled (mma::swz) for ldmatrix / wgmma; tokens past the
+// sequence (>= n) land as zeros. This thread copies 16-byte chunks 2 ld_c, 2 ld_c + 1 of rows ld_r + it * (kRows /
+// kIters), it < kIters: 4 with the 128 threads here, 2 with the wgmma kernel's 256. a_hoff is the caller's: this
+// kernel keeps the A rows' head offsets in registers, the wgmma kernel (register-bound at 2 CTAs / SM) recomputes
+// them per copy.
+template <int kIters, typename T, typename HeadOffset>
+__device__ __forceinline__ void copy_slice(T* a_dst, T* b_dst, const T* q, const T* k, int64_t q_stride_t,
+                                           int64_t k_stride_t, const int (&a_tok0)[kIters], HeadOffset a_hoff, int i,
+                                           int d0, int key_tile, int s, int n, int ld_r, int ld_c) {
+  static_assert(kRows == kCols && kRows % kIters == 0, "one row step for A and B");
+  constexpr int kRowStep = kRows / kIters;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int r = ld_r + kRowStep * it;
+    const int tok = a_tok0[it] - i;
+    const bool ok = tok < n;
+    const int hoff = a_hoff(it, r);
+    const T* src = ok ? q + int64_t(tok) * q_stride_t + hoff + d0 + ld_c * 16 : q;
+    mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
+    mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int r = ld_r + kRowStep * it;
+    const int tok = (key_tile * kCols + r) * s + i;
+    const bool ok = tok < n;
+    const T* src = ok ? k + int64_t(tok) * k_stride_t + d0 + ld_c * 16 : k;
+    mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
+    mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) xattn_scores_kernel(const XattnParams p) {
   static_assert(D % kSlice == 0, "a K slice never straddles two tokens");
@@ -220,26 +255,8 @@ __global__ void __launch_bounds__(kThreads, 2) xattn_scores_kernel(const XattnPa
     if (step < total_steps) {
       const int stage = step % kStages;
       const int i = issue_c * kSlice / D, d0 = issue_c * kSlice % D;
-      T* a_dst = sA + stage * kRows * kSlice;
-      T* b_dst = sB + stage * kCols * kSlice;
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int r = ld_r + 32 * it;
-        const int tok = a_tok0[it] - i;
-        const bool ok = tok < n;
-        const T* src = ok ? q + int64_t(tok) * p.q_stride_t + a_hoff[it] + d0 + ld_c * 16 : q;
-        mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
-        mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
-      }
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int r = ld_r + 32 * it;
-        const int tok = (issue_kt * kCols + r) * s + i;
-        const bool ok = tok < n;
-        const T* src = ok ? k + int64_t(tok) * p.k_stride_t + d0 + ld_c * 16 : k;
-        mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
-        mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
-      }
+      copy_slice<4>(sA + stage * kRows * kSlice, sB + stage * kCols * kSlice, q, k, p.q_stride_t, p.k_stride_t, a_tok0,
+                    [&](int it, int) { return a_hoff[it]; }, i, d0, issue_kt, s, n, ld_r, ld_c);
       if (++issue_c == NK) {
         issue_c = 0;
         ++issue_kt;

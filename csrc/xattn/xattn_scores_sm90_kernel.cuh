@@ -94,27 +94,9 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
     if (step < total_steps) {
       const int stage = step % kStages;
       const int i = issue_c * kSlice / D, d0 = issue_c * kSlice % D;
-      T* a_dst = sA + stage * kRows * kSlice;
-      T* b_dst = sB + stage * kCols * kSlice;
-#pragma unroll
-      for (int it = 0; it < 2; ++it) {
-        const int r = ld_r + 64 * it;
-        const int tok = a_tok0[it] - i;
-        const bool ok = tok < n;
-        const int a_hoff = ((row0 + r) % group) * static_cast<int>(p.q_stride_h);  // host: Hq * stride_h < 2^31
-        const T* src = ok ? q + int64_t(tok) * p.q_stride_t + a_hoff + d0 + ld_c * 16 : q;
-        mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
-        mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
-      }
-#pragma unroll
-      for (int it = 0; it < 2; ++it) {
-        const int r = ld_r + 64 * it;
-        const int tok = (issue_kt * kCols + r) * s + i;
-        const bool ok = tok < n;
-        const T* src = ok ? k + int64_t(tok) * p.k_stride_t + d0 + ld_c * 16 : k;
-        mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
-        mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
-      }
+      copy_slice<2>(sA + stage * kRows * kSlice, sB + stage * kCols * kSlice, q, k, p.q_stride_t, p.k_stride_t, a_tok0,
+                    [&](int, int r) { return ((row0 + r) % group) * static_cast<int>(p.q_stride_h); }, i, d0,
+                    issue_kt, s, n, ld_r, ld_c);  // (host: Hq * stride_h < 2^31)
       if (++issue_c == NK) {
         issue_c = 0;
         ++issue_kt;

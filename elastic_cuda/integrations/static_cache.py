@@ -43,7 +43,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..ops import MAX_DECODE_QUERIES, STREAM, decode_attention
+from ..ops import MAX_DECODE_QUERIES, STREAM, decode_attention, static_cache_commit
 
 __all__ = ["ElasticStaticCache", "ElasticStaticLayer"]
 
@@ -67,9 +67,10 @@ class _Pool:
         self.pairs, self.tokens = pairs, tokens
         n = pairs * tokens
         # Zeros, not empty: the kernel never reads a row it does not need, but a NaN left in memory would make
-        # a test of that fail loudly rather than quietly; one-time cost at allocation.
-        self.k_store = torch.zeros(n + 1, head_dim, dtype=dtype, device=device)
-        self.v_store = torch.zeros(n + 1, head_dim, dtype=dtype, device=device)
+        # a test of that fail loudly rather than quietly; one-time cost at allocation. K and V in one allocation:
+        # a fresh cache allocates its pools inside the prefill, whose every launch a small model waits on.
+        store = torch.zeros(2, n + 1, head_dim, dtype=dtype, device=device)
+        self.k_store, self.v_store = store[0], store[1]
         self.k = self.k_store[:n].view(pairs, tokens, head_dim)
         self.v = self.v_store[:n].view(pairs, tokens, head_dim)
         self.scratch_row = n
@@ -268,59 +269,38 @@ class ElasticStaticLayer(CacheLayerMixin):
         if (sink, window) != (self.sink, self.window):
             _fail(f"the model's sink/window ({sink}, {window}) changed since the cache was built "
                   f"({self.sink}, {self.window}); build a new cache")
-        whole_dev = head_mode != STREAM
+        head_mode = head_mode.to(self.device, torch.int32).contiguous()  # (a fixed table's rows are expanded views)
         event = None
-        if whole_dev.is_cuda:
-            whole = torch.empty(whole_dev.shape, dtype=torch.bool, pin_memory=True)
-            whole.copy_(whole_dev, non_blocking=True)
+        if head_mode.is_cuda:
+            modes = torch.empty(head_mode.shape, dtype=torch.int32, pin_memory=True)
+            modes.copy_(head_mode, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(whole_dev.device))
+            event.record(torch.cuda.current_stream(head_mode.device))
         else:
-            whole = whole_dev
-        self._staged = (head_mode, padding, whole_dev, whole, event)
+            modes = head_mode
+        self._staged = (head_mode, padding, modes, event)
 
     def finish_commit(self):
-        """Second half of commit_prefill: waits for the staged routing (only up to its own event) and writes the
-        prompt into the pools. Host indices go to the device without a stream sync (_upload)."""
+        """Second half of commit_prefill: waits for the staged routing (only up to its own event; the host needs its
+        pair counts to size the pools) and writes the prompt and the tables in one op (elastic::static_cache_commit
+        reads the routing on the device). The prefill of a fresh cache makes ~4 launches a layer here (two pools,
+        the commit, the length). With ~25 small torch ops a layer instead, SmolLM2-135M's 8K prefill (every head
+        FULL, H200) took 56.5 ms with the static cache against 32.5 without; with the op 40.7 against 25.5
+        (benchmarks/results/prefill_profile/2026-12-03_h200_static_commit/)."""
         if self._staged is None:
             _fail(f"layer {self.layer_idx}: finish_commit without a staged routing")
-        head_mode, padding, whole_dev, whole, event = self._staged
+        head_mode, padding, modes, event = self._staged
         if event is not None:
             event.synchronize()
         keys, values = self._pending
         B, H, S, D = keys.shape
-        n_whole = int(whole.sum())
-        self._ensure_pools(n_whole, B * H - n_whole, D)
-        slot = self._assign_slots(whole)
-        lengths = [S] * B if padding is None else padding.lengths_k
-        starts = None if padding is None else padding.cu_seqlens_k.tolist()
-        for b in range(B):
-            n = lengths[b]
-            if padding is None:
-                kb, vb = keys[b], values[b]                                     # [H, S, D]
-            else:  # this sample's valid tokens, in order (left or right padding alike)
-                rows = padding.k_index[starts[b]:starts[b + 1]] - b * S
-                kb, vb = keys[b].index_select(1, rows), values[b].index_select(1, rows)
-            heads_w = whole[b].nonzero().squeeze(1)
-            heads_s = (~whole[b]).nonzero().squeeze(1)
-            if heads_w.numel():
-                dst, src = self._upload(torch.stack([slot[b, heads_w].to(torch.int64), heads_w]))
-                self.full.k[dst, :n] = kb[src]
-                self.full.v[dst, :n] = vb[src]
-            if heads_s.numel():
-                keep = torch.cat([torch.arange(min(self.sink, n)),
-                                  torch.arange(max(self.sink, n - (self.stream_len - self.sink)), n)])
-                ring = self.stream_len - self.sink
-                at = torch.where(keep < self.sink, keep, self.sink + (keep - self.sink) % max(ring, 1))
-                dst, hs = self._upload(torch.stack([slot[b, heads_s].to(torch.int64), heads_s]))
-                keep_at = self._upload(torch.stack([keep, at]))
-                keep_d, at_d = keep_at[0], keep_at[1]
-                self.stream.k[dst[:, None], at_d[None, :]] = kb[hs][:, keep_d]
-                self.stream.v[dst[:, None], at_d[None, :]] = vb[hs][:, keep_d]
-        self._set_tables(head_mode.to(self.device, torch.int32), slot, whole_dev,
-                         torch.tensor(lengths, dtype=torch.int32))
-        self.cumulative_length.fill_(S)
-        self.decode_pairs.zero_()
+        n_stream = int((modes == STREAM).sum())
+        self._ensure_pools(B * H - n_stream, n_stream, D)
+        self._ensure_tables(B)
+        static_cache_commit(keys, values, head_mode, None if padding is None else padding.cu_seqlens_k,
+                            None if padding is None else padding.k_index, self.full.k, self.full.v, self.stream.k,
+                            self.stream.v, self.head_mode, self.slot, self.is_whole, self.seq_lens, sink=self.sink)
+        self.cumulative_length.fill_(S)  # (decode_pairs are zero: a new prompt follows reset() or a fresh layer)
         self._pending = self._staged = None
         self.prefilled = True
         self.keys, self.values = self.full.k, self.full.v  # the identity the attention function checks at decode
@@ -365,19 +345,17 @@ class ElasticStaticLayer(CacheLayerMixin):
         rank_s = torch.cumsum((~flat).to(torch.int64), 0) - 1
         return torch.where(flat, rank_w, rank_s).view(whole.shape).to(torch.int32)
 
-    def _set_tables(self, head_mode, slot, whole, lengths):
-        """Copy into the existing tables when the batch keeps its size (static addresses), else reallocate."""
-        B = head_mode.shape[0]
-        new = {"head_mode": head_mode, "slot": self._upload(slot), "is_whole": whole.to(self.device),
-               "seq_lens": self._upload(lengths)}
+    def _ensure_tables(self, B):
+        """head_mode / slot int32 [B, Hkv], is_whole bool [B, Hkv], seq_lens int32 [B] on the cache's device: kept
+        while the batch keeps its size (static addresses for captured decode steps), else allocated anew."""
         if self.batch_size != B or self.slot is None or self.slot.device != self.device:
-            for name, t in new.items():
-                setattr(self, name, t.clone())
+            H = self.num_kv_heads  # (empty: every caller writes all of them next)
+            self.head_mode = torch.empty(B, H, dtype=torch.int32, device=self.device)
+            self.slot = torch.empty(B, H, dtype=torch.int32, device=self.device)
+            self.is_whole = torch.empty(B, H, dtype=torch.bool, device=self.device)
+            self.seq_lens = torch.empty(B, dtype=torch.int32, device=self.device)
             _mark_static(self.head_mode, self.slot, self.is_whole, self.seq_lens)
-        else:
-            for name, t in new.items():
-                getattr(self, name).copy_(t)
-        self.batch_size = B
+            self.batch_size = B
 
     def _select_rows(self, indices, what):
         """The batch becomes rows `indices` of the current one (beam reorder, selection, repetition)."""
@@ -406,8 +384,13 @@ class ElasticStaticLayer(CacheLayerMixin):
         for pool, kind in ((self.full, whole), (self.stream, ~whole)):
             move = kind & (src != dst)
             pool.copy_rows(src[move].to(self.device), dst[move].to(self.device))
-        self._set_tables(self.head_mode.index_select(0, idx.to(self.device)), slot, whole,
-                         self.seq_lens.index_select(0, idx.to(self.device)).cpu())
+        head_mode = self.head_mode.index_select(0, idx.to(self.device))
+        seq_lens = self.seq_lens.index_select(0, idx.to(self.device))
+        self._ensure_tables(idx.numel())
+        self.head_mode.copy_(head_mode)
+        self.slot.copy_(self._upload(slot))
+        self.is_whole.copy_(self._upload(whole))
+        self.seq_lens.copy_(seq_lens)
 
     def memory_bytes(self):
         tables = sum(t.numel() * t.element_size() for t in (self.head_mode, self.slot, self.is_whole, self.seq_lens)

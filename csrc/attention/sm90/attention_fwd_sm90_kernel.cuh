@@ -116,12 +116,9 @@ struct PingPong {
 //  kLoopPvFirstEager (and ELASTIC_SM90_LAZY_RESCALE=0): the same with the O rescale unconditional and branch-free,
 //    so ptxas can put its 64 FMUL into the same gaps (FA4 does; no vote and branch on the path). alpha is exactly 1
 //    for rows whose max stayed (exact alpha), so every order gives the same bits.
-//  kLoopPackEarly (ELASTIC_SM90_PACK_EARLY=1): the default order, but P(n) is packed into the other of two P
-//    fragment buffers inside the exp stretch, before P V(n-1)'s wait (P V(n-1) reads the first buffer), so the 32
-//    F2FP fill the gaps between the MUFU.EX2 without moving P V's wait ahead of the exps (pv_first's cost on BLOCK
-//    heads); after the wait only the vote for the lazy rescale is left before the next turn. The loop is unrolled
-//    by two so that each buffer is a fixed set of registers (+32 per consumer thread; the default loop uses up to
-//    R198 of its 224).
+//  (A fourth order, the default with P(n) packed into a second register buffer among the exps before P V(n-1)'s
+//    wait, ran 1-4% slower on the H200 at 8K-128K dense and all-BLOCK 32K and was removed: benchmarks/NOTES.md,
+//    "P packed early".)
 // ncu, 32K dense (2026-12-02): FA4's loop has as many warp instructions per tile as ours (469 vs 471) but 11% fewer
 // stall samples; its exp stretch holds the 32 F2FP and 64 FMUL; ours had 19.7K "wait" samples on the F2FP after the
 // exps against FA4's 2.0K. (The constants are in attention_fwd_sm90_pipeline.cuh, beside the kernel flags.)
@@ -130,8 +127,7 @@ template <typename T, typename Tr, int kLoop>
 __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& sm, int num_q_tiles,
                              int64_t num_items, unsigned flags) {
   constexpr int BM = Tr::BM, BN = Tr::BN, D = Tr::D, NS = BN / 2, NO = D / 2;
-  constexpr bool kPvWaitFirst = kLoop == kLoopPvFirst || kLoop == kLoopPvFirstEager;
-  constexpr bool kEagerRescale = kLoop == kLoopPvFirstEager, kPackEarly = kLoop == kLoopPackEarly;
+  constexpr bool kPvWaitFirst = kLoop != kLoopDefault, kEagerRescale = kLoop == kLoopPvFirstEager;
   using Op = mma::MmaOp<T>;
   // Consumer warpgroup: rows [64 wg, 64 wg + 64); read through a shuffle so the compiler sees a warp-uniform
   // value and keeps the Q descriptor in uniform registers.
@@ -209,7 +205,6 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 
     float acc_o[NO], acc_s[NS];
     uint32_t p_frag[BN / 16][4];
-    uint32_t p_frag2[BN / 16][4];  // kPackEarly: the second P buffer (unused, and eliminated, otherwise)
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < NO; ++i) acc_o[i] = 0.f;
@@ -303,16 +298,15 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
         for (int i = 0; i < NO; ++i) acc_o[i] *= alpha[(i % 4) / 2];
       }
     };
-    auto pack_into = [&](uint32_t(&dst)[BN / 16][4]) {
+    auto pack_p = [&]() {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        dst[kk][0] = Op::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-        dst[kk][1] = Op::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-        dst[kk][2] = Op::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-        dst[kk][3] = Op::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+        p_frag[kk][0] = Op::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+        p_frag[kk][1] = Op::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+        p_frag[kk][2] = Op::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+        p_frag[kk][3] = Op::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
       }
     };
-    auto pack_p = [&]() { pack_into(p_frag); };
 
     mbar_wait(sm.q_full(), q_phase);
     q_phase ^= 1;
@@ -345,122 +339,65 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
 
     RingPos<Tr::STAGES> prev = cur;
     cur.advance();
-    bool p_in_second = false;  // kPackEarly: the pending P fragments (of key tile n_pv) are in p_frag2
-    if constexpr (kPackEarly) {
-      // One key tile: S(n) = Q K(n)^T and O += P(n_pv) V(n_pv) from pv_src, the softmax of S(n) packed into pk_dst
-      // while P V runs, then P V's wait and the (lazy) O rescale.
-      auto step = [&](uint32_t(&pv_src)[BN / 16][4], uint32_t(&pk_dst)[BN / 16][4]) {
-        turns.my_turn();
-        mbar_wait(sm.k_full(cur.slot), cur.phase);
-        mbar_wait(sm.v_full(prev.slot), prev.phase);
-        if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
-        proxy_fence();
+    for (n = n_next; n >= 0; n = n_next) {
+      // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
+      turns.my_turn();
+      mbar_wait(sm.k_full(cur.slot), cur.phase);
+      mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
+      if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
+      proxy_fence();
+      fence_regs(acc_s);
+      fence_regs(acc_o);
+      fence_regs(p_frag);
+      wgmma_fence();
+      issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
+      wgmma_commit();
+      issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
+      wgmma_commit();
+      turns.pass_turn();
+      n_next = walker.prev(n, walk_cached);  // BLOCK heads read mask bits here: their latency hides under the MMAs
+      float alpha[2];
+      if constexpr (kPvWaitFirst) {
+        // Nothing between S's wait and the row max but the mask: tile n's visibility test runs under the MMAs (the
+        // empty volatile asm keeps it before the wait; SASS of the default order: ~80 stall cycles of uniform
+        // tests and a jump table there), and the K / Q slots go back after the max phase.
+        int visible = tile_visible(n);
+        asm volatile("" : "+r"(visible));
+        wgmma_wait<1>();  // S(n) ready
         fence_regs(acc_s);
+        softmax_max(n, visible != 0, alpha);
+        schedule_fence(never, row_max[0], row_max[1]);  // the max phase above overlaps P V
+        release(sm.k_empty(cur.slot));
+        if (n_next < 0) release(sm.q_empty());
+        wgmma_wait<0>();  // P V done: O and the P fragments are free again
         fence_regs(acc_o);
-        fence_regs(pv_src);
-        wgmma_fence();
-        issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
-        wgmma_commit();
-        issue_pv<T, Tr>(acc_o, pv_src, sm.v_slot(prev.slot));
-        wgmma_commit();
-        turns.pass_turn();
-        n_next = walker.prev(n, walk_cached);
-        float alpha[2];
+        fence_regs(p_frag);
+        release(sm.v_empty(prev.slot));
+        rescale_o(alpha);
+        softmax_exp(alpha);
+      } else {
         wgmma_wait<1>();  // S(n) ready
         fence_regs(acc_s);
         release(sm.k_empty(cur.slot));
         if (n_next < 0) release(sm.q_empty());
         softmax_max(n, tile_visible(n), alpha);
         softmax_exp(alpha);
-        pack_into(pk_dst);  // pv_src is still read by P V(n_pv): the other buffer
-        schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax and packing above overlap P V
-        schedule_fence_frags(never, pk_dst);            // (without it ptxas sank 31 of the 32 F2FP past the wait)
-        wgmma_wait<0>();  // P V done: O and pv_src are free again
-        fence_regs(acc_o);
-        fence_regs(pv_src);
-        release(sm.v_empty(prev.slot));
-        rescale_o(alpha);
-        n_pv = n;
-        prev = cur;
-        cur.advance();
-      };
-      for (n = n_next; n >= 0;) {
-        step(p_frag, p_frag2);
-        p_in_second = true;
-        n = n_next;
-        if (n < 0) break;
-        step(p_frag2, p_frag);
-        p_in_second = false;
-        n = n_next;
-      }
-    } else {
-      for (n = n_next; n >= 0; n = n_next) {
-        // Issue S(n) = Q K(n)^T and O += P(n_prev) V(n_prev), then do the softmax of S(n) while P V runs.
-        turns.my_turn();
-        mbar_wait(sm.k_full(cur.slot), cur.phase);
-        mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
-        if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
-        proxy_fence();
-        fence_regs(acc_s);
+        schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
+        wgmma_wait<0>();  // P V done: O and the P fragments are free again
         fence_regs(acc_o);
         fence_regs(p_frag);
-        wgmma_fence();
-        issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
-        wgmma_commit();
-        issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
-        wgmma_commit();
-        turns.pass_turn();
-        n_next = walker.prev(n, walk_cached);  // BLOCK heads read mask bits here: their latency hides under the MMAs
-        float alpha[2];
-        if constexpr (kPvWaitFirst) {
-          // Nothing between S's wait and the row max but the mask: tile n's visibility test runs under the MMAs (the
-          // empty volatile asm keeps it before the wait; SASS of the default order: ~80 stall cycles of uniform
-          // tests and a jump table there), and the K / Q slots go back after the max phase.
-          int visible = tile_visible(n);
-          asm volatile("" : "+r"(visible));
-          wgmma_wait<1>();  // S(n) ready
-          fence_regs(acc_s);
-          softmax_max(n, visible != 0, alpha);
-          schedule_fence(never, row_max[0], row_max[1]);  // the max phase above overlaps P V
-          release(sm.k_empty(cur.slot));
-          if (n_next < 0) release(sm.q_empty());
-          wgmma_wait<0>();  // P V done: O and the P fragments are free again
-          fence_regs(acc_o);
-          fence_regs(p_frag);
-          release(sm.v_empty(prev.slot));
-          rescale_o(alpha);
-          softmax_exp(alpha);
-        } else {
-          wgmma_wait<1>();  // S(n) ready
-          fence_regs(acc_s);
-          release(sm.k_empty(cur.slot));
-          if (n_next < 0) release(sm.q_empty());
-          softmax_max(n, tile_visible(n), alpha);
-          softmax_exp(alpha);
-          schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
-          wgmma_wait<0>();  // P V done: O and the P fragments are free again
-          fence_regs(acc_o);
-          fence_regs(p_frag);
-          release(sm.v_empty(prev.slot));
-          rescale_o(alpha);
-        }
-        pack_p();
-        n_pv = n;
-        prev = cur;
-        cur.advance();
+        release(sm.v_empty(prev.slot));
+        rescale_o(alpha);
       }
+      pack_p();
+      n_pv = n;
+      prev = cur;
+      cur.advance();
     }
     turns.my_turn();
     mbar_wait(sm.v_full(prev.slot), prev.phase);
     if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
     proxy_fence();
-    if constexpr (kPackEarly) {  // the last P into p_frag by selects: a branch around two wgmma issues made ptxas
-                                 // serialise every wgmma of the BLOCK_MASK instance ("WG.AR in divergent path")
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) p_frag[kk][c] = p_in_second ? p_frag2[kk][c] : p_frag[kk][c];
-    }
     fence_regs(acc_o);
     fence_regs(p_frag);
     wgmma_fence();
@@ -469,7 +406,6 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     turns.pass_turn();
     wgmma_wait<0>();
     fence_regs(acc_o);
-    if constexpr (kPackEarly) fence_regs(p_frag);  // live until the last P V is done (the default's SASS as it was)
     release(sm.v_empty(prev.slot));
 
     // Epilogue: normalise, write out and lse (natural log). Rows that saw no key: out 0, lse -inf; rows the
@@ -545,18 +481,11 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
   }
   __syncthreads();
 
-  // kLoopPackEarly holds a second set of P fragments (+32 registers): at 224 its consumers spilled (ptxas: one
-  // local load per key tile), so that instance moves 16 registers per thread from the producer (40 / 232; the
-  // pool is 168 x 384 = 40 x 128 + 232 x 256).
-  constexpr int kProducerRegs = kLoop == kLoopPackEarly ? 40 : Tr::PRODUCER_REGS;
-  constexpr int kConsumerRegs = kLoop == kLoopPackEarly ? 232 : Tr::CONSUMER_REGS;
-  static_assert(Tr::WG_THREADS * kProducerRegs + Tr::CONSUMER_WGS * Tr::WG_THREADS * kConsumerRegs <= 168 * Tr::NTHREADS,
-                "register pool");
   if (threadIdx.x < Tr::WG_THREADS) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Tr::PRODUCER_REGS));
     fwd_producer<T, Tr>(p, maps, sm, sQ, sK, sV, num_q_tiles, num_items, flags, counter);
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Tr::CONSUMER_REGS));
     fwd_consumer<T, Tr, kLoop>(p, sm, num_q_tiles, num_items, flags);
   }
 #else

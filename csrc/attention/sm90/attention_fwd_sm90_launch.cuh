@@ -68,13 +68,6 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   auto kernel = !opt.sm90_pv_wait_first ? attention_fwd_sm90_kernel<T, Tr>
                 : opt.sm90_lazy_rescale ? attention_fwd_sm90_kernel<T, Tr, kLoopPvFirst>
                                         : attention_fwd_sm90_kernel<T, Tr, kLoopPvFirstEager>;
-  // ELASTIC_SM90_PACK_EARLY: the default order with P packed into a second buffer inside the exp stretch
-  // (kLoopPackEarly; kernel_options() refuses it together with PV_WAIT_FIRST). Launches without a block mask only:
-  // the BLOCK_MASK instance of that loop spilled in the consumers' key loop (ptxas -v: 480 / 776 bytes, ~20 local
-  // accesses per key tile in the SASS, 232 registers), so BLOCK launches keep the default loop.
-  if constexpr (!Tr::BLOCK_MASK) {
-    if (opt.sm90_pack_early) kernel = attention_fwd_sm90_kernel<T, Tr, kLoopPackEarly>;
-  }
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));

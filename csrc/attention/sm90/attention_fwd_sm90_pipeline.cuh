@@ -34,7 +34,7 @@ constexpr unsigned kFlagExactAlpha = 32, kFlagMaxSlack = 64, kFlagWalkCached = 1
 constexpr float kMaxSlack = 8.f;
 constexpr unsigned kFlagNever = 1u << 31;  // never set: a run-time false the compiler cannot fold (schedule_fence)
 // Key-loop orders of the consumers, one kernel instance each (fwd_consumer in attention_fwd_sm90_kernel.cuh).
-constexpr int kLoopDefault = 0, kLoopPvFirst = 1, kLoopPvFirstEager = 2, kLoopPackEarly = 3;
+constexpr int kLoopDefault = 0, kLoopPvFirst = 1, kLoopPvFirstEager = 2;
 
 // BLOCK_MASK: the instance for launches with a block mask (BLOCK heads walk their mask bits). Launches without
 // one use the instance without, which carries no mask state: the walker's mask fields do not fit the producer's

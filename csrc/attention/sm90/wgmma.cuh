@@ -77,20 +77,6 @@ __device__ __forceinline__ void schedule_fence(bool never, float a, float b) {
   if (never & (a == b)) asm volatile("nanosleep.u32 0;\n" ::: "memory");
 }
 
-// The same for N register fragments of 4 words: the never-taken side stores them (to shared address 0, never
-// executed), so they are computed before the branch. ptxas sank the 32 F2FP of the P packing past the next
-// wgmma wait otherwise (to their use, the next P V), even across schedule_fence.
-template <int N>
-__device__ __forceinline__ void schedule_fence_frags(bool never, const uint32_t (&r)[N][4]) {
-  if (never) {
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(0u), "r"(r[i][0]), "r"(r[i][1]), "r"(r[i][2]),
-                   "r"(r[i][3])
-                   : "memory");
-  }
-}
-
 #define ELASTIC_WGMMA_ACC32 \
     "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
