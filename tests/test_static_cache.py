@@ -27,12 +27,17 @@ class History:
     def __init__(self, modes, lengths, *, sink=2, window=5, max_query_len=4, max_cache_len=64, max_full_frac=None,
                  gen=None):
         self.gen = gen or torch.Generator().manual_seed(0)
+        self.sink, self.window = sink, window
+        self.layer = ElasticStaticLayer(0, num_kv_heads=H, max_batch_size=len(modes) + 1,
+                                        max_cache_len=max_cache_len, sink=sink, window=window,
+                                        max_query_len=max_query_len, max_full_frac=max_full_frac)
+        self.prompt(modes, lengths)
+
+    def prompt(self, modes, lengths):
+        """A prompt per sample (left-padded to the longest) committed with `modes`."""
+        sink, window = self.sink, self.window
         self.modes = torch.tensor(modes, dtype=torch.int32)
         B = self.modes.shape[0]
-        self.sink, self.window = sink, window
-        self.layer = ElasticStaticLayer(0, num_kv_heads=H, max_batch_size=B + 1, max_cache_len=max_cache_len,
-                                        sink=sink, window=window, max_query_len=max_query_len,
-                                        max_full_frac=max_full_frac)
         S = max(lengths)
         k, v = self.rand(B, S), self.rand(B, S)
         mask = torch.zeros(B, S, dtype=torch.bool)
@@ -82,6 +87,32 @@ def test_prompts_shorter_than_the_sink():
     decode steps then fill the sink and wrap the ring."""
     hist = History(MODES, [1, 3, 2], sink=4, window=3)
     for Sq in [1, 2, 4, 1, 3, 4, 4]:
+        hist.step(Sq)
+
+
+def test_reset_then_new_prompts_reuse_the_layer():
+    """A serving lifetime: reset() and a new prompt of the same batch size reuse the pools and tables in place (static
+    addresses for captured decode steps) while its routing fits them, and grow only the pool that a denser routing
+    needs; every decode step still matches recompute, and the decode pair counts start again from zero."""
+    hist = History(MODES, [9, 3, 6])
+    for Sq in [1, 3, 1]:
+        hist.step(Sq)
+    layer = hist.layer
+    assert float(layer.decode_pairs[1]) > 0
+    addresses = [t.data_ptr() for t in (layer.full.k_store, layer.stream.k_store, layer.head_mode, layer.slot,
+                                        layer.is_whole, layer.seq_lens)]
+    layer.reset()
+    assert not layer.prefilled and float(layer.decode_pairs.abs().sum()) == 0
+    hist.prompt([[STREAM, FULL, STREAM], [BLOCK, FULL, STREAM], [STREAM, FULL, BLOCK]], [2, 11, 7])  # 5 whole, 4
+    assert [t.data_ptr() for t in (layer.full.k_store, layer.stream.k_store, layer.head_mode, layer.slot,
+                                   layer.is_whole, layer.seq_lens)] == addresses
+    assert int(layer.cumulative_length) == 11 and float(layer.decode_pairs.abs().sum()) == 0
+    for Sq in [2, 1, 4, 1, 4, 4]:
+        hist.step(Sq)
+    layer.reset()
+    hist.prompt([[FULL, FULL, FULL], [FULL, BLOCK, FULL], [STREAM, FULL, FULL]], [5, 5, 1])  # 8 whole: grows
+    assert layer.full.pairs == 8 and layer.stream.k_store.data_ptr() == addresses[1]
+    for Sq in [1, 4, 2]:
         hist.step(Sq)
 
 
