@@ -437,6 +437,33 @@ def test_graphed_greedy_generate_matches_eager(side):
     assert torch.equal(run.tokens[:, 0], want[0].argmax(-1))
 
 
+def test_graphed_generate_over_a_reset_cache_equals_a_fresh_one():
+    """A serving lifetime on the GPU: one ElasticStaticCache, reset() between two graphed generations of different
+    prompts (the second commit writes into the pools and tables the first allocated, its decode graph captured anew)
+    gives the second prompt exactly what a fresh cache gives it."""
+    pytest.importorskip("transformers")
+    from elastic_cuda.integrations.generate import graphed_greedy_generate
+    from elastic_cuda.integrations.static_cache import ElasticStaticCache
+    from elastic_cuda.integrations.transformers import enable
+
+    model = _tiny_llama_sharp(torch.bfloat16, seed=5)
+    enable(model, policy="fixed", fixed_table=torch.tensor([[1, 0], [0, 1]]), sink=4, window=32)
+    gen = torch.Generator(DEV).manual_seed(8)
+    first, second = (torch.randint(3, 256, (2, n), device=DEV, generator=gen) for n in (170, 130))
+    new = 12
+    shared = ElasticStaticCache(model, max_batch_size=2, max_cache_len=200)
+    graphed_greedy_generate(model, first, shared, new)
+    addresses = [layer.full.k_store.data_ptr() for layer in shared.layers]
+    shared.reset()
+    reused = graphed_greedy_generate(model, second, shared, new, keep_logits=True)
+    assert [layer.full.k_store.data_ptr() for layer in shared.layers] == addresses  # (same routing: pools kept)
+    fresh = graphed_greedy_generate(model, second, ElasticStaticCache(model, max_batch_size=2, max_cache_len=200), new,
+                                    keep_logits=True)
+    assert torch.equal(reused.tokens, fresh.tokens)
+    err = ((reused.logits - fresh.logits).abs().max() / fresh.logits.abs().max()).item()
+    assert err < 1e-3, err
+
+
 def test_graphed_greedy_generate_dense_nomask_runs():
     """dense_mask=False (bench_decode's dense_nomask timing row): the step captures and replays with SDPA's
     mask-free GQA path over the static cache; its first token is the prefill's (the decode steps attend the empty
