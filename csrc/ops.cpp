@@ -1,6 +1,6 @@
 // The one place that declares the schemas of the elastic:: operators.
 // CPU and CUDA implementations register themselves with TORCH_LIBRARY_IMPL next to their kernels;
-// fake (meta) kernels and autograd are registered from Python (elastic_cuda/ops.py).
+// fake (meta) kernels and autograd are registered from Python (elastic_cuda/ops/, a module per op family).
 #include <torch/library.h>
 
 TORCH_LIBRARY(elastic, m) {
@@ -24,7 +24,7 @@ TORCH_LIBRARY(elastic, m) {
   // The router-training mix O = z O_FA + (1 - z) O_SA per (sample, KV head) (z [B, Hkv] float, usually the hard
   // 0/1 of a straight-through router): O_FA is every head FULL, O_SA every head in sparse_mode (1 STREAM, 2 BLOCK
   // with block_mask). Returns out (like q) and both branches with their lse (fp32; the branches are not
-  // differentiable). Its autograd (elastic_cuda/ops.py) gives dq, dk, dv and dz = sum(dO * (O_FA - O_SA)) per
+  // differentiable). Its autograd (elastic_cuda/ops/_train_mix.py) gives dq, dk, dv and dz = sum(dO * (O_FA - O_SA)) per
   // (sample, KV head), and runs a head's backward only in the branch its z weighs (z == 0 or 1 skips the other).
   // Composite: the same Python implementation over elastic::attention serves CPU and CUDA (on CUDA fp16/bf16 its
   // elementwise work runs as train_mix_combine / train_mix_dz below).
@@ -34,7 +34,7 @@ TORCH_LIBRARY(elastic, m) {
       "float? scale=None, int max_seqlen_q=0, int max_seqlen_k=0, str strategy=\"auto\") -> (Tensor out, "
       "Tensor out_full, Tensor lse_full, Tensor out_sparse, Tensor lse_sparse)");
   // The training mix's elementwise work as fused kernels (CUDA; CPU kernels are the spec), used by train_mix's
-  // forward and backward for fp16/bf16 CUDA tensors (elastic_cuda/ops.py; A/B switch ELASTIC_TRAIN_MIX_FUSED,
+  // forward and backward for fp16/bf16 CUDA tensors (elastic_cuda/ops/_train_mix.py; A/B switch ELASTIC_TRAIN_MIX_FUSED,
   // csrc/attention/kernel_options.h). Rows of [B, S, H, D] or packed [T, H, D] with cu_seqlens int32 [B+1]; a row in
   // no sequence (varlen) gets out 0 and no share of dz. Semantics and limits: csrc/train_mix/train_mix_checks.h.
   // train_mix_combine: out = z * full + (1 - z) * sparse, z [B, Hz] weighing head h by z[b, h / (H / Hz)], each

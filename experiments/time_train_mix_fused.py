@@ -18,7 +18,8 @@ import statistics
 import torch
 
 from benchmarks.harness import default_out, event_mean_ms, kernel_switches, sdpa
-from elastic_cuda.ops import FULL, STREAM, _z_rows, attention, train_mix
+from elastic_cuda.ops import FULL, STREAM, attention, train_mix
+from elastic_cuda.ops._train_mix import _z_rows
 
 HQ, HKV, D, SINK, WINDOW = 32, 8, 128, 128, 2048
 

@@ -362,7 +362,7 @@ def test_validated_signature_still_checks_what_differs():
     """attention() skips the argument checks for a signature it has validated (ops._attention_signature): a call
     that differs in anything a check reads must still fail with the argument's name, and a CPU head_mode's values
     are checked on every call."""
-    from elastic_cuda import ops
+    from elastic_cuda.ops import _attention as ops
 
     q, k, v = make_qkv(1, 16, 16, 4, 2, 32, torch.Generator().manual_seed(3), torch.float32)
     good = torch.full((1, 2), FULL, dtype=torch.int32)

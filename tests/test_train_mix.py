@@ -83,7 +83,7 @@ def test_hard_z_gradients_are_one_routed_call(sparse_mode, gen):
 def test_skipped_heads_see_no_key():
     """The skip: a head left out of a branch runs as BLOCK over an empty mask (no host sync), for FULL and STREAM
     branches; a BLOCK branch keeps its mask only for the heads it weighs."""
-    from elastic_cuda.ops import _skipping
+    from elastic_cuda.ops._train_mix import _skipping
 
     keep = torch.tensor([[True, False], [False, True]])
     modes, mask, bs = _skipping(STREAM, keep, None, 64, 300)

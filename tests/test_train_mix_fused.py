@@ -18,7 +18,8 @@ from test_attention_cuda import _grad_floors, _rel
 
 import elastic_cuda
 from elastic_cuda.attention import PaddingLayout, train_mix_attention
-from elastic_cuda.ops import _kernel_option, has_cuda_kernels, hopper_backward_serves, train_mix
+from elastic_cuda.ops import has_cuda_kernels, hopper_backward_serves, train_mix
+from elastic_cuda.ops._options import _kernel_option
 
 combine = torch.ops.elastic.train_mix_combine
 mix_dz = torch.ops.elastic.train_mix_dz
@@ -156,7 +157,7 @@ def test_fused_structure_on_cpu_kernels(sparse_mode, padded, hard, gen, monkeypa
     """The fused path's structure (unweighted dO into both branches' backward, then train_mix_combine of the
     gradients; dz by train_mix_dz) run on the ops' float64 CPU kernels: equal to the torch path within float64
     rounding, and gradcheck passes (the linearity the fused backward relies on, checked exactly)."""
-    from elastic_cuda import ops
+    from elastic_cuda.ops import _train_mix as ops
 
     B, S, Hq, Hkv, D = 3, 23, 6, 2, 8
     q = torch.randn(B, S, Hq, D, generator=gen, dtype=torch.float64)

@@ -81,7 +81,7 @@
 //   ELASTIC_DECODE_LATE_Q=1      tensor-core decode kernel: Q's fragments loaded after the pipeline prologue's K/V
 //                                copies are issued (default: before; the SASS packs Q's halves right after its loads,
 //                                so the first LDGSTS waits one memory round trip; decode_mma_kernel.cuh kLateQ)
-//   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops.py) computes its output mix,
+//   ELASTIC_TRAIN_MIX_FUSED=0    the training mix (elastic::train_mix, elastic_cuda/ops/_train_mix.py) computes its output mix,
 //                                dz and the branch-gradient sums with torch elementwise ops (weighted dO per branch)
 //                                instead of the fused train_mix_combine / train_mix_dz kernels (csrc/train_mix/)
 //   ELASTIC_ROUTER_KERNEL=0      elastic::router_decision on CUDA runs the eager router's kernels (boundary pool, addmm,
@@ -177,7 +177,7 @@ struct KernelOptions {
   bool nonfinite_prepass = true;  // forward: flag non-finite K / V rows first (the non-finite rule needs it)
   // Training mix, CUDA fp16/bf16: the output mix, dz and dq/dk/dv as fused kernels (one read of each operand, no
   // fp32 temporaries; the branches' backward takes dO unweighted and the weights are applied when the two branches'
-  // gradients are combined). Read by Python (elastic_cuda/ops.py _mix_fused) through kernel_options().
+  // gradients are combined). Read by Python (elastic_cuda/ops/_train_mix.py _mix_fused) through kernel_options().
   bool train_mix_fused = true;
   // elastic::router_decision on CUDA: its one fused kernel (fp32 routers) instead of the eager decision's kernels.
   // Only reached with enable(..., fused_router=True), itself off by default until timed on a GPU.

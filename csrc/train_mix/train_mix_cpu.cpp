@@ -1,6 +1,6 @@
 // CPU kernels of the training mix's elementwise ops (schemas and semantics: csrc/ops.cpp): the spec of the fused CUDA
 // kernels (train_mix_cuda.cu), written with ATen in fp64 so that each result is rounded once. The training mix on
-// the CPU itself (elastic_cuda/ops.py) keeps its torch expressions; these kernels exist for the tests and for callers
+// the CPU itself (elastic_cuda/ops/_train_mix.py) keeps its torch expressions; these kernels exist for the tests and for callers
 // of the ops.
 #include <ATen/ATen.h>
 #include <torch/library.h>

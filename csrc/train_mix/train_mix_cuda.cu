@@ -1,5 +1,5 @@
 // CUDA kernels of the training mix's elementwise ops (schemas: csrc/ops.cpp; spec: train_mix_cpu.cpp), which replace
-// the torch expressions of elastic_cuda/ops.py's train_mix for fp16/bf16 (switch ELASTIC_TRAIN_MIX_FUSED,
+// the torch expressions of elastic_cuda/ops/_train_mix.py's train_mix for fp16/bf16 (switch ELASTIC_TRAIN_MIX_FUSED,
 // kernel_options.h). Both are bandwidth-bound passes that read each operand once in 16-byte packs and keep every
 // intermediate in registers: at the Llama-3.1-8B shape at 8K (one [1, 8192, 32, 128] bf16 tensor = 64 MB) the torch
 // backward prologue alone moved ~1.5 GB (three fp32 copies, a difference, a product, a sum) where train_mix_dz reads
