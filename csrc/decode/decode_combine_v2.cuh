@@ -127,17 +127,7 @@ __global__ void __launch_bounds__(kCombineV2Threads) decode_combine_v2_kernel(co
     o.z += y.z;
     o.w += y.w;
   }
-  const float nan = __int_as_float(0x7fc00000);
-  const float inv = L > 0.f ? 1.f / L : 0.f;
-  const float res[4] = {o.x * inv, o.y * inv, o.z * inv, o.w * inv};
-  const int qi = row / p.group, hq = h * p.group + row % p.group;
-  T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + 4 * vec;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) out[e] = to_elem<T>(bad ? nan : res[e]);
-  if (vec == 0) {
-    const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
-    p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
-  }
+  write_merged4<T, D>(p, b, h, row, vec, o, L, M, bad);
 }
 
 }  // namespace decode

@@ -181,24 +181,12 @@ __device__ __forceinline__ void merge_in_last_cta(const DecodeParams& p, const I
     }
   }
   const int b = it.pair / p.hkv, h = it.pair % p.hkv;
-  const float nan = __int_as_float(0x7fc00000);
 #pragma unroll
   for (int j = 0; j < M::kColsPerThread; ++j) {
     const int col = M::kGroups > 1 ? tid % M::kCols : tid + j * kThreads;
     const int row = col / M::kVecs, vec = col % M::kVecs;
     if (row >= rows) continue;
-    const float L = s_l[row], Mx = s_m[row];
-    const bool bad = s_bad[row] != 0;
-    const float inv = L > 0.f ? 1.f / L : 0.f;
-    const float res[4] = {acc[j].x * inv, acc[j].y * inv, acc[j].z * inv, acc[j].w * inv};
-    const int qi = row / p.group, hq = h * p.group + row % p.group;
-    T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + 4 * vec;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[e] = to_elem<T>(bad ? nan : res[e]);
-    if (vec == 0) {
-      const float lse = bad ? nan : (L > 0.f ? (Mx + log2f(L)) * 0.69314718055994531f : -INFINITY);
-      p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
-    }
+    write_merged4<T, D>(p, b, h, row, vec, acc[j], s_l[row], s_m[row], s_bad[row] != 0);
   }
 }
 

@@ -596,6 +596,25 @@ __global__ void __launch_bounds__(kThreads, kRows == 4 ? 3 : 2) decode_split_ker
 // Merges element d of query row `row` of pair `pair` from the partials of the pair's `count` items (from `first`)
 // and writes the output (and the lse at d == 0). Partials are read through L2 (ld.global.cg): in the fused combine
 // they were written by other CTAs of the same launch, and this SM's L1 must not serve a stale line.
+// The end of a vectorised merge (decode_combine_v2.cuh, decode_fused_merge.cuh): elements [4 vec, 4 vec + 4) of
+// query row `row` of pair (b, h) from the weighted sum acc of its items' outputs, their weights' sum L and the log2
+// max M the weights share, and (vec 0) the row's lse; a row with a NaN input (bad) gets NaN and NaN.
+template <typename T, int D>
+__device__ __forceinline__ void write_merged4(const DecodeParams& p, int b, int h, int row, int vec, const float4& acc,
+                                              float L, float M, bool bad) {
+  const float nan = __int_as_float(0x7fc00000);
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  const float res[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
+  const int qi = row / p.group, hq = h * p.group + row % p.group;
+  T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.sq + qi) * p.hq + hq) * D + 4 * vec;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = to_elem<T>(bad ? nan : res[e]);
+  if (vec == 0) {
+    const float lse = bad ? nan : (L > 0.f ? (M + log2f(L)) * 0.69314718055994531f : -INFINITY);
+    p.lse[(static_cast<int64_t>(b) * p.hq + hq) * p.sq + qi] = lse;
+  }
+}
+
 template <typename T, int D, int kRows>
 __device__ __forceinline__ void combine_element(const DecodeParams& p, int pair, int first, int count, int row,
                                                 int d) {

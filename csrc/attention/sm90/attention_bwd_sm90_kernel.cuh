@@ -197,25 +197,39 @@ __device__ __forceinline__ void load_row_pairs(float2 (&out)[2], const float* ro
 // every entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded
 // the scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS
 // select (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
-template <bool MASKED, bool ROWS_BY_T4 = false>
-__device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
-                                          uint32_t vis) {
+// Entry e = 4 i + 2 hf + c of this thread's 32 (query column 8 i + 2 t4 + c) becomes op(e, x), x the .x (even e) or .y
+// (odd e) of its column pair's value in `rows` (load_row_pairs); MASKED: entries whose bit in `vis` is clear become
+// exactly 0. bwd_probs and bwd_dscores are this loop with their own op.
+template <bool MASKED, bool ROWS_BY_T4, typename Op>
+__device__ __forceinline__ void bwd_rows_apply(float (&dst)[32], const float* rows, int t4, uint32_t vis, Op op) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    float2 l2p[2];
-    load_row_pairs<ROWS_BY_T4>(l2p, s_lse2, j, t4);
+    float2 rp[2];
+    load_row_pairs<ROWS_BY_T4>(rp, rows, j, t4);
 #pragma unroll
     for (int ii = 0; ii < 2; ++ii) {
       const int i = 2 * j + ii;
-      const float2 l2 = l2p[ii];
+      const float2 r = rp[ii];
 #pragma unroll
       for (int e2 = 0; e2 < 4; ++e2) {
         const int e = 4 * i + e2;
-        const float v = exp2f(fmaf(s[e], scale_log2, -(e2 & 1 ? l2.y : l2.x)));
-        s[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
+        const float v = op(e, e2 & 1 ? r.y : r.x);
+        dst[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
       }
     }
   }
+}
+
+// P^T = exp2(S^T * scale_log2 - lse2) of this thread's 32 entries (entry 4 i + 2 hf + c: query column 8 i + 2 t4 + c);
+// MASKED: entries whose bit in `vis` is clear are exactly 0 (selected, so that nothing of them enters). exp2 runs for
+// every entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded
+// the scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS
+// select (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
+template <bool MASKED, bool ROWS_BY_T4 = false>
+__device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
+                                          uint32_t vis) {
+  bwd_rows_apply<MASKED, ROWS_BY_T4>(s, s_lse2, t4, vis,
+                                     [&](int e, float l2) { return exp2f(fmaf(s[e], scale_log2, -l2)); });
 }
 
 // bwd_probs with the rows' lse * log2(e) already in registers (OVERLAP: read before the wait for S, whose "memory"
@@ -264,22 +278,7 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
 template <bool MASKED, bool ROWS_BY_T4 = false>
 __device__ __forceinline__ void bwd_dscores(float (&dp)[32], const float (&pr)[32], const float* s_delta, int t4,
                                             uint32_t vis) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 dlp[2];
-    load_row_pairs<ROWS_BY_T4>(dlp, s_delta, j, t4);
-#pragma unroll
-    for (int ii = 0; ii < 2; ++ii) {
-      const int i = 2 * j + ii;
-      const float2 dl = dlp[ii];
-#pragma unroll
-      for (int e2 = 0; e2 < 4; ++e2) {
-        const int e = 4 * i + e2;
-        const float v = pr[e] * (dp[e] - (e2 & 1 ? dl.y : dl.x));
-        dp[e] = !MASKED || ((vis >> e) & 1u) ? v : 0.f;
-      }
-    }
-  }
+  bwd_rows_apply<MASKED, ROWS_BY_T4>(dp, s_delta, t4, vis, [&](int e, float dl) { return pr[e] * (dp[e] - dl); });
 }
 
 // Producer warp: K/V of the tile, then one stage per visited (query head, query tile), then the end stage. Full
