@@ -13,6 +13,7 @@ Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 K
   ours_bwd_<path>                 the backward alone (autograd.grad of a kept forward graph)
   cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
   flex_hybrid                     compiled flex_attention with the per-head analytic BlockMask of bench_attention
+Each row is the median of BWD_ROUNDS (default 3) interleaved rounds (every method once per round, in row order).
 Writes bench_backward.json and .md under --out (default benchmarks/results/attention/<date>_<gpu>/) and prints the
 table. Run from the repository root: `python -m benchmarks.bench_backward`.
 """
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -42,7 +44,11 @@ def deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def section(S: int):
+def section(S: int, rounds: int):
+    """The rows of one S. Every method is checked once, then timed in `rounds` interleaved rounds (each round times
+    every method once, in row order; the row is the median of its rounds): one pass per method let the GPU's clock
+    state differ between neighbouring rows by several percent (e.g. ours 6/8 STREAM at 32K 24.7 ms in the benchmark,
+    22.9-23.4 ms alone, with Flex timed between)."""
     import elastic_cuda
 
     case = Case("llama", 1, S)
@@ -50,13 +56,15 @@ def section(S: int):
     do_t = do.transpose(1, 2).contiguous()
     leaves = [t.detach().requires_grad_(True) for t in (case.q, case.k, case.v)]
     leaves_t = [t.detach().requires_grad_(True) for t in (case.qt, case.kt, case.vt)]
+    timed = []  # (method, fn, row fields, kernel switches, deterministic)
+    kept = []   # forward graphs the backward-alone rows differentiate
 
-    def one(name, fn, **extra):
+    def one(name, fn, switches=None, det=False, **extra):
         try:
-            fn()
-            torch.cuda.synchronize()
-            ms = bench(fn, S)
-            rec(kind="fwd_bwd", method=name, **case.key(**extra), ms=ms, tflops=3.5 * case.flops / ms / 1e9)
+            with deterministic(det), kernel_switches(**(switches or {})):
+                fn()
+                torch.cuda.synchronize()
+            timed.append((name, fn, extra, switches or {}, det))
         except Exception as e:  # a peer missing or failing: its row says why
             rec(kind="fwd_bwd", method=name, **case.key(**extra), error=repr(e)[:300])
 
@@ -70,27 +78,37 @@ def section(S: int):
         experiments = "experiments_built=1" in elastic_cuda.ops.reload_kernel_options()
         paths = env_list("BWD_PATHS", "sm90,sm90_atomic,sm90_det,sm80", str.strip)
         for path in paths + (["sm90_early"] if experiments and "sm90_early" not in paths else []):
-            with deterministic(path == "sm90_det"), kernel_switches(ELASTIC_CUDA_SM90_BWD="0" if path == "sm80" else "1",
-                                 ELASTIC_SM90_BWD_EARLY_RELEASE="1" if path == "sm90_early" else "0",
-                                 ELASTIC_SM90_BWD_DQ_TMA="0" if path == "sm90_atomic" else "1"):
+            switches = dict(ELASTIC_CUDA_SM90_BWD="0" if path == "sm80" else "1",
+                            ELASTIC_SM90_BWD_EARLY_RELEASE="1" if path == "sm90_early" else "0",
+                            ELASTIC_SM90_BWD_DQ_TMA="0" if path == "sm90_atomic" else "1")
 
-                def ours_fb(hm=hm):
-                    elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
+            def ours_fb(hm=hm):
+                elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto").backward(do)
 
-                one(f"ours_{path}", ours_fb, msr=msr)
-                out = elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto")
+            one(f"ours_{path}", ours_fb, switches, path == "sm90_det", msr=msr)
+            kept.append(elastic_cuda.ops.attention(*leaves, hm, sink=SINK, window=WINDOW, strategy="auto"))
 
-                def ours_b(out=out):
-                    torch.autograd.grad(out, leaves, do, retain_graph=True)
+            def ours_b(out=kept[-1]):
+                torch.autograd.grad(out, leaves, do, retain_graph=True)
 
-                one(f"ours_bwd_{path}", ours_b, msr=msr)
-                del out
+            one(f"ours_bwd_{path}", ours_b, switches, path == "sm90_det", msr=msr)
         try:
             bm = stream_block_mask(S, hm.repeat_interleave(case.G, 1))
             one("flex_hybrid", lambda bm=bm: flex_fn()(*leaves_t, block_mask=bm, enable_gqa=True).backward(do_t),
                 msr=msr)
         except Exception as e:
             rec(kind="fwd_bwd", method="flex_hybrid", **case.key(msr=msr), error=repr(e)[:300])
+
+    times = [[] for _ in timed]
+    for _ in range(rounds):
+        for i, (name, fn, extra, switches, det) in enumerate(timed):
+            with deterministic(det), kernel_switches(**switches):
+                times[i].append(bench(fn, S))
+    for (name, fn, extra, switches, det), ms_rounds in zip(timed, times):
+        ms = statistics.median(ms_rounds)
+        rec(kind="fwd_bwd", method=name, **case.key(**extra), ms=ms, ms_rounds=[round(t, 4) for t in ms_rounds],
+            tflops=3.5 * case.flops / ms / 1e9)
+    del kept
 
 
 def main():
@@ -99,8 +117,9 @@ def main():
     args = ap.parse_args()
     out_dir = args.out or default_out("attention")
     os.makedirs(out_dir, exist_ok=True)
+    rounds = int(os.environ.get("BWD_ROUNDS", "3"))
     for S in env_list("BWD_SEQS", "8192,32768"):
-        section(S)
+        section(S, rounds)
         torch.cuda.empty_cache()
     lines = ["| S | STREAM heads | method | ms | TFLOP/s (3.5x causal fwd) |", "|---|---|---|---|---|"]
     for r in RESULTS:

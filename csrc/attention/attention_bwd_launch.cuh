@@ -16,9 +16,9 @@ void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max
                 " too large for the CUDA grid (at most 65535)");
 
   if (max_seqlen_q > 0) {
-    const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
-    const dim3 grid_pre(static_cast<unsigned>((pairs + 3) / 4), p.batch);
-    attention_bwd_preprocess_kernel<T, D><<<grid_pre, 128, 0, stream>>>(p);
+    using Pre = BwdPreprocessShape<D>;
+    attention_bwd_preprocess_kernel<T, D>
+        <<<Pre::grid(int64_t(max_seqlen_q) * p.heads_q, p.batch), Pre::kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
@@ -40,8 +40,16 @@ template <typename T>
 void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, float scale, cudaStream_t stream) {
   if (n == 0) return;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535 * 8);
-  attention_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n, scale);
+  const bool vec8 = reinterpret_cast<uintptr_t>(dq_accum) % 16 == 0 && reinterpret_cast<uintptr_t>(dq) % 16 == 0;
+  const int64_t per_thread = vec8 ? 8 : 1;
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>((n / per_thread + threads - 1) / threads, 65535 * 8));
+  if (vec8)
+    attention_bwd_convert_dq_kernel<T, true><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n,
+                                                                                                    scale);
+  else
+    attention_bwd_convert_dq_kernel<T, false><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n,
+                                                                                                     scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

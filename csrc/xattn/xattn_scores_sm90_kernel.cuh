@@ -18,8 +18,8 @@
 //
 // Per pipeline step: wait for this thread's copies of the slice, fence them into the async proxy, barrier (every
 // thread's copies visible; every warpgroup's MMAs of the previous step finished, so its stage can be refilled),
-// issue the copies 2 slices ahead, then 4 wgmma and wait for them. The wait-per-step leaves the tensor core idle
-// for the barrier; the second CTA on the SM fills that gap.
+// issue 4 wgmma, then the copies 2 slices ahead while they run, and wait for them. The wait-per-step leaves the
+// tensor core idle for the barrier; the second CTA on the SM fills that gap.
 // Causal skip: only a warpgroup with no live key column in the tile skips its MMAs. A half-tile m64n64 for
 // warpgroups with <= 64 live columns (as the mma.sync kernel skips per n16 pair) made ptxas serialize every
 // wgmma of the kernel (C7515: the branch puts non-wgmma definitions of the accumulators inside the pipeline
@@ -78,13 +78,13 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
 
   // Copy duty: 16-byte chunks 2 * ld_c, 2 * ld_c + 1 of tile rows ld_r + 64 * it (it < 2), for A and for B.
   const int ld_c = tid % 4, ld_r = tid / 4;
-  // A rows: the token of slice i is a_tok0 - i (INT_MAX past the CTA's rows: zeros); the head offset is
-  // recomputed per copy (registers are the limit at 2 CTAs / SM).
-  int a_tok0[2];
+  // A rows: the token of slice i is a_tok0 - i (INT_MAX past the CTA's rows: zeros) at head offset a_hoff.
+  int a_tok0[2], a_hoff[2];
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
     const int rho = row0 + ld_r + 64 * it;
     a_tok0[it] = rho < row_end ? (mq0 + rho / group) * s + s - 1 : INT_MAX;
+    a_hoff[it] = (rho % group) * static_cast<int>(p.q_stride_h);  // (host: Hq * stride_h < 2^31)
   }
 
   const int NK = s * D / kSlice;
@@ -95,8 +95,7 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
       const int stage = step % kStages;
       const int i = issue_c * kSlice / D, d0 = issue_c * kSlice % D;
       copy_slice<2>(sA + stage * kRows * kSlice, sB + stage * kCols * kSlice, q, k, p.q_stride_t, p.k_stride_t, a_tok0,
-                    [&](int, int r) { return ((row0 + r) % group) * static_cast<int>(p.q_stride_h); }, i, d0,
-                    issue_kt, s, n, ld_r, ld_c);  // (host: Hq * stride_h < 2^31)
+                    [&](int it, int) { return a_hoff[it]; }, i, d0, issue_kt, s, n, ld_r, ld_c);
       if (++issue_c == NK) {
         issue_c = 0;
         ++issue_kt;
@@ -128,7 +127,6 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
     cp_async_wait<kStages - 2>();  // this thread's copies of slice `step` landed
     sm90::fence_proxy_async();     // ... and are visible to the wgmma (async proxy) reads
     __syncthreads();               // every thread's copies; every warpgroup's MMAs of step - 1 done
-    issue(step + kStages - 1);     // refills the stage of step - 1
 
     const int stage = step % kStages;
     // Key columns of this tile the warpgroup needs (<= 0: none). Uniform over the warpgroup; the broadcast from
@@ -142,9 +140,13 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
 #pragma unroll
       for (int kk = 0; kk < kSlice / 16; ++kk) sm90::wgmma_ss_n128<T>(acc, da.at(kk * 32u), db.at(kk * 32u), 1);
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs(acc);
     }
+    // The copies 2 slices ahead refill the stage of step - 1 (its MMAs finished before the barrier) while this
+    // step's MMAs run: issued before them, their ~8 cp.async and address arithmetic per thread sat between the
+    // barrier and the tensor core's next work.
+    issue(step + kStages - 1);
+    sm90::wgmma_wait<0>();  // nothing pending when the warpgroup skipped its MMAs
+    sm90::fence_regs(acc);
 
     if (++kc < NK) continue;
     // ---- key tile kt complete: causal mask, online softmax, block sums (tile_row_stats).

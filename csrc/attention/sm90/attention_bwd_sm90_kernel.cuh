@@ -876,7 +876,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         // n). Head_dim 64: both warpgroups add whole rows (each over its own 64 keys) on counter 0, warpgroup 0 then 1
         // (tokens 2 n + 1, 2 n + 2). No deadlock: a CTA waits only for CTAs of lower key tiles, which the grid
         // (blockIdx.z = key tile) starts earlier, so the lowest unfinished CTA never waits.
-        const bool leader = threadIdx.x % Tr::WG_THREADS == 0;
+        [[maybe_unused]] const bool leader = threadIdx.x % Tr::WG_THREADS == 0;  // (used by DET instances only)
         int* sem = nullptr;
         int token = 0;
         if constexpr (Tr::DET) {

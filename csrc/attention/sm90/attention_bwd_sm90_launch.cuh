@@ -75,9 +75,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
   if (max_seqlen_k > 0 && !build_bwd_tma_maps<T, Tr>(p, maps, opt.sm90_verbose)) return false;
 
   if (max_seqlen_q > 0) {
-    const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
-    const dim3 grid_pre(static_cast<unsigned>((pairs + 3) / 4), p.batch);
-    attention_bwd_preprocess_kernel<T, Tr::D><<<grid_pre, 128, 0, stream>>>(p);
+    using Pre = BwdPreprocessShape<Tr::D>;
+    attention_bwd_preprocess_kernel<T, Tr::D>
+        <<<Pre::grid(int64_t(max_seqlen_q) * p.heads_q, p.batch), Pre::kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
