@@ -1,5 +1,6 @@
 """A/B of the XAttention estimate's kernel 1 on Hopper (issue #15): the wgmma body (xattn_scores_sm90_kernel.cuh, the
-default) against the mma.sync one (ELASTIC_XATTN_SM90=0), Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), bf16, B 1,
+default) against the mma.sync one (ELASTIC_XATTN_SM90=0) and the wgmma body's wide instance (two key tiles per step,
+ELASTIC_XATTN_SM90_WIDE=1), Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), bf16, B 1,
 stride 16, block 128, threshold 0.9.
 
 Cases: every KV head BLOCK, and 6 of 8 KV heads BLOCK (head_mode [FULL, STREAM, BLOCK x 6]: the estimate of the
@@ -22,7 +23,9 @@ from elastic_cuda import BLOCK, FULL, STREAM
 from elastic_cuda.attention.xattn import xattn_block_mask
 
 HQ, HKV, D, STRIDE, BLK = 32, 8, 128, 16, 128
-VARIANTS = {"mma_sync": {"ELASTIC_XATTN_SM90": "0"}, "wgmma": {"ELASTIC_XATTN_SM90": "1"}}
+VARIANTS = {"mma_sync": {"ELASTIC_XATTN_SM90": "0", "ELASTIC_XATTN_SM90_WIDE": "0"},
+            "wgmma": {"ELASTIC_XATTN_SM90": "1", "ELASTIC_XATTN_SM90_WIDE": "0"},
+            "wgmma_wide": {"ELASTIC_XATTN_SM90": "1", "ELASTIC_XATTN_SM90_WIDE": "1"}}
 MODES = {"all_block": [BLOCK] * HKV, "6of8_block": [FULL, STREAM] + [BLOCK] * 6}
 
 
@@ -53,14 +56,17 @@ def main():
                         times[v].append(bench(fn, S))
             kept = max(1, int(masks["mma_sync"].sum()))
             differ = int((masks["wgmma"] != masks["mma_sync"]).sum()) / kept
+            wide_differ = int((masks["wgmma_wide"] != masks["wgmma"]).sum())  # the same bits by construction
             fl = gflop(S, sum(m == BLOCK for m in modes))
-            row = {"S": S, "mode": mode, "rounds": rounds, "mask_differ_frac": differ, "gflop": round(fl, 1)}
+            row = {"S": S, "mode": mode, "rounds": rounds, "mask_differ_frac": differ,
+                   "wide_vs_wgmma_differ_blocks": wide_differ, "gflop": round(fl, 1)}
             for v in VARIANTS:
                 ms = statistics.median(times[v])
                 row[f"{v}_ms"] = round(ms, 4)
                 row[f"{v}_ms_rounds"] = [round(t, 4) for t in times[v]]
                 row[f"{v}_tflops"] = round(fl / ms, 1)
             row["speedup"] = round(row["mma_sync_ms"] / row["wgmma_ms"], 3)
+            row["wide_speedup"] = round(row["wgmma_ms"] / row["wgmma_wide_ms"], 3)
             print(json.dumps(row), flush=True)
             results.append(row)
             del masks
@@ -69,11 +75,14 @@ def main():
     with open(os.path.join(args.out, "xattn_sm90_ab.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "options": elastic_cuda.ops.reload_kernel_options(),
                    "results": results}, f, indent=1)
-    lines = ["| S | heads BLOCK | mma.sync ms | wgmma ms | speedup | mma.sync TFLOP/s | wgmma TFLOP/s | masks differ |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| S | heads BLOCK | mma.sync ms | wgmma ms | wgmma wide ms | wgmma / mma.sync | wide / wgmma | "
+             "wgmma TFLOP/s | wide TFLOP/s | masks differ (wgmma vs mma.sync) | wide vs wgmma blocks differ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r['S']} | {r['mode']} | {r['mma_sync_ms']:.3f} | {r['wgmma_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['mma_sync_tflops']:.0f} | {r['wgmma_tflops']:.0f} | {r['mask_differ_frac']:.1e} |")
+        lines.append(f"| {r['S']} | {r['mode']} | {r['mma_sync_ms']:.3f} | {r['wgmma_ms']:.3f} | "
+                     f"{r['wgmma_wide_ms']:.3f} | {r['speedup']:.2f}x | {r['wide_speedup']:.2f}x | "
+                     f"{r['wgmma_tflops']:.0f} | {r['wgmma_wide_tflops']:.0f} | {r['mask_differ_frac']:.1e} | "
+                     f"{r['wide_vs_wgmma_differ_blocks']} |")
     with open(os.path.join(args.out, "xattn_sm90_ab.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

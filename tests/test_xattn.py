@@ -188,15 +188,18 @@ def _cuda_op_available():
 _needs_cuda_op = pytest.mark.skipif(not _cuda_op_available(), reason="needs a GPU and the CUDA build of elastic_cuda")
 
 
-@pytest.fixture(params=["wgmma", "mma_sync"])
+@pytest.fixture(params=["wgmma", "wgmma_wide", "mma_sync"])
 def xattn_kernel(request, monkeypatch):
-    """Every CUDA test runs kernel 1 both ways: its wgmma body (the default; a Hopper runs it, other GPUs fall back
-    to mma.sync, so there the two ids run the same kernel) and mma.sync (ELASTIC_XATTN_SM90=0, kernel_options.h)."""
+    """Every CUDA test runs kernel 1 three ways: its wgmma body (the default; a Hopper runs it, other GPUs fall back
+    to mma.sync, so there the ids run the same kernel), the wgmma body's wide instance (two key tiles per step,
+    ELASTIC_XATTN_SM90_WIDE=1) and mma.sync (ELASTIC_XATTN_SM90=0, kernel_options.h)."""
     import elastic_cuda.ops
 
-    monkeypatch.setenv("ELASTIC_XATTN_SM90", "1" if request.param == "wgmma" else "0")
+    wgmma, wide = request.param != "mma_sync", request.param == "wgmma_wide"
+    monkeypatch.setenv("ELASTIC_XATTN_SM90", "1" if wgmma else "0")
+    monkeypatch.setenv("ELASTIC_XATTN_SM90_WIDE", "1" if wide else "0")
     described = elastic_cuda.ops.reload_kernel_options()
-    assert f"xattn_sm90={1 if request.param == 'wgmma' else 0}" in described, described
+    assert f"xattn_sm90={int(wgmma)} xattn_sm90_wide={int(wide)}" in described, described
     yield request.param
     monkeypatch.undo()
     elastic_cuda.ops.reload_kernel_options()
@@ -347,14 +350,17 @@ def test_cuda_kernel_paths_agree_on_the_llama_shape(monkeypatch):
     k = torch.randn(1, 8192, 8, 128, generator=g).to(torch.bfloat16).cuda()
     hm = torch.tensor([[0, 1] + [BLOCK] * 6], dtype=torch.int32, device="cuda")
     masks = {}
-    for path in ("1", "0"):
+    for path, wide in (("1", "0"), ("0", "0"), ("1", "1")):
         monkeypatch.setenv("ELASTIC_XATTN_SM90", path)
+        monkeypatch.setenv("ELASTIC_XATTN_SM90_WIDE", wide)
         elastic_cuda.ops.reload_kernel_options()
         poison_cuda_cache(32 * 64 * 64)
-        masks[path] = op(q, k, hm, threshold=0.9)
+        masks[path + wide] = op(q, k, hm, threshold=0.9)
     monkeypatch.undo()
     elastic_cuda.ops.reload_kernel_options()
-    a, b = masks["1"], masks["0"]
+    # The wide instance runs the same key tiles, accumulation order and row statistics, two tiles per step.
+    assert torch.equal(masks["11"], masks["10"]), "wide wgmma instance differs from the wgmma one"
+    a, b = masks["10"], masks["00"]
     assert int(a.view(torch.uint8).max()) <= 1 and int(b.view(torch.uint8).max()) <= 1, "mask bytes left unwritten"
     assert not a[:, :8].any() and not b[:, :8].any(), "FULL / STREAM heads got mask bits"
     differ = float((a != b).float().sum()) / float(b[:, 8:].sum())
@@ -362,17 +368,20 @@ def test_cuda_kernel_paths_agree_on_the_llama_shape(monkeypatch):
     assert differ < 1e-3
 
 
-def test_xattn_switch_default_and_bad_value(monkeypatch):
-    """ELASTIC_XATTN_SM90 (kernel_options.h): wgmma by default, 0 / 1 only, anything else an error naming it."""
+@pytest.mark.parametrize("name", ["ELASTIC_XATTN_SM90", "ELASTIC_XATTN_SM90_WIDE"])
+def test_xattn_switch_default_and_bad_value(monkeypatch, name):
+    """ELASTIC_XATTN_SM90 / _WIDE (kernel_options.h): wgmma, narrow instance by default; 0 / 1 only, anything else an
+    error naming the variable."""
     import elastic_cuda.ops
 
     monkeypatch.delenv("ELASTIC_XATTN_SM90", raising=False)
+    monkeypatch.delenv("ELASTIC_XATTN_SM90_WIDE", raising=False)
     try:
-        if "xattn_sm90=" not in elastic_cuda.ops.reload_kernel_options():
-            pytest.skip("extension built before the ELASTIC_XATTN_SM90 switch")
-        assert "xattn_sm90=1" in elastic_cuda.ops.reload_kernel_options()
-        monkeypatch.setenv("ELASTIC_XATTN_SM90", "yes")
-        with pytest.raises(RuntimeError, match="ELASTIC_XATTN_SM90"):
+        if "xattn_sm90_wide=" not in elastic_cuda.ops.reload_kernel_options():
+            pytest.skip("extension built before the ELASTIC_XATTN_SM90_WIDE switch")
+        assert "xattn_sm90=1 xattn_sm90_wide=0" in elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(RuntimeError, match=name + "\\b"):
             elastic_cuda.ops.reload_kernel_options()
     finally:
         monkeypatch.undo()

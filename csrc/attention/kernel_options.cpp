@@ -66,6 +66,7 @@ KernelOptions read_env() {
   o.sm90_pv_wait_first = env_bool("ELASTIC_SM90_PV_WAIT_FIRST", o.sm90_pv_wait_first);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
   o.xattn_sm90 = env_bool("ELASTIC_XATTN_SM90", o.xattn_sm90);
+  o.xattn_sm90_wide = env_bool("ELASTIC_XATTN_SM90_WIDE", o.xattn_sm90_wide);
   o.decode_mma = env_bool("ELASTIC_DECODE_MMA", o.decode_mma);
   o.decode_one_wave = env_bool("ELASTIC_DECODE_ONE_WAVE", o.decode_one_wave);
   if (const char* v = env_value("ELASTIC_DECODE_COPY")) {
@@ -135,7 +136,8 @@ std::string describe(const KernelOptions& o) {
                            " bwd_early_release=", b(o.sm90_bwd_early_release), " bwd_overlap=", o.sm90_bwd_overlap,
                            " bwd_lean=", b(o.sm90_bwd_lean),
                            " pv_wait_first=", b(o.sm90_pv_wait_first),
-                           " xattn_sm90=", b(o.xattn_sm90), " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
+                           " xattn_sm90=", b(o.xattn_sm90), " xattn_sm90_wide=", b(o.xattn_sm90_wide),
+                           " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),
                            " decode_copy=",
                            (o.decode_copy == 0   ? "zfill"
                             : o.decode_copy == 1 ? "plain"

@@ -148,9 +148,13 @@ struct KernelOptions {
   bool sm90_pv_wait_first = false;
   bool sm90_verbose = false;
   // XAttention estimate, kernel 1 on Hopper: wgmma (two 64-row warpgroups, m64n128k16 from the swizzled cp.async
-  // ring) instead of mma.sync; elsewhere (or in a build without a 9.0a pass) always mma.sync. Untimed when written
-  // (mma.sync: 0.290 / 1.430 / 24.4 ms at 8K / 32K / 128K, every head BLOCK, Llama shape, H200).
+  // ring) instead of mma.sync; elsewhere (or in a build without a 9.0a pass) always mma.sync. H200, every head
+  // BLOCK, Llama shape, mma.sync -> wgmma: 0.286 -> 0.153 / 1.476 -> 1.266 / 25.7 -> 19.25 ms at 8K / 32K / 128K
+  // (results/sm90_kernel/2026-12-03_h200_session8_xattn_copies_under_mma/).
   bool xattn_sm90 = true;
+  // ... and its wide instance (ELASTIC_XATTN_SM90_WIDE): two key tiles per step, so the CTA's private A rows are
+  // streamed from HBM once per two key tiles (xattn_scores_sm90_kernel.cuh). Untimed when written.
+  bool xattn_sm90_wide = false;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
   // Tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B (the default), 2 TMA, 3 pairs.

@@ -164,7 +164,10 @@ at::Tensor xattn_block_mask_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t bytes_per_tri = B * Hq * per * 4;  // one ws_block entry per (b, head, query group, key block)
   const int64_t bytes_per_row = B * Hq * per * 4;  // one ws_row entry per (b, head, query group), per block
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool sm90 = kernel_options().xattn_sm90;  // kernel 1 on wgmma where the device is a Hopper
+  const KernelOptions opt = kernel_options();  // kernel 1 on wgmma where the device is a Hopper
+  const XattnScores scores = !opt.xattn_sm90       ? XattnScores::kMmaSync
+                             : opt.xattn_sm90_wide ? XattnScores::kWgmmaWide
+                                                   : XattnScores::kWgmma;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t cap = workspace_cap_bytes();
   at::Tensor ws;
@@ -191,7 +194,7 @@ at::Tensor xattn_block_mask_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
       row_tiles = xattn_row_tiles(rows);
       ELASTIC_CHECK(row_tiles <= 65535, op, "too many query rows per chunk (", rows, ")");
     }
-    launch_xattn_chunk(p, bf16, static_cast<int>(D), row_tiles, sm90, stream);
+    launch_xattn_chunk(p, bf16, static_cast<int>(D), row_tiles, scores, stream);
     r1 = r0;
   }
   return mask;

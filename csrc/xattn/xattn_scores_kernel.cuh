@@ -166,16 +166,15 @@ __device__ __forceinline__ void tile_row_stats(const XattnParams& p, At&& at, in
 // The global -> shared copies of one pipeline step, for both score kernels (this one and the wgmma one,
 // xattn_scores_sm90_kernel.cuh): token slice i and head dims [d0, d0 + kSlice) of the CTA's kRows A rows (query
 // token a_tok0[it] - i at head offset a_hoff(it, r)) and of key tile key_tile's kCols B rows (key token
-// (key_tile * kCols + r) * s + i) into one stage, rows swizzled (mma::swz) for ldmatrix / wgmma; tokens past the
-// sequence (>= n) land as zeros. This thread copies 16-byte chunks 2 ld_c, 2 ld_c + 1 of rows ld_r + it * (kRows /
-// kIters), it < kIters: 4 with the 128 threads here, 2 with the wgmma kernel's 256. a_hoff is the caller's: this
-// kernel keeps the A rows' head offsets in registers, the wgmma kernel (register-bound at 2 CTAs / SM) recomputes
-// them per copy.
+// (key_tile * kCols + r) * s + i), each into its stage buffer, rows swizzled (mma::swz) for ldmatrix / wgmma; tokens
+// past the sequence (>= n) land as zeros. This thread copies 16-byte chunks 2 ld_c, 2 ld_c + 1 of rows
+// ld_r + it * (kRows / kIters), it < kIters: 4 with the 128 threads here, 2 with the wgmma kernel's 256. a_hoff is
+// the caller's (registers or recomputed). copy_slice is one step with one key tile; the wgmma kernel's wide
+// instance calls copy_slice_b once per key tile of its step.
 template <int kIters, typename T, typename HeadOffset>
-__device__ __forceinline__ void copy_slice(T* a_dst, T* b_dst, const T* q, const T* k, int64_t q_stride_t,
-                                           int64_t k_stride_t, const int (&a_tok0)[kIters], HeadOffset a_hoff, int i,
-                                           int d0, int key_tile, int s, int n, int ld_r, int ld_c) {
-  static_assert(kRows == kCols && kRows % kIters == 0, "one row step for A and B");
+__device__ __forceinline__ void copy_slice_a(T* a_dst, const T* q, int64_t q_stride_t, const int (&a_tok0)[kIters],
+                                             HeadOffset a_hoff, int i, int d0, int n, int ld_r, int ld_c) {
+  static_assert(kRows % kIters == 0, "whole row steps");
   constexpr int kRowStep = kRows / kIters;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -187,6 +186,13 @@ __device__ __forceinline__ void copy_slice(T* a_dst, T* b_dst, const T* q, const
     mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
     mma::cp_async16(a_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
   }
+}
+
+template <int kIters, typename T>
+__device__ __forceinline__ void copy_slice_b(T* b_dst, const T* k, int64_t k_stride_t, int i, int d0, int key_tile,
+                                             int s, int n, int ld_r, int ld_c) {
+  static_assert(kCols % kIters == 0, "whole row steps");
+  constexpr int kRowStep = kCols / kIters;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int r = ld_r + kRowStep * it;
@@ -196,6 +202,15 @@ __device__ __forceinline__ void copy_slice(T* a_dst, T* b_dst, const T* q, const
     mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16), src, ok);
     mma::cp_async16(b_dst + mma::swz<kSlice>(r, ld_c * 16 + 8), src + (ok ? 8 : 0), ok);
   }
+}
+
+template <int kIters, typename T, typename HeadOffset>
+__device__ __forceinline__ void copy_slice(T* a_dst, T* b_dst, const T* q, const T* k, int64_t q_stride_t,
+                                           int64_t k_stride_t, const int (&a_tok0)[kIters], HeadOffset a_hoff, int i,
+                                           int d0, int key_tile, int s, int n, int ld_r, int ld_c) {
+  static_assert(kRows == kCols, "one row step for A and B");
+  copy_slice_a<kIters>(a_dst, q, q_stride_t, a_tok0, a_hoff, i, d0, n, ld_r, ld_c);
+  copy_slice_b<kIters>(b_dst, k, k_stride_t, i, d0, key_tile, s, n, ld_r, ld_c);
 }
 
 template <typename T, int D>

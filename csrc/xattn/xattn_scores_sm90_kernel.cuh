@@ -25,6 +25,15 @@
 // wgmma of the kernel (C7515: the branch puts non-wgmma definitions of the accumulators inside the pipeline
 // stage), so diagonal tiles run whole: ~6% more MMA work at 32K, ~20% at 8K, ~1.5% at 128K (Llama shape).
 //
+// Wide instance (kKeyTiles = 2, ELASTIC_XATTN_SM90_WIDE): each step multiplies the A slice by two key tiles' B
+// slices (two m64n128k16 per k16 step into two accumulator sets), so A, the operand no other CTA shares, is
+// streamed once per two key tiles instead of once per key tile; 4 stages of 48 KiB, copies 3 slices ahead, one CTA
+// per SM (128 accumulator registers per thread). Why: A is 512 KiB per CTA per key tile (128 rows x s * D) and the
+// ~264 CTAs in flight stream ~130 MB of it between two reads of the same slice, more than the 50 MB L2, so A comes
+// from HBM every key tile (32K, 6 of 8 heads BLOCK: 1.7 GB in a 0.87 ms kernel), while B (one KV head's keys, 8 MiB
+// at 32K) is shared by the CTAs of its head and stays in L2. Key tile order, accumulation order and tile_row_stats
+// calls are those of kKeyTiles = 1, so both instances give the same bits.
+//
 // Accumulator layout (wgmma.cuh): d[4 nb + 2 hf + c] is row 16 w + 8 hf + g, column 8 nb + 2 t + c of the
 // warpgroup's 64 x 128 tile (warp w, lane 4 g + t): the m16n8 layout of the mma.sync kernel, so the quad
 // reductions of tile_row_stats hold as they are; each thread owns 2 row slots (hf) instead of 4.
@@ -39,16 +48,26 @@ namespace xattn {
 
 constexpr int kSm90Warpgroups = 2;
 constexpr int kSm90Threads = kSm90Warpgroups * 128;
-// 3 stages x (A + B) x 16 KiB, plus 1 KiB to align the stage bases to the 1024-byte swizzle atom.
-constexpr int kSm90SmemBytes = kScoreSmemBytes + 1024;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(const XattnParams p) {
+// Pipeline shape of the wgmma kernel per instance: key tiles per step, ring stages, CTAs per SM, shared memory
+// (stages x (A + kKeyTiles B) x 16 KiB, plus 1 KiB to align the stage bases to the 1024-byte swizzle atom).
+template <int kKeyTiles>
+struct Sm90ScoresShape {
+  static_assert(kKeyTiles == 1 || kKeyTiles == 2, "narrow or wide instance");
+  static constexpr int kRingStages = kKeyTiles == 1 ? xattn::kStages : 4;
+  static constexpr int kCtasPerSm = kKeyTiles == 1 ? 2 : 1;
+  static constexpr int kSmemBytes = kRingStages * (kRows + kKeyTiles * kCols) * kSlice * 2 + 1024;
+};
+
+template <typename T, int D, int kKeyTiles>
+__global__ void __launch_bounds__(kSm90Threads, Sm90ScoresShape<kKeyTiles>::kCtasPerSm)
+    xattn_scores_sm90_kernel(const XattnParams p) {
 #if defined(ELASTIC_SM90A_ENABLED)
   static_assert(D % kSlice == 0, "a K slice never straddles two tokens");
   static_assert(kRows == kSm90Warpgroups * 64 && kCols == 128 && kSlice == 64, "tile shape of the wgmma path");
   using sm90::SmemDesc;
   constexpr int NB8 = kCols / 8;
+  constexpr int kRing = Sm90ScoresShape<kKeyTiles>::kRingStages;
 
   const int b = blockIdx.x / p.heads_kv;
   const int kvh = blockIdx.x % p.heads_kv;
@@ -63,6 +82,7 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
   if (rows <= 0 || row0 >= rows) return;
   const int row_end = min(row0 + kRows, rows);
   const int n_tiles = (mq0 + (row_end - 1) / group) / kCols + 1;
+  const int n_steps_kt = (n_tiles + kKeyTiles - 1) / kKeyTiles;  // steps over the key tiles, kKeyTiles at a time
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + seq.start * p.q_stride_t +
                int64_t(kvh) * group * p.q_stride_h;
@@ -70,8 +90,8 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t raw_addr = mma::smem_addr(smem_raw);
-  T* sA = reinterpret_cast<T*>(smem_raw + ((1024u - (raw_addr & 1023u)) & 1023u));  // [kStages][kRows * kSlice]
-  T* sB = sA + kStages * kRows * kSlice;                                               // [kStages][kCols * kSlice]
+  T* sA = reinterpret_cast<T*>(smem_raw + ((1024u - (raw_addr & 1023u)) & 1023u));  // [kRing][kRows * kSlice]
+  T* sB = sA + kRing * kRows * kSlice;  // [kRing][kKeyTiles][kCols * kSlice]
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int g8 = lane / 4, t4 = lane % 4;
@@ -88,14 +108,21 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
   }
 
   const int NK = s * D / kSlice;
-  const int total_steps = n_tiles * NK;
+  const int total_steps = n_steps_kt * NK;
   int issue_kt = 0, issue_c = 0;
   auto issue = [&](int step) {
     if (step < total_steps) {
-      const int stage = step % kStages;
+      const int stage = step % kRing;
       const int i = issue_c * kSlice / D, d0 = issue_c * kSlice % D;
-      copy_slice<2>(sA + stage * kRows * kSlice, sB + stage * kCols * kSlice, q, k, p.q_stride_t, p.k_stride_t, a_tok0,
-                    [&](int it, int) { return a_hoff[it]; }, i, d0, issue_kt, s, n, ld_r, ld_c);
+      copy_slice_a<2>(sA + stage * kRows * kSlice, q, p.q_stride_t, a_tok0, [&](int it, int) { return a_hoff[it]; },
+                      i, d0, n, ld_r, ld_c);
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; ++j) {
+        const int key_tile = issue_kt * kKeyTiles + j;
+        if (kKeyTiles == 1 || key_tile < n_tiles)  // (a wide step's second tile past the rows: never multiplied)
+          copy_slice_b<2>(sB + (stage * kKeyTiles + j) * kCols * kSlice, k, p.k_stride_t, i, d0, key_tile, s, n, ld_r,
+                          ld_c);
+      }
       if (++issue_c == NK) {
         issue_c = 0;
         ++issue_kt;
@@ -115,49 +142,64 @@ __global__ void __launch_bounds__(kSm90Threads, 2) xattn_scores_sm90_kernel(cons
   // Last query group of the warpgroup's rows: the key columns it needs in a tile (uniform over the warpgroup).
   const int wg_last = row0 + wg_row0 < row_end ? mq0 + (min(row0 + wg_row0 + 63, row_end - 1)) / group : -1;
 
-  float acc[NB8 * 4];
+  float acc[kKeyTiles][NB8 * 4];
 #pragma unroll
-  for (int i = 0; i < NB8 * 4; ++i) acc[i] = 0.f;
+  for (int j = 0; j < kKeyTiles; ++j)
+#pragma unroll
+    for (int i = 0; i < NB8 * 4; ++i) acc[j][i] = 0.f;
 
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) issue(st);
+  for (int st = 0; st < kRing - 1; ++st) issue(st);
 
-  int kt = 0, kc = 0;
+  int kt = 0, kc = 0;  // kt: step over the key tiles (key tiles kt * kKeyTiles ..)
   for (int step = 0; step < total_steps; ++step) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of slice `step` landed
-    sm90::fence_proxy_async();     // ... and are visible to the wgmma (async proxy) reads
-    __syncthreads();               // every thread's copies; every warpgroup's MMAs of step - 1 done
+    cp_async_wait<kRing - 2>();  // this thread's copies of slice `step` landed
+    sm90::fence_proxy_async();   // ... and are visible to the wgmma (async proxy) reads
+    __syncthreads();             // every thread's copies; every warpgroup's MMAs of step - 1 done
 
-    const int stage = step % kStages;
-    // Key columns of this tile the warpgroup needs (<= 0: none). Uniform over the warpgroup; the broadcast from
-    // lane 0 lets ptxas see that too (otherwise it serializes the wgmma behind the branch: C7520).
-    const int live = __shfl_sync(0xffffffffu, wg_last - kt * kCols + 1, 0);
-    if (live > 0) {
-      const SmemDesc da =
-          sm90::smem_desc_b128_split(mma::smem_addr(sA + stage * kRows * kSlice + wg_row0 * kSlice), 16, 1024);
-      const SmemDesc db = sm90::smem_desc_b128_split(mma::smem_addr(sB + stage * kCols * kSlice), 16, 1024);
-      sm90::wgmma_fence();
+    const int stage = step % kRing;
+    const SmemDesc da =
+        sm90::smem_desc_b128_split(mma::smem_addr(sA + stage * kRows * kSlice + wg_row0 * kSlice), 16, 1024);
 #pragma unroll
-      for (int kk = 0; kk < kSlice / 16; ++kk) sm90::wgmma_ss_n128<T>(acc, da.at(kk * 32u), db.at(kk * 32u), 1);
-      sm90::wgmma_commit();
+    for (int j = 0; j < kKeyTiles; ++j) {
+      // Key columns of this tile the warpgroup needs (<= 0: none). Uniform over the warpgroup; the broadcast from
+      // lane 0 lets ptxas see that too (otherwise it serializes the wgmma behind the branch: C7520).
+      const int live = __shfl_sync(0xffffffffu, wg_last - (kt * kKeyTiles + j) * kCols + 1, 0);
+      if (live > 0) {
+        const SmemDesc db =
+            sm90::smem_desc_b128_split(mma::smem_addr(sB + (stage * kKeyTiles + j) * kCols * kSlice), 16, 1024);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kSlice / 16; ++kk)
+          sm90::wgmma_ss_n128<T>(acc[j], da.at(kk * 32u), db.at(kk * 32u), 1);
+        sm90::wgmma_commit();
+      }
     }
-    // The copies 2 slices ahead refill the stage of step - 1 (its MMAs finished before the barrier) while this
-    // step's MMAs run: issued before them, their ~8 cp.async and address arithmetic per thread sat between the
+    // The copies kRing - 1 slices ahead refill the stage of step - 1 (its MMAs finished before the barrier) while
+    // this step's MMAs run: issued before them, their ~8 cp.async and address arithmetic per thread sat between the
     // barrier and the tensor core's next work.
-    issue(step + kStages - 1);
+    issue(step + kRing - 1);
     sm90::wgmma_wait<0>();  // nothing pending when the warpgroup skipped its MMAs
-    sm90::fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < kKeyTiles; ++j) sm90::fence_regs(acc[j]);
 
     if (++kc < NK) continue;
-    // ---- key tile kt complete: causal mask, online softmax, block sums (tile_row_stats).
+    // ---- key tiles of step kt complete: causal mask, online softmax, block sums (tile_row_stats), tile by tile.
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int hq = kvh * group + (row0 + wg_row0 + warp * 16 + hf * 8 + g8) % group;
-      tile_row_stats(p, [&](int nb, int c) -> float& { return acc[nb * 4 + hf * 2 + c]; }, row_m(hf), b, hq,
-                     kt * kCols, t4, run_max[hf], run_sum[hf]);
+    for (int j = 0; j < kKeyTiles; ++j) {
+      const int tile = kt * kKeyTiles + j;
+      if (kKeyTiles > 1 && tile >= n_tiles) break;  // uniform over the CTA
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int hq = kvh * group + (row0 + wg_row0 + warp * 16 + hf * 8 + g8) % group;
+        tile_row_stats(p, [&](int nb, int c) -> float& { return acc[j][nb * 4 + hf * 2 + c]; }, row_m(hf), b, hq,
+                       tile * kCols, t4, run_max[hf], run_sum[hf]);
+      }
     }
 #pragma unroll
-    for (int i = 0; i < NB8 * 4; ++i) acc[i] = 0.f;
+    for (int j = 0; j < kKeyTiles; ++j)
+#pragma unroll
+      for (int i = 0; i < NB8 * 4; ++i) acc[j][i] = 0.f;
     kc = 0;
     ++kt;
   }
