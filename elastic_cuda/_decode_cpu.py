@@ -21,6 +21,16 @@ def stream_ring_index(positions: torch.Tensor, sink: int, stream_len: int) -> to
     return torch.where(positions < sink, positions, sink + (positions - sink) % ring)
 
 
+def pool_slots(whole: torch.Tensor) -> torch.Tensor:
+    """Pool row (slot, int64) of each (sample, KV head) pair: its rank among the pairs of its kind (whole history,
+    or STREAM) in (sample, head) order. whole: bool [B, H]. The CUDA commit kernel counts the same ranks on the
+    device (csrc/decode/static_cache_commit.cu)."""
+    flat = whole.reshape(-1)
+    rank_whole = torch.cumsum(flat.to(torch.int64), 0) - 1
+    rank_stream = torch.cumsum((~flat).to(torch.int64), 0) - 1
+    return torch.where(flat, rank_whole, rank_stream).view(whole.shape)
+
+
 def decode_attention_cpu(q, full_k, full_v, stream_k, stream_v, head_mode, slot, seq_lens, *, sink, window,
                          scale=None, num_splits=0):
     B, Sq, Hq, D = q.shape
@@ -82,11 +92,8 @@ def static_cache_commit_cpu(keys, values, head_mode, cu_seqlens, token_index, fu
     full[slot, :n], a STREAM pair's sink tokens and last stream_len - sink tokens to their ring rows. Tables:
     mode_table = head_mode, slot, is_whole, seq_lens (n per sample)."""
     B, H, S, _ = keys.shape
-    whole = (head_mode != _STREAM).reshape(-1)
-    rank_whole = torch.cumsum(whole.to(torch.int64), 0) - 1
-    rank_stream = torch.cumsum((~whole).to(torch.int64), 0) - 1
-    slots = torch.where(whole, rank_whole, rank_stream).view(B, H)
-    whole = whole.view(B, H)
+    whole = head_mode != _STREAM
+    slots = pool_slots(whole)
     n_whole = int(whole.sum())
     if n_whole > full_k.shape[0] or B * H - n_whole > stream_k.shape[0]:
         raise ValueError(f"elastic_cuda.static_cache_commit: the routing has {n_whole} whole-history and "

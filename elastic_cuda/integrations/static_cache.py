@@ -43,6 +43,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .._decode_cpu import pool_slots, stream_ring_index
 from ..ops import MAX_DECODE_QUERIES, STREAM, decode_attention, static_cache_commit
 
 __all__ = ["ElasticStaticCache", "ElasticStaticLayer"]
@@ -157,8 +158,7 @@ class ElasticStaticLayer(CacheLayerMixin):
         pos = self.seq_lens.unsqueeze(1).to(torch.int64) + torch.arange(S, device=self.device)  # [B, S]
         slot = self.slot.to(torch.int64).unsqueeze(-1)                                           # [B, H, 1]
         whole = self.is_whole.unsqueeze(-1)                                                      # [B, H, 1]
-        ring = max(self.stream_len - self.sink, 1)
-        ring_pos = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring).unsqueeze(1)
+        ring_pos = stream_ring_index(pos, self.sink, self.stream_len).unsqueeze(1)
         full_rows = torch.where(whole, slot * self.max_cache_len + pos.unsqueeze(1), self.full.scratch_row)
         stream_rows = torch.where(whole, self.stream.scratch_row, slot * self.stream_len + ring_pos)
         k_new = key_states.reshape(-1, D)
@@ -337,14 +337,6 @@ class ElasticStaticLayer(CacheLayerMixin):
             self.stream = None
             self.stream = _Pool(cap_stream, self.stream_len, head_dim, self.dtype, self.device)
 
-    @staticmethod
-    def _assign_slots(whole):
-        """Row of each pair in its pool: pairs of one kind numbered in (sample, head) order. whole: bool [B, H]."""
-        flat = whole.reshape(-1)
-        rank_w = torch.cumsum(flat.to(torch.int64), 0) - 1
-        rank_s = torch.cumsum((~flat).to(torch.int64), 0) - 1
-        return torch.where(flat, rank_w, rank_s).view(whole.shape).to(torch.int32)
-
     def _ensure_tables(self, B):
         """head_mode / slot int32 [B, Hkv], is_whole bool [B, Hkv], seq_lens int32 [B] on the cache's device: kept
         while the batch keeps its size (static addresses for captured decode steps), else allocated anew."""
@@ -379,8 +371,8 @@ class ElasticStaticLayer(CacheLayerMixin):
         if n_whole > self.full.pairs or n_stream > self.stream.pairs:
             _fail(f"{what}: layer {self.layer_idx} would need {n_whole} whole-history and {n_stream} STREAM pairs; its "
                   f"pools hold {self.full.pairs} and {self.stream.pairs} (give max_full_frac to size them ahead)")
-        slot = self._assign_slots(whole)
-        src, dst = old_slot[idx], slot.to(torch.int64)
+        slot = pool_slots(whole)
+        src, dst = old_slot[idx], slot
         for pool, kind in ((self.full, whole), (self.stream, ~whole)):
             move = kind & (src != dst)
             pool.copy_rows(src[move].to(self.device), dst[move].to(self.device))
@@ -388,7 +380,7 @@ class ElasticStaticLayer(CacheLayerMixin):
         seq_lens = self.seq_lens.index_select(0, idx.to(self.device))
         self._ensure_tables(idx.numel())
         self.head_mode.copy_(head_mode)
-        self.slot.copy_(self._upload(slot))
+        self.slot.copy_(self._upload(slot.to(torch.int32)))
         self.is_whole.copy_(self._upload(whole))
         self.seq_lens.copy_(seq_lens)
 
