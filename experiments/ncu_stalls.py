@@ -4,7 +4,10 @@ run from the repository root under `tools/ncu_stalls.sh`, which profiles the lau
 Question: where do the warps of our three bandwidth- or tensor-bound kernels wait (Hopper forward, dense 32K; Hopper
 backward, dense 32K; decode, one query, 128K batch 1), since structural A/Bs within +-1% did not find it.
 
-  python -m experiments.ncu_stalls fwd|bwd|decode|fa4_fwd|fa4_bwd [S]
+  python -m experiments.ncu_stalls fwd|bwd|bwd_stream6|decode|fa4_fwd|fa4_bwd [S]
+
+bwd_stream6: the backward with 2 FULL + 6 STREAM KV heads (sink 128, window 2048), beside `bwd` (every head FULL), for
+the question of benchmarks/NOTES.md "Eighth session": why it runs ~20% slower per (query tile, key tile) stage.
 
 fa4_fwd / fa4_bwd: the same dense 32K shape through FlashAttention-4 (flash_attn.cute, its Hopper path), the peer
 #16 / #17 measure against, so that its instruction mix and stalls sit beside ours from the same ncu settings.
@@ -14,7 +17,7 @@ import sys
 import torch
 
 import elastic_cuda  # noqa: F401  (registers torch.ops.elastic)
-from elastic_cuda.ops import FULL
+from elastic_cuda.ops import FULL, STREAM
 
 WHAT = sys.argv[1]
 S = int(sys.argv[2]) if len(sys.argv) > 2 else (131072 if WHAT == "decode" else 32768)
@@ -38,14 +41,16 @@ if WHAT in ("fa4_fwd", "fa4_bwd"):
         if WHAT == "fa4_bwd":
             out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
-elif WHAT in ("fwd", "bwd"):
+elif WHAT in ("fwd", "bwd", "bwd_stream6"):
     q, k, v = randn(1, S, HQ, D), randn(1, S, HKV, D), randn(1, S, HKV, D)
     hm = torch.full((1, HKV), FULL, dtype=torch.int32, device="cuda")
-    if WHAT == "bwd":
+    if WHAT == "bwd_stream6":
+        hm[:, 2:] = STREAM
+    if WHAT != "fwd":
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     for _ in range(3):  # warm-ups; the shell script skips their launches
-        out, _ = torch.ops.elastic.attention(q, k, v, hm)
-        if WHAT == "bwd":
+        out, _ = torch.ops.elastic.attention(q, k, v, hm, sink=128, window=2048)
+        if WHAT != "fwd":
             out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
 elif WHAT == "decode":
@@ -59,7 +64,7 @@ elif WHAT == "decode":
         elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=4, window=4)
     torch.cuda.synchronize()
 else:
-    raise SystemExit(f"what must be fwd, bwd, decode, fa4_fwd or fa4_bwd, got {WHAT!r}")
+    raise SystemExit(f"what must be fwd, bwd, bwd_stream6, decode, fa4_fwd or fa4_bwd, got {WHAT!r}")
 if WHAT.startswith("fa4") and len(sys.argv) > 3 and sys.argv[3] == "names":  # the kernel names, for ncu's filter
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = flash_attn_func(q, k, v, causal=True)

@@ -8,7 +8,10 @@
             reduce-add, dS by stmatrix)
   overlap2  ELASTIC_SM90_BWD_OVERLAP=2 (and each stage's dK MMA runs into the next stage; 3 Q/dO stages)
   lean      ELASTIC_SM90_BWD_LEAN=1 (default order; dS^T by stmatrix, the consumer loop unrolled over the 2 ring slots,
-            double-buffered dQ staging without its first named barrier)
+            double-buffered dQ staging without its first named barrier; the default since the sixth session)
+  tile_order  lean with ELASTIC_SM90_BWD_MODE_ORDER=0: every pair's CTAs handed out key tile by key tile, instead of
+            the short-window STREAM pairs' pair by pair after the rest (attention_bwd_sm90_order.cuh)
+Routings: every head FULL, 6 of 8 KV heads STREAM, and with BWD_ALL_STREAM=1 every head STREAM too.
 Rounds interleave the variants; the median of the rounds is printed (ms). usage: [BWD_VARIANTS=default,overlap]
 python -m experiments.time_bwd_det [S,S,...] [rounds]"""
 from __future__ import annotations
@@ -23,7 +26,7 @@ import elastic_cuda
 from benchmarks.harness import event_mean_ms
 from elastic_cuda import FULL, STREAM
 
-ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2", "lean")
+ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2", "lean", "tile_order")
 VARIANTS = tuple(os.environ.get("BWD_VARIANTS", ",".join(ALL_VARIANTS)).split(","))
 assert all(v in ALL_VARIANTS for v in VARIANTS), f"BWD_VARIANTS: pick from {ALL_VARIANTS}, got {VARIANTS}"
 
@@ -32,7 +35,8 @@ def _set(variant):
     os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
     os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
     os.environ["ELASTIC_SM90_BWD_OVERLAP"] = {"overlap": "1", "overlap2": "2"}.get(variant, "0")
-    os.environ["ELASTIC_SM90_BWD_LEAN"] = "1" if variant == "lean" else "0"
+    os.environ["ELASTIC_SM90_BWD_LEAN"] = "1" if variant in ("lean", "tile_order") else "0"
+    os.environ["ELASTIC_SM90_BWD_MODE_ORDER"] = "0" if variant == "tile_order" else "1"
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")
 
@@ -47,7 +51,10 @@ def main():
         v = torch.randn(1, S, 8, 128, device="cuda", generator=gen).bfloat16().requires_grad_(True)
         do = torch.randn(1, S, 32, 128, device="cuda", generator=gen).bfloat16()
         iters = 20 if S <= 8192 else 4
-        for routing, modes in (("all FULL", [FULL] * 8), ("6/8 STREAM", [FULL, FULL] + [STREAM] * 6)):
+        routings = [("all FULL", [FULL] * 8), ("6/8 STREAM", [FULL, FULL] + [STREAM] * 6)]
+        if os.environ.get("BWD_ALL_STREAM") == "1":
+            routings.append(("8/8 STREAM", [STREAM] * 8))
+        for routing, modes in routings:
             hm = torch.tensor([modes], dtype=torch.int32, device="cuda")
 
             def fwd_bwd():

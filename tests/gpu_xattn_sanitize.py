@@ -2,8 +2,8 @@
 
   compute-sanitizer --tool memcheck python tests/gpu_xattn_sanitize.py --no-timing
   compute-sanitizer --tool racecheck python tests/gpu_xattn_sanitize.py --no-timing
-  ELASTIC_XATTN_SM90_WIDE=1 compute-sanitizer --tool memcheck python tests/gpu_xattn_sanitize.py --no-timing
-                                                # the same shapes on kernel 1's wide wgmma instance
+  ELASTIC_XATTN_SM90_WIDE=0 compute-sanitizer --tool memcheck python tests/gpu_xattn_sanitize.py --no-timing
+                                                # the same shapes on kernel 1's narrow wgmma instance
   python tests/gpu_xattn_sanitize.py            # shapes, then timing at 8K / 32K (Llama-3.1-8B attention shape)
 
 The shapes cover dense and packed layouts, GQA 3, D 64 and 128, fp16 and bf16, lengths that are not multiples of

@@ -282,6 +282,46 @@ def test_bwd_overlap_same_dk_dv(D, level, monkeypatch):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_bwd_mode_order_same_gradients(D, deterministic, monkeypatch):
+    # ELASTIC_SM90_BWD_MODE_ORDER (attention_bwd_sm90_order.cuh): the CTAs of short-window STREAM pairs are handed
+    # out pair by pair in a second pass, the others key tile by key tile; =0 hands every pair out key tile by key
+    # tile. Each CTA does the same work either way: dK / dV bit-identical, dQ to rounding (reduce-add order) and
+    # bit-identical in the deterministic mode (turns in key-tile order). Three samples with their own routing
+    # (FULL / STREAM / BLOCK rotated, an all-STREAM sample), GQA 4, a window short enough for the second pass
+    # (4 x 200 <= 9 key tiles x 128) and one too long for it (window 1000: STREAM walked in the first pass).
+    if not _is_hopper():
+        pytest.skip("not a compute capability 9.x device")
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        for window in (200, 1000):
+            grads = {}
+            for order in ("1", "0"):
+                _set_bwd(monkeypatch, "sm90")
+                monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", order)
+                assert f" bwd_mode_order={order}" in elastic_cuda.ops.reload_kernel_options()
+                torch.manual_seed(3)
+                gen = torch.Generator(device=DEV).manual_seed(3)
+                q = torch.randn(3, 1111, 12, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                k = torch.randn(3, 1111, 3, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                v = torch.randn(3, 1111, 3, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+                hm = torch.cat([_mixed(2, 3, 0), torch.full((1, 3), STREAM, dtype=torch.int32)]).to(DEV)
+                out = elastic_cuda.ops.attention(q, k, v, hm, block_mask=_mask(3, 3, 1111, gen), block_size=128,
+                                                 sink=64, window=window, strategy="fused")
+                out.backward(torch.randn(out.shape, device=DEV, dtype=out.dtype, generator=gen))
+                grads[order] = (q.grad.double(), k.grad, v.grad)
+            (dq1, dk1, dv1), (dq0, dk0, dv0) = grads["1"], grads["0"]
+            assert torch.isfinite(dq1).all() and torch.isfinite(dk1).all() and torch.isfinite(dv1).all()
+            assert torch.equal(dk0, dk1) and torch.equal(dv0, dv1), window
+            err = tac._rel(dq1, dq0)
+            print(f"mode order vs key-tile order D{D} window {window} deterministic={deterministic}: rel err dq {err:.2e}")
+            assert torch.equal(dq0, dq1) if deterministic else err < 1e-2, err
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
 def test_zz_print_bwd_errors():
     """Prints the max relative errors of this file's cases (run last; pytest -s shows them)."""
     errs = {k: v for k, v in tac.MAX_ERR.items() if "bwd=" in k}

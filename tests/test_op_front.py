@@ -262,7 +262,7 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
-                 "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN",
+                 "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN", "ELASTIC_SM90_BWD_MODE_ORDER",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
                  "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
@@ -294,6 +294,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_LEAN must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "0")
+        assert " bwd_lean=1 bwd_mode_order=1 " in default + " ", default  # CTAs handed out by mode
+        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "0")
+        assert " bwd_mode_order=0 " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "yes")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_MODE_ORDER must be 0 or 1"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "1")
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

@@ -190,9 +190,9 @@ _needs_cuda_op = pytest.mark.skipif(not _cuda_op_available(), reason="needs a GP
 
 @pytest.fixture(params=["wgmma", "wgmma_wide", "mma_sync"])
 def xattn_kernel(request, monkeypatch):
-    """Every CUDA test runs kernel 1 three ways: its wgmma body (the default; a Hopper runs it, other GPUs fall back
-    to mma.sync, so there the ids run the same kernel), the wgmma body's wide instance (two key tiles per step,
-    ELASTIC_XATTN_SM90_WIDE=1) and mma.sync (ELASTIC_XATTN_SM90=0, kernel_options.h)."""
+    """Every CUDA test runs kernel 1 three ways: its wgmma body's wide instance (two key tiles per step, the default;
+    a Hopper runs it, other GPUs fall back to mma.sync, so there the ids run the same kernel), its narrow instance
+    (ELASTIC_XATTN_SM90_WIDE=0) and mma.sync (ELASTIC_XATTN_SM90=0, kernel_options.h)."""
     import elastic_cuda.ops
 
     wgmma, wide = request.param != "mma_sync", request.param == "wgmma_wide"
@@ -370,7 +370,7 @@ def test_cuda_kernel_paths_agree_on_the_llama_shape(monkeypatch):
 
 @pytest.mark.parametrize("name", ["ELASTIC_XATTN_SM90", "ELASTIC_XATTN_SM90_WIDE"])
 def test_xattn_switch_default_and_bad_value(monkeypatch, name):
-    """ELASTIC_XATTN_SM90 / _WIDE (kernel_options.h): wgmma, narrow instance by default; 0 / 1 only, anything else an
+    """ELASTIC_XATTN_SM90 / _WIDE (kernel_options.h): wgmma, wide instance by default; 0 / 1 only, anything else an
     error naming the variable."""
     import elastic_cuda.ops
 
@@ -379,7 +379,7 @@ def test_xattn_switch_default_and_bad_value(monkeypatch, name):
     try:
         if "xattn_sm90_wide=" not in elastic_cuda.ops.reload_kernel_options():
             pytest.skip("extension built before the ELASTIC_XATTN_SM90_WIDE switch")
-        assert "xattn_sm90=1 xattn_sm90_wide=0" in elastic_cuda.ops.reload_kernel_options()
+        assert "xattn_sm90=1 xattn_sm90_wide=1" in elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv(name, "yes")
         with pytest.raises(RuntimeError, match=name + "\\b"):
             elastic_cuda.ops.reload_kernel_options()

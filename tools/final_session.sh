@@ -67,9 +67,9 @@ for step in "$@"; do
         >> "$OUT/gputests.log" 2>&1
       echo "memcheck $s rc=$?"
     done
-    ELASTIC_XATTN_SM90_WIDE=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    ELASTIC_XATTN_SM90_WIDE=0 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 tests/gpu_xattn_sanitize.py --no-timing >> "$OUT/gputests.log" 2>&1
-    echo "memcheck tests/gpu_xattn_sanitize.py (wide kernel 1) rc=$?"
+    echo "memcheck tests/gpu_xattn_sanitize.py (narrow kernel 1) rc=$?"
     ;;
   attention|block|decode|e2e)
     mod=$([[ $step == block ]] && echo bench_block_prefill || ([[ $step == attention ]] && echo bench_attention \

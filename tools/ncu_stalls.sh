@@ -3,7 +3,7 @@
 # (driver: experiments/ncu_stalls.py). Per kernel: OUT_DIR/<what>.ncu-rep, <what>_details.txt (SpeedOfLight,
 # memory, warp states), <what>_sass.csv (the source page: instruction mix and stall samples per SASS line) and
 # <what>_stalls.txt (its summary, experiments/ncu_stall_summary.py).
-# usage: tools/ncu_stalls.sh OUT_DIR fwd bwd decode fa4_fwd fa4_bwd        (clocks left alone: --clock-control none)
+# usage: tools/ncu_stalls.sh OUT_DIR fwd bwd bwd_stream6 decode fa4_fwd fa4_bwd        (clocks left alone: --clock-control none)
 set -uo pipefail
 OUT_DIR=$1; shift
 mkdir -p "$OUT_DIR"
@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for what in "$@"; do
   case $what in  # kernel name and launches of it to skip (the driver's warm-ups)
     fwd) name=attention_fwd_sm90_kernel skip=2 ;;
-    bwd) name=attention_bwd_sm90_kernel skip=2 ;;
+    bwd|bwd_stream6) name=attention_bwd_sm90_kernel skip=2 ;;
     decode) name=decode_mma_kernel skip=3 ;;
     # FlashAttention-4's CuTe DSL kernels: the forward is the only launch of its call; the backward's main kernel
     # is named after its class (its pre- and post-processing kernels are not matched)

@@ -63,6 +63,8 @@ struct AttentionBwdParams : AttentionFwdParams {
   int dq_sem_tiles = 0;
   // Hopper backward: fully visible tiles run the unmasked stage (KernelOptions::sm90_bwd_unmasked; set by its launch)
   int sm90_bwd_unmasked = 1;
+  // Hopper backward: CTAs handed out by mode (KernelOptions::sm90_bwd_mode_order; attention_bwd_sm90_order.cuh)
+  int sm90_bwd_mode_order = 1;
 };
 
 }  // namespace elastic

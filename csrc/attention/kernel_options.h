@@ -19,6 +19,8 @@
 //                                and double-buffered (one named barrier less), the ring unrolled over its 2 slots
 //                                (descriptors = base + constants), lse / delta read by LDS.128); same results (dK, dV
 //                                bit-equal)
+//   ELASTIC_SM90_BWD_MODE_ORDER=0  Hopper backward: CTAs handed out key tile by key tile for every pair instead of
+//                                by mode (short-window STREAM pairs last, pair by pair; attention_bwd_sm90_order.cuh)
 //   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
 //   ELASTIC_SM90_BWD_EARLY_RELEASE=1  Hopper backward: a stage's Q/dO slot goes back to the producer once dV and dK
 //                                are done, while dQ's MMA still runs (untimed experiment; only in
@@ -44,6 +46,7 @@
 //   ELASTIC_SM90_VERBOSE=1       say on stderr why a TMA tensor map was not built
 //   ELASTIC_XATTN_SM90=0         XAttention estimate (csrc/xattn/): kernel 1 (scores, block partials) on mma.sync on
 //                                Hopper too, instead of its wgmma body (xattn_scores_sm90_kernel.cuh)
+//   ELASTIC_XATTN_SM90_WIDE=0    ... and the wgmma body one key tile per step instead of two (the narrow instance)
 //   ELASTIC_DECODE_MMA=0         decode steps of one query run the FMA decode kernel instead of the tensor-core
 //                                one (csrc/decode/decode_mma_kernel.cuh)
 //   ELASTIC_DECODE_ONE_WAVE=0    decode work plan of round 1: one chunk length total / target for every pair (up to
@@ -121,6 +124,11 @@ struct KernelOptions {
   // STREAM 18.50 -> 17.66 (-4.5%); memcheck clean (tests/gpu_sanitize.py runs the plain tail too).
   bool sm90_bwd_lean = true;
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
+  // Hopper backward work order by mode (attention_bwd_sm90_order.cuh says why). H200, Llama shape, B 1, backward
+  // alone, key-tile order -> mode order (experiments/time_bwd_det.py, 3 interleaved rounds,
+  // results/attention/2026-12-03_h200_session9_bwd_mode_order/): 6/8 STREAM 8K 1.96 -> 2.01 (spread), 32K 18.32 ->
+  // 16.48, 128K 237.3 -> 200.0 ms; every head FULL and every head STREAM unchanged (the same or nearly the same order).
+  bool sm90_bwd_mode_order = true;
   int sm90_stages = 3;            // K/V ring depth at head_dim 128
   bool sm90_tma = true;
   bool sm90_pingpong = true;
@@ -152,9 +160,12 @@ struct KernelOptions {
   // BLOCK, Llama shape, mma.sync -> wgmma: 0.286 -> 0.153 / 1.476 -> 1.266 / 25.7 -> 19.25 ms at 8K / 32K / 128K
   // (results/sm90_kernel/2026-12-03_h200_session8_xattn_copies_under_mma/).
   bool xattn_sm90 = true;
-  // ... and its wide instance (ELASTIC_XATTN_SM90_WIDE): two key tiles per step, so the CTA's private A rows are
-  // streamed from HBM once per two key tiles (xattn_scores_sm90_kernel.cuh). Untimed when written.
-  bool xattn_sm90_wide = false;
+  // ... in its wide instance (ELASTIC_XATTN_SM90_WIDE=0: the narrow one): two key tiles per step, so the CTA's private
+  // A rows are streamed from HBM once per two key tiles (xattn_scores_sm90_kernel.cuh). H200, narrow -> wide, masks
+  // bit-equal: every head BLOCK 0.154 -> 0.132 / 1.196 -> 1.065 / 18.73 -> 16.24 ms at 8K / 32K / 128K, 6 of 8 heads
+  // BLOCK 0.144 -> 0.127 / 0.961 -> 0.829 / 14.11 -> 12.30 (1.12-1.17x; results/sm90_kernel/
+  // 2026-12-03_h200_session9_xattn_wide/).
+  bool xattn_sm90_wide = true;
   bool decode_mma = true;         // tensor-core decode kernel for one query per step (csrc/decode/)
   bool decode_one_wave = true;    // decode plan: at most target items when 2 x pairs <= target, even items per pair
   // Tensor-core decode K/V copies: 0 zfill cp.async, 1 plain cp.async + L2::256B (the default), 2 TMA, 3 pairs.

@@ -3,8 +3,9 @@
 // whose preprocess delta = rowsum(dO * O) - grad_lse and dq_accum -> dq conversion it shares):
 //   P = exp(S * scale - lse), dS = P * (dP - delta), dV = P^T dO, dK = scale * dS^T Q, dQ = scale * dS K.
 //
-// CTA = (KV head, batch, key tile of BN = 128 keys); grid (Hkv, B, key tiles), so the CTAs of the first key
-// tiles (which causal heads' queries see most) start first. It walks the (query head of the GQA group, query tile
+// CTA = (KV head, batch, key tile of BN = 128 keys), handed out in the order of attention_bwd_sm90_order.cuh
+// (every pair's first key tile first, which causal heads' queries see most; short STREAM pairs last, pair by
+// pair, for the L2). It walks the (query head of the GQA group, query tile
 // of BM = 64 rows) pairs that can see its key tile (the transposed visibility walk of attention_tiles.cuh: FULL,
 // STREAM, BLOCK bits), keeping dK and dV of its keys in registers across the whole group (no atomics, K/V
 // never repeated), and adds dQ of each pair into the fp32 dq_accum by TMA reduce-add of a shared-memory tile (the
@@ -39,6 +40,7 @@
 #include "attention/attention_tiles.cuh"
 #include "attention/kernel_utils.cuh"
 #include "attention/nonfinite.cuh"
+#include "attention/sm90/attention_bwd_sm90_order.cuh"
 #include "attention/sm90/attention_fwd_sm90_pipeline.cuh"  // load_tile_sw128, RingPos, FillPos
 #include "attention/sm90/sm90a_available.h"
 #include "attention/sm90/tma.cuh"
@@ -875,7 +877,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         // [64 w, 64 w + 64) and counter w, whose writers are the visiting key tiles in order (token n + 1 after key tile
         // n). Head_dim 64: both warpgroups add whole rows (each over its own 64 keys) on counter 0, warpgroup 0 then 1
         // (tokens 2 n + 1, 2 n + 2). No deadlock: a CTA waits only for CTAs of lower key tiles, which the grid
-        // (blockIdx.z = key tile) starts earlier, so the lowest unfinished CTA never waits.
+        // (attention_bwd_sm90_order.cuh) starts earlier, so the lowest unfinished CTA never waits.
         [[maybe_unused]] const bool leader = threadIdx.x % Tr::WG_THREADS == 0;  // (used by DET instances only)
         int* sem = nullptr;
         int token = 0;
@@ -983,18 +985,21 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
 
 #endif  // ELASTIC_SM90A_ENABLED
 
-// grid (Hkv, B, key tiles of BN). `maps`: the tensor maps of q, dout, k, v (the host launches this kernel only
-// when all four could be built).
+// grid: B x Hkv x key tiles of BN, one dimension (attention_bwd_sm90_order.cuh). `maps`: the tensor maps of q,
+// dout, k, v (the host launches this kernel only when all four could be built).
 template <typename T, typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-    attention_bwd_sm90_kernel(const __grid_constant__ AttentionBwdParams p, const __grid_constant__ BwdTmaMaps maps) {
+    attention_bwd_sm90_kernel(const __grid_constant__ AttentionBwdParams p, const __grid_constant__ BwdTmaMaps maps,
+                              int num_k_tiles) {
 #if defined(ELASTIC_SM90A_ENABLED)
   constexpr int BN = Tr::BN, D = Tr::D;
-  const int kvh = blockIdx.x, b = blockIdx.y, n_block = blockIdx.z;
+  const BwdWorkItem work = bwd_work_item(p, num_k_tiles);
+  const int kvh = work.kvh, b = work.b, n_block = work.n_block;
   const SeqInfo seq = seq_info(p, b);
   const int j0 = n_block * BN;
   if (j0 >= seq.len_k) return;
   const int mode = p.head_mode[b * p.head_mode_stride_b + kvh * p.head_mode_stride_h];
+  if (!bwd_work_runs_here<BN>(p, work, mode, num_k_tiles)) return;
   if (!mode_is_valid(mode, p)) {  // invalid mode: NaN gradients for the head's keys, like its output
     const int valid_k = min(BN, seq.len_k - j0);
     T* dk = static_cast<T*>(p.dk) + b * p.dk_stride_b + int64_t(seq.k_start + j0) * p.dk_stride_r +

@@ -69,7 +69,9 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
                        const KernelOptions& opt) {
   if (p.batch == 0 || p.heads_q == 0) return true;
   const int64_t num_k_tiles = (int64_t(max_seqlen_k) + Tr::BN - 1) / Tr::BN;
-  if (p.batch > 65535 || num_k_tiles > 65535) return false;  // grid y / z; the mma.sync backward checks and says so
+  // (one-dimensional grid; the mma.sync backward, which takes over, checks its own limits and says so)
+  const int64_t ctas = bwd_grid_ctas(p.batch, p.heads_kv, num_k_tiles, opt.sm90_bwd_mode_order);
+  if (ctas > INT32_MAX) return false;
   BwdTmaMaps maps;
   std::memset(&maps, 0, sizeof(maps));
   if (max_seqlen_k > 0 && !build_bwd_tma_maps<T, Tr>(p, maps, opt.sm90_verbose)) return false;
@@ -84,11 +86,11 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
   if (max_seqlen_k > 0) {
     auto kernel = attention_bwd_sm90_kernel<T, Tr>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
-    const dim3 grid(static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch),
-                    static_cast<unsigned>(num_k_tiles));
+    const unsigned grid = static_cast<unsigned>(ctas);
     AttentionBwdParams pk = p;
     pk.sm90_bwd_unmasked = opt.sm90_bwd_unmasked ? 1 : 0;
-    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(pk, maps);
+    pk.sm90_bwd_mode_order = opt.sm90_bwd_mode_order ? 1 : 0;
+    kernel<<<grid, Tr::NTHREADS, Tr::SMEM_BYTES, stream>>>(pk, maps, static_cast<int>(num_k_tiles));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return true;
