@@ -287,20 +287,15 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "0")
-        assert " bwd_overlap=0 bwd_lean=1 " in default + " ", default  # the lean backward tail is the default
-        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "0")
-        assert " bwd_lean=0 " in elastic_cuda.ops.reload_kernel_options() + " "
-        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "2")
-        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_LEAN must be 0 or 1"):
-            elastic_cuda.ops.reload_kernel_options()
-        monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "0")
-        assert " bwd_lean=1 bwd_mode_order=1 " in default + " ", default  # CTAs handed out by mode
-        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "0")
-        assert " bwd_mode_order=0 " in elastic_cuda.ops.reload_kernel_options() + " "
-        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "yes")
-        with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_MODE_ORDER must be 0 or 1"):
-            elastic_cuda.ops.reload_kernel_options()
-        monkeypatch.setenv("ELASTIC_SM90_BWD_MODE_ORDER", "1")
+        # the lean backward tail and the CTAs handed out by mode are the defaults; each switch flips, bad values raise
+        assert " bwd_overlap=0 bwd_lean=1 bwd_mode_order=1 " in default + " ", default
+        for name, key in (("ELASTIC_SM90_BWD_LEAN", "bwd_lean"), ("ELASTIC_SM90_BWD_MODE_ORDER", "bwd_mode_order")):
+            monkeypatch.setenv(name, "0")
+            assert f" {key}=0 " in elastic_cuda.ops.reload_kernel_options() + " "
+            monkeypatch.setenv(name, "2")
+            with pytest.raises(RuntimeError, match=f"{name} must be 0 or 1"):
+                elastic_cuda.ops.reload_kernel_options()
+            monkeypatch.setenv(name, "1")
         monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "no")
         with pytest.raises(RuntimeError, match="ELASTIC_CUDA_SM90_BWD must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
