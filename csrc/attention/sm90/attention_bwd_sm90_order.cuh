@@ -3,15 +3,16 @@
 // and reads its pair's mode from the device head_mode table (no host sync).
 //
 // Why not simply key tile by key tile (every pair's tile 0, then every pair's tile 1, ...: the first version's
-// (Hkv, B, key tiles) grid, still ELASTIC_SM90_BWD_MODE_ORDER=0): that order starts the long CTAs first (a causal key tile's
-// CTA visits every later query tile, so tile 0 is the longest), but it scatters a short STREAM pair's work. A
-// STREAM key tile past the sink is visited by the ~34 query tiles of its window, and each query tile's dQ rows,
-// Q and dO are shared by the ~17 key tiles of its window. Key tile by key tile, a wave of 132 CTAs holds ~16
-// key tiles of each of 8 KV heads, so nearly every query tile's 17 key tiles straddle two waves, one CTA lifetime
-// (~136 stages) apart, and its dQ tile (32 KiB of fp32 reduce-adds), Q and dO go to HBM and back between them.
-// ncu, H200, 32K, Llama shape, 2 FULL + 6 STREAM KV heads (results/attention/2026-12-03_h200_session9_bwd_stage_rate/):
-// L2 hit rate 64% and DRAM 43% of peak (31 GB in 14.9 ms) against 88% and 13% with every head FULL, and 14% more
-// time per stage (the same STREAM code path with window = S runs at the FULL rate, experiments/time_bwd_stage_rate.py).
+// (Hkv, B, key tiles) grid, still ELASTIC_SM90_BWD_MODE_ORDER=0): that order starts the long CTAs first (a causal
+// key tile's CTA visits every later query tile, so tile 0 is the longest), and when every pair has the same mode
+// adjacent key tiles start together and meet on the same query tiles' Q, dO and dQ rows a few stages apart, in the
+// L2. With FULL and short-window STREAM pairs mixed, the short STREAM CTAs (~136 stages at window 2048) finishing
+// around the long FULL ones hand the SMs to the next key tiles at scattered times, so the FULL key tiles no longer
+// start together and their shared rows go to HBM and back between them. ncu, H200, 32K, Llama shape, 2 FULL + 6
+// STREAM KV heads (results/attention/2026-12-03_h200_session9_bwd_stage_rate/): L2 hit rate 64% and DRAM 43% of
+// peak (31 GB in 14.9 ms) against 88% and 13% with every head FULL, and 14% (32K) / 18% (128K, where the FULL heads
+// are 90% of the stages) more time per stage, while the same STREAM code path with window = S runs at the FULL rate
+// (experiments/time_bwd_stage_rate.py).
 //
 // The order (the default): the grid has two passes over the (pair, key tile) CTAs, and each CTA of a pass
 // either runs its work or returns at once when the other pass runs it:
@@ -19,18 +20,17 @@
 //     mode: a STREAM pair's sink tile is seen by all queries) and key tiles 1.. of the pairs that walk long,
 //     decreasing columns (FULL, BLOCK, STREAM with a window longer than a quarter of the keys), so the longest
 //     CTAs still start first;
-//   pass 2, pair by pair: key tiles 1.. of the short-window STREAM pairs. ~132 consecutive key tiles of one pair run
-//     together, so a query tile's 17 key tiles straddle two such runs only at a run's edges (~13% of them). Their
-//     CTAs all have about the same length, so handing them out last leaves no long tail.
+//   pass 2, pair by pair: key tiles 1.. of the short-window STREAM pairs, ~132 consecutive key tiles of one pair
+//     together (a query tile's ~17 window key tiles then run side by side). Their CTAs all have about the same
+//     length, so handing them out last leaves no long tail.
 // Why two passes of which half the CTAs return at once, rather than one CTA per work item ranked by a scan of the
 // head_mode table: a CTA's batch, KV head and key tile are then functions of blockIdx and the parameters, which
 // ptxas recomputes where they are used; taken from a scan they are values the 24-register producer and the
 // 240-register consumers must hold, and ptxas spilled 250-390 bytes per thread (consumer loop included) for them.
 // An empty CTA is a launch, a load of its pair's mode and a return (pairs x (key tiles - 1) of them).
-// Measured (H200, 32K, 2 FULL + 6 STREAM): L2 hit rate 64% -> 86%, DRAM 43% -> 16% of peak; backward 18.3 -> 16.5 ms
-// at 32K and 237 -> 200 ms at 128K, where the FULL heads' CTAs are 90% of the stages: with the key-tile order the
-// short STREAM CTAs finishing around them also spread the FULL CTAs' start times, so adjacent FULL key tiles no
-// longer met on the same query tiles in the L2 (kernel_options.h has the table).
+// Measured (H200, 2 FULL + 6 STREAM): L2 hit rate 64% -> 86%, DRAM 43% -> 16% of peak at 32K; backward 18.3 -> 16.5
+// ms at 32K, 237 -> 200 ms at 128K; every head STREAM unchanged (its CTAs were already in lockstep), every head FULL
+// unchanged (the same order) (kernel_options.h has the table).
 // Every CTA's lower key tiles of the same pair have lower indices, which the deterministic mode's turn order
 // relies on (bwd_consumer).
 #pragma once
