@@ -37,14 +37,11 @@ struct BwdTraits {
 // Non-finite rule (nonfinite.cuh): a "bad" row (lse NaN: a NaN row of the forward; or a non-finite dO / grad_lse row,
 // which makes delta non-finite) gets delta = NaN, which the main kernel reads as the row's mark, and a NaN dq_accum
 // row (its dq is NaN even when it sees no key; the main kernel's atomics add to the NaN).
+// grid (ceil(max_len_q * Hq / kPairs), B): launch_attention_bwd_preprocess (attention_bwd_launch.cuh).
 template <int D>
 struct BwdPreprocessShape {
   static constexpr int kLanes = D / 8, kThreads = 128, kPairs = kThreads / kLanes;  // (row, head) pairs per CTA
   static_assert(D % 8 == 0 && 32 % kLanes == 0, "a pair's lanes inside one warp");
-  // grid (ceil(max_len_q * Hq / kPairs), B)
-  static dim3 grid(int64_t pairs, int batch) {
-    return dim3(static_cast<unsigned>((pairs + kPairs - 1) / kPairs), static_cast<unsigned>(batch));
-  }
 };
 
 template <typename T, int D>

@@ -1,4 +1,5 @@
-// Backward launch template (instantiated in attention_bwd_hdim*.cu): preprocess, main, convert.
+// Backward launch templates (instantiated in attention_bwd_hdim*.cu): preprocess, main, convert. The preprocess
+// and the convert serve the Hopper backward too (sm90/attention_bwd_sm90_launch.cuh).
 #pragma once
 #include <c10/cuda/CUDAException.h>
 
@@ -8,6 +9,17 @@
 
 namespace elastic {
 
+// delta (and the non-finite rule's NaN dq_accum rows) for max_seqlen_q rows of every sample and query head.
+template <typename T, int D>
+void launch_attention_bwd_preprocess(const AttentionBwdParams& p, int max_seqlen_q, cudaStream_t stream) {
+  if (max_seqlen_q <= 0) return;
+  using Pre = BwdPreprocessShape<D>;
+  const int64_t pairs = int64_t(max_seqlen_q) * p.heads_q;
+  const dim3 grid(static_cast<unsigned>((pairs + Pre::kPairs - 1) / Pre::kPairs), static_cast<unsigned>(p.batch));
+  attention_bwd_preprocess_kernel<T, D><<<grid, Pre::kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max_seqlen_k, cudaStream_t stream) {
   using Tr = BwdTraits<T, D>;
@@ -15,12 +27,7 @@ void launch_attention_bwd(const AttentionBwdParams& p, int max_seqlen_q, int max
   ELASTIC_CHECK(p.batch <= 65535, "elastic.attention_backward: batch ", p.batch,
                 " too large for the CUDA grid (at most 65535)");
 
-  if (max_seqlen_q > 0) {
-    using Pre = BwdPreprocessShape<D>;
-    attention_bwd_preprocess_kernel<T, D>
-        <<<Pre::grid(int64_t(max_seqlen_q) * p.heads_q, p.batch), Pre::kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_attention_bwd_preprocess<T, D>(p, max_seqlen_q, stream);
   // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
 
   if (max_seqlen_k > 0) {
@@ -44,12 +51,8 @@ void launch_attention_bwd_convert_dq(const float* dq_accum, T* dq, int64_t n, fl
   const int64_t per_thread = vec8 ? 8 : 1;
   const int64_t blocks = std::max<int64_t>(
       1, std::min<int64_t>((n / per_thread + threads - 1) / threads, 65535 * 8));
-  if (vec8)
-    attention_bwd_convert_dq_kernel<T, true><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n,
-                                                                                                    scale);
-  else
-    attention_bwd_convert_dq_kernel<T, false><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n,
-                                                                                                     scale);
+  const auto kernel = vec8 ? attention_bwd_convert_dq_kernel<T, true> : attention_bwd_convert_dq_kernel<T, false>;
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(dq_accum, dq, n, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

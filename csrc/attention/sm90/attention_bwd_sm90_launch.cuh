@@ -9,7 +9,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "attention/attention_bwd_kernel.cuh"  // attention_bwd_preprocess_kernel (delta), shared with sm80
+#include "attention/attention_bwd_launch.cuh"  // launch_attention_bwd_preprocess (delta), shared with sm80
 #include "attention/attention_launch.h"
 #include "attention/check_msg.h"
 #include "attention/sm90/sm90a_available.h"
@@ -76,12 +76,7 @@ bool launch_bwd_config(const AttentionBwdParams& p, int max_seqlen_q, int max_se
   std::memset(&maps, 0, sizeof(maps));
   if (max_seqlen_k > 0 && !build_bwd_tma_maps<T, Tr>(p, maps, opt.sm90_verbose)) return false;
 
-  if (max_seqlen_q > 0) {
-    using Pre = BwdPreprocessShape<Tr::D>;
-    attention_bwd_preprocess_kernel<T, Tr::D>
-        <<<Pre::grid(int64_t(max_seqlen_q) * p.heads_q, p.batch), Pre::kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_attention_bwd_preprocess<T, Tr::D>(p, max_seqlen_q, stream);
   // The main kernel runs even without queries: it is what writes the (zero) dK, dV.
   if (max_seqlen_k > 0) {
     auto kernel = attention_bwd_sm90_kernel<T, Tr>;
