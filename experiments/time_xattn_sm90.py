@@ -1,12 +1,13 @@
-"""A/B of the XAttention estimate's kernel 1 on Hopper (issue #15): the wgmma body (xattn_scores_sm90_kernel.cuh, the
-default) against the mma.sync one (ELASTIC_XATTN_SM90=0) and the wgmma body's wide instance (two key tiles per step,
-ELASTIC_XATTN_SM90_WIDE=1), Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), bf16, B 1,
-stride 16, block 128, threshold 0.9.
+"""A/B of the XAttention estimate's kernel 1 on Hopper (issue #15): the wgmma body (xattn_scores_sm90_kernel.cuh) in its
+narrow instance (one key tile per step, ELASTIC_XATTN_SM90_WIDE=0) and its wide one (two key tiles per step, the
+default since the ninth session) against the mma.sync body (ELASTIC_XATTN_SM90=0), Llama-3.1-8B shape (Hq 32, Hkv 8,
+D 128), bf16, B 1, stride 16, block 128, threshold 0.9.
 
 Cases: every KV head BLOCK, and 6 of 8 KV heads BLOCK (head_mode [FULL, STREAM, BLOCK x 6]: the estimate of the
-FULL+BLOCK mix of bench_block_prefill), at the lengths given (default 8K, 32K, 128K). Interleaved rounds (both
-variants once per round, per case), median over rounds of triton do_bench medians (harness.bench). Each case also
-checks that the two variants' masks agree (fraction of differing mask entries over kept ones).
+FULL+BLOCK mix of bench_block_prefill), at the lengths given (default 8K, 32K, 128K). Interleaved rounds (every
+variant once per round, per case), median over rounds of triton do_bench medians (harness.bench). Each case also
+checks that the masks agree: wgmma against mma.sync (fraction of differing mask entries over kept ones) and wide
+against narrow (count of differing entries; the same bits by construction).
 Writes xattn_sm90_ab.json and xattn_sm90_ab.md under --out. TFLOP/s counts the causal antidiagonal GEMM of the
 estimated heads: 2 * Hq_block * (G^2 / 2) * s * D (G = S / s query groups; diagonal tiles and skipped columns
 ignored), so mma.sync at 32K every head is ~190 TFLOP/s (275 GFLOP in 1.43 ms).

@@ -25,15 +25,16 @@
 // wgmma of the kernel (C7515: the branch puts non-wgmma definitions of the accumulators inside the pipeline
 // stage), so diagonal tiles run whole: ~6% more MMA work at 32K, ~20% at 8K, ~1.5% at 128K (Llama shape).
 //
-// Wide instance (kKeyTiles = 2, the default; ELASTIC_XATTN_SM90_WIDE=0 runs kKeyTiles = 1): each step multiplies the A slice by two key tiles' B
-// slices (two m64n128k16 per k16 step into two accumulator sets), so A, the operand no other CTA shares, is
-// streamed once per two key tiles instead of once per key tile; 4 stages of 48 KiB, copies 3 slices ahead, one CTA
-// per SM (128 accumulator registers per thread). Why: A is 512 KiB per CTA per key tile (128 rows x s * D) and the
-// ~264 CTAs in flight stream ~130 MB of it between two reads of the same slice, more than the 50 MB L2, so A comes
-// from HBM every key tile (32K, 6 of 8 heads BLOCK: 1.7 GB in a 0.87 ms kernel), while B (one KV head's keys, 8 MiB
-// at 32K) is shared by the CTAs of its head and stays in L2. Key tile order, accumulation order and tile_row_stats
-// calls are those of kKeyTiles = 1, so both instances give the same bits. H200: 1.12-1.17x over kKeyTiles = 1 at
-// 8K-128K (kernel_options.h), i.e. still ~250-270 TFLOP/s: the wider step halves A's bytes but not its latency.
+// Wide instance (kKeyTiles = 2, the default; ELASTIC_XATTN_SM90_WIDE=0 runs kKeyTiles = 1): each step multiplies the A
+// slice by two key tiles' B slices (two m64n128k16 per k16 step into two accumulator sets), so A, the operand no other
+// CTA shares, is streamed once per two key tiles instead of once per key tile; 4 stages of 48 KiB, copies 3 slices
+// ahead, one CTA per SM (128 accumulator registers per thread). Why: A is 512 KiB per CTA per key tile (128 rows x
+// s * D) and the ~264 CTAs in flight stream ~130 MB of it between two reads of the same slice, more than the 50 MB L2,
+// so A comes from HBM every key tile (32K, 6 of 8 heads BLOCK: 1.7 GB in a 0.87 ms kernel), while B (one KV head's
+// keys, 8 MiB at 32K) is shared by the CTAs of its head and stays in L2. Key tile order, accumulation order and
+// tile_row_stats calls are those of kKeyTiles = 1, so both instances give the same bits. H200: 1.12-1.17x over
+// kKeyTiles = 1 at 8K-128K (kernel_options.h), i.e. still ~250-270 TFLOP/s: the wider step halves A's bytes but not its
+// latency.
 //
 // Accumulator layout (wgmma.cuh): d[4 nb + 2 hf + c] is row 16 w + 8 hf + g, column 8 nb + 2 t + c of the
 // warpgroup's 64 x 128 tile (warp w, lane 4 g + t): the m16n8 layout of the mma.sync kernel, so the quad
