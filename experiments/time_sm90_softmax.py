@@ -16,13 +16,17 @@ Variant set "order" (issue #16, the key-loop order after the ncu comparison with
   pv_first_eager  and ELASTIC_SM90_LAZY_RESCALE=0: the O rescale branch-free among the exp2 (FA4's choice too)
   grid        ELASTIC_SM90_PERSISTENT=0: one CTA per work item (FA4's non-persistent grid), default order
   pv_first_grid  both
+Variant set "slot" (issue #15 / #16, the key tiles handed to the consumers by the producer, FwdSm90Traits::SLOT_TILES):
+  walk        ELASTIC_SM90_SLOT_TILES=0: every consumer warp walks the key tiles itself (the kernel before 2026-12-03)
+  slot_tiles  ELASTIC_SM90_SLOT_TILES=2: the producer writes each K slot's tile word, for every launch (the default,
+              1, does so for launches with a block mask only: for all-BLOCK it is this row, for dense / STREAM walk's)
 (Variant set "pack", ELASTIC_SM90_PACK_EARLY: P packed into a second buffer among the exps, measured 1-4% slower
 and removed with its switch on 2026-12-03; results/sm90_kernel/2026-12-03_h200_xattn_wgmma/time_sm90_pack_early.txt.)
   with FlashAttention-4 (flash_attn.cute; dense causal, and block-sparse on the all-BLOCK case) beside when installed.
 Cases: dense (every head FULL) at the lengths given (default 8K, 32K, 128K), 6/8 STREAM at 32K (2 FULL + 6 STREAM
 KV heads, sink 128, window 2048), all-BLOCK at 32K (experiments/block_inputs.py, density 0.3, mask per query head).
 Interleaved rounds (every variant once per round), median over rounds of do_bench medians.
-usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds] [softmax|order]
+usage: python -m experiments.time_sm90_softmax [dense lengths, e.g. 8192,32768,131072] [rounds] [softmax|order|slot]
        [extra case lengths for 6/8 STREAM and all-BLOCK, default 32768] [case kinds of the extra lengths, default
        stream,block]"""
 import os
@@ -51,8 +55,10 @@ ORDER_VARIANTS = {"default": dict(_OLD_ORDER),
                   "grid": {**_OLD_ORDER, "ELASTIC_SM90_PERSISTENT": "0"},
                   "pv_first_grid": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0",
                                     "ELASTIC_SM90_PERSISTENT": "0"}}
+SLOT_VARIANTS = {"walk": {"ELASTIC_SM90_SLOT_TILES": "0"}, "slot_tiles": {"ELASTIC_SM90_SLOT_TILES": "2"}}
 SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
-            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE")
+            "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE",
+            "ELASTIC_SM90_SLOT_TILES")
 
 
 def set_variant(env):
@@ -94,14 +100,15 @@ def fa4_ms(q, k, v, mask, S):
 
 
 def main_order(dense, rounds, extra, variants=ORDER_VARIANTS, extra_kinds=("stream", "block")):
-    """The variant set's timings (its "default" is the reference), FA4 beside, on dense and the extra cases."""
+    """The variant set's timings (its first variant is the reference), FA4 beside, on dense and the extra cases."""
+    ref = next(iter(variants))
     cases = [(f"dense {S // 1024}K", S, "full") for S in dense]
     if "stream" in extra_kinds:
         cases += [(f"6/8 STREAM {S // 1024}K", S, "stream") for S in extra]
     if "block" in extra_kinds:
         cases += [(f"all-BLOCK {S // 1024}K", S, "block") for S in extra]
     print("case | " + " | ".join(f"{v} ms" for v in variants) + " | FA4 ms | "
-          + " | ".join(f"speed {v} vs default" for v in list(variants)[1:]) + " | default / FA4 time | "
+          + " | ".join(f"speed {v} vs {ref}" for v in list(variants)[1:]) + f" | {ref} / FA4 time | "
           "best / FA4 time", flush=True)
     for name, S, kind in cases:
         q, k, v, mask, fn = case_call(S, kind)
@@ -114,14 +121,14 @@ def main_order(dense, rounds, extra, variants=ORDER_VARIANTS, extra_kinds=("stre
                 res[var].append(bench(fn, S))
         set_variant({})
         # every variant computes the same function: the orders differ only in when O is rescaled and P packed
-        same = all(torch.equal(a, b) for var in outs for a, b in zip(outs[var], outs["default"]))  # out and lse
+        same = all(torch.equal(a, b) for var in outs for a, b in zip(outs[var], outs[ref]))  # out and lse
         med = {var: statistics.median(t) for var, t in res.items()}
         fa = fa4_ms(q, k, v, None, S) if kind == "full" else fa4_ms(q, k, v, mask, S) if kind == "block" else \
             float("nan")
         best = min(med.values())
         print(f"{name} | " + " | ".join(f"{med[v_]:.3f}" for v_ in variants) + f" | {fa:.3f} | "
-              + " | ".join(f"{med['default'] / med[v_]:.3f}x" for v_ in list(variants)[1:])
-              + f" | {med['default'] / fa:.3f} | {best / fa:.3f}   (out and lse bit-equal to default: {same}; rounds: "
+              + " | ".join(f"{med[ref] / med[v_]:.3f}x" for v_ in list(variants)[1:])
+              + f" | {med[ref] / fa:.3f} | {best / fa:.3f}   (out and lse bit-equal to {ref}: {same}; rounds: "
               + "; ".join(f"{v_} " + " ".join(f"{t:.3f}" for t in res[v_]) for v_ in variants) + ")", flush=True)
         del q, k, v, mask, outs
         torch.cuda.empty_cache()
@@ -130,10 +137,10 @@ def main_order(dense, rounds, extra, variants=ORDER_VARIANTS, extra_kinds=("stre
 def main():
     dense = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    if len(sys.argv) > 3 and sys.argv[3] == "order":
+    if len(sys.argv) > 3 and sys.argv[3] in ("order", "slot"):
         extra = [int(x) for x in (sys.argv[4] if len(sys.argv) > 4 else "32768").split(",") if x]
         kinds = tuple((sys.argv[5] if len(sys.argv) > 5 else "stream,block").split(","))
-        return main_order(dense, rounds, extra, ORDER_VARIANTS, kinds)
+        return main_order(dense, rounds, extra, ORDER_VARIANTS if sys.argv[3] == "order" else SLOT_VARIANTS, kinds)
     cases = [(f"dense {S // 1024}K", S, "full") for S in dense]
     cases += [("6/8 STREAM 32K", 32768, "stream"), ("all-BLOCK 32K", 32768, "block")]
     print("case | " + " | ".join(f"{v} ms" for v in VARIANTS) + " | cuDNN ms | speed exact vs previous | slack vs "

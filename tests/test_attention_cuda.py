@@ -621,19 +621,38 @@ def test_sm90_pv_wait_first(combo, dtype, monkeypatch):
     if combo == "eager_rescale":
         env["ELASTIC_SM90_LAZY_RESCALE"] = "0"
     assert " pv_wait_first=1 " in _set_switches(monkeypatch, **env) + " "
+    _run_key_loop_cases(dtype, f"pv_wait_first {combo}", seed=500)
+
+
+# ELASTIC_SM90_SLOT_TILES (the producer hands each K slot's tile index / full / last to the consumers; own kernel
+# instances): 0 (the consumers walk, as before) and 1 (launches with a block mask only; 2, every launch, is the
+# default that every other test runs), on both producers (the cp.async one adds an arrival for the word), with the
+# cases of the key-loop orders above.
+@pytest.mark.parametrize("slot_tiles", ["0", "1"])
+@pytest.mark.parametrize("producer", ["tma", "cp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sm90_slot_tiles(slot_tiles, producer, dtype, monkeypatch):
+    _set_path(monkeypatch, producer)
+    assert f" slot_tiles={slot_tiles} " in _set_switches(monkeypatch, ELASTIC_SM90_SLOT_TILES=slot_tiles) + " "
+    _run_key_loop_cases(dtype, f"slot_tiles={slot_tiles} {producer}", seed=530)
+
+
+def _run_key_loop_cases(dtype, key, seed):
+    """FULL / STREAM / BLOCK cases for a variant of the sm90 key loop: both dtypes (the caller's), D 64 / 128, lengths
+    1 and odd ones, GQA, Sq < Skv, varlen, masks of block 128 / 256 and density 1; NaN-poisoned outputs, vs float64."""
     for idx, (Sq, Skv, D) in enumerate(((1, 1, 128), (129, 129, 128), (1000, 1000, 128), (300, 777, 64),
                                         (2100, 2100, 128), (511, 1500, 128))):
         Hq, Hkv = GQA[idx % len(GQA)]
         for pattern in ("full", "stream", "mixfs"):
             run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, modes=_fs_modes(2, Hkv, pattern),
-                     sink=16, window=256, seed=500 + idx, poison=True,
-                     key=f"pv_wait_first {combo} {pattern} Sq{Sq} Skv{Skv} D{D} Hq{Hq} Hkv{Hkv}")
+                     sink=16, window=256, seed=seed + idx, poison=True,
+                     key=f"{key} {pattern} Sq{Sq} Skv{Skv} D{D} Hq{Hq} Hkv{Hkv}")
     lens = [(1, 50), (100, 100), (300, 700), (129, 129), (1000, 1000), (250, 1300)]
     modes = torch.tensor([[FULL, STREAM, FULL], [STREAM, FULL, STREAM], [STREAM, STREAM, FULL], [FULL, FULL, FULL],
                           [STREAM, STREAM, STREAM], [FULL, STREAM, STREAM]], dtype=torch.int32)
     run_case(B=6, Sq=0, Skv=0, Hq=12, Hkv=3, D=128, dtype=dtype, modes=modes, sink=8, window=200, layout="varlen",
-             lens=lens, poison=True, key=f"pv_wait_first {combo} varlen")
-    gen = torch.Generator(device=DEV).manual_seed(510)
+             lens=lens, poison=True, key=f"{key} varlen")
+    gen = torch.Generator(device=DEV).manual_seed(seed + 10)
     for idx, (Sq, Skv, bs, Hq, Hkv, density) in enumerate(((1000, 1000, 128, 8, 2, 0.35), (2100, 2100, 256, 12, 3,
                                                                                              0.35),
                                                             (300, 1000, 128, 4, 1, 0.35), (1500, 1500, 128, 8, 2,
@@ -641,8 +660,8 @@ def test_sm90_pv_wait_first(combo, dtype, monkeypatch):
         bm = _rand_block_mask(2, Hq, -(-Skv // bs), density, gen)
         modes = _mixed_modes(2, Hkv, gen) if idx < 3 else torch.full((2, Hkv), BLOCK, dtype=torch.int32)
         run_case(B=2, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=128, dtype=dtype, modes=modes, sink=16, window=256,
-                 block_mask=bm, block_size=bs, seed=510 + idx, poison=True,
-                 key=f"pv_wait_first {combo} block Sq{Sq} Skv{Skv} bs{bs} density{density}")
+                 block_mask=bm, block_size=bs, seed=seed + 10 + idx, poison=True,
+                 key=f"{key} block Sq{Sq} Skv{Skv} bs{bs} density{density}")
 
 
 def test_sm90_pv_wait_first_dispatch(monkeypatch):
@@ -664,10 +683,37 @@ def test_sm90_pv_wait_first_dispatch(monkeypatch):
     assert len(set(names.values())) == 3, names
 
 
-def test_sm90_pv_wait_first_bitwise(monkeypatch):
+def test_sm90_slot_tiles_dispatch(monkeypatch):
+    # ELASTIC_SM90_SLOT_TILES picks kernel instances of its own: 2 (default) for every launch, 1 for launches with a
+    # block mask only, 0 for none; otherwise the bit-equality below would hold trivially.
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a compute capability 9.x device")
+    _set_path(monkeypatch, "tma")
+    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    hm = torch.tensor([[FULL, BLOCK]], dtype=torch.int32, device=DEV)
+    bm = torch.ones(1, 4, 2, 2, dtype=torch.bool, device=DEV)
+    names = {}
+    for slot in ("0", "1", "2"):
+        _set_switches(monkeypatch, ELASTIC_SM90_SLOT_TILES=slot)
+        for masked in (False, True):
+            call = (lambda: torch.ops.elastic.attention(q, k, k, hm, bm, block_size=128, strategy="fused")) \
+                if masked else (lambda: torch.ops.elastic.attention(q, k, k, hm.clamp(max=STREAM), strategy="fused"))
+            names[slot, masked] = frozenset(cuda_kernel_names(call, "attention_fwd_sm90"))
+    if not all(names.values()):
+        pytest.skip(f"profiler recorded no sm90 forward kernel: {names}")
+    assert names["0", False] == names["1", False] != names["2", False], names
+    assert names["0", True] != names["1", True] == names["2", True], names
+
+
+@pytest.mark.parametrize("switch,values", [("ELASTIC_SM90_PV_WAIT_FIRST", ("0", "1")),
+                                           ("ELASTIC_SM90_SLOT_TILES", ("0", "1", "2"))],
+                         ids=["pv_wait_first", "slot_tiles"])
+def test_sm90_key_loop_variants_bitwise(switch, values, monkeypatch):
     # Both key-loop orders compute the same arithmetic (O rescaled by alpha(n) after P V(n-1) and before P V(n); P
-    # packed from the same exp2 values), so out and lse must agree bit for bit: FULL / STREAM / BLOCK mix, ragged,
-    # GQA, a max that keeps rising (the rescale path taken).
+    # packed from the same exp2 values), and the producer's tile words carry what the consumers' own walk found, so
+    # out and lse must agree bit for bit: FULL / STREAM / BLOCK mix, ragged, GQA, a max that keeps rising (the
+    # rescale path taken).
     _set_path(monkeypatch, "tma")
     gen = torch.Generator(device=DEV).manual_seed(520)
     B, S, Hq, Hkv, D = 2, 1700, 8, 2, 128
@@ -682,13 +728,14 @@ def test_sm90_pv_wait_first_bitwise(monkeypatch):
     modes = torch.tensor([[FULL, STREAM], [BLOCK, FULL]], dtype=torch.int32, device=DEV)
     kw = dict(sink=16, window=300, block_mask=_rand_block_mask(B, Hq, -(-S // 128), 0.5, gen), block_size=128)
     res = {}
-    for order in ("0", "1"):
-        _set_switches(monkeypatch, ELASTIC_SM90_PV_WAIT_FIRST=order)
-        res[order] = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, **kw)
-    assert torch.equal(res["0"][0], res["1"][0]), "out differs between the key-loop orders"
-    assert torch.equal(res["0"][1], res["1"][1]), "lse differs between the key-loop orders"
+    for value in values:
+        _set_switches(monkeypatch, **{switch: value})
+        res[value] = elastic_cuda.ops.attention(q, k, v, modes, strategy="fused", return_lse=True, **kw)
+    for value in values[1:]:
+        assert torch.equal(res[values[0]][0], res[value][0]), f"out differs between {switch} 0 and {value}"
+        assert torch.equal(res[values[0]][1], res[value][1]), f"lse differs between {switch} 0 and {value}"
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), modes, **kw)
-    _check_forward(res["1"][0], res["1"][1], ref, ref_lse, torch.bfloat16, "pv_wait_first bitwise")
+    _check_forward(res[values[-1]][0], res[values[-1]][1], ref, ref_lse, torch.bfloat16, f"{switch} bitwise")
 
 
 @pytest.mark.parametrize("order", ["default", "pv_wait_first"])

@@ -264,12 +264,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
                  "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN", "ELASTIC_SM90_BWD_MODE_ORDER",
                  "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
-                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_PV_WAIT_FIRST"):
+                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_SLOT_TILES",
+                 "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
         assert default.startswith("sm90=1 stages=3 tma=1 pingpong=1 proxy_fence=1 persistent=1 dynamic=1 "
-                                  "lazy_rescale=1 exact_alpha=1 max_slack=1 walk_cached=1 l2_order=1 verbose=0 "
+                                  "lazy_rescale=1 exact_alpha=1 max_slack=1 walk_cached=1 slot_tiles=2 l2_order=1 verbose=0 "
                                   "experiments_built="), default
         monkeypatch.setenv("ELASTIC_CUDA_SM90", "0")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "0")
@@ -310,6 +311,13 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_PV_WAIT_FIRST must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_PV_WAIT_FIRST", "0")
+        for value in ("0", "1"):  # the forward's key tiles from the producer: every launch (default), none, masked
+            monkeypatch.setenv("ELASTIC_SM90_SLOT_TILES", value)
+            assert f" slot_tiles={value} " in elastic_cuda.ops.reload_kernel_options() + " "
+        monkeypatch.setenv("ELASTIC_SM90_SLOT_TILES", "3")
+        with pytest.raises(RuntimeError, match="ELASTIC_SM90_SLOT_TILES must be 0, 1 or 2"):
+            elastic_cuda.ops.reload_kernel_options()
+        monkeypatch.setenv("ELASTIC_SM90_SLOT_TILES", "2")
         monkeypatch.setenv("ELASTIC_SM90_TMA", "off")  # a typo must not time the wrong kernel
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_TMA must be 0 or 1"):
             elastic_cuda.ops.reload_kernel_options()

@@ -63,6 +63,11 @@ KernelOptions read_env() {
   o.sm90_exact_alpha = env_bool("ELASTIC_SM90_EXACT_ALPHA", o.sm90_exact_alpha);
   o.sm90_max_slack = env_bool("ELASTIC_SM90_MAX_SLACK", o.sm90_max_slack);
   o.sm90_walk_cached = env_bool("ELASTIC_SM90_WALK_CACHED", o.sm90_walk_cached);
+  if (const char* v = env_value("ELASTIC_SM90_SLOT_TILES")) {
+    ELASTIC_CHECK((v[0] == '0' || v[0] == '1' || v[0] == '2') && v[1] == '\0',
+                  "elastic: environment variable ELASTIC_SM90_SLOT_TILES must be 0, 1 or 2, got \"", v, "\"");
+    o.sm90_slot_tiles = v[0] - '0';
+  }
   o.sm90_l2_order = env_bool("ELASTIC_SM90_L2_ORDER", o.sm90_l2_order);
   o.sm90_pv_wait_first = env_bool("ELASTIC_SM90_PV_WAIT_FIRST", o.sm90_pv_wait_first);
   o.sm90_verbose = env_bool("ELASTIC_SM90_VERBOSE", o.sm90_verbose);
@@ -130,7 +135,8 @@ std::string describe(const KernelOptions& o) {
                            " persistent=", b(o.sm90_persistent), " dynamic=", b(o.sm90_dynamic),
                            " lazy_rescale=", b(o.sm90_lazy_rescale), " exact_alpha=", b(o.sm90_exact_alpha),
                            " max_slack=", b(o.sm90_max_slack),
-                           " walk_cached=", b(o.sm90_walk_cached), " l2_order=", b(o.sm90_l2_order),
+                           " walk_cached=", b(o.sm90_walk_cached), " slot_tiles=", o.sm90_slot_tiles,
+                           " l2_order=", b(o.sm90_l2_order),
                            " verbose=", b(o.sm90_verbose),
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),

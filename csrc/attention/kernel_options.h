@@ -147,6 +147,17 @@ struct KernelOptions {
   // BLOCK: the mask row computed once per item in the consumers (no divisions by the block size per tile):
   // all-BLOCK 32K 6.25 -> 5.63 ms (1.11x) in the same run; FULL / STREAM unchanged.
   bool sm90_walk_cached = true;
+  // Key tiles of the Hopper forward handed to the consumers by the producer, one word beside each K slot
+  // (FwdSm90Traits::SLOT_TILES says why), instead of each consumer warp walking them again: 0 never, 1 launches with
+  // a block mask (BLOCK heads, whose walk reads the mask), 2 every launch. Default key-loop order only
+  // (ELASTIC_SM90_PV_WAIT_FIRST=1 runs without). H200, Llama shape, bf16, B 1, medians of 3 interleaved rounds, ms
+  // walk (0) -> slot tiles (2), outputs bit-equal (experiments/time_sm90_softmax.py ... slot, results/sm90_kernel/
+  // 2026-12-03_h200_session10_slot_tiles/): all-BLOCK 32K 5.563 -> 4.868, 128K 82.46 -> 71.28 (1.14x / 1.16x; with
+  // the producer still walking without the cached mask row, 1.08x: time_slot_producer_uncached.txt); dense 32K
+  // 14.36 -> 14.15; in the first run dense 8K 0.993 -> 0.985, 128K 233.76 -> 232.93, 6/8 STREAM 32K 5.431 -> 5.400,
+  // 128K 65.65 -> 65.35 (0.4-1.5%, every round of 128K faster; one 2-round run gave dense 32K 14.23 -> 14.64 with a
+  // 14.88 round): so every launch.
+  int sm90_slot_tiles = 2;
   bool sm90_l2_order = true;
   // Key loop order of the Hopper forward consumers: false = whole softmax beside P V(n-1), then rescale and P
   // packing after its wait (the proven path); true = FlashAttention-4's order (ELASTIC_SM90_PV_WAIT_FIRST).

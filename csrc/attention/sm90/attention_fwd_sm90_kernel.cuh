@@ -9,7 +9,9 @@
 // handed out dynamically). Warpgroup 0 is the producer (attention_fwd_sm90_pipeline.cuh): per item it loads
 // the Q tile, then the K and V tiles of the key tiles the head's mode can make visible (attention_tiles.cuh
 // walk, last tile first) into a ring of STAGES shared-memory slots, with TMA (one warp) or cp.async (the
-// warpgroup), each slot signalled on an mbarrier when its bytes land. Warpgroups 1 and 2 are consumers, each
+// warpgroup), each slot signalled on an mbarrier when its bytes land, with the slot's key tile index and whether
+// it is fully visible and the item's last in a word beside it (SLOT_TILES instances, the default; otherwise each
+// consumer walks the tiles again). Warpgroups 1 and 2 are consumers, each
 // owning 64 of the 128 query rows: S = Q K^T and O += P V run as wgmma, and the softmax of key tile n overlaps
 // the P V product of tile n-1 (both MMAs are issued before the softmax waits for S only); the two warpgroups
 // take turns to issue (ping-pong). Consumers hand K / V slots and the Q buffer back on "empty" mbarriers once
@@ -308,12 +310,29 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       }
     };
 
+    // The key tile of the K slot at `cur`: from the producer's word (SLOT_TILES: tile index, fully visible, last ->
+    // n_next = -1, else 0 as "more to come", the next index arriving with its slot), or walked here.
+    bool n_full = false;
+    auto read_slot_tile = [&](int& n, int& n_next) {
+      const uint32_t word = sm.slot_tile(cur.slot);
+      n = static_cast<int>(word & kSlotTileIndex);
+      n_full = (word & kSlotTileFull) != 0u;
+      n_next = (word & kSlotTileLast) != 0u ? -1 : 0;
+    };
+    auto visible_of = [&](int n) -> bool {
+      if constexpr (Tr::SLOT_TILES) return n_full;
+      else return tile_visible(n);
+    };
     mbar_wait(sm.q_full(), q_phase);
     q_phase ^= 1;
-    int n = walker.first();
-    int n_next = walker.prev(n, walk_cached);
+    int n = 0, n_next = 0;
+    if constexpr (!Tr::SLOT_TILES) {
+      n = walker.first();
+      n_next = walker.prev(n, walk_cached);
+    }
     turns.my_turn();
     mbar_wait(sm.k_full(cur.slot), cur.phase);
+    if constexpr (Tr::SLOT_TILES) read_slot_tile(n, n_next);
     proxy_fence();
     wgmma_fence();
     issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
@@ -331,7 +350,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     if (n_next < 0) release(sm.q_empty());  // last Q K^T of this item: the producer may load the next Q
     {
       float alpha[2];
-      softmax_max(n, tile_visible(n), alpha);
+      softmax_max(n, visible_of(n), alpha);
       softmax_exp(alpha);
     }
     pack_p();
@@ -344,6 +363,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       turns.my_turn();
       mbar_wait(sm.k_full(cur.slot), cur.phase);
       mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
+      if constexpr (Tr::SLOT_TILES) read_slot_tile(n, n_next);  // (n was "more to come")
       if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
       proxy_fence();
       fence_regs(acc_s);
@@ -355,13 +375,14 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       issue_pv<T, Tr>(acc_o, p_frag, sm.v_slot(prev.slot));
       wgmma_commit();
       turns.pass_turn();
-      n_next = walker.prev(n, walk_cached);  // BLOCK heads read mask bits here: their latency hides under the MMAs
+      // BLOCK heads read mask bits here: their latency hides under the MMAs (SLOT_TILES: the producer walked)
+      if constexpr (!Tr::SLOT_TILES) n_next = walker.prev(n, walk_cached);
       float alpha[2];
       if constexpr (kPvWaitFirst) {
         // Nothing between S's wait and the row max but the mask: tile n's visibility test runs under the MMAs (the
         // empty volatile asm keeps it before the wait; SASS of the default order: ~80 stall cycles of uniform
         // tests and a jump table there), and the K / Q slots go back after the max phase.
-        int visible = tile_visible(n);
+        int visible = visible_of(n);
         asm volatile("" : "+r"(visible));
         wgmma_wait<1>();  // S(n) ready
         fence_regs(acc_s);
@@ -380,7 +401,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
         fence_regs(acc_s);
         release(sm.k_empty(cur.slot));
         if (n_next < 0) release(sm.q_empty());
-        softmax_max(n, tile_visible(n), alpha);
+        softmax_max(n, visible_of(n), alpha);
         softmax_exp(alpha);
         schedule_fence(never, row_sum[0], row_sum[1]);  // the softmax above overlaps P V
         wgmma_wait<0>();  // P V done: O and the P fragments are free again
@@ -460,14 +481,16 @@ __global__ void __launch_bounds__(Tr::NTHREADS, 1)
   sm.v = sm.k + Tr::STAGES * Tr::KV_BYTES;
   sm.bar = sm.v + Tr::STAGES * Tr::KV_BYTES;
   sm.items = sm.bar + Tr::NUM_BARRIERS * 8;
+  sm.tiles = sm.items + 2 * 16;
   const bool tma = (flags & kFlagTma) != 0;
   if (threadIdx.x == 0) {
-    // Full barriers: one expect-tx arrival per tile (TMA), or one arrival per producer thread (cp.async).
+    // Full barriers: one expect-tx arrival per tile (TMA), or one arrival per producer thread (cp.async; K slots
+    // with SLOT_TILES one more: thread 0's after it wrote the slot's tile word).
     const int fills = tma ? 1 : Tr::WG_THREADS;
     mbar_init(sm.q_full(), fills);
     mbar_init(sm.q_empty(), Tr::CONSUMER_WGS * 4);
     for (int s = 0; s < Tr::STAGES; ++s) {
-      mbar_init(sm.k_full(s), fills);
+      mbar_init(sm.k_full(s), fills + (Tr::SLOT_TILES && !tma ? 1 : 0));
       mbar_init(sm.v_full(s), fills);
       mbar_init(sm.k_empty(s), Tr::CONSUMER_WGS * 4);
       mbar_init(sm.v_empty(s), Tr::CONSUMER_WGS * 4);

@@ -20,8 +20,8 @@ namespace sm90 {
 
 // K/V ring depth: head_dim 128 holds Q 32 KiB + 3 x (K + V) 64 KiB = 224 KiB (2 stages: an A/B-timing
 // experiment, sm90/experiments/, built with ELASTIC_BUILD_EXPERIMENTS=1); head_dim 64 holds Q 16 KiB + 3 x 32 KiB.
-template <typename T, int D, int STAGES = 3, bool BLOCK_MASK = false>
-using FwdSm90Config = FwdSm90Traits<T, D, STAGES, BLOCK_MASK>;
+template <typename T, int D, int STAGES = 3, bool BLOCK_MASK = false, bool SLOT_TILES = false>
+using FwdSm90Config = FwdSm90Traits<T, D, STAGES, BLOCK_MASK, SLOT_TILES>;
 
 // Tensor maps of q, k and v with 128-row boxes (dense [B, S, H, D]; varlen [1, tokens, H, D]); false when one
 // of them cannot be built (the kernel then copies with cp.async); verbose: say why on stderr.
@@ -64,10 +64,14 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
   static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
   // ELASTIC_SM90_PV_WAIT_FIRST: the instances with FlashAttention-4's key-loop order (fwd_consumer), the O rescale
-  // lazy or (ELASTIC_SM90_LAZY_RESCALE=0) branch-free
-  auto kernel = !opt.sm90_pv_wait_first ? attention_fwd_sm90_kernel<T, Tr>
-                : opt.sm90_lazy_rescale ? attention_fwd_sm90_kernel<T, Tr, kLoopPvFirst>
-                                        : attention_fwd_sm90_kernel<T, Tr, kLoopPvFirstEager>;
+  // branch-free
+  // lazy or (ELASTIC_SM90_LAZY_RESCALE=0) branch-free; SLOT_TILES instances exist in the default order only
+  auto kernel = attention_fwd_sm90_kernel<T, Tr>;
+  if constexpr (!Tr::SLOT_TILES) {
+    if (opt.sm90_pv_wait_first)
+      kernel = opt.sm90_lazy_rescale ? attention_fwd_sm90_kernel<T, Tr, kLoopPvFirst>
+                                     : attention_fwd_sm90_kernel<T, Tr, kLoopPvFirstEager>;
+  }
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::SMEM_BYTES));
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -119,10 +123,20 @@ void launch_attention_fwd_sm90(const AttentionFwdParams& p, int num_q_tiles_max,
   }
 #endif
   // Without the experiments, kernel_options() never yields sm90_stages == 2 (it rejects ELASTIC_SM90_STAGES=2).
+  // Key tiles handed to the consumers by the producer (FwdSm90Traits::SLOT_TILES): launches with a block mask, or
+  // every launch (ELASTIC_SM90_SLOT_TILES=1 / 2), in the default key-loop order (kernel_options.h).
+  const bool slot_tiles = !opt.sm90_pv_wait_first &&
+                          (opt.sm90_slot_tiles == 2 || (opt.sm90_slot_tiles == 1 && p.block_mask != nullptr));
   if (p.block_mask != nullptr) {
-    sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true>>(p, num_q_tiles_max, stream, counter, opt);
+    if (slot_tiles)
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true, true>>(p, num_q_tiles_max, stream, counter, opt);
+    else
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, true>>(p, num_q_tiles_max, stream, counter, opt);
   } else {
-    sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter, opt);
+    if (slot_tiles)
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D, 3, false, true>>(p, num_q_tiles_max, stream, counter, opt);
+    else
+      sm90::launch_config<T, sm90::FwdSm90Config<T, D>>(p, num_q_tiles_max, stream, counter, opt);
   }
 }
 

@@ -40,17 +40,29 @@ constexpr int kLoopDefault = 0, kLoopPvFirst = 1, kLoopPvFirstEager = 2;
 // one use the instance without, which carries no mask state: the walker's mask fields do not fit the producer's
 // 56 registers (ptxas -v: the BLOCK_MASK instance spills 64 / 88 bytes at D 64 / 128, all of it in the producer
 // warpgroup per the SASS, L1-resident; the consumers do not spill), and FULL/STREAM launches stay as they were.
-template <typename T, int D_, int STAGES_, bool BLOCK_MASK_ = false>
+//
+// SLOT_TILES: the producer, which walks the key tiles anyway to load them, writes each K slot's tile (index, fully
+// visible, last of the item) beside it in shared memory, and the consumers read that word instead of walking the
+// tiles themselves (ELASTIC_SM90_SLOT_TILES, kernel_options.h). Why: ncu at 32K with every causal block of every head
+// kept (the FULL work through the BLOCK walker) ran 15.32 ms against 12.58 for the FULL launch, 5.30e9 warp
+// instructions against 4.18e9, with 17% of the consumers' stall samples at the ping-pong turn against 6.5%: each
+// consumer warp's walk (a 16-byte mask load, ~60 instructions unpacking it to bits, the mode tests) sat on the path
+// from one warpgroup's S wait to its next MMA issue, which the other warpgroup waits for. After (ncu, same launch):
+// 13.87 ms, 4.31e9 instructions, turn 13% (the producer then also walked without the cached mask row; with it, the
+// all-BLOCK launch at 31% density went 5.56 -> 4.87 ms at 32K and 82.5 -> 71.3 at 128K, level with FlashAttention-4's
+// block-sparse forward: benchmarks/NOTES.md, "Tenth session").
+template <typename T, int D_, int STAGES_, bool BLOCK_MASK_ = false, bool SLOT_TILES_ = false>
 struct FwdSm90Traits {
   static constexpr int D = D_, BM = 128, BN = 128, STAGES = STAGES_;
-  static constexpr bool BLOCK_MASK = BLOCK_MASK_;
+  static constexpr bool BLOCK_MASK = BLOCK_MASK_, SLOT_TILES = SLOT_TILES_;
   static constexpr int WG_THREADS = 128, CONSUMER_WGS = BM / 64;
   static constexpr int NTHREADS = WG_THREADS * (1 + CONSUMER_WGS);
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   // Q full/empty; K, V full/empty per slot; work-item ring full/empty x 2.
   static constexpr int NUM_BARRIERS = 2 + 4 * STAGES + 4;
-  // 1024: alignment slack; 2 x 16: the work-item slots
-  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16;
+  // 1024: alignment slack; 2 x 16: the work-item slots; 16: the K slots' tile words (SLOT_TILES, at most 4 slots)
+  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16 + 16;
+  static_assert(STAGES <= 4, "tile words of the K slots");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
   // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
@@ -70,10 +82,14 @@ struct ItemRef {
   int mode;
 };
 
-// Shared-memory addresses of the tiles, barriers and work-item slots of one CTA.
+// The word a SLOT_TILES producer writes beside K slot s: key tile index | kSlotTileFull (no element mask needed:
+// visited_tile_fully_visible) | kSlotTileLast (the item's last key tile, walked from the last one down).
+constexpr uint32_t kSlotTileFull = 1u << 30, kSlotTileLast = 1u << 31, kSlotTileIndex = kSlotTileFull - 1u;
+
+// Shared-memory addresses of the tiles, barriers, work-item slots and K slots' tile words of one CTA.
 template <typename Tr>
 struct SmemLayout {
-  uint32_t q, k, v, bar, items;
+  uint32_t q, k, v, bar, items, tiles;
   __device__ __forceinline__ uint32_t k_slot(int s) const { return k + s * Tr::KV_BYTES; }
   __device__ __forceinline__ uint32_t v_slot(int s) const { return v + s * Tr::KV_BYTES; }
   __device__ __forceinline__ uint32_t q_full() const { return bar; }
@@ -84,6 +100,18 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t v_empty(int s) const { return bar + 8 * (2 + 3 * Tr::STAGES + s); }
   __device__ __forceinline__ uint32_t item_full(int s) const { return bar + 8 * (2 + 4 * Tr::STAGES + s); }
   __device__ __forceinline__ uint32_t item_empty(int s) const { return bar + 8 * (4 + 4 * Tr::STAGES + s); }
+
+  // SLOT_TILES. The producer's write of slot s's word comes after its wait for the slot to be empty and before its
+  // arrival on k_full(s) (the expect-tx arrival of the TMA load, or the cp.async producer thread 0's extra plain
+  // arrival): mbarrier arrivals release, so a consumer that saw k_full(s) complete reads this tile's word.
+  __device__ __forceinline__ void put_slot_tile(int s, uint32_t word) const {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(tiles + 4 * s), "r"(word) : "memory");
+  }
+  __device__ __forceinline__ uint32_t slot_tile(int s) const {
+    uint32_t word;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(word) : "r"(tiles + 4 * s) : "memory");
+    return word;
+  }
 
   // Producer thread 0: the it-th work item of this CTA (index and head mode) into slot it % 2.
   __device__ __forceinline__ void publish_item(int it, const ItemRef& item) const {
@@ -271,6 +299,15 @@ struct ProducerItems {
   }
 };
 
+// SLOT_TILES: the word of key tile n (the next walked tile n_next, -1 after the last) for its K slot.
+template <int BN>
+__device__ __forceinline__ uint32_t slot_tile_word(const AttentionFwdParams& p, const WorkItem& w,
+                                                   const KeyTileWalker<BN>& walker, int n, int n_next) {
+  const bool full = visited_tile_fully_visible(w.mode, w.i_first, w.i_last, n * BN, n * BN + BN - 1, w.seq.len_k,
+                                               p.sink, p.window, walker.bb, walker.single_rb);
+  return uint32_t(n) | (full ? kSlotTileFull : 0u) | (n_next < 0 ? kSlotTileLast : 0u);
+}
+
 // K/V ring position of the producer: a slot is refilled only after the consumers released its previous tile.
 template <int STAGES>
 struct FillPos : RingPos<STAGES> {
@@ -310,13 +347,17 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
     if (lane == 0) tma_load_tile<BM, D>(sm.q, &maps.q, sm.q_full(), w.seq.q_start + w.r0, w.h, bt);
     // A varlen key tile past the sequence's end reads the next sequence, unless the sequence ends the tensor.
     const bool tail_by_tma = !varlen || int64_t(w.seq.k_start) + len_k == p.rows_k;
-    for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
+    for (int n = walker.first(); n >= 0;) {
+      // (otherwise walked after the loads, as before; SLOT_TILES holds single_rb for the word anyway, so the walk
+      // uses it too: the same tiles without two divisions per tile)
+      const int n_next = Tr::SLOT_TILES ? walker.prev(n, true) : 0;
       const int key0 = n * BN;
       const bool by_tma = key0 + BN <= len_k || tail_by_tma;
 #pragma unroll
       for (int kv = 0; kv < 2; ++kv) {
         const uint32_t full = kv == 0 ? sm.k_full(pos.slot) : sm.v_full(pos.slot);
         if (pos.primed) mbar_wait(kv == 0 ? sm.k_empty(pos.slot) : sm.v_empty(pos.slot), pos.phase ^ 1);
+        if (Tr::SLOT_TILES && kv == 0 && lane == 0) sm.put_slot_tile(pos.slot, slot_tile_word(p, w, walker, n, n_next));
         if (by_tma) {
           if (lane == 0)
             tma_load_tile<BN, D>(kv == 0 ? sm.k_slot(pos.slot) : sm.v_slot(pos.slot), kv == 0 ? &maps.k : &maps.v,
@@ -334,6 +375,7 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
         }
       }
       pos.next();
+      n = Tr::SLOT_TILES ? n_next : walker.prev(n);
     }
   }
 }
@@ -357,9 +399,14 @@ __device__ void fwd_producer_cp_async(const AttentionFwdParams& p, const SmemLay
     const T* v = kv_head_rows<T, Tr>(p.v, w, p.v_stride_b, p.v_stride_r, p.v_stride_h);
     load_tile_sw128<BM, D, Tr::WG_THREADS>(sQ, q, p.q_stride_r, w.seq.len_q - w.r0, tid);
     mbar_arrive_on_cp_async(sm.q_full());
-    for (int n = walker.first(); n >= 0; n = walker.prev(n)) {
+    for (int n = walker.first(); n >= 0;) {
+      const int n_next = Tr::SLOT_TILES ? walker.prev(n, true) : 0;
       const int key0 = n * BN;
       if (pos.primed) mbar_wait(sm.k_empty(pos.slot), pos.phase ^ 1);
+      if (Tr::SLOT_TILES && tid == 0) {  // its own arrival (k_full counts one more in this case), which releases
+        sm.put_slot_tile(pos.slot, slot_tile_word(p, w, walker, n, n_next));
+        mbar_arrive(sm.k_full(pos.slot));
+      }
       load_tile_sw128<BN, D, Tr::WG_THREADS>(sK + pos.slot * BN * D, k + int64_t(key0) * p.k_stride_r,
                                              p.k_stride_r, len_k - key0, tid);
       mbar_arrive_on_cp_async(sm.k_full(pos.slot));
@@ -368,6 +415,7 @@ __device__ void fwd_producer_cp_async(const AttentionFwdParams& p, const SmemLay
                                              p.v_stride_r, len_k - key0, tid);
       mbar_arrive_on_cp_async(sm.v_full(pos.slot));
       pos.next();
+      n = Tr::SLOT_TILES ? n_next : walker.prev(n);
     }
   }
   cp_async_wait_all_issued();  // leave no copy in flight behind an exited thread
