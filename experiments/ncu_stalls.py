@@ -76,7 +76,8 @@ elif WHAT == "decode":
         elastic_cuda.ops.decode_attention(q, fk, fv, sk, sv, modes, slot, lens, sink=4, window=4)
     torch.cuda.synchronize()
 else:
-    raise SystemExit(f"what must be fwd, bwd, bwd_stream6, block, block_dense, decode, fa4_fwd or fa4_bwd, got {WHAT!r}")
+    raise SystemExit(f"what must be fwd, bwd, bwd_stream6, block, block_dense, decode, fa4_fwd or fa4_bwd, "
+                     f"got {WHAT!r}")
 if WHAT.startswith("fa4") and len(sys.argv) > 3 and sys.argv[3] == "names":  # the kernel names, for ncu's filter
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = flash_attn_func(q, k, v, causal=True)

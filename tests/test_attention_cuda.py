@@ -664,44 +664,45 @@ def _run_key_loop_cases(dtype, key, seed):
                  key=f"{key} block Sq{Sq} Skv{Skv} bs{bs} density{density}")
 
 
-def test_sm90_pv_wait_first_dispatch(monkeypatch):
-    # ELASTIC_SM90_PV_WAIT_FIRST=1 (and with LAZY_RESCALE=0) must launch kernel instances of their own (kLoop 1 / 2),
-    # otherwise the bit-equality below would hold trivially.
+def _sm90_fwd_kernels(monkeypatch, settings, with_mask=False):
+    """{(setting, masked): the sm90 forward kernels one small call launches} for each switch setting (a dict of
+    environment variables): a FULL / STREAM call, and with with_mask a FULL / BLOCK call with a block mask. Skips off
+    Hopper, or when the profiler records no sm90 forward kernel."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a compute capability 9.x device")
     _set_path(monkeypatch, "tma")
     q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
-    hm = torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV)
+    calls = {False: lambda: torch.ops.elastic.attention(
+        q, k, k, torch.tensor([[FULL, STREAM]], dtype=torch.int32, device=DEV), strategy="fused")}
+    if with_mask:
+        bm = torch.ones(1, 4, 2, 2, dtype=torch.bool, device=DEV)
+        calls[True] = lambda: torch.ops.elastic.attention(
+            q, k, k, torch.tensor([[FULL, BLOCK]], dtype=torch.int32, device=DEV), bm, block_size=128, strategy="fused")
     names = {}
-    for order, lazy in (("0", "1"), ("1", "1"), ("1", "0")):
-        _set_switches(monkeypatch, ELASTIC_SM90_PV_WAIT_FIRST=order, ELASTIC_SM90_LAZY_RESCALE=lazy)
-        names[order, lazy] = frozenset(cuda_kernel_names(
-            lambda: torch.ops.elastic.attention(q, k, k, hm, strategy="fused"), "attention_fwd_sm90"))
+    for setting, env in settings.items():
+        _set_switches(monkeypatch, **env)
+        for masked, call in calls.items():
+            names[setting, masked] = frozenset(cuda_kernel_names(call, "attention_fwd_sm90"))
     if not all(names.values()):
         pytest.skip(f"profiler recorded no sm90 forward kernel: {names}")
+    return names
+
+
+def test_sm90_pv_wait_first_dispatch(monkeypatch):
+    # ELASTIC_SM90_PV_WAIT_FIRST=1 (and with LAZY_RESCALE=0) must launch kernel instances of their own (kLoop 1 / 2),
+    # otherwise the bit-equality below would hold trivially.
+    names = _sm90_fwd_kernels(monkeypatch, {(order, lazy): dict(ELASTIC_SM90_PV_WAIT_FIRST=order,
+                                                                ELASTIC_SM90_LAZY_RESCALE=lazy)
+                                            for order, lazy in (("0", "1"), ("1", "1"), ("1", "0"))})
     assert len(set(names.values())) == 3, names
 
 
 def test_sm90_slot_tiles_dispatch(monkeypatch):
     # ELASTIC_SM90_SLOT_TILES picks kernel instances of its own: 2 (default) for every launch, 1 for launches with a
     # block mask only, 0 for none; otherwise the bit-equality below would hold trivially.
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("not a compute capability 9.x device")
-    _set_path(monkeypatch, "tma")
-    q = torch.randn(1, 256, 4, 128, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
-    hm = torch.tensor([[FULL, BLOCK]], dtype=torch.int32, device=DEV)
-    bm = torch.ones(1, 4, 2, 2, dtype=torch.bool, device=DEV)
-    names = {}
-    for slot in ("0", "1", "2"):
-        _set_switches(monkeypatch, ELASTIC_SM90_SLOT_TILES=slot)
-        for masked in (False, True):
-            call = (lambda: torch.ops.elastic.attention(q, k, k, hm, bm, block_size=128, strategy="fused")) \
-                if masked else (lambda: torch.ops.elastic.attention(q, k, k, hm.clamp(max=STREAM), strategy="fused"))
-            names[slot, masked] = frozenset(cuda_kernel_names(call, "attention_fwd_sm90"))
-    if not all(names.values()):
-        pytest.skip(f"profiler recorded no sm90 forward kernel: {names}")
+    names = _sm90_fwd_kernels(monkeypatch, {slot: dict(ELASTIC_SM90_SLOT_TILES=slot) for slot in ("0", "1", "2")},
+                              with_mask=True)
     assert names["0", False] == names["1", False] != names["2", False], names
     assert names["0", True] != names["1", True] == names["2", True], names
 
