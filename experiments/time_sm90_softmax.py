@@ -1,7 +1,8 @@
 """A/B of the sm90 forward's online-softmax rules (issue #16), Llama-3.1-8B attention shape (Hq 32, Hkv 8, D 128),
 bf16, B 1, causal; cuDNN SDPA (dense, k/v expanded to 32 heads outside the timing) beside.
 
-Variants (csrc/attention/kernel_options.h; the defaults since this study: exact alpha + max slack):
+Variants (csrc/attention/kernel_options.h; the defaults since this study: exact alpha + max slack; all four, and the
+order set's default, on the consumers' own key-tile walk, ELASTIC_SM90_SLOT_TILES=0, the kernel they were timed on):
   slack     default: alpha exactly 1 when a row's max did not move, and a row keeps its max until a tile exceeds it
             by > 8 (log2), so O is ~never rescaled
   exact     ELASTIC_SM90_MAX_SLACK=0: exact alpha only (the max moves with every rise, O rescaled then)
@@ -44,19 +45,22 @@ from elastic_cuda import BLOCK, FULL, STREAM
 from experiments.block_inputs import HKV, HQ, D
 from experiments.block_inputs import llama_block_inputs
 
-VARIANTS = {"exact": {"ELASTIC_SM90_MAX_SLACK": "0"},
-            "previous": {"ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0"}, "slack": {},
-            "uncached": {"ELASTIC_SM90_WALK_CACHED": "0"}}
+# (every variant of the softmax set on the consumers' own walk, the kernel it was timed on and the only one in which
+# ELASTIC_SM90_WALK_CACHED acts)
+_WALK = {"ELASTIC_SM90_SLOT_TILES": "0"}
+VARIANTS = {"exact": {**_WALK, "ELASTIC_SM90_MAX_SLACK": "0"},
+            "previous": {**_WALK, "ELASTIC_SM90_EXACT_ALPHA": "0", "ELASTIC_SM90_MAX_SLACK": "0"}, "slack": dict(_WALK),
+            "uncached": {**_WALK, "ELASTIC_SM90_WALK_CACHED": "0"}}
 # Every variant names each switch it depends on, so the set measures the same kernels whatever the defaults are.
 # (the pv_first instances have no SLOT_TILES variant, so the order set's default walks its tiles in the consumers too)
-_OLD_ORDER = {"ELASTIC_SM90_PV_WAIT_FIRST": "0", "ELASTIC_SM90_LAZY_RESCALE": "1", "ELASTIC_SM90_SLOT_TILES": "0"}
+_OLD_ORDER = {"ELASTIC_SM90_PV_WAIT_FIRST": "0", "ELASTIC_SM90_LAZY_RESCALE": "1", **_WALK}
 ORDER_VARIANTS = {"default": dict(_OLD_ORDER),
                   "pv_first": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "1"},
                   "pv_first_eager": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0"},
                   "grid": {**_OLD_ORDER, "ELASTIC_SM90_PERSISTENT": "0"},
                   "pv_first_grid": {"ELASTIC_SM90_PV_WAIT_FIRST": "1", "ELASTIC_SM90_LAZY_RESCALE": "0",
                                     "ELASTIC_SM90_PERSISTENT": "0"}}
-SLOT_VARIANTS = {"walk": {"ELASTIC_SM90_SLOT_TILES": "0"}, "slot_tiles": {"ELASTIC_SM90_SLOT_TILES": "2"}}
+SLOT_VARIANTS = {"walk": dict(_WALK), "slot_tiles": {"ELASTIC_SM90_SLOT_TILES": "2"}}
 SWITCHES = ("ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
             "ELASTIC_SM90_PV_WAIT_FIRST", "ELASTIC_SM90_PERSISTENT", "ELASTIC_SM90_LAZY_RESCALE",
             "ELASTIC_SM90_SLOT_TILES")

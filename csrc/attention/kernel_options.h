@@ -145,7 +145,8 @@ struct KernelOptions {
   bool sm90_exact_alpha = true;
   bool sm90_max_slack = true;
   // BLOCK: the mask row computed once per item in the consumers (no divisions by the block size per tile):
-  // all-BLOCK 32K 6.25 -> 5.63 ms (1.11x) in the same run; FULL / STREAM unchanged.
+  // all-BLOCK 32K 6.25 -> 5.63 ms (1.11x) in the same run; FULL / STREAM unchanged. Only where the consumers walk
+  // (sm90_slot_tiles, below: 0, or 1 for launches without a mask); the SLOT_TILES producer walks with the cached row.
   bool sm90_walk_cached = true;
   // Key tiles of the Hopper forward handed to the consumers by the producer, one word beside each K slot
   // (FwdSm90Traits::SLOT_TILES says why), instead of each consumer warp walking them again: 0 never, 1 launches with

@@ -310,10 +310,11 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       }
     };
 
-    // The key tile of the K slot at `cur`: from the producer's word (SLOT_TILES: tile index, fully visible, last ->
+    // The key tile n of the K slot at `cur`: from the producer's word (SLOT_TILES: tile index, fully visible, last ->
     // n_next = -1, else 0 as "more to come", the next index arriving with its slot), or walked here.
+    int n = 0, n_next = 0;
     bool n_full = false;
-    auto read_slot_tile = [&](int& n, int& n_next) {
+    auto read_slot_tile = [&]() {
       const uint32_t word = sm.slot_tile(cur.slot);
       n = static_cast<int>(word & kSlotTileIndex);
       n_full = (word & kSlotTileFull) != 0u;
@@ -325,14 +326,13 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
     };
     mbar_wait(sm.q_full(), q_phase);
     q_phase ^= 1;
-    int n = 0, n_next = 0;
     if constexpr (!Tr::SLOT_TILES) {
       n = walker.first();
       n_next = walker.prev(n, walk_cached);
     }
     turns.my_turn();
     mbar_wait(sm.k_full(cur.slot), cur.phase);
-    if constexpr (Tr::SLOT_TILES) read_slot_tile(n, n_next);
+    if constexpr (Tr::SLOT_TILES) read_slot_tile();
     proxy_fence();
     wgmma_fence();
     issue_qk<T, Tr>(acc_s, q_desc, sm.k_slot(cur.slot));
@@ -363,7 +363,7 @@ __device__ void fwd_consumer(const AttentionFwdParams& p, const SmemLayout<Tr>& 
       turns.my_turn();
       mbar_wait(sm.k_full(cur.slot), cur.phase);
       mbar_wait(sm.v_full(prev.slot), prev.phase);  // landed long ago (loaded right after K(n_prev))
-      if constexpr (Tr::SLOT_TILES) read_slot_tile(n, n_next);  // (n was "more to come")
+      if constexpr (Tr::SLOT_TILES) read_slot_tile();  // (n was "more to come")
       if (kv.any) nonfinite_zero_v<Tr>(kv, n_pv, sm.v_slot(prev.slot), wg);
       proxy_fence();
       fence_regs(acc_s);

@@ -64,7 +64,6 @@ void launch_config(const AttentionFwdParams& p_in, int num_q_tiles_max, cudaStre
   static_assert(Tr::BM == kFwdBlockM, "host grid uses kFwdBlockM");
   static_assert(Tr::BN == kSm90BlockN, "host sends BLOCK masks here by kSm90BlockN");
   // ELASTIC_SM90_PV_WAIT_FIRST: the instances with FlashAttention-4's key-loop order (fwd_consumer), the O rescale
-  // branch-free
   // lazy or (ELASTIC_SM90_LAZY_RESCALE=0) branch-free; SLOT_TILES instances exist in the default order only
   auto kernel = attention_fwd_sm90_kernel<T, Tr>;
   if constexpr (!Tr::SLOT_TILES) {

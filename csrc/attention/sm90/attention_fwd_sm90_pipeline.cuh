@@ -60,9 +60,10 @@ struct FwdSm90Traits {
   static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2;
   // Q full/empty; K, V full/empty per slot; work-item ring full/empty x 2.
   static constexpr int NUM_BARRIERS = 2 + 4 * STAGES + 4;
-  // 1024: alignment slack; 2 x 16: the work-item slots; 16: the K slots' tile words (SLOT_TILES, at most 4 slots)
-  static constexpr int SMEM_BYTES = 1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16 + 16;
-  static_assert(STAGES <= 4, "tile words of the K slots");
+  // 1024: alignment slack; 2 x 16: the work-item slots; SLOT_TILES: 16 for the K slots' tile words (<= 4 slots)
+  static constexpr int SMEM_BYTES =
+      1024 + Q_BYTES + 2 * STAGES * KV_BYTES + NUM_BARRIERS * 8 + 2 * 16 + (SLOT_TILES ? 16 : 0);
+  static_assert(!SLOT_TILES || STAGES <= 4, "tile words of the K slots");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   // Producer registers: pointers and loop counters only; the consumers hold S, O and P in registers. The
   // sum must fit the pool the CTA got at launch (168 per thread under __launch_bounds__(NTHREADS, 1)),
@@ -357,7 +358,8 @@ __device__ void fwd_producer_tma(const AttentionFwdParams& p, const TmaMaps& map
       for (int kv = 0; kv < 2; ++kv) {
         const uint32_t full = kv == 0 ? sm.k_full(pos.slot) : sm.v_full(pos.slot);
         if (pos.primed) mbar_wait(kv == 0 ? sm.k_empty(pos.slot) : sm.v_empty(pos.slot), pos.phase ^ 1);
-        if (Tr::SLOT_TILES && kv == 0 && lane == 0) sm.put_slot_tile(pos.slot, slot_tile_word(p, w, walker, n, n_next));
+        if (Tr::SLOT_TILES && kv == 0 && lane == 0)
+          sm.put_slot_tile(pos.slot, slot_tile_word(p, w, walker, n, n_next));
         if (by_tma) {
           if (lane == 0)
             tma_load_tile<BN, D>(kv == 0 ? sm.k_slot(pos.slot) : sm.v_slot(pos.slot), kv == 0 ? &maps.k : &maps.v,
