@@ -14,12 +14,12 @@ Rows per S (BWD_SEQS, default 8192,32768) and routing (every head FULL; 6 of 8 K
   cudnn_dense / fa4_dense         SDPA cuDNN and FlashAttention-4, dense causal over every head
   flex_hybrid                     compiled flex_attention with the per-head analytic BlockMask of bench_attention
 Each row is the median of BWD_ROUNDS (default 3) interleaved rounds (every method once per round, in row order).
-Writes bench_backward.json and .md under --out (default benchmarks/results/attention/<date>_<gpu>/) and prints the
-table. Run from the repository root: `python -m benchmarks.bench_backward`.
+Writes bench_backward.json, .md and .png under --out (default benchmarks/results/attention/<date>_<gpu>/) and prints
+the table; --from-json rewrites the .md and .png from a saved run. Run from the repository root:
+`python -m benchmarks.bench_backward`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,8 +29,8 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from benchmarks.bench_attention import SINK, WINDOW, stream_block_mask
-from benchmarks.harness import (RESULTS, Case, bench, default_out, env_list, fa4, flex_fn, kernel_switches, rec, routing,
-                                sdpa)
+from benchmarks.harness import (RESULTS, Case, bench, env_list, fa4, flex_fn, grouped_bars, kernel_switches, out_args, rec,
+                                routing, sdpa)
 
 
 @contextlib.contextmanager
@@ -111,16 +111,7 @@ def section(S: int, rounds: int):
     del kept
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    out_dir = args.out or default_out("attention")
-    os.makedirs(out_dir, exist_ok=True)
-    rounds = int(os.environ.get("BWD_ROUNDS", "3"))
-    for S in env_list("BWD_SEQS", "8192,32768"):
-        section(S, rounds)
-        torch.cuda.empty_cache()
+def write_markdown(path):
     lines = ["| S | STREAM heads | method | ms | TFLOP/s (3.5x causal fwd) |", "|---|---|---|---|---|"]
     for r in RESULTS:
         if r.get("kind") != "fwd_bwd":
@@ -130,10 +121,58 @@ def main():
         lines.append(f"| {r['S']} | {'-' if msr is None else f'{round(msr * 8)}/8'} | {r['method']} | {cell} |")
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(out_dir, "bench_backward.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-    with open(os.path.join(out_dir, "bench_backward.md"), "w") as f:
+    with open(path, "w") as f:
         f.write(text + "\n")
+
+
+def write_plot(path):
+    """One panel per S: forward + backward ms of each method for every head FULL and 6 of 8 KV heads STREAM (the
+    backward-alone rows left out), the dense peers (cuDNN, FlashAttention-4) as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in RESULTS if r.get("kind") == "fwd_bwd" and "ms" in r]
+    seqs = sorted({r["S"] for r in rows})
+    if not seqs:
+        return
+    fig, axes = plt.subplots(1, len(seqs), figsize=(4.2 * len(seqs), 3.8), squeeze=False)
+    for ax, S in zip(axes[0], seqs):
+        mine = [r for r in rows if r["S"] == S and r.get("msr") is not None and not r["method"].startswith("ours_bwd")]
+        msrs = sorted({r["msr"] for r in mine})
+        methods = sorted({r["method"] for r in mine}, key=lambda m: (not m.startswith("ours"), m))
+        grouped_bars(ax, [f"{round(m * 8)}/8 STREAM" for m in msrs],
+                     {m: [next((r["ms"] for r in mine if r["method"] == m and r["msr"] == x), float("nan"))
+                          for x in msrs] for m in methods}, fontsize=8)
+        for name, style in (("cudnn_dense", "k--"), ("fa4_dense", "r:")):
+            t = next((r["ms"] for r in rows if r["S"] == S and r["method"] == name), None)
+            if t is not None:
+                ax.axhline(t, color=style[0], linestyle=style[1:], label=f"{name} (every head)")
+        ax.set_title(f"S={S}", fontsize=9)
+        ax.set_ylabel("fwd+bwd ms (median of rounds)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Forward + backward, Llama-3.1-8B attention shape, bf16, B=1", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    args = out_args("attention", __doc__.splitlines()[0], "bench_backward.md / .png")
+    out_dir = args.out
+    if args.from_json:
+        with open(args.from_json) as f:
+            RESULTS.extend(json.load(f))
+    else:
+        rounds = int(os.environ.get("BWD_ROUNDS", "3"))
+        for S in env_list("BWD_SEQS", "8192,32768"):
+            section(S, rounds)
+            torch.cuda.empty_cache()
+        with open(os.path.join(out_dir, "bench_backward.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    write_markdown(os.path.join(out_dir, "bench_backward.md"))
+    write_plot(os.path.join(out_dir, "bench_backward.png"))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Summarise ncu's source page (`ncu -i X.ncu-rep --page source --csv --print-source sass`, written by
 tools/ncu_stalls.sh): stall reasons over the launch, stall samples by opcode, the SASS lines with the most samples
-(with their top three reasons), and the executed instruction mix by opcode.
+(with their top three reasons), the executed instruction mix by opcode, and the shared-memory wavefronts by
+instruction (with the ideal count and the excess of bank conflicts; the eleventh session's find in the backward).
 
   python -m experiments.ncu_stall_summary fwd_sass.csv [TOP_LINES]
 """
@@ -13,11 +14,13 @@ def number(x):
     return float(x.replace(",", "") or 0) if x else 0.0
 
 
-def opcode(source):
+def opcode(source, modifiers=False):
+    """The instruction's opcode (modifiers=True: with its modifiers, e.g. LDS.128, HGMMA.64x64x16.F32.BF16)."""
     words = source.split()
     if not words:
         return "?"
-    return (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+    op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+    return op if modifiers else op.split(".")[0]
 
 
 def main(path, top):
@@ -46,6 +49,18 @@ def main(path, top):
         top3 = sorted(((number(d[r]), r[6:]) for r in reasons), reverse=True)[:3]
         print(f"{i:5d} {s / samples:6.2%} {d['Source'][:72]:72s} {d['Instructions Executed']:>11s} "
               + " ".join(f"{r} {v / max(s, 1):.0%}" for v, r in top3 if v))
+    columns = ("L1 Wavefronts Shared", "L1 Wavefronts Shared Ideal", "L1 Wavefronts Shared Excessive")
+    if all(c in header for c in columns):
+        shared = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+        for d in lines:
+            for k, c in enumerate(columns):
+                shared[opcode(d["Source"], modifiers=True)][k] += number(d[c])
+        total = sum(v[0] for v in shared.values()) or 1.0
+        print(f"shared-memory wavefronts {total:.4g}, excessive {sum(v[2] for v in shared.values()):.4g} "
+              "(by instruction: wavefronts, share, ideal, excessive):")
+        for op, (wf, ideal, excess) in sorted(shared.items(), key=lambda kv: -kv[1][0])[:8]:
+            if wf:
+                print(f"  {op[:32]:32s} {wf:10.4g} {wf / total:6.1%} {ideal:10.4g} {excess:10.4g}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@
   overlap   ELASTIC_SM90_BWD_OVERLAP=1 (FlashAttention-4's stage order: dQ staged while dK's MMAs run, per-warp dQ
             reduce-add, dS by stmatrix)
   overlap2  ELASTIC_SM90_BWD_OVERLAP=2 (and each stage's dK MMA runs into the next stage; 3 Q/dO stages)
-  lean      ELASTIC_SM90_BWD_LEAN=1 (default order; dS^T by stmatrix, the consumer loop unrolled over the 2 ring slots,
-            double-buffered dQ staging without its first named barrier; the default since the sixth session)
+  lean      ELASTIC_SM90_BWD_LEAN=1 ELASTIC_SM90_BWD_BANKS=0 (default order; dS^T by stmatrix, the consumer loop unrolled
+            over the 2 ring slots, double-buffered dQ staging without its first named barrier; the default of the sixth
+            to the tenth session)
+  banks     lean with ELASTIC_SM90_BWD_BANKS=1 (lse / delta rows padded, the dQ staging's column blocks rotated per
+            lane: no shared-memory bank conflicts; the default since the eleventh session)
   tile_order  lean with ELASTIC_SM90_BWD_MODE_ORDER=0: every pair's CTAs handed out key tile by key tile, instead of
             the short-window STREAM pairs' pair by pair after the rest (attention_bwd_sm90_order.cuh)
 Routings: every head FULL, 6 of 8 KV heads STREAM, and with BWD_ALL_STREAM=1 every head STREAM too.
@@ -26,7 +29,7 @@ import elastic_cuda
 from benchmarks.harness import event_mean_ms
 from elastic_cuda import FULL, STREAM
 
-ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2", "lean", "tile_order")
+ALL_VARIANTS = ("default", "masked", "atomic", "determ", "overlap", "overlap2", "lean", "banks", "tile_order")
 VARIANTS = tuple(os.environ.get("BWD_VARIANTS", ",".join(ALL_VARIANTS)).split(","))
 assert all(v in ALL_VARIANTS for v in VARIANTS), f"BWD_VARIANTS: pick from {ALL_VARIANTS}, got {VARIANTS}"
 
@@ -35,7 +38,8 @@ def _set(variant):
     os.environ["ELASTIC_SM90_BWD_DQ_TMA"] = "0" if variant == "atomic" else "1"
     os.environ["ELASTIC_SM90_BWD_UNMASKED"] = "0" if variant == "masked" else "1"
     os.environ["ELASTIC_SM90_BWD_OVERLAP"] = {"overlap": "1", "overlap2": "2"}.get(variant, "0")
-    os.environ["ELASTIC_SM90_BWD_LEAN"] = "1" if variant in ("lean", "tile_order") else "0"
+    os.environ["ELASTIC_SM90_BWD_LEAN"] = "1" if variant in ("lean", "banks", "tile_order") else "0"
+    os.environ["ELASTIC_SM90_BWD_BANKS"] = "0" if variant == "lean" else "1"
     os.environ["ELASTIC_SM90_BWD_MODE_ORDER"] = "0" if variant == "tile_order" else "1"
     elastic_cuda.ops.reload_kernel_options()
     torch.use_deterministic_algorithms(variant == "determ")

@@ -123,6 +123,11 @@ if __name__ == "__main__":
         one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
         one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
         del os.environ["ELASTIC_SM90_BWD_LEAN"]
+        os.environ["ELASTIC_SM90_BWD_BANKS"] = "0"  # the first lean tail (bank-conflicted lse rows and dQ staging)
+        elastic_cuda.ops.reload_kernel_options()
+        one(torch.tensor([[FULL, STREAM], [STREAM, BLOCK]]), 70, 333, 64, torch.bfloat16, bs=128)
+        one(torch.tensor([[STREAM, FULL], [BLOCK, STREAM]]), 200, 260, 128, torch.float16, varlen=True, bs=128)
+        del os.environ["ELASTIC_SM90_BWD_BANKS"]
         elastic_cuda.ops.reload_kernel_options()
     # (Sq 1: the tensor-core kernel, Sq > 1 the FMA one; num_splits 500: more work items than keys allow, so the
     # chunk floor and the tails of every pair run; num_splits 12 = 2 x pairs: chunk total / 12 gives 16 items, so the

@@ -33,11 +33,13 @@ pytestmark = [
 # sm90: the Hopper backward as shipped (dQ by TMA reduce-add); sm90_atomic: the same with ELASTIC_SM90_BWD_DQ_TMA=0
 # (dQ by vector atomics from registers); sm90_overlap / sm90_overlap2: ELASTIC_SM90_BWD_OVERLAP=1 / 2
 # (FlashAttention-4's stage order, per-warp dQ reduce-add; 2: dK's MMA runs into the next stage); sm90_lean:
-# ELASTIC_SM90_BWD_LEAN=1 (stmatrix dS^T, ring unrolled over its slots, double-buffered dQ staging); sm80:
+# ELASTIC_SM90_BWD_LEAN=1 with ELASTIC_SM90_BWD_BANKS=0 (stmatrix dS^T, ring unrolled over its slots, double-buffered
+# dQ staging, the first lean tail's bank conflicts); sm90_banks: the lean tail as shipped (BANKS=1: lse / delta rows
+# padded, dQ staging rotated per lane); sm80:
 # ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
 OVERLAP_LEVEL = {"sm90_overlap": "1", "sm90_overlap2": "2"}
 BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_atomic", "sm90_overlap", "sm90_overlap2", "sm90_lean",
-                                             "sm80"])
+                                             "sm90_banks", "sm80"])
 GQA = ((1, 1), (3, 1), (4, 1), (8, 1), (6, 2), (12, 3), (8, 2), (4, 4))  # group sizes 1, 3, 4, 8
 SINK_WINDOW = ((4, 16), (64, 256), (128, 2048), (0, 130), (1, 1), (3, 64))
 
@@ -52,11 +54,13 @@ def _set_bwd(monkeypatch, bwd):
     monkeypatch.setenv("ELASTIC_CUDA_SM90_BWD", "0" if bwd == "sm80" else "1")
     monkeypatch.setenv("ELASTIC_SM90_BWD_DQ_TMA", "0" if bwd == "sm90_atomic" else "1")
     monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", OVERLAP_LEVEL.get(bwd, "0"))
-    monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "1" if bwd == "sm90_lean" else "0")
+    monkeypatch.setenv("ELASTIC_SM90_BWD_LEAN", "1" if bwd in ("sm90_lean", "sm90_banks") else "0")
+    monkeypatch.setenv("ELASTIC_SM90_BWD_BANKS", "1" if bwd == "sm90_banks" else "0")
     desc = elastic_cuda.ops.reload_kernel_options()
     assert f"sm90_bwd={'0' if bwd == 'sm80' else '1'}" in desc, desc
     assert f" bwd_overlap={OVERLAP_LEVEL.get(bwd, '0')}" in desc, desc
-    assert f" bwd_lean={'1' if bwd == 'sm90_lean' else '0'}" in desc, desc
+    assert f" bwd_lean={'1' if bwd in ('sm90_lean', 'sm90_banks') else '0'}" in desc, desc
+    assert f" bwd_banks={'1' if bwd == 'sm90_banks' else '0'}" in desc, desc
 
 
 def _is_hopper():
@@ -244,19 +248,21 @@ def test_bwd_early_release_experiment(monkeypatch):
         assert tac._rel(dq1, dq0) < GRAD_TOL[torch.bfloat16], dq_tma
 
 
-@pytest.mark.parametrize("level", ["1", "2", "lean"])
+@pytest.mark.parametrize("level", ["1", "2", "lean", "banks"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_bwd_overlap_same_dk_dv(D, level, monkeypatch):
     # ELASTIC_SM90_BWD_OVERLAP=1 / 2 reorder a stage's MMAs and reduce-add dQ per warp, but every dK / dV
     # accumulator sees the same MMAs in the same order: dV (and at level 1 dK) bit-identical to the default instance,
     # dQ to rounding (reduce-add order). ELASTIC_SM90_BWD_LEAN=1 ("lean") keeps the default order and writes the same
-    # shared-memory bytes: dK and dV bit-identical, dQ to rounding. Mixed modes, BLOCK bits, a ragged tail, two samples (run_case's tests
+    # shared-memory bytes: dK and dV bit-identical, dQ to rounding; so does ELASTIC_SM90_BWD_BANKS=1 ("banks": the same
+    # values at other shared addresses, the same dQ tile reduce-added). Mixed modes, BLOCK bits, a ragged tail, two samples (run_case's tests
     # compare every path with float64 on poisoned outputs).
     if not _is_hopper():
         pytest.skip("not a compute capability 9.x device")
     grads = {}
     for overlap in ("0", level):
-        _set_bwd(monkeypatch, {"0": "sm90", "1": "sm90_overlap", "2": "sm90_overlap2", "lean": "sm90_lean"}[overlap])
+        _set_bwd(monkeypatch, {"0": "sm90", "1": "sm90_overlap", "2": "sm90_overlap2", "lean": "sm90_lean",
+                               "banks": "sm90_banks"}[overlap])
         torch.manual_seed(1)
         gen = torch.Generator(device=DEV).manual_seed(1)
         q = torch.randn(2, 777, 8, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
@@ -275,7 +281,7 @@ def test_bwd_overlap_same_dk_dv(D, level, monkeypatch):
     # Level 2 reads dK's A operand (dS^T) from shared memory instead of registers: the same bf16 values and MMAs, so
     # the same bits are expected, but only closeness is asserted there (the hardware's operand path differs).
     err_dk = tac._rel(dk1.double(), dk0.double())
-    assert torch.equal(dk0, dk1) if level in ("1", "lean") else err_dk < 1e-3, err_dk
+    assert torch.equal(dk0, dk1) if level in ("1", "lean", "banks") else err_dk < 1e-3, err_dk
     err = tac._rel(dq1, dq0)
     print(f"overlap={level} vs default D{D}: rel err dq {err:.2e}, dk {err_dk:.2e} (bit-equal dk: "
           f"{torch.equal(dk0, dk1)})")

@@ -262,10 +262,10 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
     # csrc/attention/kernel_options.h: read once per process, again on reload; defaults are the product.
     for name in ("ELASTIC_CUDA_SM90", "ELASTIC_SM90_STAGES", "ELASTIC_SM90_TMA", "ELASTIC_SM90_VERBOSE",
                  "ELASTIC_CUDA_SM90_BWD", "ELASTIC_SM90_BWD_DQ_TMA", "ELASTIC_SM90_BWD_EARLY_RELEASE",
-                 "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN", "ELASTIC_SM90_BWD_MODE_ORDER",
-                 "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS", "ELASTIC_SM90_EXACT_ALPHA",
-                 "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED", "ELASTIC_SM90_SLOT_TILES",
-                 "ELASTIC_SM90_PV_WAIT_FIRST"):
+                 "ELASTIC_SM90_BWD_OVERLAP", "ELASTIC_SM90_BWD_LEAN", "ELASTIC_SM90_BWD_BANKS",
+                 "ELASTIC_SM90_BWD_MODE_ORDER", "ELASTIC_SM90_BWD_UNMASKED", "ELASTIC_NONFINITE_PREPASS",
+                 "ELASTIC_SM90_EXACT_ALPHA", "ELASTIC_SM90_MAX_SLACK", "ELASTIC_SM90_WALK_CACHED",
+                 "ELASTIC_SM90_SLOT_TILES", "ELASTIC_SM90_PV_WAIT_FIRST"):
         monkeypatch.delenv(name, raising=False)
     try:
         default = elastic_cuda.ops.reload_kernel_options()
@@ -288,9 +288,11 @@ def test_reload_kernel_options_reads_env_and_rejects_bad_values(monkeypatch):
         with pytest.raises(RuntimeError, match="ELASTIC_SM90_BWD_OVERLAP must be 0, 1 or 2"):
             elastic_cuda.ops.reload_kernel_options()
         monkeypatch.setenv("ELASTIC_SM90_BWD_OVERLAP", "0")
-        # the lean backward tail and the CTAs handed out by mode are the defaults; each switch flips, bad values raise
-        assert " bwd_overlap=0 bwd_lean=1 bwd_mode_order=1 " in default + " ", default
-        for name, key in (("ELASTIC_SM90_BWD_LEAN", "bwd_lean"), ("ELASTIC_SM90_BWD_MODE_ORDER", "bwd_mode_order")):
+        # the lean backward tail, its bank-conflict-free accesses and the CTAs handed out by mode are the defaults;
+        # each switch flips, bad values raise
+        assert " bwd_overlap=0 bwd_lean=1 bwd_banks=1 bwd_mode_order=1 " in default + " ", default
+        for name, key in (("ELASTIC_SM90_BWD_LEAN", "bwd_lean"), ("ELASTIC_SM90_BWD_BANKS", "bwd_banks"),
+                          ("ELASTIC_SM90_BWD_MODE_ORDER", "bwd_mode_order")):
             monkeypatch.setenv(name, "0")
             assert f" {key}=0 " in elastic_cuda.ops.reload_kernel_options() + " "
             monkeypatch.setenv(name, "2")

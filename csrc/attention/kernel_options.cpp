@@ -41,6 +41,7 @@ KernelOptions read_env() {
     o.sm90_bwd_overlap = v[0] - '0';
   }
   o.sm90_bwd_lean = env_bool("ELASTIC_SM90_BWD_LEAN", o.sm90_bwd_lean);
+  o.sm90_bwd_banks = env_bool("ELASTIC_SM90_BWD_BANKS", o.sm90_bwd_banks);
   o.sm90_bwd_mode_order = env_bool("ELASTIC_SM90_BWD_MODE_ORDER", o.sm90_bwd_mode_order);
   o.sm90_bwd_early_release = env_bool("ELASTIC_SM90_BWD_EARLY_RELEASE", o.sm90_bwd_early_release);
   ELASTIC_CHECK(!o.sm90_bwd_early_release || kExperimentsBuilt,
@@ -141,7 +142,7 @@ std::string describe(const KernelOptions& o) {
                            " experiments_built=", b(kExperimentsBuilt), " sm90_bwd=", b(o.sm90_bwd),
                            " bwd_dq_tma=", b(o.sm90_bwd_dq_tma), " bwd_unmasked=", b(o.sm90_bwd_unmasked),
                            " bwd_early_release=", b(o.sm90_bwd_early_release), " bwd_overlap=", o.sm90_bwd_overlap,
-                           " bwd_lean=", b(o.sm90_bwd_lean), " bwd_mode_order=", b(o.sm90_bwd_mode_order),
+                           " bwd_lean=", b(o.sm90_bwd_lean), " bwd_banks=", b(o.sm90_bwd_banks), " bwd_mode_order=", b(o.sm90_bwd_mode_order),
                            " pv_wait_first=", b(o.sm90_pv_wait_first),
                            " xattn_sm90=", b(o.xattn_sm90), " xattn_sm90_wide=", b(o.xattn_sm90_wide),
                            " decode_mma=", b(o.decode_mma), " decode_one_wave=", b(o.decode_one_wave),

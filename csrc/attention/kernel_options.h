@@ -19,6 +19,9 @@
 //                                and double-buffered (one named barrier less), the ring unrolled over its 2 slots
 //                                (descriptors = base + constants), lse / delta read by LDS.128); same results (dK, dV
 //                                bit-equal)
+//   ELASTIC_SM90_BWD_BANKS=0     Hopper backward (lean tail): lse / delta rows unpadded and the dQ staging's column
+//                                blocks in lane order, i.e. with the shared-memory bank conflicts of the first lean
+//                                tail (BANKS=1, the default, has none); same bits
 //   ELASTIC_SM90_BWD_MODE_ORDER=0  Hopper backward: CTAs handed out key tile by key tile for every pair instead of
 //                                by mode (short-window STREAM pairs last, pair by pair; attention_bwd_sm90_order.cuh)
 //   ELASTIC_SM90_STAGES=2        2 K/V stages at head_dim 128 instead of 3 (only in ELASTIC_BUILD_EXPERIMENTS=1 builds)
@@ -123,6 +126,12 @@ struct KernelOptions {
   // 3 interleaved rounds, backward ms plain -> lean): 8K dense 3.07 -> 3.03, 32K dense 46.36 -> 43.94 (-5.2%), 32K 6/8
   // STREAM 18.50 -> 17.66 (-4.5%); memcheck clean (tests/gpu_sanitize.py runs the plain tail too).
   bool sm90_bwd_lean = true;
+  // Hopper backward, lean tail: its lse / delta loads and dQ staging stores without shared-memory bank conflicts
+  // (BwdSm90Traits::BANKS: 16% of the lean tail's 6.8G wavefronts were excess under ncu at 32K dense, 0.2% after).
+  // H200, Llama shape, B 1, backward alone, lean -> banks (experiments/time_bwd_det.py, 3 interleaved rounds,
+  // results/attention/2026-12-03_h200_session11_bwd_banks/): 8K dense 2.98 -> 2.87 ms, 32K dense 45.87 -> 42.75,
+  // 32K 6/8 STREAM 16.49 -> 15.94; ncu 32K dense 39.09 -> 36.88 ms, SM throughput 57.6 -> 61.6%.
+  bool sm90_bwd_banks = true;
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   // Hopper backward work order by mode (attention_bwd_sm90_order.cuh says why). H200, Llama shape, B 1, backward
   // alone, key-tile order -> mode order (experiments/time_bwd_det.py, 3 interleaved rounds,

@@ -83,12 +83,23 @@ struct BwdTmaMaps {
 // double-buffered (the last 32 KiB of shared memory) so that its named barrier before the stores goes: a warpgroup's
 // leader waits for the reduce-add of the step before (wait_group.read 1) right after issuing its own, and the next
 // step's dS barrier, which the leader reaches only after that wait, tells the other threads that the buffer is free.
+// BANKS (on the lean tail; the default, ELASTIC_SM90_BWD_BANKS=0 turns it off): the lean tail's two bank-conflicted
+// shared accesses made conflict-free (the same values, the lse / delta rows at other addresses). ncu of the lean tail
+// (32K, every head FULL): 16% of the kernel's 6.8G shared-memory wavefronts were excessive, half from the lse / delta
+// LDS.128 (the 4 t4 groups 64 bytes apart: t4 0 / 2 and 1 / 3 share banks, 8 wavefronts for 4), half from the dQ
+// staging's STS.64 (a half-warp's rows g = 0..3 write only 4 of the 8 swizzled 16-byte chunks, 4 wavefronts for 2);
+// with ~430 wavefronts per warp and ~4300-cycle stage, shared memory came close to bounding the loop (L1/TEX
+// throughput 76%). Here the t4 groups are 20 floats apart (stage_row_pos), and in staging step s lane g stores the
+// column block i % 4 = s ^ (g ^ g / 2) % 4 (dq_stage_perm), so that each half-warp covers all 8 chunks. After: 0.2%
+// excessive, L1/TEX 69%, SM throughput 57.6 -> 61.6%, the kernel 39.09 -> 36.88 ms under ncu (kernel_options.h has
+// the timed A/B).
 template <typename T, int D_, bool DQ_TMA_ = false, bool EARLY_RELEASE_ = false, bool DET_ = false,
-          bool OVERLAP_ = false, bool DEFER_ = false, bool LEAN_ = false>
+          bool OVERLAP_ = false, bool DEFER_ = false, bool LEAN_ = false, bool BANKS_ = false>
 struct BwdSm90Traits {
   static constexpr bool DQ_TMA = DQ_TMA_, EARLY_RELEASE = EARLY_RELEASE_, DET = DET_, OVERLAP = OVERLAP_,
-                        DEFER = DEFER_, LEAN = LEAN_;
+                        DEFER = DEFER_, LEAN = LEAN_, BANKS = BANKS_;
   static_assert(!LEAN || !OVERLAP, "the overlapped order has its own stmatrix tail");
+  static_assert(!BANKS || LEAN, "the conflict-free accesses are the lean tail's");
   static_assert(!(DET && DQ_TMA), "the deterministic mode adds dQ by atomics from registers");
   static_assert(!OVERLAP || (DQ_TMA && !EARLY_RELEASE), "the overlapped order stages dQ for the TMA reduce-add");
   static_assert(!DEFER || OVERLAP, "the deferred dK wait builds on the overlapped order");
@@ -101,8 +112,11 @@ struct BwdSm90Traits {
   static constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2, DS_BYTES = BN * BM * 2;
   static constexpr int DQ_WG_BYTES = BM * 64 * 4;  // one warpgroup's fp32 dQ tile: 64 rows x 64 columns
   static constexpr int DQ_BUFS = LEAN ? 2 : 1;     // staging tiles per warpgroup
-  // Per stage: lse * log2(e) and delta of the BM rows (floats), then the stage's info (8 ints, StageInfo).
-  static constexpr int META_BYTES = 2 * BM * 4 + 32;
+  // Per stage: lse * log2(e) and delta of the BM rows (floats; ROWS_LEN with the BANKS padding, stage_row_pos),
+  // then the stage's info (8 ints, StageInfo).
+  // ROWS_T4: the floats between the lean layout's t4 groups (0: rows in order, the other tails).
+  static constexpr int ROWS_T4 = LEAN ? (BANKS ? 20 : 16) : 0, ROWS_LEN = BANKS ? 4 * ROWS_T4 : BM;
+  static constexpr int META_BYTES = 2 * ROWS_LEN * 4 + 32;
   static constexpr int NUM_BARRIERS = 1 + 2 * STAGES;  // K/V full; per stage full and empty
   // 1024: alignment slack of the 128-byte swizzle; K, V; Q and dO per stage; dS^T twice; stage meta; barriers.
   static constexpr int SMEM_BYTES =
@@ -175,17 +189,18 @@ __device__ __forceinline__ void load_rows_zero_fill(T* smem, const T* gmem, int6
   }
 }
 
-// The rows' lse * log2(e) or delta of query columns 8 i + 2 t4 + {0, 1} (i = 0 .. 7), as float2 pairs. ROWS_BY_T4
-// (LEAN): the producer stores row r = 8 i + 2 t4 + c at 16 t4 + 2 i + c, so that a thread's 16 values are contiguous
-// and arrive by 4 LDS.128 instead of 8 LDS.64 per array and stage.
-template <bool ROWS_BY_T4>
+// The rows' lse * log2(e) or delta of query columns 8 i + 2 t4 + {0, 1} (i = 0 .. 7), as float2 pairs. ROWS_T4 > 0
+// (LEAN): the producer stores row r = 8 i + 2 t4 + c at ROWS_T4 * t4 + 2 i + c, so that a thread's 16 values are
+// contiguous and arrive by 4 LDS.128 instead of 8 LDS.64 per array and stage; ROWS_T4 = 20 (BANKS) puts the 4 groups a
+// quarter-warp reads in different banks (16: t4 0 / 2 and 1 / 3 collide, 2 wavefronts per quarter-warp instead of 1).
+template <int ROWS_T4>
 __device__ __forceinline__ int stage_row_pos(int r) {
-  return ROWS_BY_T4 ? ((r >> 1) & 3) * 16 + (r >> 3) * 2 + (r & 1) : r;
+  return ROWS_T4 > 0 ? ((r >> 1) & 3) * ROWS_T4 + (r >> 3) * 2 + (r & 1) : r;
 }
-template <bool ROWS_BY_T4>
+template <int ROWS_T4>
 __device__ __forceinline__ void load_row_pairs(float2 (&out)[2], const float* rows, int j, int t4) {
-  if constexpr (ROWS_BY_T4) {
-    const float4 v = *reinterpret_cast<const float4*>(rows + 16 * t4 + 4 * j);
+  if constexpr (ROWS_T4 > 0) {
+    const float4 v = *reinterpret_cast<const float4*>(rows + ROWS_T4 * t4 + 4 * j);
     out[0] = make_float2(v.x, v.y);
     out[1] = make_float2(v.z, v.w);
   } else {
@@ -202,12 +217,12 @@ __device__ __forceinline__ void load_row_pairs(float2 (&out)[2], const float* ro
 // Entry e = 4 i + 2 hf + c of this thread's 32 (query column 8 i + 2 t4 + c) becomes op(e, x), x the .x (even e) or .y
 // (odd e) of its column pair's value in `rows` (load_row_pairs); MASKED: entries whose bit in `vis` is clear become
 // exactly 0. bwd_probs and bwd_dscores are this loop with their own op.
-template <bool MASKED, bool ROWS_BY_T4, typename Op>
+template <bool MASKED, int ROWS_T4, typename Op>
 __device__ __forceinline__ void bwd_rows_apply(float (&dst)[32], const float* rows, int t4, uint32_t vis, Op op) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     float2 rp[2];
-    load_row_pairs<ROWS_BY_T4>(rp, rows, j, t4);
+    load_row_pairs<ROWS_T4>(rp, rows, j, t4);
 #pragma unroll
     for (int ii = 0; ii < 2; ++ii) {
       const int i = 2 * j + ii;
@@ -227,11 +242,11 @@ __device__ __forceinline__ void bwd_rows_apply(float (&dst)[32], const float* ro
 // every entry and the select comes after: the first version predicated the exp2 on the bit, and ptxas then reloaded
 // the scale from the constant bank under each predicate and packed the 32 predicates into a register for the dS
 // select (~5 instructions per entry instead of 2). Same arithmetic for the visible entries, so the same bits.
-template <bool MASKED, bool ROWS_BY_T4 = false>
+template <bool MASKED, int ROWS_T4 = 0>
 __device__ __forceinline__ void bwd_probs(float (&s)[32], const float* s_lse2, int t4, float scale_log2,
                                           uint32_t vis) {
-  bwd_rows_apply<MASKED, ROWS_BY_T4>(s, s_lse2, t4, vis,
-                                     [&](int e, float l2) { return exp2f(fmaf(s[e], scale_log2, -l2)); });
+  bwd_rows_apply<MASKED, ROWS_T4>(s, s_lse2, t4, vis,
+                                  [&](int e, float l2) { return exp2f(fmaf(s[e], scale_log2, -l2)); });
 }
 
 // bwd_probs with the rows' lse * log2(e) already in registers (OVERLAP: read before the wait for S, whose "memory"
@@ -277,10 +292,25 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
 // dS^T = P^T (dP^T - delta) in place of dP^T; MASKED: entries whose bit in `vis` is clear are exactly 0 (a masked
 // entry's dP - delta may be non-finite: the bad rows of the non-finite rule). Dropping this select (P is already 0
 // there, and the producer could store delta = 0 for bad rows) was tried: ptxas then serialized the wgmma (C7512).
-template <bool MASKED, bool ROWS_BY_T4 = false>
+template <bool MASKED, int ROWS_T4 = 0>
 __device__ __forceinline__ void bwd_dscores(float (&dp)[32], const float (&pr)[32], const float* s_delta, int t4,
                                             uint32_t vis) {
-  bwd_rows_apply<MASKED, ROWS_BY_T4>(dp, s_delta, t4, vis, [&](int e, float dl) { return pr[e] * (dp[e] - dl); });
+  bwd_rows_apply<MASKED, ROWS_T4>(dp, s_delta, t4, vis, [&](int e, float dl) { return pr[e] * (dp[e] - dl); });
+}
+
+// BANKS: the dQ staging step in which lane row g stores column block i % 4: i4 ^ dq_stage_perm(g). A half-warp's STS.64
+// covers rows g = 0..3 (or 4..7), t4 = 0..3: in the 128-byte swizzle the 16-byte chunk of column block m of row g is
+// (2 m + t4 / 2) ^ g, i.e. chunk pair m ^ (g / 2); with m = i4 the four rows hit only 2 pairs (4 of the 8 chunks: 2
+// wavefronts), with m = i4 ^ g ^ (g / 2) the pair is (i4 ^ g) % 4, a different one per row (all 8 chunks: 1 wavefront).
+__device__ __forceinline__ uint32_t dq_stage_perm(int g) { return uint32_t(g ^ (g >> 1)) & 3u; }
+// vals[i4] <- vals[i4 ^ perm] for every i4 (two levels of selects on perm's bits: 2 SEL per value).
+__device__ __forceinline__ void dq_stage_permute(float2 (&vals)[4], uint32_t perm) {
+  const bool swap1 = perm & 1u, swap2 = perm & 2u;
+  float2 y[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) y[k] = swap1 ? vals[k ^ 1] : vals[k];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) vals[k] = swap2 ? y[k ^ 2] : y[k];
 }
 
 // Producer warp: K/V of the tile, then one stage per visited (query head, query tile), then the end stage. Full
@@ -379,19 +409,19 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
         const uint32_t meta = sm.meta_slot(pos.slot);
         float* s_lse2 = reinterpret_cast<float*>(gptr(meta));
-        float* s_delta = s_lse2 + BM;
+        float* s_delta = s_lse2 + Tr::ROWS_LEN;
         // Non-finite rule: a bad row (delta NaN) gets lse NaN, so that its visible P is NaN too, and zero Q / dO rows
         // (below). Tested after the wait, so that the loads' latency still overlaps it.
         const uint64_t bad = (uint64_t(__ballot_sync(0xffffffffu, isnan(dlt[1]))) << 32) |
                              __ballot_sync(0xffffffffu, isnan(dlt[0]));
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int at = stage_row_pos<Tr::LEAN>(lane) + (Tr::LEAN ? 8 : 32) * hf;  // (row lane + 32 hf)
+          const int at = stage_row_pos<Tr::ROWS_T4>(lane) + (Tr::LEAN ? 8 : 32) * hf;  // (row lane + 32 hf)
           s_lse2[at] = (bad >> (lane + 32 * hf)) & 1u ? NAN : lse2[hf];
           s_delta[at] = dlt[hf];
         }
         if (lane == 0) {
-          StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + BM);
+          StageInfo* info = reinterpret_cast<StageInfo*>(s_delta + Tr::ROWS_LEN);
           info->h = h;
           info->r0 = r0;
           info->full = full ? 1 : 0;
@@ -431,7 +461,7 @@ __device__ void bwd_producer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   }
   // End of the walk.
   if (pos.primed) mbar_wait(sm.empty(pos.slot), pos.phase ^ 1);
-  if (lane == 0) reinterpret_cast<StageInfo*>(gptr(sm.meta_slot(pos.slot)) + 2 * BM * 4)->r0 = -1;
+  if (lane == 0) reinterpret_cast<StageInfo*>(gptr(sm.meta_slot(pos.slot)) + 2 * Tr::ROWS_LEN * 4)->r0 = -1;
   mbar_arrive(sm.full(pos.slot));
 }
 
@@ -604,7 +634,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
   auto step = [&](const int slot, const int phase, const int it) -> bool {
     mbar_wait(sm.full(slot), phase);
     const unsigned char* meta = gbase + (sm.meta_slot(slot) - base);
-    const StageInfo info = *reinterpret_cast<const StageInfo*>(meta + 2 * BM * 4);
+    const StageInfo info = *reinterpret_cast<const StageInfo*>(meta + 2 * Tr::ROWS_LEN * 4);
     if (info.r0 < 0) return false;
     // One stage, in two instances: MASKED for tiles that are partly visible (diagonal, window edge, BLOCK bits,
     // sequence tail), unmasked for fully visible ones (info.full: a whole tile all of whose (key, query) pairs are
@@ -617,7 +647,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       constexpr bool MASKED = decltype(masked_tag)::value;
       const int h = info.h, r0 = info.r0, r_end = min(r0 + BM, seq.len_q);
       const float* s_lse2 = reinterpret_cast<const float*>(meta);
-      const float* s_delta = s_lse2 + BM;
+      const float* s_delta = s_lse2 + Tr::ROWS_LEN;
       // Every wgmma descriptor is built from `ub`, a copy of the shared base that ptxas knows to be warp-uniform
       // (a shuffle from lane 0, made per step so that it is not hoisted into the vector register that holds `base`
       // for the per-thread addresses): the descriptors then live in uniform registers and a k-step is one uniform
@@ -701,7 +731,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if (held_slot >= 0) release(sm.empty(held_slot));
       }
       if constexpr (Tr::OVERLAP) bwd_probs_pre<MASKED>(acc_s, lse_pre, p.scale_log2, vis);
-      else bwd_probs<MASKED, Tr::LEAN>(acc_s, s_lse2, t4, p.scale_log2, vis);
+      else bwd_probs<MASKED, Tr::ROWS_T4>(acc_s, s_lse2, t4, p.scale_log2, vis);
       // P^T as register A fragments (k = query columns 16 kk .. 16 kk + 15); dV += P^T dO runs while dS is computed.
       // B operands (dO, Q) are read MN-major: query rows are k, head dims N.
       const SmemDesc do_mn = desc_of(do_tile, BM * 128);
@@ -727,7 +757,7 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
       wgmma_wait<1>();  // dP^T ready (dV still running)
       fence_regs(acc_dp);
       if constexpr (Tr::OVERLAP) bwd_dscores_pre<MASKED>(acc_dp, acc_s, delta_pre, s_delta, t4, vis);
-      else bwd_dscores<MASKED, Tr::LEAN>(acc_dp, acc_s, s_delta, t4, vis);
+      else bwd_dscores<MASKED, Tr::ROWS_T4>(acc_dp, acc_s, s_delta, t4, vis);
 #pragma unroll
       for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
@@ -828,20 +858,35 @@ __device__ void bwd_consumer(const AttentionBwdParams& p, const BwdTmaMaps& maps
         if constexpr (Tr::LEAN) {
           // The same addresses: row & 7 == g for both halves, chunk ^ g = (2 (i % 4)) ^ (t4 / 2 ^ g), and `stage` is
           // 1024-byte aligned, so the XOR by (i % 4) << 5 acts on the whole address; box i / 4 and half hf are adds.
+          // BANKS: in step i4 this lane stores column block i % 4 = i4 ^ perm instead of i4 (dq_stage_perm), i.e. its
+          // address is XOR-ed by perm << 5 once and its values are taken through dq_stage_permute's selects.
+          const uint32_t perm = Tr::BANKS ? dq_stage_perm(g) : 0u;
           const uint32_t thread_addr =
-              stage + uint32_t(16 * warp + g) * 128u + uint32_t(((t4 / 2) ^ g) << 4) + uint32_t(t4 & 1) * 8u;
+              (stage + uint32_t(16 * warp + g) * 128u + uint32_t(((t4 / 2) ^ g) << 4) + uint32_t(t4 & 1) * 8u) ^
+              (perm << 5);
+          // vals[box][hf][i4]: the column pair of column block i % 4 = i4 (BANKS: i4 ^ perm) of box `box`, half `hf`.
+          float2 vals[2][2][4];
+#pragma unroll
+          for (int box = 0; box < 2; ++box)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+#pragma unroll
+              for (int i4 = 0; i4 < 4; ++i4) {
+                const int i = 4 * box + i4;
+                vals[box][hf][i4] = make_float2(acc_dq[4 * i + 2 * hf], acc_dq[4 * i + 2 * hf + 1]);
+              }
+              if constexpr (Tr::BANKS) dq_stage_permute(vals[box][hf], perm);
+            }
 #pragma unroll
           for (int i4 = 0; i4 < 4; ++i4) {
             const uint32_t col_addr = thread_addr ^ uint32_t(i4 << 5);
 #pragma unroll
             for (int box = 0; box < 2; ++box)
 #pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                const int i = 4 * box + i4;
+              for (int hf = 0; hf < 2; ++hf)
                 asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(col_addr + uint32_t(box * BM * 128 + hf * 1024)),
-                             "f"(acc_dq[4 * i + 2 * hf]), "f"(acc_dq[4 * i + 2 * hf + 1])
+                             "f"(vals[box][hf][i4].x), "f"(vals[box][hf][i4].y)
                              : "memory");
-              }
           }
         } else {
 #pragma unroll

@@ -115,6 +115,9 @@ bool launch_attention_bwd_sm90(const AttentionBwdParams& p, int max_seqlen_q, in
   if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_overlap == 1)
     return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, true>>(p, max_seqlen_q,
                                                                                           max_seqlen_k, stream, opt);
+  if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_lean && opt.sm90_bwd_banks)
+    return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, false, false, true, true>>(
+        p, max_seqlen_q, max_seqlen_k, stream, opt);
   if (opt.sm90_bwd_dq_tma && opt.sm90_bwd_lean)
     return sm90::launch_bwd_config<T, sm90::BwdSm90Traits<T, D, true, false, false, false, false, true>>(
         p, max_seqlen_q, max_seqlen_k, stream, opt);
