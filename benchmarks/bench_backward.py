@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend
 
 from benchmarks.bench_attention import SINK, WINDOW, stream_block_mask
 from benchmarks.harness import (RESULTS, Case, bench, env_list, fa4, flex_fn, grouped_bars, kernel_switches, out_args, rec,
-                                routing, sdpa)
+                                reference_lines, routing, save_panels, sdpa)
 
 
 @contextlib.contextmanager
@@ -145,17 +145,12 @@ def write_plot(path):
         grouped_bars(ax, [f"{round(m * 8)}/8 STREAM" for m in msrs],
                      {m: [next((r["ms"] for r in mine if r["method"] == m and r["msr"] == x), float("nan"))
                           for x in msrs] for m in methods}, fontsize=8)
-        for name, style in (("cudnn_dense", "k--"), ("fa4_dense", "r:")):
-            t = next((r["ms"] for r in rows if r["S"] == S and r["method"] == name), None)
-            if t is not None:
-                ax.axhline(t, color=style[0], linestyle=style[1:], label=f"{name} (every head)")
+        reference_lines(ax, [(f"{name} (every head)",
+                              next((r["ms"] for r in rows if r["S"] == S and r["method"] == name), None), style)
+                             for name, style in (("cudnn_dense", "k--"), ("fa4_dense", "r:"))])
         ax.set_title(f"S={S}", fontsize=9)
         ax.set_ylabel("fwd+bwd ms (median of rounds)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Forward + backward, Llama-3.1-8B attention shape, bf16, B=1", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, "Forward + backward, Llama-3.1-8B attention shape, bf16, B=1", path)
 
 
 def main():

@@ -35,8 +35,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
-from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, fa4, flex_fn, grouped_bars, out_args, rec, rel_err,
-                                routing, sdpa, try_bench, write_with_errors)
+from benchmarks.harness import (MODELS, RESULTS, T0, Case, env_list, fa4, flex_fn, grouped_bars, out_args, rec,
+                                reference_lines, rel_err, routing, save_panels, sdpa, try_bench, write_with_errors)
 
 BLK = 128
 
@@ -242,17 +242,11 @@ def write_plot(path):
         grouped_bars(ax, [f"d{d:g}\nMSR {m:g}" for d, m in cases],
                      {m: [next((r["ms"] for r in rows if r["method"] == m and (r["density"], r["msr"]) == c),
                                float("nan")) for c in cases] for m in methods}, fontsize=8)
-        for name, style in (("cudnn_dense", "k--"), ("xattn_estimate", "r:")):
-            t = next((r["ms"] for r in rows if r["method"] == name), None)
-            if t is not None:
-                ax.axhline(t, color=style[0], linestyle=style[1:], label=name)
+        reference_lines(ax, [(name, next((r["ms"] for r in rows if r["method"] == name), None), style)
+                             for name, style in (("cudnn_dense", "k--"), ("xattn_estimate", "r:"))])
         ax.set_title(f"{MODELS[model]['name']} shape, S={S}", fontsize=9)
         ax.set_ylabel("ms (median)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("BLOCK heads at prefill (bf16, B=1): d = off-diagonal block keep probability", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, "BLOCK heads at prefill (bf16, B=1): d = off-diagonal block keep probability", path)
 
 
 def main():

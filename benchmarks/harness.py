@@ -273,3 +273,22 @@ def grouped_bars(ax, labels, series, fontsize=None):
         ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels,
                   **({} if fontsize is None else {"fontsize": fontsize}))
+
+
+def reference_lines(ax, lines):
+    """Horizontal lines across a panel for the peers that have one time per panel (e.g. cuDNN dense):
+    lines = [(label, ms or None, style)], style as in matplotlib ("k--"); a None time draws nothing."""
+    for label, ms, style in lines:
+        if ms is not None:
+            ax.axhline(ms, color=style[0], linestyle=style[1:], label=label)
+
+
+def save_panels(fig, axes, title, path, dpi=110):
+    """Finish a row of benchmark panels: the first panel's legend, the title, and the PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
