@@ -1,6 +1,7 @@
 """Interleaved A/B of the Hopper backward (issue #17): fwd+bwd and backward alone, bf16, Llama-3.1-8B attention shape
 (Hq 32, Hkv 8, D 128, B 1), every head FULL and 6 of 8 KV heads STREAM (sink 128, window 2048), for
-  default   the shipped backward (TMA dQ, fully visible tiles through the unmasked stage)
+  default   the plain stage tail (ELASTIC_SM90_BWD_LEAN=0; TMA dQ, fully visible tiles through the unmasked stage: the
+            shipped backward before the sixth session; masked, atomic, determ and overlap* are variants of it)
   masked    ELASTIC_SM90_BWD_UNMASKED=0 (every tile through the masked stage: the code before that change)
   atomic    ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by atomics, the path the deterministic mode builds on)
   determ    torch.use_deterministic_algorithms(True): dQ tiles added in key-tile order (atomics path)
@@ -12,7 +13,7 @@
             to the tenth session)
   banks     lean with ELASTIC_SM90_BWD_BANKS=1 (lse / delta rows padded, the dQ staging's column blocks rotated per
             lane: no shared-memory bank conflicts; the default since the eleventh session)
-  tile_order  lean with ELASTIC_SM90_BWD_MODE_ORDER=0: every pair's CTAs handed out key tile by key tile, instead of
+  tile_order  banks with ELASTIC_SM90_BWD_MODE_ORDER=0: every pair's CTAs handed out key tile by key tile, instead of
             the short-window STREAM pairs' pair by pair after the rest (attention_bwd_sm90_order.cuh)
 Routings: every head FULL, 6 of 8 KV heads STREAM, and with BWD_ALL_STREAM=1 every head STREAM too.
 Rounds interleave the variants; the median of the rounds is printed (ms). usage: [BWD_VARIANTS=default,overlap]

@@ -30,13 +30,12 @@ pytestmark = [
     pytest.mark.skipif(not elastic_cuda.has_cuda_kernels(), reason="extension built without CUDA kernels"),
 ]
 
-# sm90: the Hopper backward as shipped (dQ by TMA reduce-add); sm90_atomic: the same with ELASTIC_SM90_BWD_DQ_TMA=0
-# (dQ by vector atomics from registers); sm90_overlap / sm90_overlap2: ELASTIC_SM90_BWD_OVERLAP=1 / 2
-# (FlashAttention-4's stage order, per-warp dQ reduce-add; 2: dK's MMA runs into the next stage); sm90_lean:
-# ELASTIC_SM90_BWD_LEAN=1 with ELASTIC_SM90_BWD_BANKS=0 (stmatrix dS^T, ring unrolled over its slots, double-buffered
-# dQ staging, the first lean tail's bank conflicts); sm90_banks: the lean tail as shipped (BANKS=1: lse / delta rows
-# padded, dQ staging rotated per lane); sm80:
-# ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
+# sm90: the Hopper backward with its plain stage tail (ELASTIC_SM90_BWD_LEAN=0; dQ by TMA reduce-add); sm90_atomic: the
+# same with ELASTIC_SM90_BWD_DQ_TMA=0 (dQ by vector atomics from registers); sm90_overlap / sm90_overlap2:
+# ELASTIC_SM90_BWD_OVERLAP=1 / 2 (FlashAttention-4's stage order, per-warp dQ reduce-add; 2: dK's MMA runs into the
+# next stage); sm90_lean: ELASTIC_SM90_BWD_LEAN=1 with ELASTIC_SM90_BWD_BANKS=0 (stmatrix dS^T, ring unrolled over its
+# slots, double-buffered dQ staging, the first lean tail's bank conflicts); sm90_banks: the lean tail as shipped
+# (BANKS=1: lse / delta rows padded, dQ staging rotated per lane); sm80: ELASTIC_CUDA_SM90_BWD=0, the mma.sync backward.
 OVERLAP_LEVEL = {"sm90_overlap": "1", "sm90_overlap2": "2"}
 BWD_PATHS = pytest.mark.parametrize("bwd", ["sm90", "sm90_atomic", "sm90_overlap", "sm90_overlap2", "sm90_lean",
                                              "sm90_banks", "sm80"])
@@ -252,11 +251,11 @@ def test_bwd_early_release_experiment(monkeypatch):
 @pytest.mark.parametrize("D", [64, 128])
 def test_bwd_overlap_same_dk_dv(D, level, monkeypatch):
     # ELASTIC_SM90_BWD_OVERLAP=1 / 2 reorder a stage's MMAs and reduce-add dQ per warp, but every dK / dV
-    # accumulator sees the same MMAs in the same order: dV (and at level 1 dK) bit-identical to the default instance,
-    # dQ to rounding (reduce-add order). ELASTIC_SM90_BWD_LEAN=1 ("lean") keeps the default order and writes the same
-    # shared-memory bytes: dK and dV bit-identical, dQ to rounding; so does ELASTIC_SM90_BWD_BANKS=1 ("banks": the same
-    # values at other shared addresses, the same dQ tile reduce-added). Mixed modes, BLOCK bits, a ragged tail, two samples (run_case's tests
-    # compare every path with float64 on poisoned outputs).
+    # accumulator sees the same MMAs in the same order: dV (and at level 1 dK) bit-identical to the plain tail, dQ to
+    # rounding (reduce-add order). ELASTIC_SM90_BWD_LEAN=1 ("lean") keeps that order and writes the same shared-memory
+    # bytes: dK and dV bit-identical, dQ to rounding; so does ELASTIC_SM90_BWD_BANKS=1 ("banks": the same values at
+    # other shared addresses, the same dQ tile reduce-added). Mixed modes, BLOCK bits, a ragged tail, two samples
+    # (run_case's tests compare every path with float64 on poisoned outputs).
     if not _is_hopper():
         pytest.skip("not a compute capability 9.x device")
     grads = {}

@@ -128,9 +128,11 @@ struct KernelOptions {
   bool sm90_bwd_lean = true;
   // Hopper backward, lean tail: its lse / delta loads and dQ staging stores without shared-memory bank conflicts
   // (BwdSm90Traits::BANKS: 16% of the lean tail's 6.8G wavefronts were excess under ncu at 32K dense, 0.2% after).
-  // H200, Llama shape, B 1, backward alone, lean -> banks (experiments/time_bwd_det.py, 3 interleaved rounds,
-  // results/attention/2026-12-03_h200_session11_bwd_banks/): 8K dense 2.98 -> 2.87 ms, 32K dense 45.87 -> 42.75,
-  // 32K 6/8 STREAM 16.49 -> 15.94; ncu 32K dense 39.09 -> 36.88 ms, SM throughput 57.6 -> 61.6%.
+  // H200, Llama shape, B 1, lean -> banks (experiments/time_bwd_det.py, 3 interleaved rounds, two runs,
+  // results/attention/2026-12-03_h200_session11_bwd_banks/), fwd+bwd ms: 8K dense 3.92 -> 3.77 / 3.87 -> 3.76, 32K
+  // dense 59.32 -> 58.26 / 59.84 -> 57.51, 32K 6/8 STREAM 21.70 -> 21.57 / 21.86 -> 21.06 (the backward alone at 32K
+  // dense 45.87 -> 42.75 / 43.68 -> 43.30: 4 iterations, noisier); ncu 32K dense kernel 39.09 -> 36.88 ms, SM
+  // throughput 57.6 -> 61.6%.
   bool sm90_bwd_banks = true;
   bool sm90_bwd_early_release = false;  // experiment (ELASTIC_BUILD_EXPERIMENTS=1 builds only)
   // Hopper backward work order by mode (attention_bwd_sm90_order.cuh says why). H200, Llama shape, B 1, backward
